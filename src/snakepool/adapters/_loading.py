@@ -1,0 +1,48 @@
+"""Finding an adapter class from ``"module:Class"`` or an entry-point name."""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+
+from ._base import Adapter
+
+__all__ = ["ENTRY_POINT_GROUP", "load_adapter_class"]
+
+ENTRY_POINT_GROUP = "snakepool.adapters"
+
+
+def load_adapter_class(spec: str) -> type[Adapter]:
+    """Import the adapter ``spec`` names; errors say exactly what was wrong."""
+    if ":" in spec:
+        obj = _import_object(spec)
+    else:
+        obj = _load_entry_point(spec)
+    if not (isinstance(obj, type) and issubclass(obj, Adapter)):
+        raise TypeError(f"adapter {spec!r} is {obj!r}, not a subclass of snakepool.adapters.Adapter")
+    return obj
+
+
+def _import_object(spec: str) -> object:
+    module_name, _, qualname = spec.partition(":")
+    if not module_name or not qualname:
+        raise ValueError(f"adapter {spec!r} must look like 'package.module:ClassName'")
+    module = importlib.import_module(module_name)
+    obj: object = module
+    for part in qualname.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ImportError(f"adapter {spec!r}: module {module_name!r} has no attribute {qualname!r}") from None
+    return obj
+
+
+def _load_entry_point(name: str) -> object:
+    found = entry_points(group=ENTRY_POINT_GROUP, name=name)
+    for ep in found:
+        return ep.load()
+    known = sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+    raise LookupError(
+        f"no adapter named {name!r} in entry-point group {ENTRY_POINT_GROUP!r} "
+        f"(installed: {', '.join(known) or 'none'}); use 'module:Class' for an unregistered one"
+    )

@@ -1,0 +1,21 @@
+"""The host side: worker handles, ``Pool``, ``BlockingPool``."""
+
+from ._blocking import BlockingPool as BlockingPool
+from ._config import PoolConfig as PoolConfig
+from ._config import discover_gpus as discover_gpus
+from ._events import Event as Event
+from ._events import PoolStatistics as PoolStatistics
+from ._events import WorkerStatistics as WorkerStatistics
+from ._pool import CallStream as CallStream
+from ._pool import Pool as Pool
+
+__all__ = [
+    "BlockingPool",
+    "CallStream",
+    "Event",
+    "Pool",
+    "PoolConfig",
+    "PoolStatistics",
+    "WorkerStatistics",
+    "discover_gpus",
+]

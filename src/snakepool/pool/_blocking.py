@@ -1,0 +1,129 @@
+"""``BlockingPool``: the ``Pool`` API for synchronous code.
+
+The pool lives on an event loop in a background thread (an anyio blocking
+portal). That thread spawns the workers and lives as long as the pool, which
+matters for ``PR_SET_PDEATHSIG``: it fires when the *thread* that spawned a
+worker exits.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
+from types import TracebackType
+from typing import Any, Self
+
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from ..errors import PoolClosed
+from ._events import Event, PoolStatistics
+from ._pool import CallStream, Pool
+
+__all__ = ["BlockingPool"]
+
+
+class BlockingPool:
+    """Same arguments and methods as :class:`Pool`, without ``await``.
+
+    ``with BlockingPool("generic", size=2) as pool: pool.call("echo", {"value": 1})``
+    """
+
+    def __init__(self, adapter: Any, **kwargs: Any) -> None:
+        self._pool = Pool(adapter, **kwargs)
+        self._portal_cm: AbstractContextManager[BlockingPortal] | None = None
+        self._portal: BlockingPortal | None = None
+        self._pool_cm: AbstractContextManager[Pool] | None = None
+
+    @property
+    def name(self) -> str:
+        return self._pool.name
+
+    @property
+    def closed(self) -> bool:
+        return self._pool.closed
+
+    def start(self) -> None:
+        if self._portal is not None:
+            raise RuntimeError(f"pool {self.name!r} was already started")
+        portal_cm = start_blocking_portal()
+        portal = portal_cm.__enter__()
+        pool_cm = portal.wrap_async_context_manager(self._pool)
+        try:
+            pool_cm.__enter__()
+        except BaseException as exc:
+            portal_cm.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._portal_cm, self._portal, self._pool_cm = portal_cm, portal, pool_cm
+
+    def close(self) -> None:
+        """Drain and stop the workers, then the background loop."""
+        pool_cm, portal_cm = self._pool_cm, self._portal_cm
+        self._pool_cm = self._portal_cm = None
+        try:
+            if pool_cm is not None:
+                pool_cm.__exit__(None, None, None)
+        finally:
+            if portal_cm is not None:
+                portal_cm.__exit__(None, None, None)
+
+    aclose = close  # the same name as Pool's, for code that is written for both
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        portal = self._portal
+        if portal is None:
+            if self._pool.closed:
+                raise PoolClosed(f"pool {self.name!r} is closed")
+            raise RuntimeError(f"pool {self.name!r} is not started: use 'with pool' or pool.start()")
+        return portal.call(functools.partial(fn, *args, **kwargs))
+
+    def call(self, command: str, args: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+        return self._run(self._pool.call, command, args, **kwargs)
+
+    def cast(self, command: str, args: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        self._run(self._pool.cast, command, args, **kwargs)
+
+    def stream(self, command: str, args: Mapping[str, Any] | None = None, **kwargs: Any) -> Iterator[Any]:
+        """A generator of items; closing it early cancels the stream in the worker."""
+        stream: CallStream = self._run(self._pool.stream, command, args, **kwargs)
+        return self._iterate(stream)
+
+    def _iterate(self, stream: CallStream) -> Iterator[Any]:
+        try:
+            while True:
+                try:
+                    item = self._run(stream.__anext__)
+                except StopAsyncIteration:
+                    return
+                yield item
+        finally:
+            if self._portal is not None:
+                self._run(stream.aclose)
+
+    def statistics(self) -> PoolStatistics:
+        if self._portal is None:
+            return self._pool.statistics()
+        stats: PoolStatistics = self._run(self._pool.statistics)
+        return stats
+
+    def add_listener(self, fn: Callable[[Event], Any]) -> None:
+        """``fn`` runs on the pool's background thread."""
+        self._pool.add_listener(fn)
+
+    def remove_listener(self, fn: Callable[[Event], Any]) -> None:
+        self._pool.remove_listener(fn)
+
+    def __repr__(self) -> str:
+        return f"<BlockingPool {self._pool!r}>"

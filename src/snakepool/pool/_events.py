@@ -1,0 +1,86 @@
+"""Telemetry events and frozen statistics snapshots."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Event", "Listeners", "PoolStatistics", "WorkerStatistics"]
+
+_log = logging.getLogger("snakepool.pool")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One telemetry event (``worker.started``, ``call.completed``, ...)."""
+
+    name: str
+    pool: str
+    worker: int | None = None
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStatistics:
+    """A snapshot of one worker slot."""
+
+    id: int
+    pid: int | None
+    state: str  # starting | idle | busy | stopping | exited
+    inflight: int
+    requests: int
+    restarts: int
+    rss_bytes: int | None
+    gpu: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStatistics:
+    """A snapshot of one pool; it does not change after it was taken."""
+
+    name: str
+    size: int
+    queued: int
+    sessions: int
+    breaker_state: str  # closed | open | half_open
+    workers: tuple[WorkerStatistics, ...]
+    completed: int
+    failed: Mapping[str, int]  # by ErrorCategory value
+    closed: bool = False
+
+    @property
+    def failed_total(self) -> int:
+        return sum(self.failed.values())
+
+    @property
+    def ready_workers(self) -> int:
+        return sum(1 for w in self.workers if w.state in ("idle", "busy"))
+
+
+class Listeners:
+    """Calls every registered listener; a listener that raises is logged, not fatal."""
+
+    def __init__(self, pool: str) -> None:
+        self.pool = pool
+        self._listeners: list[Callable[[Event], Any]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._listeners)
+
+    def add(self, fn: Callable[[Event], Any]) -> None:
+        self._listeners.append(fn)
+
+    def remove(self, fn: Callable[[Event], Any]) -> None:
+        self._listeners.remove(fn)
+
+    def emit(self, name: str, worker: int | None = None, **data: Any) -> None:
+        if not self._listeners:
+            return
+        event = Event(name=name, pool=self.pool, worker=worker, data=data)
+        for fn in tuple(self._listeners):
+            try:
+                fn(event)
+            except Exception:
+                _log.exception("snakepool listener %r failed on %s", fn, name)

@@ -1,0 +1,710 @@
+"""``Pool``: long-lived worker subprocesses behind an async call API.
+
+Where a call travels::
+
+    pool.call(command, args)
+      |  encode the Call frame once (bad args / oversized -> error, nothing sent)
+      v
+    _acquire()  -- synchronous pick of the least-loaded ready worker;
+      |            none free -> wait in the bounded FIFO (full -> PoolOverloaded)
+      v
+    WorkerHandle.submit()  -- register PendingCall, queue the frame
+      |
+      v  writer task --stdin pipe--> worker process --stdout pipe--> reader task
+                                                                       |
+    PendingCall.done <---- Result / Failure / Item / End --------------+
+      |
+      v  value, or the mapped exception (RemoteError, WorkerCrashed, ...)
+
+Decisions (which worker, who waits, what to replace) are synchronous and
+happen on the event loop; only pipe I/O and waiting await. A worker that dies
+fails only the calls it was running; its slot task starts a replacement with
+exponential backoff (tenacity). The pool itself never becomes broken.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import anyio.abc
+import tenacity
+
+from .. import protocol as p
+from ..adapters import Adapter
+from ..errors import (
+    CallTimeout,
+    PoolClosed,
+    PoolOverloaded,
+    ProtocolError,
+    SnakepoolError,
+    WorkerCrashed,
+    WorkerStartError,
+)
+from ._calls import PendingCall
+from ._config import PoolConfig
+from ._events import Event, Listeners, PoolStatistics, WorkerStatistics
+from ._worker import WorkerHandle, format_exit
+
+__all__ = ["CallStream", "Pool"]
+
+_log = logging.getLogger("snakepool.pool")
+
+
+class _Waiter:
+    """A caller queued for a free worker slot."""
+
+    __slots__ = ("error", "event", "worker")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.worker: WorkerHandle | None = None
+        self.error: SnakepoolError | None = None
+
+
+class Pool:
+    """A pool of worker processes running one adapter.
+
+    Use ``async with Pool(...) as pool`` (or ``await pool.start()`` and
+    ``await pool.aclose()`` from the same task).
+    """
+
+    #: Seconds a cancelled call may take to stop before its worker is killed.
+    cancel_grace: float = 2.0
+    #: Seconds ``aclose()`` waits for in-flight calls to finish.
+    drain_grace: float = 10.0
+    #: Seconds between stdin close, SIGTERM and SIGKILL when stopping a worker.
+    stop_grace: float = 3.0
+    #: Start attempts per worker when the pool starts.
+    start_attempts: int = 3
+
+    def __init__(
+        self,
+        adapter: str | type[Adapter],
+        *,
+        name: str = "default",
+        size: int | None = None,
+        python: str | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        pythonpath: Sequence[str] = (),
+        adapter_config: Mapping[str, Any] | None = None,
+        worker_concurrency: int = 1,
+        startup_timeout: float = 30.0,
+        call_timeout: float = 60.0,
+        queue_size: int = 1000,
+        max_requests: int | None = None,
+        max_memory_mb: float | None = None,
+        worker_ttl: float | None = None,
+        health_interval: float = 5.0,
+        health_timeout: float = 5.0,
+        affinity: str = "hint",
+        session_ttl: float = 3600.0,
+        max_sessions: int = 10_000,
+        breaker_threshold: int = 5,
+        breaker_reset_timeout: float = 30.0,
+        max_frame_bytes: int = p.DEFAULT_MAX_FRAME_BYTES,
+        gpus: str | Sequence[int] | None = None,
+        workers_per_gpu: int = 1,
+        preload: Sequence[str] = (),
+        session_store: str = "memory",
+    ) -> None:
+        if isinstance(adapter, type):
+            if not issubclass(adapter, Adapter):
+                raise TypeError(f"adapter {adapter!r} is not a subclass of snakepool.adapters.Adapter")
+            adapter = f"{adapter.__module__}:{adapter.__qualname__}"
+        self.config = PoolConfig(
+            adapter=adapter, name=name, size=size, python=python, env=env, cwd=cwd,
+            pythonpath=pythonpath, adapter_config=adapter_config,
+            worker_concurrency=worker_concurrency, startup_timeout=startup_timeout,
+            call_timeout=call_timeout, queue_size=queue_size, max_requests=max_requests,
+            max_memory_mb=max_memory_mb, worker_ttl=worker_ttl, health_interval=health_interval,
+            health_timeout=health_timeout, affinity=affinity, session_ttl=session_ttl,
+            max_sessions=max_sessions, breaker_threshold=breaker_threshold,
+            breaker_reset_timeout=breaker_reset_timeout, max_frame_bytes=max_frame_bytes,
+            gpus=gpus, workers_per_gpu=workers_per_gpu, preload=preload,
+            session_store=session_store,
+        )  # fmt: skip
+        self.name = name
+        self._listeners = Listeners(name)
+        self._encoder = p.FrameEncoder(max_frame_bytes)
+        self._ids = itertools.count(1)
+        self._workers: list[WorkerHandle] = []
+        self._waiters: collections.deque[_Waiter] = collections.deque()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._state = "new"  # new | starting | running | closing | closed
+        self._drained: anyio.Event | None = None
+        self._completed = 0
+        self._failed: dict[str, int] = collections.defaultdict(int)
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start every worker in parallel; ``WorkerStartError`` if one cannot start."""
+        if self._state != "new":
+            raise RuntimeError(f"pool {self.name!r} was already started")
+        self._state = "starting"
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        count = self.config.worker_count
+        self._workers = [self._new_handle(slot, restarts=0) for slot in range(count)]
+        errors: list[WorkerStartError] = []
+        try:
+            async with anyio.create_task_group() as starters:
+                for slot in range(count):
+                    starters.start_soon(self._start_first, slot, errors)
+            if errors:
+                raise errors[0]
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._stop_workers()
+            await self._exit_task_group()
+            self._state = "closed"
+            raise
+        for slot in range(count):
+            tg.start_soon(self._keep_slot_filled, slot)
+        self._state = "running"
+
+    async def aclose(self) -> None:
+        """Stop accepting, drain in-flight calls, then stop every worker (shielded)."""
+        if self._state in ("closing", "closed"):
+            return
+        if self._state == "new":
+            self._state = "closed"
+            return
+        self._state = "closing"
+        with anyio.CancelScope(shield=True):
+            for waiter in self._waiters:
+                waiter.error = PoolClosed(f"pool {self.name!r} closed while the call was queued")
+                waiter.event.set()
+            self._waiters.clear()
+            with anyio.move_on_after(self.drain_grace):
+                while any(w.pending for w in self._workers):
+                    self._drained = anyio.Event()
+                    await self._drained.wait()
+            await self._stop_workers()
+        await self._exit_task_group()
+        self._state = "closed"
+
+    async def _exit_task_group(self) -> None:
+        # Outside the shield scope above: scopes must exit in LIFO order. The
+        # group's own scope is shielded instead, so a caller's cancellation
+        # cannot interrupt the teardown half way.
+        tg, self._tg = self._tg, None
+        if tg is not None:
+            tg.cancel_scope.shield = True
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(None, None, None)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    @property
+    def closed(self) -> bool:
+        return self._state in ("closing", "closed")
+
+    # --- calls ---------------------------------------------------------------------
+
+    async def call(
+        self,
+        command: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        session: str | None = None,
+        idempotent: bool = False,
+    ) -> Any:
+        """Run ``command(**args)`` on a worker and return its result.
+
+        ``timeout`` (default ``call_timeout``) covers queueing and running.
+        ``idempotent=True`` retries once on another worker if the first one
+        crashed; other calls are never retried.
+        """
+        try:
+            return await self._call_once(command, args, timeout, session)
+        except WorkerCrashed:
+            if not idempotent:
+                raise
+            _log.warning("pool %s: retrying idempotent call %r after a worker crash", self.name, command)
+            return await self._call_once(command, args, timeout, session)
+
+    def stream(
+        self,
+        command: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        session: str | None = None,
+    ) -> CallStream:
+        """Iterate the items a generator command yields.
+
+        ``timeout`` bounds the wait for each item (default ``call_timeout``).
+        Leaving the loop early (``aclose()``, ``async with``, or dropping the
+        iterator) cancels the generator in the worker.
+        """
+        self._check_open()
+        return CallStream(self, command, args, timeout, session)
+
+    async def cast(
+        self, command: str, args: Mapping[str, Any] | None = None, *, session: str | None = None
+    ) -> None:
+        """Fire and forget: returns once the call is sent or queued.
+
+        ``PoolOverloaded`` if the queue is full. Failures are logged and
+        counted in ``statistics()``, never raised.
+        """
+        self._check_open()
+        call_id = next(self._ids)
+        frame = self._encode(call_id, command, args, None, session, p.CallMode.CAST)
+        call = PendingCall(call_id, command, p.CallMode.CAST)
+        worker = self._pick() if not self._waiters else None
+        if worker is not None:
+            worker.submit(call, frame)
+        else:
+            waiter = self._enqueue()
+            assert self._tg is not None
+            self._tg.start_soon(self._cast_when_free, waiter, call, frame)
+        assert self._tg is not None
+        self._tg.start_soon(self._count_cast, call)
+        await anyio.lowlevel.checkpoint()
+
+    def add_listener(self, fn: Callable[[Event], Any]) -> None:
+        """Call ``fn(event)`` for every telemetry event of this pool."""
+        self._listeners.add(fn)
+
+    def remove_listener(self, fn: Callable[[Event], Any]) -> None:
+        self._listeners.remove(fn)
+
+    def statistics(self) -> PoolStatistics:
+        """A frozen snapshot of the pool and its workers."""
+        return PoolStatistics(
+            name=self.name,
+            size=self.config.worker_count,
+            queued=len(self._waiters),
+            sessions=0,
+            breaker_state="closed",
+            workers=tuple(
+                WorkerStatistics(
+                    id=w.slot,
+                    pid=w.pid,
+                    state=str(w.state),
+                    inflight=len(w.pending),
+                    requests=w.requests,
+                    restarts=w.restarts,
+                    rss_bytes=w.rss_bytes(),
+                    gpu=w.gpu,
+                )
+                for w in self._workers
+            ),
+            completed=self._completed,
+            failed=dict(self._failed),
+            closed=self.closed,
+        )
+
+    # --- one call ------------------------------------------------------------------
+
+    async def _call_once(
+        self, command: str, args: Mapping[str, Any] | None, timeout: float | None, session: str | None
+    ) -> Any:
+        self._check_open()
+        call_id = next(self._ids)
+        frame = self._encode(call_id, command, args, timeout, session, p.CallMode.CALL)
+        limit = self.config.call_timeout if timeout is None else timeout
+        call = PendingCall(call_id, command, p.CallMode.CALL)
+        started = time.perf_counter()
+        worker: WorkerHandle | None = None
+        with anyio.move_on_after(limit) as scope:
+            try:
+                worker = await self._acquire()
+                worker.submit(call, frame)
+                await call.done.wait()
+            except BaseException:
+                if worker is not None and not call.done.is_set():
+                    self._abandon(worker, call)
+                raise
+        if not call.done.is_set():
+            assert scope.cancelled_caught
+            error = self._timeout_error(command, limit, worker)
+            if worker is not None:
+                self._abandon(worker, call)
+            self._record(command, worker, started, error)
+            raise error
+        self._record(command, worker, started, call.error)
+        if call.error is not None:
+            raise call.error
+        return call.value
+
+    def _timeout_error(self, command: str, limit: float, worker: WorkerHandle | None) -> CallTimeout:
+        if worker is None:
+            return CallTimeout(
+                f"call {command!r} waited {limit:g}s for a free worker in pool {self.name!r} "
+                f"({len(self._waiters)} queued); it was never sent"
+            )
+        return CallTimeout(
+            f"call {command!r} did not finish within {limit:g}s on {worker.describe()}; "
+            f"it was cancelled (the worker is replaced if it does not stop within "
+            f"{self.cancel_grace:g}s)"
+        )
+
+    def _encode(
+        self,
+        call_id: int,
+        command: str,
+        args: Mapping[str, Any] | None,
+        timeout: float | None,
+        session: str | None,
+        mode: str,
+    ) -> bytes:
+        """The Call frame, or a clear error before anything is queued or sent."""
+        if not isinstance(command, str) or not command:
+            raise TypeError(f"command must be a non-empty str, got {command!r}")
+        if args is None:
+            args = {}
+        elif not isinstance(args, Mapping):
+            raise TypeError(
+                f"args of {command!r} must be a dict of keyword arguments, got {type(args).__name__}"
+            )
+        elif not all(isinstance(key, str) for key in args):
+            raise TypeError(f"args of {command!r} must have str keys (they are keyword arguments)")
+        if timeout is not None and (not isinstance(timeout, int | float) or not timeout > 0):
+            raise ValueError(f"timeout must be a number > 0 or None, got {timeout!r}")
+        if session is not None and not isinstance(session, str):
+            raise TypeError(f"session must be a session id (str), got {type(session).__name__}")
+        message = p.Call(
+            id=call_id,
+            command=command,
+            args=dict(args),
+            mode=mode,
+            timeout=float(timeout if timeout is not None else self.config.call_timeout),
+            session_id=session,
+        )
+        try:
+            return self._encoder.encode(p.to_wire(message))
+        except TypeError as exc:
+            raise TypeError(f"args of {command!r} are {exc}") from None
+        except ProtocolError as exc:
+            raise ProtocolError(f"args of {command!r} are too large: {exc}; nothing was sent") from None
+
+    def _record(
+        self, command: str, worker: WorkerHandle | None, started: float, error: SnakepoolError | None
+    ) -> None:
+        slot = worker.slot if worker is not None else None
+        if error is None:
+            self._completed += 1
+            if self._listeners:
+                duration = time.perf_counter() - started
+                self._listeners.emit("call.completed", slot, command=command, duration=duration)
+        else:
+            self._failed[error.category.value] += 1
+            if self._listeners:
+                self._listeners.emit(
+                    "call.failed", slot, command=command, category=error.category.value,
+                    error=type(error).__name__, message=str(error).split("\n", 1)[0],
+                )  # fmt: skip
+
+    def _abandon(self, worker: WorkerHandle, call: PendingCall) -> None:
+        """The caller left: cancel in the worker, and kill it if it does not stop."""
+        if call.id not in worker.pending:
+            return
+        worker.cancel(call)
+        if self._tg is not None:
+            self._tg.start_soon(self._watch_abandoned, worker, call)
+
+    async def _watch_abandoned(self, worker: WorkerHandle, call: PendingCall) -> None:
+        with anyio.move_on_after(self.cancel_grace):
+            await call.done.wait()
+            return
+        if call.id in worker.pending:
+            _log.warning(
+                "pool %s: %s ignored the cancellation of %r for %gs; killing it",
+                self.name, worker.describe(), call.command, self.cancel_grace,
+            )  # fmt: skip
+            worker.kill(f"call {call.command!r} did not stop within {self.cancel_grace:g}s of its cancellation")
+
+    async def _count_cast(self, call: PendingCall) -> None:
+        started = time.perf_counter()
+        await call.done.wait()
+        self._record(call.command, None, started, call.error)
+
+    async def _cast_when_free(self, waiter: _Waiter, call: PendingCall, frame: bytes) -> None:
+        try:
+            worker = await self._await_waiter(waiter)
+        except SnakepoolError as exc:
+            call.fail(exc)
+            return
+        worker.submit(call, frame)
+
+    # --- choosing a worker (synchronous decisions) ---------------------------------
+
+    def _check_open(self) -> None:
+        if self._state == "running":
+            return
+        if self._state in ("closing", "closed"):
+            raise PoolClosed(f"pool {self.name!r} is closed")
+        raise RuntimeError(f"pool {self.name!r} is not started: use 'async with pool' or 'await pool.start()'")
+
+    def _pick(self) -> WorkerHandle | None:
+        """The least-loaded ready worker with a free slot, or ``None``."""
+        best: WorkerHandle | None = None
+        for worker in self._workers:
+            if worker.has_capacity and (best is None or worker.load < best.load):
+                best = worker
+                if worker.load == 0:
+                    break
+        return best
+
+    async def _acquire(self) -> WorkerHandle:
+        """A worker with a slot reserved for the caller, who must submit at once."""
+        if not self._waiters:
+            worker = self._pick()
+            if worker is not None:
+                return worker
+        return await self._await_waiter(self._enqueue())
+
+    def _enqueue(self) -> _Waiter:
+        if len(self._waiters) >= self.config.queue_size:
+            raise PoolOverloaded(
+                f"pool {self.name!r} is overloaded: {len(self._waiters)} calls queued "
+                f"(queue_size={self.config.queue_size}); the call was refused, nothing queued"
+            )
+        waiter = _Waiter()
+        self._waiters.append(waiter)
+        return waiter
+
+    async def _await_waiter(self, waiter: _Waiter) -> WorkerHandle:
+        while True:
+            try:
+                await waiter.event.wait()
+            except BaseException:
+                self._leave_queue(waiter)
+                raise
+            if waiter.error is not None:
+                raise waiter.error
+            worker = waiter.worker
+            assert worker is not None
+            worker.reserved -= 1
+            if worker.is_ready:
+                return worker
+            # The worker died between the hand-off and now: queue again, at the front.
+            self._check_open()
+            waiter.event, waiter.worker = anyio.Event(), None
+            self._waiters.appendleft(waiter)
+            self._hand_off_any()
+
+    def _leave_queue(self, waiter: _Waiter) -> None:
+        if waiter.worker is not None:
+            worker, waiter.worker = waiter.worker, None
+            worker.reserved -= 1
+            self._on_capacity(worker)
+        else:
+            try:
+                self._waiters.remove(waiter)
+            except ValueError:
+                pass
+
+    def _on_capacity(self, worker: WorkerHandle) -> None:
+        """A slot freed (or a worker became ready): hand it to the next waiter."""
+        while self._waiters and worker.has_capacity:
+            waiter = self._waiters.popleft()
+            waiter.worker = worker
+            worker.reserved += 1
+            waiter.event.set()
+        if self._drained is not None and not any(w.pending for w in self._workers):
+            self._drained.set()
+
+    def _hand_off_any(self) -> None:
+        for worker in self._workers:
+            if not self._waiters:
+                return
+            self._on_capacity(worker)
+
+    # --- worker slots ----------------------------------------------------------------
+
+    def _new_handle(self, slot: int, restarts: int) -> WorkerHandle:
+        return WorkerHandle(
+            pool=self.name,
+            slot=slot,
+            restarts=restarts,
+            concurrency=self.config.worker_concurrency,
+            gpu=self.config.gpu_slots[slot],
+            on_capacity=self._on_capacity,
+            on_exit=self._on_worker_exit,
+        )
+
+    async def _spawn(self, slot: int, restarts: int) -> WorkerHandle:
+        """Start a worker in ``slot`` and wait for its handshake."""
+        worker = self._new_handle(slot, restarts)
+        self._workers[slot] = worker
+        assert self._tg is not None
+        await self._tg.start(worker.run, self.config.launch(slot))
+        await worker.wait_ready(self.config.startup_timeout)
+        self._listeners.emit("worker.started", slot, pid=worker.pid, restarts=restarts)
+        self._on_capacity(worker)
+        return worker
+
+    async def _start_first(self, slot: int, errors: list[WorkerStartError]) -> None:
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(self.start_attempts),
+            wait=tenacity.wait_exponential_jitter(initial=0.05, max=1.0),
+            retry=tenacity.retry_if_exception_type(WorkerStartError),
+            sleep=anyio.sleep,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    if errors:  # another slot already failed for good: stop trying
+                        raise errors[0]
+                    await self._spawn(slot, restarts=attempt.retry_state.attempt_number - 1)
+        except WorkerStartError as exc:
+            if exc not in errors:
+                errors.append(exc)
+
+    async def _keep_slot_filled(self, slot: int) -> None:
+        """Replace the slot's worker whenever it exits, with backoff on failures."""
+        while True:
+            worker = self._workers[slot]
+            await worker.exited.wait()
+            if self.closed:
+                return
+            retrying = tenacity.AsyncRetrying(
+                wait=tenacity.wait_exponential_jitter(initial=0.1, max=30.0),
+                retry=tenacity.retry_if_exception_type(WorkerStartError),
+                sleep=anyio.sleep,
+                before_sleep=lambda state: _log.warning(
+                    "pool %s: replacing worker %d failed (attempt %d): %s",
+                    self.name, slot, state.attempt_number,
+                    state.outcome.exception() if state.outcome else None,
+                ),
+            )  # fmt: skip
+            async for attempt in retrying:
+                with attempt:
+                    if self.closed:
+                        return
+                    await self._spawn(slot, restarts=worker.restarts + attempt.retry_state.attempt_number)
+
+    def _on_worker_exit(self, worker: WorkerHandle) -> None:
+        info = worker.exit_info
+        if info is not None and not info.planned and not self.closed:
+            _log.warning("pool %s: %s exited: %s", self.name, worker.describe(), info.reason)
+        self._listeners.emit("worker.exited", worker.slot, pid=worker.pid, **format_exit(info))
+        self._hand_off_any()
+        if self._drained is not None and not any(w.pending for w in self._workers):
+            self._drained.set()
+
+    async def _stop_workers(self) -> None:
+        async with anyio.create_task_group() as tg:
+            for worker in self._workers:
+                tg.start_soon(worker.stop, self.stop_grace)
+
+    def __repr__(self) -> str:
+        return f"<Pool {self.name!r} adapter={self.config.adapter!r} {self._state} workers={len(self._workers)}>"
+
+
+class CallStream:
+    """The async iterator ``Pool.stream()`` returns; also an async context manager."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        command: str,
+        args: Mapping[str, Any] | None,
+        timeout: float | None,
+        session: str | None,
+    ) -> None:
+        self._pool = pool
+        self.command = command
+        self._call_id = next(pool._ids)
+        # Encode now so bad arguments fail at pool.stream(), before iteration.
+        self._frame = pool._encode(self._call_id, command, args, timeout, session, p.CallMode.STREAM)
+        self._timeout = pool.config.call_timeout if timeout is None else timeout
+        self._call: PendingCall | None = None
+        self._worker: WorkerHandle | None = None
+        self._finished = False
+        self._started = time.perf_counter()
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._finished:
+            raise StopAsyncIteration
+        if self._call is None:
+            await self._open()
+        call = self._call
+        assert call is not None and call.items is not None
+        with anyio.move_on_after(self._timeout):
+            try:
+                return await call.items.receive()
+            except anyio.EndOfStream:
+                self._finished = True
+                self._pool._record(self.command, self._worker, self._started, call.error)
+                if call.error is not None:
+                    raise call.error from None
+                raise StopAsyncIteration from None
+        await self.aclose()
+        error = CallTimeout(f"stream {self.command!r} produced no item within {self._timeout:g}s; cancelled")
+        self._pool._record(self.command, self._worker, self._started, error)
+        raise error
+
+    async def _open(self) -> None:
+        pool = self._pool
+        pool._check_open()
+        call = PendingCall(self._call_id, self.command, p.CallMode.STREAM)
+        with anyio.move_on_after(self._timeout):
+            worker = await pool._acquire()
+            worker.submit(call, self._frame)
+            self._call, self._worker = call, worker
+            return
+        self._finished = True
+        error = pool._timeout_error(self.command, self._timeout, None)
+        pool._record(self.command, None, self._started, error)
+        raise error
+
+    async def aclose(self) -> None:
+        """Stop the stream; cancels the generator in the worker if it still runs."""
+        self._abandon()
+        await anyio.lowlevel.checkpoint()
+
+    def _abandon(self) -> None:
+        self._finished = True
+        call, worker = self._call, self._worker
+        if call is not None and worker is not None and not call.done.is_set():
+            self._pool._abandon(worker, call)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        # Dropped without closing: cancel in the worker, but only from the
+        # event loop's own thread (the pool's state is not thread-safe).
+        if not self._finished and self._call is not None:
+            try:
+                anyio.get_current_task()
+            except Exception:
+                return
+            self._abandon()

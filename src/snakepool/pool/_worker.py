@@ -1,0 +1,505 @@
+"""The host's handle on one worker process.
+
+A handle owns the subprocess and three tasks: the *reader* (stdout -> protocol
+-> pending calls), the *writer* (outbox -> stdin, batching whatever frames
+queued up meanwhile) and the *stderr pump* (lines -> host logging, and a tail
+kept for crash reports). The reader owns the worker's death: when stdout ends
+or breaks the protocol it makes sure the process is gone, reaps it, fails the
+calls still in flight and tells the pool, exactly once.
+
+Everything that decides (register a call, free a slot) is synchronous; only
+the pipe I/O awaits.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import enum
+import logging
+import math
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.abc
+import psutil
+
+from .. import protocol as p
+from ..errors import (
+    PoolClosed,
+    ProtocolError,
+    SnakepoolError,
+    WorkerCrashed,
+    WorkerStartError,
+    describe_exit_code,
+)
+from ._calls import PendingCall, failure_to_exception
+
+__all__ = ["ExitInfo", "WorkerHandle", "WorkerLaunch", "WorkerState"]
+
+_READ_CHUNK = 256 * 1024
+_STDERR_TAIL_LINES = 40
+_STDERR_SETTLE = 1.0  # seconds to let stderr finish after the worker died
+_STDOUT_CLOSED_GRACE = 2.0  # a worker that closed stdout but lives on is killed after this
+
+
+class WorkerState(str, enum.Enum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    STOPPING = "stopping"
+    EXITED = "exited"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLaunch:
+    """Everything needed to start one worker process."""
+
+    argv: Sequence[str]
+    env: dict[str, str]
+    cwd: str | None
+    init: p.Init
+    max_frame_bytes: int
+    startup_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class ExitInfo:
+    """How a worker ended."""
+
+    exit_code: int | None
+    planned: bool  # announced with Goodbye, or stopped by the pool
+    reason: str
+    stderr_tail: str
+    lifetime: float
+
+
+class WorkerHandle:
+    """One worker process, seen from the host."""
+
+    def __init__(
+        self,
+        *,
+        pool: str,
+        slot: int,
+        restarts: int,
+        concurrency: int,
+        gpu: int | None,
+        on_capacity: Callable[[WorkerHandle], None],
+        on_exit: Callable[[WorkerHandle], None],
+    ) -> None:
+        self.pool = pool
+        self.slot = slot
+        self.restarts = restarts
+        self.concurrency = concurrency
+        self.gpu = gpu
+        self.state = WorkerState.STARTING
+        self.pid: int | None = None
+        self.requests = 0
+        self.pending: dict[int, PendingCall] = {}
+        self.reserved = 0  # slots promised to queued callers not yet submitted
+        self.exit_info: ExitInfo | None = None
+        self.exited = anyio.Event()
+        self.hello: p.Hello | None = None
+        self.log = logging.getLogger(f"snakepool.worker.{pool}.{slot}")
+        self._on_capacity = on_capacity
+        self._on_exit = on_exit
+        self._conn = p.Connection(p.Role.HOST)
+        self._process: anyio.abc.Process | None = None
+        self._outbox_in, self._outbox_out = anyio.create_memory_object_stream[bytes | None](
+            math.inf
+        )
+        self._ready = anyio.Event()
+        self._startup_failure: p.StartupFailed | None = None
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
+        self._stderr_done = anyio.Event()
+        self._kill_reason: str | None = None
+        self._planned_reason: str | None = None
+        self._protocol_error: ProtocolError | None = None
+        self._started_at = time.monotonic()
+        self._cancel_scope = anyio.CancelScope()
+        self._psutil: psutil.Process | None = None
+        self._reaping = False
+
+    # --- facts -----------------------------------------------------------------
+
+    @property
+    def load(self) -> int:
+        return len(self.pending) + self.reserved
+
+    @property
+    def has_capacity(self) -> bool:
+        return self.state in (WorkerState.IDLE, WorkerState.BUSY) and self.load < self.concurrency
+
+    @property
+    def is_ready(self) -> bool:
+        return self.state in (WorkerState.IDLE, WorkerState.BUSY)
+
+    def rss_bytes(self) -> int | None:
+        """Resident memory of the worker and its children (psutil)."""
+        if self._psutil is None or self.state is WorkerState.EXITED:
+            return None
+        try:
+            total = int(self._psutil.memory_info().rss)
+            for child in self._psutil.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    total += int(child.memory_info().rss)
+            return total
+        except psutil.Error:
+            return None
+
+    def stderr_tail(self) -> str:
+        return "\n".join(self._stderr_tail)
+
+    def describe(self) -> str:
+        return f"worker {self.pool}/{self.slot} (pid {self.pid})"
+
+    # --- start-up --------------------------------------------------------------
+
+    async def run(self, launch: WorkerLaunch, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Start the process and serve it until it exits (a pool task).
+
+        ``task_status.started()`` fires once the process exists; use
+        :meth:`wait_ready` for the handshake.
+        """
+        with self._cancel_scope:
+            try:
+                self._process = await anyio.open_process(
+                    list(launch.argv),
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    env=launch.env,
+                    cwd=launch.cwd,
+                    start_new_session=True,  # its own process group, killed as one
+                )
+            except OSError as exc:
+                self._startup_failure = p.StartupFailed(
+                    type=type(exc).__name__, message=f"cannot start {launch.argv[0]!r}: {exc}"
+                )
+                self.state = WorkerState.EXITED
+                self._ready.set()
+                self.exited.set()
+                task_status.started()
+                return
+            self.pid = self._process.pid
+            with contextlib.suppress(psutil.Error):
+                self._psutil = psutil.Process(self.pid)
+            self._conn.set_max_frame_bytes(launch.max_frame_bytes)
+            self.post(self._conn.send(launch.init))
+            task_status.started()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._pump_stderr)
+                tg.start_soon(self._pump_stdin)
+                await self._pump_stdout()
+                tg.cancel_scope.cancel()
+        if self.exit_info is None:  # cancelled from outside (pool teardown)
+            with anyio.CancelScope(shield=True):
+                await self._reap()
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait for the handshake; ``WorkerStartError`` (stderr quoted) if it fails."""
+        with anyio.move_on_after(timeout) as scope:
+            await self._ready.wait()
+        if scope.cancelled_caught:
+            self.kill(f"no handshake within startup_timeout={timeout:g}s")
+            await self.exited.wait()
+            raise WorkerStartError(
+                f"{self.describe()} did not finish starting within {timeout:g}s",
+                stderr_tail=self.stderr_tail(),
+            )
+        if self.hello is not None:
+            return
+        await self.exited.wait()  # so that the stderr tail is complete
+        failure = self._startup_failure
+        if failure is not None:
+            message = f"{self.describe()} failed to start: {failure.type}: {failure.message}"
+        else:
+            info = self.exit_info
+            message = f"{self.describe()} exited during start-up"
+            if info is not None and info.exit_code is not None:
+                message += f" ({describe_exit_code(info.exit_code)})"
+            if self._protocol_error is not None:
+                message += f": {self._protocol_error}"
+        raise WorkerStartError(message, stderr_tail=self.stderr_tail())
+
+    # --- sending -----------------------------------------------------------------
+
+    def post(self, frame: bytes) -> None:
+        """Queue one frame for the writer (never blocks)."""
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._outbox_in.send_nowait(frame)
+
+    def submit(self, call: PendingCall, frame: bytes) -> None:
+        """Register ``call`` and queue its frame; the slot was checked by the caller."""
+        self.pending[call.id] = call
+        self.requests += 1
+        self.state = WorkerState.BUSY
+        self.post(frame)
+
+    def cancel(self, call: PendingCall) -> None:
+        """The caller left: tell the worker; its answer will be dropped."""
+        call.abandoned = True
+        if call.id in self.pending:
+            self.post(self._conn.send(p.Cancel(id=call.id)))
+
+    def close_stdin(self) -> None:
+        """Ask for a graceful exit: the worker sees EOF, tears down and leaves."""
+        self._planned_reason = self._planned_reason or "stopped by the pool"
+        self.state = WorkerState.STOPPING
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._outbox_in.send_nowait(None)
+
+    def kill(self, reason: str) -> None:
+        """SIGKILL the worker's whole process group (its children too)."""
+        if self._kill_reason is None:
+            self._kill_reason = reason
+        self.signal_group(signal.SIGKILL)
+
+    def signal_group(self, sig: signal.Signals) -> None:
+        if self.pid is None or self.exit_info is not None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)  # pid == pgid: the worker leads its own group
+
+    async def stop(self, grace: float) -> None:
+        """Close stdin, then SIGTERM, then SIGKILL, each after ``grace`` seconds."""
+        if self.exit_info is not None:
+            return
+        self.close_stdin()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with anyio.move_on_after(grace):
+                await self.exited.wait()
+                return
+            self.signal_group(sig)
+        await self.exited.wait()
+
+    # --- the three pumps ---------------------------------------------------------
+
+    async def _pump_stdin(self) -> None:
+        assert self._process is not None and self._process.stdin is not None
+        stdin = self._process.stdin
+        try:
+            async for frame in self._outbox_out:
+                if frame is None:
+                    break
+                batch = [frame]
+                while True:  # coalesce what queued up meanwhile into one write
+                    try:
+                        more = self._outbox_out.receive_nowait()
+                    except anyio.WouldBlock:
+                        break
+                    if more is None:
+                        await stdin.send(b"".join(batch))
+                        await stdin.aclose()
+                        return
+                    batch.append(more)
+                await stdin.send(batch[0] if len(batch) == 1 else b"".join(batch))
+            await stdin.aclose()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass  # the worker is gone; the reader reports it
+
+    async def _pump_stderr(self) -> None:
+        assert self._process is not None and self._process.stderr is not None
+        partial = b""
+        try:
+            async for chunk in self._process.stderr:
+                lines = (partial + chunk).split(b"\n")
+                partial = lines.pop()
+                for line in lines:
+                    self._stderr_line(line)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        finally:
+            if partial:
+                self._stderr_line(partial)
+            self._stderr_done.set()
+
+    def _stderr_line(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip("\r")
+        self._stderr_tail.append(line)
+        self.log.info("%s", line)
+
+    async def _pump_stdout(self) -> None:
+        assert self._process is not None and self._process.stdout is not None
+        stdout = self._process.stdout
+        conn = self._conn
+        try:
+            while True:
+                try:
+                    data = await stdout.receive(_READ_CHUNK)
+                except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    data = b""
+                conn.receive_data(data)
+                while True:
+                    event = conn.next_event()
+                    if event is p.NEED_DATA:
+                        break
+                    if event is p.CLOSED:
+                        return
+                    assert isinstance(event, p.Message)
+                    self._on_message(event)
+        except ProtocolError as exc:
+            self._protocol_error = ProtocolError(f"{self.describe()} broke the protocol: {exc}")
+            self.kill(f"protocol error: {exc}")
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._reap()
+
+    # --- messages from the worker ------------------------------------------------
+
+    def _on_message(self, message: p.Message) -> None:
+        kind = type(message)
+        if kind is p.Result:
+            assert isinstance(message, p.Result)
+            call = self._take(message.id)
+            if call is not None:
+                call.resolve(message.value)
+        elif kind is p.Item:
+            assert isinstance(message, p.Item)
+            stream = self.pending.get(message.id)
+            if stream is not None:
+                stream.push(message.value)
+        elif kind is p.End:
+            assert isinstance(message, p.End)
+            call = self._take(message.id)
+            if call is not None:
+                call.end()
+        elif kind is p.Failure:
+            assert isinstance(message, p.Failure)
+            call = self._take(message.id)
+            if call is not None:
+                if call.mode == p.CallMode.CAST:
+                    self.log.warning("cast %r failed: %s: %s", call.command, message.type, message.message)
+                call.fail(failure_to_exception(message))
+        elif kind is p.Log:
+            assert isinstance(message, p.Log)
+            self.log.log(message.level, "%s", message.message)
+        elif kind is p.Hello:
+            assert isinstance(message, p.Hello)
+            self._on_hello(message)
+        elif kind is p.StartupFailed:
+            assert isinstance(message, p.StartupFailed)
+            self._startup_failure = message
+            self._ready.set()
+        elif kind is p.Goodbye:
+            assert isinstance(message, p.Goodbye)
+            self._planned_reason = message.reason
+
+    def _on_hello(self, hello: p.Hello) -> None:
+        if hello.version != p.PROTOCOL_VERSION:
+            self._startup_failure = p.StartupFailed(
+                type="ProtocolError",
+                message=f"worker speaks protocol version {hello.version}, "
+                f"the host {p.PROTOCOL_VERSION}: install the same snakepool in both interpreters",
+            )
+            self.kill("protocol version mismatch")
+        else:
+            self.hello = hello
+            self.state = WorkerState.IDLE
+        self._ready.set()
+
+    def _take(self, call_id: int) -> PendingCall | None:
+        call = self.pending.pop(call_id, None)
+        if call is None:
+            return None
+        if not self.pending and self.state is WorkerState.BUSY:
+            self.state = WorkerState.IDLE
+        self._on_capacity(self)
+        return call
+
+    # --- death -----------------------------------------------------------------
+
+    async def _reap(self) -> None:
+        """Make sure the process is gone, then fail what was in flight (once)."""
+        if self._reaping or self._process is None:
+            return
+        self._reaping = True
+        process = self._process
+        with anyio.move_on_after(_STDOUT_CLOSED_GRACE) as waited:
+            await process.wait()
+        if waited.cancelled_caught:
+            self.kill("closed its stdout but did not exit")
+        self.signal_group(signal.SIGKILL)  # children of a dead worker go too
+        exit_code = await process.wait()
+        with anyio.move_on_after(_STDERR_SETTLE):
+            await self._stderr_done.wait()
+        with contextlib.suppress(Exception):
+            await process.aclose()
+        self.exit_info = self._exit_info(exit_code)
+        self.state = WorkerState.EXITED
+        self._outbox_in.close()
+        self._fail_pending(self.exit_info)
+        self._ready.set()
+        self.exited.set()
+        self._on_exit(self)
+
+    def _exit_info(self, exit_code: int | None) -> ExitInfo:
+        planned = self._kill_reason is None and self._planned_reason is not None and exit_code == 0
+        if self._kill_reason is not None:
+            reason = f"killed by the pool: {self._kill_reason}"
+        elif planned:
+            reason = f"planned exit: {self._planned_reason}"
+        else:
+            reason = "crashed"
+        return ExitInfo(
+            exit_code=exit_code,
+            planned=planned,
+            reason=reason,
+            stderr_tail=self.stderr_tail(),
+            lifetime=time.monotonic() - self._started_at,
+        )
+
+    def _fail_pending(self, info: ExitInfo) -> None:
+        calls, self.pending = list(self.pending.values()), {}
+        for call in calls:
+            error: SnakepoolError
+            if self._protocol_error is not None:
+                error = self._protocol_error
+            elif info.planned:
+                error = PoolClosed(f"{self.describe()} stopped before call {call.command!r} finished")
+            else:
+                error = WorkerCrashed(
+                    f"{self.describe()} died during call {call.command!r}: {info.reason}",
+                    exit_code=info.exit_code,
+                    stderr_tail=info.stderr_tail,
+                )
+            call.fail(error)
+
+    def exit_error(self, command: str) -> SnakepoolError:
+        """The error a call routed to this (now dead) worker should get."""
+        info = self.exit_info
+        if info is None:
+            return WorkerCrashed(f"{self.describe()} is not running")
+        return WorkerCrashed(
+            f"{self.describe()} died before call {command!r} could be sent: {info.reason}",
+            exit_code=info.exit_code,
+            stderr_tail=info.stderr_tail,
+        )
+
+    def cancel_tasks(self) -> None:
+        self._cancel_scope.cancel()
+
+    def __repr__(self) -> str:
+        return f"<WorkerHandle {self.pool}/{self.slot} pid={self.pid} {self.state} load={self.load}>"
+
+
+def format_exit(info: ExitInfo | None) -> dict[str, Any]:
+    if info is None:
+        return {}
+    return {
+        "exit_code": info.exit_code,
+        "exit": describe_exit_code(info.exit_code) if info.exit_code is not None else None,
+        "planned": info.planned,
+        "reason": info.reason,
+        "lifetime": info.lifetime,
+    }

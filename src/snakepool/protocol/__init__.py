@@ -1,0 +1,61 @@
+"""The snakepool wire protocol, sans-IO (no asyncio, no anyio, no sockets).
+
+Every frame is a 4-byte big-endian length then one MessagePack map; see
+``docs/protocol.md`` for the messages and the handshake.
+"""
+
+from ._connection import Connection as Connection
+from ._connection import Role as Role
+from ._framing import CLOSED as CLOSED
+from ._framing import DEFAULT_MAX_FRAME_BYTES as DEFAULT_MAX_FRAME_BYTES
+from ._framing import HEADER_BYTES as HEADER_BYTES
+from ._framing import NEED_DATA as NEED_DATA
+from ._framing import FrameDecoder as FrameDecoder
+from ._framing import FrameEncoder as FrameEncoder
+from ._framing import Sentinel as Sentinel
+from ._messages import PROTOCOL_VERSION as PROTOCOL_VERSION
+from ._messages import Call as Call
+from ._messages import CallMode as CallMode
+from ._messages import Cancel as Cancel
+from ._messages import End as End
+from ._messages import Failure as Failure
+from ._messages import FailureKind as FailureKind
+from ._messages import Goodbye as Goodbye
+from ._messages import Hello as Hello
+from ._messages import Init as Init
+from ._messages import Item as Item
+from ._messages import Log as Log
+from ._messages import Message as Message
+from ._messages import Result as Result
+from ._messages import StartupFailed as StartupFailed
+from ._messages import from_wire as from_wire
+from ._messages import to_wire as to_wire
+
+__all__ = [
+    "CLOSED",
+    "DEFAULT_MAX_FRAME_BYTES",
+    "HEADER_BYTES",
+    "NEED_DATA",
+    "PROTOCOL_VERSION",
+    "Call",
+    "CallMode",
+    "Cancel",
+    "Connection",
+    "End",
+    "Failure",
+    "FailureKind",
+    "FrameDecoder",
+    "FrameEncoder",
+    "Goodbye",
+    "Hello",
+    "Init",
+    "Item",
+    "Log",
+    "Message",
+    "Result",
+    "Role",
+    "Sentinel",
+    "StartupFailed",
+    "from_wire",
+    "to_wire",
+]

@@ -1,0 +1,188 @@
+"""Length-prefixed MessagePack framing, with no I/O at all.
+
+A frame is a 4-byte big-endian length followed by that many bytes holding one
+MessagePack map. :class:`FrameDecoder` buffers whatever bytes it is given (one
+at a time works) and hands out whole maps; :func:`encode_frame` does the
+reverse. Oversized frames are refused from their header alone, before their
+body is buffered.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Final
+
+import msgpack
+
+from ..errors import ProtocolError
+
+__all__ = [
+    "CLOSED",
+    "DEFAULT_MAX_FRAME_BYTES",
+    "HEADER_BYTES",
+    "NEED_DATA",
+    "FrameDecoder",
+    "FrameEncoder",
+    "Sentinel",
+]
+
+HEADER_BYTES: Final = 4
+DEFAULT_MAX_FRAME_BYTES: Final = 64 * 2**20
+_MAX_HEADER_VALUE: Final = 2**32 - 1
+
+
+class Sentinel(enum.Enum):
+    """Markers returned instead of a frame (as in h11)."""
+
+    NEED_DATA = "NEED_DATA"  # feed more bytes
+    CLOSED = "CLOSED"  # the peer ended the stream cleanly between frames
+
+    def __repr__(self) -> str:
+        return self.value
+
+
+NEED_DATA: Final = Sentinel.NEED_DATA
+CLOSED: Final = Sentinel.CLOSED
+
+
+def _human(n: int) -> str:
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    if n >= 2**10:
+        return f"{n / 2**10:.1f} KiB"
+    return f"{n} bytes"
+
+
+class FrameEncoder:
+    """Turns one MessagePack-able map into one frame's bytes."""
+
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+        if not 0 < max_frame_bytes <= _MAX_HEADER_VALUE:
+            raise ValueError(f"max_frame_bytes must be in 1..{_MAX_HEADER_VALUE}")
+        self.max_frame_bytes = max_frame_bytes
+        # One reusable Packer: it resets itself when packing raises.
+        self._packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+
+    def encode(self, payload: dict[str, Any]) -> bytes:
+        """Frame ``payload``.
+
+        Raises ``TypeError`` naming the type that MessagePack cannot encode and
+        :class:`ProtocolError` when the frame would exceed ``max_frame_bytes``.
+        """
+        try:
+            body: bytes = self._packer.pack(payload)
+        except TypeError as exc:
+            raise TypeError(f"not MessagePack-serializable: {exc}") from None
+        except (ValueError, OverflowError) as exc:
+            raise TypeError(f"not MessagePack-serializable: {exc}") from None
+        if len(body) > self.max_frame_bytes:
+            raise ProtocolError(
+                f"frame of {_human(len(body))} exceeds max_frame_bytes="
+                f"{_human(self.max_frame_bytes)}"
+            )
+        return len(body).to_bytes(HEADER_BYTES, "big") + body
+
+
+class FrameDecoder:
+    """Buffers bytes and yields one decoded map per complete frame.
+
+    Once it has raised :class:`ProtocolError` it stays broken: every later
+    call raises the same error and further bytes are dropped, not buffered.
+    """
+
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+        if not 0 < max_frame_bytes <= _MAX_HEADER_VALUE:
+            raise ValueError(f"max_frame_bytes must be in 1..{_MAX_HEADER_VALUE}")
+        self.max_frame_bytes = max_frame_bytes
+        self._buffer = bytearray()
+        self._body_length: int | None = None  # known once a header was read
+        self._eof = False
+        self._error: ProtocolError | None = None
+
+    def with_limit(self, max_frame_bytes: int) -> FrameDecoder:
+        """This decoder's state (buffered bytes included) under another limit."""
+        fresh = FrameDecoder(max_frame_bytes)
+        fresh._buffer, fresh._body_length = self._buffer, self._body_length
+        fresh._eof, fresh._error = self._eof, self._error
+        return fresh
+
+    @property
+    def buffered_bytes(self) -> int:
+        return len(self._buffer)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Add bytes; ``b""`` means the peer closed the stream."""
+        if self._error is not None:
+            return
+        if not data:
+            self._eof = True
+            return
+        if self._eof:
+            self._fail("data received after end of stream")
+            return
+        self._buffer += data
+        if self._body_length is None:
+            self._read_header()
+
+    def next_frame(self) -> dict[str, Any] | Sentinel:
+        """Return the next decoded map, ``NEED_DATA`` or ``CLOSED``."""
+        if self._error is not None:
+            raise self._error
+        if self._body_length is None and not self._read_header():
+            return self._at_incomplete(needed=HEADER_BYTES)
+        length = self._body_length
+        assert length is not None
+        if len(self._buffer) < length:
+            return self._at_incomplete(needed=length)
+        payload = self._decode_body(length)
+        del self._buffer[:length]  # amortized O(1): bytearray keeps a start offset
+        self._body_length = None
+        if self._buffer:
+            self._read_header()
+        return payload
+
+    def _read_header(self) -> bool:
+        if len(self._buffer) < HEADER_BYTES:
+            return False
+        length = int.from_bytes(self._buffer[:HEADER_BYTES], "big")
+        if length > self.max_frame_bytes:
+            self._fail(
+                f"frame of {_human(length)} announced, over max_frame_bytes="
+                f"{_human(self.max_frame_bytes)}; refused before reading it"
+            )
+            return False
+        if length == 0:
+            self._fail("empty frame (length 0); every frame holds one MessagePack map")
+            return False
+        del self._buffer[:HEADER_BYTES]
+        self._body_length = length
+        return True
+
+    def _at_incomplete(self, needed: int) -> Sentinel:
+        if self._error is not None:
+            raise self._error
+        if not self._eof:
+            return NEED_DATA
+        if self._body_length is None and not self._buffer:
+            return CLOSED
+        self._fail(
+            f"stream ended mid-frame: have {len(self._buffer)} of {needed} bytes"
+            + (" of the body" if self._body_length is not None else " of the header")
+        )
+        raise self._error  # type: ignore[misc]
+
+    def _decode_body(self, length: int) -> dict[str, Any]:
+        try:
+            with memoryview(self._buffer) as whole, whole[:length] as body:
+                payload = msgpack.unpackb(body, raw=False, strict_map_key=False)
+        except Exception as exc:
+            self._fail(f"undecodable MessagePack frame ({type(exc).__name__}: {exc})")
+            raise self._error from None  # type: ignore[misc]
+        if not isinstance(payload, dict):
+            self._fail(f"frame holds a {type(payload).__name__}, not a map")
+            raise self._error  # type: ignore[misc]
+        return payload
+
+    def _fail(self, message: str) -> None:
+        self._error = ProtocolError(message)
+        self._buffer = bytearray()

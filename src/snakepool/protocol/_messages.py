@@ -1,0 +1,305 @@
+"""The messages of the worker protocol: small frozen dataclasses.
+
+Each message travels as one MessagePack map whose ``"t"`` key names its type
+(see ``docs/protocol.md``). :func:`to_wire` and :func:`from_wire` convert; the
+latter validates every field and raises :class:`ProtocolError` naming it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Final
+
+from ..errors import ProtocolError
+
+__all__ = [
+    "HOST_MESSAGES",
+    "PROTOCOL_VERSION",
+    "WORKER_MESSAGES",
+    "Call",
+    "CallMode",
+    "Cancel",
+    "End",
+    "Failure",
+    "FailureKind",
+    "Goodbye",
+    "Hello",
+    "Init",
+    "Item",
+    "Log",
+    "Message",
+    "Result",
+    "StartupFailed",
+    "from_wire",
+    "to_wire",
+]
+
+#: Bumped on any incompatible change; host and worker must agree exactly.
+PROTOCOL_VERSION: Final = 1
+
+
+class CallMode:
+    """How the host wants a call answered."""
+
+    CALL: Final = "call"  # one Result or Failure
+    STREAM: Final = "stream"  # Items, then End or Failure
+    CAST: Final = "cast"  # like CALL; the host discards the result
+
+    ALL: Final = frozenset({CALL, STREAM, CAST})
+
+
+class FailureKind:
+    """Why a call failed in the worker; the host maps it to an exception."""
+
+    APPLICATION: Final = "application"  # the handler raised
+    UNKNOWN_COMMAND: Final = "unknown_command"
+    BAD_ARGUMENTS: Final = "bad_arguments"  # arguments do not fit the signature
+    SERIALIZATION: Final = "serialization"  # result not MessagePack-able / too large
+    CANCELLED: Final = "cancelled"  # the host cancelled it
+    WRONG_MODE: Final = "wrong_mode"  # call() of a stream command or vice versa
+
+
+class Message:
+    """Base of every protocol message."""
+
+    __slots__ = ()
+    TAG: ClassVar[str]
+    #: (attribute, wire key, accepted types) for every field.
+    WIRE: ClassVar[tuple[tuple[str, str, tuple[type, ...]], ...]]
+
+
+_STR = (str,)
+_INT = (int,)
+_OPT_STR = (str, type(None))
+_OPT_FLOAT = (float, int, type(None))
+_ANY: tuple[type, ...] = ()  # any MessagePack value
+
+
+# --- host -> worker ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Init(Message):
+    """First frame the host sends: who the worker is and what to load."""
+
+    version: int
+    worker_id: int
+    pool: str
+    adapter: str
+    config: dict[str, Any] = field(default_factory=dict)
+    concurrency: int = 1
+    max_frame_bytes: int = 64 * 2**20
+    sys_path: list[str] = field(default_factory=list)
+
+    TAG: ClassVar[str] = "init"
+    WIRE: ClassVar[tuple[tuple[str, str, tuple[type, ...]], ...]] = (
+        ("version", "v", _INT),
+        ("worker_id", "w", _INT),
+        ("pool", "p", _STR),
+        ("adapter", "a", _STR),
+        ("config", "c", (dict,)),
+        ("concurrency", "n", _INT),
+        ("max_frame_bytes", "m", _INT),
+        ("sys_path", "s", (list,)),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Message):
+    """Run ``command(**args)``."""
+
+    id: int
+    command: str
+    args: dict[str, Any]
+    mode: str = CallMode.CALL
+    timeout: float | None = None
+    session_id: str | None = None
+
+    TAG: ClassVar[str] = "call"
+    WIRE: ClassVar[tuple[tuple[str, str, tuple[type, ...]], ...]] = (
+        ("id", "i", _INT),
+        ("command", "c", _STR),
+        ("args", "a", (dict,)),
+        ("mode", "m", _STR),
+        ("timeout", "o", _OPT_FLOAT),
+        ("session_id", "s", _OPT_STR),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel(Message):
+    """Stop call ``id`` (cooperatively); the worker still answers it."""
+
+    id: int
+
+    TAG: ClassVar[str] = "cancel"
+    WIRE: ClassVar[tuple[tuple[str, str, tuple[type, ...]], ...]] = (("id", "i", _INT),)
+
+
+# --- worker -> host ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """The worker is ready: its version, pid, adapter and commands."""
+
+    version: int
+    pid: int
+    worker_id: int
+    adapter: str
+    commands: list[str]
+
+    TAG: ClassVar[str] = "hello"
+    WIRE: ClassVar[tuple[tuple[str, str, tuple[type, ...]], ...]] = (
+        ("version", "v", _INT),
+        ("pid", "p", _INT),
+        ("worker_id", "w", _INT),
+        ("adapter", "a", _STR),
+        ("commands", "c", (list,)),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StartupFailed(Message):
+    """The worker could not start (import, ``setup``); it exits next."""
+
+    type: str
+    message: str
+    traceback: str = ""
+
+    TAG: ClassVar[str] = "startup_failed"
+    WIRE: ClassVar[tuple[tuple[str, str, tuple[type, ...]], ...]] = (
+        ("type", "y", _STR),
+        ("message", "e", _STR),
+        ("traceback", "b", _STR),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Result(Message):
+    """Call ``id`` returned ``value``."""
+
+    id: int
+    value: Any
+
+    TAG: ClassVar[str] = "result"
+    WIRE: ClassVar[tuple[tuple[str, str, tuple[type, ...]], ...]] = (
+        ("id", "i", _INT),
+        ("value", "r", _ANY),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Failure(Message):
+    """Call ``id`` failed in the worker."""
+
+    id: int
+    kind: str
+    type: str
+    message: str
+    traceback: str = ""
+
+    TAG: ClassVar[str] = "failure"
+    WIRE: ClassVar[tuple[tuple[str, str, tuple[type, ...]], ...]] = (
+        ("id", "i", _INT),
+        ("kind", "k", _STR),
+        ("type", "y", _STR),
+        ("message", "e", _STR),
+        ("traceback", "b", _STR),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Item(Message):
+    """One item of stream ``id``."""
+
+    id: int
+    value: Any
+
+    TAG: ClassVar[str] = "item"
+    WIRE: ClassVar[tuple[tuple[str, str, tuple[type, ...]], ...]] = (
+        ("id", "i", _INT),
+        ("value", "r", _ANY),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class End(Message):
+    """Stream ``id`` is exhausted."""
+
+    id: int
+
+    TAG: ClassVar[str] = "end"
+    WIRE: ClassVar[tuple[tuple[str, str, tuple[type, ...]], ...]] = (("id", "i", _INT),)
+
+
+@dataclass(frozen=True, slots=True)
+class Log(Message):
+    """A ``logging`` record from worker code, forwarded to the host's logging."""
+
+    level: int
+    logger: str
+    message: str
+
+    TAG: ClassVar[str] = "log"
+    WIRE: ClassVar[tuple[tuple[str, str, tuple[type, ...]], ...]] = (
+        ("level", "l", _INT),
+        ("logger", "n", _STR),
+        ("message", "e", _STR),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Goodbye(Message):
+    """A planned exit is coming (announced, so it is not taken for a crash)."""
+
+    reason: str
+
+    TAG: ClassVar[str] = "bye"
+    WIRE: ClassVar[tuple[tuple[str, str, tuple[type, ...]], ...]] = (("reason", "e", _STR),)
+
+
+HOST_MESSAGES: Final[frozenset[type[Message]]] = frozenset({Init, Call, Cancel})
+WORKER_MESSAGES: Final[frozenset[type[Message]]] = frozenset(
+    {Hello, StartupFailed, Result, Failure, Item, End, Log, Goodbye}
+)
+_BY_TAG: Final[dict[str, type[Message]]] = {m.TAG: m for m in HOST_MESSAGES | WORKER_MESSAGES}
+_OPTIONAL: Final[dict[type[Message], frozenset[str]]] = {
+    cls: frozenset(
+        f.name
+        for f in fields(cls)  # type: ignore[arg-type]
+        if f.default is not f.default_factory  # has a default of either kind
+    )
+    for cls in _BY_TAG.values()
+}
+
+
+def to_wire(message: Message) -> dict[str, Any]:
+    """The MessagePack map for ``message``."""
+    wire: dict[str, Any] = {"t": message.TAG}
+    for attr, key, _ in message.WIRE:
+        wire[key] = getattr(message, attr)
+    return wire
+
+
+def from_wire(wire: dict[str, Any]) -> Message:
+    """The message a decoded map holds; :class:`ProtocolError` if malformed."""
+    tag = wire.get("t")
+    cls = _BY_TAG.get(tag) if isinstance(tag, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {tag!r}")
+    kwargs: dict[str, Any] = {}
+    optional = _OPTIONAL[cls]
+    for attr, key, types in cls.WIRE:
+        if key not in wire:
+            if attr in optional:
+                continue
+            raise ProtocolError(f"{cls.TAG!r} message lacks field {attr!r}")
+        value = wire[key]
+        if types and (not isinstance(value, types) or isinstance(value, bool)):
+            raise ProtocolError(
+                f"{cls.TAG!r} message field {attr!r} is {type(value).__name__}, "
+                f"expected {' or '.join(t.__name__ for t in types)}"
+            )
+        kwargs[attr] = value
+    return cls(**kwargs)

@@ -1,0 +1,3 @@
+from snakepool.workers import main
+
+main()

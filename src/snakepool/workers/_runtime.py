@@ -1,0 +1,481 @@
+"""The worker process: ``python -m snakepool.workers``.
+
+Data flow inside one worker::
+
+    host --stdin pipe--> _PipeReader.data_received --> Connection --> Worker.on_message
+                                                                      |
+          Call: sync handler -> thread pool --------+                 |
+                async handler -> task on this loop -+--> Worker.send --+--> stdout pipe --> host
+                generators -> Items then End -------+
+
+The protocol owns the process's real stdout: at start-up the pipe is moved to
+a private fd and fd 1 is pointed at stderr, so a ``print()`` in user code can
+never corrupt a frame. stdin is replaced by /dev/null for the same reason.
+The worker exits when its protocol stdin closes and (on Linux) when its parent
+dies, via ``PR_SET_PDEATHSIG``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import faulthandler
+import logging
+import os
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .. import protocol as p
+from ..adapters import Adapter, CallContext, CommandSpec, load_adapter_class
+from ..errors import ProtocolError
+
+__all__ = ["main"]
+
+_log = logging.getLogger("snakepool.worker")
+
+#: Exit codes a worker uses on purpose (anything else is a crash).
+EXIT_OK = 0
+EXIT_STARTUP_FAILED = 3
+EXIT_PROTOCOL_ERROR = 4
+
+
+def main() -> None:
+    """Entry point of ``python -m snakepool.workers``."""
+    proto_in, proto_out = _claim_stdio()
+    _die_with_parent()
+    faulthandler.enable(file=sys.stderr, all_threads=True)
+    try:
+        code = asyncio.run(_serve(proto_in, proto_out))
+    except KeyboardInterrupt:
+        code = EXIT_OK
+    _flush_and_exit(code)
+
+
+def _claim_stdio() -> tuple[int, int]:
+    """Move the protocol pipes off fds 0/1 so user code cannot touch them."""
+    proto_in = os.dup(0)  # os.dup makes non-inheritable fds: children never get them
+    proto_out = os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)  # fd 1 (and so sys.stdout and C-level printf) now writes to stderr
+    with contextlib.suppress(AttributeError, ValueError):
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    return proto_in, proto_out
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL us when the host dies, even by SIGKILL."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    expected = os.environ.get("SNAKEPOOL_HOST_PID")
+    if expected and expected.isdigit() and os.getppid() != int(expected):
+        os._exit(EXIT_OK)  # the host died before prctl took effect
+
+
+def _flush_and_exit(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    # os._exit: a sync handler stuck in a thread must not keep the process alive.
+    os._exit(code)
+
+
+async def _serve(proto_in: int, proto_out: int) -> int:
+    loop = asyncio.get_running_loop()
+    worker = Worker(loop)
+    write_transport, write_protocol = await loop.connect_write_pipe(
+        asyncio.streams.FlowControlMixin, os.fdopen(proto_out, "wb", buffering=0)
+    )
+    worker.writer = asyncio.StreamWriter(write_transport, write_protocol, None, loop)
+    await loop.connect_read_pipe(
+        lambda: _PipeReader(worker), os.fdopen(proto_in, "rb", buffering=0)
+    )
+    return await worker.finished
+
+
+class _PipeReader(asyncio.Protocol):
+    """Feeds bytes from the host into the worker's protocol connection."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    def data_received(self, data: bytes) -> None:
+        self.worker.receive(data)
+
+    def eof_received(self) -> bool:
+        self.worker.receive(b"")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.worker.receive(b"")
+
+
+class _Running:
+    """A call in progress: its context and what to cancel."""
+
+    __slots__ = ("ctx", "done", "task")
+
+    def __init__(self, ctx: CallContext) -> None:
+        self.ctx = ctx
+        self.task: asyncio.Task[Any] | None = None
+        self.done = False
+
+
+class Worker:
+    """Dispatches protocol messages to the adapter's commands."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.conn = p.Connection(p.Role.WORKER)
+        self.writer: asyncio.StreamWriter | None = None
+        self.finished: asyncio.Future[int] = loop.create_future()
+        self.adapter: Adapter | None = None
+        self.commands: dict[str, CommandSpec] = {}
+        self.running: dict[int, _Running] = {}
+        self.executor: ThreadPoolExecutor | None = None
+        self.init: p.Init | None = None
+        self.log = _log
+        self._closing = False
+        self._loop_thread = threading.get_ident()
+
+    # --- receiving ---------------------------------------------------------
+
+    def receive(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            self.conn.receive_data(data)
+            while True:
+                event = self.conn.next_event()
+                if event is p.NEED_DATA:
+                    return
+                if event is p.CLOSED:
+                    self._begin_shutdown(EXIT_OK, "stdin closed")
+                    return
+                assert isinstance(event, p.Message)
+                self.on_message(event)
+        except ProtocolError as exc:
+            print(f"snakepool worker: protocol error from host: {exc}", file=sys.stderr)
+            self._begin_shutdown(EXIT_PROTOCOL_ERROR, f"protocol error: {exc}")
+
+    def on_message(self, message: p.Message) -> None:
+        if isinstance(message, p.Call):
+            self.start_call(message)
+        elif isinstance(message, p.Cancel):
+            self.cancel_call(message.id)
+        elif isinstance(message, p.Init):
+            self.loop.create_task(self.start(message))
+
+    # --- sending -------------------------------------------------------------
+
+    def send(self, message: p.Message) -> None:
+        """Write one message; called on the loop thread only."""
+        if self.writer is None or self.writer.is_closing():
+            return
+        self.writer.write(self.conn.send(message))
+
+    def send_threadsafe(self, message: p.Message) -> None:
+        if threading.get_ident() == self._loop_thread:
+            self.send(message)
+        else:
+            with contextlib.suppress(RuntimeError):  # loop already closed
+                self.loop.call_soon_threadsafe(self.send, message)
+
+    # --- start-up --------------------------------------------------------------
+
+    async def start(self, init: p.Init) -> None:
+        self.init = init
+        if init.version != p.PROTOCOL_VERSION:
+            self._startup_failed(
+                "ProtocolError",
+                f"host speaks protocol version {init.version}, "
+                f"this worker speaks {p.PROTOCOL_VERSION} (snakepool versions differ)",
+            )
+            return
+        try:
+            self._apply_sys_path(init.sys_path)
+            self.conn.set_max_frame_bytes(init.max_frame_bytes)
+            self.log = logging.getLogger(f"snakepool.worker.{init.pool}.{init.worker_id}")
+            _install_log_forwarding(self)
+            cls = load_adapter_class(init.adapter)
+            self.adapter = cls()
+            self.adapter.setup(dict(init.config))
+        except BaseException as exc:  # anything at all: report it, then exit
+            traceback.print_exc(file=sys.stderr)
+            self._startup_failed(_type_name(exc), str(exc), traceback.format_exc())
+            return
+        self.commands = dict(cls.commands)
+        self.executor = ThreadPoolExecutor(
+            max_workers=max(1, init.concurrency), thread_name_prefix="snakepool-handler"
+        )
+        self.send(
+            p.Hello(
+                version=p.PROTOCOL_VERSION,
+                pid=os.getpid(),
+                worker_id=init.worker_id,
+                adapter=init.adapter,
+                commands=sorted(self.commands),
+            )
+        )
+
+    def _startup_failed(self, type_name: str, message: str, tb: str = "") -> None:
+        self.send(p.StartupFailed(type=type_name, message=message, traceback=tb))
+        self._begin_shutdown(EXIT_STARTUP_FAILED, "startup failed", teardown=False)
+
+    @staticmethod
+    def _apply_sys_path(entries: list[str]) -> None:
+        for entry in reversed(entries):
+            if entry in sys.path:
+                sys.path.remove(entry)
+            sys.path.insert(0, entry)
+
+    # --- calls -----------------------------------------------------------------
+
+    def start_call(self, call: p.Call) -> None:
+        spec = self.commands.get(call.command)
+        if spec is None or self.adapter is None:
+            known = ", ".join(sorted(self.commands))
+            self._fail(call.id, p.FailureKind.UNKNOWN_COMMAND, "UnknownCommand",
+                       f"unknown command {call.command!r}; this adapter has: {known}")
+            return
+        problem = _mode_problem(spec, call.mode)
+        if problem:
+            self._fail(call.id, p.FailureKind.WRONG_MODE, "TypeError", problem)
+            return
+        try:
+            bound = spec.signature.bind(**call.args)
+        except TypeError as exc:
+            self._fail(call.id, p.FailureKind.BAD_ARGUMENTS, "TypeError",
+                       f"command {call.command!r}: {exc} (signature: {spec.name}{spec.signature})")
+            return
+        assert self.init is not None
+        ctx = CallContext(
+            call_id=call.id,
+            command=call.command,
+            worker_id=self.init.worker_id,
+            session_id=call.session_id,
+            session_state={},
+            deadline=(self.loop.time() + call.timeout) if call.timeout else None,
+            log=self.log,
+        )
+        kwargs = dict(bound.arguments)
+        if spec.wants_context:
+            kwargs["ctx"] = ctx
+        handler = getattr(self.adapter, spec.attribute)
+        running = _Running(ctx)
+        self.running[call.id] = running
+        if spec.is_async:
+            body = self._run_async_stream if spec.is_stream else self._run_async
+            running.task = self.loop.create_task(body(call, handler, kwargs))
+        else:
+            assert self.executor is not None
+            target = self._sync_stream_body if spec.is_stream else self._sync_call_body
+            self.executor.submit(target, call, handler, kwargs, ctx)
+
+    def cancel_call(self, call_id: int) -> None:
+        running = self.running.get(call_id)
+        if running is None:
+            return  # already answered
+        running.ctx.cancel()
+        if running.task is not None:
+            running.task.cancel()
+
+    # sync handlers run in the thread pool; their outcome hops back to the loop.
+
+    def _sync_call_body(self, call: p.Call, handler: Callable[..., Any],
+                        kwargs: dict[str, Any], ctx: CallContext) -> None:
+        try:
+            value = handler(**kwargs)
+        except BaseException as exc:
+            self._call_soon(self._finish_error, call, exc, traceback.format_exc())
+        else:
+            self._call_soon(self._finish_value, call, value)
+
+    def _sync_stream_body(self, call: p.Call, handler: Callable[..., Iterator[Any]],
+                          kwargs: dict[str, Any], ctx: CallContext) -> None:
+        try:
+            generator = handler(**kwargs)
+            try:
+                for item in generator:
+                    if ctx.cancelled:
+                        break
+                    self._call_soon(self._send_item, call, item)
+            finally:
+                generator.close()
+        except BaseException as exc:
+            self._call_soon(self._finish_error, call, exc, traceback.format_exc())
+        else:
+            self._call_soon(self._finish_stream, call)
+
+    def _call_soon(self, fn: Callable[..., None], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: we are exiting
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    # async handlers run as tasks on this loop.
+
+    async def _run_async(self, call: p.Call, handler: Callable[..., Any],
+                         kwargs: dict[str, Any]) -> None:
+        try:
+            value = await handler(**kwargs)
+        except BaseException as exc:
+            self._finish_error(call, exc, traceback.format_exc())
+        else:
+            self._finish_value(call, value)
+
+    async def _run_async_stream(self, call: p.Call, handler: Callable[..., AsyncIterator[Any]],
+                                kwargs: dict[str, Any]) -> None:
+        generator = handler(**kwargs)
+        try:
+            async for item in generator:
+                self._send_item(call, item)
+                if self.running.get(call.id) is None:
+                    break  # an item failed to encode; the call already failed
+        except BaseException as exc:
+            self._finish_error(call, exc, traceback.format_exc())
+        else:
+            self._finish_stream(call)
+        finally:
+            with contextlib.suppress(BaseException):
+                await generator.aclose()  # type: ignore[attr-defined]
+
+    # outcomes (loop thread) --------------------------------------------------
+
+    def _finish_value(self, call: p.Call, value: Any) -> None:
+        if self._take(call.id) is None:
+            return
+        try:
+            self.send(p.Result(id=call.id, value=value))
+        except (TypeError, ProtocolError) as exc:
+            self._send_unencodable(call, "result", value, exc)
+
+    def _send_item(self, call: p.Call, item: Any) -> None:
+        if call.id not in self.running:
+            return
+        try:
+            self.send(p.Item(id=call.id, value=item))
+        except (TypeError, ProtocolError) as exc:
+            running = self._take(call.id)
+            if running is not None:
+                running.ctx.cancel()
+            self._send_unencodable(call, "stream item", item, exc)
+
+    def _finish_stream(self, call: p.Call) -> None:
+        if self._take(call.id) is not None:
+            self.send(p.End(id=call.id))
+
+    def _finish_error(self, call: p.Call, exc: BaseException, tb: str) -> None:
+        running = self._take(call.id)
+        if running is None:
+            return
+        if isinstance(exc, asyncio.CancelledError) or (
+            running.ctx.cancelled and isinstance(exc, GeneratorExit)
+        ):
+            self._fail(call.id, p.FailureKind.CANCELLED, "Cancelled",
+                       f"call {call.command!r} was cancelled by the host", take=False)
+            return
+        self._fail(call.id, p.FailureKind.APPLICATION, _type_name(exc), str(exc), tb, take=False)
+
+    def _send_unencodable(self, call: p.Call, what: str, value: Any, exc: Exception) -> None:
+        if isinstance(exc, ProtocolError):
+            message = f"{what} of command {call.command!r} is too large to send: {exc}"
+            type_name = "ValueError"
+        else:
+            message = (f"{what} of command {call.command!r} is not MessagePack-serializable: "
+                       f"{type(value).__name__} value ({exc})")
+            type_name = "TypeError"
+        self._fail(call.id, p.FailureKind.SERIALIZATION, type_name, message, take=False)
+
+    def _fail(self, call_id: int, kind: str, type_name: str, message: str,
+              tb: str = "", *, take: bool = True) -> None:
+        if take:
+            self._take(call_id)
+        self.send(p.Failure(id=call_id, kind=kind, type=type_name, message=message, traceback=tb))
+
+    def _take(self, call_id: int) -> _Running | None:
+        running = self.running.pop(call_id, None)
+        if running is not None:
+            running.done = True
+        return running
+
+    # --- shutdown --------------------------------------------------------------
+
+    def _begin_shutdown(self, code: int, reason: str, *, teardown: bool = True) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self.loop.create_task(self._shutdown(code, reason, teardown))
+
+    async def _shutdown(self, code: int, reason: str, teardown: bool) -> None:
+        for running in list(self.running.values()):
+            running.ctx.cancel()
+            if running.task is not None:
+                running.task.cancel()
+        if teardown and self.adapter is not None:
+            try:
+                self.adapter.teardown()
+            except Exception:
+                traceback.print_exc(file=sys.stderr)
+        if code == EXIT_OK:
+            with contextlib.suppress(Exception):
+                self.send(p.Goodbye(reason=reason))
+        if self.writer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.writer.drain(), timeout=5.0)
+        if not self.finished.done():
+            self.finished.set_result(code)
+
+
+def _mode_problem(spec: CommandSpec, mode: str) -> str | None:
+    if mode not in p.CallMode.ALL:
+        return f"unknown call mode {mode!r}"
+    if spec.is_stream and mode != p.CallMode.STREAM:
+        return f"command {spec.name!r} is a stream (a generator): use pool.stream(), not pool.call()"
+    if not spec.is_stream and mode == p.CallMode.STREAM:
+        return f"command {spec.name!r} is not a stream: use pool.call(), not pool.stream()"
+    return None
+
+
+def _type_name(exc: BaseException) -> str:
+    cls = type(exc)
+    if cls.__module__ in ("builtins", "__main__"):
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class _ForwardingHandler(logging.Handler):
+    """Sends log records to the host as ``Log`` messages."""
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(level=logging.INFO)
+        self.worker = worker
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+            self.worker.send_threadsafe(
+                p.Log(level=record.levelno, logger=record.name, message=message)
+            )
+        except Exception:
+            self.handleError(record)
+
+
+def _install_log_forwarding(worker: Worker) -> None:
+    root = logging.getLogger()
+    handler = _ForwardingHandler(worker)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.WARNING)
+    worker.log.setLevel(logging.INFO)
