@@ -50,8 +50,11 @@ class GenericAdapter(Adapter):
             yield i
 
     @command
-    def call(self, target: str, args: dict[str, Any] | None = None) -> Any:
-        """Call ``module:function(**args)`` if the module is allow-listed."""
+    def call(self, target: str, args: dict[str, Any] | list[Any] | None = None) -> Any:
+        """Call ``module:function`` if the module is allow-listed.
+
+        ``args`` is a dict of keyword arguments or a list of positional ones.
+        """
         module_name, sep, attribute = target.partition(":")
         if not sep or not module_name or not attribute:
             raise ValueError(f"target {target!r} must look like 'module:function'")
@@ -70,7 +73,7 @@ class GenericAdapter(Adapter):
                 raise PermissionError(f"target {target!r} leads into module {obj.__name__!r}, which is not allowed")
         if not callable(obj):
             raise TypeError(f"target {target!r} is not callable")
-        result = obj(**(args or {}))
+        result = obj(*args) if isinstance(args, list) else obj(**(args or {}))
         if inspect.isawaitable(result):
             raise TypeError(f"target {target!r} is async; the generic adapter calls sync functions")
         return result

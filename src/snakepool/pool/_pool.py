@@ -50,6 +50,7 @@ from ..errors import (
 from ._calls import PendingCall
 from ._config import PoolConfig
 from ._events import Event, Listeners, PoolStatistics, WorkerStatistics
+from ._runner import BackgroundTasks
 from ._worker import WorkerHandle, format_exit
 
 __all__ = ["CallStream", "Pool"]
@@ -71,8 +72,8 @@ class _Waiter:
 class Pool:
     """A pool of worker processes running one adapter.
 
-    Use ``async with Pool(...) as pool`` (or ``await pool.start()`` and
-    ``await pool.aclose()`` from the same task).
+    Use ``async with Pool(...) as pool``, or ``await pool.start()`` and
+    ``await pool.aclose()`` (from any task).
     """
 
     #: Seconds a cancelled call may take to stop before its worker is killed.
@@ -137,7 +138,7 @@ class Pool:
         self._ids = itertools.count(1)
         self._workers: list[WorkerHandle] = []
         self._waiters: collections.deque[_Waiter] = collections.deque()
-        self._tg: anyio.abc.TaskGroup | None = None
+        self._background = BackgroundTasks(name)
         self._state = "new"  # new | starting | running | closing | closed
         self._drained: anyio.Event | None = None
         self._completed = 0
@@ -150,9 +151,8 @@ class Pool:
         if self._state != "new":
             raise RuntimeError(f"pool {self.name!r} was already started")
         self._state = "starting"
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
-        self._tg = tg
+        await self._background.start()
+        tg = self._background.group
         count = self.config.worker_count
         self._workers = [self._new_handle(slot, restarts=0) for slot in range(count)]
         errors: list[WorkerStartError] = []
@@ -165,7 +165,7 @@ class Pool:
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._stop_workers()
-            await self._exit_task_group()
+                await self._background.aclose()
             self._state = "closed"
             raise
         for slot in range(count):
@@ -190,18 +190,8 @@ class Pool:
                     self._drained = anyio.Event()
                     await self._drained.wait()
             await self._stop_workers()
-        await self._exit_task_group()
+            await self._background.aclose()
         self._state = "closed"
-
-    async def _exit_task_group(self) -> None:
-        # Outside the shield scope above: scopes must exit in LIFO order. The
-        # group's own scope is shielded instead, so a caller's cancellation
-        # cannot interrupt the teardown half way.
-        tg, self._tg = self._tg, None
-        if tg is not None:
-            tg.cancel_scope.shield = True
-            tg.cancel_scope.cancel()
-            await tg.__aexit__(None, None, None)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -278,10 +268,8 @@ class Pool:
             worker.submit(call, frame)
         else:
             waiter = self._enqueue()
-            assert self._tg is not None
-            self._tg.start_soon(self._cast_when_free, waiter, call, frame)
-        assert self._tg is not None
-        self._tg.start_soon(self._count_cast, call)
+            self._background.group.start_soon(self._cast_when_free, waiter, call, frame)
+        self._background.group.start_soon(self._count_cast, call)
         await anyio.lowlevel.checkpoint()
 
     def add_listener(self, fn: Callable[[Event], Any]) -> None:
@@ -423,8 +411,8 @@ class Pool:
         if call.id not in worker.pending:
             return
         worker.cancel(call)
-        if self._tg is not None:
-            self._tg.start_soon(self._watch_abandoned, worker, call)
+        if self._background.running:
+            self._background.group.start_soon(self._watch_abandoned, worker, call)
 
     async def _watch_abandoned(self, worker: WorkerHandle, call: PendingCall) -> None:
         with anyio.move_on_after(self.cancel_grace):
@@ -551,8 +539,7 @@ class Pool:
         """Start a worker in ``slot`` and wait for its handshake."""
         worker = self._new_handle(slot, restarts)
         self._workers[slot] = worker
-        assert self._tg is not None
-        await self._tg.start(worker.run, self.config.launch(slot))
+        await self._background.group.start(worker.run, self.config.launch(slot))
         await worker.wait_ready(self.config.startup_timeout)
         self._listeners.emit("worker.started", slot, pid=worker.pid, restarts=restarts)
         self._on_capacity(worker)
@@ -561,7 +548,7 @@ class Pool:
     async def _start_first(self, slot: int, errors: list[WorkerStartError]) -> None:
         retrying = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(self.start_attempts),
-            wait=tenacity.wait_exponential_jitter(initial=0.05, max=1.0),
+            wait=tenacity.wait_exponential(multiplier=0.05, max=1.0) + tenacity.wait_random(0, 0.05),
             retry=tenacity.retry_if_exception_type(WorkerStartError),
             sleep=anyio.sleep,
             reraise=True,
@@ -584,7 +571,7 @@ class Pool:
             if self.closed:
                 return
             retrying = tenacity.AsyncRetrying(
-                wait=tenacity.wait_exponential_jitter(initial=0.1, max=30.0),
+                wait=tenacity.wait_exponential(multiplier=0.1, max=30.0) + tenacity.wait_random(0, 0.1),
                 retry=tenacity.retry_if_exception_type(WorkerStartError),
                 sleep=anyio.sleep,
                 before_sleep=lambda state: _log.warning(

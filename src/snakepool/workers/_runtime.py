@@ -34,7 +34,7 @@ from .. import protocol as p
 from ..adapters import Adapter, CallContext, CommandSpec, load_adapter_class
 from ..errors import ProtocolError
 
-__all__ = ["main"]
+__all__ = ["current_worker", "main"]
 
 _log = logging.getLogger("snakepool.worker")
 
@@ -92,9 +92,18 @@ def _flush_and_exit(code: int) -> None:
     os._exit(code)
 
 
+_current: Worker | None = None
+
+
+def current_worker() -> Worker | None:
+    """The running worker of this process (for diagnostics and tests)."""
+    return _current
+
+
 async def _serve(proto_in: int, proto_out: int) -> int:
+    global _current
     loop = asyncio.get_running_loop()
-    worker = Worker(loop)
+    worker = _current = Worker(loop)
     write_transport, write_protocol = await loop.connect_write_pipe(
         asyncio.streams.FlowControlMixin, os.fdopen(proto_out, "wb", buffering=0)
     )
@@ -311,7 +320,10 @@ class Worker:
                 for item in generator:
                     if ctx.cancelled:
                         break
-                    self._call_soon(self._send_item, call, item)
+                    # Wait until the item is written (and the pipe drained when
+                    # full): items a crash would lose never pile up unsent, and
+                    # a slow host slows the generator down instead of our memory.
+                    asyncio.run_coroutine_threadsafe(self._send_item_drained(call, item), self.loop).result()
             finally:
                 generator.close()
         except BaseException as exc:
@@ -370,6 +382,11 @@ class Worker:
             if running is not None:
                 running.ctx.cancel()
             self._send_unencodable(call, "stream item", item, exc)
+
+    async def _send_item_drained(self, call: p.Call, item: Any) -> None:
+        self._send_item(call, item)
+        if self.writer is not None:
+            await self.writer.drain()
 
     def _finish_stream(self, call: p.Call) -> None:
         if self._take(call.id) is not None:

@@ -1,0 +1,165 @@
+"""Adapters the integration tests run in real worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+from snakepool.adapters import Adapter, CallContext, command
+from snakepool.workers import _runtime
+
+FAILURES = ("exit_code", "sigkill", "segfault", "exception", "garbage")
+
+
+class Boom(Exception):
+    """What the 'exception' failure raises."""
+
+
+def fail(how: str) -> None:
+    """Fail the way the crash matrix asks."""
+    if how == "exit_code":
+        sys.stderr.write("about to exit with code 7\n")
+        sys.stderr.flush()
+        os._exit(7)
+    if how == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if how == "segfault":
+        ctypes.string_at(0)
+    if how == "exception":
+        raise Boom("the handler blew up")
+    if how == "garbage":
+        worker = _runtime.current_worker()
+        assert worker is not None and worker.writer is not None
+        if threading.get_ident() == worker._loop_thread:  # in setup(): on the loop itself
+            worker.writer.write(b"\x00\x00\x00\x08NOTMSGPK")
+            return
+        done = threading.Event()
+
+        def write() -> None:
+            worker.writer.write(b"\x00\x00\x00\x08NOTMSGPK")  # type: ignore[union-attr]
+            done.set()
+
+        worker.loop.call_soon_threadsafe(write)
+        done.wait(5)
+        time.sleep(5)  # the host kills us for breaking the protocol
+        return
+    raise ValueError(f"unknown failure {how!r}")
+
+
+class Basic(Adapter):
+    """Ordinary commands plus ways to misbehave."""
+
+    def setup(self, config: dict[str, Any]) -> None:
+        self.config = config
+        if config.get("fail_setup"):
+            fail(config["fail_setup"])
+
+    def teardown(self) -> None:
+        marker = self.config.get("teardown_marker")
+        if marker:
+            Path(marker, f"teardown-{os.getpid()}").write_text("bye")
+
+    @command
+    def add(self, a: int, b: int) -> int:
+        """Add two numbers."""
+        return a + b
+
+    @command
+    def pid(self) -> int:
+        return os.getpid()
+
+    @command
+    def count(self, n: int) -> Iterator[int]:
+        yield from range(n)
+
+    @command
+    def endless(self, ctx: CallContext) -> Iterator[int]:
+        i = 0
+        while not ctx.cancelled:
+            yield i
+            i += 1
+            time.sleep(0.001)
+
+    @command
+    def fail(self, how: str) -> None:
+        fail(how)
+
+    @command
+    def fail_in_stream(self, how: str, after: int = 2) -> Iterator[int]:
+        yield from range(after)
+        fail(how)
+
+    @command
+    def fail_once(self, marker: str) -> int:
+        """Crash the first time (no marker file yet), succeed after."""
+        path = Path(marker)
+        if not path.exists():
+            path.write_text("crashed once")
+            os._exit(9)
+        return os.getpid()
+
+    @command
+    def hang(self) -> None:
+        """Ignore cancellation entirely."""
+        time.sleep(3600)
+
+    @command
+    def cooperative(self, ctx: CallContext) -> str:
+        while not ctx.wait_cancelled(0.01):
+            pass
+        return "stopped"
+
+    @command
+    async def nap(self, seconds: float) -> dict[str, float]:
+        start = time.monotonic()
+        await asyncio.sleep(seconds)
+        return {"start": start, "end": time.monotonic(), "pid": os.getpid()}
+
+    @command
+    async def ticks(self, n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            await asyncio.sleep(0)
+            yield i
+
+    @command
+    def blob(self, size: int) -> bytes:
+        return os.urandom(size)
+
+    @command
+    def echo(self, value: Any = None) -> Any:
+        return value
+
+    @command
+    def digest(self, data: bytes) -> dict[str, Any]:
+        import hashlib
+
+        return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    @command
+    def unserializable(self) -> Any:
+        return {1, 2, 3}
+
+    @command
+    def noisy(self, text: str) -> str:
+        print(text)  # must not corrupt the protocol
+        os.write(1, f"raw-fd1:{text}\n".encode())
+        return "quiet"
+
+    @command
+    def spawn_grandchild(self) -> int:
+        import subprocess
+
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+        return child.pid
+
+    @command
+    def log_something(self, ctx: CallContext, text: str) -> None:
+        ctx.log.warning("from the worker: %s", text)
