@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -23,7 +24,9 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def wait_for(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> None:
+def wait_for(
+    condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.02
+) -> None:
     """Poll ``condition`` until it is true; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
@@ -53,8 +56,6 @@ def no_leftover_processes() -> Iterator[None]:
         time.sleep(0.05)
         leftover = {pid: cmd for pid, cmd in _children().items() if pid not in before}
     for pid in leftover:
-        try:
+        with contextlib.suppress(psutil.Error):
             psutil.Process(pid).kill()
-        except psutil.Error:
-            pass
     assert not leftover, f"test left processes behind: {leftover}"

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from conftest import wait_for
-from sp_adapters import FAILURES
 
 import snakepool
+from conftest import wait_for
 from snakepool import ProtocolError, RemoteError, WorkerCrashed, WorkerStartError
+from sp_adapters import FAILURES
 
 pytestmark = pytest.mark.anyio
 

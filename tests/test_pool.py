@@ -80,7 +80,9 @@ async def test_builtin_commands_ping_describe_info() -> None:
 
 async def test_generic_adapter_by_entry_point_name() -> None:
     async with snakepool.Pool("generic", size=1, adapter_config={"allow": ["math"]}) as pool:
-        assert await pool.call("echo", {"value": {"nested": [1, 2.5, None]}}) == {"nested": [1, 2.5, None]}
+        assert await pool.call("echo", {"value": {"nested": [1, 2.5, None]}}) == {
+            "nested": [1, 2.5, None]
+        }
         assert await pool.call("call", {"target": "math:sqrt", "args": [16]}) == 4.0
         assert await pool.call("call", {"target": "math:pow", "args": [2, 3]}) == 8.0
         assert await pool.call("sleep", {"seconds": 0.01}) == 0.01
@@ -95,7 +97,9 @@ async def test_generic_adapter_by_entry_point_name() -> None:
 async def test_generic_adapter_refuses_reaching_through_an_allowed_module() -> None:
     async with snakepool.Pool("generic", size=1, adapter_config={"allow": ["json"]}) as pool:
         with pytest.raises(RemoteError, match="leads into module 'codecs'"):
-            await pool.call("call", {"target": "json:codecs.open", "args": {"filename": "/etc/passwd"}})
+            await pool.call(
+                "call", {"target": "json:codecs.open", "args": {"filename": "/etc/passwd"}}
+            )
 
 
 async def test_binary_payloads_of_several_mib_both_ways() -> None:
@@ -187,10 +191,13 @@ async def test_hung_call_times_out_and_its_worker_is_replaced() -> None:
     async with snakepool.Pool(ADAPTER, size=1) as pool:
         pool.cancel_grace = 0.5
         old_pid = pool.statistics().workers[0].pid
-        with pytest.raises(CallTimeout, match="did not finish within 0.3s"):
+        with pytest.raises(CallTimeout, match=r"did not finish within 0\.3s"):
             await pool.call("hang", timeout=0.3)
         await wait_until(lambda: restarts(pool) == 1 and all_ready(pool))
-        assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE
+        assert (
+            not psutil.pid_exists(old_pid)
+            or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE
+        )
         assert await pool.call("add", {"a": 2, "b": 3}) == 5
         assert pool.statistics().failed == {"timeout": 1}
 
@@ -242,7 +249,7 @@ async def test_idempotent_call_is_retried_once_after_a_crash(tmp_path: Path) -> 
 
 async def test_bad_input_gets_clear_errors_and_the_pool_carries_on() -> None:
     async with snakepool.Pool(ADAPTER, size=1, max_frame_bytes=1 * 2**20) as pool:
-        with pytest.raises(UnknownCommand, match="unknown command 'nope'.*add"):
+        with pytest.raises(UnknownCommand, match=r"unknown command 'nope'.*add"):
             await pool.call("nope")
         with pytest.raises(RemoteError, match="missing a required argument: 'b'") as wrong:
             await pool.call("add", {"a": 1})
@@ -258,7 +265,7 @@ async def test_bad_input_gets_clear_errors_and_the_pool_carries_on() -> None:
         requests_before = pool.statistics().workers[0].requests
         with pytest.raises(TypeError, match="set"):
             await pool.call("echo", {"value": {1, 2}})
-        with pytest.raises(ProtocolError, match="too large.*nothing was sent"):
+        with pytest.raises(ProtocolError, match=r"too large.*nothing was sent"):
             await pool.call("echo", {"value": b"x" * (2 * 2**20)})
         with pytest.raises(TypeError, match="dict of keyword arguments"):
             await pool.call("add", [1, 2])  # type: ignore[arg-type]
@@ -302,7 +309,9 @@ def test_bad_pool_arguments_are_refused_by_name() -> None:
         snakepool.Pool(ADAPTER, pythonpath="/tmp")
 
 
-async def test_print_in_a_handler_never_corrupts_the_protocol(caplog: pytest.LogCaptureFixture) -> None:
+async def test_print_in_a_handler_never_corrupts_the_protocol(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level(logging.INFO, logger="snakepool.worker")
     async with snakepool.Pool(ADAPTER, size=1, name="noisy") as pool:
         assert await pool.call("noisy", {"text": "hello from print"}) == "quiet"
@@ -363,7 +372,12 @@ async def test_handler_grandchildren_die_with_their_worker() -> None:
     async with snakepool.Pool(ADAPTER, size=1) as pool:
         grandchild = await pool.call("spawn_grandchild")
         assert psutil.pid_exists(grandchild)
-    await wait_until(lambda: not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE)
+    await wait_until(
+        lambda: (
+            not psutil.pid_exists(grandchild)
+            or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
+        )
+    )
 
 
 async def test_listeners_get_telemetry_events() -> None:

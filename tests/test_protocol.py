@@ -833,7 +833,9 @@ def test_host_accepts_log_before_hello() -> None:
     host = Connection(Role.HOST)
     worker = Connection(Role.WORKER)
     host.send(INIT)
-    host.receive_data(worker.send(Log(level=20, logger="setup", message="loading")) + worker.send(HELLO))
+    host.receive_data(
+        worker.send(Log(level=20, logger="setup", message="loading")) + worker.send(HELLO)
+    )
     assert drain(host) == [Log(level=20, logger="setup", message="loading"), HELLO]
 
 

@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 
-class ErrorCategory(str, enum.Enum):
+class ErrorCategory(enum.StrEnum):
     """What kind of failure an error is; it selects the recovery policy."""
 
     INITIALIZATION = "initialization"
@@ -47,9 +47,6 @@ class ErrorCategory(str, enum.Enum):
     OVERLOAD = "overload"
     SESSION = "session"
     CLOSED = "closed"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 #: Categories that count toward a pool's circuit breaker.

@@ -14,12 +14,11 @@ ENTRY_POINT_GROUP = "snakepool.adapters"
 
 def load_adapter_class(spec: str) -> type[Adapter]:
     """Import the adapter ``spec`` names; errors say exactly what was wrong."""
-    if ":" in spec:
-        obj = _import_object(spec)
-    else:
-        obj = _load_entry_point(spec)
+    obj = _import_object(spec) if ":" in spec else _load_entry_point(spec)
     if not (isinstance(obj, type) and issubclass(obj, Adapter)):
-        raise TypeError(f"adapter {spec!r} is {obj!r}, not a subclass of snakepool.adapters.Adapter")
+        raise TypeError(
+            f"adapter {spec!r} is {obj!r}, not a subclass of snakepool.adapters.Adapter"
+        )
     return obj
 
 
@@ -33,7 +32,9 @@ def _import_object(spec: str) -> object:
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise ImportError(f"adapter {spec!r}: module {module_name!r} has no attribute {qualname!r}") from None
+            raise ImportError(
+                f"adapter {spec!r}: module {module_name!r} has no attribute {qualname!r}"
+            ) from None
     return obj
 
 

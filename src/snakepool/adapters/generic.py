@@ -70,7 +70,9 @@ class GenericAdapter(Adapter):
             obj = getattr(obj, part)
             # "json:codecs.open" must not reach a module nobody allowed.
             if inspect.ismodule(obj) and obj.__name__ not in self.allow:
-                raise PermissionError(f"target {target!r} leads into module {obj.__name__!r}, which is not allowed")
+                raise PermissionError(
+                    f"target {target!r} leads into module {obj.__name__!r}, which is not allowed"
+                )
         if not callable(obj):
             raise TypeError(f"target {target!r} is not callable")
         result = obj(*args) if isinstance(args, list) else obj(**(args or {}))

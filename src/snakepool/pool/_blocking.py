@@ -60,6 +60,7 @@ class BlockingPool:
         """Drain and stop the workers, then the background loop."""
         pool_cm, portal_cm = self._pool_cm, self._portal_cm
         self._pool_cm = self._portal_cm = None
+        self._portal = None
         try:
             if pool_cm is not None:
                 pool_cm.__exit__(None, None, None)
@@ -86,7 +87,9 @@ class BlockingPool:
         if portal is None:
             if self._pool.closed:
                 raise PoolClosed(f"pool {self.name!r} is closed")
-            raise RuntimeError(f"pool {self.name!r} is not started: use 'with pool' or pool.start()")
+            raise RuntimeError(
+                f"pool {self.name!r} is not started: use 'with pool' or pool.start()"
+            )
         return portal.call(functools.partial(fn, *args, **kwargs))
 
     def call(self, command: str, args: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
@@ -95,7 +98,9 @@ class BlockingPool:
     def cast(self, command: str, args: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         self._run(self._pool.cast, command, args, **kwargs)
 
-    def stream(self, command: str, args: Mapping[str, Any] | None = None, **kwargs: Any) -> Iterator[Any]:
+    def stream(
+        self, command: str, args: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> Iterator[Any]:
         """A generator of items; closing it early cancels the stream in the worker."""
         stream: CallStream = self._run(self._pool.stream, command, args, **kwargs)
         return self._iterate(stream)

@@ -75,20 +75,36 @@ class PoolConfig:
         _check_positive_int("breaker_threshold", self.breaker_threshold)
         _check_positive_int("workers_per_gpu", self.workers_per_gpu)
         _check_optional_positive_int("max_requests", self.max_requests)
-        for name in ("startup_timeout", "call_timeout", "health_interval", "health_timeout",
-                     "session_ttl", "breaker_reset_timeout"):
+        for name in (
+            "startup_timeout",
+            "call_timeout",
+            "health_interval",
+            "health_timeout",
+            "session_ttl",
+            "breaker_reset_timeout",
+        ):
             _check_positive_number(name, getattr(self, name))
         for name in ("max_memory_mb", "worker_ttl"):
             if getattr(self, name) is not None:
                 _check_positive_number(name, getattr(self, name))
-        if not isinstance(self.queue_size, int) or isinstance(self.queue_size, bool) or self.queue_size < 0:
+        if (
+            not isinstance(self.queue_size, int)
+            or isinstance(self.queue_size, bool)
+            or self.queue_size < 0
+        ):
             raise ValueError(f"queue_size must be an int >= 0, got {self.queue_size!r}")
         if not isinstance(self.max_frame_bytes, int) or not 1024 <= self.max_frame_bytes < 2**32:
-            raise ValueError(f"max_frame_bytes must be an int in 1024..2**32-1, got {self.max_frame_bytes!r}")
+            raise ValueError(
+                f"max_frame_bytes must be an int in 1024..2**32-1, got {self.max_frame_bytes!r}"
+            )
         if self.affinity not in AFFINITY_MODES:
-            raise ValueError(f"affinity must be one of {', '.join(AFFINITY_MODES)}; got {self.affinity!r}")
+            raise ValueError(
+                f"affinity must be one of {', '.join(AFFINITY_MODES)}; got {self.affinity!r}"
+            )
         if self.adapter_config is not None and not isinstance(self.adapter_config, Mapping):
-            raise TypeError(f"adapter_config must be a dict, got {type(self.adapter_config).__name__}")
+            raise TypeError(
+                f"adapter_config must be a dict, got {type(self.adapter_config).__name__}"
+            )
         if self.env is not None:
             _check_type("env", self.env, Mapping)
             for key, value in self.env.items():
@@ -107,7 +123,9 @@ class PoolConfig:
         if self.gpus == "auto":
             devices = discover_gpus()
         elif isinstance(self.gpus, str):
-            raise ValueError(f"gpus must be None, 'auto' or a list of device indices; got {self.gpus!r}")
+            raise ValueError(
+                f"gpus must be None, 'auto' or a list of device indices; got {self.gpus!r}"
+            )
         else:
             devices = list(self.gpus)
             for device in devices:
@@ -140,7 +158,9 @@ class PoolConfig:
             env["CUDA_VISIBLE_DEVICES"] = str(gpu)
         if not same_python:
             # Another interpreter still needs to find this snakepool (and msgpack there).
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [_SNAKEPOOL_SRC, env.get("PYTHONPATH")]))
+            env["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [_SNAKEPOOL_SRC, env.get("PYTHONPATH")])
+            )
         sys_path = [os.path.abspath(entry) for entry in self.pythonpath]
         if same_python:  # like multiprocessing's spawn: the worker sees what the host sees
             sys_path += [os.path.abspath(entry) if entry else os.getcwd() for entry in sys.path]
@@ -183,7 +203,9 @@ def discover_gpus() -> list[int]:
 
 def _check_type(name: str, value: object, kind: type | tuple[type, ...]) -> None:
     if not isinstance(value, kind):
-        raise TypeError(f"{name} must be {getattr(kind, '__name__', kind)}, got {type(value).__name__}")
+        raise TypeError(
+            f"{name} must be {getattr(kind, '__name__', kind)}, got {type(value).__name__}"
+        )
 
 
 def _check_positive_int(name: str, value: object) -> None:

@@ -25,6 +25,7 @@ exponential backoff (tenacity). The pool itself never becomes broken.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import time
@@ -118,7 +119,9 @@ class Pool:
     ) -> None:
         if isinstance(adapter, type):
             if not issubclass(adapter, Adapter):
-                raise TypeError(f"adapter {adapter!r} is not a subclass of snakepool.adapters.Adapter")
+                raise TypeError(
+                    f"adapter {adapter!r} is not a subclass of snakepool.adapters.Adapter"
+                )
             adapter = f"{adapter.__module__}:{adapter.__qualname__}"
         self.config = PoolConfig(
             adapter=adapter, name=name, size=size, python=python, env=env, cwd=cwd,
@@ -231,7 +234,9 @@ class Pool:
         except WorkerCrashed:
             if not idempotent:
                 raise
-            _log.warning("pool %s: retrying idempotent call %r after a worker crash", self.name, command)
+            _log.warning(
+                "pool %s: retrying idempotent call %r after a worker crash", self.name, command
+            )
             return await self._call_once(command, args, timeout, session)
 
     def stream(
@@ -308,7 +313,11 @@ class Pool:
     # --- one call ------------------------------------------------------------------
 
     async def _call_once(
-        self, command: str, args: Mapping[str, Any] | None, timeout: float | None, session: str | None
+        self,
+        command: str,
+        args: Mapping[str, Any] | None,
+        timeout: float | None,
+        session: str | None,
     ) -> Any:
         self._check_open()
         call_id = next(self._ids)
@@ -338,7 +347,9 @@ class Pool:
             raise call.error
         return call.value
 
-    def _timeout_error(self, command: str, limit: float, worker: WorkerHandle | None) -> CallTimeout:
+    def _timeout_error(
+        self, command: str, limit: float, worker: WorkerHandle | None
+    ) -> CallTimeout:
         if worker is None:
             return CallTimeout(
                 f"call {command!r} waited {limit:g}s for a free worker in pool {self.name!r} "
@@ -387,10 +398,16 @@ class Pool:
         except TypeError as exc:
             raise TypeError(f"args of {command!r} are {exc}") from None
         except ProtocolError as exc:
-            raise ProtocolError(f"args of {command!r} are too large: {exc}; nothing was sent") from None
+            raise ProtocolError(
+                f"args of {command!r} are too large: {exc}; nothing was sent"
+            ) from None
 
     def _record(
-        self, command: str, worker: WorkerHandle | None, started: float, error: SnakepoolError | None
+        self,
+        command: str,
+        worker: WorkerHandle | None,
+        started: float,
+        error: SnakepoolError | None,
     ) -> None:
         slot = worker.slot if worker is not None else None
         if error is None:
@@ -423,7 +440,9 @@ class Pool:
                 "pool %s: %s ignored the cancellation of %r for %gs; killing it",
                 self.name, worker.describe(), call.command, self.cancel_grace,
             )  # fmt: skip
-            worker.kill(f"call {call.command!r} did not stop within {self.cancel_grace:g}s of its cancellation")
+            worker.kill(
+                f"call {call.command!r} did not stop within {self.cancel_grace:g}s of its cancellation"
+            )
 
     async def _count_cast(self, call: PendingCall) -> None:
         started = time.perf_counter()
@@ -445,7 +464,9 @@ class Pool:
             return
         if self._state in ("closing", "closed"):
             raise PoolClosed(f"pool {self.name!r} is closed")
-        raise RuntimeError(f"pool {self.name!r} is not started: use 'async with pool' or 'await pool.start()'")
+        raise RuntimeError(
+            f"pool {self.name!r} is not started: use 'async with pool' or 'await pool.start()'"
+        )
 
     def _pick(self) -> WorkerHandle | None:
         """The least-loaded ready worker with a free slot, or ``None``."""
@@ -501,10 +522,8 @@ class Pool:
             worker.reserved -= 1
             self._on_capacity(worker)
         else:
-            try:
+            with contextlib.suppress(ValueError):
                 self._waiters.remove(waiter)
-            except ValueError:
-                pass
 
     def _on_capacity(self, worker: WorkerHandle) -> None:
         """A slot freed (or a worker became ready): hand it to the next waiter."""
@@ -548,7 +567,8 @@ class Pool:
     async def _start_first(self, slot: int, errors: list[WorkerStartError]) -> None:
         retrying = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(self.start_attempts),
-            wait=tenacity.wait_exponential(multiplier=0.05, max=1.0) + tenacity.wait_random(0, 0.05),
+            wait=tenacity.wait_exponential(multiplier=0.05, max=1.0)
+            + tenacity.wait_random(0, 0.05),
             retry=tenacity.retry_if_exception_type(WorkerStartError),
             sleep=anyio.sleep,
             reraise=True,
@@ -584,7 +604,9 @@ class Pool:
                 with attempt:
                     if self.closed:
                         return
-                    await self._spawn(slot, restarts=worker.restarts + attempt.retry_state.attempt_number)
+                    await self._spawn(
+                        slot, restarts=worker.restarts + attempt.retry_state.attempt_number
+                    )
 
     def _on_worker_exit(self, worker: WorkerHandle) -> None:
         info = worker.exit_info
@@ -619,7 +641,9 @@ class CallStream:
         self.command = command
         self._call_id = next(pool._ids)
         # Encode now so bad arguments fail at pool.stream(), before iteration.
-        self._frame = pool._encode(self._call_id, command, args, timeout, session, p.CallMode.STREAM)
+        self._frame = pool._encode(
+            self._call_id, command, args, timeout, session, p.CallMode.STREAM
+        )
         self._timeout = pool.config.call_timeout if timeout is None else timeout
         self._call: PendingCall | None = None
         self._worker: WorkerHandle | None = None
@@ -646,7 +670,9 @@ class CallStream:
                     raise call.error from None
                 raise StopAsyncIteration from None
         await self.aclose()
-        error = CallTimeout(f"stream {self.command!r} produced no item within {self._timeout:g}s; cancelled")
+        error = CallTimeout(
+            f"stream {self.command!r} produced no item within {self._timeout:g}s; cancelled"
+        )
         self._pool._record(self.command, self._worker, self._started, error)
         raise error
 

@@ -77,6 +77,10 @@ def _spawn_detached(fn: Callable[[], Awaitable[None]], name: str) -> None:
 
         trio.lowlevel.spawn_system_task(fn, name=name)
         return
-    task = loop.create_task(fn(), name=name)  # type: ignore[arg-type]
+    task: asyncio.Task[None] = loop.create_task(_as_coroutine(fn), name=name)
     _detached.add(task)
     task.add_done_callback(_detached.discard)
+
+
+async def _as_coroutine(fn: Callable[[], Awaitable[None]]) -> None:
+    await fn()

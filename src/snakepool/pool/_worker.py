@@ -49,15 +49,12 @@ _STDERR_SETTLE = 1.0  # seconds to let stderr finish after the worker died
 _STDOUT_CLOSED_GRACE = 2.0  # a worker that closed stdout but lives on is killed after this
 
 
-class WorkerState(str, enum.Enum):
+class WorkerState(enum.StrEnum):
     STARTING = "starting"
     IDLE = "idle"
     BUSY = "busy"
     STOPPING = "stopping"
     EXITED = "exited"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,7 +376,9 @@ class WorkerHandle:
             call = self._take(message.id)
             if call is not None:
                 if call.mode == p.CallMode.CAST:
-                    self.log.warning("cast %r failed: %s: %s", call.command, message.type, message.message)
+                    self.log.warning(
+                        "cast %r failed: %s: %s", call.command, message.type, message.message
+                    )
                 call.fail(failure_to_exception(message))
         elif kind is p.Log:
             assert isinstance(message, p.Log)
@@ -466,7 +465,9 @@ class WorkerHandle:
             if self._protocol_error is not None:
                 error = self._protocol_error
             elif info.planned:
-                error = PoolClosed(f"{self.describe()} stopped before call {call.command!r} finished")
+                error = PoolClosed(
+                    f"{self.describe()} stopped before call {call.command!r} finished"
+                )
             else:
                 error = WorkerCrashed(
                     f"{self.describe()} died during call {call.command!r}: {info.reason}",
@@ -490,7 +491,9 @@ class WorkerHandle:
         self._cancel_scope.cancel()
 
     def __repr__(self) -> str:
-        return f"<WorkerHandle {self.pool}/{self.slot} pid={self.pid} {self.state} load={self.load}>"
+        return (
+            f"<WorkerHandle {self.pool}/{self.slot} pid={self.pid} {self.state} load={self.load}>"
+        )
 
 
 def format_exit(info: ExitInfo | None) -> dict[str, Any]:

@@ -75,11 +75,15 @@ class Connection:
         message = from_wire(frame)
         kind = type(message)
         if kind not in self._may_receive:
-            raise ProtocolError(f"{self.peer.value} sent {message.TAG!r}, which only a {self.role.value} may send")
+            raise ProtocolError(
+                f"{self.peer.value} sent {message.TAG!r}, which only a {self.role.value} may send"
+            )
         if not self._received_first and kind is not Log:  # setup() may log before Hello
             if not isinstance(message, _FIRST_FROM[self.peer]):
                 expected = " or ".join(repr(m.TAG) for m in _FIRST_FROM[self.peer])
-                raise ProtocolError(f"{self.peer.value}'s first message must be {expected}, got {message.TAG!r}")
+                raise ProtocolError(
+                    f"{self.peer.value}'s first message must be {expected}, got {message.TAG!r}"
+                )
             self._received_first = True
         return message
 

@@ -59,13 +59,16 @@ class FailureKind:
     WRONG_MODE: Final = "wrong_mode"  # call() of a stream command or vice versa
 
 
+#: (attribute, wire key, accepted types) for every field of a message.
+WireSpec = tuple[tuple[str, str, tuple[type, ...]], ...]
+
+
 class Message:
     """Base of every protocol message."""
 
     __slots__ = ()
     TAG: ClassVar[str]
-    #: (attribute, wire key, accepted types) for every field.
-    WIRE: ClassVar[tuple[tuple[str, str, tuple[type, ...]], ...]]
+    WIRE: ClassVar[WireSpec]
 
 
 _STR = (str,)
@@ -92,7 +95,7 @@ class Init(Message):
     sys_path: list[str] = field(default_factory=list)
 
     TAG: ClassVar[str] = "init"
-    WIRE: ClassVar[tuple[tuple[str, str, tuple[type, ...]], ...]] = (
+    WIRE: ClassVar[WireSpec] = (
         ("version", "v", _INT),
         ("worker_id", "w", _INT),
         ("pool", "p", _STR),
@@ -116,7 +119,7 @@ class Call(Message):
     session_id: str | None = None
 
     TAG: ClassVar[str] = "call"
-    WIRE: ClassVar[tuple[tuple[str, str, tuple[type, ...]], ...]] = (
+    WIRE: ClassVar[WireSpec] = (
         ("id", "i", _INT),
         ("command", "c", _STR),
         ("args", "a", (dict,)),
@@ -133,7 +136,7 @@ class Cancel(Message):
     id: int
 
     TAG: ClassVar[str] = "cancel"
-    WIRE: ClassVar[tuple[tuple[str, str, tuple[type, ...]], ...]] = (("id", "i", _INT),)
+    WIRE: ClassVar[WireSpec] = (("id", "i", _INT),)
 
 
 # --- worker -> host ----------------------------------------------------------
@@ -150,7 +153,7 @@ class Hello(Message):
     commands: list[str]
 
     TAG: ClassVar[str] = "hello"
-    WIRE: ClassVar[tuple[tuple[str, str, tuple[type, ...]], ...]] = (
+    WIRE: ClassVar[WireSpec] = (
         ("version", "v", _INT),
         ("pid", "p", _INT),
         ("worker_id", "w", _INT),
@@ -168,7 +171,7 @@ class StartupFailed(Message):
     traceback: str = ""
 
     TAG: ClassVar[str] = "startup_failed"
-    WIRE: ClassVar[tuple[tuple[str, str, tuple[type, ...]], ...]] = (
+    WIRE: ClassVar[WireSpec] = (
         ("type", "y", _STR),
         ("message", "e", _STR),
         ("traceback", "b", _STR),
@@ -183,7 +186,7 @@ class Result(Message):
     value: Any
 
     TAG: ClassVar[str] = "result"
-    WIRE: ClassVar[tuple[tuple[str, str, tuple[type, ...]], ...]] = (
+    WIRE: ClassVar[WireSpec] = (
         ("id", "i", _INT),
         ("value", "r", _ANY),
     )
@@ -200,7 +203,7 @@ class Failure(Message):
     traceback: str = ""
 
     TAG: ClassVar[str] = "failure"
-    WIRE: ClassVar[tuple[tuple[str, str, tuple[type, ...]], ...]] = (
+    WIRE: ClassVar[WireSpec] = (
         ("id", "i", _INT),
         ("kind", "k", _STR),
         ("type", "y", _STR),
@@ -217,7 +220,7 @@ class Item(Message):
     value: Any
 
     TAG: ClassVar[str] = "item"
-    WIRE: ClassVar[tuple[tuple[str, str, tuple[type, ...]], ...]] = (
+    WIRE: ClassVar[WireSpec] = (
         ("id", "i", _INT),
         ("value", "r", _ANY),
     )
@@ -230,7 +233,7 @@ class End(Message):
     id: int
 
     TAG: ClassVar[str] = "end"
-    WIRE: ClassVar[tuple[tuple[str, str, tuple[type, ...]], ...]] = (("id", "i", _INT),)
+    WIRE: ClassVar[WireSpec] = (("id", "i", _INT),)
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +245,7 @@ class Log(Message):
     message: str
 
     TAG: ClassVar[str] = "log"
-    WIRE: ClassVar[tuple[tuple[str, str, tuple[type, ...]], ...]] = (
+    WIRE: ClassVar[WireSpec] = (
         ("level", "l", _INT),
         ("logger", "n", _STR),
         ("message", "e", _STR),
@@ -256,7 +259,7 @@ class Goodbye(Message):
     reason: str
 
     TAG: ClassVar[str] = "bye"
-    WIRE: ClassVar[tuple[tuple[str, str, tuple[type, ...]], ...]] = (("reason", "e", _STR),)
+    WIRE: ClassVar[WireSpec] = (("reason", "e", _STR),)
 
 
 HOST_MESSAGES: Final[frozenset[type[Message]]] = frozenset({Init, Call, Cancel})

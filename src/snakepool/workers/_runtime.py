@@ -26,7 +26,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -256,8 +256,12 @@ class Worker:
         spec = self.commands.get(call.command)
         if spec is None or self.adapter is None:
             known = ", ".join(sorted(self.commands))
-            self._fail(call.id, p.FailureKind.UNKNOWN_COMMAND, "UnknownCommand",
-                       f"unknown command {call.command!r}; this adapter has: {known}")
+            self._fail(
+                call.id,
+                p.FailureKind.UNKNOWN_COMMAND,
+                "UnknownCommand",
+                f"unknown command {call.command!r}; this adapter has: {known}",
+            )
             return
         problem = _mode_problem(spec, call.mode)
         if problem:
@@ -266,8 +270,12 @@ class Worker:
         try:
             bound = spec.signature.bind(**call.args)
         except TypeError as exc:
-            self._fail(call.id, p.FailureKind.BAD_ARGUMENTS, "TypeError",
-                       f"command {call.command!r}: {exc} (signature: {spec.name}{spec.signature})")
+            self._fail(
+                call.id,
+                p.FailureKind.BAD_ARGUMENTS,
+                "TypeError",
+                f"command {call.command!r}: {exc} (signature: {spec.name}{spec.signature})",
+            )
             return
         assert self.init is not None
         ctx = CallContext(
@@ -303,8 +311,9 @@ class Worker:
 
     # sync handlers run in the thread pool; their outcome hops back to the loop.
 
-    def _sync_call_body(self, call: p.Call, handler: Callable[..., Any],
-                        kwargs: dict[str, Any], ctx: CallContext) -> None:
+    def _sync_call_body(
+        self, call: p.Call, handler: Callable[..., Any], kwargs: dict[str, Any], ctx: CallContext
+    ) -> None:
         try:
             value = handler(**kwargs)
         except BaseException as exc:
@@ -312,8 +321,13 @@ class Worker:
         else:
             self._call_soon(self._finish_value, call, value)
 
-    def _sync_stream_body(self, call: p.Call, handler: Callable[..., Iterator[Any]],
-                          kwargs: dict[str, Any], ctx: CallContext) -> None:
+    def _sync_stream_body(
+        self,
+        call: p.Call,
+        handler: Callable[..., Generator[Any, None, None]],
+        kwargs: dict[str, Any],
+        ctx: CallContext,
+    ) -> None:
         try:
             generator = handler(**kwargs)
             try:
@@ -323,7 +337,9 @@ class Worker:
                     # Wait until the item is written (and the pipe drained when
                     # full): items a crash would lose never pile up unsent, and
                     # a slow host slows the generator down instead of our memory.
-                    asyncio.run_coroutine_threadsafe(self._send_item_drained(call, item), self.loop).result()
+                    asyncio.run_coroutine_threadsafe(
+                        self._send_item_drained(call, item), self.loop
+                    ).result()
             finally:
                 generator.close()
         except BaseException as exc:
@@ -337,8 +353,9 @@ class Worker:
 
     # async handlers run as tasks on this loop.
 
-    async def _run_async(self, call: p.Call, handler: Callable[..., Any],
-                         kwargs: dict[str, Any]) -> None:
+    async def _run_async(
+        self, call: p.Call, handler: Callable[..., Any], kwargs: dict[str, Any]
+    ) -> None:
         try:
             value = await handler(**kwargs)
         except BaseException as exc:
@@ -346,8 +363,9 @@ class Worker:
         else:
             self._finish_value(call, value)
 
-    async def _run_async_stream(self, call: p.Call, handler: Callable[..., AsyncIterator[Any]],
-                                kwargs: dict[str, Any]) -> None:
+    async def _run_async_stream(
+        self, call: p.Call, handler: Callable[..., AsyncIterator[Any]], kwargs: dict[str, Any]
+    ) -> None:
         generator = handler(**kwargs)
         try:
             async for item in generator:
@@ -399,8 +417,13 @@ class Worker:
         if isinstance(exc, asyncio.CancelledError) or (
             running.ctx.cancelled and isinstance(exc, GeneratorExit)
         ):
-            self._fail(call.id, p.FailureKind.CANCELLED, "Cancelled",
-                       f"call {call.command!r} was cancelled by the host", take=False)
+            self._fail(
+                call.id,
+                p.FailureKind.CANCELLED,
+                "Cancelled",
+                f"call {call.command!r} was cancelled by the host",
+                take=False,
+            )
             return
         self._fail(call.id, p.FailureKind.APPLICATION, _type_name(exc), str(exc), tb, take=False)
 
@@ -409,13 +432,23 @@ class Worker:
             message = f"{what} of command {call.command!r} is too large to send: {exc}"
             type_name = "ValueError"
         else:
-            message = (f"{what} of command {call.command!r} is not MessagePack-serializable: "
-                       f"{type(value).__name__} value ({exc})")
+            message = (
+                f"{what} of command {call.command!r} is not MessagePack-serializable: "
+                f"{type(value).__name__} value ({exc})"
+            )
             type_name = "TypeError"
         self._fail(call.id, p.FailureKind.SERIALIZATION, type_name, message, take=False)
 
-    def _fail(self, call_id: int, kind: str, type_name: str, message: str,
-              tb: str = "", *, take: bool = True) -> None:
+    def _fail(
+        self,
+        call_id: int,
+        kind: str,
+        type_name: str,
+        message: str,
+        tb: str = "",
+        *,
+        take: bool = True,
+    ) -> None:
         if take:
             self._take(call_id)
         self.send(p.Failure(id=call_id, kind=kind, type=type_name, message=message, traceback=tb))
@@ -458,7 +491,9 @@ def _mode_problem(spec: CommandSpec, mode: str) -> str | None:
     if mode not in p.CallMode.ALL:
         return f"unknown call mode {mode!r}"
     if spec.is_stream and mode != p.CallMode.STREAM:
-        return f"command {spec.name!r} is a stream (a generator): use pool.stream(), not pool.call()"
+        return (
+            f"command {spec.name!r} is a stream (a generator): use pool.stream(), not pool.call()"
+        )
     if not spec.is_stream and mode == p.CallMode.STREAM:
         return f"command {spec.name!r} is not a stream: use pool.call(), not pool.stream()"
     return None
