@@ -28,7 +28,9 @@ async def main() -> None:
         stats = pool.statistics()
         print(f"statistics -> {stats.completed} completed, failed by category {dict(stats.failed)}")
         for worker in stats.workers:
-            print(f"  worker {worker.id}: pid {worker.pid}, {worker.requests} requests, {worker.state}")
+            print(
+                f"  worker {worker.id}: pid {worker.pid}, {worker.requests} requests, {worker.state}"
+            )
 
 
 if __name__ == "__main__":

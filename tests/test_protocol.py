@@ -38,6 +38,8 @@ from snakepool.protocol import (
     Item,
     Log,
     Message,
+    Ping,
+    Pong,
     Result,
     Role,
     Sentinel,
@@ -174,6 +176,7 @@ HOST_MESSAGES: list[Message] = [
     Call(id=4, command="add", args={}, timeout=2),
     Call(id=INT64_MAX, command="x", args={"big": 2**64 - 1, "small": INT64_MIN}),
     Cancel(id=2),
+    Ping(id=7),
 ]
 
 WORKER_MESSAGES: list[Message] = [
@@ -192,6 +195,7 @@ WORKER_MESSAGES: list[Message] = [
     ),
     Failure(id=2, kind=FailureKind.CANCELLED, type="CancelledError", message=""),
     Log(level=30, logger="my.module", message="careful \u26a0"),
+    Pong(id=7),
     Goodbye(reason="max_calls reached"),
 ]
 
@@ -270,12 +274,15 @@ def test_to_wire_from_wire_round_trip(message: Message) -> None:
 def test_every_message_type_is_covered() -> None:
     covered = {type(m) for m in HOST_MESSAGES + WORKER_MESSAGES} | {StartupFailed}
     assert covered == {Init, Call, Cancel, Hello, StartupFailed, Result}.union(
-        {Failure, Item, End, Log, Goodbye}
+        {Failure, Item, End, Log, Goodbye, Ping, Pong}
     )
 
 
 def test_tags_and_wire_keys_are_unique() -> None:
-    classes = [Init, Call, Cancel, Hello, StartupFailed, Result, Failure, Item, End, Log, Goodbye]
+    classes = [
+        *(Init, Call, Cancel, Ping, Hello, StartupFailed),
+        *(Result, Failure, Item, End, Log, Pong, Goodbye),
+    ]
     assert len({c.TAG for c in classes}) == len(classes)
     for cls in classes:
         keys = [key for _, key, _ in cls.WIRE]

@@ -55,10 +55,16 @@ def _doctor(adapters: list[str]) -> int:
         except importlib.metadata.PackageNotFoundError:
             required = name in _PACKAGES
             problems += required
-            hint = "required: pip install snakepool" if required else f"optional: pip install 'snakepool[{name}]'"
+            hint = (
+                "required: pip install snakepool"
+                if required
+                else f"optional: pip install 'snakepool[{name}]'"
+            )
             print(f"{name:<11} missing ({hint})")
     gpus = discover_gpus()
-    print(f"gpus        {', '.join(map(str, gpus)) if gpus else 'none (the gpu pool will be disabled)'}")
+    print(
+        f"gpus        {', '.join(map(str, gpus)) if gpus else 'none (the gpu pool will be disabled)'}"
+    )
     for spec in ["generic", *adapters]:
         ok, detail = anyio.run(_round_trip, spec)
         problems += not ok

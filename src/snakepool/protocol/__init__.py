@@ -26,6 +26,8 @@ from ._messages import Init as Init
 from ._messages import Item as Item
 from ._messages import Log as Log
 from ._messages import Message as Message
+from ._messages import Ping as Ping
+from ._messages import Pong as Pong
 from ._messages import Result as Result
 from ._messages import StartupFailed as StartupFailed
 from ._messages import from_wire as from_wire
@@ -52,6 +54,8 @@ __all__ = [
     "Item",
     "Log",
     "Message",
+    "Ping",
+    "Pong",
     "Result",
     "Role",
     "Sentinel",

@@ -28,6 +28,8 @@ __all__ = [
     "Item",
     "Log",
     "Message",
+    "Ping",
+    "Pong",
     "Result",
     "StartupFailed",
     "from_wire",
@@ -136,6 +138,16 @@ class Cancel(Message):
     id: int
 
     TAG: ClassVar[str] = "cancel"
+    WIRE: ClassVar[WireSpec] = (("id", "i", _INT),)
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Message):
+    """Health check: the worker's event loop answers ``Pong`` at once, even when busy."""
+
+    id: int
+
+    TAG: ClassVar[str] = "ping"
     WIRE: ClassVar[WireSpec] = (("id", "i", _INT),)
 
 
@@ -253,6 +265,16 @@ class Log(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Pong(Message):
+    """The answer to ``Ping`` ``id``."""
+
+    id: int
+
+    TAG: ClassVar[str] = "pong"
+    WIRE: ClassVar[WireSpec] = (("id", "i", _INT),)
+
+
+@dataclass(frozen=True, slots=True)
 class Goodbye(Message):
     """A planned exit is coming (announced, so it is not taken for a crash)."""
 
@@ -262,9 +284,9 @@ class Goodbye(Message):
     WIRE: ClassVar[WireSpec] = (("reason", "e", _STR),)
 
 
-HOST_MESSAGES: Final[frozenset[type[Message]]] = frozenset({Init, Call, Cancel})
+HOST_MESSAGES: Final[frozenset[type[Message]]] = frozenset({Init, Call, Cancel, Ping})
 WORKER_MESSAGES: Final[frozenset[type[Message]]] = frozenset(
-    {Hello, StartupFailed, Result, Failure, Item, End, Log, Goodbye}
+    {Hello, StartupFailed, Result, Failure, Item, End, Log, Pong, Goodbye}
 )
 _BY_TAG: Final[dict[str, type[Message]]] = {m.TAG: m for m in HOST_MESSAGES | WORKER_MESSAGES}
 _OPTIONAL: Final[dict[type[Message], frozenset[str]]] = {

@@ -184,6 +184,8 @@ class Worker:
             self.start_call(message)
         elif isinstance(message, p.Cancel):
             self.cancel_call(message.id)
+        elif isinstance(message, p.Ping):
+            self.send(p.Pong(id=message.id))
         elif isinstance(message, p.Init):
             self.loop.create_task(self.start(message))
 
