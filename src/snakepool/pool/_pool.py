@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
@@ -41,22 +43,30 @@ from .. import protocol as p
 from ..adapters import Adapter
 from ..errors import (
     CallTimeout,
+    CircuitOpen,
+    ErrorCategory,
     PoolClosed,
     PoolOverloaded,
     ProtocolError,
+    ResourceExceeded,
     SnakepoolError,
     WorkerCrashed,
     WorkerStartError,
 )
+from ._breaker import BreakerState, CircuitBreaker
 from ._calls import PendingCall
 from ._config import PoolConfig
 from ._events import Event, Listeners, PoolStatistics, WorkerStatistics
+from ._recovery import Recovery, recovery_table
+from ._registry import RunRegistry
 from ._runner import BackgroundTasks
 from ._worker import WorkerHandle, format_exit
 
 __all__ = ["CallStream", "Pool"]
 
 _log = logging.getLogger("snakepool.pool")
+#: Seconds between RSS checks after calls (psutil walks the process tree).
+_MEMORY_CHECK_INTERVAL = 0.05
 
 
 class _Waiter:
@@ -116,6 +126,7 @@ class Pool:
         workers_per_gpu: int = 1,
         preload: Sequence[str] = (),
         session_store: str = "memory",
+        recovery: Mapping[ErrorCategory | str, Recovery | str] | None = None,
     ) -> None:
         if isinstance(adapter, type):
             if not issubclass(adapter, Adapter):
@@ -136,7 +147,16 @@ class Pool:
             session_store=session_store,
         )  # fmt: skip
         self.name = name
+        self.recovery = recovery_table(recovery)
         self._listeners = Listeners(name)
+        self._breaker = CircuitBreaker(
+            threshold=breaker_threshold,
+            reset_timeout=breaker_reset_timeout,
+            pool=name,
+            on_change=self._on_breaker_change,
+        )
+        self._registry = RunRegistry(name)
+        self._random = random.Random()
         self._encoder = p.FrameEncoder(max_frame_bytes)
         self._ids = itertools.count(1)
         self._workers: list[WorkerHandle] = []
@@ -154,6 +174,8 @@ class Pool:
         if self._state != "new":
             raise RuntimeError(f"pool {self.name!r} was already started")
         self._state = "starting"
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._registry.reap_leftovers)
         await self._background.start()
         tg = self._background.group
         count = self.config.worker_count
@@ -173,6 +195,7 @@ class Pool:
             raise
         for slot in range(count):
             tg.start_soon(self._keep_slot_filled, slot)
+        tg.start_soon(self._check_health_forever)
         self._state = "running"
 
     async def aclose(self) -> None:
@@ -232,7 +255,7 @@ class Pool:
         try:
             return await self._call_once(command, args, timeout, session)
         except WorkerCrashed:
-            if not idempotent:
+            if not idempotent or self.recovery[ErrorCategory.COMMUNICATION] is not Recovery.RETRY:
                 raise
             _log.warning(
                 "pool %s: retrying idempotent call %r after a worker crash", self.name, command
@@ -267,14 +290,20 @@ class Pool:
         self._check_open()
         call_id = next(self._ids)
         frame = self._encode(call_id, command, args, None, session, p.CallMode.CAST)
+        probe = self._admit(command)
         call = PendingCall(call_id, command, p.CallMode.CAST)
         worker = self._pick() if not self._waiters else None
-        if worker is not None:
-            worker.submit(call, frame)
-        else:
-            waiter = self._enqueue()
-            self._background.group.start_soon(self._cast_when_free, waiter, call, frame)
-        self._background.group.start_soon(self._count_cast, call)
+        try:
+            if worker is not None:
+                worker.submit(call, frame)
+            else:
+                waiter = self._enqueue()
+                self._background.group.start_soon(self._cast_when_free, waiter, call, frame)
+        except BaseException:
+            if probe:
+                self._breaker.release_probe()
+            raise
+        self._background.group.start_soon(self._count_cast, call, worker, probe)
         await anyio.lowlevel.checkpoint()
 
     def add_listener(self, fn: Callable[[Event], Any]) -> None:
@@ -291,7 +320,7 @@ class Pool:
             size=self.config.worker_count,
             queued=len(self._waiters),
             sessions=0,
-            breaker_state="closed",
+            breaker_state=self._breaker.state.value,
             workers=tuple(
                 WorkerStatistics(
                     id=w.slot,
@@ -323,6 +352,7 @@ class Pool:
         call_id = next(self._ids)
         frame = self._encode(call_id, command, args, timeout, session, p.CallMode.CALL)
         limit = self.config.call_timeout if timeout is None else timeout
+        probe = self._admit(command)
         call = PendingCall(call_id, command, p.CallMode.CALL)
         started = time.perf_counter()
         worker: WorkerHandle | None = None
@@ -334,15 +364,17 @@ class Pool:
             except BaseException:
                 if worker is not None and not call.done.is_set():
                     self._abandon(worker, call)
+                if probe:
+                    self._breaker.release_probe()
                 raise
         if not call.done.is_set():
             assert scope.cancelled_caught
             error = self._timeout_error(command, limit, worker)
             if worker is not None:
                 self._abandon(worker, call)
-            self._record(command, worker, started, error)
+            self._record(command, worker, started, error, probe=probe)
             raise error
-        self._record(command, worker, started, call.error)
+        self._record(command, worker, started, call.error, probe=probe)
         if call.error is not None:
             raise call.error
         return call.value
@@ -402,14 +434,33 @@ class Pool:
                 f"args of {command!r} are too large: {exc}; nothing was sent"
             ) from None
 
+    def _admit(self, command: str) -> bool:
+        """Ask the breaker; a refusal is counted and raised as ``CircuitOpen``."""
+        try:
+            return self._breaker.admit()
+        except CircuitOpen as exc:
+            self._failed[exc.category.value] += 1
+            self._listeners.emit("call.failed", None, command=command, category=exc.category.value,
+                                 error="CircuitOpen", message=str(exc))  # fmt: skip
+            raise
+
     def _record(
         self,
         command: str,
         worker: WorkerHandle | None,
         started: float,
         error: SnakepoolError | None,
+        *,
+        probe: bool = False,
     ) -> None:
+        """Count the outcome, feed the breaker, apply the recovery policy."""
         slot = worker.slot if worker is not None else None
+        if error is None:
+            self._breaker.success(probe=probe)
+        else:
+            self._breaker.failure(error.category, probe=probe)
+        if worker is not None:
+            self._after_call(worker, error)
         if error is None:
             self._completed += 1
             if self._listeners:
@@ -423,12 +474,41 @@ class Pool:
                     error=type(error).__name__, message=str(error).split("\n", 1)[0],
                 )  # fmt: skip
 
+    def _after_call(self, worker: WorkerHandle, error: SnakepoolError | None) -> None:
+        """Recovery for the worker a call ran on (application errors, memory)."""
+        if error is not None and error.category is ErrorCategory.APPLICATION:
+            self._recover(worker, ErrorCategory.APPLICATION, f"{type(error).__name__} in a call")
+        limit = self.config.max_memory_mb
+        if (
+            limit is not None
+            and worker.is_ready
+            and worker.memory_check_due(_MEMORY_CHECK_INTERVAL)
+        ):
+            self._check_memory(worker, limit)
+
+    def _check_memory(self, worker: WorkerHandle, limit_mb: float) -> None:
+        rss = worker.rss_bytes()
+        if rss is not None and rss > limit_mb * 2**20:
+            reason = f"RSS {rss / 2**20:.0f} MiB is over max_memory_mb={limit_mb:g}"
+            self._recover(worker, ErrorCategory.RESOURCE, reason)
+
+    def _recover(self, worker: WorkerHandle, category: ErrorCategory, reason: str) -> None:
+        """Apply the recovery policy for ``category`` to ``worker``."""
+        action = self.recovery[category]
+        if action is Recovery.NONE or not worker.is_ready:
+            return
+        if action is Recovery.RECYCLE:
+            worker.retire(reason)
+        else:
+            error = ResourceExceeded if category is ErrorCategory.RESOURCE else WorkerCrashed
+            worker.kill(reason, error=error)
+
     def _abandon(self, worker: WorkerHandle, call: PendingCall) -> None:
-        """The caller left: cancel in the worker, and kill it if it does not stop."""
+        """The caller left: cancel in the worker; the timeout policy decides the rest."""
         if call.id not in worker.pending:
             return
         worker.cancel(call)
-        if self._background.running:
+        if self._background.running and self.recovery[ErrorCategory.TIMEOUT] is not Recovery.NONE:
             self._background.group.start_soon(self._watch_abandoned, worker, call)
 
     async def _watch_abandoned(self, worker: WorkerHandle, call: PendingCall) -> None:
@@ -437,17 +517,18 @@ class Pool:
             return
         if call.id in worker.pending:
             _log.warning(
-                "pool %s: %s ignored the cancellation of %r for %gs; killing it",
+                "pool %s: %s ignored the cancellation of %r for %gs",
                 self.name, worker.describe(), call.command, self.cancel_grace,
             )  # fmt: skip
-            worker.kill(
-                f"call {call.command!r} did not stop within {self.cancel_grace:g}s of its cancellation"
-            )
+            reason = f"call {call.command!r} did not stop within {self.cancel_grace:g}s of its cancellation"
+            self._recover(worker, ErrorCategory.TIMEOUT, reason)
 
-    async def _count_cast(self, call: PendingCall) -> None:
+    async def _count_cast(
+        self, call: PendingCall, worker: WorkerHandle | None, probe: bool
+    ) -> None:
         started = time.perf_counter()
         await call.done.wait()
-        self._record(call.command, None, started, call.error)
+        self._record(call.command, worker, started, call.error, probe=probe)
 
     async def _cast_when_free(self, waiter: _Waiter, call: PendingCall, frame: bytes) -> None:
         try:
@@ -559,10 +640,42 @@ class Pool:
         worker = self._new_handle(slot, restarts)
         self._workers[slot] = worker
         await self._background.group.start(worker.run, self.config.launch(slot))
+        if worker.pid is not None:
+            self._registry.add(worker.pid)
         await worker.wait_ready(self.config.startup_timeout)
+        self._set_recycling_limits(worker)
         self._listeners.emit("worker.started", slot, pid=worker.pid, restarts=restarts)
         self._on_capacity(worker)
         return worker
+
+    def _set_recycling_limits(self, worker: WorkerHandle) -> None:
+        # Jitter, so that workers started together do not all recycle together.
+        max_requests, ttl = self.config.max_requests, self.config.worker_ttl
+        if max_requests is not None:
+            worker.request_limit = max_requests - self._random.randint(0, max_requests // 10)
+        if ttl is not None:
+            worker.ttl_limit = ttl * (1.0 - self._random.uniform(0.0, 0.1))
+
+    async def _check_health_forever(self) -> None:
+        """Every ``health_interval``: ping each ready worker, check its TTL and memory."""
+        while True:
+            await anyio.sleep(self.config.health_interval)
+            async with anyio.create_task_group() as tg:
+                for worker in self._workers:
+                    if worker.is_ready:
+                        tg.start_soon(self._check_worker, worker)
+
+    async def _check_worker(self, worker: WorkerHandle) -> None:
+        timeout = self.config.health_timeout
+        if not await worker.ping(timeout):
+            if worker.is_ready:
+                _log.warning("pool %s: %s missed its health check", self.name, worker.describe())
+                worker.kill(f"missed its health check (no pong within {timeout:g}s)")
+            return
+        if worker.ttl_limit is not None and worker.age >= worker.ttl_limit:
+            worker.retire(f"reached worker_ttl ({worker.age:.1f}s old)")
+        elif self.config.max_memory_mb is not None:
+            self._check_memory(worker, self.config.max_memory_mb)
 
     async def _start_first(self, slot: int, errors: list[WorkerStartError]) -> None:
         retrying = tenacity.AsyncRetrying(
@@ -591,15 +704,12 @@ class Pool:
             if self.closed:
                 return
             retrying = tenacity.AsyncRetrying(
-                wait=tenacity.wait_exponential(multiplier=0.1, max=30.0) + tenacity.wait_random(0, 0.1),
+                wait=tenacity.wait_exponential(multiplier=0.1, max=30.0)
+                + tenacity.wait_random(0, 0.1),
                 retry=tenacity.retry_if_exception_type(WorkerStartError),
                 sleep=anyio.sleep,
-                before_sleep=lambda state: _log.warning(
-                    "pool %s: replacing worker %d failed (attempt %d): %s",
-                    self.name, slot, state.attempt_number,
-                    state.outcome.exception() if state.outcome else None,
-                ),
-            )  # fmt: skip
+                before_sleep=functools.partial(self._replacement_failed, slot),
+            )
             async for attempt in retrying:
                 with attempt:
                     if self.closed:
@@ -608,10 +718,35 @@ class Pool:
                         slot, restarts=worker.restarts + attempt.retry_state.attempt_number
                     )
 
+    def _replacement_failed(self, slot: int, state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        _log.warning(
+            "pool %s: replacing worker %d failed (attempt %d): %s",
+            self.name, slot, state.attempt_number, error,
+        )  # fmt: skip
+        self._breaker.failure(ErrorCategory.INITIALIZATION)  # a failed (re)start counts once
+
+    def _on_breaker_change(self, old: BreakerState, new: BreakerState, failures: int) -> None:
+        names = {BreakerState.OPEN: "breaker.opened", BreakerState.CLOSED: "breaker.closed"}
+        if new is BreakerState.OPEN:
+            _log.warning("pool %s: circuit breaker opened after %d failures", self.name, failures)
+        self._listeners.emit(
+            names.get(new, "breaker.half_open"),
+            None,
+            previous=old.value,
+            consecutive_failures=failures,
+        )
+
     def _on_worker_exit(self, worker: WorkerHandle) -> None:
         info = worker.exit_info
+        if worker.pid is not None:
+            self._registry.remove(worker.pid)
         if info is not None and not info.planned and not self.closed:
             _log.warning("pool %s: %s exited: %s", self.name, worker.describe(), info.reason)
+        if worker.retiring is not None:
+            self._listeners.emit(
+                "worker.recycled", worker.slot, pid=worker.pid, reason=worker.retiring
+            )
         self._listeners.emit("worker.exited", worker.slot, pid=worker.pid, **format_exit(info))
         self._hand_off_any()
         if self._drained is not None and not any(w.pending for w in self._workers):
@@ -648,6 +783,7 @@ class CallStream:
         self._call: PendingCall | None = None
         self._worker: WorkerHandle | None = None
         self._finished = False
+        self._probe = False
         self._started = time.perf_counter()
 
     def __aiter__(self) -> AsyncIterator[Any]:
@@ -665,7 +801,9 @@ class CallStream:
                 return await call.items.receive()
             except anyio.EndOfStream:
                 self._finished = True
-                self._pool._record(self.command, self._worker, self._started, call.error)
+                self._pool._record(
+                    self.command, self._worker, self._started, call.error, probe=self._probe
+                )
                 if call.error is not None:
                     raise call.error from None
                 raise StopAsyncIteration from None
@@ -673,15 +811,21 @@ class CallStream:
         error = CallTimeout(
             f"stream {self.command!r} produced no item within {self._timeout:g}s; cancelled"
         )
-        self._pool._record(self.command, self._worker, self._started, error)
+        self._pool._record(self.command, self._worker, self._started, error, probe=self._probe)
         raise error
 
     async def _open(self) -> None:
         pool = self._pool
         pool._check_open()
+        self._probe = pool._admit(self.command)
         call = PendingCall(self._call_id, self.command, p.CallMode.STREAM)
         with anyio.move_on_after(self._timeout):
-            worker = await pool._acquire()
+            try:
+                worker = await pool._acquire()
+            except BaseException:
+                if self._probe:
+                    pool._breaker.release_probe()
+                raise
             worker.submit(call, self._frame)
             self._call, self._worker = call, worker
             return

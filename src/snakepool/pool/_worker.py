@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import enum
+import itertools
 import logging
 import math
 import os
@@ -126,6 +127,14 @@ class WorkerHandle:
         self._cancel_scope = anyio.CancelScope()
         self._psutil: psutil.Process | None = None
         self._reaping = False
+        self._kill_error: type[SnakepoolError] = WorkerCrashed
+        self._retiring: str | None = None
+        # Recycling limits, set by the pool with jitter (max_requests, worker_ttl).
+        self.request_limit: int | None = None
+        self.ttl_limit: float | None = None
+        self._memory_checked_at = 0.0
+        self._pings: dict[int, anyio.Event] = {}
+        self._ping_ids = itertools.count(1)
 
     # --- facts -----------------------------------------------------------------
 
@@ -153,6 +162,18 @@ class WorkerHandle:
             return total
         except psutil.Error:
             return None
+
+    @property
+    def age(self) -> float:
+        return time.monotonic() - self._started_at
+
+    def memory_check_due(self, interval: float) -> bool:
+        """True at most once per ``interval`` seconds (the check walks /proc)."""
+        now = time.monotonic()
+        if now - self._memory_checked_at < interval:
+            return False
+        self._memory_checked_at = now
+        return True
 
     def stderr_tail(self) -> str:
         return "\n".join(self._stderr_tail)
@@ -242,6 +263,39 @@ class WorkerHandle:
         self.requests += 1
         self.state = WorkerState.BUSY
         self.post(frame)
+        if self.request_limit is not None and self.requests >= self.request_limit:
+            self.retire(f"served max_requests ({self.requests} calls)")
+
+    @property
+    def retiring(self) -> str | None:
+        """Why the worker is being recycled, if it is."""
+        return self._retiring
+
+    def retire(self, reason: str) -> bool:
+        """Take no new calls, finish the in-flight ones, then exit (a planned exit).
+
+        Returns false if the worker was already retiring or stopping.
+        """
+        if self._retiring is not None or not self.is_ready:
+            return False
+        self._retiring = reason
+        self._planned_reason = f"recycled: {reason}"
+        self.state = WorkerState.STOPPING
+        if not self.pending:
+            self.close_stdin()
+        return True
+
+    async def ping(self, timeout: float) -> bool:
+        """Health check; true if the worker's event loop answered within ``timeout``."""
+        ping_id = next(self._ping_ids)
+        answered = self._pings[ping_id] = anyio.Event()
+        try:
+            self.post(self._conn.send(p.Ping(id=ping_id)))
+            with anyio.move_on_after(timeout):
+                await answered.wait()
+            return answered.is_set()
+        finally:
+            self._pings.pop(ping_id, None)
 
     def cancel(self, call: PendingCall) -> None:
         """The caller left: tell the worker; its answer will be dropped."""
@@ -256,10 +310,15 @@ class WorkerHandle:
         with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
             self._outbox_in.send_nowait(None)
 
-    def kill(self, reason: str) -> None:
-        """SIGKILL the worker's whole process group (its children too)."""
+    def kill(self, reason: str, *, error: type[SnakepoolError] = WorkerCrashed) -> None:
+        """SIGKILL the worker's whole process group (its children too).
+
+        Its in-flight calls fail with ``error`` (``ResourceExceeded`` for a
+        worker over its memory limit, ``WorkerCrashed`` otherwise).
+        """
         if self._kill_reason is None:
             self._kill_reason = reason
+            self._kill_error = error
         self.signal_group(signal.SIGKILL)
 
     def signal_group(self, sig: signal.Signals) -> None:
@@ -390,9 +449,14 @@ class WorkerHandle:
             assert isinstance(message, p.StartupFailed)
             self._startup_failure = message
             self._ready.set()
+        elif kind is p.Pong:
+            assert isinstance(message, p.Pong)
+            answered = self._pings.get(message.id)
+            if answered is not None:
+                answered.set()
         elif kind is p.Goodbye:
             assert isinstance(message, p.Goodbye)
-            self._planned_reason = message.reason
+            self._planned_reason = self._planned_reason or message.reason
 
     def _on_hello(self, hello: p.Hello) -> None:
         if hello.version != p.PROTOCOL_VERSION:
@@ -411,8 +475,11 @@ class WorkerHandle:
         call = self.pending.pop(call_id, None)
         if call is None:
             return None
-        if not self.pending and self.state is WorkerState.BUSY:
-            self.state = WorkerState.IDLE
+        if not self.pending:
+            if self.state is WorkerState.BUSY:
+                self.state = WorkerState.IDLE
+            elif self._retiring is not None:
+                self.close_stdin()
         self._on_capacity(self)
         return call
 
