@@ -163,3 +163,41 @@ class Basic(Adapter):
     @command
     def log_something(self, ctx: CallContext, text: str) -> None:
         ctx.log.warning("from the worker: %s", text)
+
+
+class Resilience(Basic):
+    """Commands for health, recycling and orphan tests."""
+
+    def setup(self, config: dict[str, Any]) -> None:
+        super().setup(config)
+        self.hoard: list[bytes] = []
+
+    @command
+    async def block_loop(self, seconds: float) -> None:
+        """Block the worker's event loop (a bad async handler): pings go unanswered."""
+        time.sleep(seconds)
+
+    @command
+    def leak(self, mb: int) -> int:
+        """Keep ``mb`` MiB alive in this worker."""
+        chunk = bytearray(mb * 2**20)
+        for i in range(0, len(chunk), 4096):
+            chunk[i] = 1  # touch every page so it counts in RSS
+        self.hoard.append(bytes(chunk))
+        return os.getpid()
+
+    @command
+    def spawn_and_hang(self, pid_file: str) -> None:
+        """Start a grandchild, note its pid, then hang ignoring cancellation."""
+        import subprocess
+
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+        Path(pid_file).write_text(str(child.pid))
+        time.sleep(3600)
+
+    @command
+    def leak_and_wait(self, mb: int, seconds: float) -> int:
+        """Grow past a memory limit, then stay busy."""
+        pid = self.leak(mb)
+        time.sleep(seconds)
+        return pid

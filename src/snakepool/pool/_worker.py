@@ -535,6 +535,10 @@ class WorkerHandle:
                 error = PoolClosed(
                     f"{self.describe()} stopped before call {call.command!r} finished"
                 )
+            elif self._kill_reason is not None and self._kill_error is not WorkerCrashed:
+                error = self._kill_error(
+                    f"{self.describe()} was killed during call {call.command!r}: {self._kill_reason}"
+                )
             else:
                 error = WorkerCrashed(
                     f"{self.describe()} died during call {call.command!r}: {info.reason}",
