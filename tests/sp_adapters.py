@@ -175,7 +175,7 @@ class Resilience(Basic):
     @command
     async def block_loop(self, seconds: float) -> None:
         """Block the worker's event loop (a bad async handler): pings go unanswered."""
-        time.sleep(seconds)
+        time.sleep(seconds)  # noqa: ASYNC251 - blocking the loop is the point
 
     @command
     def leak(self, mb: int) -> int:

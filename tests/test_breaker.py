@@ -83,7 +83,7 @@ def test_half_open_lets_one_probe_through_and_its_success_closes(
     for _ in range(3):
         breaker.failure(ErrorCategory.INITIALIZATION)
     clock.now += 9.9
-    with pytest.raises(CircuitOpen, match="retry in 0.1s"):
+    with pytest.raises(CircuitOpen, match=r"retry in 0\.1s"):
         breaker.admit()
     clock.now += 0.1
     assert breaker.state is BreakerState.HALF_OPEN

@@ -13,9 +13,9 @@ from pathlib import Path
 import anyio
 import psutil
 import pytest
-from conftest import TESTS_DIR
 
 import snakepool
+from conftest import TESTS_DIR
 from snakepool import CallTimeout, CircuitOpen, RemoteError, ResourceExceeded, WorkerCrashed
 from snakepool.pool._registry import RunRegistry
 
