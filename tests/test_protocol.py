@@ -27,6 +27,7 @@ from snakepool.protocol import (
     CallMode,
     Cancel,
     Connection,
+    Credit,
     End,
     Failure,
     FailureKind,
@@ -177,6 +178,7 @@ HOST_MESSAGES: list[Message] = [
     Call(id=INT64_MAX, command="x", args={"big": 2**64 - 1, "small": INT64_MIN}),
     Cancel(id=2),
     Ping(id=7),
+    Credit(id=2, n=32),
 ]
 
 WORKER_MESSAGES: list[Message] = [
@@ -274,13 +276,13 @@ def test_to_wire_from_wire_round_trip(message: Message) -> None:
 def test_every_message_type_is_covered() -> None:
     covered = {type(m) for m in HOST_MESSAGES + WORKER_MESSAGES} | {StartupFailed}
     assert covered == {Init, Call, Cancel, Hello, StartupFailed, Result}.union(
-        {Failure, Item, End, Log, Goodbye, Ping, Pong}
+        {Failure, Item, End, Log, Goodbye, Ping, Pong, Credit}
     )
 
 
 def test_tags_and_wire_keys_are_unique() -> None:
     classes = [
-        *(Init, Call, Cancel, Ping, Hello, StartupFailed),
+        *(Init, Call, Cancel, Credit, Ping, Hello, StartupFailed),
         *(Result, Failure, Item, End, Log, Pong, Goodbye),
     ]
     assert len({c.TAG for c in classes}) == len(classes)

@@ -67,6 +67,19 @@ __all__ = ["CallStream", "Pool"]
 _log = logging.getLogger("snakepool.pool")
 #: Seconds between RSS checks after calls (psutil walks the process tree).
 _MEMORY_CHECK_INTERVAL = 0.05
+#: A worker that crashes younger than this counts as a failed start (crash loops back off).
+_EARLY_DEATH = 5.0
+#: Backoff between restarts: exponential with jitter, from 0.1 s up to 30 s.
+_RESTART_BACKOFF = tenacity.wait_exponential(multiplier=0.1, max=30.0) + tenacity.wait_random(
+    0, 0.1
+)
+
+
+def _restart_delay(failures: int) -> float:
+    """Seconds to wait before restart number ``failures`` (tenacity's backoff)."""
+    state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+    state.attempt_number = failures
+    return float(_RESTART_BACKOFF(state))
 
 
 class _Waiter:
@@ -174,50 +187,66 @@ class Pool:
         if self._state != "new":
             raise RuntimeError(f"pool {self.name!r} was already started")
         self._state = "starting"
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self._registry.reap_leftovers)
-        await self._background.start()
-        tg = self._background.group
+        self._start_finished = anyio.Event()
+        self._close_finished = anyio.Event()
         count = self.config.worker_count
         self._workers = [self._new_handle(slot, restarts=0) for slot in range(count)]
         errors: list[WorkerStartError] = []
         try:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._registry.reap_leftovers)
+            await self._background.start()
             async with anyio.create_task_group() as starters:
                 for slot in range(count):
                     starters.start_soon(self._start_first, slot, errors)
             if errors:
                 raise errors[0]
+            tg = self._background.group
+            for slot in range(count):
+                tg.start_soon(self._keep_slot_filled, slot)
+            tg.start_soon(self._check_health_forever)
+            self._state = "running"
         except BaseException:
+            self._state = "closing"
             with anyio.CancelScope(shield=True):
                 await self._stop_workers()
                 await self._background.aclose()
             self._state = "closed"
+            self._close_finished.set()
             raise
-        for slot in range(count):
-            tg.start_soon(self._keep_slot_filled, slot)
-        tg.start_soon(self._check_health_forever)
-        self._state = "running"
+        finally:
+            self._start_finished.set()
 
     async def aclose(self) -> None:
         """Stop accepting, drain in-flight calls, then stop every worker (shielded)."""
-        if self._state in ("closing", "closed"):
-            return
         if self._state == "new":
             self._state = "closed"
             return
-        self._state = "closing"
         with anyio.CancelScope(shield=True):
-            for waiter in self._waiters:
-                waiter.error = PoolClosed(f"pool {self.name!r} closed while the call was queued")
-                waiter.event.set()
-            self._waiters.clear()
-            with anyio.move_on_after(self.drain_grace):
-                while any(w.pending for w in self._workers):
-                    self._drained = anyio.Event()
-                    await self._drained.wait()
-            await self._stop_workers()
-            await self._background.aclose()
-        self._state = "closed"
+            if self._state == "starting":  # closed from another task while starting
+                await self._start_finished.wait()
+            if self._state in ("closing", "closed"):  # someone else is closing it
+                await self._close_finished.wait()
+                return
+            self._state = "closing"
+            try:
+                await self._drain_and_stop()
+            finally:
+                self._state = "closed"
+                self._close_finished.set()
+
+    async def _drain_and_stop(self) -> None:
+        """Fail queued calls, wait for in-flight ones (up to drain_grace), stop workers."""
+        for waiter in self._waiters:
+            waiter.error = PoolClosed(f"pool {self.name!r} closed while the call was queued")
+            waiter.event.set()
+        self._waiters.clear()
+        with anyio.move_on_after(self.drain_grace):
+            while any(w.pending for w in self._workers):
+                self._drained = anyio.Event()
+                await self._drained.wait()
+        await self._stop_workers()
+        await self._background.aclose()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -252,15 +281,20 @@ class Pool:
         ``idempotent=True`` retries once on another worker if the first one
         crashed; other calls are never retried.
         """
+        limit = self.config.call_timeout if timeout is None else timeout
+        deadline = anyio.current_time() + limit
         try:
             return await self._call_once(command, args, timeout, session)
         except WorkerCrashed:
             if not idempotent or self.recovery[ErrorCategory.COMMUNICATION] is not Recovery.RETRY:
                 raise
+            remaining = deadline - anyio.current_time()
+            if remaining <= 0:
+                raise
             _log.warning(
                 "pool %s: retrying idempotent call %r after a worker crash", self.name, command
             )
-            return await self._call_once(command, args, timeout, session)
+            return await self._call_once(command, args, remaining, session)
 
     def stream(
         self,
@@ -422,7 +456,10 @@ class Pool:
             command=command,
             args=dict(args),
             mode=mode,
-            timeout=float(timeout if timeout is not None else self.config.call_timeout),
+            # A stream's timeout bounds each item, not the whole stream: no deadline.
+            timeout=None
+            if mode == p.CallMode.STREAM
+            else float(timeout if timeout is not None else self.config.call_timeout),
             session_id=session,
         )
         try:
@@ -637,9 +674,13 @@ class Pool:
 
     async def _spawn(self, slot: int, restarts: int) -> WorkerHandle:
         """Start a worker in ``slot`` and wait for its handshake."""
+        try:
+            launch = self.config.launch(slot)
+        except Exception as exc:  # e.g. the host's cwd was deleted
+            raise WorkerStartError(f"cannot prepare worker {self.name}/{slot}: {exc!r}") from exc
         worker = self._new_handle(slot, restarts)
         self._workers[slot] = worker
-        await self._background.group.start(worker.run, self.config.launch(slot))
+        await self._background.group.start(worker.run, launch)
         if worker.pid is not None:
             self._registry.add(worker.pid)
         await worker.wait_ready(self.config.startup_timeout)
@@ -697,28 +738,45 @@ class Pool:
                 errors.append(exc)
 
     async def _keep_slot_filled(self, slot: int) -> None:
-        """Replace the slot's worker whenever it exits, with backoff on failures."""
+        """Replace the slot's worker whenever it exits, with backoff on failures.
+
+        A worker that crashes soon after starting counts as a failed start, so
+        a crash loop backs off exponentially like failing starts do.
+        """
+        early_deaths = 0
         while True:
             worker = self._workers[slot]
             await worker.exited.wait()
             if self.closed:
                 return
-            retrying = tenacity.AsyncRetrying(
-                wait=tenacity.wait_exponential(multiplier=0.1, max=30.0)
-                + tenacity.wait_random(0, 0.1),
-                retry=tenacity.retry_if_exception_type(WorkerStartError),
-                sleep=anyio.sleep,
-                before_sleep=functools.partial(self._replacement_failed, slot),
-            )
-            async for attempt in retrying:
-                with attempt:
-                    if self.closed:
-                        return
-                    await self._spawn(
-                        slot, restarts=worker.restarts + attempt.retry_state.attempt_number
-                    )
+            info = worker.exit_info
+            died_early = info is not None and not info.planned and info.lifetime < _EARLY_DEATH
+            early_deaths = early_deaths + 1 if died_early else 0
+            if early_deaths:
+                self._breaker.failure(ErrorCategory.INITIALIZATION)
+                await anyio.sleep(_restart_delay(early_deaths))
+            try:
+                await self._replace(slot, worker.restarts)
+            except WorkerStartError:
+                return  # only when the pool closed meanwhile
+
+    async def _replace(self, slot: int, restarts: int) -> None:
+        """Start a new worker in ``slot``, retrying failed starts with backoff."""
+        retrying = tenacity.AsyncRetrying(
+            wait=_RESTART_BACKOFF,
+            retry=tenacity.retry_if_exception_type(WorkerStartError),
+            sleep=anyio.sleep,
+            before_sleep=functools.partial(self._replacement_failed, slot),
+        )
+        async for attempt in retrying:
+            with attempt:
+                if self.closed:
+                    return
+                await self._spawn(slot, restarts=restarts + attempt.retry_state.attempt_number)
 
     def _replacement_failed(self, slot: int, state: tenacity.RetryCallState) -> None:
+        if self.closed:
+            return
         error = state.outcome.exception() if state.outcome else None
         _log.warning(
             "pool %s: replacing worker %d failed (attempt %d): %s",
@@ -783,6 +841,7 @@ class CallStream:
         self._call: PendingCall | None = None
         self._worker: WorkerHandle | None = None
         self._finished = False
+        self._consumed = 0  # items taken since the last Credit sent to the worker
         self._probe = False
         self._started = time.perf_counter()
 
@@ -798,7 +857,7 @@ class CallStream:
         assert call is not None and call.items is not None
         with anyio.move_on_after(self._timeout):
             try:
-                return await call.items.receive()
+                item = await call.items.receive()
             except anyio.EndOfStream:
                 self._finished = True
                 self._pool._record(
@@ -807,6 +866,11 @@ class CallStream:
                 if call.error is not None:
                     raise call.error from None
                 raise StopAsyncIteration from None
+            self._consumed += 1
+            if self._consumed >= p.STREAM_WINDOW // 2 and self._worker is not None:
+                self._worker.grant(call, self._consumed)  # the worker may run ahead again
+                self._consumed = 0
+            return item
         await self.aclose()
         error = CallTimeout(
             f"stream {self.command!r} produced no item within {self._timeout:g}s; cancelled"

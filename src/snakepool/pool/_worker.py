@@ -127,6 +127,7 @@ class WorkerHandle:
         self._cancel_scope = anyio.CancelScope()
         self._psutil: psutil.Process | None = None
         self._reaping = False
+        self._stop_requested = False
         self._kill_error: type[SnakepoolError] = WorkerCrashed
         self._retiring: str | None = None
         # Recycling limits, set by the pool with jitter (max_requests, worker_ttl).
@@ -189,9 +190,22 @@ class WorkerHandle:
         ``task_status.started()`` fires once the process exists; use
         :meth:`wait_ready` for the handshake.
         """
-        with self._cancel_scope:
-            try:
-                self._process = await anyio.open_process(
+        try:
+            with self._cancel_scope:
+                await self._serve(launch, task_status)
+        finally:
+            # However it ended (even cancelled before the process existed),
+            # reap and announce the exit exactly once, so nobody waits forever.
+            with anyio.CancelScope(shield=True):
+                if self._process is not None:
+                    await self._reap()
+                else:
+                    self._never_started()
+
+    async def _serve(self, launch: WorkerLaunch, task_status: anyio.abc.TaskStatus[None]) -> None:
+        try:
+            with anyio.CancelScope(shield=True):  # a half-spawned process would be an orphan
+                process = await anyio.open_process(
                     list(launch.argv),
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
@@ -200,29 +214,41 @@ class WorkerHandle:
                     cwd=launch.cwd,
                     start_new_session=True,  # its own process group, killed as one
                 )
-            except OSError as exc:
-                self._startup_failure = p.StartupFailed(
-                    type=type(exc).__name__, message=f"cannot start {launch.argv[0]!r}: {exc}"
-                )
-                self.state = WorkerState.EXITED
-                self._ready.set()
-                self.exited.set()
-                task_status.started()
-                return
-            self.pid = self._process.pid
-            with contextlib.suppress(psutil.Error):
-                self._psutil = psutil.Process(self.pid)
-            self._conn.set_max_frame_bytes(launch.max_frame_bytes)
-            self.post(self._conn.send(launch.init))
+        except OSError as exc:
+            self._startup_failure = p.StartupFailed(
+                type=type(exc).__name__, message=f"cannot start {launch.argv[0]!r}: {exc}"
+            )
             task_status.started()
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._pump_stderr)
-                tg.start_soon(self._pump_stdin)
-                await self._pump_stdout()
-                tg.cancel_scope.cancel()
-        if self.exit_info is None:  # cancelled from outside (pool teardown)
-            with anyio.CancelScope(shield=True):
-                await self._reap()
+            return
+        self._process = process
+        self.pid = process.pid
+        with contextlib.suppress(psutil.Error):
+            self._psutil = psutil.Process(self.pid)
+        self._conn.set_max_frame_bytes(launch.max_frame_bytes)
+        self.post(self._conn.send(launch.init))
+        if self._stop_requested:  # stop() came before the process existed
+            self.kill("stopped during start-up")
+        task_status.started()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._pump_stderr)
+            tg.start_soon(self._pump_stdin)
+            await self._pump_stdout()
+            tg.cancel_scope.cancel()
+
+    def _never_started(self) -> None:
+        if self.exit_info is not None:
+            return
+        failure = self._startup_failure
+        self.exit_info = ExitInfo(
+            exit_code=None,
+            planned=self._stop_requested,
+            reason=f"{failure.type}: {failure.message}" if failure else "never started",
+            stderr_tail="",
+            lifetime=0.0,
+        )
+        self.state = WorkerState.EXITED
+        self._ready.set()
+        self.exited.set()
 
     async def wait_ready(self, timeout: float) -> None:
         """Wait for the handshake; ``WorkerStartError`` (stderr quoted) if it fails."""
@@ -297,6 +323,11 @@ class WorkerHandle:
         finally:
             self._pings.pop(ping_id, None)
 
+    def grant(self, call: PendingCall, n: int) -> None:
+        """Let stream ``call`` send ``n`` more items (the caller consumed them)."""
+        if call.id in self.pending:
+            self.post(self._conn.send(p.Credit(id=call.id, n=n)))
+
     def cancel(self, call: PendingCall) -> None:
         """The caller left: tell the worker; its answer will be dropped."""
         call.abandoned = True
@@ -328,10 +359,19 @@ class WorkerHandle:
             os.killpg(self.pid, sig)  # pid == pgid: the worker leads its own group
 
     async def stop(self, grace: float) -> None:
-        """Close stdin, then SIGTERM, then SIGKILL, each after ``grace`` seconds."""
+        """Close stdin, then SIGTERM, then SIGKILL, each after ``grace`` seconds.
+
+        A worker still starting is killed at once: it has nothing to drain.
+        """
         if self.exit_info is not None:
             return
-        self.close_stdin()
+        self._stop_requested = True
+        if self._process is None:
+            self._cancel_scope.cancel()
+        elif self.hello is None:
+            self.kill("stopped during start-up")
+        else:
+            self.close_stdin()
         for sig in (signal.SIGTERM, signal.SIGKILL):
             with anyio.move_on_after(grace):
                 await self.exited.wait()
@@ -434,6 +474,14 @@ class WorkerHandle:
             assert isinstance(message, p.Failure)
             call = self._take(message.id)
             if call is not None:
+                if message.kind == p.FailureKind.CANCELLED and not call.abandoned:
+                    # Not cancelled by its caller: the worker is shutting down.
+                    call.fail(
+                        PoolClosed(
+                            f"{self.describe()} stopped before call {call.command!r} finished"
+                        )
+                    )
+                    return
                 if call.mode == p.CallMode.CAST:
                     self.log.warning(
                         "cast %r failed: %s: %s", call.command, message.type, message.message
@@ -468,7 +516,8 @@ class WorkerHandle:
             self.kill("protocol version mismatch")
         else:
             self.hello = hello
-            self.state = WorkerState.IDLE
+            if self.state is WorkerState.STARTING:
+                self.state = WorkerState.IDLE
         self._ready.set()
 
     def _take(self, call_id: int) -> PendingCall | None:
@@ -490,6 +539,7 @@ class WorkerHandle:
         if self._reaping or self._process is None:
             return
         self._reaping = True
+        self.state = WorkerState.STOPPING  # from now on no call is routed here
         process = self._process
         with anyio.move_on_after(_STDOUT_CLOSED_GRACE) as waited:
             await process.wait()

@@ -14,9 +14,11 @@ from ._framing import FrameDecoder as FrameDecoder
 from ._framing import FrameEncoder as FrameEncoder
 from ._framing import Sentinel as Sentinel
 from ._messages import PROTOCOL_VERSION as PROTOCOL_VERSION
+from ._messages import STREAM_WINDOW as STREAM_WINDOW
 from ._messages import Call as Call
 from ._messages import CallMode as CallMode
 from ._messages import Cancel as Cancel
+from ._messages import Credit as Credit
 from ._messages import End as End
 from ._messages import Failure as Failure
 from ._messages import FailureKind as FailureKind
@@ -39,10 +41,12 @@ __all__ = [
     "HEADER_BYTES",
     "NEED_DATA",
     "PROTOCOL_VERSION",
+    "STREAM_WINDOW",
     "Call",
     "CallMode",
     "Cancel",
     "Connection",
+    "Credit",
     "End",
     "Failure",
     "FailureKind",

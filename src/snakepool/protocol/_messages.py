@@ -15,10 +15,12 @@ from ..errors import ProtocolError
 __all__ = [
     "HOST_MESSAGES",
     "PROTOCOL_VERSION",
+    "STREAM_WINDOW",
     "WORKER_MESSAGES",
     "Call",
     "CallMode",
     "Cancel",
+    "Credit",
     "End",
     "Failure",
     "FailureKind",
@@ -38,6 +40,8 @@ __all__ = [
 
 #: Bumped on any incompatible change; host and worker must agree exactly.
 PROTOCOL_VERSION: Final = 1
+#: Items a worker may send on a stream before the host grants more with ``Credit``.
+STREAM_WINDOW: Final = 64
 
 
 class CallMode:
@@ -139,6 +143,17 @@ class Cancel(Message):
 
     TAG: ClassVar[str] = "cancel"
     WIRE: ClassVar[WireSpec] = (("id", "i", _INT),)
+
+
+@dataclass(frozen=True, slots=True)
+class Credit(Message):
+    """Stream ``id`` may send ``n`` more items (the host consumed that many)."""
+
+    id: int
+    n: int
+
+    TAG: ClassVar[str] = "credit"
+    WIRE: ClassVar[WireSpec] = (("id", "i", _INT), ("n", "n", _INT))
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +299,7 @@ class Goodbye(Message):
     WIRE: ClassVar[WireSpec] = (("reason", "e", _STR),)
 
 
-HOST_MESSAGES: Final[frozenset[type[Message]]] = frozenset({Init, Call, Cancel, Ping})
+HOST_MESSAGES: Final[frozenset[type[Message]]] = frozenset({Init, Call, Cancel, Credit, Ping})
 WORKER_MESSAGES: Final[frozenset[type[Message]]] = frozenset(
     {Hello, StartupFailed, Result, Failure, Item, End, Log, Pong, Goodbye}
 )

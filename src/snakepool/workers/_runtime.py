@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
+import functools
 import logging
 import os
 import signal
@@ -132,14 +133,24 @@ class _PipeReader(asyncio.Protocol):
 
 
 class _Running:
-    """A call in progress: its context and what to cancel."""
+    """A call in progress: its context, what to cancel, and its stream credit."""
 
-    __slots__ = ("ctx", "done", "task")
+    __slots__ = ("async_credit", "ctx", "done", "task", "thread_credit")
 
-    def __init__(self, ctx: CallContext) -> None:
+    def __init__(self, ctx: CallContext, *, stream: bool, in_thread: bool) -> None:
         self.ctx = ctx
         self.task: asyncio.Task[Any] | None = None
         self.done = False
+        # A stream may run STREAM_WINDOW items ahead of what the host consumed.
+        self.thread_credit = threading.Semaphore(p.STREAM_WINDOW) if stream and in_thread else None
+        self.async_credit = asyncio.Semaphore(p.STREAM_WINDOW) if stream and not in_thread else None
+
+    def grant(self, n: int) -> None:
+        if self.thread_credit is not None:
+            self.thread_credit.release(n)
+        elif self.async_credit is not None:
+            for _ in range(n):
+                self.async_credit.release()
 
 
 class Worker:
@@ -186,6 +197,10 @@ class Worker:
             self.cancel_call(message.id)
         elif isinstance(message, p.Ping):
             self.send(p.Pong(id=message.id))
+        elif isinstance(message, p.Credit):
+            running = self.running.get(message.id)
+            if running is not None and message.n > 0:
+                running.grant(message.n)
         elif isinstance(message, p.Init):
             self.loop.create_task(self.start(message))
 
@@ -293,15 +308,17 @@ class Worker:
         if spec.wants_context:
             kwargs["ctx"] = ctx
         handler = getattr(self.adapter, spec.attribute)
-        running = _Running(ctx)
+        running = _Running(ctx, stream=spec.is_stream, in_thread=not spec.is_async)
         self.running[call.id] = running
         if spec.is_async:
             body = self._run_async_stream if spec.is_stream else self._run_async
-            running.task = self.loop.create_task(body(call, handler, kwargs))
+            running.task = self.loop.create_task(body(call, handler, kwargs, running))
+            # A task cancelled before its first step never runs its body: answer for it.
+            running.task.add_done_callback(functools.partial(self._task_done, call))
         else:
             assert self.executor is not None
             target = self._sync_stream_body if spec.is_stream else self._sync_call_body
-            self.executor.submit(target, call, handler, kwargs, ctx)
+            self.executor.submit(target, call, handler, kwargs, running)
 
     def cancel_call(self, call_id: int) -> None:
         running = self.running.get(call_id)
@@ -314,7 +331,7 @@ class Worker:
     # sync handlers run in the thread pool; their outcome hops back to the loop.
 
     def _sync_call_body(
-        self, call: p.Call, handler: Callable[..., Any], kwargs: dict[str, Any], ctx: CallContext
+        self, call: p.Call, handler: Callable[..., Any], kwargs: dict[str, Any], running: _Running
     ) -> None:
         try:
             value = handler(**kwargs)
@@ -328,12 +345,16 @@ class Worker:
         call: p.Call,
         handler: Callable[..., Generator[Any, None, None]],
         kwargs: dict[str, Any],
-        ctx: CallContext,
+        running: _Running,
     ) -> None:
+        ctx, credit = running.ctx, running.thread_credit
+        assert credit is not None
         try:
             generator = handler(**kwargs)
             try:
                 for item in generator:
+                    while not credit.acquire(timeout=0.05) and not ctx.cancelled:
+                        pass  # the host has not consumed enough yet
                     if ctx.cancelled:
                         break
                     # Wait until the item is written (and the pipe drained when
@@ -355,8 +376,12 @@ class Worker:
 
     # async handlers run as tasks on this loop.
 
+    def _task_done(self, call: p.Call, task: asyncio.Task[Any]) -> None:
+        if call.id in self.running:
+            self._finish_error(call, asyncio.CancelledError(), "")
+
     async def _run_async(
-        self, call: p.Call, handler: Callable[..., Any], kwargs: dict[str, Any]
+        self, call: p.Call, handler: Callable[..., Any], kwargs: dict[str, Any], running: _Running
     ) -> None:
         try:
             value = await handler(**kwargs)
@@ -366,11 +391,18 @@ class Worker:
             self._finish_value(call, value)
 
     async def _run_async_stream(
-        self, call: p.Call, handler: Callable[..., AsyncIterator[Any]], kwargs: dict[str, Any]
+        self,
+        call: p.Call,
+        handler: Callable[..., AsyncIterator[Any]],
+        kwargs: dict[str, Any],
+        running: _Running,
     ) -> None:
         generator = handler(**kwargs)
+        credit = running.async_credit
+        assert credit is not None
         try:
             async for item in generator:
+                await credit.acquire()
                 self._send_item(call, item)
                 if self.running.get(call.id) is None:
                     break  # an item failed to encode; the call already failed
