@@ -201,3 +201,14 @@ class Resilience(Basic):
         pid = self.leak(mb)
         time.sleep(seconds)
         return pid
+
+
+class DiesSoon(Adapter):
+    """Starts fine, then dies 50 ms later: a crash loop."""
+
+    def setup(self, config: dict[str, Any]) -> None:
+        threading.Timer(0.05, lambda: os._exit(1)).start()
+
+    @command
+    def pid(self) -> int:
+        return os.getpid()

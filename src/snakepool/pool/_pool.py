@@ -752,8 +752,7 @@ class Pool:
             info = worker.exit_info
             died_early = info is not None and not info.planned and info.lifetime < _EARLY_DEATH
             early_deaths = early_deaths + 1 if died_early else 0
-            if early_deaths:
-                self._breaker.failure(ErrorCategory.INITIALIZATION)
+            if early_deaths:  # (the breaker counted this death through the calls it failed)
                 await anyio.sleep(_restart_delay(early_deaths))
             try:
                 await self._replace(slot, worker.restarts)

@@ -128,6 +128,7 @@ class WorkerHandle:
         self._psutil: psutil.Process | None = None
         self._reaping = False
         self._stop_requested = False
+        self._run_started = False
         self._kill_error: type[SnakepoolError] = WorkerCrashed
         self._retiring: str | None = None
         # Recycling limits, set by the pool with jitter (max_requests, worker_ttl).
@@ -190,6 +191,10 @@ class WorkerHandle:
         ``task_status.started()`` fires once the process exists; use
         :meth:`wait_ready` for the handshake.
         """
+        if self.exit_info is not None:  # stopped before this task even began
+            task_status.started()
+            return
+        self._run_started = True
         try:
             with self._cancel_scope:
                 await self._serve(launch, task_status)
@@ -366,6 +371,9 @@ class WorkerHandle:
         if self.exit_info is not None:
             return
         self._stop_requested = True
+        if not self._run_started:  # never handed to a task: nothing to wait for
+            self._never_started()
+            return
         if self._process is None:
             self._cancel_scope.cancel()
         elif self.hello is None:
@@ -429,6 +437,7 @@ class WorkerHandle:
         assert self._process is not None and self._process.stdout is not None
         stdout = self._process.stdout
         conn = self._conn
+        ended = False  # stdout reached its end (or broke the protocol), not cancelled
         try:
             while True:
                 try:
@@ -441,13 +450,17 @@ class WorkerHandle:
                     if event is p.NEED_DATA:
                         break
                     if event is p.CLOSED:
+                        ended = True
                         return
                     assert isinstance(event, p.Message)
                     self._on_message(event)
         except ProtocolError as exc:
+            ended = True
             self._protocol_error = ProtocolError(f"{self.describe()} broke the protocol: {exc}")
             self.kill(f"protocol error: {exc}")
         finally:
+            if not ended:  # torn down from outside: nothing left to wait for
+                self.kill("the pool stopped serving it")
             with anyio.CancelScope(shield=True):
                 await self._reap()
 

@@ -1,0 +1,119 @@
+"""Regression tests for races found in review (each once reproduced against real workers)."""
+
+from __future__ import annotations
+
+import itertools
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+import snakepool
+from snakepool import PoolClosed
+from snakepool.protocol import STREAM_WINDOW
+
+pytestmark = pytest.mark.anyio
+
+ADAPTER = "sp_adapters:Resilience"
+
+
+async def wait_until(condition: object, timeout: float = 15.0) -> None:
+    assert callable(condition)
+    with anyio.fail_after(timeout):
+        while not condition():
+            await anyio.sleep(0.02)
+
+
+def restarts(pool: snakepool.Pool) -> int:
+    return sum(w.restarts for w in pool.statistics().workers)
+
+
+async def test_cancel_arriving_with_its_async_call_is_answered() -> None:
+    # While the worker's loop is blocked, the call and its cancel arrive in one
+    # read: the task is cancelled before its first step. It must still be
+    # answered, or the host would take the worker for stuck and kill it.
+    async with snakepool.Pool(ADAPTER, size=1, worker_concurrency=2) as pool:
+        pool.cancel_grace = 1.0
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.call, "block_loop", {"seconds": 0.5})
+            await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
+            with pytest.raises(snakepool.CallTimeout):
+                await pool.call("nap", {"seconds": 30}, timeout=0.1)
+        await wait_until(lambda: pool.statistics().workers[0].inflight == 0)
+        assert restarts(pool) == 0
+
+
+async def test_cancelling_start_neither_hangs_nor_leaks() -> None:
+    for delay in (0.0, 0.005, 0.05):
+        pool = snakepool.Pool(ADAPTER, size=3)
+        with anyio.fail_after(15):
+            with anyio.move_on_after(delay):
+                await pool.start()
+            await pool.aclose()
+        assert pool.closed
+
+
+async def test_concurrent_acloses_both_wait_for_the_close() -> None:
+    pool = snakepool.Pool(ADAPTER, size=1)
+    await pool.start()
+    pid = pool.statistics().workers[0].pid
+    results: list[object] = []
+
+    async def nap() -> None:
+        results.append(await pool.call("nap", {"seconds": 0.3}))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(nap)
+        await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
+        tg.start_soon(pool.aclose)
+        await anyio.lowlevel.checkpoint()
+        await pool.aclose()  # must not return before the first close finished
+        assert pool.statistics().workers[0].state == "exited", pid
+    assert len(results) == 1
+
+
+async def test_shutdown_cutting_off_an_async_call_says_pool_closed() -> None:
+    pool = snakepool.Pool(ADAPTER, size=1)
+    pool.drain_grace = 0.2
+    await pool.start()
+    outcome: list[BaseException] = []
+
+    async def nap() -> None:
+        try:
+            await pool.call("nap", {"seconds": 30})
+        except snakepool.SnakepoolError as exc:
+            outcome.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(nap)
+        await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
+        await pool.aclose()
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], PoolClosed)
+
+
+async def test_a_slow_stream_consumer_bounds_what_is_buffered() -> None:
+    async with snakepool.Pool(ADAPTER, size=1) as pool:
+        stream = pool.stream("count", {"n": 10_000})
+        first = await stream.__anext__()
+        assert first == 0
+        await anyio.sleep(0.5)  # the worker would run far ahead without flow control
+        buffered = stream._call.items.statistics().current_buffer_used  # type: ignore[union-attr]
+        assert buffered <= STREAM_WINDOW
+        rest = [item async for item in stream]
+        assert rest == list(range(1, 10_000))
+
+
+async def test_a_crash_loop_backs_off() -> None:
+    started: list[float] = []
+    pool = snakepool.Pool("sp_adapters:DiesSoon", size=1)
+    pool.add_listener(
+        lambda e: started.append(anyio.current_time()) if e.name == "worker.started" else None
+    )
+    await pool.start()
+    try:
+        await wait_until(lambda: len(started) >= 5, timeout=30)
+    finally:
+        await pool.aclose()
+    gaps = [b - a for a, b in itertools.pairwise(started)]
+    assert gaps[3] > gaps[0] + 0.3  # 0.1 s -> 0.8 s (+ jitter): it slows down
