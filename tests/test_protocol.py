@@ -35,6 +35,9 @@ from snakepool.protocol import (
     FrameEncoder,
     Goodbye,
     Hello,
+    HostCall,
+    HostFailure,
+    HostReply,
     Init,
     Item,
     Log,
@@ -44,6 +47,8 @@ from snakepool.protocol import (
     Result,
     Role,
     Sentinel,
+    SessionDrop,
+    SessionSync,
     StartupFailed,
     from_wire,
     to_wire,
@@ -179,6 +184,11 @@ HOST_MESSAGES: list[Message] = [
     Cancel(id=2),
     Ping(id=7),
     Credit(id=2, n=32),
+    SessionSync(session_id="s1", version=3, variables={"t": 0.5}, restore={"k": b"v"}),
+    SessionSync(session_id="s2", version=0, variables={}),
+    SessionDrop(session_id="s1"),
+    HostReply(id=5, value={"ok": [1, 2]}),
+    HostFailure(id=6, type="LookupError", message="no host tool named 'x'"),
 ]
 
 WORKER_MESSAGES: list[Message] = [
@@ -198,6 +208,7 @@ WORKER_MESSAGES: list[Message] = [
     Failure(id=2, kind=FailureKind.CANCELLED, type="CancelledError", message=""),
     Log(level=30, logger="my.module", message="careful \u26a0"),
     Pong(id=7),
+    HostCall(id=5, call_id=1, tool="lookup", args={"q": "x"}),
     Goodbye(reason="max_calls reached"),
 ]
 
@@ -277,12 +288,14 @@ def test_every_message_type_is_covered() -> None:
     covered = {type(m) for m in HOST_MESSAGES + WORKER_MESSAGES} | {StartupFailed}
     assert covered == {Init, Call, Cancel, Hello, StartupFailed, Result}.union(
         {Failure, Item, End, Log, Goodbye, Ping, Pong, Credit}
+        | {SessionSync, SessionDrop, HostCall, HostReply, HostFailure}
     )
 
 
 def test_tags_and_wire_keys_are_unique() -> None:
     classes = [
-        *(Init, Call, Cancel, Credit, Ping, Hello, StartupFailed),
+        *(Init, Call, Cancel, Credit, Ping, Hello, StartupFailed, HostCall, HostReply),
+        *(HostFailure, SessionSync, SessionDrop),
         *(Result, Failure, Item, End, Log, Pong, Goodbye),
     ]
     assert len({c.TAG for c in classes}) == len(classes)

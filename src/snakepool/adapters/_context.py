@@ -5,9 +5,57 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
 
-__all__ = ["CallContext"]
+__all__ = ["CallContext", "HostBridge", "SessionVariables"]
+
+#: The host tool behind ``ctx.save_state`` (reserved: users cannot register it).
+SAVE_STATE_TOOL = "__snakepool_save_state__"
+
+
+class HostBridge(Protocol):
+    """How a context reaches the host (the worker runtime implements it)."""
+
+    def call_host(
+        self, call_id: int, tool: str, args: Mapping[str, Any], timeout: float | None
+    ) -> Any: ...
+
+    async def acall_host(
+        self, call_id: int, tool: str, args: Mapping[str, Any], timeout: float | None
+    ) -> Any: ...
+
+
+class SessionVariables(Mapping[str, Any]):
+    """Read-only view of a session's variables in this worker.
+
+    The host pushes every change before the next call of the session, so a
+    call made after ``set()`` returned on the host sees the new value.
+    """
+
+    __slots__ = ("_source",)
+
+    def __init__(self, source: Mapping[str, Any] | None = None) -> None:
+        self._source: Mapping[str, Any] = source if source is not None else {}
+
+    def _rebind(self, source: Mapping[str, Any]) -> None:
+        self._source = source
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return self._source[name]
+        except KeyError:
+            known = ", ".join(sorted(self._source)) or "none"
+            raise KeyError(f"no session variable {name!r} (defined: {known})") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._source)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __repr__(self) -> str:
+        return f"SessionVariables({dict(self._source)!r})"
 
 
 class CallContext:
@@ -16,9 +64,13 @@ class CallContext:
     ``cancelled`` turns true when the host gives up on the call (timeout, the
     caller went away, a stream closed early): long sync handlers should check
     it and return. ``deadline`` is a ``time.monotonic()`` value, or ``None``.
+    ``session_state`` is a dict kept in this worker for the session;
+    ``save_state(key, value)`` keeps data on the host, where it survives the
+    worker and reaches ``Adapter.restore_session`` on the next one.
     """
 
     __slots__ = (
+        "_bridge",
         "_cancel_event",
         "call_id",
         "command",
@@ -26,6 +78,7 @@ class CallContext:
         "log",
         "session_id",
         "session_state",
+        "variables",
         "worker_id",
     )
 
@@ -39,6 +92,8 @@ class CallContext:
         session_state: dict[str, Any],
         deadline: float | None,
         log: logging.Logger,
+        variables: SessionVariables | None = None,
+        bridge: HostBridge | None = None,
     ) -> None:
         self.call_id = call_id
         self.command = command
@@ -47,6 +102,8 @@ class CallContext:
         self.session_state = session_state
         self.deadline = deadline
         self.log = log
+        self.variables = variables if variables is not None else SessionVariables()
+        self._bridge = bridge
         self._cancel_event = threading.Event()
 
     @property
@@ -67,6 +124,37 @@ class CallContext:
     def cancel(self) -> None:
         """Mark the call cancelled (the worker runtime does this)."""
         self._cancel_event.set()
+
+    def call_host(self, name: str, args: Mapping[str, Any] | None = None) -> Any:
+        """Call the host tool ``name(**args)`` and return its result (sync handlers).
+
+        A tool that raises, or a name nobody registered, raises
+        ``snakepool.RemoteError`` here with the host-side type and message.
+        """
+        return self._need_bridge().call_host(self.call_id, name, dict(args or {}), self.time_left)
+
+    async def acall_host(self, name: str, args: Mapping[str, Any] | None = None) -> Any:
+        """``call_host`` for async handlers."""
+        return await self._need_bridge().acall_host(
+            self.call_id, name, dict(args or {}), self.time_left
+        )
+
+    def save_state(self, key: str, value: Any) -> None:
+        """Keep ``value`` (MessagePack-able) in the host's session state; returns once stored."""
+        if self.session_id is None:
+            raise RuntimeError("save_state() needs a session: call through pool.session(...)")
+        self.call_host(SAVE_STATE_TOOL, {"key": key, "value": value})
+
+    async def asave_state(self, key: str, value: Any) -> None:
+        """``save_state`` for async handlers."""
+        if self.session_id is None:
+            raise RuntimeError("save_state() needs a session: call through pool.session(...)")
+        await self.acall_host(SAVE_STATE_TOOL, {"key": key, "value": value})
+
+    def _need_bridge(self) -> HostBridge:
+        if self._bridge is None:
+            raise RuntimeError("this context is not connected to a host")
+        return self._bridge
 
     def __repr__(self) -> str:
         return (

@@ -32,13 +32,19 @@ class PendingCall:
         "id",
         "items",
         "mode",
+        "session_id",
         "value",
+        "worker",
     )
 
-    def __init__(self, call_id: int, command: str, mode: str) -> None:
+    def __init__(
+        self, call_id: int, command: str, mode: str, session_id: str | None = None
+    ) -> None:
         self.id = call_id
         self.command = command
         self.mode = mode
+        self.session_id = session_id
+        self.worker: Any = None  # the WorkerHandle it was sent to
         self.done = anyio.Event()
         self.value: Any = None
         self.error: SnakepoolError | None = None

@@ -27,11 +27,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import inspect
 import itertools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -41,12 +42,12 @@ import tenacity
 
 from .. import protocol as p
 from ..adapters import Adapter
+from ..adapters._context import SAVE_STATE_TOOL
 from ..errors import (
     CallTimeout,
     CircuitOpen,
     ErrorCategory,
     PoolClosed,
-    PoolOverloaded,
     ProtocolError,
     ResourceExceeded,
     SnakepoolError,
@@ -56,10 +57,13 @@ from ..errors import (
 from ._breaker import BreakerState, CircuitBreaker
 from ._calls import PendingCall
 from ._config import PoolConfig
+from ._dispatch import Dispatcher
 from ._events import Event, Listeners, PoolStatistics, WorkerStatistics
 from ._recovery import Recovery, recovery_table
 from ._registry import RunRegistry
 from ._runner import BackgroundTasks
+from ._session import Session, SessionManager
+from ._store import SessionStore, open_store
 from ._worker import WorkerHandle, format_exit
 
 __all__ = ["CallStream", "Pool"]
@@ -80,17 +84,6 @@ def _restart_delay(failures: int) -> float:
     state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
     state.attempt_number = failures
     return float(_RESTART_BACKOFF(state))
-
-
-class _Waiter:
-    """A caller queued for a free worker slot."""
-
-    __slots__ = ("error", "event", "worker")
-
-    def __init__(self) -> None:
-        self.event = anyio.Event()
-        self.worker: WorkerHandle | None = None
-        self.error: SnakepoolError | None = None
 
 
 class Pool:
@@ -138,7 +131,7 @@ class Pool:
         gpus: str | Sequence[int] | None = None,
         workers_per_gpu: int = 1,
         preload: Sequence[str] = (),
-        session_store: str = "memory",
+        session_store: str | SessionStore = "memory",
         recovery: Mapping[ErrorCategory | str, Recovery | str] | None = None,
     ) -> None:
         if isinstance(adapter, type):
@@ -157,7 +150,7 @@ class Pool:
             max_sessions=max_sessions, breaker_threshold=breaker_threshold,
             breaker_reset_timeout=breaker_reset_timeout, max_frame_bytes=max_frame_bytes,
             gpus=gpus, workers_per_gpu=workers_per_gpu, preload=preload,
-            session_store=session_store,
+            session_store=session_store if isinstance(session_store, str) else type(session_store).__name__,
         )  # fmt: skip
         self.name = name
         self.recovery = recovery_table(recovery)
@@ -173,7 +166,9 @@ class Pool:
         self._encoder = p.FrameEncoder(max_frame_bytes)
         self._ids = itertools.count(1)
         self._workers: list[WorkerHandle] = []
-        self._waiters: collections.deque[_Waiter] = collections.deque()
+        self._dispatcher = Dispatcher(name, queue_size, lambda: self._workers, self._check_open)
+        self._sessions = SessionManager(self, open_store(session_store, namespace=name))
+        self._tools: dict[str, Callable[..., Any]] = {}
         self._background = BackgroundTasks(name)
         self._state = "new"  # new | starting | running | closing | closed
         self._drained: anyio.Event | None = None
@@ -205,6 +200,7 @@ class Pool:
             for slot in range(count):
                 tg.start_soon(self._keep_slot_filled, slot)
             tg.start_soon(self._check_health_forever)
+            tg.start_soon(self._reap_sessions_forever)
             self._state = "running"
         except BaseException:
             self._state = "closing"
@@ -237,16 +233,17 @@ class Pool:
 
     async def _drain_and_stop(self) -> None:
         """Fail queued calls, wait for in-flight ones (up to drain_grace), stop workers."""
-        for waiter in self._waiters:
-            waiter.error = PoolClosed(f"pool {self.name!r} closed while the call was queued")
-            waiter.event.set()
-        self._waiters.clear()
+        self._dispatcher.fail_all(
+            PoolClosed(f"pool {self.name!r} closed while the call was queued")
+        )
         with anyio.move_on_after(self.drain_grace):
             while any(w.pending for w in self._workers):
                 self._drained = anyio.Event()
                 await self._drained.wait()
         await self._stop_workers()
         await self._background.aclose()
+        with contextlib.suppress(Exception):
+            await self._sessions.store.aclose()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -325,20 +322,47 @@ class Pool:
         call_id = next(self._ids)
         frame = self._encode(call_id, command, args, None, session, p.CallMode.CAST)
         probe = self._admit(command)
-        call = PendingCall(call_id, command, p.CallMode.CAST)
-        worker = self._pick() if not self._waiters else None
+        call = PendingCall(call_id, command, p.CallMode.CAST, session)
         try:
+            worker = self._dispatcher.try_reserve() if session is None else None
             if worker is not None:
                 worker.submit(call, frame)
+                waiter = None
+            elif session is None:  # queue it now (or refuse it now), send it when a slot frees
+                waiter = self._dispatcher.enqueue()
             else:
-                waiter = self._enqueue()
-                self._background.group.start_soon(self._cast_when_free, waiter, call, frame)
+                waiter = None  # a session's cast goes through its affinity, in the background
         except BaseException:
             if probe:
                 self._breaker.release_probe()
             raise
-        self._background.group.start_soon(self._count_cast, call, worker, probe)
+        self._background.group.start_soon(self._run_cast, call, frame, waiter, session, probe)
         await anyio.lowlevel.checkpoint()
+
+    def session(self, session_id: str | None = None, *, ttl: float | None = None) -> Session:
+        """A session: a new one, or (given an id) the existing one it reattaches to.
+
+        Usable at once; ``async with pool.session() as s`` closes it at exit.
+        """
+        return Session(self, session_id, ttl)
+
+    def register_tool(self, name: str, fn: Callable[..., Any]) -> None:
+        """Let worker code call ``fn(**args)`` with ``ctx.call_host(name, args)``.
+
+        ``fn`` may be sync (it runs in a thread) or async. Registering a name
+        again replaces the tool.
+        """
+        if not isinstance(name, str) or not name or name.startswith("__snakepool"):
+            raise ValueError(
+                f"tool name must be a non-empty str not starting with '__snakepool', got {name!r}"
+            )
+        if not callable(fn):
+            raise TypeError(f"tool {name!r} must be callable, got {type(fn).__name__}")
+        self._tools[name] = fn
+
+    def _sessions_manager(self) -> SessionManager:
+        self._check_open()
+        return self._sessions
 
     def add_listener(self, fn: Callable[[Event], Any]) -> None:
         """Call ``fn(event)`` for every telemetry event of this pool."""
@@ -352,8 +376,8 @@ class Pool:
         return PoolStatistics(
             name=self.name,
             size=self.config.worker_count,
-            queued=len(self._waiters),
-            sessions=0,
+            queued=self._dispatcher.queued,
+            sessions=self._sessions.count_estimate,
             breaker_state=self._breaker.state.value,
             workers=tuple(
                 WorkerStatistics(
@@ -387,20 +411,19 @@ class Pool:
         frame = self._encode(call_id, command, args, timeout, session, p.CallMode.CALL)
         limit = self.config.call_timeout if timeout is None else timeout
         probe = self._admit(command)
-        call = PendingCall(call_id, command, p.CallMode.CALL)
+        call = PendingCall(call_id, command, p.CallMode.CALL, session)
         started = time.perf_counter()
-        worker: WorkerHandle | None = None
         with anyio.move_on_after(limit) as scope:
             try:
-                worker = await self._acquire()
-                worker.submit(call, frame)
+                await self._dispatch(call, frame, session)
                 await call.done.wait()
             except BaseException:
-                if worker is not None and not call.done.is_set():
-                    self._abandon(worker, call)
+                if call.worker is not None and not call.done.is_set():
+                    self._abandon(call.worker, call)
                 if probe:
                     self._breaker.release_probe()
                 raise
+        worker = call.worker
         if not call.done.is_set():
             assert scope.cancelled_caught
             error = self._timeout_error(command, limit, worker)
@@ -419,7 +442,7 @@ class Pool:
         if worker is None:
             return CallTimeout(
                 f"call {command!r} waited {limit:g}s for a free worker in pool {self.name!r} "
-                f"({len(self._waiters)} queued); it was never sent"
+                f"({self._dispatcher.queued} queued); it was never sent"
             )
         return CallTimeout(
             f"call {command!r} did not finish within {limit:g}s on {worker.describe()}; "
@@ -560,20 +583,29 @@ class Pool:
             reason = f"call {call.command!r} did not stop within {self.cancel_grace:g}s of its cancellation"
             self._recover(worker, ErrorCategory.TIMEOUT, reason)
 
-    async def _count_cast(
-        self, call: PendingCall, worker: WorkerHandle | None, probe: bool
+    async def _run_cast(
+        self,
+        call: PendingCall,
+        frame: bytes,
+        waiter: Any,
+        session: str | None,
+        probe: bool,
     ) -> None:
         started = time.perf_counter()
-        await call.done.wait()
-        self._record(call.command, worker, started, call.error, probe=probe)
-
-    async def _cast_when_free(self, waiter: _Waiter, call: PendingCall, frame: bytes) -> None:
         try:
-            worker = await self._await_waiter(waiter)
+            if waiter is not None:
+                worker = await self._dispatcher.wait(waiter)
+                worker.submit(call, frame)
+            elif call.worker is None:
+                await self._dispatch(call, frame, session)
         except SnakepoolError as exc:
             call.fail(exc)
-            return
-        worker.submit(call, frame)
+        except BaseException:
+            if probe:
+                self._breaker.release_probe()
+            raise
+        await call.done.wait()
+        self._record(call.command, call.worker, started, call.error, probe=probe)
 
     # --- choosing a worker (synchronous decisions) ---------------------------------
 
@@ -586,78 +618,30 @@ class Pool:
             f"pool {self.name!r} is not started: use 'async with pool' or 'await pool.start()'"
         )
 
-    def _pick(self) -> WorkerHandle | None:
-        """The least-loaded ready worker with a free slot, or ``None``."""
-        best: WorkerHandle | None = None
-        for worker in self._workers:
-            if worker.has_capacity and (best is None or worker.load < best.load):
-                best = worker
-                if worker.load == 0:
-                    break
-        return best
-
-    async def _acquire(self) -> WorkerHandle:
-        """A worker with a slot reserved for the caller, who must submit at once."""
-        if not self._waiters:
-            worker = self._pick()
-            if worker is not None:
-                return worker
-        return await self._await_waiter(self._enqueue())
-
-    def _enqueue(self) -> _Waiter:
-        if len(self._waiters) >= self.config.queue_size:
-            raise PoolOverloaded(
-                f"pool {self.name!r} is overloaded: {len(self._waiters)} calls queued "
-                f"(queue_size={self.config.queue_size}); the call was refused, nothing queued"
-            )
-        waiter = _Waiter()
-        self._waiters.append(waiter)
-        return waiter
-
-    async def _await_waiter(self, waiter: _Waiter) -> WorkerHandle:
-        while True:
-            try:
-                await waiter.event.wait()
-            except BaseException:
-                self._leave_queue(waiter)
-                raise
-            if waiter.error is not None:
-                raise waiter.error
-            worker = waiter.worker
-            assert worker is not None
-            worker.reserved -= 1
-            if worker.is_ready:
-                return worker
-            # The worker died between the hand-off and now: queue again, at the front.
-            self._check_open()
-            waiter.event, waiter.worker = anyio.Event(), None
-            self._waiters.appendleft(waiter)
-            self._hand_off_any()
-
-    def _leave_queue(self, waiter: _Waiter) -> None:
-        if waiter.worker is not None:
-            worker, waiter.worker = waiter.worker, None
-            worker.reserved -= 1
-            self._on_capacity(worker)
-        else:
-            with contextlib.suppress(ValueError):
-                self._waiters.remove(waiter)
-
     def _on_capacity(self, worker: WorkerHandle) -> None:
-        """A slot freed (or a worker became ready): hand it to the next waiter."""
-        while self._waiters and worker.has_capacity:
-            waiter = self._waiters.popleft()
-            waiter.worker = worker
-            worker.reserved += 1
-            waiter.event.set()
+        """A slot freed (or a worker became ready): hand it on; notice a finished drain."""
+        self._dispatcher.on_capacity(worker)
         if self._drained is not None and not any(w.pending for w in self._workers):
             self._drained.set()
 
-    def _hand_off_any(self) -> None:
-        for worker in self._workers:
-            if not self._waiters:
-                return
-            self._on_capacity(worker)
+    async def _dispatch(
+        self, call: PendingCall, frame: bytes, session_id: str | None
+    ) -> WorkerHandle:
+        """Choose a worker (affinity for sessions), make it current, send the call."""
+        while True:
+            if session_id is None:
+                worker = await self._dispatcher.acquire()
+            else:
+                worker = await self._sessions.acquire(session_id)
+                try:
+                    await self._sessions.prepare(worker, session_id)
+                except BaseException:
+                    self._dispatcher.release(worker)
+                    raise
+            if worker.is_ready:
+                worker.submit(call, frame)
+                return worker
+            self._dispatcher.release(worker)  # it died while the session was prepared
 
     # --- worker slots ----------------------------------------------------------------
 
@@ -669,6 +653,7 @@ class Pool:
             concurrency=self.config.worker_concurrency,
             gpu=self.config.gpu_slots[slot],
             on_capacity=self._on_capacity,
+            on_host_call=self._on_host_call,
             on_exit=self._on_worker_exit,
         )
 
@@ -717,6 +702,61 @@ class Pool:
             worker.retire(f"reached worker_ttl ({worker.age:.1f}s old)")
         elif self.config.max_memory_mb is not None:
             self._check_memory(worker, self.config.max_memory_mb)
+
+    async def _reap_sessions_forever(self) -> None:
+        """Drop expired sessions from the workers and announce ``session.expired``."""
+        interval = min(1.0, self.config.session_ttl / 4)
+        while True:
+            await anyio.sleep(interval)
+            try:
+                expired = await self._sessions.reap()
+            except Exception as exc:  # the store is down: try again next time
+                _log.warning("pool %s: session reaper: %s", self.name, exc)
+                continue
+            for session_id in expired:
+                self._listeners.emit("session.expired", None, session_id=session_id)
+
+    # --- host tools (the two-way bridge) ------------------------------------------
+
+    def _on_host_call(self, worker: WorkerHandle, message: p.HostCall) -> None:
+        if self._background.running:
+            self._background.group.start_soon(self._run_tool, worker, message)
+
+    async def _run_tool(self, worker: WorkerHandle, message: p.HostCall) -> None:
+        reply: p.Message
+        try:
+            value = await self._call_tool(worker, message)
+            reply = p.HostReply(id=message.id, value=value)
+            worker.post_message(reply)
+        except Exception as exc:
+            type_name = type(exc).__qualname__
+            if isinstance(exc, TypeError) and "serializable" in str(exc):
+                message_text = f"result of host tool {message.tool!r} is {exc}"
+            else:
+                message_text = str(exc)
+            worker.post_message(p.HostFailure(id=message.id, type=type_name, message=message_text))
+
+    async def _call_tool(self, worker: WorkerHandle, message: p.HostCall) -> Any:
+        if message.tool == SAVE_STATE_TOOL:
+            call = worker.pending.get(message.call_id)
+            if call is None or call.session_id is None:
+                raise LookupError("save_state() outside a session call")
+            await self._sessions.store.save_state(
+                call.session_id, message.args["key"], message.args["value"]
+            )
+            return None
+        fn = self._tools.get(message.tool)
+        if fn is None:
+            known = ", ".join(sorted(self._tools)) or "none"
+            raise LookupError(
+                f"no host tool named {message.tool!r} is registered (registered: {known})"
+            )
+        if inspect.iscoroutinefunction(fn):
+            return await fn(**message.args)
+        result = await anyio.to_thread.run_sync(functools.partial(fn, **message.args))
+        if inspect.isawaitable(result):
+            return await result
+        return result
 
     async def _start_first(self, slot: int, errors: list[WorkerStartError]) -> None:
         retrying = tenacity.AsyncRetrying(
@@ -805,7 +845,7 @@ class Pool:
                 "worker.recycled", worker.slot, pid=worker.pid, reason=worker.retiring
             )
         self._listeners.emit("worker.exited", worker.slot, pid=worker.pid, **format_exit(info))
-        self._hand_off_any()
+        self._dispatcher.on_worker_exit(worker)
         if self._drained is not None and not any(w.pending for w in self._workers):
             self._drained.set()
 
@@ -839,6 +879,8 @@ class CallStream:
         self._timeout = pool.config.call_timeout if timeout is None else timeout
         self._call: PendingCall | None = None
         self._worker: WorkerHandle | None = None
+        self._session = session
+        self._before_open: Callable[[], Awaitable[Any]] | None = None  # a Session creates itself
         self._finished = False
         self._consumed = 0  # items taken since the last Credit sent to the worker
         self._probe = False
@@ -881,15 +923,18 @@ class CallStream:
         pool = self._pool
         pool._check_open()
         self._probe = pool._admit(self.command)
-        call = PendingCall(self._call_id, self.command, p.CallMode.STREAM)
+        call = PendingCall(self._call_id, self.command, p.CallMode.STREAM, self._session)
         with anyio.move_on_after(self._timeout):
             try:
-                worker = await pool._acquire()
+                if self._before_open is not None:
+                    await self._before_open()
+                worker = await pool._dispatch(call, self._frame, self._session)
             except BaseException:
+                if call.worker is not None and not call.done.is_set():
+                    pool._abandon(call.worker, call)
                 if self._probe:
                     pool._breaker.release_probe()
                 raise
-            worker.submit(call, self._frame)
             self._call, self._worker = call, worker
             return
         self._finished = True

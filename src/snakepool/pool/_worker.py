@@ -94,6 +94,7 @@ class WorkerHandle:
         gpu: int | None,
         on_capacity: Callable[[WorkerHandle], None],
         on_exit: Callable[[WorkerHandle], None],
+        on_host_call: Callable[[WorkerHandle, p.HostCall], None] | None = None,
     ) -> None:
         self.pool = pool
         self.slot = slot
@@ -111,6 +112,8 @@ class WorkerHandle:
         self.log = logging.getLogger(f"snakepool.worker.{pool}.{slot}")
         self._on_capacity = on_capacity
         self._on_exit = on_exit
+        self._on_host_call = on_host_call
+        self.sessions: dict[str, int] = {}  # session id -> variables version this worker has
         self._conn = p.Connection(p.Role.HOST)
         self._process: anyio.abc.Process | None = None
         self._outbox_in, self._outbox_out = anyio.create_memory_object_stream[bytes | None](
@@ -288,8 +291,14 @@ class WorkerHandle:
         with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
             self._outbox_in.send_nowait(frame)
 
+    def post_message(self, message: p.Message) -> None:
+        """Encode and queue one host message."""
+        self.post(self._conn.send(message))
+
     def submit(self, call: PendingCall, frame: bytes) -> None:
-        """Register ``call`` and queue its frame; the slot was checked by the caller."""
+        """Register ``call`` and queue its frame, using the slot reserved for it."""
+        self.reserved -= 1
+        call.worker = self
         self.pending[call.id] = call
         self.requests += 1
         self.state = WorkerState.BUSY
@@ -510,6 +519,10 @@ class WorkerHandle:
             assert isinstance(message, p.StartupFailed)
             self._startup_failure = message
             self._ready.set()
+        elif kind is p.HostCall:
+            assert isinstance(message, p.HostCall)
+            if self._on_host_call is not None:
+                self._on_host_call(self, message)
         elif kind is p.Pong:
             assert isinstance(message, p.Pong)
             answered = self._pings.get(message.id)

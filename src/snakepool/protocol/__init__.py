@@ -24,6 +24,9 @@ from ._messages import Failure as Failure
 from ._messages import FailureKind as FailureKind
 from ._messages import Goodbye as Goodbye
 from ._messages import Hello as Hello
+from ._messages import HostCall as HostCall
+from ._messages import HostFailure as HostFailure
+from ._messages import HostReply as HostReply
 from ._messages import Init as Init
 from ._messages import Item as Item
 from ._messages import Log as Log
@@ -31,6 +34,8 @@ from ._messages import Message as Message
 from ._messages import Ping as Ping
 from ._messages import Pong as Pong
 from ._messages import Result as Result
+from ._messages import SessionDrop as SessionDrop
+from ._messages import SessionSync as SessionSync
 from ._messages import StartupFailed as StartupFailed
 from ._messages import from_wire as from_wire
 from ._messages import to_wire as to_wire
@@ -54,6 +59,9 @@ __all__ = [
     "FrameEncoder",
     "Goodbye",
     "Hello",
+    "HostCall",
+    "HostFailure",
+    "HostReply",
     "Init",
     "Item",
     "Log",
@@ -63,6 +71,8 @@ __all__ = [
     "Result",
     "Role",
     "Sentinel",
+    "SessionDrop",
+    "SessionSync",
     "StartupFailed",
     "from_wire",
     "to_wire",

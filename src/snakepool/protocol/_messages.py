@@ -26,6 +26,9 @@ __all__ = [
     "FailureKind",
     "Goodbye",
     "Hello",
+    "HostCall",
+    "HostFailure",
+    "HostReply",
     "Init",
     "Item",
     "Log",
@@ -33,6 +36,8 @@ __all__ = [
     "Ping",
     "Pong",
     "Result",
+    "SessionDrop",
+    "SessionSync",
     "StartupFailed",
     "from_wire",
     "to_wire",
@@ -154,6 +159,62 @@ class Credit(Message):
 
     TAG: ClassVar[str] = "credit"
     WIRE: ClassVar[WireSpec] = (("id", "i", _INT), ("n", "n", _INT))
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSync(Message):
+    """Open or refresh session ``session_id`` in the worker.
+
+    ``variables`` is the full set of current values (the worker's cache is
+    replaced); ``restore``, when not nil, is the persisted state the adapter's
+    ``restore_session`` must rebuild from before the session's next call runs.
+    """
+
+    session_id: str
+    version: int
+    variables: dict[str, Any]
+    restore: dict[str, Any] | None = None
+
+    TAG: ClassVar[str] = "session"
+    WIRE: ClassVar[WireSpec] = (
+        ("session_id", "s", _STR),
+        ("version", "v", _INT),
+        ("variables", "a", (dict,)),
+        ("restore", "r", (dict, type(None))),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SessionDrop(Message):
+    """Session ``session_id`` ended (closed or expired): forget it."""
+
+    session_id: str
+
+    TAG: ClassVar[str] = "session_drop"
+    WIRE: ClassVar[WireSpec] = (("session_id", "s", _STR),)
+
+
+@dataclass(frozen=True, slots=True)
+class HostReply(Message):
+    """Host tool call ``id`` returned ``value``."""
+
+    id: int
+    value: Any
+
+    TAG: ClassVar[str] = "host_reply"
+    WIRE: ClassVar[WireSpec] = (("id", "i", _INT), ("value", "r", _ANY))
+
+
+@dataclass(frozen=True, slots=True)
+class HostFailure(Message):
+    """Host tool call ``id`` failed (or no such tool is registered)."""
+
+    id: int
+    type: str
+    message: str
+
+    TAG: ClassVar[str] = "host_failure"
+    WIRE: ClassVar[WireSpec] = (("id", "i", _INT), ("type", "y", _STR), ("message", "e", _STR))
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +341,24 @@ class Log(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class HostCall(Message):
+    """Worker code calls host tool ``tool(**args)`` during call ``call_id``."""
+
+    id: int
+    call_id: int
+    tool: str
+    args: dict[str, Any]
+
+    TAG: ClassVar[str] = "host_call"
+    WIRE: ClassVar[WireSpec] = (
+        ("id", "i", _INT),
+        ("call_id", "c", _INT),
+        ("tool", "n", _STR),
+        ("args", "a", (dict,)),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Pong(Message):
     """The answer to ``Ping`` ``id``."""
 
@@ -299,9 +378,11 @@ class Goodbye(Message):
     WIRE: ClassVar[WireSpec] = (("reason", "e", _STR),)
 
 
-HOST_MESSAGES: Final[frozenset[type[Message]]] = frozenset({Init, Call, Cancel, Credit, Ping})
+HOST_MESSAGES: Final[frozenset[type[Message]]] = frozenset(
+    {Init, Call, Cancel, Credit, Ping, SessionSync, SessionDrop, HostReply, HostFailure}
+)
 WORKER_MESSAGES: Final[frozenset[type[Message]]] = frozenset(
-    {Hello, StartupFailed, Result, Failure, Item, End, Log, Pong, Goodbye}
+    {Hello, StartupFailed, Result, Failure, Item, End, Log, Pong, Goodbye, HostCall}
 )
 _BY_TAG: Final[dict[str, type[Message]]] = {m.TAG: m for m in HOST_MESSAGES | WORKER_MESSAGES}
 _OPTIONAL: Final[dict[type[Message], frozenset[str]]] = {

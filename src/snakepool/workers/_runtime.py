@@ -18,9 +18,11 @@ dies, via ``PR_SET_PDEATHSIG``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import faulthandler
 import functools
+import itertools
 import logging
 import os
 import signal
@@ -32,8 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .. import protocol as p
-from ..adapters import Adapter, CallContext, CommandSpec, load_adapter_class
-from ..errors import ProtocolError
+from ..adapters import Adapter, CallContext, CommandSpec, SessionVariables, load_adapter_class
+from ..errors import ProtocolError, RemoteError
 
 __all__ = ["current_worker", "main"]
 
@@ -153,6 +155,19 @@ class _Running:
                 self.async_credit.release()
 
 
+class _WorkerSession:
+    """What this worker keeps for one session: its local state and variable cache."""
+
+    __slots__ = ("lock", "pending_restore", "state", "variables", "version")
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] = {}
+        self.variables: dict[str, Any] = {}
+        self.version = -1
+        self.pending_restore: dict[str, Any] | None = None
+        self.lock = threading.Lock()  # restore runs once even with concurrent calls
+
+
 class Worker:
     """Dispatches protocol messages to the adapter's commands."""
 
@@ -164,6 +179,9 @@ class Worker:
         self.adapter: Adapter | None = None
         self.commands: dict[str, CommandSpec] = {}
         self.running: dict[int, _Running] = {}
+        self.sessions: dict[str, _WorkerSession] = {}
+        self._host_calls: dict[int, concurrent.futures.Future[Any] | asyncio.Future[Any]] = {}
+        self._host_call_ids = itertools.count(1)
         self.executor: ThreadPoolExecutor | None = None
         self.init: p.Init | None = None
         self.log = _log
@@ -197,6 +215,12 @@ class Worker:
             self.cancel_call(message.id)
         elif isinstance(message, p.Ping):
             self.send(p.Pong(id=message.id))
+        elif isinstance(message, p.SessionSync):
+            self._sync_session(message)
+        elif isinstance(message, p.SessionDrop):
+            self.sessions.pop(message.session_id, None)
+        elif isinstance(message, p.HostReply | p.HostFailure):
+            self._host_answered(message)
         elif isinstance(message, p.Credit):
             running = self.running.get(message.id)
             if running is not None and message.n > 0:
@@ -295,14 +319,21 @@ class Worker:
             )
             return
         assert self.init is not None
+        session = None
+        if call.session_id is not None:
+            session = self.sessions.get(call.session_id)
+            if session is None:  # (the host syncs first; this is only a safety net)
+                session = self.sessions[call.session_id] = _WorkerSession()
         ctx = CallContext(
             call_id=call.id,
             command=call.command,
             worker_id=self.init.worker_id,
             session_id=call.session_id,
-            session_state={},
+            session_state=session.state if session is not None else {},
             deadline=(self.loop.time() + call.timeout) if call.timeout else None,
             log=self.log,
+            variables=SessionVariables(session.variables) if session is not None else None,
+            bridge=self,
         )
         kwargs = dict(bound.arguments)
         if spec.wants_context:
@@ -334,6 +365,7 @@ class Worker:
         self, call: p.Call, handler: Callable[..., Any], kwargs: dict[str, Any], running: _Running
     ) -> None:
         try:
+            self._restore_if_needed(running.ctx)
             value = handler(**kwargs)
         except BaseException as exc:
             self._call_soon(self._finish_error, call, exc, traceback.format_exc())
@@ -350,6 +382,7 @@ class Worker:
         ctx, credit = running.ctx, running.thread_credit
         assert credit is not None
         try:
+            self._restore_if_needed(ctx)
             generator = handler(**kwargs)
             try:
                 for item in generator:
@@ -370,6 +403,89 @@ class Worker:
         else:
             self._call_soon(self._finish_stream, call)
 
+    # --- sessions and the host bridge -------------------------------------------
+
+    def _sync_session(self, sync: p.SessionSync) -> None:
+        session = self.sessions.get(sync.session_id)
+        if session is None:
+            session = self.sessions[sync.session_id] = _WorkerSession()
+        # Replace the cache wholesale: views held by running calls keep the old
+        # dict, calls that start after this message see the new one.
+        session.variables = dict(sync.variables)
+        session.version = sync.version
+        if sync.restore is not None:
+            session.pending_restore = dict(sync.restore)
+
+    def _restore_if_needed(self, ctx: CallContext) -> None:
+        """Run ``restore_session`` once, before the first call of a moved session."""
+        if ctx.session_id is None or self.adapter is None:
+            return
+        session = self.sessions.get(ctx.session_id)
+        if session is None or session.pending_restore is None:
+            return
+        with session.lock:
+            state, session.pending_restore = session.pending_restore, None
+            if state is not None:
+                self.adapter.restore_session(ctx, state)
+
+    def call_host(self, call_id: int, tool: str, args: Any, timeout: float | None) -> Any:
+        """Blocking host tool call, from a handler thread."""
+        if threading.get_ident() == self._loop_thread:
+            raise RuntimeError(
+                "ctx.call_host() would block the worker's event loop: use await ctx.acall_host()"
+            )
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        host_call_id = next(self._host_call_ids)
+        self._call_soon(self._send_host_call, host_call_id, call_id, tool, args, future)
+        try:
+            return future.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(
+                f"host tool {tool!r} did not answer within the call's deadline"
+            ) from None
+        finally:
+            self._call_soon(self._forget_host_call, host_call_id)
+
+    async def acall_host(self, call_id: int, tool: str, args: Any, timeout: float | None) -> Any:
+        """Host tool call from an async handler."""
+        future: asyncio.Future[Any] = self.loop.create_future()
+        host_call_id = next(self._host_call_ids)
+        self._send_host_call(host_call_id, call_id, tool, args, future)
+        try:
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._host_calls.pop(host_call_id, None)
+
+    def _send_host_call(
+        self,
+        host_call_id: int,
+        call_id: int,
+        tool: str,
+        args: Any,
+        future: concurrent.futures.Future[Any] | asyncio.Future[Any],
+    ) -> None:
+        try:
+            frame_message = p.HostCall(id=host_call_id, call_id=call_id, tool=tool, args=args)
+            self._host_calls[host_call_id] = future
+            self.send(frame_message)
+        except (TypeError, ProtocolError) as exc:
+            self._host_calls.pop(host_call_id, None)
+            future.set_exception(
+                TypeError(f"arguments of host tool {tool!r} cannot be sent: {exc}")
+            )
+
+    def _forget_host_call(self, host_call_id: int) -> None:
+        self._host_calls.pop(host_call_id, None)
+
+    def _host_answered(self, message: p.HostReply | p.HostFailure) -> None:
+        future = self._host_calls.pop(message.id, None)
+        if future is None or future.done():
+            return  # the caller gave up (deadline) meanwhile
+        if isinstance(message, p.HostReply):
+            future.set_result(message.value)
+        else:
+            future.set_exception(RemoteError(message.type, message.message))
+
     def _call_soon(self, fn: Callable[..., None], *args: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is gone: we are exiting
             self.loop.call_soon_threadsafe(fn, *args)
@@ -384,6 +500,7 @@ class Worker:
         self, call: p.Call, handler: Callable[..., Any], kwargs: dict[str, Any], running: _Running
     ) -> None:
         try:
+            self._restore_if_needed(running.ctx)
             value = await handler(**kwargs)
         except BaseException as exc:
             self._finish_error(call, exc, traceback.format_exc())
@@ -397,9 +514,14 @@ class Worker:
         kwargs: dict[str, Any],
         running: _Running,
     ) -> None:
-        generator = handler(**kwargs)
         credit = running.async_credit
         assert credit is not None
+        try:
+            self._restore_if_needed(running.ctx)
+        except BaseException as exc:
+            self._finish_error(call, exc, traceback.format_exc())
+            return
+        generator = handler(**kwargs)
         try:
             async for item in generator:
                 await credit.acquire()

@@ -1,0 +1,181 @@
+"""Choosing a worker for a call: synchronous decisions, a bounded FIFO of waiters.
+
+``acquire()`` returns a worker with one slot *reserved* for the caller
+(``worker.reserved``); ``WorkerHandle.submit`` consumes the reservation and
+``release()`` returns an unused one. A reservation is what makes it safe to
+await between choosing a worker and sending it the call (a session's state
+is fetched from its store in between).
+
+Waiters may want one particular worker (a session with strict affinity); a
+slot that frees goes to the first waiter that can use it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+from collections.abc import Callable, Sequence
+
+import anyio
+
+from ..errors import PoolOverloaded, SnakepoolError
+from ._worker import WorkerHandle
+
+__all__ = ["Dispatcher"]
+
+
+class _Waiter:
+    """A caller queued for a free worker slot."""
+
+    __slots__ = ("error", "event", "want", "worker")
+
+    def __init__(self, want: WorkerHandle | None) -> None:
+        self.event = anyio.Event()
+        self.want = want
+        self.worker: WorkerHandle | None = None
+        self.error: SnakepoolError | None = None
+
+    def can_use(self, worker: WorkerHandle) -> bool:
+        return self.want is None or self.want is worker
+
+
+class Dispatcher:
+    """Least-loaded dispatch with a bounded queue (``PoolOverloaded`` when full)."""
+
+    def __init__(
+        self,
+        pool: str,
+        queue_size: int,
+        workers: Callable[[], Sequence[WorkerHandle]],
+        check_open: Callable[[], None],
+    ) -> None:
+        self.pool = pool
+        self.queue_size = queue_size
+        self._workers = workers
+        self._check_open = check_open
+        self._waiters: collections.deque[_Waiter] = collections.deque()
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    # --- choosing ---------------------------------------------------------------
+
+    def pick(
+        self, bound_sessions: Callable[[WorkerHandle], int] | None = None
+    ) -> WorkerHandle | None:
+        """The least-loaded ready worker with a free slot (fewest sessions on ties)."""
+        best: WorkerHandle | None = None
+        best_key: tuple[int, int] = (0, 0)
+        for worker in self._workers():
+            if not worker.has_capacity:
+                continue
+            key = (worker.load, bound_sessions(worker) if bound_sessions else 0)
+            if best is None or key < best_key:
+                best, best_key = worker, key
+                if key == (0, 0):
+                    break
+        return best
+
+    def try_reserve(
+        self,
+        want: WorkerHandle | None = None,
+        bound_sessions: Callable[[WorkerHandle], int] | None = None,
+    ) -> WorkerHandle | None:
+        """Reserve a slot now if one is free and nobody queued before us."""
+        if self._waiters:
+            return None
+        worker = (
+            (want if want.has_capacity else None) if want is not None else self.pick(bound_sessions)
+        )
+        if worker is not None:
+            worker.reserved += 1
+        return worker
+
+    async def acquire(
+        self,
+        want: WorkerHandle | None = None,
+        bound_sessions: Callable[[WorkerHandle], int] | None = None,
+    ) -> WorkerHandle:
+        """A worker with a slot reserved for the caller (``want``: only that one)."""
+        worker = self.try_reserve(want, bound_sessions)
+        if worker is not None:
+            return worker
+        return await self.wait(self.enqueue(want))
+
+    def enqueue(self, want: WorkerHandle | None = None) -> _Waiter:
+        if len(self._waiters) >= self.queue_size:
+            raise PoolOverloaded(
+                f"pool {self.pool!r} is overloaded: {len(self._waiters)} calls queued "
+                f"(queue_size={self.queue_size}); the call was refused, nothing queued"
+            )
+        waiter = _Waiter(want)
+        self._waiters.append(waiter)
+        return waiter
+
+    async def wait(self, waiter: _Waiter) -> WorkerHandle:
+        while True:
+            try:
+                await waiter.event.wait()
+            except BaseException:
+                self._leave(waiter)
+                raise
+            if waiter.error is not None:
+                raise waiter.error
+            worker = waiter.worker
+            assert worker is not None
+            if worker.is_ready:
+                return worker
+            # The worker died between the hand-off and now: queue again, at the front.
+            worker.reserved -= 1
+            self._check_open()
+            waiter.event, waiter.worker = anyio.Event(), None
+            if waiter.want is worker:
+                waiter.want = None
+            self._waiters.appendleft(waiter)
+            self.hand_off_any()
+
+    def release(self, worker: WorkerHandle) -> None:
+        """Give back a reservation that was not used."""
+        worker.reserved -= 1
+        self.on_capacity(worker)
+
+    def _leave(self, waiter: _Waiter) -> None:
+        if waiter.worker is not None:
+            worker, waiter.worker = waiter.worker, None
+            self.release(worker)
+        else:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+
+    # --- handing off ----------------------------------------------------------------
+
+    def on_capacity(self, worker: WorkerHandle) -> None:
+        """A slot freed (or a worker became ready): hand it to the first waiter that can use it."""
+        while self._waiters and worker.has_capacity:
+            waiter = next((w for w in self._waiters if w.can_use(worker)), None)
+            if waiter is None:
+                return
+            self._waiters.remove(waiter)
+            waiter.worker = worker
+            worker.reserved += 1
+            waiter.event.set()
+
+    def hand_off_any(self) -> None:
+        for worker in self._workers():
+            if not self._waiters:
+                return
+            self.on_capacity(worker)
+
+    def on_worker_exit(self, worker: WorkerHandle) -> None:
+        """Waiters that wanted only this worker now take any (their session moves)."""
+        for waiter in self._waiters:
+            if waiter.want is worker:
+                waiter.want = None
+        self.hand_off_any()
+
+    def fail_all(self, error: SnakepoolError) -> None:
+        for waiter in self._waiters:
+            waiter.error = error
+            waiter.event.set()
+        self._waiters.clear()

@@ -1,0 +1,290 @@
+"""Sessions on the host: the public ``Session`` and ``Variables``, and affinity.
+
+The session store is the single source of truth (state, variables,
+versions, expiry); workers only cache. Before a session's call is sent to a
+worker, :meth:`SessionManager.prepare` makes that worker current: a worker
+that has not seen the session yet, or holds an older variables version, gets
+a ``SessionSync`` frame first, on the same pipe and so strictly before the
+call. That is why a call made after ``set()`` returned sees the new value,
+and why a session outlives its worker: the next worker receives the state
+persisted with ``ctx.save_state`` and runs ``restore_session`` from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+import anyio
+
+from .. import protocol as p
+from ..errors import PoolOverloaded, SessionWorkerUnavailable
+from ._store import SessionStore
+from ._variables import VariableSpec, VariableUpdate
+from ._worker import WorkerHandle
+
+if TYPE_CHECKING:
+    from ._pool import CallStream, Pool
+
+__all__ = ["Session", "SessionManager", "Variables"]
+
+
+class SessionManager:
+    """Which worker each session is bound to, and keeping workers current."""
+
+    def __init__(self, pool: Pool, store: SessionStore) -> None:
+        self.pool = pool
+        self.store = store
+        self.bindings: dict[str, WorkerHandle] = {}
+        self.count_estimate = 0  # live sessions, as of the last count
+
+    def bound_count(self, worker: WorkerHandle) -> int:
+        return len(worker.sessions)
+
+    async def create(self, session_id: str, ttl: float) -> None:
+        if await self.store.status(session_id) != "live":
+            count = await self.store.count()
+            if count >= self.pool.config.max_sessions:
+                raise PoolOverloaded(
+                    f"pool {self.pool.name!r} has {count} live sessions "
+                    f"(max_sessions={self.pool.config.max_sessions}); close some or raise the limit"
+                )
+        if await self.store.create(session_id, ttl):
+            self.count_estimate += 1
+
+    async def acquire(self, session_id: str) -> WorkerHandle:
+        """A reserved slot on the session's worker, by the pool's affinity mode."""
+        dispatcher = self.pool._dispatcher
+        bound = self.bindings.get(session_id)
+        if bound is not None and bound.is_ready:
+            worker = dispatcher.try_reserve(want=bound)
+            if worker is not None:
+                return worker
+            mode = self.pool.config.affinity
+            if mode == "strict_fail_fast":
+                raise SessionWorkerUnavailable(
+                    f"session {session_id!r}: its {bound.describe()} is busy "
+                    f"({bound.load}/{bound.concurrency} calls) and affinity is strict_fail_fast"
+                )
+            if mode == "strict_queue":
+                worker = await dispatcher.acquire(want=bound)
+                self.bindings[session_id] = worker  # another one if `bound` died meanwhile
+                return worker
+            return await dispatcher.acquire(bound_sessions=self.bound_count)  # hint: any worker
+        worker = await dispatcher.acquire(bound_sessions=self.bound_count)
+        self.bindings[session_id] = worker
+        return worker
+
+    async def prepare(self, worker: WorkerHandle, session_id: str) -> None:
+        """Refresh the session's TTL and bring ``worker`` up to date with it."""
+        store = self.store
+        await store.touch(session_id)
+        version = await store.version(session_id)
+        known = worker.sessions.get(session_id)
+        if known == version:
+            return
+        variables = {
+            name: record.value for name, record in (await store.variables(session_id)).items()
+        }
+        restore: dict[str, Any] | None = None
+        if known is None:
+            state = await store.load_state(session_id)
+            restore = state or None  # nothing persisted: nothing to rebuild
+        worker.post_message(
+            p.SessionSync(
+                session_id=session_id, version=version, variables=variables, restore=restore
+            )
+        )
+        worker.sessions[session_id] = version
+
+    def forget(self, session_id: str) -> None:
+        """The session ended: drop it from every worker that holds it."""
+        self.bindings.pop(session_id, None)
+        for worker in self.pool._workers:
+            if worker.sessions.pop(session_id, None) is not None and worker.is_ready:
+                worker.post_message(p.SessionDrop(session_id=session_id))
+
+    async def reap(self) -> list[str]:
+        """Find expired sessions, drop them from the workers; returns their ids."""
+        expired = await self.store.expired()
+        for session_id in list(self.bindings):
+            if session_id not in expired and await self.store.status(session_id) != "live":
+                expired.append(session_id)
+        for session_id in expired:
+            self.forget(session_id)
+        self.count_estimate = await self.store.count()
+        return expired
+
+
+class Variables:
+    """A session's typed variables (host side); see ``Session.variables``."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    async def define(
+        self,
+        name: str,
+        type: str,
+        initial: Any,
+        constraints: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Define ``name``; ``ValueError`` if ``initial`` breaks a rule."""
+        store = await self._session._store()
+        spec = VariableSpec(name=name, type=type, constraints=dict(constraints or {}))
+        await store.define(self._session.id, spec, initial, dict(metadata or {}))
+
+    async def get(self, name: str, default: Any = None) -> Any:
+        store = await self._session._store()
+        record = (await store.variables(self._session.id)).get(name)
+        return default if record is None else record.value
+
+    async def get_many(self, names: Iterable[str]) -> dict[str, Any]:
+        """Values of ``names`` (undefined ones are left out)."""
+        store = await self._session._store()
+        records = await store.variables(self._session.id)
+        return {name: records[name].value for name in names if name in records}
+
+    async def set(self, name: str, value: Any, metadata: Mapping[str, Any] | None = None) -> None:
+        """Set ``name``; ``ValueError`` naming the rule if invalid (nothing changes)."""
+        store = await self._session._store()
+        await store.update(self._session.id, {name: (value, metadata)})
+
+    async def set_many(self, values: Mapping[str, Any]) -> None:
+        """Set several at once: all of them, or (on any invalid value) none."""
+        store = await self._session._store()
+        await store.update(
+            self._session.id, {name: (value, None) for name, value in values.items()}
+        )
+
+    def watch(self, *names: str) -> _Watch:
+        """Every later update of ``names`` (all if none), in order, none merged.
+
+        ``async with session.variables.watch("t") as updates: async for u in updates``
+        starts watching on entry; plain ``async for`` starts on the first item.
+        """
+        return _Watch(self._session, names)
+
+
+class _Watch:
+    """An async iterator of ``VariableUpdate``, also an async context manager."""
+
+    def __init__(self, session: Session, names: tuple[str, ...]) -> None:
+        self._session = session
+        self._names = names
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._updates: AsyncIterator[VariableUpdate] | None = None
+
+    async def __aenter__(self) -> Self:
+        await self._open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def _open(self) -> None:
+        if self._stack is None:
+            store = await self._session._store()
+            stack = contextlib.AsyncExitStack()
+            self._updates = await stack.enter_async_context(
+                store.watch(self._session.id, self._names)
+            )
+            self._stack = stack
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> VariableUpdate:
+        await self._open()
+        assert self._updates is not None
+        try:
+            return await self._updates.__anext__()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise StopAsyncIteration from None
+
+    async def aclose(self) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.aclose()
+
+
+class Session:
+    """A session of a pool: calls with affinity, variables, persisted state.
+
+    Usable at once (it is created in the store on first use) and an async
+    context manager that closes it at exit.
+    """
+
+    def __init__(self, pool: Pool, session_id: str | None, ttl: float | None) -> None:
+        if session_id is not None and (not isinstance(session_id, str) or not session_id):
+            raise ValueError(f"session_id must be a non-empty str, got {session_id!r}")
+        if ttl is not None and (not isinstance(ttl, int | float) or not ttl > 0):
+            raise ValueError(f"ttl must be a number > 0, got {ttl!r}")
+        self._pool = pool
+        self.id = session_id or uuid.uuid4().hex
+        self.ttl = float(ttl if ttl is not None else pool.config.session_ttl)
+        self._created = False
+        self.variables = Variables(self)
+
+    async def _store(self) -> SessionStore:
+        """The store, after making sure the session exists in it."""
+        if not self._created:
+            await self._pool._sessions_manager().create(self.id, self.ttl)
+            self._created = True
+        return self._pool._sessions_manager().store
+
+    async def call(
+        self,
+        command: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        idempotent: bool = False,
+    ) -> Any:
+        await self._store()
+        return await self._pool.call(
+            command, args, timeout=timeout, session=self.id, idempotent=idempotent
+        )
+
+    def stream(
+        self, command: str, args: Mapping[str, Any] | None = None, *, timeout: float | None = None
+    ) -> CallStream:
+        stream = self._pool.stream(command, args, timeout=timeout, session=self.id)
+        stream._before_open = self._store
+        return stream
+
+    async def cast(self, command: str, args: Mapping[str, Any] | None = None) -> None:
+        await self._store()
+        await self._pool.cast(command, args, session=self.id)
+
+    async def close(self) -> None:
+        """End the session (its state and variables go); closing it again is a no-op."""
+        manager = self._pool._sessions_manager()
+        with anyio.CancelScope(shield=True):
+            if await manager.store.delete(self.id):
+                manager.count_estimate = max(0, manager.count_estimate - 1)
+        manager.forget(self.id)
+
+    async def __aenter__(self) -> Self:
+        await self._store()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id!r} of pool {self._pool.name!r}>"

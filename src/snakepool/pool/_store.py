@@ -1,0 +1,310 @@
+"""Session stores: the host-side single source of truth for session state.
+
+A store keeps, per session: its expiry (a sliding TTL, refreshed by use), the
+state adapters persist with ``ctx.save_state`` (what ``restore_session``
+gets on another worker), and the typed variables with their versions.
+Workers only cache. ``memory`` lives in the host process; ``redis`` (see
+``_redis_store``) is shared by several host processes or machines.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import contextlib
+import math
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio
+from anyio.streams.memory import MemoryObjectSendStream
+
+from ..errors import SessionExpired, SessionNotFound
+from ._variables import VariableSpec, VariableUpdate
+
+__all__ = [
+    "MemorySessionStore",
+    "SessionStatus",
+    "SessionStore",
+    "VariableRecord",
+    "open_store",
+]
+
+SessionStatus = Literal["live", "expired", "unknown"]
+_TOMBSTONES = 100_000  # expired/closed ids remembered, to say "expired" rather than "not found"
+
+
+@dataclass(frozen=True, slots=True)
+class VariableRecord:
+    """A variable as stored: spec, current value, version, metadata."""
+
+    spec: VariableSpec
+    value: Any
+    version: int
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+class SessionStore(abc.ABC):
+    """What a pool needs from a session store. Every method is safe to call concurrently."""
+
+    @abc.abstractmethod
+    async def create(self, session_id: str, ttl: float) -> bool:
+        """Create the session if it does not exist; true if it was created."""
+
+    @abc.abstractmethod
+    async def status(self, session_id: str) -> SessionStatus:
+        """``live``, ``expired`` (or closed), or ``unknown``."""
+
+    @abc.abstractmethod
+    async def touch(self, session_id: str) -> None:
+        """Refresh the session's TTL; ``SessionExpired``/``SessionNotFound`` if not live."""
+
+    @abc.abstractmethod
+    async def delete(self, session_id: str) -> bool:
+        """Close the session; true if it was live."""
+
+    @abc.abstractmethod
+    async def count(self) -> int:
+        """Live sessions."""
+
+    @abc.abstractmethod
+    async def save_state(self, session_id: str, key: str, value: Any) -> None:
+        """Keep ``value`` under ``key`` in the session's persisted state."""
+
+    @abc.abstractmethod
+    async def load_state(self, session_id: str) -> dict[str, Any]:
+        """The session's persisted state (what ``restore_session`` receives)."""
+
+    @abc.abstractmethod
+    async def variables(self, session_id: str) -> dict[str, VariableRecord]:
+        """Every variable of the session."""
+
+    @abc.abstractmethod
+    async def version(self, session_id: str) -> int:
+        """A counter that grows with every variable change of the session."""
+
+    @abc.abstractmethod
+    async def define(
+        self, session_id: str, spec: VariableSpec, value: Any, metadata: Mapping[str, Any]
+    ) -> VariableRecord:
+        """Define a variable; redefining it with the same spec keeps it as it is."""
+
+    @abc.abstractmethod
+    async def update(
+        self, session_id: str, changes: Mapping[str, tuple[Any, Mapping[str, Any] | None]]
+    ) -> list[VariableUpdate]:
+        """Validate and apply every change, or none (``KeyError``/``ValueError``)."""
+
+    @abc.abstractmethod
+    def watch(
+        self, session_id: str, names: Iterable[str]
+    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[VariableUpdate]]:
+        """Updates of ``names`` (all if empty) from now on, in order."""
+
+    async def expired(self) -> list[str]:
+        """Sessions that expired since the last call (for ``session.expired`` events)."""
+        return []
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        await anyio.lowlevel.checkpoint()
+
+
+def open_store(spec: str | SessionStore, *, namespace: str) -> SessionStore:
+    """``"memory"``, a ``redis://`` URL, or a store instance."""
+    if isinstance(spec, SessionStore):
+        return spec
+    if spec == "memory":
+        return MemorySessionStore()
+    if spec.startswith(("redis://", "rediss://", "unix://")):
+        from ._redis_store import RedisSessionStore
+
+        return RedisSessionStore(spec, namespace=namespace)
+    raise ValueError(f"session_store must be 'memory' or a redis:// URL, got {spec!r}")
+
+
+def check_changes(
+    current: Mapping[str, VariableRecord],
+    changes: Mapping[str, tuple[Any, Mapping[str, Any] | None]],
+    session_id: str,
+) -> dict[str, VariableRecord]:
+    """The new records for ``changes``, validated against ``current`` (nothing applied)."""
+    updated: dict[str, VariableRecord] = {}
+    for name, (value, metadata) in changes.items():
+        record = current.get(name)
+        if record is None:
+            raise KeyError(
+                f"variable {name!r} is not defined in session {session_id!r}; define() it first"
+            )
+        updated[name] = VariableRecord(
+            spec=record.spec,
+            value=record.spec.validate(value),
+            version=record.version + 1,
+            metadata=dict(metadata) if metadata is not None else dict(record.metadata),
+        )
+    return updated
+
+
+class _MemorySession:
+    __slots__ = ("expires_at", "state", "ttl", "variables", "version", "watchers")
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self.expires_at = time.monotonic() + ttl
+        self.state: dict[str, Any] = {}
+        self.variables: dict[str, VariableRecord] = {}
+        self.version = 0
+        self.watchers: list[tuple[frozenset[str], MemoryObjectSendStream[VariableUpdate]]] = []
+
+
+class MemorySessionStore(SessionStore):
+    """Sessions in this host process (the default)."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, _MemorySession] = {}
+        self._tombstones: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._newly_expired: list[str] = []
+
+    def _bury(self, session_id: str) -> None:
+        session = self._sessions.pop(session_id, None)
+        if session is not None:
+            for _, stream in session.watchers:
+                stream.close()
+        self._tombstones[session_id] = None
+        while len(self._tombstones) > _TOMBSTONES:
+            self._tombstones.popitem(last=False)
+
+    def _live(self, session_id: str) -> _MemorySession:
+        session = self._sessions.get(session_id)
+        if session is not None and time.monotonic() >= session.expires_at:
+            self._bury(session_id)
+            self._newly_expired.append(session_id)
+            session = None
+        if session is None:
+            if session_id in self._tombstones:
+                raise SessionExpired(f"session {session_id!r} expired or was closed")
+            raise SessionNotFound(f"no session {session_id!r}")
+        return session
+
+    async def create(self, session_id: str, ttl: float) -> bool:
+        await anyio.lowlevel.checkpoint()
+        with contextlib.suppress(SessionNotFound, SessionExpired):
+            self._live(session_id)
+            return False
+        if session_id in self._tombstones:
+            raise SessionExpired(f"session {session_id!r} expired or was closed; use a new id")
+        self._sessions[session_id] = _MemorySession(ttl)
+        return True
+
+    async def status(self, session_id: str) -> SessionStatus:
+        await anyio.lowlevel.checkpoint()
+        try:
+            self._live(session_id)
+        except SessionExpired:
+            return "expired"
+        except SessionNotFound:
+            return "unknown"
+        return "live"
+
+    async def touch(self, session_id: str) -> None:
+        session = self._live(session_id)
+        session.expires_at = time.monotonic() + session.ttl
+        await anyio.lowlevel.checkpoint()
+
+    async def delete(self, session_id: str) -> bool:
+        await anyio.lowlevel.checkpoint()
+        live = session_id in self._sessions
+        self._bury(session_id)
+        return live
+
+    async def count(self) -> int:
+        await anyio.lowlevel.checkpoint()
+        now = time.monotonic()
+        return sum(1 for s in self._sessions.values() if s.expires_at > now)
+
+    async def save_state(self, session_id: str, key: str, value: Any) -> None:
+        self._live(session_id).state[key] = value
+        await anyio.lowlevel.checkpoint()
+
+    async def load_state(self, session_id: str) -> dict[str, Any]:
+        await anyio.lowlevel.checkpoint()
+        return dict(self._live(session_id).state)
+
+    async def variables(self, session_id: str) -> dict[str, VariableRecord]:
+        await anyio.lowlevel.checkpoint()
+        return dict(self._live(session_id).variables)
+
+    async def version(self, session_id: str) -> int:
+        await anyio.lowlevel.checkpoint()
+        return self._live(session_id).version
+
+    async def define(
+        self, session_id: str, spec: VariableSpec, value: Any, metadata: Mapping[str, Any]
+    ) -> VariableRecord:
+        await anyio.lowlevel.checkpoint()
+        session = self._live(session_id)
+        existing = session.variables.get(spec.name)
+        if existing is not None:
+            if existing.spec != spec:
+                raise ValueError(
+                    f"variable {spec.name!r} is already defined as {existing.spec.type} "
+                    f"{dict(existing.spec.constraints)}; it cannot be redefined differently"
+                )
+            return existing
+        record = VariableRecord(
+            spec=spec, value=spec.validate(value), version=1, metadata=dict(metadata)
+        )
+        session.variables[spec.name] = record
+        session.version += 1
+        self._publish(session, [VariableUpdate(spec.name, record.value, 1, record.metadata)])
+        return record
+
+    async def update(
+        self, session_id: str, changes: Mapping[str, tuple[Any, Mapping[str, Any] | None]]
+    ) -> list[VariableUpdate]:
+        await anyio.lowlevel.checkpoint()
+        session = self._live(session_id)
+        updated = check_changes(session.variables, changes, session_id)
+        session.variables.update(updated)
+        session.version += 1
+        updates = [VariableUpdate(n, r.value, r.version, r.metadata) for n, r in updated.items()]
+        self._publish(session, updates)
+        return updates
+
+    @staticmethod
+    def _publish(session: _MemorySession, updates: list[VariableUpdate]) -> None:
+        for names, stream in list(session.watchers):
+            for update in updates:
+                if not names or update.name in names:
+                    try:
+                        stream.send_nowait(update)
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        session.watchers.remove((names, stream))
+                        break
+
+    @contextlib.asynccontextmanager
+    async def watch(
+        self, session_id: str, names: Iterable[str]
+    ) -> AsyncIterator[AsyncIterator[VariableUpdate]]:
+        session = self._live(session_id)
+        send, receive = anyio.create_memory_object_stream[VariableUpdate](math.inf)
+        entry = (frozenset(names), send)
+        session.watchers.append(entry)
+        try:
+            async with receive:
+                yield receive
+        finally:
+            with contextlib.suppress(ValueError):
+                session.watchers.remove(entry)
+            send.close()
+
+    async def expired(self) -> list[str]:
+        await anyio.lowlevel.checkpoint()
+        now = time.monotonic()
+        for session_id in [sid for sid, s in self._sessions.items() if s.expires_at <= now]:
+            self._bury(session_id)
+            self._newly_expired.append(session_id)
+        found, self._newly_expired = self._newly_expired, []
+        return found
