@@ -212,3 +212,56 @@ class DiesSoon(Adapter):
     @command
     def pid(self) -> int:
         return os.getpid()
+
+
+class Stateful(Adapter):
+    """Session state, variables and host tools, as an adapter uses them."""
+
+    @command
+    def remember(self, key: str, value: Any, ctx: CallContext) -> int:
+        ctx.session_state[key] = value
+        ctx.save_state(key, value)  # survives this worker
+        return os.getpid()
+
+    @command
+    def recall(self, key: str, ctx: CallContext) -> dict[str, Any]:
+        return {
+            "value": ctx.session_state.get(key),
+            "restored_on": ctx.session_state.get("restored_on"),
+            "pid": os.getpid(),
+        }
+
+    def restore_session(self, ctx: CallContext, state: dict[str, Any]) -> None:
+        ctx.session_state.update(state)
+        ctx.session_state["restored_on"] = os.getpid()
+
+    @command
+    def whoami(self, ctx: CallContext) -> dict[str, Any]:
+        return {"pid": os.getpid(), "session": ctx.session_id}
+
+    @command
+    def var(self, name: str, ctx: CallContext) -> Any:
+        return ctx.variables.get(name)
+
+    @command
+    def all_vars(self, ctx: CallContext) -> dict[str, Any]:
+        return dict(ctx.variables)
+
+    @command
+    def use_tool(self, name: str, ctx: CallContext, args: dict[str, Any] | None = None) -> Any:
+        return ctx.call_host(name, args or {})
+
+    @command
+    async def ause_tool(
+        self, name: str, ctx: CallContext, args: dict[str, Any] | None = None
+    ) -> Any:
+        return await ctx.acall_host(name, args or {})
+
+    @command
+    async def nap(self, seconds: float) -> int:
+        await asyncio.sleep(seconds)
+        return os.getpid()
+
+    @command
+    def die(self) -> None:
+        os._exit(3)

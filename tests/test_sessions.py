@@ -1,0 +1,275 @@
+"""Sessions, variables and the host bridge with real workers, against both stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import anyio
+import pytest
+from conftest import TESTS_DIR
+
+import snakepool
+from snakepool import (
+    PoolOverloaded,
+    RemoteError,
+    SessionExpired,
+    SessionNotFound,
+    SessionWorkerUnavailable,
+    WorkerCrashed,
+)
+
+pytestmark = pytest.mark.anyio
+
+ADAPTER = "sp_adapters:Stateful"
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request: pytest.FixtureRequest) -> Iterator[str]:
+    if request.param == "memory":
+        yield "memory"
+    else:
+        yield request.getfixturevalue("redis_url")
+
+
+async def wait_until(condition: object, timeout: float = 15.0) -> None:
+    assert callable(condition)
+    with anyio.fail_after(timeout):
+        while not condition():
+            await anyio.sleep(0.02)
+
+
+async def test_affinity_holds_for_100_sessions_under_concurrency(store: str) -> None:
+    async with snakepool.Pool(
+        ADAPTER, size=4, worker_concurrency=2, affinity="strict_queue", session_store=store
+    ) as pool:
+        seen: dict[str, set[int]] = {}
+
+        async def run_session() -> None:
+            async with pool.session() as session:
+                pids = {(await session.call("whoami"))["pid"] for _ in range(20)}
+                seen[session.id] = pids
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(100):
+                tg.start_soon(run_session)
+        assert len(seen) == 100
+        assert all(len(pids) == 1 for pids in seen.values())
+        # sessions were spread over the workers, not piled on one
+        assert len({next(iter(p)) for p in seen.values()}) == 4
+
+
+async def test_hint_affinity_never_fails_under_load(store: str) -> None:
+    async with snakepool.Pool(ADAPTER, size=2, session_store=store) as pool:
+        session = pool.session()
+
+        async def one() -> None:
+            assert (await session.call("whoami"))["session"] == session.id
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(one)
+        await session.close()
+
+
+async def test_strict_fail_fast_refuses_when_the_worker_is_busy(store: str) -> None:
+    async with snakepool.Pool(
+        ADAPTER, size=2, affinity="strict_fail_fast", session_store=store
+    ) as pool:
+        async with pool.session() as session:
+            await session.call("whoami")  # binds the session to a worker
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(session.call, "nap", {"seconds": 0.5})
+                await wait_until(lambda: any(w.inflight for w in pool.statistics().workers))
+                with pytest.raises(SessionWorkerUnavailable, match="strict_fail_fast"):
+                    await session.call("whoami")
+
+
+async def test_session_outlives_its_worker(store: str) -> None:
+    async with snakepool.Pool(ADAPTER, size=2, session_store=store) as pool:
+        async with pool.session() as session:
+            first_pid = await session.call("remember", {"key": "program", "value": {"v": b"\x01"}})
+            assert (await session.call("recall", {"key": "program"}))["value"] == {"v": b"\x01"}
+            with pytest.raises(WorkerCrashed):
+                await session.call("die")
+            recalled = await session.call("recall", {"key": "program"})
+            assert recalled["value"] == {"v": b"\x01"}  # rebuilt by restore_session
+            assert recalled["pid"] != first_pid
+            assert recalled["restored_on"] == recalled["pid"]
+
+
+async def test_variable_updates_are_visible_on_the_very_next_call(store: str) -> None:
+    async with snakepool.Pool(ADAPTER, size=2, session_store=store) as pool:
+        async with pool.session() as session:
+            await session.variables.define("temperature", "float", 0.5, {"min": 0.0, "max": 2.0})
+            assert await session.call("var", {"name": "temperature"}) == 0.5
+            for i in range(20):
+                value = round(0.1 * i, 2)
+                await session.variables.set("temperature", value)
+                assert await session.call("var", {"name": "temperature"}) == value
+            assert await session.variables.get("temperature") == 1.9
+            assert await session.variables.get("missing", "dflt") == "dflt"
+
+
+async def test_invalid_values_change_nothing(store: str) -> None:
+    async with snakepool.Pool(ADAPTER, size=1, session_store=store) as pool:
+        async with pool.session() as session:
+            v = session.variables
+            await v.define("temperature", "float", 0.7, {"min": 0.0, "max": 2.0})
+            await v.define("model", "choice", "a", {"choices": ["a", "b"]})
+            await v.define("name", "str", "x", {"max_length": 3, "pattern": "[a-z]+"})
+            with pytest.raises(ValueError, match=r"'temperature'.*above max=2\.0"):
+                await v.set("temperature", 3.5)
+            with pytest.raises(ValueError, match=r"'model'.*not one of choices"):
+                await v.set("model", "c")
+            with pytest.raises(ValueError, match=r"'name'.*does not match pattern"):
+                await v.set("name", "ABC")
+            with pytest.raises(ValueError, match=r"'temperature'.*not a float"):
+                await v.set_many({"model": "b", "temperature": "hot"})
+            assert await v.get_many(["temperature", "model", "name"]) == {
+                "temperature": 0.7,
+                "model": "a",
+                "name": "x",
+            }
+            assert await session.call("all_vars") == {"temperature": 0.7, "model": "a", "name": "x"}
+            with pytest.raises(KeyError, match="not defined"):
+                await v.set("undefined", 1)
+
+
+async def test_watch_delivers_every_update_in_order(store: str) -> None:
+    async with snakepool.Pool(ADAPTER, size=1, session_store=store) as pool:
+        async with pool.session() as session:
+            await session.variables.define("n", "int", 0)
+            await session.variables.define("other", "int", 0)
+            got: list[tuple[int, int]] = []
+            async with session.variables.watch("n") as updates:
+                for i in range(1, 31):
+                    await session.variables.set("n", i)
+                    await session.variables.set("other", i)
+                with anyio.fail_after(10):
+                    async for update in updates:
+                        got.append((update.value, update.version))
+                        if update.value == 30:
+                            break
+            assert got == [(i, i + 1) for i in range(1, 31)]
+
+
+async def test_session_ttl_expiry(store: str) -> None:
+    events: list[str] = []
+    async with snakepool.Pool(ADAPTER, size=1, session_store=store, session_ttl=0.4) as pool:
+        pool.add_listener(
+            lambda e: (
+                events.append(e.data.get("session_id", "")) if e.name == "session.expired" else None
+            )
+        )
+        session = pool.session()
+        await session.call("whoami")
+        with anyio.fail_after(10):
+            while True:
+                try:
+                    await session.call("whoami")
+                except SessionExpired:
+                    break
+                await anyio.sleep(0.5)
+        await wait_until(lambda: session.id in events)
+        await session.close()  # closing an expired session is a no-op
+
+
+async def test_unknown_closed_and_limited_sessions(store: str) -> None:
+    async with snakepool.Pool(ADAPTER, size=1, session_store=store, max_sessions=2) as pool:
+        with pytest.raises(SessionNotFound):
+            await pool.call("whoami", session="no-such-session")
+        a, b = pool.session(), pool.session()
+        await a.call("whoami")
+        await b.call("whoami")
+        with pytest.raises(PoolOverloaded, match="max_sessions=2"):
+            await pool.session().call("whoami")
+        await a.close()
+        await a.close()  # no-op
+        with pytest.raises(SessionExpired):
+            await a.call("whoami")
+        again = pool.session(b.id)  # reattach by id
+        assert (await again.call("whoami"))["session"] == b.id
+        assert await pool.call("whoami", session=b.id)
+        await pool.session().call("whoami")  # a slot freed when `a` closed
+
+
+async def test_host_tools_sync_async_and_unregistered(store: str) -> None:
+    async with snakepool.Pool(ADAPTER, size=1, session_store=store) as pool:
+        calls: list[str] = []
+
+        def lookup(word: str) -> str:
+            calls.append(word)
+            return word.upper()
+
+        async def alookup(word: str) -> dict[str, str]:
+            await anyio.sleep(0.01)
+            return {"word": word[::-1]}
+
+        def broken() -> None:
+            raise ValueError("tool exploded")
+
+        pool.register_tool("lookup", lookup)
+        pool.register_tool("alookup", alookup)
+        pool.register_tool("broken", broken)
+        assert await pool.call("use_tool", {"name": "lookup", "args": {"word": "hi"}}) == "HI"
+        assert await pool.call("use_tool", {"name": "alookup", "args": {"word": "abc"}}) == {
+            "word": "cba"
+        }
+        assert await pool.call("ause_tool", {"name": "lookup", "args": {"word": "yo"}}) == "YO"
+        assert calls == ["hi", "yo"]
+        with pytest.raises(RemoteError, match="no host tool named 'nope' is registered"):
+            await pool.call("use_tool", {"name": "nope"})
+        with pytest.raises(RemoteError, match="ValueError: tool exploded"):
+            await pool.call("ause_tool", {"name": "broken"})
+        with pytest.raises(ValueError, match="__snakepool"):
+            pool.register_tool("__snakepool_save_state__", lookup)
+        assert await pool.call("use_tool", {"name": "lookup", "args": {"word": "ok"}}) == "OK"
+
+
+def test_two_host_processes_share_one_session_through_redis(redis_url: str) -> None:
+    script = f"""
+import anyio, json, sys
+sys.path[:0] = {[str(TESTS_DIR), *sys.path]!r}
+import snakepool
+
+async def main(mode, session_id):
+    async with snakepool.Pool({ADAPTER!r}, size=1, session_store={redis_url!r}, name="shared") as pool:
+        session = pool.session(session_id or None)
+        if mode == "write":
+            await session.variables.define("temperature", "float", 0.25)
+            await session.variables.set("temperature", 0.75)
+            await session.call("remember", {{"key": "k", "value": "from host one"}})
+            print(json.dumps({{"id": session.id}}), flush=True)
+        else:
+            print(json.dumps({{
+                "temperature": await session.call("var", {{"name": "temperature"}}),
+                "recalled": await session.call("recall", {{"key": "k"}}),
+            }}), flush=True)
+
+anyio.run(main, sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "")
+"""
+    env = dict(os.environ)
+
+    def host(*args: str) -> dict[str, object]:
+        done = subprocess.run(
+            [sys.executable, "-c", script, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        assert done.returncode == 0, done.stderr
+        result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+        return result
+
+    session_id = host("write")["id"]
+    assert isinstance(session_id, str)
+    seen = host("read", session_id)
+    assert seen["temperature"] == 0.75
+    recalled = seen["recalled"]
+    assert isinstance(recalled, dict)
+    assert recalled["value"] == "from host one"  # restored from the shared store
