@@ -10,9 +10,9 @@ from collections.abc import Iterator
 
 import anyio
 import pytest
-from conftest import TESTS_DIR
 
 import snakepool
+from conftest import TESTS_DIR
 from snakepool import (
     PoolOverloaded,
     RemoteError,
@@ -78,14 +78,13 @@ async def test_hint_affinity_never_fails_under_load(store: str) -> None:
 async def test_strict_fail_fast_refuses_when_the_worker_is_busy(store: str) -> None:
     async with snakepool.Pool(
         ADAPTER, size=2, affinity="strict_fail_fast", session_store=store
-    ) as pool:
-        async with pool.session() as session:
-            await session.call("whoami")  # binds the session to a worker
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(session.call, "nap", {"seconds": 0.5})
-                await wait_until(lambda: any(w.inflight for w in pool.statistics().workers))
-                with pytest.raises(SessionWorkerUnavailable, match="strict_fail_fast"):
-                    await session.call("whoami")
+    ) as pool, pool.session() as session:
+        await session.call("whoami")  # binds the session to a worker
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(session.call, "nap", {"seconds": 0.5})
+            await wait_until(lambda: any(w.inflight for w in pool.statistics().workers))
+            with pytest.raises(SessionWorkerUnavailable, match="strict_fail_fast"):
+                await session.call("whoami")
 
 
 async def test_session_outlives_its_worker(store: str) -> None:
