@@ -76,3 +76,18 @@ def test_start_failure_raises_and_cleans_up() -> None:
     pool = BlockingPool(ADAPTER, size=1, adapter_config={"fail_setup": "exception"})
     with pytest.raises(snakepool.WorkerStartError, match="Boom"):
         pool.start()
+
+
+def test_sessions_variables_and_tools_without_await() -> None:
+    with BlockingPool("sp_adapters:Stateful", size=2) as pool:
+        pool.register_tool("double", lambda x: 2 * x)
+        with pool.session() as session:
+            session.variables.define("temperature", "float", 0.5, {"max": 1.0})
+            session.variables.set("temperature", 0.75)
+            assert session.call("var", {"name": "temperature"}) == 0.75
+            with pytest.raises(ValueError, match="above max"):
+                session.variables.set("temperature", 2.0)
+            assert session.variables.get_many(["temperature"]) == {"temperature": 0.75}
+            assert session.call("use_tool", {"name": "double", "args": {"x": 21}}) == 42
+            pid = session.call("remember", {"key": "k", "value": [1, 2]})
+            assert session.call("recall", {"key": "k"})["pid"] == pid

@@ -19,6 +19,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from ..errors import PoolClosed
 from ._events import Event, PoolStatistics
 from ._pool import CallStream, Pool
+from ._session import Session
 
 __all__ = ["BlockingPool"]
 
@@ -117,6 +118,16 @@ class BlockingPool:
             if self._portal is not None:
                 self._run(stream.aclose)
 
+    def session(
+        self, session_id: str | None = None, *, ttl: float | None = None
+    ) -> BlockingSession:
+        """A session, as ``Pool.session`` (a context manager that closes it at exit)."""
+        return BlockingSession(self, self._run(self._pool.session, session_id, ttl=ttl))
+
+    def register_tool(self, name: str, fn: Callable[..., Any]) -> None:
+        """As ``Pool.register_tool``; sync tools run in a thread, async ones on the pool's loop."""
+        self._pool.register_tool(name, fn)
+
     def statistics(self) -> PoolStatistics:
         if self._portal is None:
             return self._pool.statistics()
@@ -132,3 +143,69 @@ class BlockingPool:
 
     def __repr__(self) -> str:
         return f"<BlockingPool {self._pool!r}>"
+
+
+class _BlockingProxy:
+    """Runs the coroutine methods of an async object on the pool's loop."""
+
+    def __init__(self, pool: BlockingPool, target: Any) -> None:
+        self._pool = pool
+        self._target = target
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self._pool._run(getattr(self._target, name), *args, **kwargs)
+
+
+class BlockingVariables(_BlockingProxy):
+    """``Session.variables`` without ``await`` (``watch`` is not offered here)."""
+
+    def define(
+        self, name: str, type: str, initial: Any, constraints: Mapping[str, Any] | None = None
+    ) -> None:
+        self._call("define", name, type, initial, constraints)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._call("get", name, default)
+
+    def set(self, name: str, value: Any, metadata: Mapping[str, Any] | None = None) -> None:
+        self._call("set", name, value, metadata)
+
+    def get_many(self, names: list[str]) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("get_many", names)
+        return result
+
+    def set_many(self, values: Mapping[str, Any]) -> None:
+        self._call("set_many", values)
+
+
+class BlockingSession(_BlockingProxy):
+    """``Session`` without ``await``."""
+
+    def __init__(self, pool: BlockingPool, session: Session) -> None:
+        super().__init__(pool, session)
+        self.id: str = session.id
+        self.variables = BlockingVariables(pool, session.variables)
+
+    def call(self, command: str, args: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+        return self._call("call", command, args, **kwargs)
+
+    def stream(
+        self, command: str, args: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> Iterator[Any]:
+        stream: CallStream = self._call("stream", command, args, **kwargs)
+        return self._pool._iterate(stream)
+
+    def close(self) -> None:
+        self._call("close")
+
+    def __enter__(self) -> Self:
+        self._call("_store")
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
