@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -45,17 +48,113 @@ def _children() -> dict[int, str]:
     return found
 
 
+#: Processes that outlive single tests on purpose (the session's redis-server).
+SHARED_PROCESSES: set[int] = set()
+
+
 @pytest.fixture(autouse=True)
 def no_leftover_processes() -> Iterator[None]:
     """Every process a test starts must be gone shortly after it ends."""
     before = set(_children())
     yield
+
+    def new() -> dict[int, str]:
+        return {
+            pid: cmd
+            for pid, cmd in _children().items()
+            if pid not in before and pid not in SHARED_PROCESSES
+        }
+
     deadline = time.monotonic() + 10.0
-    leftover = {pid: cmd for pid, cmd in _children().items() if pid not in before}
+    leftover = new()
     while leftover and time.monotonic() < deadline:
         time.sleep(0.05)
-        leftover = {pid: cmd for pid, cmd in _children().items() if pid not in before}
+        leftover = new()
     for pid in leftover:
         with contextlib.suppress(psutil.Error):
             psutil.Process(pid).kill()
     assert not leftover, f"test left processes behind: {leftover}"
+
+
+# --- Redis (session store tests) ------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _redis_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis_server(port: int, timeout: float = 10.0) -> subprocess.Popen[bytes]:
+    """A throwaway ``redis-server`` on 127.0.0.1:``port`` (no persistence), once it answers PING."""
+    executable = shutil.which("redis-server")
+    if executable is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server); CI installs it")
+    process = subprocess.Popen(
+        [
+            executable,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + timeout
+    while not _redis_answers(port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_redis_server(process)
+            raise RuntimeError(f"redis-server on port {port} did not start within {timeout}s")
+        time.sleep(0.02)
+    return process
+
+
+def stop_redis_server(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    """A ``redis-server`` for the whole test session; yields its URL."""
+    port = free_port()
+    process = start_redis_server(port)
+    SHARED_PROCESSES.add(process.pid)
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        stop_redis_server(process)
+        SHARED_PROCESSES.discard(process.pid)
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> str:
+    """The session's Redis URL, its database emptied first."""
+    redis = pytest.importorskip(
+        "redis", reason="redis-py is not installed: pip install -e '.[dev]'"
+    )
+    client = redis.Redis.from_url(redis_server)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+    return redis_server

@@ -76,9 +76,10 @@ async def test_hint_affinity_never_fails_under_load(store: str) -> None:
 
 
 async def test_strict_fail_fast_refuses_when_the_worker_is_busy(store: str) -> None:
-    async with snakepool.Pool(
-        ADAPTER, size=2, affinity="strict_fail_fast", session_store=store
-    ) as pool, pool.session() as session:
+    async with (
+        snakepool.Pool(ADAPTER, size=2, affinity="strict_fail_fast", session_store=store) as pool,
+        pool.session() as session,
+    ):
         await session.call("whoami")  # binds the session to a worker
         async with anyio.create_task_group() as tg:
             tg.start_soon(session.call, "nap", {"seconds": 0.5})

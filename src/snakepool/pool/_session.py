@@ -233,14 +233,18 @@ class Session:
         self.id = session_id or uuid.uuid4().hex
         self.ttl = float(ttl if ttl is not None else pool.config.session_ttl)
         self._created = False
+        self._creating = anyio.Lock()  # concurrent first calls create it once
         self.variables = Variables(self)
 
     async def _store(self) -> SessionStore:
         """The store, after making sure the session exists in it."""
+        manager = self._pool._sessions_manager()
         if not self._created:
-            await self._pool._sessions_manager().create(self.id, self.ttl)
-            self._created = True
-        return self._pool._sessions_manager().store
+            async with self._creating:
+                if not self._created:
+                    await manager.create(self.id, self.ttl)
+                    self._created = True
+        return manager.store
 
     async def call(
         self,

@@ -49,6 +49,12 @@ class VariableSpec:
     constraints: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # One canonical form, so a spec compares equal after a trip through any store.
+        normalized = {
+            k: list(v) if isinstance(v, tuple | set | frozenset) else v
+            for k, v in self.constraints.items()
+        }
+        object.__setattr__(self, "constraints", normalized)
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"variable name must be a non-empty str, got {self.name!r}")
         if self.type not in VARIABLE_TYPES:
