@@ -273,3 +273,31 @@ anyio.run(main, sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "")
     recalled = seen["recalled"]
     assert isinstance(recalled, dict)
     assert recalled["value"] == "from host one"  # restored from the shared store
+
+
+async def test_redis_down_fails_session_calls_clearly_and_recovers() -> None:
+    from conftest import free_port, start_redis_server, stop_redis_server
+
+    port = free_port()
+    server = start_redis_server(port)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        async with snakepool.Pool(ADAPTER, size=2, session_store=url) as pool:
+            session = pool.session()
+            await session.variables.define("temperature", "float", 0.5)
+            assert await session.call("var", {"name": "temperature"}) == 0.5
+            stop_redis_server(server)
+            with pytest.raises(ConnectionError, match=r"session store redis at .* is unavailable"):
+                await session.call("var", {"name": "temperature"})
+            # Calls without a session, and the pool itself, are unaffected.
+            assert (await pool.call("whoami"))["session"] is None
+            assert pool.statistics().ready_workers == 2
+            assert all(w.inflight == 0 for w in pool.statistics().workers)
+            server = start_redis_server(port)  # an empty Redis: the session is gone, not corrupted
+            with pytest.raises(SessionNotFound):
+                await pool.call("var", {"name": "temperature"}, session=session.id)
+            fresh = pool.session()
+            await fresh.variables.define("temperature", "float", 0.9)
+            assert await fresh.call("var", {"name": "temperature"}) == 0.9
+    finally:
+        stop_redis_server(server)
