@@ -8,6 +8,7 @@ from .errors import CallTimeout as CallTimeout
 from .errors import CircuitOpen as CircuitOpen
 from .errors import ErrorCategory as ErrorCategory
 from .errors import PoolClosed as PoolClosed
+from .errors import PoolDisabled as PoolDisabled
 from .errors import PoolOverloaded as PoolOverloaded
 from .errors import ProtocolError as ProtocolError
 from .errors import RemoteError as RemoteError
@@ -37,6 +38,7 @@ __all__ = [
     "Event",
     "Pool",
     "PoolClosed",
+    "PoolDisabled",
     "PoolOverloaded",
     "PoolStatistics",
     "ProtocolError",

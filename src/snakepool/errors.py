@@ -20,6 +20,7 @@ __all__ = [
     "CircuitOpen",
     "ErrorCategory",
     "PoolClosed",
+    "PoolDisabled",
     "PoolOverloaded",
     "ProtocolError",
     "RemoteError",
@@ -177,6 +178,10 @@ class PoolClosed(SnakepoolError):
     """The pool was closed (by you); no call is accepted any more."""
 
     category = ErrorCategory.CLOSED
+
+
+class PoolDisabled(PoolClosed):
+    """The pool has no workers to run (a ``gpu`` pool on a machine without GPUs)."""
 
 
 def _signal_name(exit_code: int | None) -> str | None:

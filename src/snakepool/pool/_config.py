@@ -116,6 +116,18 @@ class PoolConfig:
             raise TypeError("preload must be a list of module names, not one string")
         object.__setattr__(self, "gpu_slots", self._gpu_slots())
 
+    @property
+    def disabled_reason(self) -> str | None:
+        """Why this pool has no workers, or ``None``."""
+        if self.gpu_slots:
+            return None
+        if self.gpus == "auto":
+            return (
+                "no GPU found (CUDA_VISIBLE_DEVICES lists none, or nvidia-smi -L found none "
+                "or is not installed)"
+            )
+        return "gpus lists no device"
+
     def _gpu_slots(self) -> tuple[int | None, ...]:
         if self.gpus is None:
             count = self.size if self.size is not None else (os.cpu_count() or 1)

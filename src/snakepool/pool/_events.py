@@ -49,6 +49,8 @@ class PoolStatistics:
     completed: int
     failed: Mapping[str, int]  # by ErrorCategory value
     closed: bool = False
+    enabled: bool = True  # false: no workers to run (e.g. a gpu pool without GPUs)
+    disabled_reason: str | None = None
 
     @property
     def failed_total(self) -> int:

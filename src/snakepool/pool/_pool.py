@@ -48,6 +48,7 @@ from ..errors import (
     CircuitOpen,
     ErrorCategory,
     PoolClosed,
+    PoolDisabled,
     ProtocolError,
     ResourceExceeded,
     SnakepoolError,
@@ -187,6 +188,12 @@ class Pool:
         count = self.config.worker_count
         self._workers = [self._new_handle(slot, restarts=0) for slot in range(count)]
         errors: list[WorkerStartError] = []
+        if count == 0:  # disabled (no GPUs): it exists, says why, and refuses calls
+            _log.warning("pool %s is disabled: %s", self.name, self.config.disabled_reason)
+            await self._background.start()
+            self._state = "running"
+            self._start_finished.set()
+            return
         try:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._registry.reap_leftovers)
@@ -395,6 +402,8 @@ class Pool:
             completed=self._completed,
             failed=dict(self._failed),
             closed=self.closed,
+            enabled=self.config.worker_count > 0,
+            disabled_reason=self.config.disabled_reason,
         )
 
     # --- one call ------------------------------------------------------------------
@@ -611,6 +620,8 @@ class Pool:
 
     def _check_open(self) -> None:
         if self._state == "running":
+            if not self._workers:
+                raise PoolDisabled(f"pool {self.name!r} is disabled: {self.config.disabled_reason}")
             return
         if self._state in ("closing", "closed"):
             raise PoolClosed(f"pool {self.name!r} is closed")
