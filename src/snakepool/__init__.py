@@ -26,6 +26,9 @@ from .pool import Event as Event
 from .pool import Pool as Pool
 from .pool import PoolStatistics as PoolStatistics
 from .pool import WorkerStatistics as WorkerStatistics
+from .pool._session import Session as Session
+from .pool._variables import VariableUpdate as VariableUpdate
+from .server import connect as connect
 
 __version__ = "0.1.0"
 
@@ -44,13 +47,16 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "ResourceExceeded",
+    "Session",
     "SessionExpired",
     "SessionNotFound",
     "SessionWorkerUnavailable",
     "SnakepoolError",
     "UnknownCommand",
+    "VariableUpdate",
     "WorkerCrashed",
     "WorkerStartError",
     "WorkerStatistics",
     "__version__",
+    "connect",
 ]

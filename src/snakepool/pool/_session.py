@@ -246,6 +246,11 @@ class Session:
                     self._created = True
         return manager.store
 
+    async def open(self) -> Self:
+        """Create the session in its store now (otherwise its first use does)."""
+        await self._store()
+        return self
+
     async def call(
         self,
         command: str,

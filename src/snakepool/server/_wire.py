@@ -1,0 +1,91 @@
+"""The client protocol of the local socket server: the same framing as the
+workers (4-byte big-endian length + one MessagePack map), other messages.
+
+Client -> server: ``hello`` first (with the token on TCP), then ``call``
+(modes ``call``/``stream``/``cast``, optional ``session``), ``cancel``,
+``status``, ``session`` operations. Server -> client: ``welcome`` or
+``denied``, then ``result``/``failure``/``item``/``end`` by request id, and
+``error`` right before it drops a misbehaving client. See ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, is_dataclass
+from typing import Any, Final
+
+from ..errors import ErrorCategory, RemoteError, SnakepoolError
+from ..protocol import FrameDecoder, FrameEncoder
+
+__all__ = [
+    "CLIENT_PROTOCOL_VERSION",
+    "MAX_CLIENT_FRAME",
+    "error_from_wire",
+    "error_to_wire",
+    "jsonable",
+    "new_decoder",
+    "new_encoder",
+]
+
+CLIENT_PROTOCOL_VERSION: Final = 1
+#: Frames from clients are capped lower than worker frames by default.
+MAX_CLIENT_FRAME: Final = 64 * 2**20
+
+
+def new_decoder(max_frame_bytes: int = MAX_CLIENT_FRAME) -> FrameDecoder:
+    return FrameDecoder(max_frame_bytes)
+
+
+def new_encoder(max_frame_bytes: int = MAX_CLIENT_FRAME) -> FrameEncoder:
+    return FrameEncoder(max_frame_bytes)
+
+
+def error_to_wire(request_id: int, exc: BaseException) -> dict[str, Any]:
+    """A ``failure`` frame for ``exc``: class name, category, message, remote details."""
+    wire: dict[str, Any] = {
+        "t": "failure",
+        "i": request_id,
+        "y": type(exc).__name__,
+        "g": exc.category.value
+        if isinstance(exc, SnakepoolError)
+        else ErrorCategory.APPLICATION.value,
+        "e": str(exc),
+    }
+    if isinstance(exc, RemoteError):
+        wire.update(rt=exc.remote_type, rm=exc.remote_message, rb=exc.remote_traceback)
+    return wire
+
+
+def error_from_wire(wire: dict[str, Any]) -> Exception:
+    """The exception a ``failure`` frame stands for, as the same class where snakepool has it."""
+    from .. import errors
+
+    name = str(wire.get("y", "SnakepoolError"))
+    message = str(wire.get("e", ""))
+    if "rt" in wire:
+        cls = errors.UnknownCommand if name == "UnknownCommand" else errors.RemoteError
+        return cls(str(wire["rt"]), str(wire.get("rm", "")), str(wire.get("rb", "")))
+    cls_obj = getattr(errors, name, None)
+    if isinstance(cls_obj, type) and issubclass(cls_obj, errors.SnakepoolError):
+        if cls_obj in (errors.WorkerStartError, errors.WorkerCrashed):
+            return cls_obj(message)
+        return cls_obj(message)
+    builtin = {
+        "ValueError": ValueError,
+        "TypeError": TypeError,
+        "KeyError": KeyError,
+        "LookupError": LookupError,
+    }
+    if name == "ConnectionError":
+        return ConnectionError(message)
+    return builtin.get(name, errors.SnakepoolError)(message)
+
+
+def jsonable(value: Any) -> Any:
+    """Dataclass snapshots (statistics) as plain maps for the wire."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {k: jsonable(v) for k, v in asdict(value).items()}
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value
