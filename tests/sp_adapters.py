@@ -265,3 +265,11 @@ class Stateful(Adapter):
     @command
     def die(self) -> None:
         os._exit(3)
+
+    @command
+    def count_to(self, n: int) -> Iterator[int]:
+        yield from range(n)
+
+    @command
+    def echo(self, value: Any = None) -> Any:
+        return value

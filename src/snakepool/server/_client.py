@@ -18,7 +18,7 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ..errors import PoolClosed, ProtocolError
+from ..errors import ProtocolError
 from ..pool._registry import runtime_dir
 from ..protocol import NEED_DATA, Sentinel
 from ._wire import CLIENT_PROTOCOL_VERSION, error_from_wire, new_decoder, new_encoder
@@ -83,14 +83,18 @@ class Client:
             ) from None
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
-        self._tg.start_soon(self._read_loop)
-        hello: dict[str, Any] = {"t": "hello", "v": CLIENT_PROTOCOL_VERSION}
-        token = self.token
-        if self.tcp is not None and token is None and default_token_path().exists():
-            token = default_token_path().read_text().strip()
-        if token is not None:
-            hello["k"] = token
-        welcome = await self._exchange(0, hello)
+        try:
+            self._tg.start_soon(self._read_loop)
+            hello: dict[str, Any] = {"t": "hello", "v": CLIENT_PROTOCOL_VERSION}
+            token = self.token
+            if self.tcp is not None and token is None and default_token_path().exists():
+                token = default_token_path().read_text().strip()
+            if token is not None:
+                hello["k"] = token
+            welcome = await self._exchange(0, hello)
+        except BaseException:
+            await self.aclose()  # (not under another scope: the group must exit in order)
+            raise
         self.pools = list(welcome.get("pools", []))
         return self
 
@@ -123,7 +127,7 @@ class Client:
 
     async def _send(self, message: dict[str, Any]) -> None:
         if self._broken is not None or self._stream is None:
-            raise PoolClosed(f"the connection to the server is closed ({self._broken})")
+            raise ConnectionError(str(self._broken or "the connection to the server is closed"))
         frame = self._encoder.encode(message)
         async with self._send_lock:
             await self._stream.send(frame)
@@ -143,7 +147,7 @@ class Client:
             try:
                 reply = await replies.receive()
             except anyio.EndOfStream:
-                raise PoolClosed(f"the server closed the connection ({self._broken})") from None
+                raise ConnectionError(str(self._broken or "the server closed the connection")) from None
         except BaseException:
             if request_id and request_id in self._replies:
                 await self._cancel(request_id)
@@ -273,7 +277,7 @@ class RemotePool:
                 finished = True
                 _unwrap(reply)
                 return
-            raise PoolClosed(f"the server closed the connection ({client._broken})")
+            raise ConnectionError(str(client._broken or "the server closed the connection"))
         finally:
             client._replies.pop(request_id, None)
             replies.close()

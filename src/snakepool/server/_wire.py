@@ -48,7 +48,7 @@ def error_to_wire(request_id: int, exc: BaseException) -> dict[str, Any]:
         "g": exc.category.value
         if isinstance(exc, SnakepoolError)
         else ErrorCategory.APPLICATION.value,
-        "e": str(exc),
+        "e": str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc),
     }
     if isinstance(exc, RemoteError):
         wire.update(rt=exc.remote_type, rm=exc.remote_message, rb=exc.remote_traceback)
