@@ -129,7 +129,7 @@ def test_up_refuses_a_bad_config_before_starting_anything(
     done = run("up", "--config", str(config), "--socket", str(workdir / "s.sock"), env=env)
     assert done.returncode == 2
     assert "sise" in done.stderr
-    assert "line 3" in done.stderr
+    assert "bad.toml:3:" in done.stderr  # file:line
 
 
 def test_up_refuses_a_remote_tcp_address_without_allow_remote(

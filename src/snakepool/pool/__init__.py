@@ -8,14 +8,20 @@ from ._events import PoolStatistics as PoolStatistics
 from ._events import WorkerStatistics as WorkerStatistics
 from ._pool import CallStream as CallStream
 from ._pool import Pool as Pool
+from ._supervisor import ConfigError as ConfigError
+from ._supervisor import Supervisor as Supervisor
+from ._supervisor import SupervisorStatistics as SupervisorStatistics
 
 __all__ = [
     "BlockingPool",
     "CallStream",
+    "ConfigError",
     "Event",
     "Pool",
     "PoolConfig",
     "PoolStatistics",
+    "Supervisor",
+    "SupervisorStatistics",
     "WorkerStatistics",
     "discover_gpus",
 ]

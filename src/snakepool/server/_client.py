@@ -147,7 +147,9 @@ class Client:
             try:
                 reply = await replies.receive()
             except anyio.EndOfStream:
-                raise ConnectionError(str(self._broken or "the server closed the connection")) from None
+                raise ConnectionError(
+                    str(self._broken or "the server closed the connection")
+                ) from None
         except BaseException:
             if request_id and request_id in self._replies:
                 await self._cancel(request_id)
