@@ -224,6 +224,8 @@ class Pool:
         """Stop accepting, drain in-flight calls, then stop every worker (shielded)."""
         if self._state == "new":
             self._state = "closed"
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await self._sessions.store.aclose()
             return
         with anyio.CancelScope(shield=True):
             if self._state == "starting":  # closed from another task while starting

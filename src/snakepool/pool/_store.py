@@ -116,6 +116,10 @@ def open_store(spec: str | SessionStore, *, namespace: str) -> SessionStore:
     """``"memory"``, a ``redis://`` URL, or a store instance."""
     if isinstance(spec, SessionStore):
         return spec
+    if not isinstance(spec, str):
+        raise TypeError(
+            f"session_store must be 'memory', a redis:// URL or a SessionStore, got {type(spec).__name__}"
+        )
     if spec == "memory":
         return MemorySessionStore()
     if spec.startswith(("redis://", "rediss://", "unix://")):
