@@ -32,7 +32,9 @@ async def measure(workers: int, calls: int) -> None:
         p50 = latencies[len(latencies) // 2] * 1e6
         p99 = latencies[int(len(latencies) * 0.99)] * 1e6
         print(f"workers={workers} start-up: {startup * 1000:.0f} ms")
-        print(f"sequential echo: p50 {p50:.0f} us, p99 {p99:.0f} us, mean {statistics.mean(latencies) * 1e6:.0f} us")
+        print(
+            f"sequential echo: p50 {p50:.0f} us, p99 {p99:.0f} us, mean {statistics.mean(latencies) * 1e6:.0f} us"
+        )
         for callers in (1, 8, 64):
             per_caller = max(1, calls // callers)
 
@@ -45,7 +47,9 @@ async def measure(workers: int, calls: int) -> None:
                 for _ in range(callers):
                     tg.start_soon(caller)
             elapsed = time.perf_counter() - t0
-            print(f"throughput, {callers:>2} callers: {per_caller * callers / elapsed:,.0f} calls/s")
+            print(
+                f"throughput, {callers:>2} callers: {per_caller * callers / elapsed:,.0f} calls/s"
+            )
 
 
 def main() -> None:
