@@ -13,6 +13,7 @@ the pipe I/O awaits.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import enum
@@ -130,6 +131,7 @@ class WorkerHandle:
         self._cancel_scope = anyio.CancelScope()
         self._psutil: psutil.Process | None = None
         self._reaping = False
+        self._direct: asyncio.StreamWriter | None = None
         self._stop_requested = False
         self._run_started = False
         self._kill_error: type[SnakepoolError] = WorkerCrashed
@@ -230,6 +232,12 @@ class WorkerHandle:
             return
         self._process = process
         self.pid = process.pid
+        # Fast path on asyncio: write frames straight into the pipe's transport
+        # (buffered, never blocking) instead of handing each one to a writer
+        # task: that saves two event-loop turns per call. Other backends use
+        # the outbox and the writer task.
+        raw = getattr(process.stdin, "_stream", None)
+        self._direct = raw if isinstance(raw, asyncio.StreamWriter) else None
         with contextlib.suppress(psutil.Error):
             self._psutil = psutil.Process(self.pid)
         self._conn.set_max_frame_bytes(launch.max_frame_bytes)
@@ -239,7 +247,8 @@ class WorkerHandle:
         task_status.started()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._pump_stderr)
-            tg.start_soon(self._pump_stdin)
+            if self._direct is None:
+                tg.start_soon(self._pump_stdin)
             await self._pump_stdout()
             tg.cancel_scope.cancel()
 
@@ -287,7 +296,13 @@ class WorkerHandle:
     # --- sending -----------------------------------------------------------------
 
     def post(self, frame: bytes) -> None:
-        """Queue one frame for the writer (never blocks)."""
+        """Queue one frame for the worker (never blocks)."""
+        direct = self._direct
+        if direct is not None:
+            if not direct.is_closing():
+                with contextlib.suppress(RuntimeError, ConnectionError):
+                    direct.write(frame)
+            return
         with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
             self._outbox_in.send_nowait(frame)
 
@@ -352,6 +367,10 @@ class WorkerHandle:
         """Ask for a graceful exit: the worker sees EOF, tears down and leaves."""
         self._planned_reason = self._planned_reason or "stopped by the pool"
         self.state = WorkerState.STOPPING
+        if self._direct is not None:
+            with contextlib.suppress(RuntimeError, ConnectionError):
+                self._direct.close()  # flushes what is buffered, then EOF
+            return
         with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
             self._outbox_in.send_nowait(None)
 
