@@ -301,3 +301,19 @@ async def test_redis_down_fails_session_calls_clearly_and_recovers() -> None:
             assert await fresh.call("var", {"name": "temperature"}) == 0.9
     finally:
         stop_redis_server(server)
+
+
+async def test_hint_fallback_never_leaves_a_worker_with_stale_session_state(store: str) -> None:
+    # The session's worker is busy, so a call falls back to the other worker and
+    # saves state there; the next call, back on the first worker, must see it.
+    async with snakepool.Pool(ADAPTER, size=2, worker_concurrency=2, session_store=store) as pool:
+        async with pool.session() as session:
+            home = await session.call("remember", {"key": "k", "value": 1})
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(session.call, "nap", {"seconds": 0.6})
+                tg.start_soon(session.call, "nap", {"seconds": 0.6})  # home is now full
+                await wait_until(lambda: sum(w.inflight for w in pool.statistics().workers) == 2)
+                other = await session.call("remember", {"key": "k", "value": 2})
+            assert other != home
+            recalled = await session.call("recall", {"key": "k"})
+            assert recalled["value"] == 2

@@ -754,9 +754,10 @@ class Pool:
             call = worker.pending.get(message.call_id)
             if call is None or call.session_id is None:
                 raise LookupError("save_state() outside a session call")
-            await self._sessions.store.save_state(
+            state_version = await self._sessions.store.save_state(
                 call.session_id, message.args["key"], message.args["value"]
             )
+            self._sessions.saved_state(worker, call.session_id, state_version)
             return None
         fn = self._tools.get(message.tool)
         if fn is None:

@@ -302,7 +302,7 @@ class RedisSessionStore(SessionStore):
 
     # --- state --------------------------------------------------------------------------
 
-    async def save_state(self, session_id: str, key: str, value: Any) -> None:
+    async def save_state(self, session_id: str, key: str, value: Any) -> int:
         meta, state = self._key(session_id, "meta"), self._key(session_id, "state")
         packed = _pack(value)
 
@@ -311,8 +311,24 @@ class RedisSessionStore(SessionStore):
             _multi(pipe)
             pipe.hset(state, key, packed)
             pipe.pexpire(state, pttl)
+            pipe.hincrby(meta, "state_version", 1)
 
-        await self._transaction([meta], body)
+        _, results = await self._transaction([meta], body)
+        return int(results[-1])
+
+    async def state_version(self, session_id: str) -> int:
+        return (await self.versions(session_id))[1]
+
+    async def versions(self, session_id: str) -> tuple[int, int]:
+        with self._errors():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.exists(self._key(session_id, "meta"))
+                pipe.get(self._key(session_id, "version"))
+                pipe.hget(self._key(session_id, "meta"), "state_version")
+                live, version, state_version = await pipe.execute()
+            if not live:
+                raise await self._not_live(session_id, self._redis)
+        return int(version or 0), int(state_version or 0)
 
     async def load_state(self, session_id: str) -> dict[str, Any]:
         raw: dict[bytes, bytes] = await self._read(

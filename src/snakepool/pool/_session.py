@@ -82,23 +82,29 @@ class SessionManager:
         """Refresh the session's TTL and bring ``worker`` up to date with it."""
         store = self.store
         await store.touch(session_id)
-        version = await store.version(session_id)
+        versions = await store.versions(session_id)
         known = worker.sessions.get(session_id)
-        if known == version:
+        if known == versions:
             return
-        variables = {
-            name: record.value for name, record in (await store.variables(session_id)).items()
-        }
+        records = await store.variables(session_id)
+        variables = {name: record.value for name, record in records.items()}
         restore: dict[str, Any] | None = None
-        if known is None:
+        if known is None or known[1] != versions[1]:
+            # New to this worker, or another worker saved state since this one
+            # last saw the session (affinity "hint" fell back): rebuild from it.
             state = await store.load_state(session_id)
             restore = state or None  # nothing persisted: nothing to rebuild
-        worker.post_message(
-            p.SessionSync(
-                session_id=session_id, version=version, variables=variables, restore=restore
-            )
+        sync = p.SessionSync(
+            session_id=session_id, version=versions[0], variables=variables, restore=restore
         )
-        worker.sessions[session_id] = version
+        worker.post_message(sync)
+        worker.sessions[session_id] = versions
+
+    def saved_state(self, worker: WorkerHandle, session_id: str, state_version: int) -> None:
+        """``worker`` itself saved state: it does not need to rebuild from it."""
+        known = worker.sessions.get(session_id)
+        if known is not None and known[1] == state_version - 1:
+            worker.sessions[session_id] = (known[0], state_version)
 
     def forget(self, session_id: str) -> None:
         """The session ended: drop it from every worker that holds it."""

@@ -70,8 +70,16 @@ class SessionStore(abc.ABC):
         """Live sessions."""
 
     @abc.abstractmethod
-    async def save_state(self, session_id: str, key: str, value: Any) -> None:
-        """Keep ``value`` under ``key`` in the session's persisted state."""
+    async def save_state(self, session_id: str, key: str, value: Any) -> int:
+        """Keep ``value`` under ``key`` in the session's persisted state; the new state version."""
+
+    @abc.abstractmethod
+    async def state_version(self, session_id: str) -> int:
+        """A counter that grows with every ``save_state`` of the session."""
+
+    async def versions(self, session_id: str) -> tuple[int, int]:
+        """``(variables version, state version)``; stores may read both at once."""
+        return await self.version(session_id), await self.state_version(session_id)
 
     @abc.abstractmethod
     async def load_state(self, session_id: str) -> dict[str, Any]:
@@ -152,7 +160,7 @@ def check_changes(
 
 
 class _MemorySession:
-    __slots__ = ("expires_at", "state", "ttl", "variables", "version", "watchers")
+    __slots__ = ("expires_at", "state", "state_version", "ttl", "variables", "version", "watchers")
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
@@ -160,6 +168,7 @@ class _MemorySession:
         self.state: dict[str, Any] = {}
         self.variables: dict[str, VariableRecord] = {}
         self.version = 0
+        self.state_version = 0
         self.watchers: list[tuple[frozenset[str], MemoryObjectSendStream[VariableUpdate]]] = []
 
 
@@ -231,9 +240,16 @@ class MemorySessionStore(SessionStore):
         now = time.monotonic()
         return sum(1 for s in self._sessions.values() if s.expires_at > now)
 
-    async def save_state(self, session_id: str, key: str, value: Any) -> None:
-        self._live(session_id).state[key] = value
+    async def save_state(self, session_id: str, key: str, value: Any) -> int:
+        session = self._live(session_id)
+        session.state[key] = value
+        session.state_version += 1
         await anyio.lowlevel.checkpoint()
+        return session.state_version
+
+    async def state_version(self, session_id: str) -> int:
+        await anyio.lowlevel.checkpoint()
+        return self._live(session_id).state_version
 
     async def load_state(self, session_id: str) -> dict[str, Any]:
         await anyio.lowlevel.checkpoint()

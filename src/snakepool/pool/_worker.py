@@ -114,7 +114,8 @@ class WorkerHandle:
         self._on_capacity = on_capacity
         self._on_exit = on_exit
         self._on_host_call = on_host_call
-        self.sessions: dict[str, int] = {}  # session id -> variables version this worker has
+        # session id -> (variables version, state version) this worker has seen
+        self.sessions: dict[str, tuple[int, int]] = {}
         self._conn = p.Connection(p.Role.HOST)
         self._process: anyio.abc.Process | None = None
         self._outbox_in, self._outbox_out = anyio.create_memory_object_stream[bytes | None](
