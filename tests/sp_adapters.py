@@ -273,3 +273,9 @@ class Stateful(Adapter):
     @command
     def echo(self, value: Any = None) -> Any:
         return value
+
+
+class Kwargs(Adapter):
+    @command
+    def collect(self, first: int, ctx: CallContext, **rest: Any) -> dict[str, Any]:
+        return {"first": first, "rest": rest, "session": ctx.session_id}

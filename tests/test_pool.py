@@ -400,3 +400,9 @@ async def test_listeners_get_telemetry_events() -> None:
     crashed_exit = next(e for e in events if e.name == "worker.exited")
     assert crashed_exit.data["exit"] == "code 7"
     assert crashed_exit.data["planned"] is False
+
+
+async def test_var_keyword_commands_get_their_extra_arguments_flat() -> None:
+    async with snakepool.Pool("sp_adapters:Kwargs", size=1) as pool:
+        result = await pool.call("collect", {"first": 1, "a": 2, "b": "x"})
+        assert result == {"first": 1, "rest": {"a": 2, "b": "x"}, "session": None}

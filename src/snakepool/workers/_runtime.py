@@ -22,6 +22,7 @@ import concurrent.futures
 import contextlib
 import faulthandler
 import functools
+import inspect
 import itertools
 import logging
 import os
@@ -335,7 +336,7 @@ class Worker:
             variables=SessionVariables(session.variables) if session is not None else None,
             bridge=self,
         )
-        kwargs = dict(bound.arguments)
+        kwargs = _keyword_arguments(spec, bound)
         if spec.wants_context:
             kwargs["ctx"] = ctx
         handler = getattr(self.adapter, spec.attribute)
@@ -641,6 +642,17 @@ class Worker:
                 await asyncio.wait_for(self.writer.drain(), timeout=5.0)
         if not self.finished.done():
             self.finished.set_result(code)
+
+
+def _keyword_arguments(spec: CommandSpec, bound: inspect.BoundArguments) -> dict[str, Any]:
+    """The bound arguments as keywords, a ``**kwargs`` parameter flattened into them."""
+    kwargs: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        if spec.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            kwargs.update(value)
+        else:
+            kwargs[name] = value
+    return kwargs
 
 
 def _mode_problem(spec: CommandSpec, mode: str) -> str | None:
