@@ -117,3 +117,63 @@ async def test_a_crash_loop_backs_off() -> None:
         await pool.aclose()
     gaps = [b - a for a, b in itertools.pairwise(started)]
     assert gaps[3] > gaps[0] + 0.3  # 0.1 s -> 0.8 s (+ jitter): it slows down
+
+
+async def test_abandoning_a_half_open_probe_stream_releases_the_probe() -> None:
+    async with snakepool.Pool(
+        ADAPTER, size=1, breaker_threshold=1, breaker_reset_timeout=0.3
+    ) as pool:
+        with pytest.raises(snakepool.WorkerCrashed):
+            await pool.call("fail", {"how": "sigkill"})
+        await wait_until(lambda: pool.statistics().breaker_state == "half_open")
+        await wait_until(lambda: pool.statistics().ready_workers == 1)
+        async with pool.stream("count", {"n": 1000}) as items:  # the probe
+            async for _ in items:
+                break
+        await wait_until(lambda: pool.statistics().workers[0].inflight == 0)
+        assert await pool.call("add", {"a": 1, "b": 1}) == 2  # not CircuitOpen forever
+
+
+async def test_strict_queue_first_calls_of_a_session_share_one_worker() -> None:
+    async with snakepool.Pool("sp_adapters:Stateful", size=2, affinity="strict_queue") as pool:
+        pids: list[int] = []
+        async with anyio.create_task_group() as tg:  # both workers busy
+            tg.start_soon(pool.call, "nap", {"seconds": 0.4})
+            tg.start_soon(pool.call, "nap", {"seconds": 0.4})
+            await wait_until(lambda: sum(w.inflight for w in pool.statistics().workers) == 2)
+            session = pool.session()
+
+            async def whoami() -> None:
+                pids.append((await session.call("whoami"))["pid"])
+
+            tg.start_soon(whoami)
+            tg.start_soon(whoami)
+        assert len(set(pids)) == 1
+
+
+async def test_a_queued_call_for_one_worker_does_not_block_an_idle_one() -> None:
+    async with snakepool.Pool("sp_adapters:Stateful", size=2, affinity="strict_queue") as pool:
+        a, b = pool.session(), pool.session()
+        await a.call("whoami")
+        await b.call("whoami")  # a and b are bound to different workers
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a.call, "nap", {"seconds": 1.0})
+            await wait_until(lambda: sum(w.inflight for w in pool.statistics().workers) == 1)
+            tg.start_soon(a.call, "nap", {"seconds": 0.1})  # queued for a's worker
+            await wait_until(lambda: pool.statistics().queued == 1)
+            with anyio.fail_after(0.9):  # before a's worker frees up
+                assert (await b.call("whoami"))["session"] == b.id
+                assert (await pool.call("whoami"))["session"] is None
+
+
+async def test_a_cast_is_bounded_by_call_timeout() -> None:
+    async with snakepool.Pool(ADAPTER, size=1, call_timeout=0.5) as pool:
+        pool.cancel_grace = 0.3
+        await pool.cast("hang")
+        await wait_until(lambda: pool.statistics().failed.get("timeout") == 1)
+        await wait_until(
+            lambda: (
+                pool.statistics().ready_workers == 1 and pool.statistics().workers[0].inflight == 0
+            )
+        )
+        assert await pool.call("add", {"a": 2, "b": 2}) == 4

@@ -8,6 +8,7 @@ import importlib.metadata
 import json
 import keyword
 import logging
+import os
 import platform
 import signal
 import sys
@@ -20,6 +21,7 @@ import anyio
 
 from .errors import RemoteError, SnakepoolError
 from .pool import Pool, discover_gpus
+from .pool._registry import ensure_private_dir
 from .server import SocketServer, connect, default_socket_path, default_token_path
 
 __all__ = ["main"]
@@ -119,7 +121,12 @@ def _version() -> str:
 
 
 def _socket(args: argparse.Namespace) -> Path:
-    return Path(args.socket) if args.socket else default_socket_path()
+    if args.socket:
+        return Path(args.socket)
+    path = default_socket_path()
+    if "SNAKEPOOL_SOCKET" not in os.environ:
+        ensure_private_dir(path.parent)  # the per-user runtime directory
+    return path
 
 
 # --- up ---------------------------------------------------------------------------------
@@ -164,9 +171,10 @@ async def _serve(supervisor: Any, server: SocketServer) -> int:
         await tg.start(server.serve)
         if server.tcp is not None and server.token is not None:
             token_path = default_token_path()
-            token_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            token_path.write_text(server.token)
-            token_path.chmod(0o600)
+            ensure_private_dir(token_path.parent)
+            fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as token_file:  # 0600 from the start, never readable by others
+                token_file.write(server.token)
             print(
                 f"snakepool: TCP on {server.tcp[0]}:{server.tcp_port}; token in {token_path}",
                 flush=True,

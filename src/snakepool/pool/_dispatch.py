@@ -62,13 +62,15 @@ class Dispatcher:
     # --- choosing ---------------------------------------------------------------
 
     def pick(
-        self, bound_sessions: Callable[[WorkerHandle], int] | None = None
+        self,
+        bound_sessions: Callable[[WorkerHandle], int] | None = None,
+        skip: Callable[[WorkerHandle], bool] | None = None,
     ) -> WorkerHandle | None:
         """The least-loaded ready worker with a free slot (fewest sessions on ties)."""
         best: WorkerHandle | None = None
         best_key: tuple[int, int] = (0, 0)
         for worker in self._workers():
-            if not worker.has_capacity:
+            if not worker.has_capacity or (skip is not None and skip(worker)):
                 continue
             key = (worker.load, bound_sessions(worker) if bound_sessions else 0)
             if best is None or key < best_key:
@@ -82,12 +84,16 @@ class Dispatcher:
         want: WorkerHandle | None = None,
         bound_sessions: Callable[[WorkerHandle], int] | None = None,
     ) -> WorkerHandle | None:
-        """Reserve a slot now if one is free and nobody queued before us."""
-        if self._waiters:
-            return None
-        worker = (
-            (want if want.has_capacity else None) if want is not None else self.pick(bound_sessions)
-        )
+        """Reserve a slot now if one is free and no earlier caller could use it."""
+        waiters = self._waiters
+
+        def claimed(worker: WorkerHandle) -> bool:  # a queued caller comes first
+            return any(waiter.can_use(worker) for waiter in waiters)
+
+        if want is not None:
+            worker = want if want.has_capacity and not claimed(want) else None
+        else:
+            worker = self.pick(bound_sessions, skip=claimed if waiters else None)
         if worker is not None:
             worker.reserved += 1
         return worker

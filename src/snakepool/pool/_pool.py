@@ -603,20 +603,27 @@ class Pool:
         probe: bool,
     ) -> None:
         started = time.perf_counter()
-        try:
-            if waiter is not None:
-                worker = await self._dispatcher.wait(waiter)
-                worker.submit(call, frame)
-            elif call.worker is None:
-                await self._dispatch(call, frame, session)
-        except SnakepoolError as exc:
-            call.fail(exc)
-        except BaseException:
-            if probe:
-                self._breaker.release_probe()
-            raise
-        await call.done.wait()
-        self._record(call.command, call.worker, started, call.error, probe=probe)
+        limit = self.config.call_timeout  # a cast is bounded like a call: queue + run
+        with anyio.move_on_after(limit):
+            try:
+                if waiter is not None:
+                    worker = await self._dispatcher.wait(waiter)
+                    worker.submit(call, frame)
+                elif call.worker is None:
+                    await self._dispatch(call, frame, session)
+            except SnakepoolError as exc:
+                call.fail(exc)
+            except BaseException:
+                if probe:
+                    self._breaker.release_probe()
+                raise
+            await call.done.wait()
+        error = call.error
+        if not call.done.is_set():
+            if call.worker is not None:
+                self._abandon(call.worker, call)  # (its watchdog waits on call.done)
+            error = self._timeout_error(call.command, limit, call.worker)
+        self._record(call.command, call.worker, started, error, probe=probe)
 
     # --- choosing a worker (synchronous decisions) ---------------------------------
 
@@ -741,7 +748,9 @@ class Pool:
             value = await self._call_tool(worker, message)
             reply = p.HostReply(id=message.id, value=value)
             worker.post_message(reply)
-        except Exception as exc:
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as exc:  # SystemExit from a tool too: the pool goes on
             type_name = type(exc).__qualname__
             if isinstance(exc, TypeError) and "serializable" in str(exc):
                 message_text = f"result of host tool {message.tool!r} is {exc}"
@@ -918,6 +927,7 @@ class CallStream:
                 self._pool._record(
                     self.command, self._worker, self._started, call.error, probe=self._probe
                 )
+                self._probe = False
                 if call.error is not None:
                     raise call.error from None
                 raise StopAsyncIteration from None
@@ -931,6 +941,7 @@ class CallStream:
             f"stream {self.command!r} produced no item within {self._timeout:g}s; cancelled"
         )
         self._pool._record(self.command, self._worker, self._started, error, probe=self._probe)
+        self._probe = False
         raise error
 
     async def _open(self) -> None:
@@ -963,6 +974,9 @@ class CallStream:
 
     def _abandon(self) -> None:
         self._finished = True
+        if self._probe:  # a half-open probe that ends without an outcome
+            self._probe = False
+            self._pool._breaker.release_probe()
         call, worker = self._call, self._worker
         if call is not None and worker is not None and not call.done.is_set():
             self._pool._abandon(worker, call)

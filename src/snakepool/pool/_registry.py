@@ -15,13 +15,14 @@ import json
 import logging
 import os
 import signal
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-__all__ = ["RunRegistry", "runtime_dir"]
+__all__ = ["RunRegistry", "ensure_private_dir", "runtime_dir"]
 
 _log = logging.getLogger("snakepool.pool")
 _START_TIME_TOLERANCE = 0.5  # seconds; psutil's create_time is rounded to clock ticks
@@ -37,6 +38,22 @@ def runtime_dir() -> Path:
     if xdg and os.path.isdir(xdg):
         return Path(xdg) / "snakepool"
     return Path(tempfile.gettempdir()) / f"snakepool-{os.getuid()}"
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create ``path`` (mode 0700) or check that it is this user's, and private.
+
+    In a shared /tmp another user could otherwise create it first and read
+    tokens or plant a socket.
+    """
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise OSError(
+            f"{path} is not a private directory of this user (owner uid {info.st_uid}, "
+            f"mode {stat.S_IMODE(info.st_mode):o}); remove it, or set SNAKEPOOL_RUNTIME_DIR"
+        )
+    return path
 
 
 def _facts(pid: int) -> dict[str, Any] | None:
@@ -74,7 +91,8 @@ class RunRegistry:
         if worker is None or self._host is None:
             return
         try:
-            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            ensure_private_dir(self.directory.parent)
+            ensure_private_dir(self.directory)
             record = {"pool": self.pool, "host": self._host, "worker": worker}
             self._path(worker_pid).write_text(json.dumps(record))
         except OSError as exc:

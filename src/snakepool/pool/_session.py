@@ -74,9 +74,24 @@ class SessionManager:
                 self.bindings[session_id] = worker  # another one if `bound` died meanwhile
                 return worker
             return await dispatcher.acquire(bound_sessions=self.bound_count)  # hint: any worker
-        worker = await dispatcher.acquire(bound_sessions=self.bound_count)
-        self.bindings[session_id] = worker
+        worker = dispatcher.try_reserve(bound_sessions=self.bound_count)
+        if worker is None and self.pool.config.affinity != "hint":
+            # Strict affinity: bind before waiting, so that concurrent first
+            # calls of the session all wait for the same worker.
+            target = self._least_bound()
+            if target is not None:
+                self.bindings[session_id] = target
+                worker = await dispatcher.acquire(want=target)
+        if worker is None:
+            worker = await dispatcher.acquire(bound_sessions=self.bound_count)
+        current = self.bindings.get(session_id)
+        if self.pool.config.affinity != "hint" or current is None or not current.is_ready:
+            self.bindings[session_id] = worker
         return worker
+
+    def _least_bound(self) -> WorkerHandle | None:
+        ready = [w for w in self.pool._workers if w.is_ready]
+        return min(ready, key=lambda w: (len(w.sessions), w.load), default=None)
 
     async def prepare(self, worker: WorkerHandle, session_id: str) -> None:
         """Refresh the session's TTL and bring ``worker`` up to date with it."""
@@ -94,6 +109,8 @@ class SessionManager:
             # last saw the session (affinity "hint" fell back): rebuild from it.
             state = await store.load_state(session_id)
             restore = state or None  # nothing persisted: nothing to rebuild
+        if worker.sessions.get(session_id) == versions:
+            return  # a concurrent call synced this worker meanwhile
         sync = p.SessionSync(
             session_id=session_id, version=versions[0], variables=variables, restore=restore
         )

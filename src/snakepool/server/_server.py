@@ -40,6 +40,7 @@ __all__ = ["SocketServer"]
 _log = logging.getLogger("snakepool.server")
 _READ_CHUNK = 256 * 1024
 _SEND_TIMEOUT = 30.0  # a client that does not read for this long is dropped
+_HELLO_FRAME_BYTES = 64 * 1024
 _SESSION_OPS = frozenset({"open", "close", "define", "get", "set", "get_many", "set_many"})
 
 
@@ -132,7 +133,8 @@ class _Client:
         self.server = server
         self.stream = stream
         self.needs_token = needs_token
-        self.decoder = new_decoder(server.max_frame_bytes)
+        # Until it has said hello (with its token), a client gets small frames only.
+        self.decoder = new_decoder(min(_HELLO_FRAME_BYTES, server.max_frame_bytes))
         self.encoder = new_encoder(server.max_frame_bytes)
         self.send_lock = anyio.Lock()
         self.inflight: dict[int, anyio.CancelScope] = {}
@@ -221,6 +223,7 @@ class _Client:
             if not isinstance(token, str) or not hmac.compare_digest(token, expected):
                 raise _Drop("a valid token is required on TCP")
         self.greeted = True
+        self.decoder = self.decoder.with_limit(self.server.max_frame_bytes)
         await self._send(
             {"t": "welcome", "v": CLIENT_PROTOCOL_VERSION, "pools": sorted(self.server.pools)}
         )
