@@ -29,7 +29,6 @@ import contextvars
 import json
 import os
 import re
-import tempfile
 import threading
 import uuid
 from collections.abc import Iterator, Mapping
@@ -112,10 +111,11 @@ class DSPyAdapter(Adapter):
         if cache_dir is not None:
             os.environ["DSPY_CACHEDIR"] = str(cache_dir)
         elif "DSPY_CACHEDIR" not in os.environ:
-            user = str(os.getuid()) if hasattr(os, "getuid") else "user"
-            os.environ["DSPY_CACHEDIR"] = os.path.join(
-                tempfile.gettempdir(), f"snakepool-dspy-cache-{user}"
-            )
+            # Under the pool's runtime directory (the host sets SNAKEPOOL_POOL).
+            from ..pool._registry import runtime_dir
+
+            pool = os.environ.get("SNAKEPOOL_POOL", "default")
+            os.environ["DSPY_CACHEDIR"] = str(runtime_dir() / "dspy-cache" / pool)
         try:
             import dspy  # type: ignore[import-untyped]
         except ImportError as exc:
