@@ -108,14 +108,41 @@ async def _serve(proto_in: int, proto_out: int) -> int:
     global _current
     loop = asyncio.get_running_loop()
     worker = _current = Worker(loop)
-    write_transport, write_protocol = await loop.connect_write_pipe(
-        asyncio.streams.FlowControlMixin, os.fdopen(proto_out, "wb", buffering=0)
-    )
-    worker.writer = asyncio.StreamWriter(write_transport, write_protocol, None, loop)
+    worker.writer = _FrameWriter(proto_out)
     await loop.connect_read_pipe(
         lambda: _PipeReader(worker), os.fdopen(proto_in, "rb", buffering=0)
     )
     return await worker.finished
+
+
+class _FrameWriter:
+    """Writes whole frames to the protocol pipe: blocking, from any thread.
+
+    Handler threads write their results themselves instead of handing them to
+    the event loop (one thread hop less per call). A write blocks only while
+    the pipe is full, which is the backpressure we want: the host reads all
+    the time, and a generator must not run ahead of it.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            view = memoryview(data)
+            try:
+                while view:
+                    written = os.write(self._fd, view)
+                    view = view[written:]
+            except OSError:  # EPIPE: the host is gone; we exit on stdin EOF
+                self._closed = True
+
+    def is_closing(self) -> bool:
+        return self._closed
 
 
 class _PipeReader(asyncio.Protocol):
@@ -175,7 +202,9 @@ class Worker:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.conn = p.Connection(p.Role.WORKER)
-        self.writer: asyncio.StreamWriter | None = None
+        self.writer: _FrameWriter | None = None
+        self._encoders = threading.local()  # a Packer is not thread-safe: one per thread
+        self._max_frame_bytes = p.DEFAULT_MAX_FRAME_BYTES
         self.finished: asyncio.Future[int] = loop.create_future()
         self.adapter: Adapter | None = None
         self.commands: dict[str, CommandSpec] = {}
@@ -232,17 +261,19 @@ class Worker:
     # --- sending -------------------------------------------------------------
 
     def send(self, message: p.Message) -> None:
-        """Write one message; called on the loop thread only."""
-        if self.writer is None or self.writer.is_closing():
-            return
-        self.writer.write(self.conn.send(message))
+        """Encode and write one message, from any thread.
 
-    def send_threadsafe(self, message: p.Message) -> None:
-        if threading.get_ident() == self._loop_thread:
-            self.send(message)
-        else:
-            with contextlib.suppress(RuntimeError):  # loop already closed
-                self.loop.call_soon_threadsafe(self.send, message)
+        ``TypeError``/``ProtocolError`` (unencodable, too large): nothing is written.
+        """
+        writer = self.writer
+        if writer is None or writer.is_closing():
+            return
+        encoder: p.FrameEncoder | None = getattr(self._encoders, "encoder", None)
+        if encoder is None or encoder.max_frame_bytes != self._max_frame_bytes:
+            encoder = self._encoders.encoder = p.FrameEncoder(self._max_frame_bytes)
+        writer.write(encoder.encode(p.to_wire(message)))
+
+    send_threadsafe = send  # (the name log forwarding uses)
 
     # --- start-up --------------------------------------------------------------
 
@@ -258,6 +289,7 @@ class Worker:
         try:
             self._apply_sys_path(init.sys_path)
             self.conn.set_max_frame_bytes(init.max_frame_bytes)
+            self._max_frame_bytes = init.max_frame_bytes
             self.log = logging.getLogger(f"snakepool.worker.{init.pool}.{init.worker_id}")
             _install_log_forwarding(self)
             cls = load_adapter_class(init.adapter)
@@ -369,9 +401,9 @@ class Worker:
             self._restore_if_needed(running.ctx)
             value = handler(**kwargs)
         except BaseException as exc:
-            self._call_soon(self._finish_error, call, exc, traceback.format_exc())
+            self._finish_error(call, exc, traceback.format_exc())
         else:
-            self._call_soon(self._finish_value, call, value)
+            self._finish_value(call, value)  # written from this thread
 
     def _sync_stream_body(
         self,
@@ -391,18 +423,18 @@ class Worker:
                         pass  # the host has not consumed enough yet
                     if ctx.cancelled:
                         break
-                    # Wait until the item is written (and the pipe drained when
-                    # full): items a crash would lose never pile up unsent, and
-                    # a slow host slows the generator down instead of our memory.
-                    asyncio.run_coroutine_threadsafe(
-                        self._send_item_drained(call, item), self.loop
-                    ).result()
+                    # Written before the next item is made: items a crash would
+                    # lose never pile up unsent, and a slow host slows the
+                    # generator down instead of growing our memory.
+                    self._send_item(call, item)
+                    if call.id not in self.running:
+                        break  # the item could not be encoded: the call already failed
             finally:
                 generator.close()
         except BaseException as exc:
-            self._call_soon(self._finish_error, call, exc, traceback.format_exc())
+            self._finish_error(call, exc, traceback.format_exc())
         else:
-            self._call_soon(self._finish_stream, call)
+            self._finish_stream(call)
 
     # --- sessions and the host bridge -------------------------------------------
 
@@ -558,11 +590,6 @@ class Worker:
                 running.ctx.cancel()
             self._send_unencodable(call, "stream item", item, exc)
 
-    async def _send_item_drained(self, call: p.Call, item: Any) -> None:
-        self._send_item(call, item)
-        if self.writer is not None:
-            await self.writer.drain()
-
     def _finish_stream(self, call: p.Call) -> None:
         if self._take(call.id) is not None:
             self.send(p.End(id=call.id))
@@ -637,9 +664,6 @@ class Worker:
         if code == EXIT_OK:
             with contextlib.suppress(Exception):
                 self.send(p.Goodbye(reason=reason))
-        if self.writer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.writer.drain(), timeout=5.0)
         if not self.finished.done():
             self.finished.set_result(code)
 
