@@ -813,7 +813,14 @@ class Pool:
             if self.closed:
                 return
             info = worker.exit_info
-            died_early = info is not None and not info.planned and info.lifetime < _EARLY_DEATH
+            # A crash loop is a worker dying soon after starting without having
+            # served anything; one killed after serving calls is replaced at once.
+            died_early = (
+                info is not None
+                and not info.planned
+                and info.lifetime < _EARLY_DEATH
+                and worker.requests == 0
+            )
             early_deaths = early_deaths + 1 if died_early else 0
             if early_deaths:  # (the breaker counted this death through the calls it failed)
                 await anyio.sleep(_restart_delay(early_deaths))

@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from ..errors import PoolOverloaded, ProtocolError
+from ..errors import PoolOverloaded, ProtocolError, SessionExpired, SessionNotFound
 from ..pool import Pool
 from ..protocol import NEED_DATA, Sentinel
 from ._wire import (
@@ -300,6 +300,7 @@ class _Client:
         elif op == "close":
             await pool.session(session_id).close()
         else:
+            await _require_live(pool, session_id)  # a typo must not create a session
             result = await getattr(pool.session(session_id).variables, op)(**args)
         await self._send({"t": "result", "i": request_id, "r": result})
 
@@ -316,6 +317,14 @@ class _Client:
                 await self.stream.send(frame)
             if waited.cancelled_caught:
                 raise _Drop(f"the client did not read for {_SEND_TIMEOUT:g}s")
+
+
+async def _require_live(pool: Pool, session_id: str) -> None:
+    status = await pool._sessions_manager().store.status(session_id)
+    if status == "expired":
+        raise SessionExpired(f"session {session_id!r} expired or was closed")
+    if status != "live":
+        raise SessionNotFound(f"no session {session_id!r}; open one first")
 
 
 def _is_loopback(host: str) -> bool:

@@ -1,0 +1,48 @@
+"""Short versions of the soaks in stress/ (the long ones: ``tox -e stress``).
+
+Each runs real worker processes, kills some, and asserts the soak's report
+lists no violation (its summary is the assertion message).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+pytestmark = pytest.mark.anyio
+
+STRESS_DIR = Path(__file__).resolve().parents[1] / "stress"
+
+
+def soak(name: str) -> ModuleType:
+    """Import ``stress/<name>.py`` (stress/ is not a package; its scripts import each other)."""
+    if str(STRESS_DIR) not in sys.path:
+        sys.path.insert(0, str(STRESS_DIR))
+    return importlib.import_module(name)
+
+
+async def test_chaos_soak_short() -> None:
+    report = await soak("chaos_soak").chaos_soak(calls=2_000, kill_every=150, workers=4, seed=1)
+    assert report.ok, report.summary()
+    assert report.counts["resolved"] == 2_000
+    assert report.counts["kills"] >= 5, report.summary()
+
+
+async def test_session_soak_short() -> None:
+    report = await soak("session_soak").session_soak(
+        sessions=40, calls_per_session=10, kill_every=40, workers=3, seed=1
+    )
+    assert report.ok, report.summary()
+    assert report.counts["sessions"] == 40
+    assert report.counts["kills"] >= 2, report.summary()
+
+
+async def test_hostile_soak_short() -> None:
+    report = await soak("hostile_soak").hostile_soak(3, workers=2, seed=1, hold=0.3)
+    assert report.ok, report.summary()
+    assert report.counts["good_calls"] > 0
+    assert report.counts["hostile_dropped"] >= 3 * 7, report.summary()
