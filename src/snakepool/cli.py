@@ -1,4 +1,4 @@
-"""The ``snakepool`` command: up, call, status, doctor, new-adapter."""
+"""The ``snakepool`` command: up, call, status, doctor, new-adapter, bench."""
 
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": _status,
         "doctor": _doctor,
         "new-adapter": _new_adapter,
+        "bench": _bench,
     }[args.command]
     try:
         return handler(args)
@@ -110,6 +111,15 @@ def _parser() -> argparse.ArgumentParser:
     new.add_argument(
         "--directory", metavar="DIR", default=".", help="where to create it (default: here)"
     )
+
+    from ._bench import add_arguments as add_bench_arguments
+
+    bench = commands.add_parser(
+        "bench",
+        help="benchmark snakepool against ProcessPoolExecutor, multiprocessing.Pool, loky "
+        "and a raw asyncio loop",
+    )
+    add_bench_arguments(bench)
     return parser
 
 
@@ -368,6 +378,15 @@ async def _round_trip(spec: str) -> tuple[bool, str]:
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return False, f"FAILED: {first_line}"
     return answer == "pong", f"worker pid {pid} answered {answer!r}"
+
+
+# --- bench --------------------------------------------------------------------------------
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from ._bench import run_from_args
+
+    return run_from_args(args, prog="snakepool bench")
 
 
 # --- new-adapter --------------------------------------------------------------------------
