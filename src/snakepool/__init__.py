@@ -4,6 +4,9 @@ Public names are re-exported here; the modules that define them are private
 to the package layout (``pool/``, ``protocol/``, ``adapters/``, ``workers/``).
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import CallTimeout as CallTimeout
 from .errors import CircuitOpen as CircuitOpen
 from .errors import ErrorCategory as ErrorCategory
@@ -20,23 +23,56 @@ from .errors import SnakepoolError as SnakepoolError
 from .errors import UnknownCommand as UnknownCommand
 from .errors import WorkerCrashed as WorkerCrashed
 from .errors import WorkerStartError as WorkerStartError
-from .pool import BlockingPool as BlockingPool
-from .pool import CallStream as CallStream
-from .pool import Event as Event
-from .pool import Pool as Pool
-from .pool import PoolStatistics as PoolStatistics
-from .pool import WorkerStatistics as WorkerStatistics
-from .pool._session import Session as Session
-from .pool._variables import VariableUpdate as VariableUpdate
-from .server import connect as connect
+
+if TYPE_CHECKING:  # imported on first use (see __getattr__), so a worker stays light
+    from .pool import BlockingPool as BlockingPool
+    from .pool import CallStream as CallStream
+    from .pool import ConfigError as ConfigError
+    from .pool import Event as Event
+    from .pool import Pool as Pool
+    from .pool import PoolStatistics as PoolStatistics
+    from .pool import Supervisor as Supervisor
+    from .pool import SupervisorStatistics as SupervisorStatistics
+    from .pool import WorkerStatistics as WorkerStatistics
+    from .pool._session import Session as Session
+    from .pool._variables import VariableUpdate as VariableUpdate
+    from .server import connect as connect
 
 __version__ = "0.1.0"
+
+# The host side (anyio, the pool, the server) is imported when first used:
+# worker processes import this package too, and start-up time is theirs.
+_LAZY = {
+    "BlockingPool": ".pool",
+    "CallStream": ".pool",
+    "ConfigError": ".pool",
+    "Event": ".pool",
+    "Pool": ".pool",
+    "PoolStatistics": ".pool",
+    "Supervisor": ".pool",
+    "SupervisorStatistics": ".pool",
+    "WorkerStatistics": ".pool",
+    "Session": ".pool._session",
+    "VariableUpdate": ".pool._variables",
+    "connect": ".server",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'snakepool' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "BlockingPool",
     "CallStream",
     "CallTimeout",
     "CircuitOpen",
+    "ConfigError",
     "ErrorCategory",
     "Event",
     "Pool",
@@ -52,6 +88,8 @@ __all__ = [
     "SessionNotFound",
     "SessionWorkerUnavailable",
     "SnakepoolError",
+    "Supervisor",
+    "SupervisorStatistics",
     "UnknownCommand",
     "VariableUpdate",
     "WorkerCrashed",

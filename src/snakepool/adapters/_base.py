@@ -7,8 +7,6 @@ import sys
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import psutil
-
 from ._command import CommandSpec, build_spec, command, command_name
 from ._context import CallContext
 
@@ -59,6 +57,8 @@ class Adapter:
     @command
     def info(self) -> dict[str, Any]:
         """Facts about this worker process."""
+        import psutil  # (only here: workers start faster without it)
+
         cls = type(self)
         return {
             "pid": os.getpid(),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import entry_points
 
 from ._base import Adapter
 
@@ -39,6 +38,8 @@ def _import_object(spec: str) -> object:
 
 
 def _load_entry_point(name: str) -> object:
+    from importlib.metadata import entry_points  # (only here: it is slow to import)
+
     found = entry_points(group=ENTRY_POINT_GROUP, name=name)
     for ep in found:
         return ep.load()
