@@ -643,20 +643,6 @@ class WorkerHandle:
                 )
             call.fail(error)
 
-    def exit_error(self, command: str) -> SnakepoolError:
-        """The error a call routed to this (now dead) worker should get."""
-        info = self.exit_info
-        if info is None:
-            return WorkerCrashed(f"{self.describe()} is not running")
-        return WorkerCrashed(
-            f"{self.describe()} died before call {command!r} could be sent: {info.reason}",
-            exit_code=info.exit_code,
-            stderr_tail=info.stderr_tail,
-        )
-
-    def cancel_tasks(self) -> None:
-        self._cancel_scope.cancel()
-
     def __repr__(self) -> str:
         return (
             f"<WorkerHandle {self.pool}/{self.slot} pid={self.pid} {self.state} load={self.load}>"

@@ -273,8 +273,6 @@ class Worker:
             encoder = self._encoders.encoder = p.FrameEncoder(self._max_frame_bytes)
         writer.write(encoder.encode(p.to_wire(message)))
 
-    send_threadsafe = send  # (the name log forwarding uses)
-
     # --- start-up --------------------------------------------------------------
 
     async def start(self, init: p.Init) -> None:
@@ -708,9 +706,7 @@ class _ForwardingHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             message = self.format(record)
-            self.worker.send_threadsafe(
-                p.Log(level=record.levelno, logger=record.name, message=message)
-            )
+            self.worker.send(p.Log(level=record.levelno, logger=record.name, message=message))
         except Exception:
             self.handleError(record)
 
