@@ -3,8 +3,7 @@ workers (4-byte big-endian length + one MessagePack map), other messages.
 
 Client -> server: ``hello`` first (with the token on TCP), then ``call``
 (modes ``call``/``stream``/``cast``, optional ``session``), ``cancel``,
-``status``, ``session`` operations. Server -> client: ``welcome`` or
-``denied``, then ``result``/``failure``/``item``/``end`` by request id, and
+``status``, ``session`` operations. Server -> client: ``welcome``, then ``result``/``failure``/``item``/``end`` by request id, and
 ``error`` right before it drops a misbehaving client. See ``docs/protocol.md``.
 """
 
@@ -27,7 +26,7 @@ __all__ = [
 ]
 
 CLIENT_PROTOCOL_VERSION: Final = 1
-#: Frames from clients are capped lower than worker frames by default.
+#: Frames from clients, once greeted (64 KiB before ``hello``).
 MAX_CLIENT_FRAME: Final = 64 * 2**20
 
 
