@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import logging
 import random
 import sys
 import time
@@ -25,9 +24,10 @@ from soak_adapters import (
     STRESS_DIR,
     SoakReport,
     WorkerKiller,
-    check_fds,
-    check_no_orphans,
+    add_kill_arguments,
+    finish_report,
     num_fds,
+    setup_logging,
     wait_full_size,
 )
 
@@ -193,11 +193,7 @@ async def chaos_soak(
                 except Exception as exc:
                     report.violate(f"after the chaos, a call failed: {type(exc).__name__}: {exc}")
     finally:
-        await check_no_orphans(report, seen)
-    report.counts["workers_seen"] = len(seen)
-    gc.collect()
-    check_fds(report, fds_before, num_fds())
-    report.elapsed = time.monotonic() - started
+        await finish_report(report, seen, fds_before, started)
     return report
 
 
@@ -207,19 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-every", type=int, default=300)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--min-worker-age",
-        type=float,
-        default=0.0,
-        help="only kill workers this many seconds old (5 keeps clear of the crash-loop backoff)",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="show the pool's warnings")
+    add_kill_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.verbose else logging.ERROR,
-        format="%(relativeCreated)8.0fms %(name)s %(levelname)s %(message)s",
-    )
+    setup_logging(args.verbose)
     report = anyio.run(
         chaos_soak,
         args.calls,

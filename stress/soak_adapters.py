@@ -7,8 +7,11 @@ Workers import ``soak_adapters:Soak`` (the pools put this directory on their
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
+import gc
+import logging
 import os
 import random
 import signal
@@ -123,6 +126,37 @@ class SoakReport:
             if hidden:
                 lines.append(f"    ... and {hidden} more")
         return "\n".join(lines)
+
+
+async def finish_report(
+    report: SoakReport, seen: set[int], fds_before: int, started: float
+) -> SoakReport:
+    """The checks every pool soak ends with: no orphans, no fd growth, timing."""
+    await check_no_orphans(report, seen)
+    report.counts["workers_seen"] = len(seen)
+    gc.collect()
+    check_fds(report, fds_before, num_fds())
+    report.elapsed = time.monotonic() - started
+    return report
+
+
+def add_kill_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options the worker-killing soaks share."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--min-worker-age",
+        type=float,
+        default=0.0,
+        help="only kill workers this many seconds old (5 keeps clear of the crash-loop backoff)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the pool's warnings")
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if verbose else logging.ERROR,
+        format="%(relativeCreated)8.0fms %(name)s %(levelname)s %(message)s",
+    )
 
 
 def num_fds() -> int:

@@ -224,31 +224,13 @@ class RemotePool:
         timeout: float | None = None,
         session: str | None = None,
     ) -> Any:
-        message: dict[str, Any] = {
-            "t": "call",
-            "p": self.name,
-            "c": command,
-            "a": dict(args or {}),
-            "m": "call",
-        }
-        if timeout is not None:
-            message["o"] = timeout
-        if session is not None:
-            message["s"] = session
+        message = self._call_message(command, args, "call", timeout, session)
         return (await self.client._exchange(next(self.client._ids), message))["r"]
 
     async def cast(
         self, command: str, args: Mapping[str, Any] | None = None, *, session: str | None = None
     ) -> None:
-        message: dict[str, Any] = {
-            "t": "call",
-            "p": self.name,
-            "c": command,
-            "a": dict(args or {}),
-            "m": "cast",
-        }
-        if session is not None:
-            message["s"] = session
+        message = self._call_message(command, args, "cast", None, session)
         await self.client._exchange(next(self.client._ids), message)
 
     async def stream(
@@ -263,12 +245,8 @@ class RemotePool:
         client = self.client
         request_id = next(client._ids)
         replies = client._open_reply(request_id)
-        message: dict[str, Any] = {"t": "call", "i": request_id, "p": self.name, "c": command,
-                                   "a": dict(args or {}), "m": "stream"}  # fmt: skip
-        if timeout is not None:
-            message["o"] = timeout
-        if session is not None:
-            message["s"] = session
+        message = self._call_message(command, args, "stream", timeout, session)
+        message["i"] = request_id
         finished = False
         try:
             await client._send(message)
@@ -285,6 +263,27 @@ class RemotePool:
             replies.close()
             if not finished:
                 await client._cancel(request_id)
+
+    def _call_message(
+        self,
+        command: str,
+        args: Mapping[str, Any] | None,
+        mode: str,
+        timeout: float | None,
+        session: str | None,
+    ) -> dict[str, Any]:
+        message: dict[str, Any] = {
+            "t": "call",
+            "p": self.name,
+            "c": command,
+            "a": dict(args or {}),
+            "m": mode,
+        }
+        if timeout is not None:
+            message["o"] = timeout
+        if session is not None:
+            message["s"] = session
+        return message
 
     def session(self, session_id: str | None = None, *, ttl: float | None = None) -> RemoteSession:
         return RemoteSession(self, session_id, ttl)
