@@ -2,11 +2,22 @@
 
 Data flow inside one worker::
 
-    host --stdin pipe--> _PipeReader.data_received --> Connection --> Worker.on_message
-                                                                      |
-          Call: sync handler -> thread pool --------+                 |
-                async handler -> task on this loop -+--> Worker.send --+--> stdout pipe --> host
-                generators -> Items then End -------+
+                 +-- leader thread: os.read(stdin) -> Connection -> Worker.on_message
+                 |      control (sync, cancel, credit, host replies): handled at once
+    host --pipe--+      sync call:  queued, then run by the leader itself
+                 |                  (a follower takes over reading meanwhile)
+                 |      async call: handed to the event loop (main thread) as a task
+                 |
+    handler threads and loop tasks --Worker.send--> _FrameWriter --pipe--> host
+
+Reading uses a *leader/follower* set of threads: whichever idle thread holds
+the "leader" role blocks in ``os.read`` on the protocol pipe; when it reads a
+call it hands the role to another idle thread and runs the handler itself.
+A call thus costs two wake-ups (host -> worker, worker -> host), as in a bare
+read/answer loop, while a reader is always available for pings and
+cancellations. There are at most ``concurrency`` handlers running and at most
+``concurrency + 1`` threads (started on demand). Pings are answered by the
+event loop, so a loop blocked by a misbehaving async handler is noticed.
 
 The protocol owns the process's real stdout: at start-up the pipe is moved to
 a private fd and fd 1 is pointed at stderr, so a ``print()`` in user code can
@@ -18,6 +29,7 @@ dies, via ``PR_SET_PDEATHSIG``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import faulthandler
@@ -30,8 +42,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import AsyncIterator, Callable, Generator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator
 from typing import Any
 
 from .. import protocol as p
@@ -109,9 +120,8 @@ async def _serve(proto_in: int, proto_out: int) -> int:
     loop = asyncio.get_running_loop()
     worker = _current = Worker(loop)
     worker.writer = _FrameWriter(proto_out)
-    await loop.connect_read_pipe(
-        lambda: _PipeReader(worker), os.fdopen(proto_in, "rb", buffering=0)
-    )
+    worker.threads = _Threads(worker, proto_in)
+    worker.threads.start()
     return await worker.finished
 
 
@@ -145,21 +155,116 @@ class _FrameWriter:
         return self._closed
 
 
-class _PipeReader(asyncio.Protocol):
-    """Feeds bytes from the host into the worker's protocol connection."""
+_READ_CHUNK = 256 * 1024
 
-    def __init__(self, worker: Worker) -> None:
+Job = functools.partial[None]  # a sync handler's body, bound to its call
+
+
+class _Threads:
+    """Leader/follower threads: one reads the pipe, the others run handlers.
+
+    All decisions happen under one condition: a free thread first takes a
+    queued sync call (if fewer than ``limit`` run), else the leader role (if
+    nobody reads), else it waits. The leader reads, dispatches every message
+    it read (in order), and if that queued calls it gives up the role, wakes
+    a follower to take it over, and runs a call itself.
+    """
+
+    def __init__(self, worker: Worker, fd: int) -> None:
         self.worker = worker
+        self.fd = fd
+        self.limit = 1  # sync handlers running at once (Init sets concurrency)
+        self._cond = threading.Condition(threading.Lock())
+        self._jobs: collections.deque[Job] = collections.deque()
+        self._running = 0
+        self._leader_taken = False
+        self._idle = 0
+        self._threads = 0
+        self._reading = True  # false after EOF or a protocol error: nobody reads again
+        self._names = itertools.count(1)
 
-    def data_received(self, data: bytes) -> None:
-        self.worker.receive(data)
+    def start(self) -> None:
+        with self._cond:
+            self._spawn_locked()
 
-    def eof_received(self) -> bool:
-        self.worker.receive(b"")
-        return False
+    def submit(self, job: Job) -> None:
+        """Queue a sync handler (from the leader, while it dispatches)."""
+        with self._cond:
+            self._jobs.append(job)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.worker.receive(b"")
+    def drain(self) -> list[Job]:
+        """Stop reading and take the calls that never started (shutdown)."""
+        with self._cond:
+            self._reading = False
+            jobs = list(self._jobs)
+            self._jobs.clear()
+            return jobs
+
+    # --- the threads ---------------------------------------------------------
+
+    def _spawn_locked(self) -> None:
+        self._threads += 1
+        thread = threading.Thread(
+            target=self._run, name=f"snakepool-handler-{next(self._names)}", daemon=True
+        )
+        thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._next()
+            if job is None:
+                if not self._lead():
+                    return
+                continue
+            try:
+                job()
+            finally:
+                with self._cond:
+                    self._running -= 1
+
+    def _next(self) -> Job | None:
+        """A call to run, or ``None``: this thread is the leader now."""
+        with self._cond:
+            while True:
+                if self._jobs and self._running < self.limit:
+                    self._running += 1
+                    self._wake_locked()
+                    return self._jobs.popleft()
+                if not self._leader_taken and self._reading:
+                    self._leader_taken = True
+                    return None
+                self._idle += 1
+                self._cond.wait()  # notify() decrements _idle for us
+
+    def _wake_locked(self) -> None:
+        """Make sure someone reads and that runnable calls find a thread."""
+        runnable = min(len(self._jobs), self.limit - self._running)
+        wanted = runnable + (0 if self._leader_taken or not self._reading else 1)
+        woken = min(wanted, self._idle)
+        if woken:
+            self._idle -= woken
+            self._cond.notify(woken)
+        if wanted > woken and self._threads < self.limit + 1:
+            self._spawn_locked()
+
+    def _lead(self) -> bool:
+        """Read and dispatch until a call is queued; false once reading ended."""
+        worker = self.worker
+        while True:
+            try:
+                data = os.read(self.fd, _READ_CHUNK)
+            except OSError:
+                data = b""
+            worker.receive(data)
+            with self._cond:
+                if not data or not self._reading:
+                    self._reading = False
+                    self._threads -= 1
+                    self._cond.notify_all()
+                    return False
+                if self._jobs:
+                    self._leader_taken = False
+                    return True
 
 
 class _Running:
@@ -212,7 +317,7 @@ class Worker:
         self.sessions: dict[str, _WorkerSession] = {}
         self._host_calls: dict[int, concurrent.futures.Future[Any] | asyncio.Future[Any]] = {}
         self._host_call_ids = itertools.count(1)
-        self.executor: ThreadPoolExecutor | None = None
+        self.threads: _Threads | None = None
         self.init: p.Init | None = None
         self.log = _log
         self._closing = False
@@ -244,7 +349,8 @@ class Worker:
         elif isinstance(message, p.Cancel):
             self.cancel_call(message.id)
         elif isinstance(message, p.Ping):
-            self.send(p.Pong(id=message.id))
+            # Answered by the event loop: a loop blocked by an async handler shows.
+            self._call_soon(self.send, p.Pong(id=message.id))
         elif isinstance(message, p.SessionSync):
             self._sync_session(message)
         elif isinstance(message, p.SessionDrop):
@@ -254,9 +360,14 @@ class Worker:
         elif isinstance(message, p.Credit):
             running = self.running.get(message.id)
             if running is not None and message.n > 0:
-                running.grant(message.n)
+                if running.async_credit is not None:
+                    self._call_soon(running.grant, message.n)
+                else:
+                    running.grant(message.n)
         elif isinstance(message, p.Init):
-            self.loop.create_task(self.start(message))
+            # Set-up runs on the main thread (some libraries insist); nothing
+            # else is read until it is done.
+            asyncio.run_coroutine_threadsafe(self.start(message), self.loop).result()
 
     # --- sending -------------------------------------------------------------
 
@@ -298,9 +409,8 @@ class Worker:
             self._startup_failed(_type_name(exc), str(exc), traceback.format_exc())
             return
         self.commands = dict(cls.commands)
-        self.executor = ThreadPoolExecutor(
-            max_workers=max(1, init.concurrency), thread_name_prefix="snakepool-handler"
-        )
+        if self.threads is not None:
+            self.threads.limit = max(1, init.concurrency)
         self.send(
             p.Hello(
                 version=p.PROTOCOL_VERSION,
@@ -374,19 +484,28 @@ class Worker:
         self.running[call.id] = running
         if spec.is_async:
             body = self._run_async_stream if spec.is_stream else self._run_async
-            running.task = self.loop.create_task(body(call, handler, kwargs, running))
-            # A task cancelled before its first step never runs its body: answer for it.
-            running.task.add_done_callback(functools.partial(self._task_done, call))
+            self._call_soon(self._start_task, call, body(call, handler, kwargs, running), running)
         else:
-            assert self.executor is not None
+            assert self.threads is not None
             target = self._sync_stream_body if spec.is_stream else self._sync_call_body
-            self.executor.submit(target, call, handler, kwargs, running)
+            self.threads.submit(functools.partial(target, call, handler, kwargs, running))
+
+    def _start_task(self, call: p.Call, body: Coroutine[Any, Any, None], running: _Running) -> None:
+        running.task = self.loop.create_task(body)
+        # A task cancelled before its first step never runs its body: answer for it.
+        running.task.add_done_callback(functools.partial(self._task_done, call))
+        if running.ctx.cancelled:  # the cancel arrived before the task existed
+            running.task.cancel()
 
     def cancel_call(self, call_id: int) -> None:
         running = self.running.get(call_id)
         if running is None:
             return  # already answered
         running.ctx.cancel()
+        self._call_soon(self._cancel_task, running)
+
+    @staticmethod
+    def _cancel_task(running: _Running) -> None:
         if running.task is not None:
             running.task.cancel()
 
@@ -467,7 +586,7 @@ class Worker:
             )
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         host_call_id = next(self._host_call_ids)
-        self._call_soon(self._send_host_call, host_call_id, call_id, tool, args, future)
+        self._send_host_call(host_call_id, call_id, tool, args, future)
         try:
             return future.result(timeout=timeout)
         except concurrent.futures.TimeoutError:
@@ -475,7 +594,7 @@ class Worker:
                 f"host tool {tool!r} did not answer within the call's deadline"
             ) from None
         finally:
-            self._call_soon(self._forget_host_call, host_call_id)
+            self._host_calls.pop(host_call_id, None)
 
     async def acall_host(self, call_id: int, tool: str, args: Any, timeout: float | None) -> Any:
         """Host tool call from an async handler."""
@@ -505,17 +624,14 @@ class Worker:
                 TypeError(f"arguments of host tool {tool!r} cannot be sent: {exc}")
             )
 
-    def _forget_host_call(self, host_call_id: int) -> None:
-        self._host_calls.pop(host_call_id, None)
-
     def _host_answered(self, message: p.HostReply | p.HostFailure) -> None:
         future = self._host_calls.pop(message.id, None)
-        if future is None or future.done():
+        if future is None:
             return  # the caller gave up (deadline) meanwhile
-        if isinstance(message, p.HostReply):
-            future.set_result(message.value)
+        if isinstance(future, asyncio.Future):  # belongs to the loop: resolve it there
+            self._call_soon(_resolve_future, future, message)
         else:
-            future.set_exception(RemoteError(message.type, message.message))
+            _resolve_future(future, message)
 
     def _call_soon(self, fn: Callable[..., None], *args: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is gone: we are exiting
@@ -647,6 +763,13 @@ class Worker:
         if self._closing:
             return
         self._closing = True
+        if self.threads is not None:
+            for job in self.threads.drain():  # queued, never started
+                call = job.args[0]
+                self._finish_error(call, asyncio.CancelledError(), "")
+        self._call_soon(self._start_shutdown, code, reason, teardown)
+
+    def _start_shutdown(self, code: int, reason: str, teardown: bool) -> None:
         self.loop.create_task(self._shutdown(code, reason, teardown))
 
     async def _shutdown(self, code: int, reason: str, teardown: bool) -> None:
@@ -664,6 +787,18 @@ class Worker:
                 self.send(p.Goodbye(reason=reason))
         if not self.finished.done():
             self.finished.set_result(code)
+
+
+def _resolve_future(
+    future: concurrent.futures.Future[Any] | asyncio.Future[Any],
+    message: p.HostReply | p.HostFailure,
+) -> None:
+    if future.done():
+        return
+    if isinstance(message, p.HostReply):
+        future.set_result(message.value)
+    else:
+        future.set_exception(RemoteError(message.type, message.message))
 
 
 def _keyword_arguments(spec: CommandSpec, bound: inspect.BoundArguments) -> dict[str, Any]:
