@@ -1,0 +1,412 @@
+"""The worker template (fork server): ``python -m snakepool.workers --template``.
+
+A pool with ``preload=[...]`` starts one of these per pool. It imports the
+heavy modules once, then forks a worker each time the host asks, so a
+replacement worker skips the imports (tens of milliseconds instead of
+seconds). The host side is :mod:`snakepool.pool._template`.
+
+Control channel: fd 0 is one end of a Unix stream socket; both ways carry
+length-prefixed MessagePack maps (the snakepool framing)::
+
+    host -> template  {"op": "init", "preload": [...], "sys_path": [...], "cwd": str|None}
+    template -> host  {"op": "importing", "module": name}          (before each import)
+                      {"op": "ready", "pid", "modules", "import_seconds"}
+                    | {"op": "unsafe", "reason"} | {"op": "failed", "module", "type",
+                      "message", "traceback"}   (then the template exits)
+    host -> template  {"op": "spawn", "id", "env"} + 3 fds by SCM_RIGHTS:
+                      the worker's stdin, stdout and stderr
+    template -> host  {"op": "spawned", "id", "pid"} | {"op": "spawn_failed", "id", "message"}
+                      {"op": "exited", "pid", "code"}   (code < 0: killed by that signal)
+
+The template exits when the control socket reaches EOF, after SIGKILLing
+the process groups of its living workers and reaping them.
+
+Why it is written the way it is:
+
+* Forking is only safe while the process has exactly one thread (a lock
+  held by another thread at fork time stays held forever in the child).
+  So the template uses no threads and no asyncio: a blocking ``poll`` loop,
+  SIGCHLD through ``signal.set_wakeup_fd``. After the preload imports it
+  counts threads (Python's and native ones, via ``/proc/self/task``) and
+  refuses, naming them, if an import started any.
+* Its stdio is moved off fds 0/1 at start, so a forked worker gets exactly
+  the three fds the host sent it on 0/1/2 plus what the preloaded libraries
+  themselves opened (kept, as any fork keeps them: closing them under the
+  libraries would leave their file objects pointing at recycled fd numbers).
+
+Caveats, inherent to forking from a warm template:
+
+* Whatever a library reads from the environment *at import time* (thread
+  counts such as ``OMP_NUM_THREADS``, ``CUDA_VISIBLE_DEVICES`` for a CUDA
+  library that initialises on import, ...) comes from the template's
+  environment, not the worker's. ``os.environ`` itself is the worker's.
+* The workers share the template's ``PYTHONHASHSEED`` (hash randomisation
+  happens once per interpreter). ``random`` and NumPy's global generator are
+  re-seeded in each worker.
+* ``ps`` shows a forked worker with the template's command line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import select
+import signal
+import socket
+import sys
+import time
+import traceback
+from typing import Any
+
+from ..protocol._framing import CLOSED, NEED_DATA, FrameDecoder, FrameEncoder
+
+__all__ = ["main"]
+
+#: Exit codes of the template itself.
+EXIT_OK = 0
+EXIT_PROTOCOL_ERROR = 4
+#: A forked worker whose runtime returned or raised (it must never get back here).
+EXIT_WORKER_ESCAPED = 70
+
+_ALWAYS_IMPORTED = ("snakepool.workers._runtime", "snakepool.adapters", "importlib.metadata")
+_MAX_FDS_PER_RECV = 16
+_RECV_BYTES = 1 << 16
+
+
+def main() -> None:
+    """Entry point of ``python -m snakepool.workers --template``."""
+    _die_with_parent()
+    control = _claim_control_socket()
+    try:
+        code = Template(control).run()
+    except KeyboardInterrupt:
+        code = EXIT_OK
+    _flush()
+    os._exit(code)
+
+
+def _die_with_parent() -> None:
+    """SIGKILL us when the host dies; our workers then die through theirs."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    expected = os.environ.get("SNAKEPOOL_HOST_PID")
+    if expected and expected.isdigit() and os.getppid() != int(expected):
+        os._exit(EXIT_OK)  # the host died before prctl took effect
+
+
+def _claim_control_socket() -> socket.socket:
+    """Take the socket off fd 0 (a worker's fd 0 is its own stdin) and leave /dev/null there."""
+    control = socket.socket(fileno=os.dup(0))  # os.dup: not inherited by anything we exec
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    control.setblocking(True)
+    return control
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
+class Template:
+    """The template's state and its single-threaded event loop."""
+
+    def __init__(self, control: socket.socket) -> None:
+        self.control = control
+        self.control_fd = control.fileno()
+        self.decoder = FrameDecoder()
+        self.encoder = FrameEncoder()
+        self.fds: list[int] = []  # received by SCM_RIGHTS, not yet claimed by a spawn
+        self.children: set[int] = set()
+        self.wakeup_r, self.wakeup_w = os.pipe()
+        self.eof = False
+
+    # --- the loop ------------------------------------------------------------------
+
+    def run(self) -> int:
+        init = self._next_message()
+        if init is None:
+            return EXIT_OK
+        if init.get("op") != "init":
+            return EXIT_PROTOCOL_ERROR
+        if not self._initialise(init):
+            return EXIT_OK
+        self._watch_children()
+        return self._serve()
+
+    def _serve(self) -> int:
+        # poll, not selectors/epoll: it holds no fd a forked child could inherit.
+        poller = select.poll()
+        poller.register(self.control.fileno(), select.POLLIN)
+        poller.register(self.wakeup_r, select.POLLIN)
+        while True:
+            for fd, _ in poller.poll():
+                if fd == self.wakeup_r:
+                    self._drain_wakeup()
+                    self._reap()
+                elif not self._handle_control():
+                    self._kill_children()
+                    return EXIT_OK
+
+    def _handle_control(self) -> bool:
+        """Read what the host sent and act on every whole message; False at EOF."""
+        self._receive()
+        while True:
+            try:
+                message = self.decoder.next_frame()
+            except Exception:
+                return False  # a broken stream from our own host: nothing sane to do
+            if message is CLOSED:
+                return False
+            if message is NEED_DATA:
+                return not self.eof
+            assert isinstance(message, dict)
+            if message.get("op") == "spawn":
+                self._spawn(message)
+
+    def _receive(self) -> None:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self.control, _RECV_BYTES, _MAX_FDS_PER_RECV)
+        except OSError:
+            data, fds = b"", []
+        # The fds ride on the first byte of their spawn frame, so by the time a
+        # spawn frame is whole its fds are here: a FIFO pairs them up.
+        self.fds.extend(fds)
+        if not data:
+            self.eof = True
+        self.decoder.feed(data)
+
+    def _next_message(self) -> dict[str, Any] | None:
+        """Block until one whole message arrives (used for init)."""
+        while True:
+            message = self.decoder.next_frame()
+            if isinstance(message, dict):
+                return message
+            if message is CLOSED or self.eof:
+                return None
+            self._receive()
+
+    def _send(self, message: dict[str, Any]) -> None:
+        # OSError: the host is gone; EOF on the next read ends us.
+        with contextlib.suppress(OSError):
+            self.control.sendall(self.encoder.encode(message))
+
+    # --- init ------------------------------------------------------------------------
+
+    def _initialise(self, init: dict[str, Any]) -> bool:
+        """Apply the host's paths, import, check fork safety; tell the host."""
+        if not sys.platform.startswith("linux"):
+            self._send(
+                {"op": "unsafe", "reason": f"fork server needs Linux; this is {sys.platform}"}
+            )
+            return False
+        for entry in reversed(init.get("sys_path") or []):
+            if entry not in sys.path:
+                sys.path.insert(0, entry)
+        if init.get("cwd"):
+            os.chdir(init["cwd"])
+        preload = [str(name) for name in init.get("preload") or []]
+        started = time.perf_counter()
+        # Every worker imports the runtime and the adapters base, and looks an
+        # adapter named without "module:" up as an entry point (importlib.metadata
+        # alone takes ~45 ms to import): most of the saving when nothing is preloaded.
+        for name in [*_ALWAYS_IMPORTED, *preload]:
+            if not self._import(name):
+                return False
+        self._send(
+            {
+                "op": "ready",
+                "pid": os.getpid(),
+                "modules": preload,
+                "import_seconds": time.perf_counter() - started,
+            }
+        )
+        return True
+
+    def _import(self, name: str) -> bool:
+        self._send({"op": "importing", "module": name})
+        try:
+            importlib.import_module(name)
+        except BaseException as exc:
+            self._send(
+                {
+                    "op": "failed",
+                    "module": name,
+                    "type": type(exc).__name__,
+                    "message": str(exc),
+                    "traceback": traceback.format_exc(),
+                }
+            )
+            return False
+        threads = _other_threads()
+        if threads:
+            self._send(
+                {
+                    "op": "unsafe",
+                    "reason": f"threads were started while importing {name}: {threads}; "
+                    "forking a process with threads can deadlock the workers",
+                }
+            )
+            return False
+        return True
+
+    # --- children --------------------------------------------------------------------
+
+    def _watch_children(self) -> None:
+        os.set_blocking(self.wakeup_w, False)  # set_wakeup_fd insists on it
+        os.set_blocking(self.wakeup_r, False)
+        # A Python-level handler is needed for the wakeup fd to be written to;
+        # the loop does the work when it sees the byte.
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        signal.set_wakeup_fd(self.wakeup_w)
+
+    def _drain_wakeup(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.wakeup_r, 4096):
+                pass
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.children.discard(pid)
+            self._send({"op": "exited", "pid": pid, "code": os.waitstatus_to_exitcode(status)})
+
+    def _kill_children(self) -> None:
+        """At EOF: the host is gone or done with us; no worker outlives the template."""
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+        for pid in list(self.children):
+            with contextlib.suppress(ChildProcessError):
+                _, status = os.waitpid(pid, 0)
+                # The host may only have shut down its sending side: tell it.
+                self._send({"op": "exited", "pid": pid, "code": os.waitstatus_to_exitcode(status)})
+        self.children.clear()
+
+    def _spawn(self, message: dict[str, Any]) -> None:
+        spawn_id = message.get("id")
+        if len(self.fds) < 3:
+            self._send({"op": "spawn_failed", "id": spawn_id, "message": "no fds came with spawn"})
+            return
+        stdio, self.fds = self.fds[:3], self.fds[3:]
+        env = {str(k): str(v) for k, v in (message.get("env") or {}).items()}
+        _flush()  # or the child would write our buffered output again
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            self._send({"op": "spawn_failed", "id": spawn_id, "message": f"fork failed: {exc}"})
+        else:
+            if pid == 0:
+                self._become_worker(stdio, env)  # never returns
+            self.children.add(pid)
+            self._send({"op": "spawned", "id": spawn_id, "pid": pid})
+        finally:
+            for fd in stdio:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    # --- in the forked child ------------------------------------------------------------
+
+    def _become_worker(self, stdio: list[int], env: dict[str, str]) -> None:
+        """Turn this forked child into a worker; ends in ``os._exit``, always."""
+        code = EXIT_WORKER_ESCAPED
+        try:
+            os.setsid()  # its own process group: the host kills it with killpg
+            self._reset_signals()
+            self._adopt_stdio(stdio)
+            _become_environment(env, template_pid=os.getppid())
+            if env.get("PYTHONUNBUFFERED"):  # as a spawned worker's stdio would be
+                for stream in (sys.stdout, sys.stderr):
+                    with contextlib.suppress(AttributeError, ValueError):
+                        stream.reconfigure(write_through=True)  # type: ignore[union-attr]
+            _reseed()
+            sys.argv = sys.argv[:1]  # drop --template
+            from . import _runtime
+
+            _runtime.main()  # exits the process itself
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            _flush()
+            os._exit(code)
+
+    def _reset_signals(self) -> None:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as Python starts
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as Python starts
+
+    def _adopt_stdio(self, stdio: list[int]) -> None:
+        for target, fd in enumerate(stdio):
+            os.dup2(fd, target)  # inheritable, like a spawned worker's stdio
+        # Everything the template itself holds: the worker must not keep the
+        # control socket open (the host would never see the template's EOF).
+        self.control.detach()  # closed below; no object may close its number later
+        for fd in [*stdio, *self.fds, self.wakeup_r, self.wakeup_w, self.control_fd]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _become_environment(env: dict[str, str], *, template_pid: int) -> None:
+    os.environ.clear()
+    os.environ.update(env)
+    # The worker checks its parent against this after PR_SET_PDEATHSIG; its
+    # parent is the template, which dies with the host.
+    os.environ["SNAKEPOOL_HOST_PID"] = str(template_pid)
+
+
+def _reseed() -> None:
+    """Forked workers must not draw the same random numbers."""
+    random = sys.modules.get("random")
+    if random is not None:
+        random.seed()
+    numpy_random = sys.modules.get("numpy.random")
+    if numpy_random is not None:
+        with contextlib.suppress(Exception):
+            numpy_random.seed()
+
+
+def _other_threads() -> list[str]:
+    """Names of the threads besides this one, Python's and native ones."""
+    import threading
+
+    names = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+    native = _native_thread_names()  # Python's threads are in there too
+    if len(native) > len(names):
+        names.append(f"{len(native) - len(names)} native thread(s) among {native}")
+    return names
+
+
+def _native_thread_names() -> list[str]:
+    """Threads other than the main one per ``/proc/self/task`` (C extensions' included)."""
+    me = os.getpid()
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task") if int(t) != me]
+    except OSError:
+        return []
+    names = []
+    for tid in sorted(tids):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as comm:
+                names.append(f"{comm.read().strip()} (native, tid {tid})")
+        except OSError:
+            names.append(f"tid {tid}")
+    return names
