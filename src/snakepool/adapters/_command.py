@@ -26,6 +26,21 @@ class CommandSpec:
     wants_context: bool
     signature: inspect.Signature  # without self and ctx
     doc: str
+    # Precomputed for the worker's argument check (``signature.bind`` is slow):
+    # the keyword names, those without a default, and whether **kwargs exists.
+    # ``names`` is None when positional-only or *args parameters need bind().
+    names: frozenset[str] | None = None
+    required: frozenset[str] = frozenset()
+    var_keyword: bool = False
+
+    def keyword_arguments(self, args: dict[str, Any]) -> dict[str, Any] | None:
+        """``args`` as the handler's keywords, or None when ``signature.bind`` must decide."""
+        names = self.names
+        if names is None or not self.required.issubset(args):
+            return None
+        if self.var_keyword:
+            return None if CONTEXT_PARAMETER in args and self.wants_context else args
+        return args if names.issuperset(args) else None
 
     def describe(self) -> dict[str, Any]:
         params = []
@@ -75,6 +90,8 @@ def build_spec(name: str, attribute: str, func: Callable[..., Any]) -> CommandSp
     wants_context = any(p.name == CONTEXT_PARAMETER for p in params)
     params = [p for p in params if p.name != CONTEXT_PARAMETER]
     is_async_gen = inspect.isasyncgenfunction(func)
+    simple = all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.VAR_KEYWORD) for p in params)
+    keywords = [p for p in params if p.kind is not p.VAR_KEYWORD]
     return CommandSpec(
         name=name,
         attribute=attribute,
@@ -83,6 +100,9 @@ def build_spec(name: str, attribute: str, func: Callable[..., Any]) -> CommandSp
         wants_context=wants_context,
         signature=signature.replace(parameters=params),
         doc=inspect.getdoc(func) or "",
+        names=frozenset(p.name for p in keywords) if simple else None,
+        required=frozenset(p.name for p in keywords if p.default is p.empty),
+        var_keyword=any(p.kind is p.VAR_KEYWORD for p in params),
     )
 
 

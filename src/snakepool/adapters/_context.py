@@ -12,6 +12,7 @@ __all__ = ["CallContext", "HostBridge", "SessionVariables"]
 
 #: The host tool behind ``ctx.save_state`` (reserved: users cannot register it).
 SAVE_STATE_TOOL = "__snakepool_save_state__"
+_EVENT_LOCK = threading.Lock()  # makes a context's cancel event at most once
 
 
 class HostBridge(Protocol):
@@ -72,6 +73,7 @@ class CallContext:
     __slots__ = (
         "_bridge",
         "_cancel_event",
+        "_cancelled",
         "call_id",
         "command",
         "deadline",
@@ -104,15 +106,23 @@ class CallContext:
         self.log = log
         self.variables = variables if variables is not None else SessionVariables()
         self._bridge = bridge
-        self._cancel_event = threading.Event()
+        self._cancelled = False
+        # Made only for wait_cancelled(): most calls never need one.
+        self._cancel_event: threading.Event | None = None
 
     @property
     def cancelled(self) -> bool:
-        return self._cancel_event.is_set()
+        return self._cancelled
 
     def wait_cancelled(self, timeout: float | None = None) -> bool:
         """Block up to ``timeout`` seconds; true if the call was cancelled."""
-        return self._cancel_event.wait(timeout)
+        with _EVENT_LOCK:
+            if self._cancel_event is None:
+                self._cancel_event = threading.Event()
+                if self._cancelled:
+                    self._cancel_event.set()
+            event = self._cancel_event
+        return event.wait(timeout)
 
     @property
     def time_left(self) -> float | None:
@@ -123,7 +133,10 @@ class CallContext:
 
     def cancel(self) -> None:
         """Mark the call cancelled (the worker runtime does this)."""
-        self._cancel_event.set()
+        with _EVENT_LOCK:
+            self._cancelled = True
+            if self._cancel_event is not None:
+                self._cancel_event.set()
 
     def call_host(self, name: str, args: Mapping[str, Any] | None = None) -> Any:
         """Call the host tool ``name(**args)`` and return its result (sync handlers).

@@ -31,6 +31,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import psutil
+import sniffio
 
 from .. import protocol as p
 from ..errors import (
@@ -132,7 +133,10 @@ class WorkerHandle:
         self._cancel_scope = anyio.CancelScope()
         self._psutil: psutil.Process | None = None
         self._reaping = False
-        self._direct: asyncio.StreamWriter | None = None
+        self._direct: asyncio.WriteTransport | None = None  # asyncio: the stdin pipe
+        self._stdout_reader: _StdoutReader | None = None  # asyncio: decodes in callbacks
+        self._stdout_transport: asyncio.BaseTransport | None = None
+        self._unsent: list[bytes] = []  # frames of this event-loop turn, written at its end
         self._stop_requested = False
         self._run_started = False
         self._kill_error: type[SnakepoolError] = WorkerCrashed
@@ -216,15 +220,18 @@ class WorkerHandle:
     async def _serve(self, launch: WorkerLaunch, task_status: anyio.abc.TaskStatus[None]) -> None:
         try:
             with anyio.CancelScope(shield=True):  # a half-spawned process would be an orphan
-                process = await anyio.open_process(
-                    list(launch.argv),
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    env=launch.env,
-                    cwd=launch.cwd,
-                    start_new_session=True,  # its own process group, killed as one
-                )
+                if sniffio.current_async_library() == "asyncio":
+                    process = await self._open_with_pipes(launch)
+                else:
+                    process = await anyio.open_process(
+                        list(launch.argv),
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        env=launch.env,
+                        cwd=launch.cwd,
+                        start_new_session=True,  # its own process group, killed as one
+                    )
         except OSError as exc:
             self._startup_failure = p.StartupFailed(
                 type=type(exc).__name__, message=f"cannot start {launch.argv[0]!r}: {exc}"
@@ -233,12 +240,6 @@ class WorkerHandle:
             return
         self._process = process
         self.pid = process.pid
-        # Fast path on asyncio: write frames straight into the pipe's transport
-        # (buffered, never blocking) instead of handing each one to a writer
-        # task: that saves two event-loop turns per call. Other backends use
-        # the outbox and the writer task.
-        raw = getattr(process.stdin, "_stream", None)
-        self._direct = raw if isinstance(raw, asyncio.StreamWriter) else None
         with contextlib.suppress(psutil.Error):
             self._psutil = psutil.Process(self.pid)
         self._conn.set_max_frame_bytes(launch.max_frame_bytes)
@@ -252,6 +253,49 @@ class WorkerHandle:
                 tg.start_soon(self._pump_stdin)
             await self._pump_stdout()
             tg.cancel_scope.cancel()
+
+    async def _open_with_pipes(self, launch: WorkerLaunch) -> anyio.abc.Process:
+        """asyncio fast path: the protocol pipes are ours, served by callbacks.
+
+        Frames go straight into the stdin pipe's transport (buffered, never
+        blocking) and replies are decoded in ``data_received``: no pump task
+        and no stream object in between, which saves event-loop turns per call.
+        Other backends use anyio's process streams and the pump tasks.
+        """
+        loop = asyncio.get_running_loop()
+        child_stdin, to_worker = os.pipe()  # os.pipe fds are not inherited (PEP 446)
+        from_worker, child_stdout = os.pipe()
+        ours = [to_worker, from_worker]
+        try:
+            try:
+                process = await anyio.open_process(
+                    list(launch.argv),
+                    stdin=child_stdin,
+                    stdout=child_stdout,
+                    stderr=subprocess.PIPE,
+                    env=launch.env,
+                    cwd=launch.cwd,
+                    start_new_session=True,  # its own process group, killed as one
+                )
+            finally:
+                os.close(child_stdin)
+                os.close(child_stdout)
+            reader = _StdoutReader(self)
+            self._stdout_transport, _ = await loop.connect_read_pipe(
+                lambda: reader, os.fdopen(from_worker, "rb", buffering=0)
+            )
+            ours.remove(from_worker)
+            self._stdout_reader = reader
+            transport, _ = await loop.connect_write_pipe(
+                asyncio.Protocol, os.fdopen(to_worker, "wb", buffering=0)
+            )
+            ours.remove(to_worker)
+            assert isinstance(transport, asyncio.WriteTransport)
+            self._direct = transport
+            return process
+        finally:
+            for fd in ours:
+                os.close(fd)
 
     def _never_started(self) -> None:
         if self.exit_info is not None:
@@ -296,16 +340,39 @@ class WorkerHandle:
 
     # --- sending -----------------------------------------------------------------
 
-    def post(self, frame: bytes) -> None:
-        """Queue one frame for the worker (never blocks)."""
+    def post(self, frame: bytes, *, batch: bool = False) -> None:
+        """Queue one frame for the worker (never blocks).
+
+        On asyncio, ``batch=True`` frames (calls for a worker that is busy
+        anyway) are collected and go out in one write at the end of this
+        event-loop turn: a pipe write that wakes the worker costs more than
+        the call itself, so 64 callers must not make 64 of them. Other frames
+        are written at once, after any collected ones (order is kept).
+        """
         direct = self._direct
         if direct is not None:
-            if not direct.is_closing():
+            unsent = self._unsent
+            if batch or unsent:
+                unsent.append(frame)
+                if len(unsent) == 1:
+                    asyncio.get_running_loop().call_soon(self._flush)
+            elif not direct.is_closing():
                 with contextlib.suppress(RuntimeError, ConnectionError):
                     direct.write(frame)
             return
         with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
             self._outbox_in.send_nowait(frame)
+
+    def _flush(self) -> None:
+        """Write the frames of this turn (asyncio: into the pipe transport's buffer)."""
+        direct, unsent = self._direct, self._unsent
+        if not unsent or direct is None:
+            return
+        self._unsent = []
+        if direct.is_closing():
+            return
+        with contextlib.suppress(RuntimeError, ConnectionError):
+            direct.write(unsent[0] if len(unsent) == 1 else b"".join(unsent))
 
     def post_message(self, message: p.Message) -> None:
         """Encode and queue one host message."""
@@ -315,10 +382,11 @@ class WorkerHandle:
         """Register ``call`` and queue its frame, using the slot reserved for it."""
         self.reserved -= 1
         call.worker = self
+        busy = bool(self.pending)  # then the frame would wait in the pipe anyway
         self.pending[call.id] = call
         self.requests += 1
         self.state = WorkerState.BUSY
-        self.post(frame)
+        self.post(frame, batch=busy)
         if self.request_limit is not None and self.requests >= self.request_limit:
             self.retire(f"served max_requests ({self.requests} calls)")
 
@@ -369,6 +437,7 @@ class WorkerHandle:
         self._planned_reason = self._planned_reason or "stopped by the pool"
         self.state = WorkerState.STOPPING
         if self._direct is not None:
+            self._flush()
             with contextlib.suppress(RuntimeError, ConnectionError):
                 self._direct.close()  # flushes what is buffered, then EOF
             return
@@ -463,35 +532,45 @@ class WorkerHandle:
         self.log.info("%s", line)
 
     async def _pump_stdout(self) -> None:
-        assert self._process is not None and self._process.stdout is not None
-        stdout = self._process.stdout
-        conn = self._conn
         ended = False  # stdout reached its end (or broke the protocol), not cancelled
         try:
-            while True:
+            if self._stdout_reader is not None:
+                await self._stdout_reader.ended  # data_received does the work
+                ended = True
+                return
+            assert self._process is not None and self._process.stdout is not None
+            stdout = self._process.stdout
+            while not ended:
                 try:
                     data = await stdout.receive(_READ_CHUNK)
                 except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
                     data = b""
-                conn.receive_data(data)
-                while True:
-                    event = conn.next_event()
-                    if event is p.NEED_DATA:
-                        break
-                    if event is p.CLOSED:
-                        ended = True
-                        return
-                    assert isinstance(event, p.Message)
-                    self._on_message(event)
-        except ProtocolError as exc:
-            ended = True
-            self._protocol_error = ProtocolError(f"{self.describe()} broke the protocol: {exc}")
-            self.kill(f"protocol error: {exc}")
+                ended = self.feed_stdout(data)
         finally:
             if not ended:  # torn down from outside: nothing left to wait for
                 self.kill("the pool stopped serving it")
+            if self._stdout_transport is not None:
+                self._stdout_transport.close()
             with anyio.CancelScope(shield=True):
                 await self._reap()
+
+    def feed_stdout(self, data: bytes) -> bool:
+        """Handle bytes from the worker's stdout; true once it ended or broke the protocol."""
+        conn = self._conn
+        try:
+            conn.receive_data(data)
+            while True:
+                event = conn.next_event()
+                if event is p.NEED_DATA:
+                    return False
+                if event is p.CLOSED:
+                    return True
+                assert isinstance(event, p.Message)
+                self._on_message(event)
+        except ProtocolError as exc:
+            self._protocol_error = ProtocolError(f"{self.describe()} broke the protocol: {exc}")
+            self.kill(f"protocol error: {exc}")
+            return True
 
     # --- messages from the worker ------------------------------------------------
 
@@ -659,3 +738,28 @@ def format_exit(info: ExitInfo | None) -> dict[str, Any]:
         "reason": info.reason,
         "lifetime": info.lifetime,
     }
+
+
+class _StdoutReader(asyncio.Protocol):
+    """asyncio: decodes the worker's stdout as it arrives (no task in between)."""
+
+    def __init__(self, handle: WorkerHandle) -> None:
+        self.handle = handle
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.ended.done() and self.handle.feed_stdout(data):
+            self._end()
+
+    def eof_received(self) -> bool:
+        if not self.ended.done():
+            self.handle.feed_stdout(b"")
+            self._end()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end()
+
+    def _end(self) -> None:
+        if not self.ended.done():
+            self.ended.set_result(None)

@@ -449,16 +449,19 @@ class Worker:
         if problem:
             self._fail(call.id, p.FailureKind.WRONG_MODE, "TypeError", problem)
             return
-        try:
-            bound = spec.signature.bind(**call.args)
-        except TypeError as exc:
-            self._fail(
-                call.id,
-                p.FailureKind.BAD_ARGUMENTS,
-                "TypeError",
-                f"command {call.command!r}: {exc} (signature: {spec.name}{spec.signature})",
-            )
-            return
+        kwargs = spec.keyword_arguments(call.args)
+        if kwargs is None:  # not the plain case: let inspect bind (and explain)
+            try:
+                bound = spec.signature.bind(**call.args)
+            except TypeError as exc:
+                self._fail(
+                    call.id,
+                    p.FailureKind.BAD_ARGUMENTS,
+                    "TypeError",
+                    f"command {call.command!r}: {exc} (signature: {spec.name}{spec.signature})",
+                )
+                return
+            kwargs = _keyword_arguments(spec, bound)
         assert self.init is not None
         session = None
         if call.session_id is not None:
@@ -476,7 +479,6 @@ class Worker:
             variables=SessionVariables(session.variables) if session is not None else None,
             bridge=self,
         )
-        kwargs = _keyword_arguments(spec, bound)
         if spec.wants_context:
             kwargs["ctx"] = ctx
         handler = getattr(self.adapter, spec.attribute)
@@ -509,7 +511,7 @@ class Worker:
         if running.task is not None:
             running.task.cancel()
 
-    # sync handlers run in the thread pool; their outcome hops back to the loop.
+    # sync handlers run on the leader/follower threads and write their own outcome.
 
     def _sync_call_body(
         self, call: p.Call, handler: Callable[..., Any], kwargs: dict[str, Any], running: _Running
