@@ -178,11 +178,50 @@ async def run_case(case: Case, n: int, cache_dir: str) -> None:
         await template.aclose()
 
 
+async def replacement_times(case: Case, n: int, preload: bool) -> list[float]:
+    """A whole Pool: SIGKILL its worker, time until the replacement answers a call."""
+    import signal
+
+    import snakepool
+
+    pool = snakepool.Pool(
+        case.adapter,
+        size=1,
+        preload=(list(case.preload) or ["json"]) if preload else [],
+        startup_timeout=120,
+    )
+    times: list[float] = []
+    async with pool:
+        for _ in range(n):
+            old = pool.statistics().workers[0].pid
+            assert old is not None
+            started = time.perf_counter()
+            os.kill(old, signal.SIGKILL)
+            while True:
+                worker = pool.statistics().workers[0]
+                if worker.pid not in (None, old) and worker.state in ("idle", "busy"):
+                    break
+                await anyio.sleep(0.001)
+            await pool.call("ping")
+            times.append(time.perf_counter() - started)
+    return times
+
+
+async def run_pool_case(case: Case, n: int) -> None:
+    if case.needs and importlib.util.find_spec(case.needs) is None:
+        return
+    print(f"{case.name}: a Pool's worker SIGKILLed -> replacement answers a call")
+    print(summary("Pool(), spawned", await replacement_times(case, n, preload=False)))
+    print(summary("Pool(preload=...), forked", await replacement_times(case, n, True)))
+
+
 async def main(n: int, cases: list[str]) -> None:
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, N={n} per row")
     with tempfile.TemporaryDirectory(prefix="warm-start-") as cache_dir:
         for name in cases:
             await run_case(CASES[name], n, cache_dir)
+    for name in cases:
+        await run_pool_case(CASES[name], n)
 
 
 def cli() -> None:

@@ -124,6 +124,13 @@ class Basic(Adapter):
         return {"start": start, "end": time.monotonic(), "pid": os.getpid()}
 
     @command
+    def doze(self, seconds: float) -> dict[str, float]:
+        """``nap`` as a sync handler (it blocks its thread)."""
+        start = time.monotonic()
+        time.sleep(seconds)
+        return {"start": start, "end": time.monotonic(), "pid": os.getpid()}
+
+    @command
     async def ticks(self, n: int) -> AsyncIterator[int]:
         for i in range(n):
             await asyncio.sleep(0)

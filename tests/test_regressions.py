@@ -177,3 +177,46 @@ async def test_a_cast_is_bounded_by_call_timeout() -> None:
             )
         )
         assert await pool.call("add", {"a": 2, "b": 2}) == 4
+
+
+async def test_sync_calls_run_in_parallel_up_to_worker_concurrency() -> None:
+    # The worker's reader runs quick sync calls itself; calls that wait get
+    # threads of their own within milliseconds (its watchdog wakes them).
+    async with snakepool.Pool(ADAPTER, size=1, worker_concurrency=4) as pool:
+        results: list[dict[str, float]] = []
+
+        async def doze() -> None:
+            results.append(await pool.call("doze", {"seconds": 0.5}))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(doze)
+        assert max(r["start"] for r in results) < min(r["end"] for r in results)
+
+
+async def test_a_long_sync_call_leaves_the_worker_answering_pings_and_cancels() -> None:
+    # worker_concurrency=1: the only handler slot is busy, yet the worker still
+    # reads: health pings are answered and a cancellation reaches the call.
+    async with snakepool.Pool(ADAPTER, size=1, health_interval=0.1, health_timeout=0.5) as pool:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.call, "doze", {"seconds": 1.5})
+            await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
+            await anyio.sleep(1.0)  # (the span of several health checks)
+        assert restarts(pool) == 0
+        with pytest.raises(snakepool.CallTimeout):
+            await pool.call("cooperative", timeout=0.3)
+        await wait_until(lambda: pool.statistics().workers[0].inflight == 0, timeout=5)
+        assert restarts(pool) == 0
+
+
+async def test_a_worker_answers_after_its_threads_went_quiet() -> None:
+    # Once no sync call came for a while, the worker's watchdog thread goes to
+    # sleep; a bug made it spin holding the lock instead, so the next call
+    # was never read.
+    async with snakepool.Pool(ADAPTER, size=1) as pool:
+        assert await pool.call("echo", {"value": 1}) == 1
+        with pytest.raises(snakepool.CallTimeout):
+            await pool.call("nap", {"seconds": 3}, timeout=1.5)
+        with anyio.fail_after(5):
+            assert await pool.call("echo", {"value": 2}) == 2
+        assert restarts(pool) == 0

@@ -51,6 +51,9 @@ class PoolStatistics:
     closed: bool = False
     enabled: bool = True  # false: no workers to run (e.g. a gpu pool without GPUs)
     disabled_reason: str | None = None
+    #: With ``preload``: how workers start ("forking workers from template ...",
+    #: or "spawning workers: ..." saying why forking is not possible here).
+    preload: str | None = None
 
     @property
     def failed_total(self) -> int:

@@ -45,6 +45,7 @@ import tenacity
 from .. import protocol as p
 from ..adapters import Adapter
 from ..adapters._context import SAVE_STATE_TOOL
+from ..adapters._loading import ENTRY_POINT_GROUP
 from ..errors import (
     CallTimeout,
     CircuitOpen,
@@ -63,10 +64,11 @@ from ._config import PoolConfig
 from ._dispatch import Dispatcher
 from ._events import Event, Listeners, PoolStatistics, WorkerStatistics
 from ._recovery import Recovery, recovery_table
-from ._registry import RunRegistry
+from ._registry import RunRegistry, runtime_dir
 from ._runner import BackgroundTasks
 from ._session import Session, SessionManager
 from ._store import SessionStore, open_store
+from ._template import TemplateStartError, TemplateUnavailable, WorkerTemplate
 from ._worker import WorkerHandle, format_exit
 
 __all__ = ["CallStream", "Pool"]
@@ -80,6 +82,17 @@ _EARLY_DEATH = 5.0
 _RESTART_BACKOFF = tenacity.wait_exponential(multiplier=0.1, max=30.0) + tenacity.wait_random(
     0, 0.1
 )
+
+
+def _adapter_module(adapter: str) -> str | None:
+    """The module an adapter spec lives in ("module:Class" or an entry point)."""
+    if ":" in adapter:
+        return adapter.partition(":")[0] or None
+    from importlib.metadata import entry_points  # (only for preloaded pools: slow import)
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP, name=adapter):
+        return ep.module
+    return None  # unknown: the workers report it clearly
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
@@ -184,6 +197,8 @@ class Pool:
         self._completed = 0
         self._failed: dict[str, int] = collections.defaultdict(int)
         self._on_asyncio = False  # set by start(): enables the asyncio fast path
+        self._template: WorkerTemplate | None = None  # forks workers (preload)
+        self._preload_status: str | None = None
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -208,6 +223,7 @@ class Pool:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._registry.reap_leftovers)
             await self._background.start()
+            await self._start_template()
             async with anyio.create_task_group() as starters:
                 for slot in range(count):
                     starters.start_soon(self._start_first, slot, errors)
@@ -223,6 +239,7 @@ class Pool:
             self._state = "closing"
             with anyio.CancelScope(shield=True):
                 await self._stop_workers()
+                await self._close_template()
                 await self._background.aclose()
             self._state = "closed"
             self._close_finished.set()
@@ -260,6 +277,7 @@ class Pool:
                 self._drained = anyio.Event()
                 await self._drained.wait()
         await self._stop_workers()
+        await self._close_template()
         await self._background.aclose()
         with contextlib.suppress(Exception):
             await self._sessions.store.aclose()
@@ -416,6 +434,7 @@ class Pool:
             closed=self.closed,
             enabled=self.config.worker_count > 0,
             disabled_reason=self.config.disabled_reason,
+            preload=self._preload_status,
         )
 
     # --- one call ------------------------------------------------------------------
@@ -728,7 +747,54 @@ class Pool:
             on_capacity=self._on_capacity,
             on_host_call=self._on_host_call,
             on_exit=self._on_worker_exit,
+            template=self._template,
         )
+
+    # --- preloaded warm starts -------------------------------------------------------
+
+    async def _start_template(self) -> None:
+        """With ``preload``: start the template that forks this pool's workers.
+
+        Where forking is not possible or not safe the pool spawns its workers
+        the plain way and says why (a warning, and ``statistics().preload``).
+        A preload module that fails to import fails ``start()``.
+        """
+        preload = list(self.config.preload)
+        if not preload:
+            return
+        launch = self.config.launch(0)
+        env = dict(launch.env)
+        if any(name.split(".")[0] in ("dspy", "litellm") for name in preload):
+            # Read when dspy/litellm are imported, which now happens in the template.
+            env.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+            env.setdefault("DSPY_CACHEDIR", str(runtime_dir() / "dspy-cache" / self.name))
+        adapter_module = _adapter_module(self.config.adapter)
+        if adapter_module is not None and adapter_module not in preload:
+            preload.append(adapter_module)  # so that no worker imports it again
+        try:
+            self._template = await WorkerTemplate.start(
+                python=self.config.interpreter,
+                env=env,
+                cwd=launch.cwd,
+                preload=preload,
+                sys_path=launch.init.sys_path,
+                timeout=self.config.startup_timeout,
+            )
+        except TemplateUnavailable as exc:
+            self._preload_status = f"spawning workers: cannot fork from a template here ({exc})"
+            _log.warning("pool %s: preload=%s: %s", self.name, preload, self._preload_status)
+            return
+        except TemplateStartError as exc:
+            raise WorkerStartError(f"pool {self.name!r}: preload failed: {exc}") from None
+        self._preload_status = (
+            f"forking workers from template pid {self._template.pid} "
+            f"(imported {', '.join(preload)} in {self._template.import_seconds:.2f}s)"
+        )
+
+    async def _close_template(self) -> None:
+        template, self._template = self._template, None
+        if template is not None:
+            await template.aclose()
 
     async def _spawn(self, slot: int, restarts: int) -> WorkerHandle:
         """Start a worker in ``slot`` and wait for its handshake."""

@@ -43,6 +43,7 @@ from ..errors import (
     describe_exit_code,
 )
 from ._calls import PendingCall, failure_to_exception
+from ._template import ForkedProcess, TemplateUnavailable, WorkerTemplate
 
 __all__ = ["ExitInfo", "WorkerHandle", "WorkerLaunch", "WorkerState"]
 
@@ -97,6 +98,7 @@ class WorkerHandle:
         on_capacity: Callable[[WorkerHandle], None],
         on_exit: Callable[[WorkerHandle], None],
         on_host_call: Callable[[WorkerHandle, p.HostCall], None] | None = None,
+        template: WorkerTemplate | None = None,
     ) -> None:
         self.pool = pool
         self.slot = slot
@@ -115,10 +117,12 @@ class WorkerHandle:
         self._on_capacity = on_capacity
         self._on_exit = on_exit
         self._on_host_call = on_host_call
+        self._template = template  # fork from it (a preloaded pool), if it is alive
+        self.forked = False  # true once forked from the template rather than spawned
         # session id -> (variables version, state version) this worker has seen
         self.sessions: dict[str, tuple[int, int]] = {}
         self._conn = p.Connection(p.Role.HOST)
-        self._process: anyio.abc.Process | None = None
+        self._process: anyio.abc.Process | ForkedProcess | None = None
         self._outbox_in, self._outbox_out = anyio.create_memory_object_stream[bytes | None](
             math.inf
         )
@@ -136,6 +140,7 @@ class WorkerHandle:
         self._direct: asyncio.WriteTransport | None = None  # asyncio: the stdin pipe
         self._stdout_reader: _StdoutReader | None = None  # asyncio: decodes in callbacks
         self._stdout_transport: asyncio.BaseTransport | None = None
+        self._stderr_transport: asyncio.BaseTransport | None = None
         self._unsent: list[bytes] = []  # frames of this event-loop turn, written at its end
         self._stop_requested = False
         self._run_started = False
@@ -248,44 +253,42 @@ class WorkerHandle:
             self.kill("stopped during start-up")
         task_status.started()
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._pump_stderr)
-            if self._direct is None:
+            if self._direct is None:  # (on asyncio, callbacks serve stdin and stderr)
+                tg.start_soon(self._pump_stderr)
                 tg.start_soon(self._pump_stdin)
             await self._pump_stdout()
             tg.cancel_scope.cancel()
 
-    async def _open_with_pipes(self, launch: WorkerLaunch) -> anyio.abc.Process:
-        """asyncio fast path: the protocol pipes are ours, served by callbacks.
+    async def _open_with_pipes(self, launch: WorkerLaunch) -> anyio.abc.Process | ForkedProcess:
+        """asyncio fast path: the worker's pipes are ours, served by callbacks.
 
         Frames go straight into the stdin pipe's transport (buffered, never
         blocking) and replies are decoded in ``data_received``: no pump task
         and no stream object in between, which saves event-loop turns per call.
-        Other backends use anyio's process streams and the pump tasks.
+        The worker is forked from the pool's template when it has one (a
+        preloaded pool), else spawned. Other backends use anyio's process
+        streams and the pump tasks.
         """
         loop = asyncio.get_running_loop()
         child_stdin, to_worker = os.pipe()  # os.pipe fds are not inherited (PEP 446)
         from_worker, child_stdout = os.pipe()
-        ours = [to_worker, from_worker]
+        from_stderr, child_stderr = os.pipe()
+        ours = [to_worker, from_worker, from_stderr]
         try:
             try:
-                process = await anyio.open_process(
-                    list(launch.argv),
-                    stdin=child_stdin,
-                    stdout=child_stdout,
-                    stderr=subprocess.PIPE,
-                    env=launch.env,
-                    cwd=launch.cwd,
-                    start_new_session=True,  # its own process group, killed as one
-                )
+                process = await self._start_process(launch, child_stdin, child_stdout, child_stderr)
             finally:
-                os.close(child_stdin)
-                os.close(child_stdout)
-            reader = _StdoutReader(self)
+                for fd in (child_stdin, child_stdout, child_stderr):
+                    os.close(fd)
+            reader = self._stdout_reader = _StdoutReader(self)
             self._stdout_transport, _ = await loop.connect_read_pipe(
                 lambda: reader, os.fdopen(from_worker, "rb", buffering=0)
             )
             ours.remove(from_worker)
-            self._stdout_reader = reader
+            self._stderr_transport, _ = await loop.connect_read_pipe(
+                lambda: _StderrReader(self), os.fdopen(from_stderr, "rb", buffering=0)
+            )
+            ours.remove(from_stderr)
             transport, _ = await loop.connect_write_pipe(
                 asyncio.Protocol, os.fdopen(to_worker, "wb", buffering=0)
             )
@@ -296,6 +299,28 @@ class WorkerHandle:
         finally:
             for fd in ours:
                 os.close(fd)
+
+    async def _start_process(
+        self, launch: WorkerLaunch, stdin: int, stdout: int, stderr: int
+    ) -> anyio.abc.Process | ForkedProcess:
+        template = self._template
+        if template is not None and template.alive:
+            try:
+                process = await template.spawn(launch.env, stdin, stdout, stderr)
+            except TemplateUnavailable as exc:
+                self.log.warning("the pool's template cannot fork (%s): spawning instead", exc)
+            else:
+                self.forked = True
+                return process
+        return await anyio.open_process(
+            list(launch.argv),
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            env=launch.env,
+            cwd=launch.cwd,
+            start_new_session=True,  # its own process group, killed as one
+        )
 
     def _never_started(self) -> None:
         if self.exit_info is not None:
@@ -488,7 +513,7 @@ class WorkerHandle:
     # --- the three pumps ---------------------------------------------------------
 
     async def _pump_stdin(self) -> None:
-        assert self._process is not None and self._process.stdin is not None
+        assert isinstance(self._process, anyio.abc.Process) and self._process.stdin is not None
         stdin = self._process.stdin
         try:
             async for frame in self._outbox_out:
@@ -511,7 +536,7 @@ class WorkerHandle:
             pass  # the worker is gone; the reader reports it
 
     async def _pump_stderr(self) -> None:
-        assert self._process is not None and self._process.stderr is not None
+        assert isinstance(self._process, anyio.abc.Process) and self._process.stderr is not None
         partial = b""
         try:
             async for chunk in self._process.stderr:
@@ -538,7 +563,8 @@ class WorkerHandle:
                 await self._stdout_reader.ended  # data_received does the work
                 ended = True
                 return
-            assert self._process is not None and self._process.stdout is not None
+            assert isinstance(self._process, anyio.abc.Process)
+            assert self._process.stdout is not None
             stdout = self._process.stdout
             while not ended:
                 try:
@@ -676,6 +702,8 @@ class WorkerHandle:
             await self._stderr_done.wait()
         with contextlib.suppress(Exception):
             await process.aclose()
+        if self._stderr_transport is not None:
+            self._stderr_transport.close()
         self.exit_info = self._exit_info(exit_code)
         self.state = WorkerState.EXITED
         self._outbox_in.close()
@@ -763,3 +791,26 @@ class _StdoutReader(asyncio.Protocol):
     def _end(self) -> None:
         if not self.ended.done():
             self.ended.set_result(None)
+
+
+class _StderrReader(asyncio.Protocol):
+    """asyncio: the worker's stderr, line by line, to logging and the crash tail."""
+
+    def __init__(self, handle: WorkerHandle) -> None:
+        self.handle = handle
+        self.partial = b""
+
+    def data_received(self, data: bytes) -> None:
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        for line in lines:
+            self.handle._stderr_line(line)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.partial:
+            self.handle._stderr_line(self.partial)
+            self.partial = b""
+        self.handle._stderr_done.set()

@@ -41,6 +41,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator
 from typing import Any
@@ -156,51 +157,178 @@ class _FrameWriter:
 
 
 _READ_CHUNK = 256 * 1024
+#: A call queued, or the reader busy inside a call, for this long gets help.
+_HELP_AFTER = 0.002
+#: The watchdog keeps watching this long after the last call started.
+_WATCH_FOR = 1.0
 
 Job = functools.partial[None]  # a sync handler's body, bound to its call
+_READ, _RUN, _EXIT = "read", "run", "exit"
 
 
 class _Threads:
-    """Leader/follower threads: one reads the pipe, the others run handlers.
+    """Leader/follower threads that read the pipe and run sync handlers.
 
-    All decisions happen under one condition: a free thread first takes a
-    queued sync call (if fewer than ``limit`` run), else the leader role (if
-    nobody reads), else it waits. The leader reads, dispatches every message
-    it read (in order), and if that queued calls it gives up the role, wakes
-    a follower to take it over, and runs a call itself.
+    Roles, all decided under one lock:
+
+    - the *leader* reads the pipe and dispatches what it read, in order. When
+      that queued sync calls it runs them itself, one after another, keeping
+      the role: a quick call costs no hand-off between threads at all.
+    - the *watchdog*, one idle thread, wakes every ``_HELP_AFTER`` seconds
+      while calls come in. If the leader has been inside one call that long,
+      it takes over reading (pings and cancellations keep flowing); if calls
+      have waited that long, it wakes threads to run them in parallel.
+    - other idle threads sleep until woken; a thread that finishes a call
+      takes the next queued one.
+
+    At most ``limit`` calls run at once and there are at most ``limit + 1``
+    threads (started on demand), so one is always free to read or watch.
     """
 
     def __init__(self, worker: Worker, fd: int) -> None:
         self.worker = worker
         self.fd = fd
         self.limit = 1  # sync handlers running at once (Init sets concurrency)
-        self._cond = threading.Condition(threading.Lock())
-        self._jobs: collections.deque[Job] = collections.deque()
+        self._lock = threading.Lock()
+        self._sleepers = threading.Condition(self._lock)
+        self._watch = threading.Condition(self._lock)
+        self._jobs: collections.deque[tuple[Job, float]] = collections.deque()
         self._running = 0
         self._leader_taken = False
-        self._idle = 0
+        self._leader_busy_since: float | None = None  # the leader is inside a call
+        self._role = 0  # bumped when the watchdog takes the reader role over
+        self._watchdog = "none"  # none | called (a thread was woken for it) | on
+        self._asleep = 0
         self._threads = 0
+        self._last_call = 0.0
         self._reading = True  # false after EOF or a protocol error: nobody reads again
         self._names = itertools.count(1)
 
     def start(self) -> None:
-        with self._cond:
+        with self._lock:
             self._spawn_locked()
 
     def submit(self, job: Job) -> None:
-        """Queue a sync handler (from the leader, while it dispatches)."""
-        with self._cond:
-            self._jobs.append(job)
+        """Queue a sync handler (the leader does, while it dispatches)."""
+        with self._lock:
+            self._jobs.append((job, time.monotonic()))
 
     def drain(self) -> list[Job]:
         """Stop reading and take the calls that never started (shutdown)."""
-        with self._cond:
-            self._reading = False
-            jobs = list(self._jobs)
+        with self._lock:
+            self._stop_locked()
+            jobs = [job for job, _ in self._jobs]
             self._jobs.clear()
             return jobs
 
+    def _stop_locked(self) -> None:
+        self._reading = False
+        self._sleepers.notify_all()
+        self._watch.notify_all()
+
     # --- the threads ---------------------------------------------------------
+
+    def _run(self) -> None:
+        role: int | None = None  # the reader role's number while this thread holds it
+        while True:
+            with self._lock:
+                action, job, role = self._next_locked(role)
+            if action is _EXIT:
+                return
+            if action is _READ:
+                if not self._read_and_dispatch():
+                    return
+                continue
+            assert job is not None
+            try:
+                job()
+            finally:
+                with self._lock:
+                    self._running -= 1
+                    if role is not None:
+                        if role == self._role:
+                            self._leader_busy_since = None
+                        else:
+                            role = None  # the watchdog took over reading meanwhile
+
+    def _next_locked(self, role: int | None) -> tuple[str, Job | None, int | None]:
+        """What this thread does next: read, run a call, or exit."""
+        while self._reading:
+            now = time.monotonic()
+            if role is not None:  # the leader runs what it read, then reads on
+                if self._jobs and self._running < self.limit:
+                    self._leader_busy_since = now
+                    return _RUN, self._take_locked(now), role
+                return _READ, None, role
+            if not self._leader_taken:
+                self._leader_taken = True
+                return _READ, None, self._role
+            if self._jobs and self._running < self.limit:
+                return _RUN, self._take_locked(now), None
+            if self._watchdog != "on":
+                self._watchdog = "on"
+                decided = self._watch_locked()
+                if decided is not None:
+                    return decided
+                # quiet: sleep until a call needs a watchdog again
+            self._asleep += 1
+            self._sleepers.wait()  # whoever wakes us decremented _asleep
+        return _EXIT, None, None
+
+    def _watch_locked(self) -> tuple[str, Job | None, int | None] | None:
+        """The watchdog's timed loop; returns what to do, or None to sleep."""
+        while self._reading:
+            now = time.monotonic()
+            stuck = self._leader_busy_since
+            stale = (
+                bool(self._jobs)
+                and self._running < self.limit
+                and now - self._jobs[0][1] >= _HELP_AFTER
+            )
+            if stuck is not None and now - stuck >= _HELP_AFTER:
+                self._watchdog = "none"
+                self._role += 1  # the busy leader finds out when its call ends
+                self._leader_busy_since = None
+                self._wake_helpers_locked()
+                return _READ, None, self._role
+            if stale:
+                self._watchdog = "none"
+                job = self._take_locked(now)
+                self._wake_helpers_locked()
+                return _RUN, job, None
+            if stuck is None and not self._jobs and now - self._last_call >= _WATCH_FOR:
+                self._watchdog = "none"  # quiet: the next call wakes a watchdog
+                return None
+            self._watch.wait(_HELP_AFTER)
+        return _EXIT, None, None
+
+    def _take_locked(self, now: float) -> Job:
+        job, _ = self._jobs.popleft()
+        self._running += 1
+        self._last_call = now
+        if self._watchdog != "on":  # someone must notice if this call takes long
+            # (also when a thread woken to watch took this call instead)
+            self._watchdog = "called"
+            self._wake_locked(1)
+        return job
+
+    def _wake_helpers_locked(self) -> None:
+        """Threads for every call that may run now, and a new watchdog."""
+        runnable = min(len(self._jobs), self.limit - self._running)
+        if self._watchdog == "none":
+            self._watchdog = "called"
+            runnable += 1
+        self._wake_locked(runnable)
+
+    def _wake_locked(self, n: int) -> None:
+        woken = min(n, self._asleep)
+        if woken:
+            self._asleep -= woken
+            self._sleepers.notify(woken)
+        for _ in range(n - woken):
+            if self._threads >= self.limit + 1:
+                break
+            self._spawn_locked()
 
     def _spawn_locked(self) -> None:
         self._threads += 1
@@ -209,62 +337,17 @@ class _Threads:
         )
         thread.start()
 
-    def _run(self) -> None:
-        while True:
-            job = self._next()
-            if job is None:
-                if not self._lead():
-                    return
-                continue
-            try:
-                job()
-            finally:
-                with self._cond:
-                    self._running -= 1
-
-    def _next(self) -> Job | None:
-        """A call to run, or ``None``: this thread is the leader now."""
-        with self._cond:
-            while True:
-                if self._jobs and self._running < self.limit:
-                    self._running += 1
-                    self._wake_locked()
-                    return self._jobs.popleft()
-                if not self._leader_taken and self._reading:
-                    self._leader_taken = True
-                    return None
-                self._idle += 1
-                self._cond.wait()  # notify() decrements _idle for us
-
-    def _wake_locked(self) -> None:
-        """Make sure someone reads and that runnable calls find a thread."""
-        runnable = min(len(self._jobs), self.limit - self._running)
-        wanted = runnable + (0 if self._leader_taken or not self._reading else 1)
-        woken = min(wanted, self._idle)
-        if woken:
-            self._idle -= woken
-            self._cond.notify(woken)
-        if wanted > woken and self._threads < self.limit + 1:
-            self._spawn_locked()
-
-    def _lead(self) -> bool:
-        """Read and dispatch until a call is queued; false once reading ended."""
-        worker = self.worker
-        while True:
-            try:
-                data = os.read(self.fd, _READ_CHUNK)
-            except OSError:
-                data = b""
-            worker.receive(data)
-            with self._cond:
-                if not data or not self._reading:
-                    self._reading = False
-                    self._threads -= 1
-                    self._cond.notify_all()
-                    return False
-                if self._jobs:
-                    self._leader_taken = False
-                    return True
+    def _read_and_dispatch(self) -> bool:
+        """One read, every message in it dispatched; false once reading ended."""
+        try:
+            data = os.read(self.fd, _READ_CHUNK)
+        except OSError:
+            data = b""
+        self.worker.receive(data)
+        with self._lock:
+            if not data:
+                self._stop_locked()
+            return self._reading
 
 
 class _Running:

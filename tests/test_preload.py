@@ -1,0 +1,83 @@
+"""Pools with ``preload``: workers forked from a template, and the fallback to spawning."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import anyio
+import psutil
+import pytest
+
+import snakepool
+
+pytestmark = pytest.mark.anyio
+
+ADAPTER = "sp_adapters:Basic"
+
+
+async def wait_until(condition: object, timeout: float = 15.0) -> None:
+    assert callable(condition)
+    with anyio.fail_after(timeout):
+        while not condition():
+            await anyio.sleep(0.02)
+
+
+def template_pid(pool: snakepool.Pool) -> int:
+    worker_pid = pool.statistics().workers[0].pid
+    assert worker_pid is not None
+    return psutil.Process(worker_pid).ppid()
+
+
+async def test_preloaded_pool_forks_its_workers_from_one_template(tmp_path: Path) -> None:
+    (tmp_path / "sp_heavy.py").write_text("import os\nLOADED_IN = os.getpid()\n")
+    async with snakepool.Pool(
+        ADAPTER, size=2, preload=["sp_heavy"], pythonpath=[str(tmp_path)]
+    ) as pool:
+        stats = pool.statistics()
+        assert stats.preload is not None and stats.preload.startswith("forking workers")
+        assert "sp_heavy" in stats.preload
+        parents = {psutil.Process(w.pid).ppid() for w in stats.workers if w.pid}
+        assert len(parents) == 1 and os.getpid() not in parents  # the template's children
+        assert await pool.call("add", {"a": 2, "b": 3}) == 5
+        pids = {await pool.call("pid") for _ in range(6)}
+        assert pids <= {w.pid for w in stats.workers}
+
+
+async def test_a_killed_forked_worker_is_replaced_by_a_fork(tmp_path: Path) -> None:
+    async with snakepool.Pool(ADAPTER, size=1, preload=["json"]) as pool:
+        template = template_pid(pool)
+        old = pool.statistics().workers[0].pid
+        assert old is not None
+        os.kill(old, signal.SIGKILL)
+        await wait_until(lambda: pool.statistics().workers[0].pid not in (None, old))
+        await wait_until(lambda: pool.statistics().ready_workers == 1)
+        assert template_pid(pool) == template
+        assert await pool.call("add", {"a": 1, "b": 1}) == 2
+    assert not psutil.pid_exists(template) or psutil.Process(template).status() == "zombie"
+
+
+async def test_preload_that_starts_threads_falls_back_to_spawning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "sp_threads_at_import.py").write_text(
+        "import threading, time\n"
+        "threading.Thread(target=time.sleep, args=(3600,), name='busy-bee', daemon=True).start()\n"
+    )
+    async with snakepool.Pool(
+        ADAPTER, size=1, preload=["sp_threads_at_import"], pythonpath=[str(tmp_path)]
+    ) as pool:
+        stats = pool.statistics()
+        assert stats.preload is not None and stats.preload.startswith("spawning workers")
+        assert "busy-bee" in stats.preload
+        assert template_pid(pool) == os.getpid()  # spawned by the host itself
+        assert await pool.call("add", {"a": 1, "b": 2}) == 3
+    assert "busy-bee" in caplog.text
+
+
+async def test_preload_that_cannot_be_imported_fails_start() -> None:
+    pool = snakepool.Pool(ADAPTER, size=1, preload=["no_such_module_for_snakepool"])
+    with pytest.raises(snakepool.WorkerStartError, match="no_such_module_for_snakepool"):
+        await pool.start()
+    await pool.aclose()
