@@ -6,13 +6,24 @@ import importlib
 
 from ._base import Adapter
 
-__all__ = ["ENTRY_POINT_GROUP", "load_adapter_class"]
+__all__ = ["BUILTIN_ADAPTERS", "ENTRY_POINT_GROUP", "load_adapter_class"]
 
 ENTRY_POINT_GROUP = "snakepool.adapters"
 
 
+#: snakepool's own adapters (also registered as entry points): found without
+#: scanning every installed distribution's metadata, which takes 50-150 ms
+#: with many packages installed, at every worker start.
+BUILTIN_ADAPTERS = {
+    "generic": "snakepool.adapters.generic:GenericAdapter",
+    "dspy": "snakepool.adapters.dspy:DSPyAdapter",
+    "sklearn": "snakepool.adapters.sklearn:SklearnAdapter",
+}
+
+
 def load_adapter_class(spec: str) -> type[Adapter]:
     """Import the adapter ``spec`` names; errors say exactly what was wrong."""
+    spec = BUILTIN_ADAPTERS.get(spec, spec)
     obj = _import_object(spec) if ":" in spec else _load_entry_point(spec)
     if not (isinstance(obj, type) and issubclass(obj, Adapter)):
         raise TypeError(

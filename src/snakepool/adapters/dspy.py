@@ -112,7 +112,7 @@ class DSPyAdapter(Adapter):
             os.environ["DSPY_CACHEDIR"] = str(cache_dir)
         elif "DSPY_CACHEDIR" not in os.environ:
             # Under the pool's runtime directory (the host sets SNAKEPOOL_POOL).
-            from ..pool._registry import runtime_dir
+            from .._paths import runtime_dir
 
             pool = os.environ.get("SNAKEPOOL_POOL", "default")
             os.environ["DSPY_CACHEDIR"] = str(runtime_dir() / "dspy-cache" / pool)

@@ -45,7 +45,7 @@ import tenacity
 from .. import protocol as p
 from ..adapters import Adapter
 from ..adapters._context import SAVE_STATE_TOOL
-from ..adapters._loading import ENTRY_POINT_GROUP
+from ..adapters._loading import BUILTIN_ADAPTERS, ENTRY_POINT_GROUP
 from ..errors import (
     CallTimeout,
     CircuitOpen,
@@ -86,6 +86,7 @@ _RESTART_BACKOFF = tenacity.wait_exponential(multiplier=0.1, max=30.0) + tenacit
 
 def _adapter_module(adapter: str) -> str | None:
     """The module an adapter spec lives in ("module:Class" or an entry point)."""
+    adapter = BUILTIN_ADAPTERS.get(adapter, adapter)
     if ":" in adapter:
         return adapter.partition(":")[0] or None
     from importlib.metadata import entry_points  # (only for preloaded pools: slow import)

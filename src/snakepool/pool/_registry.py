@@ -15,45 +15,17 @@ import json
 import logging
 import os
 import signal
-import stat
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from .._paths import ensure_private_dir, runtime_dir
+
 __all__ = ["RunRegistry", "ensure_private_dir", "runtime_dir"]
 
 _log = logging.getLogger("snakepool.pool")
 _START_TIME_TOLERANCE = 0.5  # seconds; psutil's create_time is rounded to clock ticks
-
-
-def runtime_dir() -> Path:
-    """Per-user runtime directory: ``$SNAKEPOOL_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/snakepool``,
-    else ``<tmp>/snakepool-<uid>``."""
-    explicit = os.environ.get("SNAKEPOOL_RUNTIME_DIR")
-    if explicit:
-        return Path(explicit)
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg and os.path.isdir(xdg):
-        return Path(xdg) / "snakepool"
-    return Path(tempfile.gettempdir()) / f"snakepool-{os.getuid()}"
-
-
-def ensure_private_dir(path: Path) -> Path:
-    """Create ``path`` (mode 0700) or check that it is this user's, and private.
-
-    In a shared /tmp another user could otherwise create it first and read
-    tokens or plant a socket.
-    """
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    info = path.lstat()
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
-        raise OSError(
-            f"{path} is not a private directory of this user (owner uid {info.st_uid}, "
-            f"mode {stat.S_IMODE(info.st_mode):o}); remove it, or set SNAKEPOOL_RUNTIME_DIR"
-        )
-    return path
 
 
 def _facts(pid: int) -> dict[str, Any] | None:
