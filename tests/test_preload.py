@@ -1,4 +1,4 @@
-"""Pools with ``preload``: workers forked from a template, and the fallback to spawning."""
+"""``start_method`` and ``preload``: workers forked from a template, or spawned."""
 
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ async def test_preloaded_pool_forks_its_workers_from_one_template(tmp_path: Path
         ADAPTER, size=2, preload=["sp_heavy"], pythonpath=[str(tmp_path)]
     ) as pool:
         stats = pool.statistics()
-        assert stats.preload is not None and stats.preload.startswith("forking workers")
-        assert "sp_heavy" in stats.preload
+        assert stats.start_method.startswith("forkserver")
+        assert "sp_heavy" in stats.start_method
         parents = {psutil.Process(w.pid).ppid() for w in stats.workers if w.pid}
         assert len(parents) == 1 and os.getpid() not in parents  # the template's children
         assert await pool.call("add", {"a": 2, "b": 3}) == 5
@@ -69,8 +69,8 @@ async def test_preload_that_starts_threads_falls_back_to_spawning(
         ADAPTER, size=1, preload=["sp_threads_at_import"], pythonpath=[str(tmp_path)]
     ) as pool:
         stats = pool.statistics()
-        assert stats.preload is not None and stats.preload.startswith("spawning workers")
-        assert "busy-bee" in stats.preload
+        assert stats.start_method.startswith("spawn")
+        assert "busy-bee" in stats.start_method
         assert template_pid(pool) == os.getpid()  # spawned by the host itself
         assert await pool.call("add", {"a": 1, "b": 2}) == 3
     assert "busy-bee" in caplog.text
@@ -81,3 +81,36 @@ async def test_preload_that_cannot_be_imported_fails_start() -> None:
     with pytest.raises(snakepool.WorkerStartError, match="no_such_module_for_snakepool"):
         await pool.start()
     await pool.aclose()
+
+
+async def test_workers_are_forked_by_default_and_spawned_on_request() -> None:
+    async with snakepool.Pool(ADAPTER, size=1) as pool:
+        assert pool.statistics().start_method.startswith("forkserver")
+        assert template_pid(pool) != os.getpid()
+        assert await pool.call("add", {"a": 1, "b": 1}) == 2
+    async with snakepool.Pool(ADAPTER, size=1, start_method="spawn") as pool:
+        assert pool.statistics().start_method.startswith("spawn")
+        assert template_pid(pool) == os.getpid()
+        assert await pool.call("add", {"a": 1, "b": 1}) == 2
+
+
+async def test_forkserver_that_cannot_fork_fails_start(tmp_path: Path) -> None:
+    (tmp_path / "sp_threads_again.py").write_text(
+        "import threading, time\n"
+        "threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()\n"
+    )
+    pool = snakepool.Pool(
+        ADAPTER,
+        size=1,
+        preload=["sp_threads_again"],
+        pythonpath=[str(tmp_path)],
+        start_method="forkserver",
+    )
+    with pytest.raises(snakepool.WorkerStartError, match="forkserver"):
+        await pool.start()
+    await pool.aclose()
+
+
+def test_start_method_is_checked() -> None:
+    with pytest.raises(ValueError, match="start_method"):
+        snakepool.Pool(ADAPTER, start_method="fork")

@@ -14,9 +14,13 @@ from typing import Any
 from .. import protocol as p
 from ._worker import WorkerLaunch
 
-__all__ = ["AFFINITY_MODES", "THREAD_ENV_VARS", "PoolConfig", "discover_gpus"]
+__all__ = ["AFFINITY_MODES", "START_METHODS", "THREAD_ENV_VARS", "PoolConfig", "discover_gpus"]
 
 AFFINITY_MODES = ("hint", "strict_queue", "strict_fail_fast")
+#: How workers start: "forkserver" forks them from a template process that
+#: imported the adapter (and ``preload``) once; "spawn" starts a fresh
+#: interpreter each; "auto" is forkserver where that is possible and safe.
+START_METHODS = ("auto", "forkserver", "spawn")
 #: Set to 1 in every worker unless the pool's env says otherwise:
 #: N workers x N BLAS threads each would overload the machine.
 THREAD_ENV_VARS = (
@@ -59,6 +63,7 @@ class PoolConfig:
     gpus: str | Sequence[int] | None = None
     workers_per_gpu: int = 1
     preload: Sequence[str] = ()
+    start_method: str = "auto"
     session_store: str = "memory"
     gpu_slots: tuple[int | None, ...] = field(default=(), init=False)
 
@@ -114,6 +119,10 @@ class PoolConfig:
             raise TypeError("pythonpath must be a list of directories, not one string")
         if isinstance(self.preload, str | bytes):
             raise TypeError("preload must be a list of module names, not one string")
+        if self.start_method not in START_METHODS:
+            raise ValueError(
+                f"start_method must be one of {', '.join(START_METHODS)}; got {self.start_method!r}"
+            )
         object.__setattr__(self, "gpu_slots", self._gpu_slots())
 
     @property

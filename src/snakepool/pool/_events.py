@@ -51,9 +51,8 @@ class PoolStatistics:
     closed: bool = False
     enabled: bool = True  # false: no workers to run (e.g. a gpu pool without GPUs)
     disabled_reason: str | None = None
-    #: With ``preload``: how workers start ("forking workers from template ...",
-    #: or "spawning workers: ..." saying why forking is not possible here).
-    preload: str | None = None
+    #: How workers start: "forkserver (template pid ...)" or "spawn (why)".
+    start_method: str = "spawn"
 
     @property
     def failed_total(self) -> int:

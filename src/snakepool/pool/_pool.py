@@ -155,6 +155,7 @@ class Pool:
         workers_per_gpu: int = 1,
         preload: Sequence[str] = (),
         session_store: str | SessionStore = "memory",
+        start_method: str = "auto",
         recovery: Mapping[ErrorCategory | str, Recovery | str] | None = None,
     ) -> None:
         if isinstance(adapter, type):
@@ -172,7 +173,7 @@ class Pool:
             health_timeout=health_timeout, affinity=affinity, session_ttl=session_ttl,
             max_sessions=max_sessions, breaker_threshold=breaker_threshold,
             breaker_reset_timeout=breaker_reset_timeout, max_frame_bytes=max_frame_bytes,
-            gpus=gpus, workers_per_gpu=workers_per_gpu, preload=preload,
+            gpus=gpus, workers_per_gpu=workers_per_gpu, preload=preload, start_method=start_method,
             session_store=session_store if isinstance(session_store, str) else type(session_store).__name__,
         )  # fmt: skip
         self.name = name
@@ -199,7 +200,7 @@ class Pool:
         self._failed: dict[str, int] = collections.defaultdict(int)
         self._on_asyncio = False  # set by start(): enables the asyncio fast path
         self._template: WorkerTemplate | None = None  # forks workers (preload)
-        self._preload_status: str | None = None
+        self._start_method = "spawn"  # what start() chose, and why (statistics)
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -435,7 +436,7 @@ class Pool:
             closed=self.closed,
             enabled=self.config.worker_count > 0,
             disabled_reason=self.config.disabled_reason,
-            preload=self._preload_status,
+            start_method=self._start_method,
         )
 
     # --- one call ------------------------------------------------------------------
@@ -754,43 +755,66 @@ class Pool:
     # --- preloaded warm starts -------------------------------------------------------
 
     async def _start_template(self) -> None:
-        """With ``preload``: start the template that forks this pool's workers.
+        """Start the template that forks this pool's workers (``start_method``).
 
-        Where forking is not possible or not safe the pool spawns its workers
-        the plain way and says why (a warning, and ``statistics().preload``).
-        A preload module that fails to import fails ``start()``.
+        "auto" forks where it can: Linux, asyncio, no GPU pinning unless
+        ``preload`` asks for it, and a template whose imports started no
+        threads; otherwise it spawns and says why (``statistics().start_method``,
+        and a warning when ``preload`` was asked for). "forkserver" insists:
+        ``start()`` fails when forking is not possible. A ``preload`` module
+        that fails to import always fails ``start()``.
         """
-        preload = list(self.config.preload)
-        if not preload:
+        config = self.config
+        preload = list(config.preload)
+        wanted = config.start_method
+        if wanted == "spawn":
+            self._start_method = "spawn (start_method='spawn')"
             return
-        launch = self.config.launch(0)
+        if wanted == "auto" and not preload and any(g is not None for g in config.gpu_slots):
+            self._start_method = "spawn (GPU workers: pass preload=[...] to fork them)"
+            return
+        launch = config.launch(0)
         env = dict(launch.env)
         if any(name.split(".")[0] in ("dspy", "litellm") for name in preload):
             # Read when dspy/litellm are imported, which now happens in the template.
             env.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
             env.setdefault("DSPY_CACHEDIR", str(runtime_dir() / "dspy-cache" / self.name))
-        adapter_module = _adapter_module(self.config.adapter)
-        if adapter_module is not None and adapter_module not in preload:
-            preload.append(adapter_module)  # so that no worker imports it again
+        modules = list(preload)
+        adapter_module = _adapter_module(config.adapter)
+        if adapter_module is not None and adapter_module not in modules:
+            modules.append(adapter_module)  # so that no worker imports it again
         try:
-            self._template = await WorkerTemplate.start(
-                python=self.config.interpreter,
+            template = await WorkerTemplate.start(
+                python=config.interpreter,
                 env=env,
                 cwd=launch.cwd,
-                preload=preload,
+                preload=modules,
                 sys_path=launch.init.sys_path,
-                timeout=self.config.startup_timeout,
+                timeout=config.startup_timeout,
             )
-        except TemplateUnavailable as exc:
-            self._preload_status = f"spawning workers: cannot fork from a template here ({exc})"
-            _log.warning("pool %s: preload=%s: %s", self.name, preload, self._preload_status)
+        except (TemplateUnavailable, TemplateStartError) as exc:
+            self._template_failed(exc, asked=bool(preload))
             return
-        except TemplateStartError as exc:
-            raise WorkerStartError(f"pool {self.name!r}: preload failed: {exc}") from None
-        self._preload_status = (
-            f"forking workers from template pid {self._template.pid} "
-            f"(imported {', '.join(preload)} in {self._template.import_seconds:.2f}s)"
+        self._template = template
+        self._registry.add(template.pid)
+        self._start_method = (
+            f"forkserver (template pid {template.pid} imported {', '.join(modules)} "
+            f"in {template.import_seconds:.2f}s)"
         )
+
+    def _template_failed(self, exc: Exception, *, asked: bool) -> None:
+        """Spawn instead, or fail start() when the user asked for what failed."""
+        if isinstance(exc, TemplateStartError) and asked:
+            raise WorkerStartError(f"pool {self.name!r}: preload failed: {exc}") from None
+        if self.config.start_method == "forkserver":
+            raise WorkerStartError(
+                f"pool {self.name!r}: start_method='forkserver' is not possible here: {exc}"
+            ) from None
+        # (auto without preload: the adapter import failed in the template; the
+        # workers, spawned, report that failure the usual way.)
+        self._start_method = f"spawn (cannot fork workers from a template here: {exc})"
+        log = _log.warning if asked else _log.info
+        log("pool %s: %s", self.name, self._start_method)
 
     async def _close_template(self) -> None:
         template, self._template = self._template, None
