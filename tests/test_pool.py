@@ -183,8 +183,42 @@ async def test_timeout_while_queued_never_sends_the_call() -> None:
             await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
             with pytest.raises(CallTimeout, match="never sent"):
                 await pool.call("add", {"a": 1, "b": 2}, timeout=0.2)
+            assert pool.statistics().queued == 0  # it left the queue
         assert pool.statistics().workers[0].requests == 1
         assert restarts(pool) == 0
+
+
+async def test_a_caller_cancelled_while_queued_leaves_the_queue() -> None:
+    async with snakepool.Pool(ADAPTER, size=1) as pool:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.call, "nap", {"seconds": 0.5})
+            await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
+            with anyio.move_on_after(0.1) as scope:
+                await pool.call("add", {"a": 1, "b": 2})
+            assert scope.cancelled_caught
+            assert pool.statistics().queued == 0
+        assert await pool.call("add", {"a": 2, "b": 2}) == 4
+        assert pool.statistics().workers[0].requests == 2  # the cancelled one was never sent
+
+
+async def test_closing_the_pool_fails_queued_calls_with_pool_closed() -> None:
+    pool = snakepool.Pool(ADAPTER, size=1)
+    await pool.start()
+    outcomes: list[BaseException] = []
+
+    async def queued_call() -> None:
+        try:
+            await pool.call("add", {"a": 1, "b": 2})
+        except snakepool.PoolClosed as exc:
+            outcomes.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(pool.call, "nap", {"seconds": 0.3})
+        await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
+        tg.start_soon(queued_call)
+        await wait_until(lambda: pool.statistics().queued == 1)
+        await pool.aclose()
+    assert len(outcomes) == 1 and "queued" in str(outcomes[0])
 
 
 async def test_hung_call_times_out_and_its_worker_is_replaced() -> None:

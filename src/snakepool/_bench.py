@@ -539,6 +539,23 @@ async def _measure_peer(
     return row
 
 
+def _compile_bytecode() -> str:
+    """Write snakepool's .pyc files, as an installed package has them.
+
+    Without them (an editable install with PYTHONDONTWRITEBYTECODE set, say)
+    every worker compiles snakepool from source at start, which no bare
+    interpreter has to do: start-up would measure the compiler.
+    """
+    import compileall
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    try:
+        ok = compileall.compile_dir(package, quiet=1)
+    except OSError as exc:
+        return f"could not write .pyc files ({exc}): workers compile snakepool at start"
+    return "snakepool .pyc files present" if ok else "some .pyc files failed to compile"
+
+
 async def _start_bare(n: int) -> float:
     """Seconds until ``n`` bare interpreters, spawned at once, have each printed a byte."""
     processes: list[asyncio.subprocess.Process] = []
@@ -830,6 +847,7 @@ async def run_benchmark(
     phase_timeout = phase_timeout if phase_timeout is not None else (120.0 if quick else 900.0)
     say: Progress = progress if progress is not None else (lambda _line: None)
     began = time.perf_counter()
+    bytecode = _compile_bytecode()
     result: dict[str, Any] = {
         "config": {
             "workers": workers,
@@ -844,7 +862,7 @@ async def run_benchmark(
             "rss_callers": rss_callers,
             "quick": quick,
         },
-        "machine": machine_info(),
+        "machine": {**machine_info(), "bytecode": bytecode},
         "peers": {},
     }
     for name in PEERS:

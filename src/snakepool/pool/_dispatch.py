@@ -12,6 +12,7 @@ slot that frees goes to the first waiter that can use it.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 from collections.abc import Callable, Sequence
@@ -25,15 +26,38 @@ __all__ = ["Dispatcher"]
 
 
 class _Waiter:
-    """A caller queued for a free worker slot."""
+    """A caller queued for a free worker slot.
 
-    __slots__ = ("error", "event", "want", "worker")
+    It waits on ``event`` (made on first use), or, on the asyncio fast path,
+    on ``future``: ``wake()`` sets whichever exists.
+    """
+
+    __slots__ = ("_event", "error", "future", "want", "worker")
 
     def __init__(self, want: WorkerHandle | None) -> None:
-        self.event = anyio.Event()
+        self._event: anyio.Event | None = None
+        self.future: asyncio.Future[None] | None = None
         self.want = want
         self.worker: WorkerHandle | None = None
         self.error: SnakepoolError | None = None
+
+    @property
+    def event(self) -> anyio.Event:
+        if self._event is None:
+            self._event = anyio.Event()
+        return self._event
+
+    def reset(self) -> None:
+        self._event = None
+        self.future = None
+        self.worker = None
+
+    def wake(self) -> None:
+        if self._event is not None:
+            self._event.set()
+        future = self.future
+        if future is not None and not future.done():
+            future.set_result(None)
 
     def can_use(self, worker: WorkerHandle) -> bool:
         return self.want is None or self.want is worker
@@ -132,19 +156,26 @@ class Dispatcher:
             assert worker is not None
             if worker.is_ready:
                 return worker
-            # The worker died between the hand-off and now: queue again, at the front.
-            worker.reserved -= 1
-            self._check_open()
-            waiter.event, waiter.worker = anyio.Event(), None
-            if waiter.want is worker:
-                waiter.want = None
-            self._waiters.appendleft(waiter)
-            self.hand_off_any()
+            self.requeue(waiter, worker)
+
+    def requeue(self, waiter: _Waiter, worker: WorkerHandle) -> None:
+        """The worker died between the hand-off and now: queue again, at the front."""
+        worker.reserved -= 1
+        self._check_open()
+        waiter.reset()
+        if waiter.want is worker:
+            waiter.want = None
+        self._waiters.appendleft(waiter)
+        self.hand_off_any()
 
     def release(self, worker: WorkerHandle) -> None:
         """Give back a reservation that was not used."""
         worker.reserved -= 1
         self.on_capacity(worker)
+
+    def leave(self, waiter: _Waiter) -> None:
+        """The caller gave up: drop it from the queue, or return its hand-off."""
+        self._leave(waiter)
 
     def _leave(self, waiter: _Waiter) -> None:
         if waiter.worker is not None:
@@ -165,7 +196,7 @@ class Dispatcher:
             self._waiters.remove(waiter)
             waiter.worker = worker
             worker.reserved += 1
-            waiter.event.set()
+            waiter.wake()
 
     def hand_off_any(self) -> None:
         for worker in self._workers():
@@ -183,5 +214,5 @@ class Dispatcher:
     def fail_all(self, error: SnakepoolError) -> None:
         for waiter in self._waiters:
             waiter.error = error
-            waiter.event.set()
+            waiter.wake()
         self._waiters.clear()

@@ -96,9 +96,10 @@ def _adapter_module(adapter: str) -> str | None:
     return None  # unknown: the workers report it clearly
 
 
-def _expire(waiter: asyncio.Future[None]) -> None:
+def _expire(call: PendingCall) -> None:
     """A fast-path call's timer: wake the caller, who finds its call unfinished."""
-    if not waiter.done():
+    waiter = call.waiter
+    if waiter is not None and not waiter.done():
         waiter.set_result(None)
 
 
@@ -456,9 +457,7 @@ class Pool:
         call = PendingCall(call_id, command, p.CallMode.CALL, session)
         started = time.perf_counter()
         if session is None and self._on_asyncio:
-            worker = self._dispatcher.try_reserve()
-            if worker is not None:  # a free slot now: the fast path
-                return await self._call_now(call, frame, worker, limit, probe, started)
+            return await self._call_fast(call, frame, limit, probe, started)
         with anyio.move_on_after(limit) as scope:
             try:
                 await self._dispatch(call, frame, session)
@@ -482,38 +481,54 @@ class Pool:
             raise call.error
         return call.value
 
-    async def _call_now(
-        self,
-        call: PendingCall,
-        frame: bytes,
-        worker: WorkerHandle,
-        limit: float,
-        probe: bool,
-        started: float,
+    async def _call_fast(
+        self, call: PendingCall, frame: bytes, limit: float, probe: bool, started: float
     ) -> Any:
-        """asyncio, a slot already reserved: wait on a bare future with a timer.
+        """asyncio, no session: wait on bare futures and one timer.
 
-        Same outcome as the general path (cancel scope + event), without the
-        per-call cost of an anyio cancel scope: the caller's own cancellation
-        still arrives as ``CancelledError`` at the ``await``.
+        Same outcomes as the general path (cancel scope + events), without
+        the per-call cost of an anyio cancel scope and events: the caller's
+        own cancellation still arrives as ``CancelledError`` at an ``await``.
         """
         loop = asyncio.get_running_loop()
-        waiter = call.waiter = loop.create_future()
-        timer = loop.call_later(limit, _expire, waiter)
-        worker.submit(call, frame)
+        call.waiter = loop.create_future()
+        timer = loop.call_later(limit, _expire, call)
+        worker = self._dispatcher.try_reserve()
+        queued = None
         try:
-            await waiter
+            while worker is None:  # no free slot: wait in the queue
+                if queued is None:
+                    queued = self._dispatcher.enqueue()
+                queued.future = call.waiter
+                await call.waiter
+                if queued.error is not None:
+                    raise queued.error
+                if queued.worker is None:  # the timer fired first
+                    self._dispatcher.leave(queued)
+                    break
+                worker, queued.worker = queued.worker, None
+                call.waiter = loop.create_future()
+                if not worker.is_ready:  # it died between the hand-off and now
+                    self._dispatcher.requeue(queued, worker)
+                    worker = None
+            queued = None
+            if worker is not None:
+                worker.submit(call, frame)
+                await call.waiter
         except BaseException:
             timer.cancel()
-            if not call.finished:
-                self._abandon(worker, call)
+            if queued is not None:
+                self._dispatcher.leave(queued)
+            if call.worker is not None and not call.finished:
+                self._abandon(call.worker, call)
             if probe:
                 self._breaker.release_probe()
             raise
         timer.cancel()
         if not call.finished:
             error = self._timeout_error(call.command, limit, worker)
-            self._abandon(worker, call)
+            if worker is not None:
+                self._abandon(worker, call)
             self._record(call.command, worker, started, error, probe=probe)
             raise error
         self._record(call.command, worker, started, call.error, probe=probe)
@@ -783,6 +798,8 @@ class Pool:
         adapter_module = _adapter_module(config.adapter)
         if adapter_module is not None and adapter_module not in modules:
             modules.append(adapter_module)  # so that no worker imports it again
+        if ":" not in config.adapter and config.adapter not in BUILTIN_ADAPTERS:
+            modules.append("importlib.metadata")  # workers look the entry point up
         try:
             template = await WorkerTemplate.start(
                 python=config.interpreter,

@@ -69,7 +69,7 @@ EXIT_PROTOCOL_ERROR = 4
 #: A forked worker whose runtime returned or raised (it must never get back here).
 EXIT_WORKER_ESCAPED = 70
 
-_ALWAYS_IMPORTED = ("snakepool.workers._runtime", "snakepool.adapters", "importlib.metadata")
+_ALWAYS_IMPORTED = ("snakepool.workers._runtime", "snakepool.adapters")
 _MAX_FDS_PER_RECV = 16
 _RECV_BYTES = 1 << 16
 
@@ -216,9 +216,9 @@ class Template:
             os.chdir(init["cwd"])
         preload = [str(name) for name in init.get("preload") or []]
         started = time.perf_counter()
-        # Every worker imports the runtime and the adapters base, and looks an
-        # adapter named without "module:" up as an entry point (importlib.metadata
-        # alone takes ~45 ms to import): most of the saving when nothing is preloaded.
+        # Every worker imports the runtime and the adapters base: most of the
+        # saving when nothing is preloaded. (The pool adds importlib.metadata
+        # for an adapter found by entry point: ~45 ms to import.)
         for name in [*_ALWAYS_IMPORTED, *preload]:
             if not self._import(name):
                 return False
