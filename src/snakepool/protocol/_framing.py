@@ -69,6 +69,11 @@ class FrameEncoder:
         Raises ``TypeError`` naming the type that MessagePack cannot encode and
         :class:`ProtocolError` when the frame would exceed ``max_frame_bytes``.
         """
+        header, body = self.encode_parts(payload)
+        return header + body
+
+    def encode_parts(self, payload: dict[str, Any]) -> tuple[bytes, bytes]:
+        """``encode`` as (header, body), for a vectored write of a large frame."""
         try:
             body: bytes = self._packer.pack(payload)
         except TypeError as exc:
@@ -80,7 +85,7 @@ class FrameEncoder:
                 f"frame of {_human(len(body))} exceeds max_frame_bytes="
                 f"{_human(self.max_frame_bytes)}"
             )
-        return len(body).to_bytes(HEADER_BYTES, "big") + body
+        return len(body).to_bytes(HEADER_BYTES, "big"), body
 
 
 class FrameDecoder:
