@@ -287,9 +287,6 @@ class WorkerHandle:
             self._stdout_transport, _ = await loop.connect_read_pipe(
                 lambda: reader, os.fdopen(from_worker, "rb", buffering=0)
             )
-            # Read as much as the pipe holds at once (asyncio reads 256 KiB).
-            if hasattr(self._stdout_transport, "max_size"):
-                self._stdout_transport.max_size = _PIPE_BYTES
             ours.remove(from_worker)
             self._stderr_transport, _ = await loop.connect_read_pipe(
                 lambda: _StderrReader(self), os.fdopen(from_stderr, "rb", buffering=0)
@@ -586,6 +583,11 @@ class WorkerHandle:
             with anyio.CancelScope(shield=True):
                 await self._reap()
 
+    @property
+    def missing_bytes(self) -> int:
+        """Bytes of the worker's current frame not received yet."""
+        return self._conn.missing_bytes
+
     def feed_stdout(self, data: bytes) -> bool:
         """Handle bytes from the worker's stdout; true once it ended or broke the protocol."""
         conn = self._conn
@@ -777,6 +779,7 @@ def format_exit(info: ExitInfo | None) -> dict[str, Any]:
 #: Protocol pipes get this much kernel buffer (Linux; the default is 64 KiB):
 #: a 1 MiB frame then crosses in one write instead of sixteen hand-offs.
 _PIPE_BYTES = 1 << 20
+_SMALL_READ = 256 * 1024  # asyncio's own read size
 
 
 def _enlarge_pipe(fd: int) -> None:
@@ -793,10 +796,24 @@ class _StdoutReader(asyncio.Protocol):
     def __init__(self, handle: WorkerHandle) -> None:
         self.handle = handle
         self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        if not self.ended.done() and self.handle.feed_stdout(data):
+        if self.ended.done():
+            return
+        if self.handle.feed_stdout(data):
             self._end()
+            return
+        # asyncio reads up to max_size bytes (a fresh bytes object each time):
+        # large while a large frame is arriving, small otherwise, since a
+        # 1 MiB allocation per read costs more than a small call.
+        missing = self.handle.missing_bytes
+        size = min(max(missing, _SMALL_READ), _PIPE_BYTES)
+        if getattr(self.transport, "max_size", size) != size:
+            self.transport.max_size = size  # type: ignore[union-attr]
 
     def eof_received(self) -> bool:
         if not self.ended.done():

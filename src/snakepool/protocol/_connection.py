@@ -61,6 +61,11 @@ class Connection:
         self._decoder = self._decoder.with_limit(max_frame_bytes)
         self._encoder = FrameEncoder(max_frame_bytes)
 
+    @property
+    def missing_bytes(self) -> int:
+        """Bytes still to come for the frame being received (0 between frames)."""
+        return self._decoder.missing_bytes
+
     # --- receiving ---------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:

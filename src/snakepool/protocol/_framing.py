@@ -115,6 +115,13 @@ class FrameDecoder:
     def buffered_bytes(self) -> int:
         return len(self._buffer)
 
+    @property
+    def missing_bytes(self) -> int:
+        """Bytes still to come for the frame being read (0 between frames)."""
+        if self._body_length is None:
+            return 0
+        return max(0, self._body_length - len(self._buffer))
+
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes; ``b""`` means the peer closed the stream."""
         if self._error is not None:

@@ -173,7 +173,10 @@ class _FrameWriter:
         return self._closed
 
 
-_READ_CHUNK = 1024 * 1024  # as much as the host makes the pipe hold
+#: One read takes up to this much (what the host makes the pipe hold), into
+#: a buffer allocated once: a fresh 1 MiB bytes object per read would cost
+#: more than a small call itself.
+_READ_BYTES = 1024 * 1024
 _JOIN_BELOW = 64 * 1024  # frames below this are joined and written at once
 #: A call queued, or the reader busy inside a call, for this long gets help.
 _HELP_AFTER = 0.002
@@ -221,6 +224,7 @@ class _Threads:
         self._last_call = 0.0
         self._reading = True  # false after EOF or a protocol error: nobody reads again
         self._names = itertools.count(1)
+        self._read_buffer = bytearray(_READ_BYTES)  # only the leader reads: one is enough
 
     def start(self) -> None:
         with self._lock:
@@ -357,13 +361,15 @@ class _Threads:
 
     def _read_and_dispatch(self) -> bool:
         """One read, every message in it dispatched; false once reading ended."""
+        buffer = self._read_buffer
         try:
-            data = os.read(self.fd, _READ_CHUNK)
+            count = os.readv(self.fd, [buffer])
         except OSError:
-            data = b""
-        self.worker.receive(data)
+            count = 0
+        with memoryview(buffer) as view, view[:count] as data:
+            self.worker.receive(data)  # (the decoder copies what it keeps)
         with self._lock:
-            if not data:
+            if not count:
                 self._stop_locked()
             return self._reading
 
@@ -426,7 +432,7 @@ class Worker:
 
     # --- receiving ---------------------------------------------------------
 
-    def receive(self, data: bytes) -> None:
+    def receive(self, data: bytes | memoryview) -> None:
         if self._closing:
             return
         try:
