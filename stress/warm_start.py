@@ -178,18 +178,19 @@ async def run_case(case: Case, n: int, cache_dir: str) -> None:
         await template.aclose()
 
 
-async def replacement_times(case: Case, n: int, preload: bool) -> list[float]:
+async def replacement_times(case: Case, n: int, how: str) -> list[float]:
     """A whole Pool: SIGKILL its worker, time until the replacement answers a call."""
     import signal
 
     import snakepool
 
-    pool = snakepool.Pool(
-        case.adapter,
-        size=1,
-        preload=(list(case.preload) or ["json"]) if preload else [],
-        startup_timeout=120,
-    )
+    if how == "spawn":
+        pool = snakepool.Pool(case.adapter, size=1, start_method="spawn", startup_timeout=120)
+    elif how == "default":  # forked, nothing preloaded: the adapter imports in setup()
+        pool = snakepool.Pool(case.adapter, size=1, startup_timeout=120)
+    else:
+        preload = list(case.preload) or ["json"]
+        pool = snakepool.Pool(case.adapter, size=1, preload=preload, startup_timeout=120)
     times: list[float] = []
     async with pool:
         for _ in range(n):
@@ -211,8 +212,9 @@ async def run_pool_case(case: Case, n: int) -> None:
     if case.needs and importlib.util.find_spec(case.needs) is None:
         return
     print(f"{case.name}: a Pool's worker SIGKILLed -> replacement answers a call")
-    print(summary("Pool(), spawned", await replacement_times(case, n, preload=False)))
-    print(summary("Pool(preload=...), forked", await replacement_times(case, n, True)))
+    print(summary("start_method='spawn'", await replacement_times(case, n, "spawn")))
+    print(summary("default (forked)", await replacement_times(case, n, "default")))
+    print(summary("preload=[...] (forked)", await replacement_times(case, n, "preload")))
 
 
 async def main(n: int, cases: list[str]) -> None:
