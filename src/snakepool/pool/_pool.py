@@ -39,7 +39,6 @@ from typing import Any, Self
 
 import anyio
 import anyio.abc
-import sniffio
 import tenacity
 
 from .. import protocol as p
@@ -69,7 +68,7 @@ from ._runner import BackgroundTasks
 from ._session import Session, SessionManager
 from ._store import SessionStore, open_store
 from ._template import TemplateStartError, TemplateUnavailable, WorkerTemplate
-from ._worker import WorkerHandle, format_exit
+from ._worker import WorkerHandle, format_exit, running_on_asyncio
 
 __all__ = ["CallStream", "Pool"]
 
@@ -210,7 +209,7 @@ class Pool:
         if self._state != "new":
             raise RuntimeError(f"pool {self.name!r} was already started")
         self._state = "starting"
-        self._on_asyncio = sniffio.current_async_library() == "asyncio"
+        self._on_asyncio = running_on_asyncio()
         self._start_finished = anyio.Event()
         self._close_finished = anyio.Event()
         count = self.config.worker_count

@@ -32,7 +32,6 @@ from typing import Any
 import anyio
 import anyio.abc
 import psutil
-import sniffio
 
 from .. import protocol as p
 from ..errors import (
@@ -46,7 +45,7 @@ from ..errors import (
 from ._calls import PendingCall, failure_to_exception
 from ._template import ForkedProcess, TemplateUnavailable, WorkerTemplate
 
-__all__ = ["ExitInfo", "WorkerHandle", "WorkerLaunch", "WorkerState"]
+__all__ = ["ExitInfo", "WorkerHandle", "WorkerLaunch", "WorkerState", "running_on_asyncio"]
 
 _READ_CHUNK = 256 * 1024
 _STDERR_TAIL_LINES = 40
@@ -226,7 +225,7 @@ class WorkerHandle:
     async def _serve(self, launch: WorkerLaunch, task_status: anyio.abc.TaskStatus[None]) -> None:
         try:
             with anyio.CancelScope(shield=True):  # a half-spawned process would be an orphan
-                if sniffio.current_async_library() == "asyncio":
+                if running_on_asyncio():
                     process = await self._open_with_pipes(launch)
                 else:
                     process = await anyio.open_process(
@@ -788,6 +787,15 @@ def _enlarge_pipe(fd: int) -> None:
     if set_size is not None:
         with contextlib.suppress(OSError):
             fcntl.fcntl(fd, set_size, _PIPE_BYTES)
+
+
+def running_on_asyncio() -> bool:
+    """True inside an asyncio event loop (anyio's asyncio backend); false on trio."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 class _StdoutReader(asyncio.Protocol):
