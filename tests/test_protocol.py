@@ -50,6 +50,7 @@ from snakepool.protocol import (
     SessionDrop,
     SessionSync,
     StartupFailed,
+    call_to_wire,
     from_wire,
     to_wire,
 )
@@ -1065,3 +1066,27 @@ def test_fuzz_truncated_frame_then_eof_is_protocol_error(
     decoder.feed(b"")
     with pytest.raises(ProtocolError, match="mid-frame"):
         decoder.next_frame()
+
+
+def test_call_to_wire_matches_the_message() -> None:
+    message = Call(
+        id=7, command="echo", args={"value": 1}, mode="call", timeout=2.5, session_id="s"
+    )
+    wire = call_to_wire(7, "echo", {"value": 1}, "call", 2.5, "s")
+    assert wire == to_wire(message)
+    assert from_wire(wire) == message
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        {"t": "result", "i": True, "r": 1},
+        {"t": "result", "i": 1},
+        {"t": "call", "i": 1, "c": "x", "a": []},
+        {"t": "call", "i": 1, "c": "x", "a": {}, "o": True},
+        {"t": "call", "i": 1, "c": 3, "a": {}},
+    ],
+)
+def test_hot_path_messages_are_still_validated(wire: dict[str, object]) -> None:
+    with pytest.raises(ProtocolError):
+        from_wire(wire)

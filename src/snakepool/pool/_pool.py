@@ -563,29 +563,30 @@ class Pool:
             raise TypeError(f"command must be a non-empty str, got {command!r}")
         if args is None:
             args = {}
-        elif not isinstance(args, Mapping):
-            raise TypeError(
-                f"args of {command!r} must be a dict of keyword arguments, got {type(args).__name__}"
-            )
-        elif not all(isinstance(key, str) for key in args):
-            raise TypeError(f"args of {command!r} must have str keys (they are keyword arguments)")
-        if timeout is not None and (not isinstance(timeout, int | float) or not timeout > 0):
+        elif type(args) is not dict:
+            if not isinstance(args, Mapping):
+                raise TypeError(
+                    f"args of {command!r} must be a dict of keyword arguments, "
+                    f"got {type(args).__name__}"
+                )
+            args = dict(args)
+        for key in args:
+            if not isinstance(key, str):
+                raise TypeError(
+                    f"args of {command!r} must have str keys (they are keyword arguments)"
+                )
+        if timeout is not None and (
+            not isinstance(timeout, int | float) or isinstance(timeout, bool) or not timeout > 0
+        ):
             raise ValueError(f"timeout must be a number > 0 or None, got {timeout!r}")
         if session is not None and not isinstance(session, str):
             raise TypeError(f"session must be a session id (str), got {type(session).__name__}")
-        message = p.Call(
-            id=call_id,
-            command=command,
-            args=dict(args),
-            mode=mode,
-            # A stream's timeout bounds each item, not the whole stream: no deadline.
-            timeout=None
-            if mode == p.CallMode.STREAM
-            else float(timeout if timeout is not None else self.config.call_timeout),
-            session_id=session,
-        )
+        # Encoded at once, so args need no copy. A stream's timeout bounds
+        # each item, not the whole stream: no deadline.
+        limit = None if mode == p.CallMode.STREAM else float(timeout or self.config.call_timeout)
+        wire = p.call_to_wire(call_id, command, args, mode, limit, session)
         try:
-            return self._encoder.encode(p.to_wire(message))
+            return self._encoder.encode(wire)
         except TypeError as exc:
             raise TypeError(f"args of {command!r} are {exc}") from None
         except ProtocolError as exc:

@@ -39,6 +39,7 @@ __all__ = [
     "SessionDrop",
     "SessionSync",
     "StartupFailed",
+    "call_to_wire",
     "from_wire",
     "to_wire",
 ]
@@ -395,6 +396,44 @@ _OPTIONAL: Final[dict[type[Message], frozenset[str]]] = {
 }
 
 
+def _plain_call(wire: dict[str, Any]) -> Call | None:
+    call_id, command, args = wire.get("i"), wire.get("c"), wire.get("a")
+    mode = wire.get("m", CallMode.CALL)
+    timeout, session = wire.get("o"), wire.get("s")
+    if (
+        type(call_id) is int
+        and type(command) is str
+        and type(args) is dict
+        and type(mode) is str
+        and (timeout is None or type(timeout) is float or type(timeout) is int)
+        and (session is None or type(session) is str)
+    ):
+        return Call(
+            id=call_id, command=command, args=args, mode=mode, timeout=timeout, session_id=session
+        )
+    return None
+
+
+def call_to_wire(
+    call_id: int,
+    command: str,
+    args: dict[str, Any],
+    mode: str,
+    timeout: float | None,
+    session_id: str | None,
+) -> dict[str, Any]:
+    """``to_wire(Call(...))`` without making the message object (the host's hot path)."""
+    return {
+        "t": Call.TAG,
+        "i": call_id,
+        "c": command,
+        "a": args,
+        "m": mode,
+        "o": timeout,
+        "s": session_id,
+    }
+
+
 def to_wire(message: Message) -> dict[str, Any]:
     """The MessagePack map for ``message``."""
     wire: dict[str, Any] = {"t": message.TAG}
@@ -406,6 +445,16 @@ def to_wire(message: Message) -> dict[str, Any]:
 def from_wire(wire: dict[str, Any]) -> Message:
     """The message a decoded map holds; :class:`ProtocolError` if malformed."""
     tag = wire.get("t")
+    # The two messages of every call, checked by hand (same rules, a few
+    # microseconds less per call); anything unusual takes the general path.
+    if tag == "result":
+        call_id = wire.get("i")
+        if type(call_id) is int and "r" in wire:
+            return Result(id=call_id, value=wire["r"])
+    elif tag == "call":
+        call = _plain_call(wire)
+        if call is not None:
+            return call
     cls = _BY_TAG.get(tag) if isinstance(tag, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message type {tag!r}")
