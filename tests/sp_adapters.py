@@ -23,6 +23,13 @@ class Boom(Exception):
     """What the 'exception' failure raises."""
 
 
+class Unprintable(Exception):
+    """An exception whose ``str()`` itself raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no str for you")
+
+
 def fail(how: str) -> None:
     """Fail the way the crash matrix asks."""
     if how == "exit_code":
@@ -122,6 +129,14 @@ class Basic(Adapter):
         start = time.monotonic()
         await asyncio.sleep(seconds)
         return {"start": start, "end": time.monotonic(), "pid": os.getpid()}
+
+    @command
+    def raise_unprintable(self) -> None:
+        raise Unprintable()
+
+    @command
+    def raise_long(self, length: int) -> None:
+        raise ValueError("x" * length)
 
     @command
     def doze(self, seconds: float) -> dict[str, float]:

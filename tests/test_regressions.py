@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 
 import anyio
 import anyio.lowlevel
@@ -219,4 +220,66 @@ async def test_a_worker_answers_after_its_threads_went_quiet() -> None:
             await pool.call("nap", {"seconds": 3}, timeout=1.5)
         with anyio.fail_after(5):
             assert await pool.call("echo", {"value": 2}) == 2
+        assert restarts(pool) == 0
+
+
+async def test_a_deadline_due_in_the_hand_off_turn_still_times_out_unsent() -> None:
+    # The queued call's timer and the freeing of a slot become due in the same
+    # event-loop turn (the loop is blocked past both on purpose). The call must
+    # time out as never sent, not be sent late with no timer left.
+    async with snakepool.Pool(ADAPTER, size=1) as pool:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.call, "nap", {"seconds": 0.2})
+            await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
+            outcome: list[BaseException] = []
+
+            async def queued() -> None:
+                try:
+                    await pool.call("hang", timeout=0.3)
+                except snakepool.CallTimeout as exc:
+                    outcome.append(exc)
+
+            tg.start_soon(queued)
+            await wait_until(lambda: pool.statistics().queued == 1)
+            time.sleep(0.5)  # noqa: ASYNC251 (blocking the loop on purpose: both become due in one turn)
+            await wait_until(lambda: bool(outcome), timeout=5)
+        assert "never sent" in str(outcome[0])
+        assert pool.statistics().workers[0].inflight == 0
+
+
+async def test_a_hand_off_to_a_retiring_worker_moves_on_at_once() -> None:
+    # A queued call is handed a worker that retires before the call resumes;
+    # it must take the other free worker at once, not wait for its timeout.
+    async with snakepool.Pool(ADAPTER, size=2) as pool:
+        dispatcher = pool._dispatcher
+        first, second = dispatcher.try_reserve(), dispatcher.try_reserve()
+        assert first is not None and second is not None and first is not second
+        async with anyio.create_task_group() as tg:
+            results: list[int] = []
+
+            async def queued() -> None:
+                results.append(await pool.call("add", {"a": 1, "b": 2}, timeout=10))
+
+            tg.start_soon(queued)
+            await wait_until(lambda: dispatcher.queued == 1)
+            started = time.monotonic()
+            dispatcher.release(first)  # handed to the queued call...
+            first.retire("test")  # ...which finds it retiring when it resumes
+            dispatcher.release(second)
+            await wait_until(lambda: results == [3], timeout=5)
+            assert time.monotonic() - started < 2.0
+        assert [w.reserved for w in pool._workers if w.is_ready] == [
+            0
+        ] * pool.statistics().ready_workers
+
+
+async def test_failures_that_are_hard_to_report_still_reach_the_caller() -> None:
+    # An exception whose str() raises, and one whose message is over the frame
+    # limit: both are answered, and the worker keeps reading.
+    async with snakepool.Pool("sp_adapters:Basic", size=1, max_frame_bytes=4096) as pool:
+        with pytest.raises(snakepool.RemoteError, match="str"):
+            await pool.call("raise_unprintable", timeout=5)
+        with pytest.raises(snakepool.RemoteError, match="truncated"):
+            await pool.call("raise_long", {"length": 10_000}, timeout=5)
+        assert await pool.call("add", {"a": 1, "b": 1}, timeout=5) == 2
         assert restarts(pool) == 0

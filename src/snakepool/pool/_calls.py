@@ -32,6 +32,7 @@ class PendingCall:
         "abandoned",
         "command",
         "error",
+        "expired",
         "finished",
         "id",
         "items",
@@ -51,6 +52,7 @@ class PendingCall:
         self.session_id = session_id
         self.worker: Any = None  # the WorkerHandle it was sent to
         self.finished = False
+        self.expired = False  # the fast path's deadline passed
         self._done: anyio.Event | None = None
         self.waiter: asyncio.Future[None] | None = None
         self.value: Any = None

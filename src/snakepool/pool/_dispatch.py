@@ -145,11 +145,13 @@ class Dispatcher:
 
     async def wait(self, waiter: _Waiter) -> WorkerHandle:
         while True:
-            try:
-                await waiter.event.wait()
-            except BaseException:
-                self._leave(waiter)
-                raise
+            # (after a requeue the hand-off may already have happened)
+            if waiter.worker is None and waiter.error is None:
+                try:
+                    await waiter.event.wait()
+                except BaseException:
+                    self._leave(waiter)
+                    raise
             if waiter.error is not None:
                 raise waiter.error
             worker = waiter.worker

@@ -97,6 +97,7 @@ def _adapter_module(adapter: str) -> str | None:
 
 def _expire(call: PendingCall) -> None:
     """A fast-path call's timer: wake the caller, who finds its call unfinished."""
+    call.expired = True
     waiter = call.waiter
     if waiter is not None and not waiter.done():
         waiter.set_result(None)
@@ -491,6 +492,9 @@ class Pool:
         """
         loop = asyncio.get_running_loop()
         call.waiter = loop.create_future()
+        # One timer for the whole call: it resolves whichever future the call
+        # waits on then, and marks the call expired (so a hand-off in the same
+        # loop turn as the deadline does not send the call late).
         timer = loop.call_later(limit, _expire, call)
         worker = self._dispatcher.try_reserve()
         queued = None
@@ -498,18 +502,26 @@ class Pool:
             while worker is None:  # no free slot: wait in the queue
                 if queued is None:
                     queued = self._dispatcher.enqueue()
-                queued.future = call.waiter
-                await call.waiter
+                if queued.worker is None and queued.error is None:
+                    queued.future = call.waiter
+                    await call.waiter
                 if queued.error is not None:
                     raise queued.error
-                if queued.worker is None:  # the timer fired first
+                if queued.worker is None:  # the deadline came first
                     self._dispatcher.leave(queued)
+                    queued = None
                     break
                 worker, queued.worker = queued.worker, None
                 call.waiter = loop.create_future()
                 if not worker.is_ready:  # it died between the hand-off and now
+                    # (requeue may hand over another worker at once: the loop
+                    # looks at queued.worker before it waits)
                     self._dispatcher.requeue(queued, worker)
                     worker = None
+                elif call.expired:  # handed over in the deadline's own loop turn
+                    self._dispatcher.release(worker)
+                    worker = None
+                    break
             queued = None
             if worker is not None:
                 worker.submit(call, frame)

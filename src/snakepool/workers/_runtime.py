@@ -58,6 +58,7 @@ _log = logging.getLogger("snakepool.worker")
 EXIT_OK = 0
 EXIT_STARTUP_FAILED = 3
 EXIT_PROTOCOL_ERROR = 4
+EXIT_INTERNAL_ERROR = 5  # a bug in the runtime itself: exit loudly rather than go deaf
 
 
 def main() -> None:
@@ -251,6 +252,17 @@ class _Threads:
     # --- the threads ---------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException:
+            # Not a handler's exception (those become Failures): the runtime
+            # itself broke. A thread that silently died might have been the
+            # reader, leaving the worker deaf; exit so the host sees a crash.
+            traceback.print_exc(file=sys.stderr)
+            print("snakepool worker: internal error in a worker thread", file=sys.stderr)
+            _flush_and_exit(EXIT_INTERNAL_ERROR)
+
+    def _serve(self) -> None:
         role: int | None = None  # the reader role's number while this thread holds it
         while True:
             with self._lock:
@@ -836,7 +848,9 @@ class Worker:
                 take=False,
             )
             return
-        self._fail(call.id, p.FailureKind.APPLICATION, _type_name(exc), str(exc), tb, take=False)
+        self._fail(
+            call.id, p.FailureKind.APPLICATION, _type_name(exc), _describe(exc), tb, take=False
+        )
 
     def _send_unencodable(self, call: p.Call, what: str, value: Any, exc: Exception) -> None:
         if isinstance(exc, ProtocolError):
@@ -862,7 +876,15 @@ class Worker:
     ) -> None:
         if take:
             self._take(call_id)
-        self.send(p.Failure(id=call_id, kind=kind, type=type_name, message=message, traceback=tb))
+        try:
+            self.send(
+                p.Failure(id=call_id, kind=kind, type=type_name, message=message, traceback=tb)
+            )
+        except (TypeError, ProtocolError):  # over max_frame_bytes: say less, but say it
+            short = message[:_SHORT_MESSAGE] + (
+                " [...truncated]" if len(message) > _SHORT_MESSAGE else ""
+            )
+            self.send(p.Failure(id=call_id, kind=kind, type=type_name, message=short))
 
     def _take(self, call_id: int) -> _Running | None:
         running = self.running.pop(call_id, None)
@@ -900,6 +922,17 @@ class Worker:
                 self.send(p.Goodbye(reason=reason))
         if not self.finished.done():
             self.finished.set_result(code)
+
+
+_SHORT_MESSAGE = 500  # characters of a failure message that did not fit in a frame
+
+
+def _describe(exc: BaseException) -> str:
+    """``str(exc)``, even for an exception whose ``__str__`` raises."""
+    try:
+        return str(exc)
+    except Exception as inner:
+        return f"<str() of this {type(exc).__name__} raised {type(inner).__name__}>"
 
 
 def _resolve_future(
