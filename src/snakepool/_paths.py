@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import tempfile
@@ -26,13 +27,25 @@ def ensure_private_dir(path: Path) -> Path:
     """Create ``path`` (mode 0700) or check that it is this user's, and private.
 
     In a shared /tmp another user could otherwise create it first and read
-    tokens or plant a socket.
+    tokens or plant a socket. Missing parents are made 0700 too (``mkdir
+    (parents=True)`` would make them 0755). A directory of this user that is
+    merely too open (made by a library's ``makedirs``, or an older snakepool)
+    is tightened to 0700; one of another user, or not a directory, is refused.
     """
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    missing: list[Path] = []
+    probe = path
+    while not os.path.lexists(probe) and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir(mode=0o700)
     info = path.lstat()
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
         raise OSError(
-            f"{path} is not a private directory of this user (owner uid {info.st_uid}, "
+            f"{path} is not a directory of this user (owner uid {info.st_uid}, "
             f"mode {stat.S_IMODE(info.st_mode):o}); remove it, or set SNAKEPOOL_RUNTIME_DIR"
         )
+    if info.st_mode & 0o077:
+        os.chmod(path, 0o700)
     return path

@@ -112,9 +112,11 @@ class DSPyAdapter(Adapter):
             os.environ["DSPY_CACHEDIR"] = str(cache_dir)
         elif "DSPY_CACHEDIR" not in os.environ:
             # Under the pool's runtime directory (the host sets SNAKEPOOL_POOL).
-            from .._paths import runtime_dir
+            from .._paths import ensure_private_dir, runtime_dir
 
             pool = os.environ.get("SNAKEPOOL_POOL", "default")
+            with contextlib.suppress(OSError):  # private first: DSPy makes the rest 0755
+                ensure_private_dir(runtime_dir())
             os.environ["DSPY_CACHEDIR"] = str(runtime_dir() / "dspy-cache" / pool)
         try:
             import dspy  # type: ignore[import-untyped]
