@@ -191,11 +191,16 @@ class Dispatcher:
 
     def on_capacity(self, worker: WorkerHandle) -> None:
         """A slot freed (or a worker became ready): hand it to the first waiter that can use it."""
-        while self._waiters and worker.has_capacity:
-            waiter = next((w for w in self._waiters if w.can_use(worker)), None)
-            if waiter is None:
-                return
-            self._waiters.remove(waiter)
+        waiters = self._waiters
+        while waiters and worker.has_capacity:
+            if waiters[0].can_use(worker):  # the usual case: the first in line
+                waiter = waiters.popleft()
+            else:
+                found = next((w for w in waiters if w.can_use(worker)), None)
+                if found is None:
+                    return
+                waiter = found
+                waiters.remove(waiter)
             waiter.worker = worker
             worker.reserved += 1
             waiter.wake()

@@ -321,6 +321,8 @@ class Pool:
         limit = self.config.call_timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         try:
+            if session is None and self._on_asyncio:  # (one coroutine frame less)
+                return await self._call_fast(*self._prepare(command, args, timeout, None))
             return await self._call_once(command, args, timeout, session)
         except WorkerCrashed:
             if not idempotent or self.recovery[ErrorCategory.COMMUNICATION] is not Recovery.RETRY:
@@ -449,13 +451,7 @@ class Pool:
         timeout: float | None,
         session: str | None,
     ) -> Any:
-        self._check_open()
-        call_id = next(self._ids)
-        frame = self._encode(call_id, command, args, timeout, session, p.CallMode.CALL)
-        limit = self.config.call_timeout if timeout is None else timeout
-        probe = self._admit(command)
-        call = PendingCall(call_id, command, p.CallMode.CALL, session)
-        started = time.perf_counter()
+        call, frame, limit, probe, started = self._prepare(command, args, timeout, session)
         if session is None and self._on_asyncio:
             return await self._call_fast(call, frame, limit, probe, started)
         with anyio.move_on_after(limit) as scope:
@@ -480,6 +476,22 @@ class Pool:
         if call.error is not None:
             raise call.error
         return call.value
+
+    def _prepare(
+        self,
+        command: str,
+        args: Mapping[str, Any] | None,
+        timeout: float | None,
+        session: str | None,
+    ) -> tuple[PendingCall, bytes, float, bool, float]:
+        """Check and encode a call, ask the breaker: (call, frame, limit, probe, started)."""
+        self._check_open()
+        call_id = next(self._ids)
+        frame = self._encode(call_id, command, args, timeout, session, p.CallMode.CALL)
+        limit = self.config.call_timeout if timeout is None else timeout
+        probe = self._admit(command)
+        call = PendingCall(call_id, command, p.CallMode.CALL, session)
+        return call, frame, limit, probe, time.perf_counter()
 
     async def _call_fast(
         self, call: PendingCall, frame: bytes, limit: float, probe: bool, started: float

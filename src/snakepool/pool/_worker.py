@@ -61,6 +61,9 @@ class WorkerState(enum.StrEnum):
     EXITED = "exited"
 
 
+_READY_STATES = frozenset({WorkerState.IDLE, WorkerState.BUSY})
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerLaunch:
     """Everything needed to start one worker process."""
@@ -161,7 +164,7 @@ class WorkerHandle:
 
     @property
     def has_capacity(self) -> bool:
-        return self.state in (WorkerState.IDLE, WorkerState.BUSY) and self.load < self.concurrency
+        return self.state in _READY_STATES and len(self.pending) + self.reserved < self.concurrency
 
     @property
     def is_ready(self) -> bool:
