@@ -19,6 +19,7 @@ from conftest import free_port  # noqa: E402
 from lm_server import LMRequest, LMServer, default_answer  # noqa: E402
 from snakepool import RemoteError  # noqa: E402
 from snakepool.dspy import Program, configure_lm  # noqa: E402
+from waiting import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 
@@ -37,13 +38,6 @@ def dspy_pool(**kwargs: Any) -> snakepool.Pool:
     kwargs.setdefault("call_timeout", 20.0)
     kwargs.setdefault("health_interval", 60.0)
     return snakepool.Pool("dspy", **kwargs)
-
-
-async def wait_until(condition: object, timeout: float = 15.0) -> None:
-    assert callable(condition)
-    with anyio.fail_after(timeout):
-        while not condition():
-            await anyio.sleep(0.02)
 
 
 def restarts(pool: snakepool.Pool) -> int:

@@ -22,17 +22,11 @@ from snakepool import (
     WorkerCrashed,
     WorkerStartError,
 )
+from waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
 ADAPTER = "sp_adapters:Basic"
-
-
-async def wait_until(condition: object, timeout: float = 15.0) -> None:
-    assert callable(condition)
-    with anyio.fail_after(timeout):
-        while not condition():
-            await anyio.sleep(0.02)
 
 
 def restarts(pool: snakepool.Pool) -> int:
@@ -125,12 +119,15 @@ async def test_least_loaded_dispatch_spreads_concurrent_calls() -> None:
         assert {r["pid"] for r in results} == {w.pid for w in pool.statistics().workers}
 
 
-async def test_worker_concurrency_runs_calls_at_once_in_one_worker() -> None:
+@pytest.mark.parametrize("command", ["nap", "doze"])  # an async and a sync handler
+async def test_worker_concurrency_runs_calls_at_once_in_one_worker(command: str) -> None:
+    # (sync calls: the worker's reader runs a quick one itself; calls that wait
+    # get threads of their own within milliseconds, woken by its watchdog)
     async with snakepool.Pool(ADAPTER, size=1, worker_concurrency=4) as pool:
         results: list[dict[str, float]] = []
 
         async def nap() -> None:
-            results.append(await pool.call("nap", {"seconds": 0.5}))
+            results.append(await pool.call(command, {"seconds": 0.5}))
 
         async with anyio.create_task_group() as tg:
             for _ in range(4):

@@ -6,22 +6,15 @@ import os
 import signal
 from pathlib import Path
 
-import anyio
 import psutil
 import pytest
 
 import snakepool
+from waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
 ADAPTER = "sp_adapters:Basic"
-
-
-async def wait_until(condition: object, timeout: float = 15.0) -> None:
-    assert callable(condition)
-    with anyio.fail_after(timeout):
-        while not condition():
-            await anyio.sleep(0.02)
 
 
 def template_pid(pool: snakepool.Pool) -> int:

@@ -12,17 +12,11 @@ import pytest
 import snakepool
 from snakepool import PoolClosed
 from snakepool.protocol import STREAM_WINDOW
+from waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
 ADAPTER = "sp_adapters:Resilience"
-
-
-async def wait_until(condition: object, timeout: float = 15.0) -> None:
-    assert callable(condition)
-    with anyio.fail_after(timeout):
-        while not condition():
-            await anyio.sleep(0.02)
 
 
 def restarts(pool: snakepool.Pool) -> int:
@@ -178,21 +172,6 @@ async def test_a_cast_is_bounded_by_call_timeout() -> None:
             )
         )
         assert await pool.call("add", {"a": 2, "b": 2}) == 4
-
-
-async def test_sync_calls_run_in_parallel_up_to_worker_concurrency() -> None:
-    # The worker's reader runs quick sync calls itself; calls that wait get
-    # threads of their own within milliseconds (its watchdog wakes them).
-    async with snakepool.Pool(ADAPTER, size=1, worker_concurrency=4) as pool:
-        results: list[dict[str, float]] = []
-
-        async def doze() -> None:
-            results.append(await pool.call("doze", {"seconds": 0.5}))
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(4):
-                tg.start_soon(doze)
-        assert max(r["start"] for r in results) < min(r["end"] for r in results)
 
 
 async def test_a_long_sync_call_leaves_the_worker_answering_pings_and_cancels() -> None:

@@ -18,17 +18,11 @@ import snakepool
 from conftest import SHARED_PROCESSES, TESTS_DIR
 from snakepool import CallTimeout, CircuitOpen, RemoteError, ResourceExceeded, WorkerCrashed
 from snakepool.pool._registry import RunRegistry
+from waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
 ADAPTER = "sp_adapters:Resilience"
-
-
-async def wait_until(condition: object, timeout: float = 15.0) -> None:
-    assert callable(condition)
-    with anyio.fail_after(timeout):
-        while not condition():
-            await anyio.sleep(0.02)
 
 
 def gone(pid: int) -> bool:

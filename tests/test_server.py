@@ -15,17 +15,11 @@ import pytest
 import snakepool
 from snakepool import RemoteError, UnknownCommand
 from snakepool.server import SocketServer
+from waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
 ADAPTER = "sp_adapters:Stateful"
-
-
-async def wait_until(condition: object, timeout: float = 15.0) -> None:
-    assert callable(condition)
-    with anyio.fail_after(timeout):
-        while not condition():
-            await anyio.sleep(0.02)
 
 
 @pytest.fixture

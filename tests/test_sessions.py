@@ -21,6 +21,7 @@ from snakepool import (
     SessionWorkerUnavailable,
     WorkerCrashed,
 )
+from waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -33,13 +34,6 @@ def store(request: pytest.FixtureRequest) -> Iterator[str]:
         yield "memory"
     else:
         yield request.getfixturevalue("redis_url")
-
-
-async def wait_until(condition: object, timeout: float = 15.0) -> None:
-    assert callable(condition)
-    with anyio.fail_after(timeout):
-        while not condition():
-            await anyio.sleep(0.02)
 
 
 async def test_affinity_holds_for_100_sessions_under_concurrency(store: str) -> None:

@@ -10,25 +10,18 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import anyio
 import psutil
 import pytest
 
 from snakepool import PoolDisabled
 from snakepool.pool import ConfigError, Pool, PoolStatistics, Supervisor, SupervisorStatistics
 from snakepool.pool._supervisor import DEFAULT_CONFIG_TOML
+from waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
 CPUS = os.cpu_count() or 1
 ENVIRON = {"target": "os:environ.copy"}  # one call: the answering worker's whole environment
-
-
-async def wait_until(condition: object, timeout: float = 15.0) -> None:
-    assert callable(condition)
-    with anyio.fail_after(timeout):
-        while not condition():
-            await anyio.sleep(0.02)
 
 
 def write(tmp_path: Path, text: str, name: str = "snakepool.toml") -> Path:

@@ -64,7 +64,7 @@ EXIT_INTERNAL_ERROR = 5  # a bug in the runtime itself: exit loudly rather than 
 def main() -> None:
     """Entry point of ``python -m snakepool.workers``."""
     proto_in, proto_out = _claim_stdio()
-    _die_with_parent()
+    die_with_parent()
     faulthandler.enable(file=sys.stderr, all_threads=True)
     try:
         code = asyncio.run(_serve(proto_in, proto_out))
@@ -86,8 +86,12 @@ def _claim_stdio() -> tuple[int, int]:
     return proto_in, proto_out
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL us when the host dies, even by SIGKILL."""
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL us when our parent dies, even by SIGKILL.
+
+    The parent is the host, or the template a worker was forked from
+    (``SNAKEPOOL_HOST_PID`` names it; shared with the template process).
+    """
     if not sys.platform.startswith("linux"):
         return
     import ctypes

@@ -60,6 +60,7 @@ import traceback
 from typing import Any
 
 from ..protocol._framing import CLOSED, NEED_DATA, FrameDecoder, FrameEncoder
+from ._runtime import die_with_parent  # (already loaded: python -m snakepool.workers)
 
 __all__ = ["main"]
 
@@ -76,7 +77,7 @@ _RECV_BYTES = 1 << 16
 
 def main() -> None:
     """Entry point of ``python -m snakepool.workers --template``."""
-    _die_with_parent()
+    die_with_parent()  # our workers then die through theirs
     control = _claim_control_socket()
     try:
         code = Template(control).run()
@@ -84,21 +85,6 @@ def main() -> None:
         code = EXIT_OK
     _flush()
     os._exit(code)
-
-
-def _die_with_parent() -> None:
-    """SIGKILL us when the host dies; our workers then die through theirs."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-    expected = os.environ.get("SNAKEPOOL_HOST_PID")
-    if expected and expected.isdigit() and os.getppid() != int(expected):
-        os._exit(EXIT_OK)  # the host died before prctl took effect
 
 
 def _claim_control_socket() -> socket.socket:
