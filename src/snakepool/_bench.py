@@ -45,7 +45,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import psutil
@@ -258,11 +258,9 @@ class _RawWorker(asyncio.SubprocessProtocol):
         self.exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.SubprocessTransport)
-        self.transport = transport
-        stdin = transport.get_pipe_transport(0)
-        assert isinstance(stdin, asyncio.WriteTransport)
-        self.stdin = stdin
+        # (duck-typed: uvloop's transports do not subclass asyncio's)
+        self.transport = cast(asyncio.SubprocessTransport, transport)
+        self.stdin = cast(asyncio.WriteTransport, self.transport.get_pipe_transport(0))
 
     def send(self, request_id: int, value: Any) -> asyncio.Future[Any]:
         assert self.stdin is not None
@@ -828,6 +826,20 @@ def _load_average() -> list[float] | None:
         return None
 
 
+def _event_loop_name() -> str:
+    policy = type(asyncio.get_event_loop_policy()).__module__
+    if policy.startswith("uvloop"):
+        return f"uvloop {version_of('uvloop')}"
+    return "asyncio"
+
+
+def version_of(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def machine_info() -> dict[str, Any]:
     model = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -840,12 +852,6 @@ def machine_info() -> dict[str, Any]:
     except AttributeError:  # not on Linux
         usable = os.cpu_count() or 0
 
-    def version(name: str) -> str | None:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
     return {
         "cpu": model,
         "cpu_count": os.cpu_count(),
@@ -855,9 +861,10 @@ def machine_info() -> dict[str, Any]:
         "implementation": platform.python_implementation(),
         "platform": platform.platform(),
         "start_method": multiprocessing.get_start_method(),
+        "event_loop": _event_loop_name(),
         "load_average_start": _load_average(),
         "versions": {
-            name: version(name) for name in ("snakepool", "msgpack", "anyio", "loky", "psutil")
+            name: version_of(name) for name in ("snakepool", "msgpack", "anyio", "loky", "psutil")
         },
     }
 
@@ -1075,6 +1082,7 @@ def render_text(result: dict[str, Any]) -> str:
     parts = [
         f"snakepool bench: {result['config']['workers']} workers, {machine['usable_cpus']} usable CPUs "
         f"({machine['cpu']}), Python {machine['python']}, start method {machine['start_method']}, "
+        f"event loop {machine.get('event_loop', 'asyncio')}, "
         f"load average {machine['load_average_start']} -> {machine.get('load_average_end')}",
         "",
         _text_table(*_rows(result)),
@@ -1131,6 +1139,7 @@ def render_markdown(
         f"- memory: {machine['memory_gib']} GiB",
         f"- {machine['implementation']} {machine['python']} on {machine['platform']}",
         f"- multiprocessing start method: {machine['start_method']}",
+        f"- event loop: {machine.get('event_loop', 'asyncio')}",
         f"- load average (1, 5, 15 min) at the start: {machine['load_average_start']}, "
         f"at the end: {machine.get('load_average_end')}",
         "- versions: " + ", ".join(f"{k} {v or 'missing'}" for k, v in machine["versions"].items()),
@@ -1268,6 +1277,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--markdown", metavar="OUT", help="also write the results as a Markdown section"
     )
+    parser.add_argument(
+        "--uvloop",
+        action="store_true",
+        help="run everything (every peer's host side) on uvloop (pip install uvloop)",
+    )
 
 
 def _command(args: argparse.Namespace, prog: str) -> str:
@@ -1275,6 +1289,8 @@ def _command(args: argparse.Namespace, prog: str) -> str:
     words = [prog, "--workers", str(args.workers)]
     if args.quick:
         words.append("--quick")
+    if getattr(args, "uvloop", False):
+        words.append("--uvloop")
     for option, value in (
         ("--calls", args.calls),
         ("--rss-calls", args.rss_calls),
@@ -1292,6 +1308,12 @@ def run_from_args(args: argparse.Namespace, *, prog: str = "python stress/bench.
     if args.workers < 1:
         print("bench: --workers must be at least 1", file=sys.stderr)
         return 2
+    if args.uvloop:
+        if importlib.util.find_spec("uvloop") is None:
+            print("bench: --uvloop needs uvloop, which is not installed", file=sys.stderr)
+            return 2
+        uvloop: Any = importlib.import_module("uvloop")
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         print(
             "bench: --plot needs matplotlib, which is not installed (pip install matplotlib)",
