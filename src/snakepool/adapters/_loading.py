@@ -6,7 +6,7 @@ import importlib
 
 from ._base import Adapter
 
-__all__ = ["BUILTIN_ADAPTERS", "ENTRY_POINT_GROUP", "load_adapter_class"]
+__all__ = ["BUILTIN_ADAPTERS", "ENTRY_POINT_GROUP", "adapter_imports", "load_adapter_class"]
 
 ENTRY_POINT_GROUP = "snakepool.adapters"
 
@@ -30,6 +30,22 @@ def load_adapter_class(spec: str) -> type[Adapter]:
             f"adapter {spec!r} is {obj!r}, not a subclass of snakepool.adapters.Adapter"
         )
     return obj
+
+
+def adapter_imports(spec: str) -> list[str]:
+    """The modules ``load_adapter_class(spec)`` imports (for a fork server to preload).
+
+    An unknown entry point gives none: the workers then report it clearly.
+    """
+    spec = BUILTIN_ADAPTERS.get(spec, spec)
+    if ":" in spec:
+        module = spec.partition(":")[0]
+        return [module] if module else []
+    from importlib.metadata import entry_points  # (slow to import: only here)
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP, name=spec):
+        return ["importlib.metadata", ep.module]  # the lookup itself needs the former
+    return []
 
 
 def _import_object(spec: str) -> object:

@@ -150,7 +150,7 @@ class Dispatcher:
                 try:
                     await waiter.event.wait()
                 except BaseException:
-                    self._leave(waiter)
+                    self.leave(waiter)
                     raise
             if waiter.error is not None:
                 raise waiter.error
@@ -177,9 +177,6 @@ class Dispatcher:
 
     def leave(self, waiter: _Waiter) -> None:
         """The caller gave up: drop it from the queue, or return its hand-off."""
-        self._leave(waiter)
-
-    def _leave(self, waiter: _Waiter) -> None:
         if waiter.worker is not None:
             worker, waiter.worker = waiter.worker, None
             self.release(worker)

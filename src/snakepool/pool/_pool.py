@@ -33,7 +33,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -44,7 +44,7 @@ import tenacity
 from .. import protocol as p
 from ..adapters import Adapter
 from ..adapters._context import SAVE_STATE_TOOL
-from ..adapters._loading import BUILTIN_ADAPTERS, ENTRY_POINT_GROUP
+from ..adapters._loading import adapter_imports
 from ..errors import (
     CallTimeout,
     CircuitOpen,
@@ -57,6 +57,7 @@ from ..errors import (
     WorkerCrashed,
     WorkerStartError,
 )
+from ._backend import running_on_asyncio
 from ._breaker import BreakerState, CircuitBreaker
 from ._calls import PendingCall
 from ._config import PoolConfig
@@ -68,7 +69,7 @@ from ._runner import BackgroundTasks
 from ._session import Session, SessionManager
 from ._store import SessionStore, open_store
 from ._template import TemplateStartError, TemplateUnavailable, WorkerTemplate
-from ._worker import WorkerHandle, format_exit, running_on_asyncio
+from ._worker import WorkerHandle, format_exit
 
 __all__ = ["CallStream", "Pool"]
 
@@ -81,18 +82,6 @@ _EARLY_DEATH = 5.0
 _RESTART_BACKOFF = tenacity.wait_exponential(multiplier=0.1, max=30.0) + tenacity.wait_random(
     0, 0.1
 )
-
-
-def _adapter_module(adapter: str) -> str | None:
-    """The module an adapter spec lives in ("module:Class" or an entry point)."""
-    adapter = BUILTIN_ADAPTERS.get(adapter, adapter)
-    if ":" in adapter:
-        return adapter.partition(":")[0] or None
-    from importlib.metadata import entry_points  # (only for preloaded pools: slow import)
-
-    for ep in entry_points(group=ENTRY_POINT_GROUP, name=adapter):
-        return ep.module
-    return None  # unknown: the workers report it clearly
 
 
 def _expire(call: PendingCall) -> None:
@@ -321,8 +310,6 @@ class Pool:
         limit = self.config.call_timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         try:
-            if session is None and self._on_asyncio:  # (one coroutine frame less)
-                return await self._call_fast(*self._prepare(command, args, timeout, None))
             return await self._call_once(command, args, timeout, session)
         except WorkerCrashed:
             if not idempotent or self.recovery[ErrorCategory.COMMUNICATION] is not Recovery.RETRY:
@@ -444,16 +431,28 @@ class Pool:
 
     # --- one call ------------------------------------------------------------------
 
-    async def _call_once(
+    def _call_once(
         self,
         command: str,
         args: Mapping[str, Any] | None,
         timeout: float | None,
         session: str | None,
-    ) -> Any:
+    ) -> Coroutine[Any, Any, Any]:
+        """One attempt: the asyncio fast path where it applies, else the general one.
+
+        A plain function returning the coroutine, so the fast path's awaits
+        pass through one coroutine frame less (this runs once per call).
+        """
         call, frame, limit, probe, started = self._prepare(command, args, timeout, session)
         if session is None and self._on_asyncio:
-            return await self._call_fast(call, frame, limit, probe, started)
+            return self._call_fast(call, frame, limit, probe, started)
+        return self._call_general(call, frame, limit, probe, started)
+
+    async def _call_general(
+        self, call: PendingCall, frame: bytes, limit: float, probe: bool, started: float
+    ) -> Any:
+        """Any backend, sessions included: a cancel scope and events."""
+        command, session = call.command, call.session_id
         with anyio.move_on_after(limit) as scope:
             try:
                 await self._dispatch(call, frame, session)
@@ -818,12 +817,8 @@ class Pool:
             # Read when dspy/litellm are imported, which now happens in the template.
             env.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
             env.setdefault("DSPY_CACHEDIR", str(runtime_dir() / "dspy-cache" / self.name))
-        modules = list(preload)
-        adapter_module = _adapter_module(config.adapter)
-        if adapter_module is not None and adapter_module not in modules:
-            modules.append(adapter_module)  # so that no worker imports it again
-        if ":" not in config.adapter and config.adapter not in BUILTIN_ADAPTERS:
-            modules.append("importlib.metadata")  # workers look the entry point up
+        # (and what loading the adapter imports, so that no worker imports it again)
+        modules = list(dict.fromkeys([*preload, *adapter_imports(config.adapter)]))
         try:
             template = await WorkerTemplate.start(
                 python=config.interpreter,

@@ -41,6 +41,8 @@ import anyio
 import anyio.abc
 
 from ..protocol._framing import CLOSED, NEED_DATA, FrameDecoder, FrameEncoder
+from ._backend import running_on_asyncio
+from ._lines import LineSplitter
 
 __all__ = ["ForkedProcess", "TemplateStartError", "TemplateUnavailable", "WorkerTemplate"]
 
@@ -373,19 +375,15 @@ class WorkerTemplate:
     async def _pump_stderr(self, done: anyio.Event) -> None:
         stream = self._process.stderr
         assert stream is not None
-        buffer = b""
+        lines = LineSplitter(self._stderr_line)
         try:
             with contextlib.suppress(
                 anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError
             ):
                 while True:
-                    buffer += await stream.receive()
-                    *lines, buffer = buffer.split(b"\n")
-                    for line in lines:
-                        self._stderr_line(line)
+                    lines.feed(await stream.receive())
         finally:
-            if buffer:
-                self._stderr_line(buffer)
+            lines.close()
             done.set()
 
     def _stderr_line(self, raw: bytes) -> None:
@@ -467,12 +465,10 @@ class WorkerTemplate:
 def _check_platform() -> None:
     if not sys.platform.startswith("linux"):
         raise TemplateUnavailable(f"fork server needs Linux; this is {sys.platform}")
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
+    if not running_on_asyncio():
         raise TemplateUnavailable(
             "fork server needs anyio's asyncio backend; plain spawning is used instead"
-        ) from None
+        )
 
 
 def _describe_exit(code: int) -> str:

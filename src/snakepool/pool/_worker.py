@@ -42,10 +42,12 @@ from ..errors import (
     WorkerStartError,
     describe_exit_code,
 )
+from ._backend import running_on_asyncio
 from ._calls import PendingCall, failure_to_exception
+from ._lines import LineSplitter
 from ._template import ForkedProcess, TemplateUnavailable, WorkerTemplate
 
-__all__ = ["ExitInfo", "WorkerHandle", "WorkerLaunch", "WorkerState", "running_on_asyncio"]
+__all__ = ["ExitInfo", "WorkerHandle", "WorkerLaunch", "WorkerState"]
 
 _READ_CHUNK = 256 * 1024
 _STDERR_TAIL_LINES = 40
@@ -120,8 +122,7 @@ class WorkerHandle:
         self._on_capacity = on_capacity
         self._on_exit = on_exit
         self._on_host_call = on_host_call
-        self._template = template  # fork from it (a preloaded pool), if it is alive
-        self.forked = False  # true once forked from the template rather than spawned
+        self._template = template  # fork from it (start_method), if it is alive
         # session id -> (variables version, state version) this worker has seen
         self.sessions: dict[str, tuple[int, int]] = {}
         self._conn = p.Connection(p.Role.HOST)
@@ -168,7 +169,7 @@ class WorkerHandle:
 
     @property
     def is_ready(self) -> bool:
-        return self.state in (WorkerState.IDLE, WorkerState.BUSY)
+        return self.state in _READY_STATES
 
     def rss_bytes(self) -> int | None:
         """Resident memory of the worker and its children (psutil)."""
@@ -231,15 +232,8 @@ class WorkerHandle:
                 if running_on_asyncio():
                     process = await self._open_with_pipes(launch)
                 else:
-                    process = await anyio.open_process(
-                        list(launch.argv),
-                        stdin=subprocess.PIPE,
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE,
-                        env=launch.env,
-                        cwd=launch.cwd,
-                        start_new_session=True,  # its own process group, killed as one
-                    )
+                    pipe = subprocess.PIPE
+                    process = await _spawn(launch, pipe, pipe, pipe)
         except OSError as exc:
             self._startup_failure = p.StartupFailed(
                 type=type(exc).__name__, message=f"cannot start {launch.argv[0]!r}: {exc}"
@@ -311,21 +305,10 @@ class WorkerHandle:
         template = self._template
         if template is not None and template.alive:
             try:
-                process = await template.spawn(launch.env, stdin, stdout, stderr)
+                return await template.spawn(launch.env, stdin, stdout, stderr)
             except TemplateUnavailable as exc:
                 self.log.warning("the pool's template cannot fork (%s): spawning instead", exc)
-            else:
-                self.forked = True
-                return process
-        return await anyio.open_process(
-            list(launch.argv),
-            stdin=stdin,
-            stdout=stdout,
-            stderr=stderr,
-            env=launch.env,
-            cwd=launch.cwd,
-            start_new_session=True,  # its own process group, killed as one
-        )
+        return await _spawn(launch, stdin, stdout, stderr)
 
     def _never_started(self) -> None:
         if self.exit_info is not None:
@@ -542,18 +525,14 @@ class WorkerHandle:
 
     async def _pump_stderr(self) -> None:
         assert isinstance(self._process, anyio.abc.Process) and self._process.stderr is not None
-        partial = b""
+        lines = LineSplitter(self._stderr_line)
         try:
             async for chunk in self._process.stderr:
-                lines = (partial + chunk).split(b"\n")
-                partial = lines.pop()
-                for line in lines:
-                    self._stderr_line(line)
+                lines.feed(chunk)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass
         finally:
-            if partial:
-                self._stderr_line(partial)
+            lines.close()
             self._stderr_done.set()
 
     def _stderr_line(self, raw: bytes) -> None:
@@ -792,13 +771,17 @@ def _enlarge_pipe(fd: int) -> None:
             fcntl.fcntl(fd, set_size, _PIPE_BYTES)
 
 
-def running_on_asyncio() -> bool:
-    """True inside an asyncio event loop (anyio's asyncio backend); false on trio."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
+async def _spawn(launch: WorkerLaunch, stdin: int, stdout: int, stderr: int) -> anyio.abc.Process:
+    """A fresh interpreter for the worker (not forked from a template)."""
+    return await anyio.open_process(
+        list(launch.argv),
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
+        env=launch.env,
+        cwd=launch.cwd,
+        start_new_session=True,  # its own process group, killed as one
+    )
 
 
 class _StdoutReader(asyncio.Protocol):
@@ -845,19 +828,14 @@ class _StderrReader(asyncio.Protocol):
 
     def __init__(self, handle: WorkerHandle) -> None:
         self.handle = handle
-        self.partial = b""
+        self.lines = LineSplitter(handle._stderr_line)
 
     def data_received(self, data: bytes) -> None:
-        lines = (self.partial + data).split(b"\n")
-        self.partial = lines.pop()
-        for line in lines:
-            self.handle._stderr_line(line)
+        self.lines.feed(data)
 
     def eof_received(self) -> bool:
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.partial:
-            self.handle._stderr_line(self.partial)
-            self.partial = b""
+        self.lines.close()
         self.handle._stderr_done.set()

@@ -2,22 +2,23 @@
 
 Data flow inside one worker::
 
-                 +-- leader thread: os.read(stdin) -> Connection -> Worker.on_message
-                 |      control (sync, cancel, credit, host replies): handled at once
+                 +-- leader thread: os.readv(stdin) -> Connection -> Worker.on_message
+                 |      control (cancel, credit, host replies): handled at once
     host --pipe--+      sync call:  queued, then run by the leader itself
-                 |                  (a follower takes over reading meanwhile)
                  |      async call: handed to the event loop (main thread) as a task
+                 |      ping:       answered by the event loop
                  |
     handler threads and loop tasks --Worker.send--> _FrameWriter --pipe--> host
 
-Reading uses a *leader/follower* set of threads: whichever idle thread holds
-the "leader" role blocks in ``os.read`` on the protocol pipe; when it reads a
-call it hands the role to another idle thread and runs the handler itself.
-A call thus costs two wake-ups (host -> worker, worker -> host), as in a bare
-read/answer loop, while a reader is always available for pings and
-cancellations. There are at most ``concurrency`` handlers running and at most
-``concurrency + 1`` threads (started on demand). Pings are answered by the
-event loop, so a loop blocked by a misbehaving async handler is noticed.
+Reading uses *leader/follower* threads (``_Threads``): whichever thread holds
+the "leader" role reads the protocol pipe, dispatches what it read, and runs
+the sync calls it read itself, so a quick call costs two wake-ups (host ->
+worker, worker -> host), as in a bare read/answer loop. An idle *watchdog*
+thread takes the reading over when the leader has been inside one call for
+2 ms (pings and cancellations keep flowing) and wakes helper threads for
+calls that waited that long. At most ``concurrency`` sync calls run and there
+are at most ``concurrency + 1`` threads, started on demand. Pings are
+answered by the event loop, so a loop blocked by an async handler is noticed.
 
 The protocol owns the process's real stdout: at start-up the pipe is moved to
 a private fd and fd 1 is pointed at stderr, so a ``print()`` in user code can
@@ -70,7 +71,7 @@ def main() -> None:
         code = asyncio.run(_serve(proto_in, proto_out))
     except KeyboardInterrupt:
         code = EXIT_OK
-    _flush_and_exit(code)
+    flush_and_exit(code)
 
 
 def _claim_stdio() -> tuple[int, int]:
@@ -105,10 +106,15 @@ def die_with_parent() -> None:
         os._exit(EXIT_OK)  # the host died before prctl took effect
 
 
-def _flush_and_exit(code: int) -> None:
+def flush_std_streams() -> None:
+    """Flush Python's stdout/stderr buffers (before os._exit, or a fork)."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
+
+
+def flush_and_exit(code: int) -> None:
+    flush_std_streams()
     # os._exit: a sync handler stuck in a thread must not keep the process alive.
     os._exit(code)
 
@@ -145,32 +151,19 @@ class _FrameWriter:
         self._lock = threading.Lock()
         self._closed = False
 
-    def write(self, data: bytes) -> None:
+    def write(self, *parts: bytes) -> None:
+        """One frame, from its parts (header, body), with ``writev``: no joined copy."""
         with self._lock:
             if self._closed:
                 return
-            view = memoryview(data)
+            views = [memoryview(part) for part in parts]
             try:
-                while view:
-                    written = os.write(self._fd, view)
-                    view = view[written:]
-            except OSError:  # EPIPE: the host is gone; we exit on stdin EOF
-                self._closed = True
-
-    def write_parts(self, header: bytes, body: bytes) -> None:
-        """One frame from two buffers, with ``writev`` (no joined copy)."""
-        with self._lock:
-            if self._closed:
-                return
-            parts = [memoryview(header), memoryview(body)]
-            try:
-                while parts:
-                    written = os.writev(self._fd, parts)
-                    while parts and written >= len(parts[0]):
-                        written -= len(parts[0])
-                        parts.pop(0)
-                    if parts and written:
-                        parts[0] = parts[0][written:]
+                while views:
+                    written = os.writev(self._fd, views)
+                    while views and written >= len(views[0]):
+                        written -= len(views.pop(0))
+                    if views and written:
+                        views[0] = views[0][written:]
             except OSError:  # EPIPE: the host is gone; we exit on stdin EOF
                 self._closed = True
 
@@ -182,7 +175,6 @@ class _FrameWriter:
 #: a buffer allocated once: a fresh 1 MiB bytes object per read would cost
 #: more than a small call itself.
 _READ_BYTES = 1024 * 1024
-_JOIN_BELOW = 64 * 1024  # frames below this are joined and written at once
 #: A call queued, or the reader busy inside a call, for this long gets help.
 _HELP_AFTER = 0.002
 #: The watchdog keeps watching this long after the last call started.
@@ -264,7 +256,7 @@ class _Threads:
             # reader, leaving the worker deaf; exit so the host sees a crash.
             traceback.print_exc(file=sys.stderr)
             print("snakepool worker: internal error in a worker thread", file=sys.stderr)
-            _flush_and_exit(EXIT_INTERNAL_ERROR)
+            flush_and_exit(EXIT_INTERNAL_ERROR)
 
     def _serve(self) -> None:
         role: int | None = None  # the reader role's number while this thread holds it
@@ -505,11 +497,7 @@ class Worker:
         encoder: p.FrameEncoder | None = getattr(self._encoders, "encoder", None)
         if encoder is None or encoder.max_frame_bytes != self._max_frame_bytes:
             encoder = self._encoders.encoder = p.FrameEncoder(self._max_frame_bytes)
-        header, body = encoder.encode_parts(p.to_wire(message))
-        if len(body) < _JOIN_BELOW:
-            writer.write(header + body)
-        else:  # no copy of a large body just to put 4 bytes in front
-            writer.write_parts(header, body)
+        writer.write(*encoder.encode_parts(p.to_wire(message)))
 
     # --- start-up --------------------------------------------------------------
 

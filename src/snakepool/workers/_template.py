@@ -60,13 +60,16 @@ import traceback
 from typing import Any
 
 from ..protocol._framing import CLOSED, NEED_DATA, FrameDecoder, FrameEncoder
-from ._runtime import die_with_parent  # (already loaded: python -m snakepool.workers)
+from ._runtime import (  # (already loaded: python -m snakepool.workers)
+    EXIT_OK,
+    EXIT_PROTOCOL_ERROR,
+    die_with_parent,
+    flush_and_exit,
+    flush_std_streams,
+)
 
 __all__ = ["main"]
 
-#: Exit codes of the template itself.
-EXIT_OK = 0
-EXIT_PROTOCOL_ERROR = 4
 #: A forked worker whose runtime returned or raised (it must never get back here).
 EXIT_WORKER_ESCAPED = 70
 
@@ -83,8 +86,7 @@ def main() -> None:
         code = Template(control).run()
     except KeyboardInterrupt:
         code = EXIT_OK
-    _flush()
-    os._exit(code)
+    flush_and_exit(code)
 
 
 def _claim_control_socket() -> socket.socket:
@@ -95,12 +97,6 @@ def _claim_control_socket() -> socket.socket:
     os.close(devnull)
     control.setblocking(True)
     return control
-
-
-def _flush() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
 
 
 class Template:
@@ -290,7 +286,7 @@ class Template:
             return
         stdio, self.fds = self.fds[:3], self.fds[3:]
         env = {str(k): str(v) for k, v in (message.get("env") or {}).items()}
-        _flush()  # or the child would write our buffered output again
+        flush_std_streams()  # or the child would write our buffered output again
         try:
             pid = os.fork()
         except OSError as exc:
@@ -330,8 +326,7 @@ class Template:
             traceback.print_exc()
             code = 1
         finally:
-            _flush()
-            os._exit(code)
+            flush_and_exit(code)
 
     def _reset_signals(self) -> None:
         signal.set_wakeup_fd(-1)
