@@ -42,6 +42,8 @@ class CircuitBreaker:
         self._clock = clock
         self._on_change = on_change
         self._state = BreakerState.CLOSED
+        #: The breaker is closed (a plain attribute: the pool checks it per call).
+        self.closed = True
         self._failures = 0
         self._opened_at = 0.0
         self._probe_out = False
@@ -82,6 +84,8 @@ class CircuitBreaker:
 
     def success(self, *, probe: bool = False) -> None:
         self._failures = 0
+        if self.closed and not probe:  # the usual case
+            return
         if probe:
             self._probe_out = False
         if self._state is not BreakerState.CLOSED and (probe or not self._probe_out):
@@ -110,5 +114,6 @@ class CircuitBreaker:
 
     def _set(self, new: BreakerState) -> None:
         old, self._state = self._state, new
+        self.closed = new is BreakerState.CLOSED
         if old is not new and self._on_change is not None:
             self._on_change(old, new, self._failures)

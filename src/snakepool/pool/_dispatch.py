@@ -8,6 +8,11 @@ is fetched from its store in between).
 
 Waiters may want one particular worker (a session with strict affinity); a
 slot that frees goes to the first waiter that can use it.
+
+A waiter that carries its call (the asyncio fast path: ``enqueue_call``) is
+*sent* at the hand-off, in the same event-loop turn the slot freed, without
+waking its caller first: a saturated pool's workers then never sit idle while
+a woken caller gets scheduled, and the caller wakes once, for the answer.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections.abc import Callable, Sequence
 import anyio
 
 from ..errors import PoolOverloaded, SnakepoolError
+from ._calls import PendingCall
 from ._worker import WorkerHandle
 
 __all__ = ["Dispatcher"]
@@ -29,10 +35,11 @@ class _Waiter:
     """A caller queued for a free worker slot.
 
     It waits on ``event`` (made on first use), or, on the asyncio fast path,
-    on ``future``: ``wake()`` sets whichever exists.
+    on ``future``: ``wake()`` sets whichever exists. A waiter with a ``call``
+    is sent at the hand-off instead (its caller waits on the call itself).
     """
 
-    __slots__ = ("_event", "error", "future", "want", "worker")
+    __slots__ = ("_event", "call", "deadline", "error", "frame", "future", "want", "worker")
 
     def __init__(self, want: WorkerHandle | None) -> None:
         self._event: anyio.Event | None = None
@@ -40,6 +47,9 @@ class _Waiter:
         self.want = want
         self.worker: WorkerHandle | None = None
         self.error: SnakepoolError | None = None
+        self.call: PendingCall | None = None
+        self.frame = b""
+        self.deadline = 0.0  # (event-loop time) a call is not sent after it
 
     @property
     def event(self) -> anyio.Event:
@@ -70,7 +80,7 @@ class Dispatcher:
         self,
         pool: str,
         queue_size: int,
-        workers: Callable[[], Sequence[WorkerHandle]],
+        workers: Sequence[WorkerHandle],
         check_open: Callable[[], None],
     ) -> None:
         self.pool = pool
@@ -93,10 +103,13 @@ class Dispatcher:
         """The least-loaded ready worker with a free slot (fewest sessions on ties)."""
         best: WorkerHandle | None = None
         best_key: tuple[int, int] = (0, 0)
-        for worker in self._workers():
-            if not worker.has_capacity or (skip is not None and skip(worker)):
+        for worker in self._workers:
+            load = worker.load_if_ready  # (one property per worker: this runs per call)
+            if load < 0 or load >= worker.concurrency or (skip is not None and skip(worker)):
                 continue
-            key = (worker.load, bound_sessions(worker) if bound_sessions else 0)
+            if not load and bound_sessions is None:
+                return worker  # idle: nothing beats it
+            key = (load, bound_sessions(worker) if bound_sessions else 0)
             if best is None or key < best_key:
                 best, best_key = worker, key
                 if key == (0, 0):
@@ -143,6 +156,17 @@ class Dispatcher:
         self._waiters.append(waiter)
         return waiter
 
+    def enqueue_call(self, call: PendingCall, frame: bytes, deadline: float) -> _Waiter:
+        """Queue ``call`` to be sent by the hand-off (the caller waits on ``call.waiter``).
+
+        Once sent, ``call.worker`` is set. A call whose ``deadline`` (event-loop
+        time) has passed is dropped from the queue instead, never sent, even
+        if its timer has not run yet: the caller raises when it does.
+        """
+        waiter = self.enqueue()
+        waiter.call, waiter.frame, waiter.deadline = call, frame, deadline
+        return waiter
+
     async def wait(self, waiter: _Waiter) -> WorkerHandle:
         while True:
             # (after a requeue the hand-off may already have happened)
@@ -177,6 +201,11 @@ class Dispatcher:
 
     def leave(self, waiter: _Waiter) -> None:
         """The caller gave up: drop it from the queue, or return its hand-off."""
+        if waiter.call is not None:  # sent (then the caller abandons the call) or queued
+            if waiter.call.worker is None:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            return
         if waiter.worker is not None:
             worker, waiter.worker = waiter.worker, None
             self.release(worker)
@@ -189,6 +218,7 @@ class Dispatcher:
     def on_capacity(self, worker: WorkerHandle) -> None:
         """A slot freed (or a worker became ready): hand it to the first waiter that can use it."""
         waiters = self._waiters
+        now = None
         while waiters and worker.has_capacity:
             if waiters[0].can_use(worker):  # the usual case: the first in line
                 waiter = waiters.popleft()
@@ -198,12 +228,21 @@ class Dispatcher:
                     return
                 waiter = found
                 waiters.remove(waiter)
-            waiter.worker = worker
-            worker.reserved += 1
-            waiter.wake()
+            call = waiter.call
+            if call is None:
+                waiter.worker = worker
+                worker.reserved += 1
+                waiter.wake()
+            else:
+                if now is None:
+                    now = asyncio.get_running_loop().time()
+                if call.expired or now >= waiter.deadline:
+                    continue  # dropped, never sent: its caller raises CallTimeout
+                worker.reserved += 1
+                worker.submit(call, waiter.frame)
 
     def hand_off_any(self) -> None:
-        for worker in self._workers():
+        for worker in self._workers:
             if not self._waiters:
                 return
             self.on_capacity(worker)
@@ -219,4 +258,7 @@ class Dispatcher:
         for waiter in self._waiters:
             waiter.error = error
             waiter.wake()
+            call = waiter.call
+            if call is not None and call.waiter is not None and not call.waiter.done():
+                call.waiter.set_result(None)  # its caller finds waiter.error
         self._waiters.clear()

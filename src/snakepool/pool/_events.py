@@ -69,15 +69,19 @@ class Listeners:
     def __init__(self, pool: str) -> None:
         self.pool = pool
         self._listeners: list[Callable[[Event], Any]] = []
+        #: Any listener registered (checked per call, so a plain attribute).
+        self.active = False
 
     def __bool__(self) -> bool:
-        return bool(self._listeners)
+        return self.active
 
     def add(self, fn: Callable[[Event], Any]) -> None:
         self._listeners.append(fn)
+        self.active = True
 
     def remove(self, fn: Callable[[Event], Any]) -> None:
         self._listeners.remove(fn)
+        self.active = bool(self._listeners)
 
     def emit(self, name: str, worker: int | None = None, **data: Any) -> None:
         if not self._listeners:

@@ -61,6 +61,7 @@ from ._backend import running_on_asyncio
 from ._breaker import BreakerState, CircuitBreaker
 from ._calls import PendingCall
 from ._config import PoolConfig
+from ._deadlines import Deadlines
 from ._dispatch import Dispatcher
 from ._events import Event, Listeners, PoolStatistics, WorkerStatistics
 from ._recovery import Recovery, recovery_table
@@ -180,7 +181,7 @@ class Pool:
         self._encoder = p.FrameEncoder(max_frame_bytes)
         self._ids = itertools.count(1)
         self._workers: list[WorkerHandle] = []
-        self._dispatcher = Dispatcher(name, queue_size, lambda: self._workers, self._check_open)
+        self._dispatcher = Dispatcher(name, queue_size, self._workers, self._check_open)
         self._sessions = SessionManager(self, open_store(session_store, namespace=name))
         self._tools: dict[str, Callable[..., Any]] = {}
         self._background = BackgroundTasks(name)
@@ -189,6 +190,7 @@ class Pool:
         self._completed = 0
         self._failed: dict[str, int] = collections.defaultdict(int)
         self._on_asyncio = False  # set by start(): enables the asyncio fast path
+        self._deadlines: Deadlines | None = None  # the fast path's timers
         self._template: WorkerTemplate | None = None  # forks workers (preload)
         self._start_method = "spawn"  # what start() chose, and why (statistics)
 
@@ -200,10 +202,13 @@ class Pool:
             raise RuntimeError(f"pool {self.name!r} was already started")
         self._state = "starting"
         self._on_asyncio = running_on_asyncio()
+        if self._on_asyncio:
+            self._deadlines = Deadlines(asyncio.get_running_loop(), _expire)
         self._start_finished = anyio.Event()
         self._close_finished = anyio.Event()
         count = self.config.worker_count
-        self._workers = [self._new_handle(slot, restarts=0) for slot in range(count)]
+        # (filled in place: the dispatcher holds this very list)
+        self._workers[:] = [self._new_handle(slot, restarts=0) for slot in range(count)]
         errors: list[WorkerStartError] = []
         if count == 0:  # disabled (no GPUs): it exists, says why, and refuses calls
             _log.warning("pool %s is disabled: %s", self.name, self.config.disabled_reason)
@@ -307,14 +312,14 @@ class Pool:
         ``idempotent=True`` retries once on another worker if the first one
         crashed; other calls are never retried.
         """
-        limit = self.config.call_timeout if timeout is None else timeout
-        deadline = time.monotonic() + limit
+        started = time.monotonic()
         try:
             return await self._call_once(command, args, timeout, session)
         except WorkerCrashed:
             if not idempotent or self.recovery[ErrorCategory.COMMUNICATION] is not Recovery.RETRY:
                 raise
-            remaining = deadline - time.monotonic()
+            limit = self.config.call_timeout if timeout is None else timeout
+            remaining = limit - (time.monotonic() - started)
             if remaining <= 0:
                 raise
             _log.warning(
@@ -438,12 +443,20 @@ class Pool:
         timeout: float | None,
         session: str | None,
     ) -> Coroutine[Any, Any, Any]:
-        """One attempt: the asyncio fast path where it applies, else the general one.
+        """One attempt: check and encode it, ask the breaker, then take the
+        asyncio fast path where it applies, else the general one.
 
         A plain function returning the coroutine, so the fast path's awaits
         pass through one coroutine frame less (this runs once per call).
         """
-        call, frame, limit, probe, started = self._prepare(command, args, timeout, session)
+        if self._state != "running" or not self._workers:
+            self._check_open()
+        call_id = next(self._ids)
+        frame = self._encode(call_id, command, args, timeout, session, p.CallMode.CALL)
+        limit = self.config.call_timeout if timeout is None else timeout
+        probe = False if self._breaker.closed else self._admit(command)
+        call = PendingCall(call_id, command, p.CallMode.CALL, session)
+        started = time.perf_counter()
         if session is None and self._on_asyncio:
             return self._call_fast(call, frame, limit, probe, started)
         return self._call_general(call, frame, limit, probe, started)
@@ -476,69 +489,34 @@ class Pool:
             raise call.error
         return call.value
 
-    def _prepare(
-        self,
-        command: str,
-        args: Mapping[str, Any] | None,
-        timeout: float | None,
-        session: str | None,
-    ) -> tuple[PendingCall, bytes, float, bool, float]:
-        """Check and encode a call, ask the breaker: (call, frame, limit, probe, started)."""
-        self._check_open()
-        call_id = next(self._ids)
-        frame = self._encode(call_id, command, args, timeout, session, p.CallMode.CALL)
-        limit = self.config.call_timeout if timeout is None else timeout
-        probe = self._admit(command)
-        call = PendingCall(call_id, command, p.CallMode.CALL, session)
-        return call, frame, limit, probe, time.perf_counter()
-
     async def _call_fast(
         self, call: PendingCall, frame: bytes, limit: float, probe: bool, started: float
     ) -> Any:
-        """asyncio, no session: wait on bare futures and one timer.
+        """asyncio, no session: wait on one bare future and one timer.
 
         Same outcomes as the general path (cancel scope + events), without
         the per-call cost of an anyio cancel scope and events: the caller's
-        own cancellation still arrives as ``CancelledError`` at an ``await``.
+        own cancellation still arrives as ``CancelledError`` at the ``await``.
+        A queued call is sent by the hand-off itself (``enqueue_call``), so
+        the caller wakes once: for the answer, or at the deadline.
         """
-        loop = asyncio.get_running_loop()
-        call.waiter = loop.create_future()
-        # One timer for the whole call: it resolves whichever future the call
-        # waits on then, and marks the call expired (so a hand-off in the same
-        # loop turn as the deadline does not send the call late).
-        timer = loop.call_later(limit, _expire, call)
-        worker = self._dispatcher.try_reserve()
+        deadlines = self._deadlines
+        assert deadlines is not None
+        waiter = call.waiter = asyncio.get_running_loop().create_future()
+        # One deadline for queueing and running: it marks the call expired (a
+        # hand-off in the deadline's own loop turn then does not send it late).
+        bucket = deadlines.add(call, limit)
         queued = None
         try:
-            while worker is None:  # no free slot: wait in the queue
-                if queued is None:
-                    queued = self._dispatcher.enqueue()
-                if queued.worker is None and queued.error is None:
-                    queued.future = call.waiter
-                    await call.waiter
-                if queued.error is not None:
-                    raise queued.error
-                if queued.worker is None:  # the deadline came first
-                    self._dispatcher.leave(queued)
-                    queued = None
-                    break
-                worker, queued.worker = queued.worker, None
-                call.waiter = loop.create_future()
-                if not worker.is_ready:  # it died between the hand-off and now
-                    # (requeue may hand over another worker at once: the loop
-                    # looks at queued.worker before it waits)
-                    self._dispatcher.requeue(queued, worker)
-                    worker = None
-                elif call.expired:  # handed over in the deadline's own loop turn
-                    self._dispatcher.release(worker)
-                    worker = None
-                    break
-            queued = None
+            worker = self._dispatcher.try_reserve()
             if worker is not None:
                 worker.submit(call, frame)
-                await call.waiter
+            else:
+                # (full: PoolOverloaded)
+                queued = self._dispatcher.enqueue_call(call, frame, deadlines.due_at(bucket))
+            await waiter
         except BaseException:
-            timer.cancel()
+            deadlines.remove(call, bucket)
             if queued is not None:
                 self._dispatcher.leave(queued)
             if call.worker is not None and not call.finished:
@@ -546,10 +524,18 @@ class Pool:
             if probe:
                 self._breaker.release_probe()
             raise
-        timer.cancel()
+        deadlines.remove(call, bucket)
+        if queued is not None and queued.error is not None:  # the pool closed meanwhile
+            if probe:
+                self._breaker.release_probe()
+            raise queued.error
+        worker = call.worker
         if not call.finished:
             error = self._timeout_error(call.command, limit, worker)
-            if worker is not None:
+            if worker is None:
+                assert queued is not None
+                self._dispatcher.leave(queued)
+            else:
                 self._abandon(worker, call)
             self._record(call.command, worker, started, error, probe=probe)
             raise error
@@ -642,16 +628,16 @@ class Pool:
             self._breaker.success(probe=probe)
         else:
             self._breaker.failure(error.category, probe=probe)
-        if worker is not None:
+        if worker is not None and (error is not None or self.config.max_memory_mb is not None):
             self._after_call(worker, error)
         if error is None:
             self._completed += 1
-            if self._listeners:
+            if self._listeners.active:
                 duration = time.perf_counter() - started
                 self._listeners.emit("call.completed", slot, command=command, duration=duration)
         else:
             self._failed[error.category.value] += 1
-            if self._listeners:
+            if self._listeners.active:
                 self._listeners.emit(
                     "call.failed", slot, command=command, category=error.category.value,
                     error=type(error).__name__, message=str(error).split("\n", 1)[0],

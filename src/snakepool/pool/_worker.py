@@ -164,6 +164,13 @@ class WorkerHandle:
         return len(self.pending) + self.reserved
 
     @property
+    def load_if_ready(self) -> int:
+        """``load`` of a worker that takes calls, -1 for one that does not."""
+        if self.state in _READY_STATES:
+            return len(self.pending) + self.reserved
+        return -1
+
+    @property
     def has_capacity(self) -> bool:
         return self.state in _READY_STATES and len(self.pending) + self.reserved < self.concurrency
 
@@ -370,8 +377,10 @@ class WorkerHandle:
                 if len(unsent) == 1:
                     asyncio.get_running_loop().call_soon(self._flush)
             elif not direct.is_closing():
-                with contextlib.suppress(RuntimeError, ConnectionError):
+                try:  # noqa: SIM105 (not contextlib.suppress: this runs once per call)
                     direct.write(frame)
+                except (RuntimeError, ConnectionError):  # the worker is gone: its reaper reports
+                    pass
             return
         with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
             self._outbox_in.send_nowait(frame)
@@ -576,6 +585,11 @@ class WorkerHandle:
             conn.receive_data(data)
             while True:
                 event = conn.next_event()
+                if type(event) is p.Result:  # the usual message, handled inline
+                    call = self._take(event.id)
+                    if call is not None:
+                        call.resolve(event.value)
+                    continue
                 if event is p.NEED_DATA:
                     return False
                 if event is p.CLOSED:
@@ -761,6 +775,7 @@ def format_exit(info: ExitInfo | None) -> dict[str, Any]:
 #: a 1 MiB frame then crosses in one write instead of sixteen hand-offs.
 _PIPE_BYTES = 1 << 20
 _SMALL_READ = 256 * 1024  # asyncio's own read size
+_LARGE_FRAME_HINT = 64 * 1024  # a read this big may be part of a large frame
 
 
 def _enlarge_pipe(fd: int) -> None:
@@ -791,6 +806,7 @@ class _StdoutReader(asyncio.Protocol):
         self.handle = handle
         self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.transport: asyncio.BaseTransport | None = None
+        self._large_reads = False  # max_size was raised for a large frame
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -801,11 +817,17 @@ class _StdoutReader(asyncio.Protocol):
         if self.handle.feed_stdout(data):
             self._end()
             return
-        # asyncio reads up to max_size bytes (a fresh bytes object each time):
-        # large while a large frame is arriving, small otherwise, since a
-        # 1 MiB allocation per read costs more than a small call.
-        missing = self.handle.missing_bytes
-        size = min(max(missing, _SMALL_READ), _PIPE_BYTES)
+        if self._large_reads or len(data) >= _LARGE_FRAME_HINT:
+            self._adapt_read_size()
+
+    def _adapt_read_size(self) -> None:
+        """asyncio reads up to max_size bytes (a fresh bytes object each time):
+        large while a large frame is arriving, small otherwise, since a 1 MiB
+        allocation per read costs more than a small call. (Checked only after
+        a large read, or while reads are large: small replies skip it.)
+        """
+        size = min(max(self.handle.missing_bytes, _SMALL_READ), _PIPE_BYTES)
+        self._large_reads = size > _SMALL_READ
         if getattr(self.transport, "max_size", size) != size:
             self.transport.max_size = size  # type: ignore[union-attr]
 

@@ -9,6 +9,7 @@ body is buffered.
 
 from __future__ import annotations
 
+import collections
 import enum
 from typing import Any, Final
 
@@ -29,6 +30,7 @@ __all__ = [
 HEADER_BYTES: Final = 4
 DEFAULT_MAX_FRAME_BYTES: Final = 64 * 2**20
 _MAX_HEADER_VALUE: Final = 2**32 - 1
+_unpackb = msgpack.unpackb
 
 
 class Sentinel(enum.Enum):
@@ -69,11 +71,15 @@ class FrameEncoder:
         Raises ``TypeError`` naming the type that MessagePack cannot encode and
         :class:`ProtocolError` when the frame would exceed ``max_frame_bytes``.
         """
-        header, body = self.encode_parts(payload)
-        return header + body
+        body = self._pack(payload)
+        return len(body).to_bytes(HEADER_BYTES, "big") + body
 
     def encode_parts(self, payload: dict[str, Any]) -> tuple[bytes, bytes]:
         """``encode`` as (header, body), for a vectored write of a large frame."""
+        body = self._pack(payload)
+        return len(body).to_bytes(HEADER_BYTES, "big"), body
+
+    def _pack(self, payload: dict[str, Any]) -> bytes:
         try:
             body: bytes = self._packer.pack(payload)
         except TypeError as exc:
@@ -85,7 +91,7 @@ class FrameEncoder:
                 f"frame of {_human(len(body))} exceeds max_frame_bytes="
                 f"{_human(self.max_frame_bytes)}"
             )
-        return len(body).to_bytes(HEADER_BYTES, "big"), body
+        return body
 
 
 class FrameDecoder:
@@ -101,6 +107,7 @@ class FrameDecoder:
         self.max_frame_bytes = max_frame_bytes
         self._buffer = bytearray()
         self._body_length: int | None = None  # known once a header was read
+        self._ready: collections.deque[dict[str, Any]] = collections.deque()
         self._eof = False
         self._error: ProtocolError | None = None
 
@@ -108,6 +115,7 @@ class FrameDecoder:
         """This decoder's state (buffered bytes included) under another limit."""
         fresh = FrameDecoder(max_frame_bytes)
         fresh._buffer, fresh._body_length = self._buffer, self._body_length
+        fresh._ready = self._ready
         fresh._eof, fresh._error = self._eof, self._error
         return fresh
 
@@ -132,14 +140,51 @@ class FrameDecoder:
         if self._eof:
             self._fail("data received after end of stream")
             return
-        self._buffer += data
-        if self._body_length is None:
+        start = 0
+        if self._body_length is None and not self._buffer:  # usual: whole frames in ``data``
+            start = self._split_whole_frames(data)
+            if start == len(data):
+                return
+        self._buffer += data[start:] if start else data
+        if self._body_length is None and not self._ready:  # (else next_frame reads it)
             self._read_header()
+
+    def _split_whole_frames(self, data: bytes | bytearray | memoryview) -> int:
+        """Decode the complete, valid frames at the start of ``data`` into the ready queue.
+
+        Returns how many bytes were used. Anything else (a partial frame, a
+        bad header, an undecodable body) is left for the buffered path, which
+        reports it once the frames before it have been handed out.
+        """
+        end = len(data)
+        limit = self.max_frame_bytes
+        ready = self._ready
+        position = 0
+        with memoryview(data) as view:
+            while end - position > HEADER_BYTES:
+                body_start = position + HEADER_BYTES
+                length = int.from_bytes(view[position:body_start], "big")
+                body_end = body_start + length
+                if not 0 < length <= limit or body_end > end:
+                    break
+                try:
+                    payload = _unpackb(view[body_start:body_end], raw=False, strict_map_key=False)
+                except Exception:
+                    break
+                if type(payload) is not dict:
+                    break
+                ready.append(payload)
+                position = body_end
+        return position
 
     def next_frame(self) -> dict[str, Any] | Sentinel:
         """Return the next decoded map, ``NEED_DATA`` or ``CLOSED``."""
+        if self._ready:  # (decoded before any error that follows them)
+            return self._ready.popleft()
         if self._error is not None:
             raise self._error
+        if not self._buffer and not self._eof:  # the usual end of a read
+            return NEED_DATA
         if self._body_length is None and not self._read_header():
             return self._at_incomplete(needed=HEADER_BYTES)
         length = self._body_length
@@ -186,7 +231,7 @@ class FrameDecoder:
     def _decode_body(self, length: int) -> dict[str, Any]:
         try:
             with memoryview(self._buffer) as whole, whole[:length] as body:
-                payload = msgpack.unpackb(body, raw=False, strict_map_key=False)
+                payload = _unpackb(body, raw=False, strict_map_key=False)
         except Exception as exc:
             self._fail(f"undecodable MessagePack frame ({type(exc).__name__}: {exc})")
             raise self._error from None  # type: ignore[misc]
@@ -198,3 +243,4 @@ class FrameDecoder:
     def _fail(self, message: str) -> None:
         self._error = ProtocolError(message)
         self._buffer = bytearray()
+        self._ready.clear()
