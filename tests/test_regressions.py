@@ -226,6 +226,40 @@ async def test_a_deadline_due_in_the_hand_off_turn_still_times_out_unsent() -> N
         assert pool.statistics().workers[0].inflight == 0
 
 
+async def test_queued_calls_are_sent_by_the_hand_off_and_leave_no_deadline_behind() -> None:
+    # Calls queued behind a busy worker are sent when a slot frees (their
+    # callers wake once, for the answer). Whatever way a call ends (result,
+    # timeout while queued, timeout while running, the caller cancelled),
+    # its deadline entry goes with it: the per-pool buckets must not grow.
+    async with snakepool.Pool(ADAPTER, size=1) as pool:
+        results: list[int] = []
+
+        async def add(i: int) -> None:
+            results.append(await pool.call("add", {"a": i, "b": 1}, timeout=10))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.call, "nap", {"seconds": 0.2})
+            await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
+            for i in range(20):
+                tg.start_soon(add, i)
+            await wait_until(lambda: pool.statistics().queued == 20)
+        assert sorted(results) == list(range(1, 21))
+        with pytest.raises(snakepool.CallTimeout, match="did not finish"):
+            await pool.call("nap", {"seconds": 1}, timeout=0.05)
+        await wait_until(lambda: pool.statistics().workers[0].inflight == 0)  # it stopped
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.call, "nap", {"seconds": 0.3})
+            await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
+            with pytest.raises(snakepool.CallTimeout, match="never sent"):
+                await pool.call("add", {"a": 1, "b": 1}, timeout=0.05)
+            with anyio.move_on_after(0.05):
+                await pool.call("add", {"a": 1, "b": 1}, timeout=10)
+        assert await pool.call("add", {"a": 2, "b": 2}, timeout=10) == 4
+        if pool._deadlines is not None:  # (asyncio only)
+            assert len(pool._deadlines) == 0
+        assert pool.statistics().queued == 0
+
+
 async def test_a_hand_off_to_a_retiring_worker_moves_on_at_once() -> None:
     # A queued call is handed a worker that retires before the call resumes;
     # it must take the other free worker at once, not wait for its timeout.
