@@ -85,6 +85,9 @@ _RESTART_BACKOFF = tenacity.wait_exponential(multiplier=0.1, max=30.0) + tenacit
 )
 
 
+_NUMBER = (int, float)
+
+
 def _expire(call: PendingCall) -> None:
     """A fast-path call's timer: wake the caller, who finds its call unfinished."""
     call.expired = True
@@ -585,7 +588,7 @@ class Pool:
                     f"args of {command!r} must have str keys (they are keyword arguments)"
                 )
         if timeout is not None and (
-            not isinstance(timeout, int | float) or isinstance(timeout, bool) or not timeout > 0
+            not isinstance(timeout, _NUMBER) or isinstance(timeout, bool) or not timeout > 0
         ):
             raise ValueError(f"timeout must be a number > 0 or None, got {timeout!r}")
         if session is not None and not isinstance(session, str):

@@ -31,6 +31,8 @@ HEADER_BYTES: Final = 4
 DEFAULT_MAX_FRAME_BYTES: Final = 64 * 2**20
 _MAX_HEADER_VALUE: Final = 2**32 - 1
 _unpackb = msgpack.unpackb
+#: Reads up to this size are split with plain slices (a copy is cheaper than a view).
+_COPY_SLICES_UP_TO: Final = 4096
 
 
 class Sentinel(enum.Enum):
@@ -157,24 +159,29 @@ class FrameDecoder:
         reports it once the frames before it have been handed out.
         """
         end = len(data)
+        if end > _COPY_SLICES_UP_TO:  # large: slices of a view, not copies
+            with memoryview(data) as view:
+                return self._split(view, end)
+        return self._split(data, end)
+
+    def _split(self, data: bytes | bytearray | memoryview, end: int) -> int:
         limit = self.max_frame_bytes
         ready = self._ready
         position = 0
-        with memoryview(data) as view:
-            while end - position > HEADER_BYTES:
-                body_start = position + HEADER_BYTES
-                length = int.from_bytes(view[position:body_start], "big")
-                body_end = body_start + length
-                if not 0 < length <= limit or body_end > end:
-                    break
-                try:
-                    payload = _unpackb(view[body_start:body_end], raw=False, strict_map_key=False)
-                except Exception:
-                    break
-                if type(payload) is not dict:
-                    break
-                ready.append(payload)
-                position = body_end
+        while end - position > HEADER_BYTES:
+            body_start = position + HEADER_BYTES
+            length = int.from_bytes(data[position:body_start], "big")
+            body_end = body_start + length
+            if not 0 < length <= limit or body_end > end:
+                break
+            try:
+                payload = _unpackb(data[body_start:body_end], raw=False, strict_map_key=False)
+            except Exception:
+                break
+            if type(payload) is not dict:
+                break
+            ready.append(payload)
+            position = body_end
         return position
 
     def next_frame(self) -> dict[str, Any] | Sentinel:
