@@ -123,6 +123,8 @@ class Dispatcher:
     ) -> WorkerHandle | None:
         """Reserve a slot now if one is free and no earlier caller could use it."""
         waiters = self._waiters
+        if waiters and want is None and any(waiter.want is None for waiter in waiters):
+            return None  # a queued caller takes any worker, so it comes first (FIFO)
 
         def claimed(worker: WorkerHandle) -> bool:  # a queued caller comes first
             return any(waiter.can_use(worker) for waiter in waiters)
@@ -220,7 +222,8 @@ class Dispatcher:
         waiters = self._waiters
         now = None
         while waiters and worker.has_capacity:
-            if waiters[0].can_use(worker):  # the usual case: the first in line
+            first = waiters[0]
+            if first.want is None or first.want is worker:  # the usual case: the first in line
                 waiter = waiters.popleft()
             else:
                 found = next((w for w in waiters if w.can_use(worker)), None)
