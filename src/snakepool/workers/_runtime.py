@@ -152,24 +152,60 @@ class _FrameWriter:
         self._closed = False
 
     def write(self, *parts: bytes) -> None:
-        """One frame, from its parts (header, body), with ``writev``: no joined copy."""
+        """One frame, from its parts (header, body).
+
+        A small frame is joined and written with one ``os.write`` (cheaper than
+        building a ``writev`` vector); a large one goes out with ``writev``, so
+        its body is never copied.
+        """
+        if len(parts) == 1:
+            data = parts[0]
+        elif len(parts[-1]) <= _JOIN_BELOW:
+            data = b"".join(parts)
+        else:
+            self._write_vector(parts)
+            return
         with self._lock:
             if self._closed:
                 return
-            views = [memoryview(part) for part in parts]
             try:
-                while views:
-                    written = os.writev(self._fd, views)
-                    while views and written >= len(views[0]):
-                        written -= len(views.pop(0))
-                    if views and written:
-                        views[0] = views[0][written:]
+                written = os.write(self._fd, data)
+                if written < len(data):  # (a signal interrupted a large write)
+                    self._write_rest([memoryview(data)[written:]])
             except OSError:  # EPIPE: the host is gone; we exit on stdin EOF
                 self._closed = True
+
+    def _write_vector(self, parts: tuple[bytes, ...]) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                written = os.writev(self._fd, parts)
+                if written < sum(map(len, parts)):
+                    views = [memoryview(part) for part in parts]
+                    while written >= len(views[0]):
+                        written -= len(views.pop(0))
+                    views[0] = views[0][written:]
+                    self._write_rest(views)
+            except OSError:
+                self._closed = True
+
+    def _write_rest(self, views: list[memoryview]) -> None:
+        """Finish a partial write (the lock is held)."""
+        while views:
+            written = os.writev(self._fd, views)
+            while views and written >= len(views[0]):
+                written -= len(views.pop(0))
+            if views and written:
+                views[0] = views[0][written:]
 
     def is_closing(self) -> bool:
         return self._closed
 
+
+#: A frame whose body is at most this long is joined and written with one
+#: ``os.write``: copying a few KiB costs less than a ``writev`` vector.
+_JOIN_BELOW = 4096
 
 #: One read takes up to this much (what the host makes the pipe hold), into
 #: a buffer allocated once: a fresh 1 MiB bytes object per read would cost
@@ -180,7 +216,6 @@ _HELP_AFTER = 0.002
 #: The watchdog keeps watching this long after the last call started.
 _WATCH_FOR = 1.0
 
-Job = functools.partial[None]  # a sync handler's body, bound to its call
 _READ, _RUN, _EXIT = "read", "run", "exit"
 
 
@@ -210,7 +245,7 @@ class _Threads:
         self._lock = threading.Lock()
         self._sleepers = threading.Condition(self._lock)
         self._watch = threading.Condition(self._lock)
-        self._jobs: collections.deque[tuple[Job, float]] = collections.deque()
+        self._jobs: collections.deque[tuple[_Running, float]] = collections.deque()
         self._running = 0
         self._leader_taken = False
         self._leader_busy_since: float | None = None  # the leader is inside a call
@@ -227,12 +262,12 @@ class _Threads:
         with self._lock:
             self._spawn_locked()
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: _Running) -> None:
         """Queue a sync handler (the leader does, while it dispatches)."""
         with self._lock:
             self._jobs.append((job, time.monotonic()))
 
-    def drain(self) -> list[Job]:
+    def drain(self) -> list[_Running]:
         """Stop reading and take the calls that never started (shutdown)."""
         with self._lock:
             self._stop_locked()
@@ -259,37 +294,65 @@ class _Threads:
             flush_and_exit(EXIT_INTERNAL_ERROR)
 
     def _serve(self) -> None:
-        role: int | None = None  # the reader role's number while this thread holds it
         while True:
             with self._lock:
-                action, job, role = self._next_locked(role)
+                action, job, role = self._next_locked()
             if action is _EXIT:
                 return
             if action is _READ:
-                if not self._read_and_dispatch():
+                assert role is not None
+                if not self._lead(role):
                     return
-                continue
+                continue  # the watchdog took reading over: follow
             assert job is not None
             try:
                 job()
             finally:
                 with self._lock:
                     self._running -= 1
-                    if role is not None:
-                        if role == self._role:
-                            self._leader_busy_since = None
-                        else:
-                            role = None  # the watchdog took over reading meanwhile
 
-    def _next_locked(self, role: int | None) -> tuple[str, Job | None, int | None]:
-        """What this thread does next: read, run a call, or exit."""
+    def _lead(self, role: int) -> bool:
+        """Read, dispatch, run what was read; false once reading ended.
+
+        Returns true when the watchdog took the reader role (number ``role``)
+        over while this thread was inside a call. The hot path of the worker:
+        one lock round trip after each read and one after each call.
+        """
+        buffer, fd, jobs, lock = self._read_buffer, self.fd, self._jobs, self._lock
+        receive = self.worker.receive
+        while True:
+            try:
+                count = os.readv(fd, [buffer])
+            except OSError:
+                count = 0
+            with memoryview(buffer) as view, view[:count] as data:
+                receive(data)  # (the decoder copies what it keeps)
+            lock.acquire()
+            try:
+                if not count:
+                    self._stop_locked()
+                # Run the calls read, one after another, keeping the role.
+                while self._reading and jobs and self._running < self.limit:
+                    self._leader_busy_since = now = time.monotonic()
+                    job = self._take_locked(now)
+                    lock.release()
+                    try:
+                        job()
+                    finally:
+                        lock.acquire()
+                        self._running -= 1
+                    if role != self._role:
+                        return True  # (the watchdog cleared _leader_busy_since)
+                    self._leader_busy_since = None
+                if not self._reading:
+                    return False
+            finally:
+                lock.release()
+
+    def _next_locked(self) -> tuple[str, _Running | None, int | None]:
+        """What a thread without the reader role does next: read, run a call, or exit."""
         while self._reading:
             now = time.monotonic()
-            if role is not None:  # the leader runs what it read, then reads on
-                if self._jobs and self._running < self.limit:
-                    self._leader_busy_since = now
-                    return _RUN, self._take_locked(now), role
-                return _READ, None, role
             if not self._leader_taken:
                 self._leader_taken = True
                 return _READ, None, self._role
@@ -305,7 +368,7 @@ class _Threads:
             self._sleepers.wait()  # whoever wakes us decremented _asleep
         return _EXIT, None, None
 
-    def _watch_locked(self) -> tuple[str, Job | None, int | None] | None:
+    def _watch_locked(self) -> tuple[str, _Running | None, int | None] | None:
         """The watchdog's timed loop; returns what to do, or None to sleep."""
         while self._reading:
             now = time.monotonic()
@@ -332,7 +395,7 @@ class _Threads:
             self._watch.wait(_HELP_AFTER)
         return _EXIT, None, None
 
-    def _take_locked(self, now: float) -> Job:
+    def _take_locked(self, now: float) -> _Running:
         job, _ = self._jobs.popleft()
         self._running += 1
         self._last_call = now
@@ -367,33 +430,57 @@ class _Threads:
         )
         thread.start()
 
-    def _read_and_dispatch(self) -> bool:
-        """One read, every message in it dispatched; false once reading ended."""
-        buffer = self._read_buffer
-        try:
-            count = os.readv(self.fd, [buffer])
-        except OSError:
-            count = 0
-        with memoryview(buffer) as view, view[:count] as data:
-            self.worker.receive(data)  # (the decoder copies what it keeps)
-        with self._lock:
-            if not count:
-                self._stop_locked()
-            return self._reading
-
 
 class _Running:
-    """A call in progress: its context, what to cancel, and its stream credit."""
+    """A call in progress: what runs it, what to cancel, and its stream credit.
 
-    __slots__ = ("async_credit", "ctx", "done", "task", "thread_credit")
+    A sync call is queued on the threads as its ``_Running`` (calling it runs
+    ``body``). ``ctx`` is made only when the handler takes one or the call
+    belongs to a session: a plain call has nobody to hand it to.
+    """
 
-    def __init__(self, ctx: CallContext, *, stream: bool, in_thread: bool) -> None:
+    __slots__ = (
+        "_cancelled",
+        "args",
+        "async_credit",
+        "body",
+        "call",
+        "ctx",
+        "handler",
+        "task",
+        "thread_credit",
+    )
+
+    def __init__(
+        self,
+        call: p.Call,
+        handler: Callable[..., Any],
+        args: dict[str, Any],
+        ctx: CallContext | None,
+        body: Callable[[_Running], None],
+    ) -> None:
+        self.call = call
+        self.handler = handler
+        self.args = args  # the handler's keyword arguments
         self.ctx = ctx
+        self.body = body
         self.task: asyncio.Task[Any] | None = None
-        self.done = False
-        # A stream may run STREAM_WINDOW items ahead of what the host consumed.
-        self.thread_credit = threading.Semaphore(p.STREAM_WINDOW) if stream and in_thread else None
-        self.async_credit = asyncio.Semaphore(p.STREAM_WINDOW) if stream and not in_thread else None
+        self._cancelled = False
+        self.thread_credit: threading.Semaphore | None = None
+        self.async_credit: asyncio.Semaphore | None = None
+
+    def __call__(self) -> None:
+        self.body(self)
+
+    @property
+    def cancelled(self) -> bool:
+        ctx = self.ctx
+        return ctx.cancelled if ctx is not None else self._cancelled
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        if self.ctx is not None:
+            self.ctx.cancel()
 
     def grant(self, n: int) -> None:
         if self.thread_credit is not None:
@@ -445,15 +532,19 @@ class Worker:
             return
         try:
             self.conn.receive_data(data)
+            next_event = self.conn.next_event
             while True:
-                event = self.conn.next_event()
-                if event is p.NEED_DATA:
+                event = next_event()
+                if type(event) is p.Call:  # most messages: no on_message hop
+                    self.start_call(event)
+                elif event is p.NEED_DATA:
                     return
-                if event is p.CLOSED:
+                elif event is p.CLOSED:
                     self._begin_shutdown(EXIT_OK, "stdin closed")
                     return
-                assert isinstance(event, p.Message)
-                self.on_message(event)
+                else:
+                    assert isinstance(event, p.Message)
+                    self.on_message(event)
         except ProtocolError as exc:
             print(f"snakepool worker: protocol error from host: {exc}", file=sys.stderr)
             self._begin_shutdown(EXIT_PROTOCOL_ERROR, f"protocol error: {exc}")
@@ -491,13 +582,18 @@ class Worker:
 
         ``TypeError``/``ProtocolError`` (unencodable, too large): nothing is written.
         """
+        self._send_wire(p.to_wire(message))
+
+    def _send_wire(self, wire: dict[str, Any]) -> None:
+        """``send`` of a message's map (a hot path builds the map itself)."""
         writer = self.writer
         if writer is None or writer.is_closing():
             return
         encoder: p.FrameEncoder | None = getattr(self._encoders, "encoder", None)
         if encoder is None or encoder.max_frame_bytes != self._max_frame_bytes:
             encoder = self._encoders.encoder = p.FrameEncoder(self._max_frame_bytes)
-        writer.write(*encoder.encode_parts(p.to_wire(message)))
+        header, body = encoder.encode_parts(wire)
+        writer.write(header, body)
 
     # --- start-up --------------------------------------------------------------
 
@@ -560,10 +656,11 @@ class Worker:
                 f"unknown command {call.command!r}; this adapter has: {known}",
             )
             return
-        problem = _mode_problem(spec, call.mode)
-        if problem:
-            self._fail(call.id, p.FailureKind.WRONG_MODE, "TypeError", problem)
-            return
+        if call.mode != _CALL or spec.is_stream:  # (a plain call of a plain command fits)
+            problem = _mode_problem(spec, call.mode)
+            if problem:
+                self._fail(call.id, p.FailureKind.WRONG_MODE, "TypeError", problem)
+                return
         kwargs = spec.keyword_arguments(call.args)
         if kwargs is None:  # not the plain case: let inspect bind (and explain)
             try:
@@ -577,13 +674,41 @@ class Worker:
                 )
                 return
             kwargs = _keyword_arguments(spec, bound)
+        ctx = None
+        if spec.wants_context or call.session_id is not None:
+            ctx = self._context(call)
+            if spec.wants_context:
+                kwargs["ctx"] = ctx
+        handler = getattr(self.adapter, spec.attribute)
+        if not spec.is_async:
+            assert self.threads is not None
+            if spec.is_stream:
+                running = _Running(call, handler, kwargs, ctx, self._sync_stream_body)
+                # A stream may run STREAM_WINDOW items ahead of what the host consumed.
+                running.thread_credit = threading.Semaphore(p.STREAM_WINDOW)
+            else:  # the common case: a plain sync call
+                running = _Running(call, handler, kwargs, ctx, self._sync_call_body)
+            self.running[call.id] = running
+            self.threads.submit(running)
+            return
+        if spec.is_stream:
+            running = _Running(call, handler, kwargs, ctx, _never_called)
+            running.async_credit = asyncio.Semaphore(p.STREAM_WINDOW)
+            body = self._run_async_stream(running)
+        else:
+            running = _Running(call, handler, kwargs, ctx, _never_called)
+            body = self._run_async(running)
+        self.running[call.id] = running
+        self._call_soon(self._start_task, body, running)
+
+    def _context(self, call: p.Call) -> CallContext:
         assert self.init is not None
         session = None
         if call.session_id is not None:
             session = self.sessions.get(call.session_id)
             if session is None:  # (the host syncs first; this is only a safety net)
                 session = self.sessions[call.session_id] = _WorkerSession()
-        ctx = CallContext(
+        return CallContext(
             call_id=call.id,
             command=call.command,
             worker_id=self.init.worker_id,
@@ -594,31 +719,19 @@ class Worker:
             variables=SessionVariables(session.variables) if session is not None else None,
             bridge=self,
         )
-        if spec.wants_context:
-            kwargs["ctx"] = ctx
-        handler = getattr(self.adapter, spec.attribute)
-        running = _Running(ctx, stream=spec.is_stream, in_thread=not spec.is_async)
-        self.running[call.id] = running
-        if spec.is_async:
-            body = self._run_async_stream if spec.is_stream else self._run_async
-            self._call_soon(self._start_task, call, body(call, handler, kwargs, running), running)
-        else:
-            assert self.threads is not None
-            target = self._sync_stream_body if spec.is_stream else self._sync_call_body
-            self.threads.submit(functools.partial(target, call, handler, kwargs, running))
 
-    def _start_task(self, call: p.Call, body: Coroutine[Any, Any, None], running: _Running) -> None:
+    def _start_task(self, body: Coroutine[Any, Any, None], running: _Running) -> None:
         running.task = self.loop.create_task(body)
         # A task cancelled before its first step never runs its body: answer for it.
-        running.task.add_done_callback(functools.partial(self._task_done, call))
-        if running.ctx.cancelled:  # the cancel arrived before the task existed
+        running.task.add_done_callback(functools.partial(self._task_done, running.call))
+        if running.cancelled:  # the cancel arrived before the task existed
             running.task.cancel()
 
     def cancel_call(self, call_id: int) -> None:
         running = self.running.get(call_id)
         if running is None:
             return  # already answered
-        running.ctx.cancel()
+        running.cancel()
         self._call_soon(self._cancel_task, running)
 
     @staticmethod
@@ -628,34 +741,29 @@ class Worker:
 
     # sync handlers run on the leader/follower threads and write their own outcome.
 
-    def _sync_call_body(
-        self, call: p.Call, handler: Callable[..., Any], kwargs: dict[str, Any], running: _Running
-    ) -> None:
+    def _sync_call_body(self, running: _Running) -> None:
+        call = running.call
         try:
-            self._restore_if_needed(running.ctx)
-            value = handler(**kwargs)
+            if running.ctx is not None:
+                self._restore_if_needed(running.ctx)
+            value = running.handler(**running.args)
         except BaseException as exc:
             self._finish_error(call, exc, traceback.format_exc())
         else:
             self._finish_value(call, value)  # written from this thread
 
-    def _sync_stream_body(
-        self,
-        call: p.Call,
-        handler: Callable[..., Generator[Any, None, None]],
-        kwargs: dict[str, Any],
-        running: _Running,
-    ) -> None:
-        ctx, credit = running.ctx, running.thread_credit
+    def _sync_stream_body(self, running: _Running) -> None:
+        call, credit = running.call, running.thread_credit
         assert credit is not None
         try:
-            self._restore_if_needed(ctx)
-            generator = handler(**kwargs)
+            if running.ctx is not None:
+                self._restore_if_needed(running.ctx)
+            generator: Generator[Any, None, None] = running.handler(**running.args)
             try:
                 for item in generator:
-                    while not credit.acquire(timeout=0.05) and not ctx.cancelled:
+                    while not credit.acquire(timeout=0.05) and not running.cancelled:
                         pass  # the host has not consumed enough yet
-                    if ctx.cancelled:
+                    if running.cancelled:
                         break
                     # Written before the next item is made: items a crash would
                     # lose never pile up unsent, and a slow host slows the
@@ -760,32 +868,27 @@ class Worker:
         if call.id in self.running:
             self._finish_error(call, asyncio.CancelledError(), "")
 
-    async def _run_async(
-        self, call: p.Call, handler: Callable[..., Any], kwargs: dict[str, Any], running: _Running
-    ) -> None:
+    async def _run_async(self, running: _Running) -> None:
+        call = running.call
         try:
-            self._restore_if_needed(running.ctx)
-            value = await handler(**kwargs)
+            if running.ctx is not None:
+                self._restore_if_needed(running.ctx)
+            value = await running.handler(**running.args)
         except BaseException as exc:
             self._finish_error(call, exc, traceback.format_exc())
         else:
             self._finish_value(call, value)
 
-    async def _run_async_stream(
-        self,
-        call: p.Call,
-        handler: Callable[..., AsyncIterator[Any]],
-        kwargs: dict[str, Any],
-        running: _Running,
-    ) -> None:
-        credit = running.async_credit
+    async def _run_async_stream(self, running: _Running) -> None:
+        call, credit = running.call, running.async_credit
         assert credit is not None
         try:
-            self._restore_if_needed(running.ctx)
+            if running.ctx is not None:
+                self._restore_if_needed(running.ctx)
         except BaseException as exc:
             self._finish_error(call, exc, traceback.format_exc())
             return
-        generator = handler(**kwargs)
+        generator: AsyncIterator[Any] = running.handler(**running.args)
         try:
             async for item in generator:
                 await credit.acquire()
@@ -803,10 +906,12 @@ class Worker:
     # outcomes (loop thread) --------------------------------------------------
 
     def _finish_value(self, call: p.Call, value: Any) -> None:
-        if self._take(call.id) is None:
-            return
+        if self.running.pop(call.id, None) is None:
+            return  # already answered (cancelled at shutdown)
         try:
-            self.send(p.Result(id=call.id, value=value))
+            # = p.to_wire(p.Result(id=call.id, value=value)), without making
+            # the message object (tests/test_worker_fast_path.py pins the bytes).
+            self._send_wire({"t": _RESULT_TAG, "i": call.id, "r": value})
         except (TypeError, ProtocolError) as exc:
             self._send_unencodable(call, "result", value, exc)
 
@@ -818,7 +923,7 @@ class Worker:
         except (TypeError, ProtocolError) as exc:
             running = self._take(call.id)
             if running is not None:
-                running.ctx.cancel()
+                running.cancel()
             self._send_unencodable(call, "stream item", item, exc)
 
     def _finish_stream(self, call: p.Call) -> None:
@@ -830,7 +935,7 @@ class Worker:
         if running is None:
             return
         if isinstance(exc, asyncio.CancelledError) or (
-            running.ctx.cancelled and isinstance(exc, GeneratorExit)
+            running.cancelled and isinstance(exc, GeneratorExit)
         ):
             self._fail(
                 call.id,
@@ -879,10 +984,7 @@ class Worker:
             self.send(p.Failure(id=call_id, kind=kind, type=type_name, message=short))
 
     def _take(self, call_id: int) -> _Running | None:
-        running = self.running.pop(call_id, None)
-        if running is not None:
-            running.done = True
-        return running
+        return self.running.pop(call_id, None)
 
     # --- shutdown --------------------------------------------------------------
 
@@ -892,8 +994,7 @@ class Worker:
         self._closing = True
         if self.threads is not None:
             for job in self.threads.drain():  # queued, never started
-                call = job.args[0]
-                self._finish_error(call, asyncio.CancelledError(), "")
+                self._finish_error(job.call, asyncio.CancelledError(), "")
         self._call_soon(self._start_shutdown, code, reason, teardown)
 
     def _start_shutdown(self, code: int, reason: str, teardown: bool) -> None:
@@ -901,7 +1002,7 @@ class Worker:
 
     async def _shutdown(self, code: int, reason: str, teardown: bool) -> None:
         for running in list(self.running.values()):
-            running.ctx.cancel()
+            running.cancel()
             if running.task is not None:
                 running.task.cancel()
         if teardown and self.adapter is not None:
@@ -917,6 +1018,13 @@ class Worker:
 
 
 _SHORT_MESSAGE = 500  # characters of a failure message that did not fit in a frame
+_CALL = p.CallMode.CALL
+_RESULT_TAG = p.Result.TAG
+
+
+def _never_called(running: _Running) -> None:
+    """The ``body`` of an async call, which runs as a task, never on the threads."""
+    raise AssertionError(f"async call {running.call.id} queued on the worker threads")
 
 
 def _describe(exc: BaseException) -> str:
