@@ -247,7 +247,6 @@ class _Threads:
         self.limit = 1  # sync handlers running at once (Init sets concurrency)
         self._lock = threading.Lock()
         self._sleepers = threading.Condition(self._lock)
-        self._watch = threading.Condition(self._lock)
         self._jobs: collections.deque[tuple[_Running, float]] = collections.deque()
         self._running = 0
         self._leader_taken = False
@@ -280,8 +279,7 @@ class _Threads:
 
     def _stop_locked(self) -> None:
         self._reading = False
-        self._sleepers.notify_all()
-        self._watch.notify_all()
+        self._sleepers.notify_all()  # (the watchdog notices within _HELP_AFTER)
 
     # --- the threads ---------------------------------------------------------
 
@@ -398,7 +396,14 @@ class _Threads:
             if stuck is None and not self._jobs and now - self._last_call >= _WATCH_FOR:
                 self._watchdog = "none"  # quiet: the next call wakes a watchdog
                 return None
-            self._watch.wait(_HELP_AFTER)
+            # A plain sleep, not a timed Condition.wait (which makes a lock and
+            # edits a waiter list each time): nobody needs to wake the watchdog
+            # early, and it wakes ~500 times a second while calls come in.
+            self._lock.release()
+            try:
+                time.sleep(_HELP_AFTER)
+            finally:
+                self._lock.acquire()
         return _EXIT, None, None
 
     def _take_locked(self, now: float) -> _Running:
