@@ -50,6 +50,7 @@ from snakepool.protocol import (
     SessionDrop,
     SessionSync,
     StartupFailed,
+    Withdraw,
     call_to_wire,
     from_wire,
     to_wire,
@@ -183,6 +184,7 @@ HOST_MESSAGES: list[Message] = [
     Call(id=4, command="add", args={}, timeout=2),
     Call(id=INT64_MAX, command="x", args={"big": 2**64 - 1, "small": INT64_MIN}),
     Cancel(id=2),
+    Withdraw(id=4),
     Ping(id=7),
     Credit(id=2, n=32),
     SessionSync(session_id="s1", version=3, variables={"t": 0.5}, restore={"k": b"v"}),
@@ -287,7 +289,7 @@ def test_to_wire_from_wire_round_trip(message: Message) -> None:
 
 def test_every_message_type_is_covered() -> None:
     covered = {type(m) for m in HOST_MESSAGES + WORKER_MESSAGES} | {StartupFailed}
-    assert covered == {Init, Call, Cancel, Hello, StartupFailed, Result}.union(
+    assert covered == {Init, Call, Cancel, Withdraw, Hello, StartupFailed, Result}.union(
         {Failure, Item, End, Log, Goodbye, Ping, Pong, Credit}
         | {SessionSync, SessionDrop, HostCall, HostReply, HostFailure}
     )
@@ -295,7 +297,7 @@ def test_every_message_type_is_covered() -> None:
 
 def test_tags_and_wire_keys_are_unique() -> None:
     classes = [
-        *(Init, Call, Cancel, Credit, Ping, Hello, StartupFailed, HostCall, HostReply),
+        *(Init, Call, Cancel, Withdraw, Credit, Ping, Hello, StartupFailed, HostCall, HostReply),
         *(HostFailure, SessionSync, SessionDrop),
         *(Result, Failure, Item, End, Log, Pong, Goodbye),
     ]
@@ -908,7 +910,7 @@ def test_framing_error_surfaces_through_connection_and_sticks() -> None:
 
 
 def test_constants() -> None:
-    assert PROTOCOL_VERSION == 1
+    assert PROTOCOL_VERSION == 2
     assert {"call", "stream", "cast"} == CallMode.ALL
     kinds = {
         FailureKind.APPLICATION,
@@ -916,6 +918,7 @@ def test_constants() -> None:
         FailureKind.BAD_ARGUMENTS,
         FailureKind.SERIALIZATION,
         FailureKind.CANCELLED,
+        FailureKind.WITHDRAWN,
         FailureKind.WRONG_MODE,
     }
     assert kinds == {
@@ -924,6 +927,7 @@ def test_constants() -> None:
         "bad_arguments",
         "serialization",
         "cancelled",
+        "withdrawn",
         "wrong_mode",
     }
 

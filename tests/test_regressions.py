@@ -19,6 +19,12 @@ pytestmark = pytest.mark.anyio
 ADAPTER = "sp_adapters:Resilience"
 
 
+def slots(pool: snakepool.Pool, slot: int = 0) -> int:
+    """Calls worker ``slot`` takes before more wait in the pool's queue."""
+    worker = pool._workers[slot]
+    return worker.concurrency + worker.ahead
+
+
 def restarts(pool: snakepool.Pool) -> int:
     return sum(w.restarts for w in pool.statistics().workers)
 
@@ -210,6 +216,9 @@ async def test_a_deadline_due_in_the_hand_off_turn_still_times_out_unsent() -> N
         async with anyio.create_task_group() as tg:
             tg.start_soon(pool.call, "nap", {"seconds": 0.2})
             await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
+            for _ in range(slots(pool) - 1):  # they wait in the worker
+                tg.start_soon(pool.call, "nap", {"seconds": 0.01})
+            await wait_until(lambda: pool.statistics().workers[0].inflight == slots(pool))
             outcome: list[BaseException] = []
 
             async def queued() -> None:
@@ -223,7 +232,7 @@ async def test_a_deadline_due_in_the_hand_off_turn_still_times_out_unsent() -> N
             time.sleep(0.5)  # noqa: ASYNC251 (blocking the loop on purpose: both become due in one turn)
             await wait_until(lambda: bool(outcome), timeout=5)
         assert "never sent" in str(outcome[0])
-        assert pool.statistics().workers[0].inflight == 0
+        await wait_until(lambda: pool.statistics().workers[0].inflight == 0)
 
 
 async def test_queued_calls_are_sent_by_the_hand_off_and_leave_no_deadline_behind() -> None:
@@ -242,7 +251,8 @@ async def test_queued_calls_are_sent_by_the_hand_off_and_leave_no_deadline_behin
             await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
             for i in range(20):
                 tg.start_soon(add, i)
-            await wait_until(lambda: pool.statistics().queued == 20)
+            # some wait in the worker (sent ahead), the others in the pool's queue
+            await wait_until(lambda: pool.statistics().queued == 20 - (slots(pool) - 1))
         assert sorted(results) == list(range(1, 21))
         with pytest.raises(snakepool.CallTimeout, match="did not finish"):
             await pool.call("nap", {"seconds": 1}, timeout=0.05)
@@ -250,6 +260,9 @@ async def test_queued_calls_are_sent_by_the_hand_off_and_leave_no_deadline_behin
         async with anyio.create_task_group() as tg:
             tg.start_soon(pool.call, "nap", {"seconds": 0.3})
             await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
+            for _ in range(slots(pool) - 1):  # they wait in the worker
+                tg.start_soon(pool.call, "nap", {"seconds": 0.01})
+            await wait_until(lambda: pool.statistics().workers[0].inflight == slots(pool))
             with pytest.raises(snakepool.CallTimeout, match="never sent"):
                 await pool.call("add", {"a": 1, "b": 1}, timeout=0.05)
             with anyio.move_on_after(0.05):
@@ -265,8 +278,11 @@ async def test_a_hand_off_to_a_retiring_worker_moves_on_at_once() -> None:
     # it must take the other free worker at once, not wait for its timeout.
     async with snakepool.Pool(ADAPTER, size=2) as pool:
         dispatcher = pool._dispatcher
-        first, second = dispatcher.try_reserve(), dispatcher.try_reserve()
-        assert first is not None and second is not None and first is not second
+        held = []  # every slot, those to wait in a worker included
+        while (worker := dispatcher.try_reserve(ahead=True)) is not None:
+            held.append(worker)
+        assert len(held) == slots(pool, 0) + slots(pool, 1)
+        first = held[0]
         async with anyio.create_task_group() as tg:
             results: list[int] = []
 
@@ -276,9 +292,10 @@ async def test_a_hand_off_to_a_retiring_worker_moves_on_at_once() -> None:
             tg.start_soon(queued)
             await wait_until(lambda: dispatcher.queued == 1)
             started = time.monotonic()
-            dispatcher.release(first)  # handed to the queued call...
-            first.retire("test")  # ...which finds it retiring when it resumes
-            dispatcher.release(second)
+            dispatcher.release(first)  # handed to (and sent with) the queued call...
+            first.retire("test")  # ...which the retiring worker still answers
+            for worker in held[1:]:
+                dispatcher.release(worker)
             await wait_until(lambda: results == [3], timeout=5)
             assert time.monotonic() - started < 2.0
         assert [w.reserved for w in pool._workers if w.is_ready] == [

@@ -24,6 +24,10 @@ class PendingCall:
     stream closed early): the answer is then dropped when it arrives.
     ``done`` is made on first use: the asyncio fast path waits on ``waiter``
     (a bare future) instead, which costs far less per call.
+
+    A fast-path call keeps its ``frame``: one that a worker never started
+    (it waited behind other calls there, then was withdrawn, or the worker
+    died) is sent again, elsewhere, instead of failing.
     """
 
     __slots__ = (
@@ -31,15 +35,19 @@ class PendingCall:
         "_items_in",
         "abandoned",
         "command",
+        "deadline",
         "error",
         "expired",
         "finished",
+        "frame",
         "id",
         "items",
         "mode",
+        "queued",
         "session_id",
         "value",
         "waiter",
+        "withdrawing",
         "worker",
     )
 
@@ -53,6 +61,10 @@ class PendingCall:
         self.worker: Any = None  # the WorkerHandle it was sent to
         self.finished = False
         self.expired = False  # the fast path's deadline passed
+        self.frame = b""  # fast path: the Call frame, to send it again if it never started
+        self.deadline = 0.0  # fast path: (event-loop time) when it expires
+        self.queued: Any = None  # fast path: its place in the pool's queue while it has one
+        self.withdrawing = False  # asked back from its worker (it may have started already)
         self._done: anyio.Event | None = None
         self.waiter: asyncio.Future[None] | None = None
         self.value: Any = None

@@ -13,6 +13,14 @@ A waiter that carries its call (the asyncio fast path: ``enqueue_call``) is
 *sent* at the hand-off, in the same event-loop turn the slot freed, without
 waking its caller first: a saturated pool's workers then never sit idle while
 a woken caller gets scheduled, and the caller wakes once, for the answer.
+
+Sending ahead (fast-path calls only): a worker runs ``concurrency`` calls and
+may hold ``ahead`` more, which it starts in arrival order as slots free, so
+a busy worker never waits a round trip for its next call. Least-loaded
+choice keeps calls on free workers first. When a worker has free slots and
+nothing is queued, calls waiting inside another worker are *withdrawn* from
+it (the worker gives back one that has not started) and sent to the free
+one: a quick call never stays stuck behind a slow one.
 """
 
 from __future__ import annotations
@@ -88,6 +96,7 @@ class Dispatcher:
         self._workers = workers
         self._check_open = check_open
         self._waiters: collections.deque[_Waiter] = collections.deque()
+        self._sent_ahead = False  # some call may be waiting inside a worker
 
     @property
     def queued(self) -> int:
@@ -99,13 +108,19 @@ class Dispatcher:
         self,
         bound_sessions: Callable[[WorkerHandle], int] | None = None,
         skip: Callable[[WorkerHandle], bool] | None = None,
+        *,
+        ahead: bool = False,
     ) -> WorkerHandle | None:
-        """The least-loaded ready worker with a free slot (fewest sessions on ties)."""
+        """The least-loaded ready worker with a free slot (fewest sessions on ties).
+
+        ``ahead``: a slot to wait in the worker counts as free too.
+        """
         best: WorkerHandle | None = None
         best_key: tuple[int, int] = (0, 0)
         for worker in self._workers:
             load = worker.load_if_ready  # (one property per worker: this runs per call)
-            if load < 0 or load >= worker.concurrency or (skip is not None and skip(worker)):
+            limit = worker.concurrency + worker.ahead if ahead else worker.concurrency
+            if load < 0 or load >= limit or (skip is not None and skip(worker)):
                 continue
             if not load and bound_sessions is None:
                 return worker  # idle: nothing beats it
@@ -120,8 +135,13 @@ class Dispatcher:
         self,
         want: WorkerHandle | None = None,
         bound_sessions: Callable[[WorkerHandle], int] | None = None,
+        *,
+        ahead: bool = False,
     ) -> WorkerHandle | None:
-        """Reserve a slot now if one is free and no earlier caller could use it."""
+        """Reserve a slot now if one is free and no earlier caller could use it.
+
+        ``ahead`` (fast-path calls): a slot to wait in a busy worker will do.
+        """
         waiters = self._waiters
         if waiters and want is None and any(waiter.want is None for waiter in waiters):
             return None  # a queued caller takes any worker, so it comes first (FIFO)
@@ -132,7 +152,16 @@ class Dispatcher:
         if want is not None:
             worker = want if want.has_capacity and not claimed(want) else None
         else:
-            worker = self.pick(bound_sessions, skip=claimed if waiters else None)
+            worker = self.pick(bound_sessions, skip=claimed if waiters else None, ahead=ahead)
+        if worker is not None:
+            if ahead and worker.load >= worker.concurrency:
+                self._sent_ahead = True
+            worker.reserved += 1
+        return worker
+
+    def try_reserve_first(self) -> WorkerHandle | None:
+        """A free slot (not one to wait in) for a call that goes before every queued one."""
+        worker = self.pick()
         if worker is not None:
             worker.reserved += 1
         return worker
@@ -158,14 +187,22 @@ class Dispatcher:
         self._waiters.append(waiter)
         return waiter
 
-    def enqueue_call(self, call: PendingCall, frame: bytes, deadline: float) -> _Waiter:
+    def enqueue_call(
+        self, call: PendingCall, frame: bytes, deadline: float, *, first: bool = False
+    ) -> _Waiter:
         """Queue ``call`` to be sent by the hand-off (the caller waits on ``call.waiter``).
 
         Once sent, ``call.worker`` is set. A call whose ``deadline`` (event-loop
         time) has passed is dropped from the queue instead, never sent, even
         if its timer has not run yet: the caller raises when it does.
+        ``first``: a call sent before, which its worker never started, goes
+        back to the head of the line (and is never refused).
         """
-        waiter = self.enqueue()
+        if first:
+            waiter = _Waiter(None)
+            self._waiters.appendleft(waiter)
+        else:
+            waiter = self.enqueue()
         waiter.call, waiter.frame, waiter.deadline = call, frame, deadline
         return waiter
 
@@ -218,20 +255,31 @@ class Dispatcher:
     # --- handing off ----------------------------------------------------------------
 
     def on_capacity(self, worker: WorkerHandle) -> None:
-        """A slot freed (or a worker became ready): hand it to the first waiter that can use it."""
+        """A slot freed (or a worker became ready): hand it to the first waiter that can use it.
+
+        Nobody waiting and a slot still free: take a call back from a worker
+        that holds calls it has not started (see ``_withdraw_for``).
+        """
         waiters = self._waiters
         now = None
-        while waiters and worker.has_capacity:
+        while waiters:
+            load = worker.load_if_ready
             first = waiters[0]
             if first.want is None or first.want is worker:  # the usual case: the first in line
-                waiter = waiters.popleft()
+                waiter = first
             else:
                 found = next((w for w in waiters if w.can_use(worker)), None)
                 if found is None:
                     return
                 waiter = found
-                waiters.remove(waiter)
             call = waiter.call
+            limit = worker.concurrency if call is None else worker.concurrency + worker.ahead
+            if load < 0 or load >= limit:
+                return
+            if waiter is first:
+                waiters.popleft()
+            else:
+                waiters.remove(waiter)
             if call is None:
                 waiter.worker = worker
                 worker.reserved += 1
@@ -241,8 +289,36 @@ class Dispatcher:
                     now = asyncio.get_running_loop().time()
                 if call.expired or now >= waiter.deadline:
                     continue  # dropped, never sent: its caller raises CallTimeout
+                if load >= worker.concurrency:
+                    self._sent_ahead = True
                 worker.reserved += 1
                 worker.submit(call, waiter.frame)
+        if self._sent_ahead:
+            self._withdraw_for(worker)
+
+    def _withdraw_for(self, worker: WorkerHandle) -> None:
+        """``worker`` has free slots and nothing is queued: ask other workers for
+        calls they hold but have not started (the newest first), one per slot."""
+        free = worker.concurrency - worker.load_if_ready
+        if free <= 0 or worker.load_if_ready < 0:
+            return
+        surplus_anywhere = False
+        for other in self._workers:
+            if other is worker or free <= 0:
+                continue
+            waiting = len(other.pending) - other.concurrency  # surely not started
+            if waiting <= 0:
+                continue
+            surplus_anywhere = True
+            for call in reversed(other.pending.values()):
+                if waiting <= 0 or free <= 0:
+                    break
+                waiting -= 1
+                if call.frame and not call.withdrawing and not call.abandoned:
+                    other.withdraw(call)
+                    free -= 1
+        if not surplus_anywhere and free > 0:
+            self._sent_ahead = False  # nothing waits in any worker now
 
     def hand_off_any(self) -> None:
         for worker in self._workers:

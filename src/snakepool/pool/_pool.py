@@ -118,6 +118,12 @@ class Pool:
     stop_grace: float = 3.0
     #: Start attempts per worker when the pool starts.
     start_attempts: int = 3
+    #: Calls a busy worker may hold beyond the ``worker_concurrency`` it runs
+    #: (at least ``worker_concurrency``): sent ahead, they start the moment a
+    #: slot frees, and one a worker has not started moves to a worker that
+    #: frees up first. 0 keeps every waiting call in the pool's queue (only
+    #: calls without a session on asyncio are ever sent ahead).
+    send_ahead: int = 4
 
     def __init__(
         self,
@@ -509,35 +515,37 @@ class Pool:
         # One deadline for queueing and running: it marks the call expired (a
         # hand-off in the deadline's own loop turn then does not send it late).
         bucket = deadlines.add(call, limit)
-        queued = None
+        call.deadline = deadlines.due_at(bucket)
+        call.frame = frame  # (sent again if a worker gives it back unstarted)
         try:
-            worker = self._dispatcher.try_reserve()
+            worker = self._dispatcher.try_reserve(ahead=True)
             if worker is not None:
                 worker.submit(call, frame)
-            else:
-                # (full: PoolOverloaded)
-                queued = self._dispatcher.enqueue_call(call, frame, deadlines.due_at(bucket))
+            else:  # (full: PoolOverloaded)
+                call.queued = self._dispatcher.enqueue_call(call, frame, call.deadline)
             await waiter
         except BaseException:
             deadlines.remove(call, bucket)
-            if queued is not None:
-                self._dispatcher.leave(queued)
+            if call.worker is None and call.queued is not None:
+                self._dispatcher.leave(call.queued)
             if call.worker is not None and not call.finished:
                 self._abandon(call.worker, call)
             if probe:
                 self._breaker.release_probe()
             raise
         deadlines.remove(call, bucket)
-        if queued is not None and queued.error is not None:  # the pool closed meanwhile
-            if probe:
-                self._breaker.release_probe()
-            raise queued.error
         worker = call.worker
         if not call.finished:
-            error = self._timeout_error(call.command, limit, worker)
+            queued = call.queued
+            if worker is None and queued is not None and queued.error is not None:
+                if probe:  # the pool closed while the call was queued
+                    self._breaker.release_probe()
+                raise queued.error
+            waited = worker is not None and worker.waits_here(call)
+            error = self._timeout_error(call.command, limit, worker, never_started=waited)
             if worker is None:
-                assert queued is not None
-                self._dispatcher.leave(queued)
+                if queued is not None:
+                    self._dispatcher.leave(queued)
             else:
                 self._abandon(worker, call)
             self._record(call.command, worker, started, error, probe=probe)
@@ -548,8 +556,18 @@ class Pool:
         return call.value
 
     def _timeout_error(
-        self, command: str, limit: float, worker: WorkerHandle | None
+        self,
+        command: str,
+        limit: float,
+        worker: WorkerHandle | None,
+        *,
+        never_started: bool = False,
     ) -> CallTimeout:
+        if worker is not None and never_started:
+            return CallTimeout(
+                f"call {command!r} waited {limit:g}s on {worker.describe()} behind longer "
+                f"calls and never started; it was cancelled"
+            )
         if worker is None:
             return CallTimeout(
                 f"call {command!r} waited {limit:g}s for a free worker in pool {self.name!r} "
@@ -739,6 +757,22 @@ class Pool:
             f"pool {self.name!r} is not started: use 'async with pool' or 'await pool.start()'"
         )
 
+    def _send_again(self, call: PendingCall) -> None:
+        """``call`` left its worker without starting (withdrawn, or the worker
+        died): send it to a free worker, or queue it first in line."""
+        call.worker = None
+        call.withdrawing = False
+        if call.finished or call.abandoned or call.expired:
+            return  # its caller has left, or leaves at its deadline
+        if self._state not in ("running", "closing") or not call.frame:
+            call.fail(PoolClosed(f"pool {self.name!r} closed before call {call.command!r} ran"))
+            return
+        worker = self._dispatcher.try_reserve_first()
+        if worker is not None:
+            worker.submit(call, call.frame)
+        else:
+            call.queued = self._dispatcher.enqueue_call(call, call.frame, call.deadline, first=True)
+
     def _on_capacity(self, worker: WorkerHandle) -> None:
         """A slot freed (or a worker became ready): hand it on; notice a finished drain."""
         self._dispatcher.on_capacity(worker)
@@ -776,7 +810,9 @@ class Pool:
             on_capacity=self._on_capacity,
             on_host_call=self._on_host_call,
             on_exit=self._on_worker_exit,
+            on_unstarted=self._send_again,
             template=self._template,
+            ahead=max(self.config.worker_concurrency, self.send_ahead) if self.send_ahead else 0,
         )
 
     # --- preloaded warm starts -------------------------------------------------------

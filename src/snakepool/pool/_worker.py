@@ -103,12 +103,17 @@ class WorkerHandle:
         on_capacity: Callable[[WorkerHandle], None],
         on_exit: Callable[[WorkerHandle], None],
         on_host_call: Callable[[WorkerHandle, p.HostCall], None] | None = None,
+        on_unstarted: Callable[[PendingCall], None] | None = None,
         template: WorkerTemplate | None = None,
+        ahead: int = 0,
     ) -> None:
         self.pool = pool
         self.slot = slot
         self.restarts = restarts
         self.concurrency = concurrency
+        #: Calls that may wait in the worker beyond the ``concurrency`` it
+        #: runs (sent ahead, so it never idles between calls); see Dispatcher.
+        self.ahead = ahead
         self.gpu = gpu
         self.state = WorkerState.STARTING
         self.pid: int | None = None
@@ -122,6 +127,7 @@ class WorkerHandle:
         self._on_capacity = on_capacity
         self._on_exit = on_exit
         self._on_host_call = on_host_call
+        self._on_unstarted = on_unstarted
         self._template = template  # fork from it (start_method), if it is alive
         # session id -> (variables version, state version) this worker has seen
         self.sessions: dict[str, tuple[int, int]] = {}
@@ -448,6 +454,21 @@ class WorkerHandle:
         if call.id in self.pending:
             self.post(self._conn.send(p.Credit(id=call.id, n=n)))
 
+    def withdraw(self, call: PendingCall) -> None:
+        """Ask for ``call`` back if it has not started (answered ``withdrawn``, then sent
+        elsewhere); one that has started just finishes here."""
+        if call.id in self.pending and not call.withdrawing:
+            call.withdrawing = True
+            self.post(self._conn.send(p.Withdraw(id=call.id)))
+
+    def waits_here(self, call: PendingCall) -> bool:
+        """``call`` has surely not started: the worker starts calls in the order
+        they arrive, ``concurrency`` at a time, and more are ahead of it."""
+        for position, call_id in enumerate(self.pending):
+            if call_id == call.id:
+                return position >= self.concurrency
+        return False
+
     def cancel(self, call: PendingCall) -> None:
         """The caller left: tell the worker; its answer will be dropped."""
         call.abandoned = True
@@ -624,6 +645,9 @@ class WorkerHandle:
             assert isinstance(message, p.Failure)
             call = self._take(message.id)
             if call is not None:
+                if message.kind == p.FailureKind.WITHDRAWN and self._on_unstarted is not None:
+                    self._on_unstarted(call)  # it never started: the pool sends it elsewhere
+                    return
                 if message.kind == p.FailureKind.CANCELLED and not call.abandoned:
                     # Not cancelled by its caller: the worker is shutting down.
                     call.fail(
@@ -733,6 +757,14 @@ class WorkerHandle:
 
     def _fail_pending(self, info: ExitInfo) -> None:
         calls, self.pending = list(self.pending.values()), {}
+        # Calls behind the first ``concurrency`` ones never started (the worker
+        # starts them in order): sent elsewhere instead of failing. Not after a
+        # protocol error, where answers may have been lost.
+        if self._protocol_error is None and self._on_unstarted is not None:
+            for call in calls[self.concurrency :]:
+                if call.frame and not call.finished:
+                    self._on_unstarted(call)
+            calls = [call for call in calls if call.worker is self]
         for call in calls:
             error: SnakepoolError
             if self._protocol_error is not None:

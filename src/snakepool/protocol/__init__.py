@@ -37,6 +37,7 @@ from ._messages import Result as Result
 from ._messages import SessionDrop as SessionDrop
 from ._messages import SessionSync as SessionSync
 from ._messages import StartupFailed as StartupFailed
+from ._messages import Withdraw as Withdraw
 from ._messages import call_to_wire as call_to_wire
 from ._messages import from_wire as from_wire
 from ._messages import to_wire as to_wire
@@ -75,6 +76,7 @@ __all__ = [
     "SessionDrop",
     "SessionSync",
     "StartupFailed",
+    "Withdraw",
     "call_to_wire",
     "from_wire",
     "to_wire",

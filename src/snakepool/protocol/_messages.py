@@ -39,13 +39,14 @@ __all__ = [
     "SessionDrop",
     "SessionSync",
     "StartupFailed",
+    "Withdraw",
     "call_to_wire",
     "from_wire",
     "to_wire",
 ]
 
 #: Bumped on any incompatible change; host and worker must agree exactly.
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2  # 2: calls wait in the worker; ``withdraw``
 #: Items a worker may send on a stream before the host grants more with ``Credit``.
 STREAM_WINDOW: Final = 64
 
@@ -68,6 +69,7 @@ class FailureKind:
     BAD_ARGUMENTS: Final = "bad_arguments"  # arguments do not fit the signature
     SERIALIZATION: Final = "serialization"  # result not MessagePack-able / too large
     CANCELLED: Final = "cancelled"  # the host cancelled it
+    WITHDRAWN: Final = "withdrawn"  # the host took it back before it started
     WRONG_MODE: Final = "wrong_mode"  # call() of a stream command or vice versa
 
 
@@ -148,6 +150,21 @@ class Cancel(Message):
     id: int
 
     TAG: ClassVar[str] = "cancel"
+    WIRE: ClassVar[WireSpec] = (("id", "i", _INT),)
+
+
+@dataclass(frozen=True, slots=True)
+class Withdraw(Message):
+    """Give call ``id`` back if it has not started; one that has is left to finish.
+
+    A call still waiting in the worker is dropped and answered with a
+    ``Failure`` of kind ``withdrawn`` (the host sends it elsewhere); for any
+    other call the message is ignored.
+    """
+
+    id: int
+
+    TAG: ClassVar[str] = "withdraw"
     WIRE: ClassVar[WireSpec] = (("id", "i", _INT),)
 
 
@@ -380,7 +397,7 @@ class Goodbye(Message):
 
 
 HOST_MESSAGES: Final[frozenset[type[Message]]] = frozenset(
-    {Init, Call, Cancel, Credit, Ping, SessionSync, SessionDrop, HostReply, HostFailure}
+    {Init, Call, Cancel, Withdraw, Credit, Ping, SessionSync, SessionDrop, HostReply, HostFailure}
 )
 WORKER_MESSAGES: Final[frozenset[type[Message]]] = frozenset(
     {Hello, StartupFailed, Result, Failure, Item, End, Log, Pong, Goodbye, HostCall}

@@ -265,9 +265,31 @@ class _Threads:
             self._spawn_locked()
 
     def submit(self, job: _Running) -> None:
-        """Queue a sync handler (the leader does, while it dispatches)."""
+        """Queue a call (the leader does, while it dispatches).
+
+        Calls start in the order they arrive, at most ``limit`` at once, sync
+        and async alike: the host may send more than ``limit`` (they wait
+        here), and it counts on that order to know which ones cannot have
+        started (see ``take_back``).
+        """
         with self._lock:
             self._jobs.append((job, time.monotonic()))
+
+    def take_back(self, call_id: int) -> _Running | None:
+        """Remove call ``call_id`` if it has not started; None if it has (or is unknown)."""
+        with self._lock:
+            for index, (job, _) in enumerate(self._jobs):
+                if job.call.id == call_id:
+                    del self._jobs[index]
+                    return job
+        return None
+
+    def release(self) -> None:
+        """An async call's task ended: its slot is free (loop thread)."""
+        with self._lock:
+            self._running -= 1
+            if self._jobs and self._running < self.limit:
+                self._wake_locked(1)  # someone starts the next waiting call
 
     def drain(self) -> list[_Running]:
         """Stop reading and take the calls that never started (shutdown)."""
@@ -309,8 +331,9 @@ class _Threads:
             try:
                 job()
             finally:
-                with self._lock:
-                    self._running -= 1
+                if not job.is_async:  # (an async call holds its slot until its task ends)
+                    with self._lock:
+                        self._running -= 1
 
     def _lead(self, role: int) -> bool:
         """Read, dispatch, run what was read; false once reading ended.
@@ -344,7 +367,8 @@ class _Threads:
                         job()
                     finally:
                         lock.acquire()
-                        self._running -= 1
+                        if not job.is_async:  # (it holds its slot until its task ends)
+                            self._running -= 1
                     if role != self._role:
                         return True  # (the watchdog cleared _leader_busy_since)
                     self._leader_busy_since = None
@@ -458,6 +482,7 @@ class _Running:
         "call",
         "ctx",
         "handler",
+        "is_async",
         "task",
         "thread_credit",
     )
@@ -469,12 +494,15 @@ class _Running:
         args: dict[str, Any],
         ctx: CallContext | None,
         body: Callable[[_Running], None],
+        *,
+        is_async: bool = False,
     ) -> None:
         self.call = call
         self.handler = handler
         self.args = args  # the handler's keyword arguments
         self.ctx = ctx
-        self.body = body
+        self.body = body  # runs the call (sync), or starts its task (async)
+        self.is_async = is_async
         self.task: asyncio.Task[Any] | None = None
         self._cancelled = False
         self.thread_credit: threading.Semaphore | None = None
@@ -565,6 +593,8 @@ class Worker:
             self.start_call(message)
         elif isinstance(message, p.Cancel):
             self.cancel_call(message.id)
+        elif isinstance(message, p.Withdraw):
+            self.withdraw_call(message.id)
         elif isinstance(message, p.Ping):
             # Answered by the event loop: a loop blocked by an async handler shows.
             self._call_soon(self.send, p.Pong(id=message.id))
@@ -705,15 +735,21 @@ class Worker:
             self.running[call.id] = running
             self.threads.submit(running)
             return
+        # Async calls queue like sync ones (same order, same limit); taking
+        # one off the queue starts its task on the loop.
+        running = _Running(call, handler, kwargs, ctx, self._launch, is_async=True)
         if spec.is_stream:
-            running = _Running(call, handler, kwargs, ctx, _never_called)
             running.async_credit = asyncio.Semaphore(p.STREAM_WINDOW)
-            body = self._run_async_stream(running)
-        else:
-            running = _Running(call, handler, kwargs, ctx, _never_called)
-            body = self._run_async(running)
         self.running[call.id] = running
-        self._call_soon(self._start_task, body, running)
+        assert self.threads is not None
+        self.threads.submit(running)
+
+    def _launch(self, running: _Running) -> None:
+        """Start an async call's task on the loop (its queue slot is held until it ends)."""
+        stream = running.async_credit is not None
+        body = self._run_async_stream(running) if stream else self._run_async(running)
+        if not self._call_soon(self._start_task, body, running):
+            body.close()  # the loop is gone: we are exiting
 
     def _context(self, call: p.Call) -> CallContext:
         assert self.init is not None
@@ -745,8 +781,23 @@ class Worker:
         running = self.running.get(call_id)
         if running is None:
             return  # already answered
+        if self.threads is not None and self.threads.take_back(call_id) is not None:
+            # still waiting: it never starts
+            self._finish_error(running.call, asyncio.CancelledError(), "")
+            return
         running.cancel()
         self._call_soon(self._cancel_task, running)
+
+    def withdraw_call(self, call_id: int) -> None:
+        """The host wants the call back to send elsewhere: only if it has not started."""
+        if self.threads is None or self.threads.take_back(call_id) is None:
+            return  # started (or answered): it finishes here
+        self._fail(
+            call_id,
+            p.FailureKind.WITHDRAWN,
+            "Withdrawn",
+            "the host withdrew the call before it started",
+        )
 
     @staticmethod
     def _cancel_task(running: _Running) -> None:
@@ -872,15 +923,21 @@ class Worker:
         else:
             _resolve_future(future, message)
 
-    def _call_soon(self, fn: Callable[..., None], *args: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is gone: we are exiting
+    def _call_soon(self, fn: Callable[..., None], *args: Any) -> bool:
+        """Run ``fn(*args)`` on the loop; false if the loop is gone (we are exiting)."""
+        try:
             self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            return False
+        return True
 
     # async handlers run as tasks on this loop.
 
     def _task_done(self, call: p.Call, task: asyncio.Task[Any]) -> None:
         if call.id in self.running:
             self._finish_error(call, asyncio.CancelledError(), "")
+        if self.threads is not None:
+            self.threads.release()
 
     async def _run_async(self, running: _Running) -> None:
         call = running.call
@@ -1035,11 +1092,6 @@ _SHORT_MESSAGE = 500  # characters of a failure message that did not fit in a fr
 _CALL = p.CallMode.CALL
 _CALL_MESSAGE = p.Call
 _RESULT_TAG = p.Result.TAG
-
-
-def _never_called(running: _Running) -> None:
-    """The ``body`` of an async call, which runs as a task, never on the threads."""
-    raise AssertionError(f"async call {running.call.id} queued on the worker threads")
 
 
 def _describe(exc: BaseException) -> str:

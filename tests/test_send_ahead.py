@@ -1,0 +1,150 @@
+"""Calls sent ahead: a busy worker holds its next calls, starts them in order,
+gives back the ones it has not started, and a crash re-sends those.
+
+(asyncio fast path: plain calls without a session.)
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+import snakepool
+from snakepool import CallTimeout, WorkerCrashed
+from waiting import wait_until
+
+pytestmark = pytest.mark.anyio
+
+ADAPTER = "sp_adapters:Basic"
+
+
+def inflight(pool: snakepool.Pool, slot: int = 0) -> int:
+    return pool.statistics().workers[slot].inflight
+
+
+def most_at_once(spans: list[dict[str, float]]) -> int:
+    """How many of these (start, end) spans overlapped at most."""
+    edges = sorted([(s["start"], 1) for s in spans] + [(s["end"], -1) for s in spans])
+    running = most = 0
+    for _, step in edges:  # (an end sorts before a start at the same instant)
+        running += step
+        most = max(most, running)
+    return most
+
+
+async def test_a_busy_worker_holds_calls_and_runs_them_one_at_a_time_in_order() -> None:
+    async with snakepool.Pool(ADAPTER, size=1, worker_concurrency=1) as pool:
+        held = pool._workers[0].concurrency + pool._workers[0].ahead
+        assert held > 1  # (Pool.send_ahead)
+        results: list[tuple[int, dict[str, float]]] = []
+
+        async def doze(order: int, seconds: float) -> None:
+            results.append((order, await pool.call("doze", {"seconds": seconds})))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(doze, 0, 0.3)
+            await wait_until(lambda: inflight(pool) == 1)
+            for order in range(1, held):
+                tg.start_soon(doze, order, 0.01)
+                await wait_until(lambda n=order + 1: inflight(pool) == n)  # sent, waiting
+            tg.start_soon(doze, held, 0.01)
+            await wait_until(lambda: pool.statistics().queued == 1)  # the worker is full
+        spans = [span for _, span in sorted(results, key=lambda r: r[0])]
+        assert len(spans) == held + 1
+        for earlier, later in itertools.pairwise(spans):  # in the order sent, one at a time
+            assert earlier["end"] <= later["start"]
+
+
+async def test_async_calls_waiting_in_the_worker_respect_its_concurrency() -> None:
+    async with snakepool.Pool(ADAPTER, size=1, worker_concurrency=2) as pool:
+        held = pool._workers[0].concurrency + pool._workers[0].ahead
+        async with anyio.create_task_group() as tg:
+            spans: list[dict[str, float]] = []
+
+            async def nap() -> None:
+                spans.append(await pool.call("nap", {"seconds": 0.1}))
+
+            for _ in range(held):  # 2 run, the others wait in the worker
+                tg.start_soon(nap)
+            await wait_until(lambda: inflight(pool) == held)
+        assert len(spans) == held
+        assert most_at_once(spans) == 2
+
+
+async def test_a_call_behind_a_long_one_moves_to_a_worker_that_frees_up() -> None:
+    async with snakepool.Pool(ADAPTER, size=2) as pool:
+        pids = [w.pid for w in pool.statistics().workers]
+        async with anyio.create_task_group() as tg:
+            long_result: list[dict[str, float]] = []
+
+            async def long_call() -> None:
+                long_result.append(await pool.call("doze", {"seconds": 3.0}))
+
+            tg.start_soon(long_call)  # on worker 0
+            await wait_until(lambda: inflight(pool, 0) == 1)
+            tg.start_soon(pool.call, "doze", {"seconds": 0.2})  # on worker 1
+            await wait_until(lambda: inflight(pool, 1) == 1)
+            started = time.monotonic()
+            # Both busy: sent ahead to worker 0 (the first of equals), behind
+            # the long call; when worker 1 frees, it is withdrawn and sent there.
+            pid = await pool.call("pid", timeout=10)
+            waited = time.monotonic() - started
+            assert pid == pids[1]
+            assert waited < 2.5  # well before the long call ends
+        assert long_result and long_result[0]["end"] - long_result[0]["start"] >= 3.0
+        assert pool.statistics().failed == {}
+
+
+async def test_a_cancelled_call_that_waits_in_the_worker_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    async with snakepool.Pool(ADAPTER, size=1) as pool:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.call, "doze", {"seconds": 0.5})
+            await wait_until(lambda: inflight(pool) == 1)
+            with anyio.move_on_after(0.1) as scope:
+                await pool.call("fail_once", {"marker": str(marker)})
+            assert scope.cancelled_caught
+        assert await pool.call("add", {"a": 1, "b": 1}) == 2
+        await wait_until(lambda: inflight(pool) == 0)
+        assert not marker.exists()  # (fail_once would have written it, then exited)
+        assert pool.statistics().workers[0].restarts == 0
+
+
+async def test_a_timeout_while_waiting_in_the_worker_says_it_never_started() -> None:
+    async with snakepool.Pool(ADAPTER, size=1) as pool:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.call, "doze", {"seconds": 0.6})
+            await wait_until(lambda: inflight(pool) == 1)
+            with pytest.raises(CallTimeout, match="never started"):
+                await pool.call("add", {"a": 1, "b": 2}, timeout=0.2)
+        assert await pool.call("add", {"a": 1, "b": 2}) == 3
+        assert pool.statistics().workers[0].restarts == 0
+
+
+async def test_calls_a_crashed_worker_never_started_are_sent_again() -> None:
+    async with snakepool.Pool(ADAPTER, size=1) as pool:
+        pid = pool.statistics().workers[0].pid
+        assert pid is not None
+        outcomes: dict[str, object] = {}
+
+        async def run(name: str, command: str, args: dict[str, object]) -> None:
+            try:
+                outcomes[name] = await pool.call(command, args, timeout=30)
+            except snakepool.SnakepoolError as exc:
+                outcomes[name] = exc
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, "running", "doze", {"seconds": 30})
+            await wait_until(lambda: inflight(pool) == 1)
+            tg.start_soon(run, "waiting", "add", {"a": 2, "b": 3})
+            await wait_until(lambda: inflight(pool) == 2)
+            os.kill(pid, signal.SIGKILL)
+        assert isinstance(outcomes["running"], WorkerCrashed)
+        assert outcomes["waiting"] == 5  # it never started: run by the replacement
+        assert pool.statistics().workers[0].restarts == 1
