@@ -148,3 +148,16 @@ async def test_calls_a_crashed_worker_never_started_are_sent_again() -> None:
         assert isinstance(outcomes["running"], WorkerCrashed)
         assert outcomes["waiting"] == 5  # it never started: run by the replacement
         assert pool.statistics().workers[0].restarts == 1
+
+
+async def test_send_ahead_zero_keeps_waiting_calls_in_the_pools_queue() -> None:
+    pool = snakepool.Pool(ADAPTER, size=1)
+    pool.send_ahead = 0
+    async with pool:
+        assert pool._workers[0].ahead == 0
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.call, "doze", {"seconds": 0.3})
+            await wait_until(lambda: inflight(pool) == 1)
+            with pytest.raises(CallTimeout, match="never sent"):
+                await pool.call("add", {"a": 1, "b": 2}, timeout=0.1)
+        assert pool.statistics().workers[0].requests == 1

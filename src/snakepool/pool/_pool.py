@@ -5,20 +5,23 @@ Where a call travels::
     pool.call(command, args)
       |  encode the Call frame once (bad args / oversized -> error, nothing sent)
       v
-    _acquire()  -- synchronous pick of the least-loaded ready worker;
-      |            none free -> wait in the bounded FIFO (full -> PoolOverloaded)
+    Dispatcher  -- synchronous pick of the least-loaded ready worker: one with
+      |            a free slot, else (plain calls) one that may hold the call
+      |            until a slot frees (sent ahead); none -> the bounded FIFO
+      |            (full -> PoolOverloaded), sent by the hand-off when a slot frees
       v
-    WorkerHandle.submit()  -- register PendingCall, queue the frame
+    WorkerHandle.submit()  -- register PendingCall, write the frame (batched per loop turn)
       |
-      v  writer task --stdin pipe--> worker process --stdout pipe--> reader task
+      v  stdin pipe --> worker process (starts calls in arrival order) --> stdout pipe
                                                                        |
-    PendingCall.done <---- Result / Failure / Item / End --------------+
+    PendingCall <---- Result / Failure / Item / End (decoded in data_received)
       |
       v  value, or the mapped exception (RemoteError, WorkerCrashed, ...)
 
-Decisions (which worker, who waits, what to replace) are synchronous and
-happen on the event loop; only pipe I/O and waiting await. A worker that dies
-fails only the calls it was running; its slot task starts a replacement with
+Decisions (which worker, who waits, what to withdraw, what to replace) are
+synchronous and happen on the event loop; only pipe I/O and waiting await. A
+worker that dies fails only the calls it had started; the ones it held but
+never started are sent again. Its slot task starts a replacement with
 exponential backoff (tenacity). The pool itself never becomes broken.
 """
 

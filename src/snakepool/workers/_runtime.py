@@ -3,12 +3,19 @@
 Data flow inside one worker::
 
                  +-- leader thread: os.readv(stdin) -> Connection -> Worker.on_message
-                 |      control (cancel, credit, host replies): handled at once
-    host --pipe--+      sync call:  queued, then run by the leader itself
-                 |      async call: handed to the event loop (main thread) as a task
-                 |      ping:       answered by the event loop
+                 |      control (cancel, withdraw, credit, host replies): at once
+    host --pipe--+      call: queued (FIFO); taken in order, at most ``concurrency``
+                 |            running: a sync one is run by the thread that takes
+                 |            it (the leader itself, usually), an async one is
+                 |            started as a task on the event loop (main thread)
+                 |      ping: answered by the event loop
                  |
     handler threads and loop tasks --Worker.send--> _FrameWriter --pipe--> host
+
+Calls start in the order they arrive, sync and async alike, and at most
+``concurrency`` run at once: the host may send more (they wait in the queue),
+and it relies on that order to know which calls cannot have started. A call
+cancelled or withdrawn while it waits is answered at once and never runs.
 
 Reading uses *leader/follower* threads (``_Threads``): whichever thread holds
 the "leader" role reads the protocol pipe, dispatches what it read, and runs
@@ -16,9 +23,9 @@ the sync calls it read itself, so a quick call costs two wake-ups (host ->
 worker, worker -> host), as in a bare read/answer loop. An idle *watchdog*
 thread takes the reading over when the leader has been inside one call for
 2 ms (pings and cancellations keep flowing) and wakes helper threads for
-calls that waited that long. At most ``concurrency`` sync calls run and there
-are at most ``concurrency + 1`` threads, started on demand. Pings are
-answered by the event loop, so a loop blocked by an async handler is noticed.
+calls that waited that long. There are at most ``concurrency + 1`` threads,
+started on demand. Pings are answered by the event loop, so a loop blocked
+by an async handler is noticed.
 
 The protocol owns the process's real stdout: at start-up the pipe is moved to
 a private fd and fd 1 is pointed at stderr, so a ``print()`` in user code can
