@@ -273,6 +273,25 @@ async def test_queued_calls_are_sent_by_the_hand_off_and_leave_no_deadline_behin
         assert pool.statistics().queued == 0
 
 
+async def test_finished_calls_leave_no_deadline_buckets_behind() -> None:
+    # Deadline buckets of finished calls were kept (with their grown sets)
+    # until their timers fired, a call_timeout later: host memory grew with
+    # the call rate (+19 MiB over 1M calls with call_timeout=300).
+    async with snakepool.Pool(ADAPTER, size=2, call_timeout=300) as pool:
+
+        async def caller() -> None:
+            for i in range(100):
+                await pool.call("add", {"a": i, "b": 1})
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(32):
+                tg.start_soon(caller)
+        deadlines = pool._deadlines
+        if deadlines is not None:  # (asyncio only)
+            assert len(deadlines) == 0
+            assert len(deadlines._buckets) <= 1  # at most the newest, kept for reuse
+
+
 async def test_a_hand_off_to_a_retiring_worker_moves_on_at_once() -> None:
     # A queued call is handed a worker that retires before the call resumes;
     # it must take the other free worker at once, not wait for its timeout.

@@ -2,11 +2,13 @@
 
 A ``loop.call_later`` per call costs a timer handle, a heap push and a
 cancellation, on every call, for a deadline that almost never fires. Here a
-call joins the set of its deadline's bucket (``RESOLUTION`` seconds wide,
-rounded *up*, so a deadline is never early and at most ``RESOLUTION`` late)
-and leaves it when it ends; only the first call of a bucket arms a timer.
-With thousands of calls per second that is one timer per bucket instead of
-one per call.
+call joins the set of its deadline's bucket and leaves it when it ends; only
+the first call of a bucket arms a timer. A bucket is ``RESOLUTION`` seconds
+wide, or 0.1% of the timeout for timeouts over 10 s, and deadlines round *up*
+to its end: never early, at most that much late. An emptied bucket is dropped
+(its timer, if it fires, finds nothing) unless it is the newest one, which
+the next calls are likely to reuse; so what stays alive is bounded by the
+number of buckets a timeout spans (about 1,000), not by the number of calls.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from ._calls import PendingCall
 
 __all__ = ["RESOLUTION", "Deadlines"]
 
-#: Bucket width in seconds: how late a deadline may fire at most.
+#: The narrowest bucket, in seconds: how late a short deadline may fire at most.
 RESOLUTION = 0.01
-_PER_SECOND = round(1 / RESOLUTION)
+#: Wider buckets for long timeouts: a deadline may be this fraction of its timeout late.
+_RELATIVE = 0.001
 
 
 class Deadlines:
@@ -31,31 +34,37 @@ class Deadlines:
     ) -> None:
         self._loop = loop
         self._expire = expire
-        self._buckets: dict[int, set[PendingCall]] = {}
+        self._buckets: dict[float, set[PendingCall]] = {}  # due time -> its calls
+        self._armed: set[float] = set()  # due times with a timer set
+        self._newest = 0.0  # the bucket new calls join (kept while empty)
 
-    def add(self, call: PendingCall, seconds: float) -> int:
-        """Expire ``call`` in ``seconds`` (up to ``RESOLUTION`` later); returns its bucket."""
-        key = int((self._loop.time() + seconds) * _PER_SECOND) + 1  # rounded up
-        bucket = self._buckets.get(key)
+    def add(self, call: PendingCall, seconds: float) -> float:
+        """Expire ``call`` in ``seconds`` (a little later, see above); returns its due time."""
+        width = max(RESOLUTION, seconds * _RELATIVE)
+        due = (int((self._loop.time() + seconds) / width) + 1) * width  # rounded up
+        bucket = self._buckets.get(due)
         if bucket is None:
-            bucket = self._buckets[key] = set()
-            self._loop.call_at(key / _PER_SECOND, self._fire, key)
+            bucket = self._buckets[due] = set()
+            newest, self._newest = self._newest, due
+            if not self._buckets.get(newest, True):
+                del self._buckets[newest]  # emptied while it was the newest
+            if due not in self._armed:
+                self._armed.add(due)
+                self._loop.call_at(due, self._fire, due)
         bucket.add(call)
-        return key
+        return due
 
-    @staticmethod
-    def due_at(key: int) -> float:
-        """The event-loop time at which bucket ``key`` expires its calls."""
-        return key / _PER_SECOND
-
-    def remove(self, call: PendingCall, key: int) -> None:
+    def remove(self, call: PendingCall, due: float) -> None:
         """``call`` ended (or its caller left): its deadline no longer matters."""
-        bucket = self._buckets.get(key)
+        bucket = self._buckets.get(due)
         if bucket is not None:
             bucket.discard(call)
+            if not bucket and due != self._newest:
+                del self._buckets[due]  # (a set keeps its size once grown: drop it)
 
-    def _fire(self, key: int) -> None:
-        for call in self._buckets.pop(key, ()):
+    def _fire(self, due: float) -> None:
+        self._armed.discard(due)
+        for call in self._buckets.pop(due, ()):
             self._expire(call)
 
     def __len__(self) -> int:

@@ -517,8 +517,7 @@ class Pool:
         waiter = call.waiter = asyncio.get_running_loop().create_future()
         # One deadline for queueing and running: it marks the call expired (a
         # hand-off in the deadline's own loop turn then does not send it late).
-        bucket = deadlines.add(call, limit)
-        call.deadline = deadlines.due_at(bucket)
+        call.deadline = deadlines.add(call, limit)
         call.frame = frame  # (sent again if a worker gives it back unstarted)
         try:
             worker = self._dispatcher.try_reserve(ahead=True)
@@ -528,7 +527,7 @@ class Pool:
                 call.queued = self._dispatcher.enqueue_call(call, frame, call.deadline)
             await waiter
         except BaseException:
-            deadlines.remove(call, bucket)
+            deadlines.remove(call, call.deadline)
             if call.worker is None and call.queued is not None:
                 self._dispatcher.leave(call.queued)
             if call.worker is not None and not call.finished:
@@ -536,7 +535,7 @@ class Pool:
             if probe:
                 self._breaker.release_probe()
             raise
-        deadlines.remove(call, bucket)
+        deadlines.remove(call, call.deadline)
         worker = call.worker
         if not call.finished:
             queued = call.queued
