@@ -285,6 +285,8 @@ class Pool:
             while any(w.pending for w in self._workers):
                 self._drained = anyio.Event()
                 await self._drained.wait()
+        # (a call a worker gave back unstarted during the drain may wait here)
+        self._dispatcher.fail_all(PoolClosed(f"pool {self.name!r} closed before the call ran"))
         await self._stop_workers()
         await self._close_template()
         await self._background.aclose()
