@@ -161,3 +161,84 @@ async def test_send_ahead_zero_keeps_waiting_calls_in_the_pools_queue() -> None:
             with pytest.raises(CallTimeout, match="never sent"):
                 await pool.call("add", {"a": 1, "b": 2}, timeout=0.1)
         assert pool.statistics().workers[0].requests == 1
+
+
+async def test_a_session_call_first_in_line_is_not_overtaken_by_later_calls() -> None:
+    # A session call handed a slot reserves it while its session is prepared;
+    # plain calls queued after it must not be sent ahead into that worker first.
+    async with snakepool.Pool(ADAPTER, size=1) as pool:
+        ahead = pool._workers[0].ahead
+        spans: dict[str, dict[str, float]] = {}
+
+        async def doze(name: str, seconds: float, session: str | None = None) -> None:
+            spans[name] = await pool.call("doze", {"seconds": seconds}, session=session)
+
+        async with pool.session() as session:
+            await session.call("add", {"a": 1, "b": 2})
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(doze, "long", 0.3)
+                await wait_until(lambda: inflight(pool) == 1)
+                for i in range(ahead):
+                    tg.start_soon(doze, f"held{i}", 0.01)
+                await wait_until(lambda: inflight(pool) == 1 + ahead)
+                tg.start_soon(doze, "session", 0.01, session.id)
+                await wait_until(lambda: pool.statistics().queued == 1)
+                for i in range(3):
+                    tg.start_soon(doze, f"later{i}", 0.01)
+                await wait_until(lambda: pool.statistics().queued == 4)
+        order = sorted(spans, key=lambda name: spans[name]["start"])
+        assert order.index("session") < min(order.index(f"later{i}") for i in range(3))
+
+
+async def test_a_strict_session_waiting_for_one_worker_does_not_stop_withdrawals() -> None:
+    async with snakepool.Pool(ADAPTER, size=2, affinity="strict_queue") as pool:
+        first = pool._workers[0]
+        finished: dict[str, float] = {}
+        started = time.monotonic()
+
+        async def doze(name: str, seconds: float, session: str | None = None) -> None:
+            await pool.call("doze", {"seconds": seconds}, session=session)
+            finished[name] = time.monotonic() - started
+
+        async with pool.session() as session:
+            await session.call("add", {"a": 1, "b": 2})
+            assert pool._sessions.bindings[session.id] is first
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(doze, "long", 3.0)  # worker 0
+                await wait_until(lambda: inflight(pool, 0) == 1)
+                tg.start_soon(doze, "short", 0.2)  # worker 1
+                await wait_until(lambda: inflight(pool, 1) == 1)
+                for i in range(4):  # sent ahead to both workers
+                    tg.start_soon(doze, f"quick{i}", 0.01)
+                await wait_until(lambda: inflight(pool, 0) + inflight(pool, 1) == 6)
+                tg.start_soon(doze, "session", 0.01, session.id)  # waits for worker 0 only
+                await wait_until(lambda: pool.statistics().queued == 1)
+        # worker 1 took back the quick calls held behind worker 0's long call
+        assert all(finished[f"quick{i}"] < 2.5 for i in range(4)), finished
+
+
+async def test_closing_the_pool_fails_a_call_given_back_by_a_dead_worker() -> None:
+    pool = snakepool.Pool(ADAPTER, size=1)
+    await pool.start()
+    outcomes: dict[str, object] = {}
+
+    async def run(name: str, command: str, args: dict[str, object]) -> None:
+        try:
+            outcomes[name] = await pool.call(command, args, timeout=20)
+        except snakepool.SnakepoolError as exc:
+            outcomes[name] = exc
+
+    started = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, "running", "doze", {"seconds": 0.3})
+        await wait_until(lambda: inflight(pool) == 1)
+        tg.start_soon(run, "dies", "fail", {"how": "sigkill"})
+        await wait_until(lambda: inflight(pool) == 2)
+        tg.start_soon(run, "behind", "add", {"a": 1, "b": 2})
+        await wait_until(lambda: inflight(pool) == 3)
+        await pool.aclose()
+    assert isinstance(outcomes["running"], dict)  # it finished (the drain waited for it)
+    assert isinstance(outcomes["dies"], WorkerCrashed)
+    # never started, sent again, then failed by the close: not left to its deadline
+    assert isinstance(outcomes["behind"], snakepool.PoolClosed)
+    assert time.monotonic() - started < 15

@@ -113,13 +113,18 @@ class Dispatcher:
     ) -> WorkerHandle | None:
         """The least-loaded ready worker with a free slot (fewest sessions on ties).
 
-        ``ahead``: a slot to wait in the worker counts as free too.
+        ``ahead``: a slot to wait in the worker counts as free too, unless the
+        worker has a slot promised to a caller who has not sent yet (a session
+        call being prepared): later calls must not get in before it.
         """
         best: WorkerHandle | None = None
         best_key: tuple[int, int] = (0, 0)
         for worker in self._workers:
             load = worker.load_if_ready  # (one property per worker: this runs per call)
-            limit = worker.concurrency + worker.ahead if ahead else worker.concurrency
+            if ahead and not worker.reserved:
+                limit = worker.concurrency + worker.ahead
+            else:
+                limit = worker.concurrency
             if load < 0 or load >= limit or (skip is not None and skip(worker)):
                 continue
             if not load and bound_sessions is None:
@@ -270,10 +275,13 @@ class Dispatcher:
             else:
                 found = next((w for w in waiters if w.can_use(worker)), None)
                 if found is None:
-                    return
+                    break  # (nobody queued can use it: it may still take calls back)
                 waiter = found
             call = waiter.call
-            limit = worker.concurrency if call is None else worker.concurrency + worker.ahead
+            if call is None or worker.reserved:  # (see pick: a promised slot comes first)
+                limit = worker.concurrency
+            else:
+                limit = worker.concurrency + worker.ahead
             if load < 0 or load >= limit:
                 return
             if waiter is first:
@@ -314,7 +322,9 @@ class Dispatcher:
                 if waiting <= 0 or free <= 0:
                     break
                 waiting -= 1
-                if call.frame and not call.withdrawing and not call.abandoned:
+                if call.withdrawing:  # already on its way back: it fills a free slot
+                    free -= 1
+                elif call.frame and not call.abandoned:
                     other.withdraw(call)
                     free -= 1
         if not surplus_anywhere and free > 0:

@@ -768,14 +768,15 @@ class Pool:
         call.withdrawing = False
         if call.finished or call.abandoned or call.expired:
             return  # its caller has left, or leaves at its deadline
-        if self._state not in ("running", "closing") or not call.frame:
-            call.fail(PoolClosed(f"pool {self.name!r} closed before call {call.command!r} ran"))
-            return
-        worker = self._dispatcher.try_reserve_first()
+        if asyncio.get_running_loop().time() >= call.deadline:
+            return  # (its timer runs later in this loop turn: never sent again)
+        worker = self._dispatcher.try_reserve_first() if call.frame else None
         if worker is not None:
             worker.submit(call, call.frame)
-        else:
+        elif self._state == "running" and call.frame:
             call.queued = self._dispatcher.enqueue_call(call, call.frame, call.deadline, first=True)
+        else:  # closing: nothing would send it any more
+            call.fail(PoolClosed(f"pool {self.name!r} closed before call {call.command!r} ran"))
 
     def _on_capacity(self, worker: WorkerHandle) -> None:
         """A slot freed (or a worker became ready): hand it on; notice a finished drain."""
