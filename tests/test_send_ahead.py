@@ -116,12 +116,12 @@ async def test_a_cancelled_call_that_waits_in_the_worker_never_runs(tmp_path: Pa
         assert pool.statistics().workers[0].restarts == 0
 
 
-async def test_a_timeout_while_waiting_in_the_worker_says_it_never_started() -> None:
+async def test_a_timeout_while_waiting_in_the_worker_says_it_had_not_started() -> None:
     async with snakepool.Pool(ADAPTER, size=1) as pool:
         async with anyio.create_task_group() as tg:
             tg.start_soon(pool.call, "doze", {"seconds": 0.6})
             await wait_until(lambda: inflight(pool) == 1)
-            with pytest.raises(CallTimeout, match="never started"):
+            with pytest.raises(CallTimeout, match=r"still waiting .* had not started"):
                 await pool.call("add", {"a": 1, "b": 2}, timeout=0.2)
         assert await pool.call("add", {"a": 1, "b": 2}) == 3
         assert pool.statistics().workers[0].restarts == 0

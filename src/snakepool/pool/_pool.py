@@ -568,9 +568,11 @@ class Pool:
         never_started: bool = False,
     ) -> CallTimeout:
         if worker is not None and never_started:
+            # ("had not started" as far as the host knows: an answer on its way
+            # could have freed the slot a moment ago)
             return CallTimeout(
-                f"call {command!r} waited {limit:g}s on {worker.describe()} behind longer "
-                f"calls and never started; it was cancelled"
+                f"call {command!r} was still waiting on {worker.describe()} behind longer "
+                f"calls when its {limit:g}s ran out (it had not started); it was cancelled"
             )
         if worker is None:
             return CallTimeout(
