@@ -22,7 +22,7 @@ from snakepool import (
     WorkerCrashed,
     WorkerStartError,
 )
-from waiting import wait_until
+from waiting import fill_worker, slots, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -152,13 +152,6 @@ async def test_cast_is_fire_and_forget_and_counted() -> None:
 # --- limits -----------------------------------------------------------------------
 
 
-def slots(pool: snakepool.Pool, slot: int = 0) -> int:
-    """Calls worker ``slot`` takes before more wait in the pool's queue: those it
-    runs, and those it holds (sent ahead, see ``Pool.send_ahead``)."""
-    worker = pool._workers[slot]
-    return worker.concurrency + worker.ahead
-
-
 async def test_queue_full_fails_fast_and_queued_calls_still_run() -> None:
     async with snakepool.Pool(ADAPTER, size=1, queue_size=1) as pool:
         results: list[object] = []
@@ -186,11 +179,7 @@ async def test_queue_full_fails_fast_and_queued_calls_still_run() -> None:
 async def test_timeout_while_queued_never_sends_the_call() -> None:
     async with snakepool.Pool(ADAPTER, size=1) as pool:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(pool.call, "nap", {"seconds": 1.0})
-            await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
-            for _ in range(slots(pool) - 1):  # they wait in the worker
-                tg.start_soon(pool.call, "nap", {"seconds": 0.01})
-            await wait_until(lambda: pool.statistics().workers[0].inflight == slots(pool))
+            await fill_worker(pool, tg, 1.0)
             with pytest.raises(CallTimeout, match="never sent"):
                 await pool.call("add", {"a": 1, "b": 2}, timeout=0.2)
             assert pool.statistics().queued == 0  # it left the queue
@@ -201,11 +190,7 @@ async def test_timeout_while_queued_never_sends_the_call() -> None:
 async def test_a_caller_cancelled_while_queued_leaves_the_queue() -> None:
     async with snakepool.Pool(ADAPTER, size=1) as pool:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(pool.call, "nap", {"seconds": 0.5})
-            await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
-            for _ in range(slots(pool) - 1):  # they wait in the worker
-                tg.start_soon(pool.call, "nap", {"seconds": 0.01})
-            await wait_until(lambda: pool.statistics().workers[0].inflight == slots(pool))
+            await fill_worker(pool, tg, 0.5)
             with anyio.move_on_after(0.1) as scope:
                 await pool.call("add", {"a": 1, "b": 2})
             assert scope.cancelled_caught
@@ -227,11 +212,7 @@ async def test_closing_the_pool_fails_queued_calls_with_pool_closed() -> None:
             outcomes.append(exc)
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(pool.call, "nap", {"seconds": 0.3})
-        await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
-        for _ in range(slots(pool) - 1):  # they wait in the worker
-            tg.start_soon(pool.call, "nap", {"seconds": 0.01})
-        await wait_until(lambda: pool.statistics().workers[0].inflight == slots(pool))
+        await fill_worker(pool, tg, 0.3)
         tg.start_soon(queued_call)
         await wait_until(lambda: pool.statistics().queued == 1)
         await pool.aclose()

@@ -12,17 +12,11 @@ import pytest
 import snakepool
 from snakepool import PoolClosed
 from snakepool.protocol import STREAM_WINDOW
-from waiting import wait_until
+from waiting import fill_worker, slots, wait_until
 
 pytestmark = pytest.mark.anyio
 
 ADAPTER = "sp_adapters:Resilience"
-
-
-def slots(pool: snakepool.Pool, slot: int = 0) -> int:
-    """Calls worker ``slot`` takes before more wait in the pool's queue."""
-    worker = pool._workers[slot]
-    return worker.concurrency + worker.ahead
 
 
 def restarts(pool: snakepool.Pool) -> int:
@@ -214,11 +208,7 @@ async def test_a_deadline_due_in_the_hand_off_turn_still_times_out_unsent() -> N
     # time out as never sent, not be sent late with no timer left.
     async with snakepool.Pool(ADAPTER, size=1) as pool:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(pool.call, "nap", {"seconds": 0.2})
-            await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
-            for _ in range(slots(pool) - 1):  # they wait in the worker
-                tg.start_soon(pool.call, "nap", {"seconds": 0.01})
-            await wait_until(lambda: pool.statistics().workers[0].inflight == slots(pool))
+            await fill_worker(pool, tg, 0.2)
             outcome: list[BaseException] = []
 
             async def queued() -> None:
@@ -258,11 +248,7 @@ async def test_queued_calls_are_sent_by_the_hand_off_and_leave_no_deadline_behin
             await pool.call("nap", {"seconds": 1}, timeout=0.05)
         await wait_until(lambda: pool.statistics().workers[0].inflight == 0)  # it stopped
         async with anyio.create_task_group() as tg:
-            tg.start_soon(pool.call, "nap", {"seconds": 0.3})
-            await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
-            for _ in range(slots(pool) - 1):  # they wait in the worker
-                tg.start_soon(pool.call, "nap", {"seconds": 0.01})
-            await wait_until(lambda: pool.statistics().workers[0].inflight == slots(pool))
+            await fill_worker(pool, tg, 0.3)
             with pytest.raises(snakepool.CallTimeout, match="never sent"):
                 await pool.call("add", {"a": 1, "b": 1}, timeout=0.05)
             with anyio.move_on_after(0.05):

@@ -6,6 +6,7 @@ gives back the ones it has not started, and a crash re-sends those.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import signal
@@ -26,6 +27,16 @@ ADAPTER = "sp_adapters:Basic"
 
 def inflight(pool: snakepool.Pool, slot: int = 0) -> int:
     return pool.statistics().workers[slot].inflight
+
+
+async def record(
+    outcomes: dict[str, object], name: str, pool: snakepool.Pool, command: str, **args: object
+) -> None:
+    """``outcomes[name]`` = the call's result, or the snakepool error it raised."""
+    try:
+        outcomes[name] = await pool.call(command, args, timeout=30)
+    except snakepool.SnakepoolError as exc:
+        outcomes[name] = exc
 
 
 def most_at_once(spans: list[dict[str, float]]) -> int:
@@ -132,17 +143,10 @@ async def test_calls_a_crashed_worker_never_started_are_sent_again() -> None:
         pid = pool.statistics().workers[0].pid
         assert pid is not None
         outcomes: dict[str, object] = {}
-
-        async def run(name: str, command: str, args: dict[str, object]) -> None:
-            try:
-                outcomes[name] = await pool.call(command, args, timeout=30)
-            except snakepool.SnakepoolError as exc:
-                outcomes[name] = exc
-
         async with anyio.create_task_group() as tg:
-            tg.start_soon(run, "running", "doze", {"seconds": 30})
+            tg.start_soon(functools.partial(record, outcomes, "running", pool, "doze", seconds=30))
             await wait_until(lambda: inflight(pool) == 1)
-            tg.start_soon(run, "waiting", "add", {"a": 2, "b": 3})
+            tg.start_soon(functools.partial(record, outcomes, "waiting", pool, "add", a=2, b=3))
             await wait_until(lambda: inflight(pool) == 2)
             os.kill(pid, signal.SIGKILL)
         assert isinstance(outcomes["running"], WorkerCrashed)
@@ -221,20 +225,13 @@ async def test_closing_the_pool_fails_a_call_given_back_by_a_dead_worker() -> No
     pool = snakepool.Pool(ADAPTER, size=1)
     await pool.start()
     outcomes: dict[str, object] = {}
-
-    async def run(name: str, command: str, args: dict[str, object]) -> None:
-        try:
-            outcomes[name] = await pool.call(command, args, timeout=20)
-        except snakepool.SnakepoolError as exc:
-            outcomes[name] = exc
-
     started = time.monotonic()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(run, "running", "doze", {"seconds": 0.3})
+        tg.start_soon(functools.partial(record, outcomes, "running", pool, "doze", seconds=0.3))
         await wait_until(lambda: inflight(pool) == 1)
-        tg.start_soon(run, "dies", "fail", {"how": "sigkill"})
+        tg.start_soon(functools.partial(record, outcomes, "dies", pool, "fail", how="sigkill"))
         await wait_until(lambda: inflight(pool) == 2)
-        tg.start_soon(run, "behind", "add", {"a": 1, "b": 2})
+        tg.start_soon(functools.partial(record, outcomes, "behind", pool, "add", a=1, b=2))
         await wait_until(lambda: inflight(pool) == 3)
         await pool.aclose()
     assert isinstance(outcomes["running"], dict)  # it finished (the drain waited for it)

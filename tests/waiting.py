@@ -1,8 +1,12 @@
-"""Waiting in tests: poll a condition with a deadline (never sleep to green)."""
+"""Waiting in tests: poll a condition with a deadline (never sleep to green),
+and fill a worker until calls have to wait in the pool's queue."""
 
 from __future__ import annotations
 
 import anyio
+import anyio.abc
+
+import snakepool
 
 
 async def wait_until(condition: object, timeout: float = 15.0) -> None:
@@ -11,3 +15,21 @@ async def wait_until(condition: object, timeout: float = 15.0) -> None:
     with anyio.fail_after(timeout):
         while not condition():
             await anyio.sleep(0.02)
+
+
+def slots(pool: snakepool.Pool, slot: int = 0) -> int:
+    """Calls worker ``slot`` takes before more wait in the pool's queue: those it
+    runs, and those it holds (sent ahead, see ``Pool.send_ahead``)."""
+    worker = pool._workers[slot]
+    return worker.concurrency + worker.ahead
+
+
+async def fill_worker(pool: snakepool.Pool, tg: anyio.abc.TaskGroup, seconds: float) -> None:
+    """Keep worker 0 busy for ``seconds`` (a ``nap``), with every slot it holds
+    taken by quick naps waiting behind it: the next call waits in the pool's queue."""
+    inflight = lambda: pool.statistics().workers[0].inflight  # noqa: E731
+    tg.start_soon(pool.call, "nap", {"seconds": seconds})
+    await wait_until(lambda: inflight() == 1)
+    for _ in range(slots(pool) - 1):  # they wait in the worker
+        tg.start_soon(pool.call, "nap", {"seconds": 0.01})
+    await wait_until(lambda: inflight() == slots(pool))

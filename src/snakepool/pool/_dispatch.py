@@ -42,16 +42,14 @@ __all__ = ["Dispatcher"]
 class _Waiter:
     """A caller queued for a free worker slot.
 
-    It waits on ``event`` (made on first use), or, on the asyncio fast path,
-    on ``future``: ``wake()`` sets whichever exists. A waiter with a ``call``
-    is sent at the hand-off instead (its caller waits on the call itself).
+    It waits on ``event`` (made on first use). A waiter with a ``call`` is
+    sent at the hand-off instead (its caller waits on the call itself).
     """
 
-    __slots__ = ("_event", "call", "deadline", "error", "frame", "future", "want", "worker")
+    __slots__ = ("_event", "call", "deadline", "error", "frame", "want", "worker")
 
     def __init__(self, want: WorkerHandle | None) -> None:
         self._event: anyio.Event | None = None
-        self.future: asyncio.Future[None] | None = None
         self.want = want
         self.worker: WorkerHandle | None = None
         self.error: SnakepoolError | None = None
@@ -67,15 +65,11 @@ class _Waiter:
 
     def reset(self) -> None:
         self._event = None
-        self.future = None
         self.worker = None
 
     def wake(self) -> None:
         if self._event is not None:
             self._event.set()
-        future = self.future
-        if future is not None and not future.done():
-            future.set_result(None)
 
     def can_use(self, worker: WorkerHandle) -> bool:
         return self.want is None or self.want is worker
@@ -226,9 +220,9 @@ class Dispatcher:
             assert worker is not None
             if worker.is_ready:
                 return worker
-            self.requeue(waiter, worker)
+            self._requeue(waiter, worker)
 
-    def requeue(self, waiter: _Waiter, worker: WorkerHandle) -> None:
+    def _requeue(self, waiter: _Waiter, worker: WorkerHandle) -> None:
         """The worker died between the hand-off and now: queue again, at the front."""
         worker.reserved -= 1
         self._check_open()
