@@ -6,6 +6,7 @@ into another, fed one byte at a time, in random chunks, or all at once.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 from collections.abc import Callable, Iterator
@@ -285,6 +286,26 @@ def test_to_wire_from_wire_round_trip(message: Message) -> None:
     assert wire["t"] == message.TAG
     assert set(wire) == {"t"} | {key for _, key, _ in message.WIRE}
     assert from_wire(wire) == message
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        Result(id=7, value={"a": [1, 2]}),
+        Call(id=3, command="echo", args={"value": 1}),
+        Call(id=4, command="gen", args={}, mode=CallMode.STREAM, timeout=2.5, session_id="s"),
+    ],
+    ids=repr,
+)
+def test_hot_path_messages_are_the_same_objects(message: Message) -> None:
+    # from_wire builds Result and Call without the dataclass __init__ (speed):
+    # they must be indistinguishable from ones built the normal way.
+    decoded = from_wire(to_wire(message))
+    assert type(decoded) is type(message)
+    assert decoded == message
+    assert repr(decoded) == repr(message)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        decoded.id = 99  # type: ignore[attr-defined,misc]
 
 
 def test_every_message_type_is_covered() -> None:

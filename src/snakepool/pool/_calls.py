@@ -43,6 +43,7 @@ class PendingCall:
         "id",
         "items",
         "mode",
+        "probe",
         "queued",
         "session_id",
         "value",
@@ -65,6 +66,7 @@ class PendingCall:
         self.deadline = 0.0  # fast path: (event-loop time) when it expires
         self.queued: Any = None  # fast path: its place in the pool's queue while it has one
         self.withdrawing = False  # asked back from its worker (it may have started already)
+        self.probe = False  # the circuit breaker's half-open probe: report its outcome
         self._done: anyio.Event | None = None
         self.waiter: asyncio.Future[None] | None = None
         self.value: Any = None
@@ -87,6 +89,12 @@ class PendingCall:
 
     def resolve(self, value: Any) -> None:
         self.value = value
+        waiter = self.waiter
+        if waiter is not None and self._done is None and self._items_in is None:
+            self.finished = True  # (= _finish for a fast-path call: this runs per call)
+            if not waiter.done():
+                waiter.set_result(None)
+            return
         self._finish()
 
     def fail(self, error: SnakepoolError) -> None:

@@ -96,6 +96,12 @@ class Dispatcher:
     def queued(self) -> int:
         return len(self._waiters)
 
+    @property
+    def needs_capacity(self) -> bool:
+        """A freed slot has someone to go to: a queued caller, or (perhaps) a
+        call waiting inside another worker."""
+        return self._sent_ahead or bool(self._waiters)
+
     # --- choosing ---------------------------------------------------------------
 
     def pick(
@@ -157,6 +163,38 @@ class Dispatcher:
                 self._sent_ahead = True
             worker.reserved += 1
         return worker
+
+    def send_ahead(self, call: PendingCall, frame: bytes) -> bool:
+        """Send a fast-path call now if a worker can take or hold it and nobody
+        queued comes first; false if it must queue (``enqueue_call``).
+
+        ``try_reserve(ahead=True)`` and ``submit`` in one, with the choice
+        written out for the usual case (nobody queued): this runs per call.
+        """
+        if self._waiters:
+            worker = self.try_reserve(ahead=True)
+            if worker is None:
+                return False
+            worker.submit(call, frame)
+            return True
+        best: WorkerHandle | None = None
+        best_load = 0
+        for worker in self._workers:
+            load = worker.load_if_ready
+            if not load:
+                best = worker  # idle: nothing beats it
+                break
+            # (a slot promised to a caller who has not sent yet comes first: see pick)
+            limit = worker.concurrency if worker.reserved else worker.concurrency + worker.ahead
+            if 0 < load < limit and (best is None or load < best_load):
+                best, best_load = worker, load
+        if best is None:
+            return False
+        if best_load >= best.concurrency:
+            self._sent_ahead = True
+        best.reserved += 1
+        best.submit(call, frame)
+        return True
 
     def try_reserve_first(self) -> WorkerHandle | None:
         """A free slot (not one to wait in) for a call that goes before every queued one."""

@@ -328,6 +328,8 @@ class Pool:
         """
         started = time.monotonic()
         try:
+            if session is None and self._on_asyncio:
+                return await self._call_fast(command, args, timeout)
             return await self._call_once(command, args, timeout, session)
         except WorkerCrashed:
             if not idempotent or self.recovery[ErrorCategory.COMMUNICATION] is not Recovery.RETRY:
@@ -457,29 +459,23 @@ class Pool:
         timeout: float | None,
         session: str | None,
     ) -> Coroutine[Any, Any, Any]:
-        """One attempt: check and encode it, ask the breaker, then take the
-        asyncio fast path where it applies, else the general one.
-
-        A plain function returning the coroutine, so the fast path's awaits
-        pass through one coroutine frame less (this runs once per call).
-        """
+        """One attempt: the asyncio fast path where it applies, else the general one."""
+        if session is None and self._on_asyncio:
+            return self._call_fast(command, args, timeout)
         if self._state != "running" or not self._workers:
             self._check_open()
         call_id = next(self._ids)
         frame = self._encode(call_id, command, args, timeout, session, p.CallMode.CALL)
         limit = self.config.call_timeout if timeout is None else timeout
-        probe = False if self._breaker.closed else self._admit(command)
         call = PendingCall(call_id, command, p.CallMode.CALL, session)
-        started = time.perf_counter()
-        if session is None and self._on_asyncio:
-            return self._call_fast(call, frame, limit, probe, started)
-        return self._call_general(call, frame, limit, probe, started)
+        call.probe = False if self._breaker.closed else self._admit(command)
+        return self._call_general(call, frame, limit, time.perf_counter())
 
     async def _call_general(
-        self, call: PendingCall, frame: bytes, limit: float, probe: bool, started: float
+        self, call: PendingCall, frame: bytes, limit: float, started: float
     ) -> Any:
         """Any backend, sessions included: a cancel scope and events."""
-        command, session = call.command, call.session_id
+        command, session, probe = call.command, call.session_id, call.probe
         with anyio.move_on_after(limit) as scope:
             try:
                 await self._dispatch(call, frame, session)
@@ -504,9 +500,9 @@ class Pool:
         return call.value
 
     async def _call_fast(
-        self, call: PendingCall, frame: bytes, limit: float, probe: bool, started: float
+        self, command: str, args: Mapping[str, Any] | None, timeout: float | None
     ) -> Any:
-        """asyncio, no session: wait on one bare future and one timer.
+        """asyncio, no session: wait on one bare future and one deadline.
 
         Same outcomes as the general path (cancel scope + events), without
         the per-call cost of an anyio cancel scope and events: the caller's
@@ -514,50 +510,79 @@ class Pool:
         A queued call is sent by the hand-off itself (``enqueue_call``), so
         the caller wakes once: for the answer, or at the deadline.
         """
-        deadlines = self._deadlines
-        assert deadlines is not None
-        waiter = call.waiter = asyncio.get_running_loop().create_future()
+        started = time.perf_counter()
+        limit = self.config.call_timeout if timeout is None else timeout
+        call = self._send_fast(command, args, timeout, limit)
+        try:
+            await call.waiter  # type: ignore[misc]
+        except BaseException:
+            self._left_fast(call)
+            raise
+        self._deadlines.remove(call, call.deadline)  # type: ignore[union-attr]
+        if call.finished:
+            self._record(call.command, call.worker, started, call.error, probe=call.probe)
+            if call.error is not None:
+                raise call.error
+            return call.value
+        raise self._unfinished_fast(call, limit, started)
+
+    def _send_fast(
+        self, command: str, args: Mapping[str, Any] | None, timeout: float | None, limit: float
+    ) -> PendingCall:
+        """Check and encode the call, ask the breaker, then send it to a worker
+        (or one that may hold it until a slot frees), else queue it."""
+        if self._state != "running" or not self._workers:
+            self._check_open()
+        call_id = next(self._ids)
+        frame = self._encode(call_id, command, args, timeout, None, p.CallMode.CALL)
+        call = PendingCall(call_id, command, p.CallMode.CALL)
+        if not self._breaker.closed:
+            call.probe = self._admit(command)
+        call.waiter = asyncio.get_running_loop().create_future()
+        call.frame = frame  # (sent again if a worker gives it back unstarted)
         # One deadline for queueing and running: it marks the call expired (a
         # hand-off in the deadline's own loop turn then does not send it late).
+        deadlines = self._deadlines
+        assert deadlines is not None
         call.deadline = deadlines.add(call, limit)
-        call.frame = frame  # (sent again if a worker gives it back unstarted)
         try:
-            worker = self._dispatcher.try_reserve(ahead=True)
-            if worker is not None:
-                worker.submit(call, frame)
-            else:  # (full: PoolOverloaded)
+            if not self._dispatcher.send_ahead(call, frame):
                 call.queued = self._dispatcher.enqueue_call(call, frame, call.deadline)
-            await waiter
-        except BaseException:
+        except BaseException:  # (full: PoolOverloaded)
             deadlines.remove(call, call.deadline)
-            if call.worker is None and call.queued is not None:
-                self._dispatcher.leave(call.queued)
-            if call.worker is not None and not call.finished:
-                self._abandon(call.worker, call)
-            if probe:
+            if call.probe:
                 self._breaker.release_probe()
             raise
-        deadlines.remove(call, call.deadline)
-        worker = call.worker
-        if not call.finished:
-            queued = call.queued
-            if worker is None and queued is not None and queued.error is not None:
-                if probe:  # the pool closed while the call was queued
-                    self._breaker.release_probe()
-                raise queued.error
-            waited = worker is not None and worker.waits_here(call)
-            error = self._timeout_error(call.command, limit, worker, never_started=waited)
-            if worker is None:
-                if queued is not None:
-                    self._dispatcher.leave(queued)
-            else:
-                self._abandon(worker, call)
-            self._record(call.command, worker, started, error, probe=probe)
-            raise error
-        self._record(call.command, worker, started, call.error, probe=probe)
-        if call.error is not None:
-            raise call.error
-        return call.value
+        return call
+
+    def _left_fast(self, call: PendingCall) -> None:
+        """The caller of a fast-path call left (cancelled) before its answer."""
+        self._deadlines.remove(call, call.deadline)  # type: ignore[union-attr]
+        if call.worker is None and call.queued is not None:
+            self._dispatcher.leave(call.queued)
+        if call.worker is not None and not call.finished:
+            self._abandon(call.worker, call)
+        if call.probe:
+            self._breaker.release_probe()
+
+    def _unfinished_fast(self, call: PendingCall, limit: float, started: float) -> SnakepoolError:
+        """A fast-path call woke unanswered: the pool closed while it was
+        queued, or its deadline passed (then it is cancelled or dropped)."""
+        worker, queued = call.worker, call.queued
+        if worker is None and queued is not None and queued.error is not None:
+            if call.probe:  # the pool closed while the call was queued
+                self._breaker.release_probe()
+            closed: SnakepoolError = queued.error
+            return closed
+        waited = worker is not None and worker.waits_here(call)
+        error = self._timeout_error(call.command, limit, worker, never_started=waited)
+        if worker is None:
+            if queued is not None:
+                self._dispatcher.leave(queued)
+        else:
+            self._abandon(worker, call)
+        self._record(call.command, worker, started, error, probe=call.probe)
+        return error
 
     def _timeout_error(
         self,
@@ -782,7 +807,9 @@ class Pool:
 
     def _on_capacity(self, worker: WorkerHandle) -> None:
         """A slot freed (or a worker became ready): hand it on; notice a finished drain."""
-        self._dispatcher.on_capacity(worker)
+        dispatcher = self._dispatcher
+        if dispatcher.needs_capacity:  # (nothing queued or sent ahead: nothing to do)
+            dispatcher.on_capacity(worker)
         if self._drained is not None and not any(w.pending for w in self._workers):
             self._drained.set()
 
