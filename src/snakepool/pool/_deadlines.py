@@ -24,6 +24,7 @@ __all__ = ["RESOLUTION", "Deadlines"]
 RESOLUTION = 0.01
 #: Wider buckets for long timeouts: a deadline may be this fraction of its timeout late.
 _RELATIVE = 0.001
+_WIDER_FROM = RESOLUTION / _RELATIVE  # (timeouts up to this get RESOLUTION)
 
 
 class Deadlines:
@@ -33,6 +34,7 @@ class Deadlines:
         self, loop: asyncio.AbstractEventLoop, expire: Callable[[PendingCall], None]
     ) -> None:
         self._loop = loop
+        self._time = loop.time
         self._expire = expire
         self._buckets: dict[float, set[PendingCall]] = {}  # due time -> its calls
         self._armed: set[float] = set()  # due times with a timer set
@@ -40,8 +42,8 @@ class Deadlines:
 
     def add(self, call: PendingCall, seconds: float) -> float:
         """Expire ``call`` in ``seconds`` (a little later, see above); returns its due time."""
-        width = max(RESOLUTION, seconds * _RELATIVE)
-        due = (int((self._loop.time() + seconds) / width) + 1) * width  # rounded up
+        width = RESOLUTION if seconds <= _WIDER_FROM else seconds * _RELATIVE
+        due = (int((self._time() + seconds) / width) + 1) * width  # rounded up
         bucket = self._buckets.get(due)
         if bucket is None:
             bucket = self._buckets[due] = set()

@@ -414,7 +414,14 @@ class WorkerHandle:
         self.pending[call.id] = call
         self.requests += 1
         self.state = WorkerState.BUSY
-        self.post(frame, batch=busy)
+        direct = self._direct
+        if direct is not None and not busy and not self._unsent and not direct.is_closing():
+            try:  # noqa: SIM105 (= post, written out: an idle worker's call goes straight out)
+                direct.write(frame)
+            except (RuntimeError, ConnectionError):  # the worker is gone: its reaper reports
+                pass
+        else:
+            self.post(frame, batch=busy)
         if self.request_limit is not None and self.requests >= self.request_limit:
             self.retire(f"served max_requests ({self.requests} calls)")
 

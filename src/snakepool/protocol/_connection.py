@@ -13,7 +13,7 @@ import enum
 from typing import Any
 
 from ..errors import ProtocolError
-from ._framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameEncoder, Sentinel
+from ._framing import DEFAULT_MAX_FRAME_BYTES, NEED_DATA, FrameDecoder, FrameEncoder, Sentinel
 from ._messages import (
     HOST_MESSAGES,
     WORKER_MESSAGES,
@@ -74,10 +74,16 @@ class Connection:
 
     def next_event(self) -> Message | Sentinel:
         """The next message from the peer, or ``NEED_DATA`` / ``CLOSED``."""
-        frame = self._decoder.next_frame()
-        if isinstance(frame, Sentinel):
-            return frame
-        message = from_wire(frame)
+        decoder = self._decoder
+        if decoder._ready:  # (the usual case, checked here: this runs per message)
+            frame: dict[str, Any] | Sentinel = decoder._ready.popleft()
+        elif not decoder._buffer and not decoder._eof and decoder._error is None:
+            return NEED_DATA  # (the usual end of a read)
+        else:
+            frame = decoder.next_frame()
+            if isinstance(frame, Sentinel):
+                return frame
+        message = from_wire(frame)  # type: ignore[arg-type]
         kind = type(message)
         if kind not in self._may_receive:
             raise ProtocolError(

@@ -73,7 +73,12 @@ class FrameEncoder:
         Raises ``TypeError`` naming the type that MessagePack cannot encode and
         :class:`ProtocolError` when the frame would exceed ``max_frame_bytes``.
         """
-        body = self._pack(payload)
+        try:  # (= _pack, written out: this runs for every call and every answer)
+            body: bytes = self._packer.pack(payload)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise TypeError(f"not MessagePack-serializable: {exc}") from None
+        if len(body) > self.max_frame_bytes:
+            self._refuse(len(body))
         return len(body).to_bytes(HEADER_BYTES, "big") + body
 
     def encode_parts(self, payload: dict[str, Any]) -> tuple[bytes, bytes]:
@@ -84,16 +89,16 @@ class FrameEncoder:
     def _pack(self, payload: dict[str, Any]) -> bytes:
         try:
             body: bytes = self._packer.pack(payload)
-        except TypeError as exc:
-            raise TypeError(f"not MessagePack-serializable: {exc}") from None
-        except (ValueError, OverflowError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise TypeError(f"not MessagePack-serializable: {exc}") from None
         if len(body) > self.max_frame_bytes:
-            raise ProtocolError(
-                f"frame of {_human(len(body))} exceeds max_frame_bytes="
-                f"{_human(self.max_frame_bytes)}"
-            )
+            self._refuse(len(body))
         return body
+
+    def _refuse(self, size: int) -> None:
+        raise ProtocolError(
+            f"frame of {_human(size)} exceeds max_frame_bytes={_human(self.max_frame_bytes)}"
+        )
 
 
 class FrameDecoder:
