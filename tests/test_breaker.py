@@ -151,3 +151,34 @@ def test_recovery_overrides_by_name_and_clear_errors() -> None:
         recovery_table({"bogus": "none"})
     with pytest.raises(ValueError, match="unknown action 'explode'"):
         recovery_table({"timeout": "explode"})
+
+
+def test_steady_means_closed_with_nothing_counted(
+    breaker: CircuitBreaker, clock: FakeClock
+) -> None:
+    # The pool skips success() per call while the breaker is steady: the flag
+    # must never say steady while a failure is counted or the breaker is open.
+    def check() -> None:
+        expected = breaker._state is BreakerState.CLOSED and breaker.consecutive_failures == 0
+        assert breaker.steady is expected
+
+    check()
+    breaker.failure(ErrorCategory.COMMUNICATION)
+    check()
+    breaker.failure(ErrorCategory.APPLICATION)  # not counted: no change
+    check()
+    breaker.success()
+    check()
+    for _ in range(3):
+        breaker.failure(ErrorCategory.TIMEOUT)
+        check()
+    clock.now += 10
+    assert breaker.admit() is True
+    check()
+    breaker.failure(ErrorCategory.TIMEOUT, probe=True)
+    check()
+    clock.now += 10
+    assert breaker.admit() is True
+    breaker.success(probe=True)
+    check()
+    assert breaker.steady

@@ -44,6 +44,8 @@ class CircuitBreaker:
         self._state = BreakerState.CLOSED
         #: The breaker is closed (a plain attribute: the pool checks it per call).
         self.closed = True
+        #: Closed with no failure counted: a success changes nothing (per call, too).
+        self.steady = True
         self._failures = 0
         self._opened_at = 0.0
         self._probe_out = False
@@ -85,6 +87,7 @@ class CircuitBreaker:
     def success(self, *, probe: bool = False) -> None:
         self._failures = 0
         if self.closed and not probe:  # the usual case
+            self.steady = True
             return
         if probe:
             self._probe_out = False
@@ -98,6 +101,7 @@ class CircuitBreaker:
                 self.success(probe=True)
             return
         self._failures += 1
+        self.steady = False
         if probe:
             self._probe_out = False
             self._open()
@@ -115,5 +119,6 @@ class CircuitBreaker:
     def _set(self, new: BreakerState) -> None:
         old, self._state = self._state, new
         self.closed = new is BreakerState.CLOSED
+        self.steady = self.closed and not self._failures
         if old is not new and self._on_change is not None:
             self._on_change(old, new, self._failures)

@@ -202,6 +202,8 @@ class Pool:
         self._completed = 0
         self._failed: dict[str, int] = collections.defaultdict(int)
         self._on_asyncio = False  # set by start(): enables the asyncio fast path
+        #: A success only counts: no listener to tell, no memory limit to check.
+        self._quiet = max_memory_mb is None
         self._deadlines: Deadlines | None = None  # the fast path's timers
         self._template: WorkerTemplate | None = None  # forks workers (preload)
         self._start_method = "spawn"  # what start() chose, and why (statistics)
@@ -417,9 +419,11 @@ class Pool:
     def add_listener(self, fn: Callable[[Event], Any]) -> None:
         """Call ``fn(event)`` for every telemetry event of this pool."""
         self._listeners.add(fn)
+        self._quiet = False
 
     def remove_listener(self, fn: Callable[[Event], Any]) -> None:
         self._listeners.remove(fn)
+        self._quiet = not self._listeners.active and self.config.max_memory_mb is None
 
     def statistics(self) -> PoolStatistics:
         """A frozen snapshot of the pool and its workers."""
@@ -520,6 +524,9 @@ class Pool:
             raise
         self._deadlines.remove(call, call.deadline)  # type: ignore[union-attr]
         if call.finished:
+            if call.error is None and self._breaker.steady and not call.probe and self._quiet:
+                self._completed += 1  # (= _record when it has nothing else to do)
+                return call.value
             self._record(call.command, call.worker, started, call.error, probe=call.probe)
             if call.error is not None:
                 raise call.error

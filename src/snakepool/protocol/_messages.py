@@ -425,13 +425,6 @@ _CALL_SETTERS = tuple(
 )
 
 
-def _make_result(call_id: int, value: Any) -> Result:
-    result: Result = _new_message(Result)
-    _set_result_id(result, call_id)
-    _set_result_value(result, value)
-    return result
-
-
 def _make_call(
     call_id: int, command: str, args: dict[str, Any], mode: str, timeout: Any, session: Any
 ) -> Call:
@@ -498,7 +491,10 @@ def from_wire(wire: dict[str, Any]) -> Message:
     if tag == "result":
         call_id = wire.get("i")
         if type(call_id) is int and "r" in wire:
-            return _make_result(call_id, wire["r"])
+            result: Result = _new_message(Result)  # (see _make_call)
+            _set_result_id(result, call_id)
+            _set_result_value(result, wire["r"])
+            return result
     elif tag == "call":
         call = _plain_call(wire)
         if call is not None:
