@@ -18,6 +18,9 @@ import pytest
 
 import snakepool
 from snakepool import CallTimeout, WorkerCrashed
+from snakepool.pool import _worker as worker_module
+from snakepool.pool._calls import PendingCall
+from snakepool.pool._worker import WorkerHandle, WorkerState
 from waiting import wait_until
 
 pytestmark = pytest.mark.anyio
@@ -239,3 +242,101 @@ async def test_closing_the_pool_fails_a_call_given_back_by_a_dead_worker() -> No
     # never started, sent again, then failed by the close: not left to its deadline
     assert isinstance(outcomes["behind"], snakepool.PoolClosed)
     assert time.monotonic() - started < 15
+
+
+# --- how many calls a worker holds adapts to how quickly it answers ---------------
+
+
+def _paced_handle(concurrency: int, limit: int) -> WorkerHandle:
+    """A handle with no process behind it: enough to feed it answers."""
+    handle = WorkerHandle(
+        pool="p", slot=0, restarts=0, concurrency=concurrency, gpu=None,
+        on_capacity=lambda worker: None, on_exit=lambda worker: None, ahead=limit,
+    )  # fmt: skip
+    handle.state = WorkerState.BUSY
+    return handle
+
+
+_NOW = [1000.0]  # the fake pacing clock's time: one timeline for every test
+
+
+def _fake_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The pacing clock, moved by hand."""
+    monkeypatch.setattr(worker_module, "_clock", lambda: _NOW[0])
+    return _NOW
+
+
+def _answer_at_pace(
+    handle: WorkerHandle, monkeypatch: pytest.MonkeyPatch, gap: float, answers: int
+) -> None:
+    """The worker stays saturated and answers one call every ``gap`` seconds."""
+    now = _fake_clock(monkeypatch)
+    ids = itertools.count(1)
+    for _ in range(handle.concurrency + 1):
+        call_id = next(ids)
+        handle.pending[call_id] = PendingCall(call_id, "echo", "call")
+    for _ in range(answers):
+        call_id = next(ids)
+        handle.pending[call_id] = PendingCall(call_id, "echo", "call")  # the next one
+        now[0] += gap
+        handle._take(min(handle.pending))
+
+
+@pytest.mark.parametrize("concurrency", [1, 8])
+async def test_quick_answers_let_a_worker_hold_up_to_the_limit(
+    monkeypatch: pytest.MonkeyPatch, concurrency: int
+) -> None:
+    handle = _paced_handle(concurrency, limit=64)
+    first = handle.ahead
+    assert concurrency <= first < 64  # before any answer was timed
+    _answer_at_pace(handle, monkeypatch, gap=20e-6, answers=200)  # 50 per millisecond
+    assert handle.ahead == 50
+    _answer_at_pace(handle, monkeypatch, gap=5e-6, answers=200)
+    assert handle.ahead == 64  # (never beyond Pool.send_ahead)
+
+
+@pytest.mark.parametrize("concurrency", [1, 8])
+async def test_slow_answers_keep_waiting_calls_in_the_pools_queue(
+    monkeypatch: pytest.MonkeyPatch, concurrency: int
+) -> None:
+    handle = _paced_handle(concurrency, limit=64)
+    _answer_at_pace(handle, monkeypatch, gap=20e-6, answers=200)
+    _answer_at_pace(handle, monkeypatch, gap=0.05, answers=200)
+    assert handle.ahead == concurrency  # (never below what it runs)
+
+
+async def test_gaps_while_a_worker_idles_are_not_timed(monkeypatch: pytest.MonkeyPatch) -> None:
+    handle = _paced_handle(1, limit=64)
+    _answer_at_pace(handle, monkeypatch, gap=20e-6, answers=200)
+    paced = handle.ahead
+    now = _fake_clock(monkeypatch)
+    while handle.pending:  # the last calls are answered at the same pace
+        now[0] += 20e-6
+        handle._take(min(handle.pending))
+    for call_id in range(10_000, 10_010):  # one call at a time, a second apart
+        handle.pending[call_id] = PendingCall(call_id, "echo", "call")
+        now[0] += 1.0
+        handle._take(call_id)
+    assert handle.ahead == paced
+
+
+async def test_slow_calls_are_not_parked_in_a_busy_worker() -> None:
+    # 2 workers, one call of 3 s, then 20 ms calls: after a few answers each
+    # worker holds only what it runs, so the quick calls wait in the pool's
+    # queue (any worker takes them) instead of behind the slow one.
+    async with snakepool.Pool(ADAPTER, size=2) as pool:
+        async with anyio.create_task_group() as tg:
+            for _ in range(2):
+                for _ in range(12):
+                    tg.start_soon(pool.call, "nap", {"seconds": 0.02})
+            await wait_until(lambda: all(w.inflight == 0 for w in pool.statistics().workers))
+        assert [w.ahead for w in pool._workers] == [1, 1]
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pool.call, "nap", {"seconds": 3.0})
+                await wait_until(lambda: sum(w.inflight for w in pool.statistics().workers) == 1)
+                started = time.monotonic()
+                for _ in range(10):
+                    tg.start_soon(pool.call, "nap", {"seconds": 0.02})
+                await wait_until(lambda: pool.statistics().completed >= 24 + 10)
+                assert time.monotonic() - started < 2.5  # none waited for the 3 s call

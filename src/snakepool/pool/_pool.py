@@ -121,12 +121,14 @@ class Pool:
     stop_grace: float = 3.0
     #: Start attempts per worker when the pool starts.
     start_attempts: int = 3
-    #: Calls a busy worker may hold beyond the ``worker_concurrency`` it runs
-    #: (at least ``worker_concurrency``): sent ahead, they start the moment a
-    #: slot frees, and one a worker has not started moves to a worker that
-    #: frees up first. 0 keeps every waiting call in the pool's queue (only
-    #: calls without a session on asyncio are ever sent ahead).
-    send_ahead: int = 4
+    #: The most calls a busy worker may hold beyond the ``worker_concurrency``
+    #: it runs (at least ``worker_concurrency``): sent ahead, they start the
+    #: moment a slot frees, and one a worker has not started moves to a worker
+    #: that frees up first. How many it holds adapts: about as many as it
+    #: answers in a millisecond, so quick calls are pipelined deeply and slow
+    #: ones wait in the pool's queue. 0 keeps every waiting call in the pool's
+    #: queue (only calls without a session on asyncio are ever sent ahead).
+    send_ahead: int = 64
 
     def __init__(
         self,

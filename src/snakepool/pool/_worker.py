@@ -113,7 +113,12 @@ class WorkerHandle:
         self.concurrency = concurrency
         #: Calls that may wait in the worker beyond the ``concurrency`` it
         #: runs (sent ahead, so it never idles between calls); see Dispatcher.
-        self.ahead = ahead
+        #: It adapts between ``concurrency`` and ``ahead_limit`` (see ``_take``).
+        self.ahead_limit = ahead
+        self.ahead = min(ahead, max(concurrency, _FIRST_AHEAD))
+        self._answered_at = 0.0  # (perf_counter) when the last answer arrived
+        self._saturated = False  # it had ``concurrency`` calls or more after that answer
+        self._answer_gap = 0.0  # moving average of the time between answers while saturated
         self.gpu = gpu
         self.state = WorkerState.STARTING
         self.pid: int | None = None
@@ -709,6 +714,19 @@ class WorkerHandle:
         call = self.pending.pop(call_id, None)
         if call is None:
             return None
+        if self.ahead_limit:
+            # Pace sending ahead: hold about as many calls as the worker answers
+            # in _AHEAD_HORIZON, which covers the round trip to the next frame
+            # without parking more than needed behind a slow call. The gap
+            # between answers counts only while the worker had work queued.
+            now = _clock()
+            if self._saturated:
+                self._answer_gap += (now - self._answered_at - self._answer_gap) * _GAP_WEIGHT
+                gap = self._answer_gap
+                paced = int(_AHEAD_HORIZON / gap) if gap > 0.0 else self.ahead_limit
+                self.ahead = max(self.concurrency, min(self.ahead_limit, paced))
+            self._answered_at = now
+            self._saturated = len(self.pending) >= self.concurrency
         if not self.pending:
             if self.state is WorkerState.BUSY:
                 self.state = WorkerState.IDLE
@@ -812,6 +830,16 @@ def format_exit(info: ExitInfo | None) -> dict[str, Any]:
 
 #: Protocol pipes get this much kernel buffer (Linux; the default is 64 KiB):
 #: a 1 MiB frame then crosses in one write instead of sixteen hand-offs.
+#: How many calls a busy worker holds beyond those it runs (sent ahead): about
+#: as many as it answers in this many seconds, between ``concurrency`` and the
+#: pool's ``send_ahead``. Quick calls get a deep pipeline (no idle gap while
+#: the next frame travels); slow ones wait in the pool's queue, where any
+#: worker can take them.
+_AHEAD_HORIZON = 0.001
+_FIRST_AHEAD = 4  # (until answers have been timed)
+_GAP_WEIGHT = 1 / 16  # of each new gap in the moving average
+_clock = time.perf_counter  # (tests pace answers with a fake one)
+
 _PIPE_BYTES = 1 << 20
 _SMALL_READ = 256 * 1024  # asyncio's own read size
 _LARGE_FRAME_HINT = 64 * 1024  # a read this big may be part of a large frame

@@ -73,27 +73,18 @@ class FrameEncoder:
         Raises ``TypeError`` naming the type that MessagePack cannot encode and
         :class:`ProtocolError` when the frame would exceed ``max_frame_bytes``.
         """
-        try:  # (= _pack, written out: this runs for every call and every answer)
-            body: bytes = self._packer.pack(payload)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise TypeError(f"not MessagePack-serializable: {exc}") from None
-        if len(body) > self.max_frame_bytes:
-            self._refuse(len(body))
-        return len(body).to_bytes(HEADER_BYTES, "big") + body
+        header, body = self.encode_parts(payload)
+        return header + body
 
     def encode_parts(self, payload: dict[str, Any]) -> tuple[bytes, bytes]:
         """``encode`` as (header, body), for a vectored write of a large frame."""
-        body = self._pack(payload)
-        return len(body).to_bytes(HEADER_BYTES, "big"), body
-
-    def _pack(self, payload: dict[str, Any]) -> bytes:
         try:
             body: bytes = self._packer.pack(payload)
         except (TypeError, ValueError, OverflowError) as exc:
             raise TypeError(f"not MessagePack-serializable: {exc}") from None
         if len(body) > self.max_frame_bytes:
             self._refuse(len(body))
-        return body
+        return len(body).to_bytes(HEADER_BYTES, "big"), body
 
     def _refuse(self, size: int) -> None:
         raise ProtocolError(

@@ -425,20 +425,6 @@ _CALL_SETTERS = tuple(
 )
 
 
-def _make_call(
-    call_id: int, command: str, args: dict[str, Any], mode: str, timeout: Any, session: Any
-) -> Call:
-    call: Call = _new_message(Call)
-    set_id, set_command, set_args, set_mode, set_timeout, set_session = _CALL_SETTERS
-    set_id(call, call_id)
-    set_command(call, command)
-    set_args(call, args)
-    set_mode(call, mode)
-    set_timeout(call, timeout)
-    set_session(call, session)
-    return call
-
-
 def _plain_call(wire: dict[str, Any]) -> Call | None:
     call_id, command, args = wire.get("i"), wire.get("c"), wire.get("a")
     mode = wire.get("m", CallMode.CALL)
@@ -451,7 +437,15 @@ def _plain_call(wire: dict[str, Any]) -> Call | None:
         and (timeout is None or type(timeout) is float or type(timeout) is int)
         and (session is None or type(session) is str)
     ):
-        return _make_call(call_id, command, args, mode, timeout, session)
+        call: Call = _new_message(Call)  # (see _CALL_SETTERS)
+        set_id, set_command, set_args, set_mode, set_timeout, set_session = _CALL_SETTERS
+        set_id(call, call_id)
+        set_command(call, command)
+        set_args(call, args)
+        set_mode(call, mode)
+        set_timeout(call, timeout)
+        set_session(call, session)
+        return call
     return None
 
 

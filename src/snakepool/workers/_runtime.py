@@ -371,7 +371,7 @@ class _Threads:
                     job = self._take_locked(now)
                     lock.release()
                     try:
-                        job()
+                        job.body(job)  # (= job(), one call less: this runs per call)
                     finally:
                         lock.acquire()
                         if not job.is_async:  # (it holds its slot until its task ends)
