@@ -96,11 +96,12 @@ class Dispatcher:
     def queued(self) -> int:
         return len(self._waiters)
 
-    @property
-    def needs_capacity(self) -> bool:
-        """A freed slot has someone to go to: a queued caller, or (perhaps) a
-        call waiting inside another worker."""
-        return self._sent_ahead or bool(self._waiters)
+    def has_work_for(self, worker: WorkerHandle) -> bool:
+        """A slot that freed in ``worker`` has someone to go to: a queued caller,
+        or (when the worker has a slot free) a call waiting inside another one."""
+        if self._waiters:
+            return True
+        return self._sent_ahead and len(worker.pending) + worker.reserved < worker.concurrency
 
     # --- choosing ---------------------------------------------------------------
 

@@ -817,7 +817,7 @@ class Pool:
     def _on_capacity(self, worker: WorkerHandle) -> None:
         """A slot freed (or a worker became ready): hand it on; notice a finished drain."""
         dispatcher = self._dispatcher
-        if dispatcher.needs_capacity:  # (nothing queued or sent ahead: nothing to do)
+        if dispatcher.has_work_for(worker):  # (usually not: nothing queued, no slot free)
             dispatcher.on_capacity(worker)
         if self._drained is not None and not any(w.pending for w in self._workers):
             self._drained.set()
