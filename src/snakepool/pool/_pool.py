@@ -99,6 +99,10 @@ def _expire(call: PendingCall) -> None:
         waiter.set_result(None)
 
 
+def _no_loop_yet() -> asyncio.Future[None]:
+    raise RuntimeError("the pool has no event loop yet: start it first")
+
+
 def _restart_delay(failures: int) -> float:
     """Seconds to wait before restart number ``failures`` (tenacity's backoff)."""
     state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
@@ -207,6 +211,7 @@ class Pool:
         #: A success only counts: no listener to tell, no memory limit to check.
         self._quiet = max_memory_mb is None
         self._deadlines: Deadlines | None = None  # the fast path's timers
+        self._new_future: Callable[[], asyncio.Future[None]] = _no_loop_yet
         self._template: WorkerTemplate | None = None  # forks workers (preload)
         self._start_method = "spawn"  # what start() chose, and why (statistics)
 
@@ -220,6 +225,7 @@ class Pool:
         self._on_asyncio = running_on_asyncio()
         if self._on_asyncio:
             self._deadlines = Deadlines(asyncio.get_running_loop(), _expire)
+            self._new_future = asyncio.get_running_loop().create_future
         self._start_finished = anyio.Event()
         self._close_finished = anyio.Event()
         count = self.config.worker_count
@@ -330,22 +336,35 @@ class Pool:
         ``idempotent=True`` retries once on another worker if the first one
         crashed; other calls are never retried.
         """
-        started = time.monotonic()
+        started = time.perf_counter()
         try:
             if session is None and self._on_asyncio:
-                return await self._call_fast(command, args, timeout)
-            return await self._call_once(command, args, timeout, session)
+                # The asyncio fast path, in this frame (one coroutine per call):
+                # one bare future and one deadline, no cancel scope or events.
+                # Same outcomes as the general path: the caller's own
+                # cancellation still arrives as CancelledError at the await. A
+                # queued call is sent by the hand-off itself (enqueue_call),
+                # so the caller wakes once: for the answer, or at the deadline.
+                limit = self.config.call_timeout if timeout is None else timeout
+                call = self._send_fast(command, args, timeout, limit)
+                try:
+                    await call.waiter  # type: ignore[misc]
+                except BaseException:
+                    self._left_fast(call)
+                    raise
+                return self._outcome_fast(call, limit, started)
+            return await self._call_general_once(command, args, timeout, session, started)
         except WorkerCrashed:
             if not idempotent or self.recovery[ErrorCategory.COMMUNICATION] is not Recovery.RETRY:
                 raise
             limit = self.config.call_timeout if timeout is None else timeout
-            remaining = limit - (time.monotonic() - started)
+            remaining = limit - (time.perf_counter() - started)
             if remaining <= 0:
                 raise
             _log.warning(
                 "pool %s: retrying idempotent call %r after a worker crash", self.name, command
             )
-            return await self._call_once(command, args, remaining, session)
+            return await self.call(command, args, timeout=remaining, session=session)
 
     def stream(
         self,
@@ -458,16 +477,15 @@ class Pool:
 
     # --- one call ------------------------------------------------------------------
 
-    def _call_once(
+    def _call_general_once(
         self,
         command: str,
         args: Mapping[str, Any] | None,
         timeout: float | None,
         session: str | None,
+        started: float,
     ) -> Coroutine[Any, Any, Any]:
-        """One attempt: the asyncio fast path where it applies, else the general one."""
-        if session is None and self._on_asyncio:
-            return self._call_fast(command, args, timeout)
+        """One attempt on the general path: check and encode it, ask the breaker."""
         if self._state != "running" or not self._workers:
             self._check_open()
         call_id = next(self._ids)
@@ -475,7 +493,7 @@ class Pool:
         limit = self.config.call_timeout if timeout is None else timeout
         call = PendingCall(call_id, command, p.CallMode.CALL, session)
         call.probe = False if self._breaker.closed else self._admit(command)
-        return self._call_general(call, frame, limit, time.perf_counter())
+        return self._call_general(call, frame, limit, started)
 
     async def _call_general(
         self, call: PendingCall, frame: bytes, limit: float, started: float
@@ -505,25 +523,8 @@ class Pool:
             raise call.error
         return call.value
 
-    async def _call_fast(
-        self, command: str, args: Mapping[str, Any] | None, timeout: float | None
-    ) -> Any:
-        """asyncio, no session: wait on one bare future and one deadline.
-
-        Same outcomes as the general path (cancel scope + events), without
-        the per-call cost of an anyio cancel scope and events: the caller's
-        own cancellation still arrives as ``CancelledError`` at the ``await``.
-        A queued call is sent by the hand-off itself (``enqueue_call``), so
-        the caller wakes once: for the answer, or at the deadline.
-        """
-        started = time.perf_counter()
-        limit = self.config.call_timeout if timeout is None else timeout
-        call = self._send_fast(command, args, timeout, limit)
-        try:
-            await call.waiter  # type: ignore[misc]
-        except BaseException:
-            self._left_fast(call)
-            raise
+    def _outcome_fast(self, call: PendingCall, limit: float, started: float) -> Any:
+        """The value of a fast-path call its caller woke for, or the error to raise."""
         self._deadlines.remove(call, call.deadline)  # type: ignore[union-attr]
         if call.finished:
             if call.error is None and self._breaker.steady and not call.probe and self._quiet:
@@ -547,7 +548,7 @@ class Pool:
         call = PendingCall(call_id, command, p.CallMode.CALL)
         if not self._breaker.closed:
             call.probe = self._admit(command)
-        call.waiter = asyncio.get_running_loop().create_future()
+        call.waiter = self._new_future()
         call.frame = frame  # (sent again if a worker gives it back unstarted)
         # One deadline for queueing and running: it marks the call expired (a
         # hand-off in the deadline's own loop turn then does not send it late).
