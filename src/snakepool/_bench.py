@@ -497,9 +497,10 @@ async def _interleaved_latency(
                         started = time.perf_counter()
                         await call(i)
                         samples[name].append(time.perf_counter() - started)
-                    if callers:
-                        taken = await _run_calls(peer, callers, throughput_calls)
-                        rates[name].append(throughput_calls / taken)
+            for _ in range(rounds if callers else 0):  # (after: a burst may linger)
+                for name, peer in peers.items():
+                    taken = await _run_calls(peer, callers, throughput_calls)
+                    rates[name].append(throughput_calls / taken)
     finally:
         for peer in peers.values():
             with contextlib.suppress(Exception):
