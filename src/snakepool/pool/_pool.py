@@ -186,6 +186,7 @@ class Pool:
             session_store=session_store if isinstance(session_store, str) else type(session_store).__name__,
         )  # fmt: skip
         self.name = name
+        self._call_timeout = float(call_timeout)
         self.recovery = recovery_table(recovery)
         self._listeners = Listeners(name)
         self._breaker = CircuitBreaker(
@@ -630,6 +631,15 @@ class Pool:
         mode: str,
     ) -> bytes:
         """The Call frame, or a clear error before anything is queued or sent."""
+        if type(args) is dict and type(command) is str and command and session is None:
+            # The usual call, checked in short (same rules as below).
+            for key in args:
+                if type(key) is not str:
+                    break
+            else:
+                if timeout is None:
+                    limit: float | None = None if mode == p.CallMode.STREAM else self._call_timeout
+                    return self._frame(call_id, command, args, mode, limit, None)
         if not isinstance(command, str) or not command:
             raise TypeError(f"command must be a non-empty str, got {command!r}")
         if args is None:
@@ -655,6 +665,17 @@ class Pool:
         # Encoded at once, so args need no copy. A stream's timeout bounds
         # each item, not the whole stream: no deadline.
         limit = None if mode == p.CallMode.STREAM else float(timeout or self.config.call_timeout)
+        return self._frame(call_id, command, args, mode, limit, session)
+
+    def _frame(
+        self,
+        call_id: int,
+        command: str,
+        args: dict[str, Any],
+        mode: str,
+        limit: float | None,
+        session: str | None,
+    ) -> bytes:
         wire = p.call_to_wire(call_id, command, args, mode, limit, session)
         try:
             return self._encoder.encode(wire)

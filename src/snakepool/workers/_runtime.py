@@ -166,12 +166,14 @@ class _FrameWriter:
         its body is never copied.
         """
         if len(parts) == 1:
-            data = parts[0]
+            self.write_frame(parts[0])
         elif len(parts[-1]) <= _JOIN_BELOW:
-            data = b"".join(parts)
+            self.write_frame(b"".join(parts))
         else:
             self._write_vector(parts)
-            return
+
+    def write_frame(self, data: bytes) -> None:
+        """One whole frame, already joined (the answers of most calls)."""
         with self._lock:
             if self._closed:
                 return
@@ -642,7 +644,7 @@ class Worker:
             encoder = self._encoders.encoder = p.FrameEncoder(self._max_frame_bytes)
         header, body = encoder.encode_parts(wire)
         if len(body) <= _JOIN_BELOW:
-            writer.write(header + body)
+            writer.write_frame(header + body)
         else:
             writer.write(header, body)
 
