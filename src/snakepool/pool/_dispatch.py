@@ -172,7 +172,10 @@ class Dispatcher:
         ``try_reserve(ahead=True)`` and ``submit`` in one, with the choice
         written out for the usual case (nobody queued): this runs per call.
         """
-        if self._waiters:
+        waiters = self._waiters
+        if waiters:
+            if waiters[0].want is None:
+                return False  # the first in line takes any worker: queue behind it (FIFO)
             worker = self.try_reserve(ahead=True)
             if worker is None:
                 return False

@@ -721,10 +721,13 @@ class WorkerHandle:
             # between answers counts only while the worker had work queued.
             now = _clock()
             if self._saturated:
-                self._answer_gap += (now - self._answered_at - self._answer_gap) * _GAP_WEIGHT
                 gap = self._answer_gap
-                paced = int(_AHEAD_HORIZON / gap) if gap > 0.0 else self.ahead_limit
-                self.ahead = max(self.concurrency, min(self.ahead_limit, paced))
+                gap += (now - self._answered_at - gap) * _GAP_WEIGHT
+                self._answer_gap = gap
+                if gap * self.ahead_limit <= _AHEAD_HORIZON:  # (quick calls: the usual case)
+                    self.ahead = self.ahead_limit
+                else:
+                    self.ahead = max(self.concurrency, int(_AHEAD_HORIZON / gap))
             self._answered_at = now
             self._saturated = len(self.pending) >= self.concurrency
         if not self.pending:
