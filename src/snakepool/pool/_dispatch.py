@@ -34,7 +34,7 @@ import anyio
 
 from ..errors import PoolOverloaded, SnakepoolError
 from ._calls import PendingCall
-from ._worker import WorkerHandle
+from ._worker import READY_STATES, WorkerHandle
 
 __all__ = ["Dispatcher"]
 
@@ -184,13 +184,15 @@ class Dispatcher:
         best: WorkerHandle | None = None
         best_load = 0
         for worker in self._workers:
-            load = worker.load_if_ready
+            if worker.state not in READY_STATES:
+                continue
+            load = len(worker.pending) + worker.reserved  # (= load_if_ready, written out)
             if not load:
                 best = worker  # idle: nothing beats it
                 break
             # (a slot promised to a caller who has not sent yet comes first: see pick)
             limit = worker.concurrency if worker.reserved else worker.concurrency + worker.ahead
-            if 0 < load < limit and (best is None or load < best_load):
+            if load < limit and (best is None or load < best_load):
                 best, best_load = worker, load
         if best is None:
             return False

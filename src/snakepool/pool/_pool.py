@@ -678,7 +678,8 @@ class Pool:
     ) -> bytes:
         wire = p.call_to_wire(call_id, command, args, mode, limit, session)
         try:
-            return self._encoder.encode(wire)
+            header, body = self._encoder.encode_parts(wire)  # (= encode, one call less)
+            return header + body
         except TypeError as exc:
             raise TypeError(f"args of {command!r} are {exc}") from None
         except ProtocolError as exc:

@@ -47,7 +47,7 @@ from ._calls import PendingCall, failure_to_exception
 from ._lines import LineSplitter
 from ._template import ForkedProcess, TemplateUnavailable, WorkerTemplate
 
-__all__ = ["ExitInfo", "WorkerHandle", "WorkerLaunch", "WorkerState"]
+__all__ = ["READY_STATES", "ExitInfo", "WorkerHandle", "WorkerLaunch", "WorkerState"]
 
 _READ_CHUNK = 256 * 1024
 _STDERR_TAIL_LINES = 40
@@ -63,7 +63,8 @@ class WorkerState(enum.StrEnum):
     EXITED = "exited"
 
 
-_READY_STATES = frozenset({WorkerState.IDLE, WorkerState.BUSY})
+#: States of a worker that takes calls.
+READY_STATES = frozenset({WorkerState.IDLE, WorkerState.BUSY})
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,17 +178,17 @@ class WorkerHandle:
     @property
     def load_if_ready(self) -> int:
         """``load`` of a worker that takes calls, -1 for one that does not."""
-        if self.state in _READY_STATES:
+        if self.state in READY_STATES:
             return len(self.pending) + self.reserved
         return -1
 
     @property
     def has_capacity(self) -> bool:
-        return self.state in _READY_STATES and len(self.pending) + self.reserved < self.concurrency
+        return self.state in READY_STATES and len(self.pending) + self.reserved < self.concurrency
 
     @property
     def is_ready(self) -> bool:
-        return self.state in _READY_STATES
+        return self.state in READY_STATES
 
     def rss_bytes(self) -> int | None:
         """Resident memory of the worker and its children (psutil)."""
