@@ -216,13 +216,14 @@ class _FrameWriter:
 #: ``os.write``: copying a few KiB costs less than a ``writev`` vector.
 _JOIN_BELOW = 4096
 
-#: One read takes up to this much (what the host makes the pipe hold), into
-#: a buffer allocated once: a fresh 1 MiB bytes object per read would cost
-#: more than a small call itself.
+#: A plain read takes up to this much, as a fresh bytes object (cheaper than
+#: a copy out of a buffer, and the decoder splits bytes faster).
+_SMALL_READ = 64 * 1024
+#: After a read that filled _SMALL_READ (a large frame, or a backlog), reads
+#: take up to this much (what the host makes the pipe hold) into a buffer
+#: allocated once: a fresh 1 MiB bytes object per read (an mmap each) would
+#: cost more than a small call itself. They are handed on as views.
 _READ_BYTES = 1024 * 1024
-#: A read of at most this many bytes is handed on as a copy, a larger one as
-#: a memoryview of the buffer.
-_SLICE_BELOW = 64 * 1024
 #: A call queued, or the reader busy inside a call, for this long gets help.
 _HELP_AFTER = 0.002
 #: The watchdog keeps watching this long after the last call started.
@@ -353,16 +354,25 @@ class _Threads:
         """
         buffer, fd, jobs, lock = self._read_buffer, self.fd, self._jobs, self._lock
         receive = self.worker.receive
+        large = False  # the last read was full: read into the large buffer
         while True:
+            chunk = b""
             try:
-                count = os.readv(fd, [buffer])
+                if large:
+                    count = os.readv(fd, [buffer])
+                else:
+                    chunk = os.read(fd, _SMALL_READ)
+                    count = len(chunk)
             except OSError:
                 count = 0
-            if count <= _SLICE_BELOW:  # a copy of a few bytes costs less than a view
-                receive(buffer[:count])
-            else:
+                large = False
+            if large:
                 with memoryview(buffer) as view, view[:count] as data:
                     receive(data)  # (the decoder copies what it keeps)
+                large = count == _READ_BYTES
+            else:
+                receive(chunk)
+                large = count == _SMALL_READ
             lock.acquire()
             try:
                 if not count:
