@@ -261,11 +261,6 @@ class _RawWorker(asyncio.SubprocessProtocol):
         # (duck-typed: uvloop's transports do not subclass asyncio's)
         self.transport = cast(asyncio.SubprocessTransport, transport)
         self.stdin = cast(asyncio.WriteTransport, self.transport.get_pipe_transport(0))
-        # Small reads, as snakepool's host makes them: asyncio's 256 KiB read
-        # buffer is over glibc's mmap threshold and costs an mmap per read.
-        stdout = self.transport.get_pipe_transport(1)
-        if stdout is not None and hasattr(stdout, "max_size"):
-            stdout.max_size = 64 * 1024
 
     def send(self, request_id: int, value: Any) -> asyncio.Future[Any]:
         assert self.stdin is not None
