@@ -454,6 +454,8 @@ async def _latency(peer: _Peer, calls: int) -> dict[str, float]:
     }
 
 
+#: Alternating throughput rounds per peer (each as long as a point of the table).
+_THROUGHPUT_ROUNDS = 5
 #: Peers whose sequential latency is also measured interleaved (for the target).
 INTERLEAVED = ("raw_loop", "snakepool", "snakepool_c8")
 
@@ -497,7 +499,7 @@ async def _interleaved_latency(
                         started = time.perf_counter()
                         await call(i)
                         samples[name].append(time.perf_counter() - started)
-            for _ in range(rounds if callers else 0):  # (after: a burst may linger)
+            for _ in range(_THROUGHPUT_ROUNDS if callers else 0):  # (after: a burst may linger)
                 for name, peer in peers.items():
                     taken = await _run_calls(peer, callers, throughput_calls)
                     rates[name].append(throughput_calls / taken)
@@ -508,6 +510,7 @@ async def _interleaved_latency(
     result: dict[str, Any] = {"rounds": rounds, "calls": calls}
     if callers:
         result["callers"], result["throughput_calls"] = callers, throughput_calls
+        result["throughput_rounds"] = _THROUGHPUT_ROUNDS
     for name, values in samples.items():
         values.sort()
         result[name] = {
@@ -988,7 +991,7 @@ async def run_benchmark(
                 phase_timeout,
                 say,
                 callers=max(concurrency),
-                throughput_calls=max(1, calls // 4),
+                throughput_calls=calls,  # (as many as a point of the table)
             )
         except Exception as exc:  # noted, like any failed phase
             result["interleaved_latency_us"] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -1102,8 +1105,9 @@ def _interleaved_line(result: dict[str, Any]) -> str:
             if "throughput" in data.get(name, {})
         ]
         line += (
-            f". Throughput at {data['callers']} callers in the same rounds "
-            f"({data['throughput_calls']:,} calls each, median): " + "; ".join(rates)
+            f". Then throughput at {data['callers']} callers, {data['throughput_rounds']} "
+            f"alternating rounds ({data['throughput_calls']:,} calls each, median): "
+            + "; ".join(rates)
         )
     return line
 
