@@ -186,7 +186,7 @@ class Pool:
             session_store=session_store if isinstance(session_store, str) else type(session_store).__name__,
         )  # fmt: skip
         self.name = name
-        self._call_timeout = float(call_timeout)
+        self._call_timeout = float(self.config.call_timeout)
         self.recovery = recovery_table(recovery)
         self._listeners = Listeners(name)
         self._breaker = CircuitBreaker(
@@ -210,7 +210,7 @@ class Pool:
         self._failed: dict[str, int] = collections.defaultdict(int)
         self._on_asyncio = False  # set by start(): enables the asyncio fast path
         #: A success only counts: no listener to tell, no memory limit to check.
-        self._quiet = max_memory_mb is None
+        self._quiet = self.config.max_memory_mb is None
         self._deadlines: Deadlines | None = None  # the fast path's timers
         self._new_future: Callable[[], asyncio.Future[None]] = _no_loop_yet
         self._template: WorkerTemplate | None = None  # forks workers (preload)

@@ -832,8 +832,6 @@ def format_exit(info: ExitInfo | None) -> dict[str, Any]:
     }
 
 
-#: Protocol pipes get this much kernel buffer (Linux; the default is 64 KiB):
-#: a 1 MiB frame then crosses in one write instead of sixteen hand-offs.
 #: How many calls a busy worker holds beyond those it runs (sent ahead): about
 #: as many as it answers in this many seconds, between ``concurrency`` and the
 #: pool's ``send_ahead``. Quick calls get a deep pipeline (no idle gap while
@@ -844,10 +842,13 @@ _FIRST_AHEAD = 4  # (until answers have been timed)
 _GAP_WEIGHT = 1 / 16  # of each new gap in the moving average
 _clock = time.perf_counter  # (tests pace answers with a fake one)
 
+#: Protocol pipes get this much kernel buffer (Linux; the default is 64 KiB):
+#: a 1 MiB frame then crosses in one write instead of sixteen hand-offs.
 _PIPE_BYTES = 1 << 20
 #: Reads of small answers take up to this much. Not asyncio's 256 KiB: a
-#: buffer over glibc's 128 KiB mmap threshold is mapped and unmapped on every
-#: read, about 15 us each on this kind of machine, more than a call costs.
+#: buffer over glibc's 128 KiB mmap threshold can be mapped and unmapped on
+#: every read (until glibc raises its threshold), about 15 us each on this
+#: kind of machine, more than a call costs.
 _SMALL_READ = 64 * 1024
 _LARGE_FRAME_HINT = 64 * 1024  # a read this big may be part of a large frame
 

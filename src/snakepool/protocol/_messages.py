@@ -485,7 +485,7 @@ def from_wire(wire: dict[str, Any]) -> Message:
     if tag == "result":
         call_id = wire.get("i")
         if type(call_id) is int and "r" in wire:
-            result: Result = _new_message(Result)  # (see _make_call)
+            result: Result = _new_message(Result)  # (see _CALL_SETTERS)
             _set_result_id(result, call_id)
             _set_result_value(result, wire["r"])
             return result
