@@ -72,9 +72,6 @@ class _Capture:
     def write(self, *parts: bytes) -> None:
         self.frames.append(b"".join(parts))
 
-    def write_frame(self, data: bytes) -> None:
-        self.frames.append(data)
-
     def is_closing(self) -> bool:
         return False
 

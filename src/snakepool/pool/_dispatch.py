@@ -345,8 +345,9 @@ class Dispatcher:
     def _withdraw_for(self, worker: WorkerHandle) -> None:
         """``worker`` has free slots and nothing is queued: ask other workers for
         calls they hold but have not started (the newest first), one per slot."""
-        free = worker.concurrency - worker.load_if_ready
-        if free <= 0 or worker.load_if_ready < 0:
+        load = worker.load_if_ready
+        free = worker.concurrency - load
+        if free <= 0 or load < 0:
             return
         surplus_anywhere = False
         for other in self._workers:

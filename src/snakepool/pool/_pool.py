@@ -209,8 +209,6 @@ class Pool:
         self._completed = 0
         self._failed: dict[str, int] = collections.defaultdict(int)
         self._on_asyncio = False  # set by start(): enables the asyncio fast path
-        #: A success only counts: no listener to tell, no memory limit to check.
-        self._quiet = self.config.max_memory_mb is None
         self._deadlines: Deadlines | None = None  # the fast path's timers
         self._new_future: Callable[[], asyncio.Future[None]] = _no_loop_yet
         self._template: WorkerTemplate | None = None  # forks workers (preload)
@@ -346,7 +344,7 @@ class Pool:
                 # cancellation still arrives as CancelledError at the await. A
                 # queued call is sent by the hand-off itself (enqueue_call),
                 # so the caller wakes once: for the answer, or at the deadline.
-                limit = self.config.call_timeout if timeout is None else timeout
+                limit = self._call_timeout if timeout is None else timeout
                 call = self._send_fast(command, args, timeout, limit)
                 try:
                     await call.waiter  # type: ignore[misc]
@@ -358,7 +356,7 @@ class Pool:
         except WorkerCrashed:
             if not idempotent or self.recovery[ErrorCategory.COMMUNICATION] is not Recovery.RETRY:
                 raise
-            limit = self.config.call_timeout if timeout is None else timeout
+            limit = self._call_timeout if timeout is None else timeout
             remaining = limit - (time.perf_counter() - started)
             if remaining <= 0:
                 raise
@@ -441,11 +439,9 @@ class Pool:
     def add_listener(self, fn: Callable[[Event], Any]) -> None:
         """Call ``fn(event)`` for every telemetry event of this pool."""
         self._listeners.add(fn)
-        self._quiet = False
 
     def remove_listener(self, fn: Callable[[Event], Any]) -> None:
         self._listeners.remove(fn)
-        self._quiet = not self._listeners.active and self.config.max_memory_mb is None
 
     def statistics(self) -> PoolStatistics:
         """A frozen snapshot of the pool and its workers."""
@@ -491,7 +487,7 @@ class Pool:
             self._check_open()
         call_id = next(self._ids)
         frame = self._encode(call_id, command, args, timeout, session, p.CallMode.CALL)
-        limit = self.config.call_timeout if timeout is None else timeout
+        limit = self._call_timeout if timeout is None else timeout
         call = PendingCall(call_id, command, p.CallMode.CALL, session)
         call.probe = False if self._breaker.closed else self._admit(command)
         return self._call_general(call, frame, limit, started)
@@ -528,7 +524,8 @@ class Pool:
         """The value of a fast-path call its caller woke for, or the error to raise."""
         self._deadlines.remove(call, call.deadline)  # type: ignore[union-attr]
         if call.finished:
-            if call.error is None and self._breaker.steady and not call.probe and self._quiet:
+            quiet = not self._listeners.active and self.config.max_memory_mb is None
+            if call.error is None and self._breaker.steady and not call.probe and quiet:
                 self._completed += 1  # (= _record when it has nothing else to do)
                 return call.value
             self._record(call.command, call.worker, started, call.error, probe=call.probe)
@@ -664,7 +661,7 @@ class Pool:
             raise TypeError(f"session must be a session id (str), got {type(session).__name__}")
         # Encoded at once, so args need no copy. A stream's timeout bounds
         # each item, not the whole stream: no deadline.
-        limit = None if mode == p.CallMode.STREAM else float(timeout or self.config.call_timeout)
+        limit = None if mode == p.CallMode.STREAM else float(timeout or self._call_timeout)
         return self._frame(call_id, command, args, mode, limit, session)
 
     def _frame(

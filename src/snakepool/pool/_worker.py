@@ -420,14 +420,7 @@ class WorkerHandle:
         self.pending[call.id] = call
         self.requests += 1
         self.state = WorkerState.BUSY
-        direct = self._direct
-        if direct is not None and not busy and not self._unsent and not direct.is_closing():
-            try:  # noqa: SIM105 (= post, written out: an idle worker's call goes straight out)
-                direct.write(frame)
-            except (RuntimeError, ConnectionError):  # the worker is gone: its reaper reports
-                pass
-        else:
-            self.post(frame, batch=busy)
+        self.post(frame, batch=busy)
         if self.request_limit is not None and self.requests >= self.request_limit:
             self.retire(f"served max_requests ({self.requests} calls)")
 
@@ -850,7 +843,6 @@ _PIPE_BYTES = 1 << 20
 #: every read (until glibc raises its threshold), about 15 us each on this
 #: kind of machine, more than a call costs.
 _SMALL_READ = 64 * 1024
-_LARGE_FRAME_HINT = 64 * 1024  # a read this big may be part of a large frame
 
 
 def _enlarge_pipe(fd: int) -> None:
@@ -894,7 +886,7 @@ class _StdoutReader(asyncio.Protocol):
         if self.handle.feed_stdout(data):
             self._end()
             return
-        if self._large_reads or len(data) >= _LARGE_FRAME_HINT:
+        if self._large_reads or len(data) >= _SMALL_READ:  # (a full read: maybe a large frame)
             self._adapt_read_size()
 
     def _adapt_read_size(self) -> None:

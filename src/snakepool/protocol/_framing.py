@@ -140,11 +140,7 @@ class FrameDecoder:
             return
         start = 0
         if self._body_length is None and not self._buffer:  # usual: whole frames in ``data``
-            end = len(data)
-            if end > _COPY_SLICES_UP_TO:
-                start = self._split_whole_frames(data)
-            else:  # (small: plain slices; one call less per read)
-                start = self._split(data, end)
+            start = self._split_whole_frames(data)
             if start == len(data):
                 return
         self._buffer += data[start:] if start else data

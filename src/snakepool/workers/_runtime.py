@@ -166,14 +166,12 @@ class _FrameWriter:
         its body is never copied.
         """
         if len(parts) == 1:
-            self.write_frame(parts[0])
+            data = parts[0]
         elif len(parts[-1]) <= _JOIN_BELOW:
-            self.write_frame(b"".join(parts))
+            data = b"".join(parts)
         else:
             self._write_vector(parts)
-
-    def write_frame(self, data: bytes) -> None:
-        """One whole frame, already joined (the answers of most calls)."""
+            return
         with self._lock:
             if self._closed:
                 return
@@ -383,7 +381,7 @@ class _Threads:
                     job = self._take_locked(now)
                     lock.release()
                     try:
-                        job.body(job)  # (= job(), one call less: this runs per call)
+                        job()
                     finally:
                         lock.acquire()
                         if not job.is_async:  # (it holds its slot until its task ends)
@@ -652,11 +650,7 @@ class Worker:
         encoder: p.FrameEncoder | None = getattr(self._encoders, "encoder", None)
         if encoder is None or encoder.max_frame_bytes != self._max_frame_bytes:
             encoder = self._encoders.encoder = p.FrameEncoder(self._max_frame_bytes)
-        header, body = encoder.encode_parts(wire)
-        if len(body) <= _JOIN_BELOW:
-            writer.write_frame(header + body)
-        else:
-            writer.write(header, body)
+        writer.write(*encoder.encode_parts(wire))
 
     # --- start-up --------------------------------------------------------------
 
@@ -743,22 +737,18 @@ class Worker:
             if spec.wants_context:
                 kwargs["ctx"] = ctx
         handler = getattr(self.adapter, spec.attribute)
-        if not spec.is_async:
-            assert self.threads is not None
+        # A stream may run STREAM_WINDOW items ahead of what the host consumed.
+        if spec.is_async:
+            # Async calls queue like sync ones (same order, same limit); taking
+            # one off the queue starts its task on the loop.
+            running = _Running(call, handler, kwargs, ctx, self._launch, is_async=True)
             if spec.is_stream:
-                running = _Running(call, handler, kwargs, ctx, self._sync_stream_body)
-                # A stream may run STREAM_WINDOW items ahead of what the host consumed.
-                running.thread_credit = threading.Semaphore(p.STREAM_WINDOW)
-            else:  # the common case: a plain sync call
-                running = _Running(call, handler, kwargs, ctx, self._sync_call_body)
-            self.running[call.id] = running
-            self.threads.submit(running)
-            return
-        # Async calls queue like sync ones (same order, same limit); taking
-        # one off the queue starts its task on the loop.
-        running = _Running(call, handler, kwargs, ctx, self._launch, is_async=True)
-        if spec.is_stream:
-            running.async_credit = asyncio.Semaphore(p.STREAM_WINDOW)
+                running.async_credit = asyncio.Semaphore(p.STREAM_WINDOW)
+        elif spec.is_stream:
+            running = _Running(call, handler, kwargs, ctx, self._sync_stream_body)
+            running.thread_credit = threading.Semaphore(p.STREAM_WINDOW)
+        else:  # the common case: a plain sync call
+            running = _Running(call, handler, kwargs, ctx, self._sync_call_body)
         self.running[call.id] = running
         assert self.threads is not None
         self.threads.submit(running)
