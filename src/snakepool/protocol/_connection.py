@@ -72,6 +72,17 @@ class Connection:
         """Feed bytes read from the peer; ``b""`` means end of stream."""
         self._decoder.feed(data)
 
+    def whole_frames(self, data: bytes) -> list[dict[str, Any]] | None:
+        """The raw maps in ``data``, for a reader that handles the usual messages itself.
+
+        Only after the handshake, and only when ``data`` is whole, valid frames
+        with nothing pending (see :meth:`FrameDecoder.whole_frames`); nothing
+        is buffered either way. The caller applies ``next_event``'s rules to
+        each map itself, and feeds ``data`` to :meth:`receive_data` instead
+        when any map is not one it handles.
+        """
+        return self._decoder.whole_frames(data) if self._received_first else None
+
     def next_event(self) -> Message | Sentinel:
         """The next message from the peer, or ``NEED_DATA`` / ``CLOSED``."""
         decoder = self._decoder

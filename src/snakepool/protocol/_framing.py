@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import enum
+from collections.abc import Callable
 from typing import Any, Final
 
 import msgpack
@@ -33,6 +34,8 @@ _MAX_HEADER_VALUE: Final = 2**32 - 1
 _unpackb = msgpack.unpackb
 #: Reads up to this size are split with plain slices (a copy is cheaper than a view).
 _COPY_SLICES_UP_TO: Final = 4096
+#: Bodies up to this size are "small" for ``encode_small`` (joined with their header).
+_SMALL_FRAME: Final = 4096
 
 
 class Sentinel(enum.Enum):
@@ -64,6 +67,7 @@ class FrameEncoder:
         if not 0 < max_frame_bytes <= _MAX_HEADER_VALUE:
             raise ValueError(f"max_frame_bytes must be in 1..{_MAX_HEADER_VALUE}")
         self.max_frame_bytes = max_frame_bytes
+        self._small = min(max_frame_bytes, _SMALL_FRAME)
         # One reusable Packer: it resets itself when packing raises.
         self._packer = msgpack.Packer(use_bin_type=True, autoreset=True)
 
@@ -85,6 +89,20 @@ class FrameEncoder:
         if len(body) > self.max_frame_bytes:
             self._refuse(len(body))
         return len(body).to_bytes(HEADER_BYTES, "big"), body
+
+    def encode_small(self, payload: dict[str, Any]) -> bytes | None:
+        """``encode`` for a hot path: the frame if its body is small, else None.
+
+        None also when ``payload`` cannot be packed: :meth:`encode_parts`
+        says why. Small is up to 4 KiB (and within ``max_frame_bytes``).
+        """
+        try:
+            body: bytes = self._packer.pack(payload)
+        except Exception:
+            return None
+        if len(body) > self._small:
+            return None
+        return len(body).to_bytes(HEADER_BYTES, "big") + body
 
     def _refuse(self, size: int) -> None:
         raise ProtocolError(
@@ -140,15 +158,17 @@ class FrameDecoder:
             return
         start = 0
         if self._body_length is None and not self._buffer:  # usual: whole frames in ``data``
-            start = self._split_whole_frames(data)
+            start = self._split_whole_frames(data, self._ready.append)
             if start == len(data):
                 return
         self._buffer += data[start:] if start else data
         if self._body_length is None and not self._ready:  # (else next_frame reads it)
             self._read_header()
 
-    def _split_whole_frames(self, data: bytes | bytearray | memoryview) -> int:
-        """Decode the complete, valid frames at the start of ``data`` into the ready queue.
+    def _split_whole_frames(
+        self, data: bytes | bytearray | memoryview, keep: Callable[[dict[str, Any]], None]
+    ) -> int:
+        """Decode the complete, valid frames at the start of ``data`` into ``keep``.
 
         Returns how many bytes were used. Anything else (a partial frame, a
         bad header, an undecodable body) is left for the buffered path, which
@@ -157,28 +177,26 @@ class FrameDecoder:
         end = len(data)
         if end > _COPY_SLICES_UP_TO:  # large: slices of a view, not copies
             with memoryview(data) as view:
-                return self._split(view, end)
-        return self._split(data, end)
+                return _split(view, end, self.max_frame_bytes, keep)
+        return _split(data, end, self.max_frame_bytes, keep)
 
-    def _split(self, data: bytes | bytearray | memoryview, end: int) -> int:
-        limit = self.max_frame_bytes
-        ready = self._ready
-        position = 0
-        while end - position > HEADER_BYTES:
-            body_start = position + HEADER_BYTES
-            length = int.from_bytes(data[position:body_start], "big")
-            body_end = body_start + length
-            if not 0 < length <= limit or body_end > end:
-                break
-            try:
-                payload = _unpackb(data[body_start:body_end], raw=False, strict_map_key=False)
-            except Exception:
-                break
-            if type(payload) is not dict:
-                break
-            ready.append(payload)
-            position = body_end
-        return position
+    def whole_frames(self, data: bytes) -> list[dict[str, Any]] | None:
+        """The maps of ``data`` when it is whole, valid frames and nothing is pending.
+
+        A shortcut for a reader that handles the usual frames itself: nothing
+        is buffered or queued either way. None means "not that simple" (bytes
+        or frames are pending, the stream ended or broke, or ``data`` holds a
+        partial or bad frame): feed ``data`` to :meth:`feed` instead.
+        """
+        if self._buffer or self._ready or self._eof or self._error is not None:
+            return None
+        frames: list[dict[str, Any]] = []
+        end = len(data)
+        if end > _COPY_SLICES_UP_TO:
+            used = self._split_whole_frames(data, frames.append)
+        else:  # (the usual read of a few frames: no view, one call less)
+            used = _split(data, end, self.max_frame_bytes, frames.append)
+        return frames if used == end else None
 
     def next_frame(self) -> dict[str, Any] | Sentinel:
         """Return the next decoded map, ``NEED_DATA`` or ``CLOSED``."""
@@ -247,3 +265,28 @@ class FrameDecoder:
         self._error = ProtocolError(message)
         self._buffer = bytearray()
         self._ready.clear()
+
+
+def _split(
+    data: bytes | bytearray | memoryview,
+    end: int,
+    limit: int,
+    keep: Callable[[dict[str, Any]], None],
+) -> int:
+    """Decode whole, valid frames from the start of ``data`` into ``keep``; the bytes used."""
+    position = 0
+    while end - position > HEADER_BYTES:
+        body_start = position + HEADER_BYTES
+        length = int.from_bytes(data[position:body_start], "big")
+        body_end = body_start + length
+        if not 0 < length <= limit or body_end > end:
+            break
+        try:
+            payload = _unpackb(data[body_start:body_end], raw=False, strict_map_key=False)
+        except Exception:
+            break
+        if type(payload) is not dict:
+            break
+        keep(payload)
+        position = body_end
+    return position

@@ -351,7 +351,7 @@ class _Threads:
         one lock round trip after each read and one after each call.
         """
         buffer, fd, jobs, lock = self._read_buffer, self.fd, self._jobs, self._lock
-        receive = self.worker.receive
+        receive, plain_calls = self.worker.receive, self.worker.plain_calls
         large = False  # the last read was full: read into the large buffer
         while True:
             chunk = b""
@@ -369,8 +369,23 @@ class _Threads:
                     receive(data)  # (the decoder copies what it keeps)
                 large = count == _READ_BYTES
             else:
-                receive(chunk)
                 large = count == _SMALL_READ
+                # Nothing queued or running (only the reader queues calls, and
+                # we are it): plain calls may run right here, without a queue;
+                # several in a row only if they could not run side by side.
+                calls = (
+                    plain_calls(chunk)
+                    if count
+                    and not jobs
+                    and not self._running
+                    and (self.limit == 1 or int.from_bytes(chunk[:4], "big") + 4 == count)
+                    else None
+                )
+                if calls is not None:
+                    if not self._run_plain(calls, role):
+                        return True  # the watchdog took reading over: follow
+                    continue
+                receive(chunk)
             lock.acquire()
             try:
                 if not count:
@@ -447,15 +462,69 @@ class _Threads:
                 self._lock.acquire()
         return _EXIT, None, None
 
+    def _run_plain(self, calls: list[_PlainCall], role: int) -> bool:
+        """Run plain calls the leader read, in order, in one slot; false if it lost the role.
+
+        The *plain lane* (see ``Worker.plain_calls``): what ``_lead`` and
+        ``Worker._sync_call_body`` do with a queued call, minus the queue, the
+        ``Call`` and the ``_Running``, written out in one function: a Python
+        call costs about as much here as the no-op call itself. If the
+        watchdog takes the reader role over meanwhile, the rest still run
+        here, first: calls the new reader queues wait for this slot, so
+        arrival order holds (they can no longer be cancelled or withdrawn
+        before they start).
+
+        Only one thread at a time runs the lane (it holds a slot, and is only
+        taken with none held), so the lane has an encoder of its own.
+        """
+        worker, lock = self.worker, self._lock
+        encode, writer = worker.plain_encoder.encode_small, worker.writer
+        assert writer is not None
+        leading = True
+        with lock:
+            self._running += 1
+            self._leader_busy_since = self._last_call = now = time.monotonic()
+            if self._watchdog != "on":
+                self._started_locked(now)
+        try:
+            for index, (call_id, command, handler, kwargs) in enumerate(calls):
+                if index and leading:
+                    with lock:
+                        leading = role == self._role
+                        if leading:
+                            self._leader_busy_since = time.monotonic()
+                try:
+                    value = handler(**kwargs)
+                except BaseException as exc:
+                    worker.report_error(call_id, command, exc, traceback.format_exc())
+                    continue
+                frame = encode({"t": _RESULT_TAG, "i": call_id, "r": value})
+                if frame is not None:
+                    writer.write(frame)
+                else:  # large, or not encodable: the general way says which
+                    worker.answer_value(call_id, command, value)
+        finally:
+            with lock:
+                self._running -= 1
+                if role == self._role:
+                    self._leader_busy_since = None
+                else:
+                    leading = False
+        return leading
+
     def _take_locked(self, now: float) -> _Running:
         job, _ = self._jobs.popleft()
         self._running += 1
+        self._started_locked(now)
+        return job
+
+    def _started_locked(self, now: float) -> None:
+        """A call started: make sure a watchdog will notice if it takes long."""
         self._last_call = now
-        if self._watchdog != "on":  # someone must notice if this call takes long
+        if self._watchdog != "on":
             # (also when a thread woken to watch took this call instead)
             self._watchdog = "called"
             self._wake_locked(1)
-        return job
 
     def _wake_helpers_locked(self) -> None:
         """Threads for every call that may run now, and a new watchdog."""
@@ -568,9 +637,13 @@ class Worker:
         self.writer: _FrameWriter | None = None
         self._encoders = threading.local()  # a Packer is not thread-safe: one per thread
         self._max_frame_bytes = p.DEFAULT_MAX_FRAME_BYTES
+        self.plain_encoder = p.FrameEncoder()  # the plain lane's (see _Threads._run_plain)
         self.finished: asyncio.Future[int] = loop.create_future()
         self.adapter: Adapter | None = None
         self.commands: dict[str, CommandSpec] = {}
+        # The plain lane's commands (sync, not streams, no ctx, keyword parameters):
+        # bound handler, parameter names, required names.
+        self._plain: dict[str, tuple[Callable[..., Any], frozenset[str], frozenset[str]]] = {}
         self.running: dict[int, _Running] = {}
         self.sessions: dict[str, _WorkerSession] = {}
         self._host_calls: dict[int, concurrent.futures.Future[Any] | asyncio.Future[Any]] = {}
@@ -604,6 +677,49 @@ class Worker:
         except ProtocolError as exc:
             print(f"snakepool worker: protocol error from host: {exc}", file=sys.stderr)
             self._begin_shutdown(EXIT_PROTOCOL_ERROR, f"protocol error: {exc}")
+
+    def plain_calls(self, data: bytes) -> list[_PlainCall] | None:
+        """The calls in ``data``, if it holds nothing but whole frames of plain calls.
+
+        A plain call has no session and no ``ctx``, and calls a sync command
+        that is not a stream with arguments that fit: most calls. The reader
+        runs them itself, in order (``_Threads._run_plain``), with no
+        ``Call`` message, queue entry or ``running`` record. None (nothing
+        consumed) sends ``data`` the general way, through ``receive``; so does
+        anything unusual, down to a float id, which ``next_event`` then refuses.
+        """
+        plain = self._plain
+        if not plain or self._closing:
+            return None
+        frames = self.conn.whole_frames(data)
+        if frames is None:
+            return None
+        calls: list[_PlainCall] = []
+        for wire in frames:
+            command, call_id, args, timeout = (
+                wire.get("c"),
+                wire.get("i"),
+                wire.get("a"),
+                wire.get("o"),
+            )
+            if (
+                wire.get("t") != "call"
+                or type(command) is not str
+                or type(call_id) is not int
+                or type(args) is not dict
+                or wire.get("m", _CALL) != _CALL
+                or wire.get("s") is not None
+                or not (timeout is None or type(timeout) is float or type(timeout) is int)
+            ):
+                return None
+            entry = plain.get(command)
+            if entry is None:
+                return None
+            handler, names, required = entry
+            if not (names.issuperset(args) and required.issubset(args)):
+                return None  # (the general path explains the mismatch)
+            calls.append((call_id, command, handler, args))
+        return calls
 
     def on_message(self, message: p.Message) -> None:
         if isinstance(message, p.Call):
@@ -667,6 +783,7 @@ class Worker:
             self._apply_sys_path(init.sys_path)
             self.conn.set_max_frame_bytes(init.max_frame_bytes)
             self._max_frame_bytes = init.max_frame_bytes
+            self.plain_encoder = p.FrameEncoder(init.max_frame_bytes)
             self.log = logging.getLogger(f"snakepool.worker.{init.pool}.{init.worker_id}")
             _install_log_forwarding(self)
             cls = load_adapter_class(init.adapter)
@@ -677,6 +794,12 @@ class Worker:
             self._startup_failed(_type_name(exc), str(exc), traceback.format_exc())
             return
         self.commands = dict(cls.commands)
+        self._plain = {
+            name: (getattr(self.adapter, spec.attribute), spec.names, spec.required)
+            for name, spec in self.commands.items()
+            if not (spec.is_async or spec.is_stream or spec.wants_context or spec.var_keyword)
+            and spec.names is not None
+        }
         if self.threads is not None:
             self.threads.limit = max(1, init.concurrency)
         self.send(
@@ -986,14 +1109,16 @@ class Worker:
     # outcomes (loop thread) --------------------------------------------------
 
     def _finish_value(self, call: p.Call, value: Any) -> None:
-        if self.running.pop(call.id, None) is None:
-            return  # already answered (cancelled at shutdown)
+        if self.running.pop(call.id, None) is not None:  # (else answered: cancelled at shutdown)
+            self.answer_value(call.id, call.command, value)
+
+    def answer_value(self, call_id: int, command: str, value: Any) -> None:
         try:
-            # = p.to_wire(p.Result(id=call.id, value=value)), without making
+            # = p.to_wire(p.Result(id=call_id, value=value)), without making
             # the message object (tests/test_worker_fast_path.py pins the bytes).
-            self._send_wire({"t": _RESULT_TAG, "i": call.id, "r": value})
+            self._send_wire({"t": _RESULT_TAG, "i": call_id, "r": value})
         except (TypeError, ProtocolError) as exc:
-            self._send_unencodable(call, "result", value, exc)
+            self._send_unencodable(call_id, command, "result", value, exc)
 
     def _send_item(self, call: p.Call, item: Any) -> None:
         if call.id not in self.running:
@@ -1004,7 +1129,7 @@ class Worker:
             running = self._take(call.id)
             if running is not None:
                 running.cancel()
-            self._send_unencodable(call, "stream item", item, exc)
+            self._send_unencodable(call.id, call.command, "stream item", item, exc)
 
     def _finish_stream(self, call: p.Call) -> None:
         if self._take(call.id) is not None:
@@ -1012,34 +1137,41 @@ class Worker:
 
     def _finish_error(self, call: p.Call, exc: BaseException, tb: str) -> None:
         running = self._take(call.id)
-        if running is None:
-            return
+        if running is not None:
+            self.report_error(call.id, call.command, exc, tb, cancelled=running.cancelled)
+
+    def report_error(
+        self, call_id: int, command: str, exc: BaseException, tb: str, *, cancelled: bool = False
+    ) -> None:
+        """Answer a call that raised ``exc`` (``cancelled``: the host had cancelled it)."""
         if isinstance(exc, asyncio.CancelledError) or (
-            running.cancelled and isinstance(exc, GeneratorExit)
+            cancelled and isinstance(exc, GeneratorExit)
         ):
             self._fail(
-                call.id,
+                call_id,
                 p.FailureKind.CANCELLED,
                 "Cancelled",
-                f"call {call.command!r} was cancelled by the host",
+                f"call {command!r} was cancelled by the host",
                 take=False,
             )
             return
         self._fail(
-            call.id, p.FailureKind.APPLICATION, _type_name(exc), _describe(exc), tb, take=False
+            call_id, p.FailureKind.APPLICATION, _type_name(exc), _describe(exc), tb, take=False
         )
 
-    def _send_unencodable(self, call: p.Call, what: str, value: Any, exc: Exception) -> None:
+    def _send_unencodable(
+        self, call_id: int, command: str, what: str, value: Any, exc: Exception
+    ) -> None:
         if isinstance(exc, ProtocolError):
-            message = f"{what} of command {call.command!r} is too large to send: {exc}"
+            message = f"{what} of command {command!r} is too large to send: {exc}"
             type_name = "ValueError"
         else:
             message = (
-                f"{what} of command {call.command!r} is not MessagePack-serializable: "
+                f"{what} of command {command!r} is not MessagePack-serializable: "
                 f"{type(value).__name__} value ({exc})"
             )
             type_name = "TypeError"
-        self._fail(call.id, p.FailureKind.SERIALIZATION, type_name, message, take=False)
+        self._fail(call_id, p.FailureKind.SERIALIZATION, type_name, message, take=False)
 
     def _fail(
         self,
@@ -1097,6 +1229,8 @@ class Worker:
             self.finished.set_result(code)
 
 
+#: A call of the plain lane: id, command, handler, keyword arguments.
+_PlainCall = tuple[int, str, Callable[..., Any], dict[str, Any]]
 _SHORT_MESSAGE = 500  # characters of a failure message that did not fit in a frame
 _CALL = p.CallMode.CALL
 _CALL_MESSAGE = p.Call
