@@ -277,3 +277,18 @@ async def test_the_lane_is_closed_before_the_handshake_and_with_bytes_pending() 
     worker = await _started_worker()
     worker.conn.receive_data(b"\x00\x00")  # half a header pending: not "whole frames"
     assert worker.plain_calls(_frame()) is None
+
+
+def test_calls_read_with_a_long_one_can_still_be_cancelled_before_they_start(
+    worker: WorkerPipe,
+) -> None:
+    slow, waiting = worker.call("doze", seconds=1.5), worker.call("echo", value="never")
+    worker.write(slow, waiting)
+    worker.write(p.Ping(id=9))
+    assert worker.next() == p.Pong(id=9)  # a new reader: the long call is under way
+    worker.write(p.Cancel(id=waiting.id))
+    cancelled = worker.next()
+    assert isinstance(cancelled, p.Failure) and cancelled.id == waiting.id
+    assert cancelled.kind == p.FailureKind.CANCELLED
+    done = worker.next()
+    assert isinstance(done, p.Result) and done.id == slow.id

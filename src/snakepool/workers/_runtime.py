@@ -256,6 +256,8 @@ class _Threads:
         self._lock = threading.Lock()
         self._sleepers = threading.Condition(self._lock)
         self._jobs: collections.deque[tuple[_Running, float]] = collections.deque()
+        # The plain lane's calls not started yet (see _run_plain).
+        self._lane: collections.deque[_PlainCall] = collections.deque()
         self._running = 0
         self._leader_taken = False
         self._leader_busy_since: float | None = None  # the leader is inside a call
@@ -371,16 +373,8 @@ class _Threads:
             else:
                 large = count == _SMALL_READ
                 # Nothing queued or running (only the reader queues calls, and
-                # we are it): plain calls may run right here, without a queue;
-                # several in a row only if they could not run side by side.
-                calls = (
-                    plain_calls(chunk)
-                    if count
-                    and not jobs
-                    and not self._running
-                    and (self.limit == 1 or int.from_bytes(chunk[:4], "big") + 4 == count)
-                    else None
-                )
+                # we are it): plain calls may run right here, without a queue.
+                calls = plain_calls(chunk) if count and not jobs and not self._running else None
                 if calls is not None:
                     if not self._run_plain(calls, role):
                         return True  # the watchdog took reading over: follow
@@ -442,6 +436,10 @@ class _Threads:
                 self._watchdog = "none"
                 self._role += 1  # the busy leader finds out when its call ends
                 self._leader_busy_since = None
+                if self._lane:  # calls read with the long one: queued, first in line
+                    queued = map(self.worker.queued_plain, reversed(self._lane))
+                    self._jobs.extendleft((job, now) for job in queued)
+                    self._lane.clear()
                 self._wake_helpers_locked()
                 return _READ, None, self._role
             if stale:
@@ -466,30 +464,33 @@ class _Threads:
         """Run plain calls the leader read, in order, in one slot; false if it lost the role.
 
         The *plain lane* (see ``Worker.plain_calls``): what ``_lead`` and
-        ``Worker._sync_call_body`` do with a queued call, minus the queue, the
+        ``Worker._sync_call_body`` do with queued calls, minus the queue, the
         ``Call`` and the ``_Running``, written out in one function: a Python
-        call costs about as much here as the no-op call itself. If the
-        watchdog takes the reader role over meanwhile, the rest still run
-        here, first: calls the new reader queues wait for this slot, so
-        arrival order holds (they can no longer be cancelled or withdrawn
-        before they start).
+        call costs about as much here as the no-op call itself. If one call
+        takes long, the watchdog takes the reader role over and moves the
+        calls not started yet to the front of the queue (``_watch_locked``):
+        from there they can run side by side, be cancelled or withdrawn.
 
         Only one thread at a time runs the lane (it holds a slot, and is only
         taken with none held), so the lane has an encoder of its own.
         """
-        worker, lock = self.worker, self._lock
+        worker, lock, lane = self.worker, self._lock, self._lane
         encode, writer = worker.plain_encoder.encode_small, worker.writer
         assert writer is not None
         leading = True
         with lock:
+            lane.extend(calls)
             self._running += 1
-            self._leader_busy_since = self._last_call = now = time.monotonic()
+            self._last_call = now = time.monotonic()
             if self._watchdog != "on":
                 self._started_locked(now)
         try:
-            for index, (call_id, command, handler, kwargs) in enumerate(calls):
-                if index and leading:
-                    with lock:
+            while True:
+                with lock:
+                    if not lane:
+                        break
+                    call_id, command, handler, kwargs = lane.popleft()
+                    if leading:
                         leading = role == self._role
                         if leading:
                             self._leader_busy_since = time.monotonic()
@@ -505,6 +506,7 @@ class _Threads:
                     worker.answer_value(call_id, command, value)
         finally:
             with lock:
+                lane.clear()  # (only after an exception: a bug)
                 self._running -= 1
                 if role == self._role:
                     self._leader_busy_since = None
@@ -720,6 +722,15 @@ class Worker:
                 return None  # (the general path explains the mismatch)
             calls.append((call_id, command, handler, args))
         return calls
+
+    def queued_plain(self, plain: _PlainCall) -> _Running:
+        """A plain call the lane had not started, as a queued call (``start_call``'s)."""
+        call_id, command, handler, kwargs = plain
+        call = p.Call(id=call_id, command=command, args=kwargs)
+        running = self.running[call_id] = _Running(
+            call, handler, kwargs, None, self._sync_call_body
+        )
+        return running
 
     def on_message(self, message: p.Message) -> None:
         if isinstance(message, p.Call):
