@@ -13,10 +13,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+from snakepool import protocol as p
 from snakepool.adapters import Adapter, CallContext, command
 from snakepool.workers import _runtime
 
-FAILURES = ("exit_code", "sigkill", "segfault", "exception", "garbage")
+FAILURES = ("exit_code", "sigkill", "segfault", "exception", "garbage", "wrong_message")
 
 
 class Boom(Exception):
@@ -42,16 +43,22 @@ def fail(how: str) -> None:
         ctypes.string_at(0)
     if how == "exception":
         raise Boom("the handler blew up")
-    if how == "garbage":
+    if how in ("garbage", "wrong_message"):
         worker = _runtime.current_worker()
         assert worker is not None and worker.writer is not None
+        # Bytes that are no frame, or a well-formed frame only a host may send.
+        frame = (
+            b"\x00\x00\x00\x08NOTMSGPK"
+            if how == "garbage"
+            else p.FrameEncoder().encode(p.call_to_wire(1, "echo", {}, "call", None, None))
+        )
         if threading.get_ident() == worker._loop_thread:  # in setup(): on the loop itself
-            worker.writer.write(b"\x00\x00\x00\x08NOTMSGPK")
+            worker.writer.write(frame)
             return
         done = threading.Event()
 
         def write() -> None:
-            worker.writer.write(b"\x00\x00\x00\x08NOTMSGPK")  # type: ignore[union-attr]
+            worker.writer.write(frame)  # type: ignore[union-attr]
             done.set()
 
         worker.loop.call_soon_threadsafe(write)

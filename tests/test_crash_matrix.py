@@ -25,6 +25,7 @@ EXPECTED_CALL_ERROR: dict[str, tuple[type[Exception], str]] = {
     "segfault": (WorkerCrashed, "SIGSEGV(-11)"),
     "exception": (RemoteError, "the handler blew up"),
     "garbage": (ProtocolError, "broke the protocol"),
+    "wrong_message": (ProtocolError, "only a host may send"),
 }
 #: What ``Pool.start()`` says for each failure during ``setup``.
 EXPECTED_START_ERROR = {
@@ -33,6 +34,7 @@ EXPECTED_START_ERROR = {
     "segfault": "SIGSEGV(-11)",
     "exception": "Boom: the handler blew up",
     "garbage": "protocol",
+    "wrong_message": "protocol",
 }
 
 

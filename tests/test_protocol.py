@@ -272,6 +272,50 @@ def test_several_frames_in_one_chunk_then_clean_eof() -> None:
     assert worker.next_event() is CLOSED  # stays closed
 
 
+def test_whole_frames_hands_out_maps_that_message_from_turns_into_messages() -> None:
+    host, worker = Connection(Role.HOST), Connection(Role.WORKER)
+    data = b"".join(host.send(m) for m in HOST_MESSAGES)
+    assert worker.whole_frames(data) is None  # not before the handshake
+    worker.receive_data(host.send(INIT))
+    assert worker.next_event() == INIT
+    rest = HOST_MESSAGES[1:]
+    data = b"".join(host.send(m) for m in rest)
+    frames = worker.whole_frames(data)
+    assert frames is not None
+    assert [worker.message_from(frame) for frame in frames] == rest
+    assert worker.next_event() is NEED_DATA  # nothing was buffered
+
+
+def test_whole_frames_declines_anything_but_whole_valid_frames_and_changes_nothing() -> None:
+    host, worker = Connection(Role.HOST), Connection(Role.WORKER)
+    worker.receive_data(host.send(INIT))
+    worker.next_event()
+    frame = host.send(Ping(id=1))
+    for data in (
+        frame[:-1],
+        frame + frame[:3],
+        frame + b"\x00\x00\x00\x01\xc1",
+        frame + b"\x00" * 4,
+    ):
+        assert worker.whole_frames(data) is None
+        assert worker.next_event() is NEED_DATA
+    worker.receive_data(frame[:2])  # half a header pending
+    assert worker.whole_frames(frame) is None
+    worker.receive_data(frame[2:] + frame)
+    assert [worker.next_event(), worker.next_event()] == [Ping(id=1), Ping(id=1)]
+
+
+def test_message_from_applies_the_direction_rules() -> None:
+    host = Connection(Role.HOST)
+    host.receive_data(Connection(Role.WORKER).send(HELLO))
+    assert host.next_event() == HELLO
+    assert host.message_from(to_wire(Result(id=3, value=1))) == Result(id=3, value=1)
+    with pytest.raises(ProtocolError, match="only a host may send"):
+        host.message_from(to_wire(Call(id=1, command="echo", args={})))
+    with pytest.raises(ProtocolError, match="unknown message type"):
+        host.message_from({"t": "nonsense"})
+
+
 @pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
 def test_receive_data_accepts_any_bytes_like(kind: type) -> None:
     host = Connection(Role.HOST)

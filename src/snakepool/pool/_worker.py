@@ -609,6 +609,17 @@ class WorkerHandle:
         """Handle bytes from the worker's stdout; true once it ended or broke the protocol."""
         conn = self._conn
         try:
+            frames = conn.whole_frames(data) if data else None
+            if frames is not None:  # (the usual read: whole frames, results inline)
+                for wire in frames:
+                    call_id = wire.get("i")
+                    if wire.get("t") == "result" and type(call_id) is int and "r" in wire:
+                        call = self._take(call_id)
+                        if call is not None:
+                            call.resolve(wire["r"])
+                    else:
+                        self._on_message(conn.message_from(wire))
+                return False
             conn.receive_data(data)
             while True:
                 event = conn.next_event()

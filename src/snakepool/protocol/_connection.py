@@ -94,7 +94,12 @@ class Connection:
             frame = decoder.next_frame()
             if isinstance(frame, Sentinel):
                 return frame
-        message = from_wire(frame)  # type: ignore[arg-type]
+        return self.message_from(frame)  # type: ignore[arg-type]
+
+    def message_from(self, frame: dict[str, Any]) -> Message:
+        """The message a decoded map holds, checked as ``next_event`` checks it
+        (for maps from :meth:`whole_frames`); :class:`ProtocolError` if it is bad."""
+        message = from_wire(frame)
         kind = type(message)
         if kind not in self._may_receive:
             raise ProtocolError(
