@@ -478,40 +478,39 @@ class _Threads:
         encode, writer = worker.plain_encoder.encode_small, worker.writer
         assert writer is not None
         leading = True
-        with lock:
+        lock.acquire()  # (held except while a call runs: one round trip per call)
+        try:
             lane.extend(calls)
             self._running += 1
-            self._last_call = now = time.monotonic()
-            if self._watchdog != "on":
-                self._started_locked(now)
-        try:
-            while True:
-                with lock:
-                    if not lane:
-                        break
-                    call_id, command, handler, kwargs = lane.popleft()
+            while lane:
+                call_id, command, handler, kwargs = lane.popleft()
+                now = time.monotonic()
+                if leading:
+                    leading = role == self._role
                     if leading:
-                        leading = role == self._role
-                        if leading:
-                            self._leader_busy_since = time.monotonic()
+                        self._leader_busy_since = now
+                self._started_locked(now)
+                lock.release()
                 try:
                     value = handler(**kwargs)
                 except BaseException as exc:
                     worker.report_error(call_id, command, exc, traceback.format_exc())
-                    continue
-                frame = encode({"t": _RESULT_TAG, "i": call_id, "r": value})
-                if frame is not None:
-                    writer.write(frame)
-                else:  # large, or not encodable: the general way says which
-                    worker.answer_value(call_id, command, value)
-        finally:
-            with lock:
-                lane.clear()  # (only after an exception: a bug)
-                self._running -= 1
-                if role == self._role:
-                    self._leader_busy_since = None
                 else:
-                    leading = False
+                    frame = encode({"t": _RESULT_TAG, "i": call_id, "r": value})
+                    if frame is not None:
+                        writer.write(frame)
+                    else:  # large, or not encodable: the general way says which
+                        worker.answer_value(call_id, command, value)
+                finally:
+                    lock.acquire()
+        finally:
+            lane.clear()  # (only after an exception: a bug)
+            self._running -= 1
+            if role == self._role:
+                self._leader_busy_since = None
+            else:
+                leading = False
+            lock.release()
         return leading
 
     def _take_locked(self, now: float) -> _Running:
