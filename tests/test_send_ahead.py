@@ -20,6 +20,7 @@ import snakepool
 from snakepool import CallTimeout, WorkerCrashed
 from snakepool.pool import _worker as worker_module
 from snakepool.pool._calls import PendingCall
+from snakepool.pool._dispatch import Dispatcher
 from snakepool.pool._worker import WorkerHandle, WorkerState
 from waiting import wait_until
 
@@ -340,3 +341,39 @@ async def test_slow_calls_are_not_parked_in_a_busy_worker() -> None:
                     tg.start_soon(pool.call, "nap", {"seconds": 0.02})
                 await wait_until(lambda: pool.statistics().completed >= 24 + 10)
                 assert time.monotonic() - started < 2.5  # none waited for the 3 s call
+
+
+@pytest.mark.parametrize("concurrency", [1, 8])
+async def test_a_worker_answering_quickly_holds_its_calls_briefly(
+    monkeypatch: pytest.MonkeyPatch, concurrency: int
+) -> None:
+    handle = _paced_handle(concurrency, limit=64)
+    _answer_at_pace(handle, monkeypatch, gap=20e-6, answers=200)  # 50 per millisecond
+    for call_id in range(10_000, 10_000 + 10):  # 11 waiting: about 0.2 ms
+        handle.pending[call_id] = PendingCall(call_id, "echo", "call")
+    assert handle.holds_briefly()
+    now = _fake_clock(monkeypatch)
+    now[0] += 2 * worker_module.AHEAD_HORIZON  # no answer since: it may be stuck in a call
+    assert not handle.holds_briefly()
+    now[0] -= 2 * worker_module.AHEAD_HORIZON
+    for call_id in range(20_000, 20_000 + 60):  # 71 waiting: about 1.4 ms
+        handle.pending[call_id] = PendingCall(call_id, "echo", "call")
+    assert not handle.holds_briefly()
+
+
+async def test_a_free_worker_takes_calls_back_only_from_one_that_stalls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    free, busy = _paced_handle(1, limit=64), _paced_handle(1, limit=64)
+    free.pending.clear()
+    _answer_at_pace(busy, monkeypatch, gap=20e-6, answers=200)  # flowing: holds 2 calls
+    for call in busy.pending.values():
+        call.frame = b"(its frame)"  # (a call without one cannot be sent elsewhere)
+    withdrawn: list[int] = []
+    monkeypatch.setattr(busy, "withdraw", lambda call: withdrawn.append(call.id))
+    dispatcher = Dispatcher("p", 10, [free, busy], lambda: None)
+    dispatcher._sent_ahead = True
+    dispatcher._withdraw_for(free)
+    assert withdrawn == []  # it would start within the horizon anyway
+    _fake_clock(monkeypatch)[0] += 2 * worker_module.AHEAD_HORIZON  # then no answer comes
+    await wait_until(lambda: withdrawn == [max(busy.pending)])  # looked at again: stalled

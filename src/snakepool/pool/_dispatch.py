@@ -34,7 +34,7 @@ import anyio
 
 from ..errors import PoolOverloaded, SnakepoolError
 from ._calls import PendingCall
-from ._worker import READY_STATES, WorkerHandle
+from ._worker import AHEAD_HORIZON, READY_STATES, WorkerHandle
 
 __all__ = ["Dispatcher"]
 
@@ -91,6 +91,7 @@ class Dispatcher:
         self._check_open = check_open
         self._waiters: collections.deque[_Waiter] = collections.deque()
         self._sent_ahead = False  # some call may be waiting inside a worker
+        self._recheck_armed = False  # a timer will look for calls to take back
 
     @property
     def queued(self) -> int:
@@ -344,12 +345,17 @@ class Dispatcher:
 
     def _withdraw_for(self, worker: WorkerHandle) -> None:
         """``worker`` has free slots and nothing is queued: ask other workers for
-        calls they hold but have not started (the newest first), one per slot."""
+        calls they hold but have not started (the newest first), one per slot.
+
+        Not from a worker that will start them soon anyway (``holds_briefly``:
+        quick calls flowing), which a withdrawal would only slow down; that
+        is looked at again after ``AHEAD_HORIZON``, in case it stalled.
+        """
         load = worker.load_if_ready
         free = worker.concurrency - load
         if free <= 0 or load < 0:
             return
-        surplus_anywhere = False
+        surplus_anywhere = flowing = False
         for other in self._workers:
             if other is worker or free <= 0:
                 continue
@@ -357,6 +363,9 @@ class Dispatcher:
             if waiting <= 0:
                 continue
             surplus_anywhere = True
+            if other.holds_briefly():
+                flowing = True
+                continue
             for call in reversed(other.pending.values()):
                 if waiting <= 0 or free <= 0:
                     break
@@ -368,6 +377,15 @@ class Dispatcher:
                     free -= 1
         if not surplus_anywhere and free > 0:
             self._sent_ahead = False  # nothing waits in any worker now
+        elif flowing and free > 0 and not self._recheck_armed:
+            self._recheck_armed = True
+            asyncio.get_running_loop().call_later(AHEAD_HORIZON, self._recheck)
+
+    def _recheck(self) -> None:
+        self._recheck_armed = False
+        if self._sent_ahead and not self._waiters:
+            for worker in self._workers:
+                self._withdraw_for(worker)
 
     def hand_off_any(self) -> None:
         for worker in self._workers:

@@ -467,6 +467,14 @@ class WorkerHandle:
             call.withdrawing = True
             self.post(self._conn.send(p.Withdraw(id=call.id)))
 
+    def holds_briefly(self) -> bool:
+        """The calls it holds beyond those it runs should all start within
+        ``AHEAD_HORIZON``, judging by how quickly it answers and how long ago
+        it last did: taking one back would not make it start sooner."""
+        waiting = len(self.pending) - self.concurrency
+        stalled = _clock() - self._answered_at >= AHEAD_HORIZON
+        return not stalled and waiting * self._answer_gap < AHEAD_HORIZON
+
     def waits_here(self, call: PendingCall) -> bool:
         """``call`` has surely not started: the worker starts calls in the order
         they arrive, ``concurrency`` at a time, and more are ahead of it."""
@@ -721,7 +729,7 @@ class WorkerHandle:
             return None
         if self.ahead_limit:
             # Pace sending ahead: hold about as many calls as the worker answers
-            # in _AHEAD_HORIZON, which covers the round trip to the next frame
+            # in AHEAD_HORIZON, which covers the round trip to the next frame
             # without parking more than needed behind a slow call. The gap
             # between answers counts only while the worker had work queued.
             now = _clock()
@@ -729,10 +737,10 @@ class WorkerHandle:
                 gap = self._answer_gap
                 gap += (now - self._answered_at - gap) * _GAP_WEIGHT
                 self._answer_gap = gap
-                if gap * self.ahead_limit <= _AHEAD_HORIZON:  # (quick calls: the usual case)
+                if gap * self.ahead_limit <= AHEAD_HORIZON:  # (quick calls: the usual case)
                     self.ahead = self.ahead_limit
                 else:
-                    self.ahead = max(self.concurrency, int(_AHEAD_HORIZON / gap))
+                    self.ahead = max(self.concurrency, int(AHEAD_HORIZON / gap))
             self._answered_at = now
             self._saturated = len(self.pending) >= self.concurrency
         if not self.pending:
@@ -841,7 +849,7 @@ def format_exit(info: ExitInfo | None) -> dict[str, Any]:
 #: pool's ``send_ahead``. Quick calls get a deep pipeline (no idle gap while
 #: the next frame travels); slow ones wait in the pool's queue, where any
 #: worker can take them.
-_AHEAD_HORIZON = 0.001
+AHEAD_HORIZON = 0.001
 _FIRST_AHEAD = 4  # (until answers have been timed)
 _GAP_WEIGHT = 1 / 16  # of each new gap in the moving average
 _clock = time.perf_counter  # (tests pace answers with a fake one)
