@@ -2,9 +2,13 @@
 
 Data flow inside one worker::
 
-                 +-- leader thread: os.readv(stdin) -> Connection -> Worker.on_message
+                 +-- leader thread: os.read(stdin)
+                 |   +- a read of nothing but plain calls, nothing queued or running:
+                 |   |    the *plain lane* (Worker.plain_calls -> _Threads._run_plain):
+                 |   |    run right there, in order, each answered as it ends
+    host --pipe--+   +- anything else: Connection -> Worker.on_message
                  |      control (cancel, withdraw, credit, host replies): at once
-    host --pipe--+      call: queued (FIFO); taken in order, at most ``concurrency``
+                 |      call: queued (FIFO); taken in order, at most ``concurrency``
                  |            running: a sync one is run by the thread that takes
                  |            it (the leader itself, usually), an async one is
                  |            started as a task on the event loop (main thread)
@@ -20,7 +24,10 @@ cancelled or withdrawn while it waits is answered at once and never runs.
 Reading uses *leader/follower* threads (``_Threads``): whichever thread holds
 the "leader" role reads the protocol pipe, dispatches what it read, and runs
 the sync calls it read itself, so a quick call costs two wake-ups (host ->
-worker, worker -> host), as in a bare read/answer loop. An idle *watchdog*
+worker, worker -> host), as in a bare read/answer loop. A *plain* call (sync,
+no session, no ``ctx``, arguments that fit: most calls) read while the worker
+is idle skips even the ``Call`` message and the queue: at a few microseconds
+per call, every Python call on the way counts. An idle *watchdog*
 thread takes the reading over when the leader has been inside one call for
 2 ms (pings and cancellations keep flowing) and wakes helper threads for
 calls that waited that long. There are at most ``concurrency + 1`` threads,
