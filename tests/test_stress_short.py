@@ -46,3 +46,15 @@ async def test_hostile_soak_short() -> None:
     assert report.ok, report.summary()
     assert report.counts["good_calls"] > 0
     assert report.counts["hostile_dropped"] >= 3 * 7, report.summary()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/task")
+async def test_cpu_per_call_measures_every_peer() -> None:
+    probe = soak("cpu_per_call")
+    found = await probe.measure(rounds=1, sequential=50, calls=640)
+    assert set(found) == set(probe.PEERS)
+    for row in found.values():
+        assert len(row["latency"]) == 50 and row["throughput"][0] > 0
+        assert row["seq_host"][0] > 0 and row["host"][0] > 0
+        assert row["seq_workers"][0] > 0 and row["workers"][0] > 0  # the workers' CPU was seen
+    assert "snakepool (worker_concurrency=8)" in probe.report(found)
