@@ -151,7 +151,7 @@ def test_an_answer_from_the_lane_is_the_general_paths(
         assert _shape(lane) == _shape(general)
 
 
-def test_a_result_over_max_frame_bytes_fails_like_on_the_general_path() -> None:
+def test_a_result_over_max_frame_bytes_fails_and_the_worker_goes_on() -> None:
     pipe = WorkerPipe(max_frame_bytes=64 * 1024)
     try:
         pipe.write(pipe.call("blob", size=100_000), pipe.call("echo", value="after"))
