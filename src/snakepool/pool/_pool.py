@@ -674,11 +674,9 @@ class Pool:
         session: str | None,
     ) -> bytes:
         wire = p.call_to_wire(call_id, command, args, mode, limit, session)
-        frame = self._encoder.encode_small(wire)
-        if frame is not None:  # (the usual call)
-            return frame
-        try:  # large, or not encodable: encode says which
-            return self._encoder.encode(wire)
+        try:
+            header, body = self._encoder.encode_parts(wire)  # (= encode, one call less)
+            return header + body
         except TypeError as exc:
             raise TypeError(f"args of {command!r} are {exc}") from None
         except ProtocolError as exc:

@@ -34,8 +34,6 @@ _MAX_HEADER_VALUE: Final = 2**32 - 1
 _unpackb = msgpack.unpackb
 #: Reads up to this size are split with plain slices (a copy is cheaper than a view).
 _COPY_SLICES_UP_TO: Final = 4096
-#: Bodies up to this size are "small" for ``encode_small`` (joined with their header).
-_SMALL_FRAME: Final = 4096
 
 
 class Sentinel(enum.Enum):
@@ -67,7 +65,6 @@ class FrameEncoder:
         if not 0 < max_frame_bytes <= _MAX_HEADER_VALUE:
             raise ValueError(f"max_frame_bytes must be in 1..{_MAX_HEADER_VALUE}")
         self.max_frame_bytes = max_frame_bytes
-        self._small = min(max_frame_bytes, _SMALL_FRAME)
         # One reusable Packer: it resets itself when packing raises.
         self._packer = msgpack.Packer(use_bin_type=True, autoreset=True)
 
@@ -89,20 +86,6 @@ class FrameEncoder:
         if len(body) > self.max_frame_bytes:
             self._refuse(len(body))
         return len(body).to_bytes(HEADER_BYTES, "big"), body
-
-    def encode_small(self, payload: dict[str, Any]) -> bytes | None:
-        """``encode`` for a hot path: the frame if its body is small, else None.
-
-        None also when ``payload`` cannot be packed: :meth:`encode_parts`
-        says why. Small is up to 4 KiB (and within ``max_frame_bytes``).
-        """
-        try:
-            body: bytes = self._packer.pack(payload)
-        except Exception:
-            return None
-        if len(body) > self._small:
-            return None
-        return len(body).to_bytes(HEADER_BYTES, "big") + body
 
     def _refuse(self, size: int) -> None:
         raise ProtocolError(

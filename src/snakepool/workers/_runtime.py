@@ -482,7 +482,7 @@ class _Threads:
         taken with none held), so the lane has an encoder of its own.
         """
         worker, lock, lane = self.worker, self._lock, self._lane
-        encode, writer = worker.plain_encoder.encode_small, worker.writer
+        encode, writer = worker.plain_encoder.encode_parts, worker.writer
         assert writer is not None
         leading = True
         lock.acquire()  # (held except while a call runs: one round trip per call)
@@ -503,11 +503,12 @@ class _Threads:
                 except BaseException as exc:
                     worker.report_error(call_id, command, exc, traceback.format_exc())
                 else:
-                    frame = encode({"t": _RESULT_TAG, "i": call_id, "r": value})
-                    if frame is not None:
-                        writer.write(frame)
-                    else:  # large, or not encodable: the general way says which
+                    try:
+                        parts = encode({"t": _RESULT_TAG, "i": call_id, "r": value})
+                    except (TypeError, ProtocolError):  # the general way says what is wrong
                         worker.answer_value(call_id, command, value)
+                    else:
+                        writer.write(*parts)
                 finally:
                     lock.acquire()
         finally:
