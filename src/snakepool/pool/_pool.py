@@ -546,15 +546,18 @@ class Pool:
         call = PendingCall(call_id, command, p.CallMode.CALL)
         if not self._breaker.closed:
             call.probe = self._admit(command)
-        call.waiter = self._new_future()
         call.frame = frame  # (sent again if a worker gives it back unstarted)
-        # One deadline for queueing and running: it marks the call expired (a
-        # hand-off in the deadline's own loop turn then does not send it late).
         deadlines = self._deadlines
         assert deadlines is not None
-        call.deadline = deadlines.add(call, limit)
         try:
-            if not self._dispatcher.send_ahead(call, frame):
+            sent = self._dispatcher.send_ahead(call, frame)
+            # Set up after the write, off the round trip's path: no answer is
+            # read before this task yields. One deadline for queueing and
+            # running: it marks the call expired (a hand-off in the deadline's
+            # own loop turn then does not send it late).
+            call.waiter = self._new_future()
+            call.deadline = deadlines.add(call, limit)
+            if not sent:
                 call.queued = self._dispatcher.enqueue_call(call, frame, call.deadline)
         except BaseException:  # (full: PoolOverloaded)
             deadlines.remove(call, call.deadline)

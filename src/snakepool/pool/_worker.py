@@ -417,10 +417,10 @@ class WorkerHandle:
         self.reserved -= 1
         call.worker = self
         busy = bool(self.pending)  # then the frame would wait in the pipe anyway
+        self.post(frame, batch=busy)  # (first: the rest is done while the worker reads)
         self.pending[call.id] = call
         self.requests += 1
         self.state = WorkerState.BUSY
-        self.post(frame, batch=busy)
         if self.request_limit is not None and self.requests >= self.request_limit:
             self.retire(f"served max_requests ({self.requests} calls)")
 
