@@ -377,3 +377,21 @@ async def test_a_free_worker_takes_calls_back_only_from_one_that_stalls(
     assert withdrawn == []  # it would start within the horizon anyway
     _fake_clock(monkeypatch)[0] += 2 * worker_module.AHEAD_HORIZON  # then no answer comes
     await wait_until(lambda: withdrawn == [max(busy.pending)])  # looked at again: stalled
+
+
+async def test_answers_read_together_are_paced_by_their_mean_gap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    handle = _paced_handle(1, limit=64)
+    now = _fake_clock(monkeypatch)
+    for call_id in range(1, 2001):
+        handle.pending[call_id] = PendingCall(call_id, "echo", "call")
+    ids = itertools.count(1)
+    handle.pending.pop(next(ids))
+    handle._answered(1)  # the first answer: timing starts
+    for _ in range(100):  # reads of 10 answers, 0.2 ms apart: 50 answers per millisecond
+        for _ in range(10):
+            handle.pending.pop(next(ids))
+        now[0] += 200e-6
+        handle._answered(10)
+    assert handle.ahead in (49, 50)  # (float rounding of 1 ms / 20 us)

@@ -619,14 +619,18 @@ class WorkerHandle:
         try:
             frames = conn.whole_frames(data) if data else None
             if frames is not None:  # (the usual read: whole frames, results inline)
+                pending, answered = self.pending, 0
                 for wire in frames:
                     call_id = wire.get("i")
                     if wire.get("t") == "result" and type(call_id) is int and "r" in wire:
-                        call = self._take(call_id)
+                        call = pending.pop(call_id, None)
                         if call is not None:
+                            answered += 1
                             call.resolve(wire["r"])
                     else:
                         self._on_message(conn.message_from(wire))
+                if answered:
+                    self._answered(answered)
                 return False
             conn.receive_data(data)
             while True:
@@ -725,17 +729,28 @@ class WorkerHandle:
 
     def _take(self, call_id: int) -> PendingCall | None:
         call = self.pending.pop(call_id, None)
-        if call is None:
-            return None
+        if call is not None:
+            self._answered(1)
+        return call
+
+    def _answered(self, count: int) -> None:
+        """``count`` calls were just answered (taken off ``pending``): pace, free their slots.
+
+        Once per read for the results ``feed_stdout`` handles inline: one clock
+        reading and one hand-off for them all (the hand-off fills every slot
+        it can).
+        """
         if self.ahead_limit:
             # Pace sending ahead: hold about as many calls as the worker answers
             # in AHEAD_HORIZON, which covers the round trip to the next frame
             # without parking more than needed behind a slow call. The gap
-            # between answers counts only while the worker had work queued.
+            # between answers counts only while the worker had work queued;
+            # answers read together share the time since the last read.
             now = _clock()
             if self._saturated:
                 gap = self._answer_gap
-                gap += (now - self._answered_at - gap) * _GAP_WEIGHT
+                weight = _GAP_WEIGHT if count == 1 else min(1.0, count * _GAP_WEIGHT)
+                gap += ((now - self._answered_at) / count - gap) * weight
                 self._answer_gap = gap
                 if gap * self.ahead_limit <= AHEAD_HORIZON:  # (quick calls: the usual case)
                     self.ahead = self.ahead_limit
@@ -749,7 +764,6 @@ class WorkerHandle:
             elif self._retiring is not None:
                 self.close_stdin()
         self._on_capacity(self)
-        return call
 
     # --- death -----------------------------------------------------------------
 
