@@ -57,14 +57,16 @@ def test_every_peer_has_every_metric(result: dict[str, Any]) -> None:
         assert row["bandwidth_mb_s"]["1 MiB"] > 0, name
 
 
-def test_interleaved_rounds_alternate_latency_and_throughput(result: dict[str, Any]) -> None:
+def test_interleaved_rounds_alternate_latency_throughput_and_bandwidth(result: dict[str, Any]) -> None:
     interleaved = result["interleaved_latency_us"]
     assert interleaved["callers"] == 64
     for name in _bench.INTERLEAVED:
         assert 0 < interleaved[name]["p50"] <= interleaved[name]["p99"], name
         assert interleaved[name]["throughput"] > 0, name
+        assert interleaved[name]["1 MiB MB/s"] > 0, name  # (alternating bandwidth rounds)
     targets = {check["target"] for check in result["targets"]}
     assert any("64 callers vs raw asyncio loop (interleaved rounds)" in t for t in targets)
+    assert any("1 MiB bandwidth vs raw asyncio loop (interleaved rounds)" in t for t in targets)
 
 
 def test_startup_rss_targets_and_cleanup(result: dict[str, Any]) -> None:

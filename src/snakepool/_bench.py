@@ -456,6 +456,9 @@ async def _latency(peer: _Peer, calls: int) -> dict[str, float]:
 
 #: Alternating throughput rounds per peer (each as long as a point of the table).
 _THROUGHPUT_ROUNDS = 5
+#: Alternating bandwidth rounds per peer and size (together as many bytes as
+#: the peer's own bandwidth measurement).
+_BANDWIDTH_ROUNDS = 3
 #: Peers whose sequential latency is also measured interleaved (for the target).
 INTERLEAVED = ("raw_loop", "snakepool", "snakepool_c8")
 
@@ -469,9 +472,12 @@ async def _interleaved_latency(
     *,
     callers: int = 0,
     throughput_calls: int = 0,
+    bandwidth_sizes: Sequence[int] = (),
+    bandwidth_bytes: int = 0,
 ) -> dict[str, Any]:
     """Sequential p50/p99 of the raw loop and snakepool, measured in alternating
-    rounds, and (``callers``) their throughput at that many callers, likewise.
+    rounds, and (``callers``) their throughput at that many callers, and their
+    bandwidth at ``bandwidth_sizes`` (``bandwidth_bytes`` per size), likewise.
 
     This machine's speed drifts by tens of percent over minutes (a shared
     VM), and peers measured one after another minutes apart inherit that
@@ -482,6 +488,7 @@ async def _interleaved_latency(
     peers: dict[str, _Peer] = {}
     samples: dict[str, list[float]] = {name: [] for name in INTERLEAVED}
     rates: dict[str, list[float]] = {name: [] for name in INTERLEAVED}
+    moved: dict[str, dict[int, list[float]]] = {name: {} for name in INTERLEAVED}
     try:
         async with asyncio.timeout(phase_timeout):
             for name in INTERLEAVED:
@@ -503,6 +510,12 @@ async def _interleaved_latency(
                 for name, peer in peers.items():
                     taken = await _run_calls(peer, callers, throughput_calls)
                     rates[name].append(throughput_calls / taken)
+            for _ in range(_BANDWIDTH_ROUNDS if bandwidth_bytes else 0):
+                for size in bandwidth_sizes:
+                    share = max(size, bandwidth_bytes // _BANDWIDTH_ROUNDS)
+                    for name, peer in peers.items():
+                        rate = await _bandwidth(peer, size, share)
+                        moved[name].setdefault(size, []).append(rate)
     finally:
         for peer in peers.values():
             with contextlib.suppress(Exception):
@@ -511,6 +524,9 @@ async def _interleaved_latency(
     if callers:
         result["callers"], result["throughput_calls"] = callers, throughput_calls
         result["throughput_rounds"] = _THROUGHPUT_ROUNDS
+    if bandwidth_bytes and bandwidth_sizes:
+        result["bandwidth_rounds"] = _BANDWIDTH_ROUNDS
+        result["bandwidth_sizes"] = [_size_key(size) for size in bandwidth_sizes]
     for name, values in samples.items():
         values.sort()
         result[name] = {
@@ -519,8 +535,15 @@ async def _interleaved_latency(
         }
         if rates[name]:
             result[name]["throughput"] = _percentile(sorted(rates[name]), 0.50)
+        for size, mb_s in moved[name].items():
+            result[name][_bandwidth_field(_size_key(size))] = _percentile(sorted(mb_s), 0.50)
         progress(f"interleaved rounds, {LABELS[name]}: p50 {result[name]['p50']:.0f} us")
     return result
+
+
+def _bandwidth_field(size_key: str) -> str:
+    """The key of a bandwidth (MB/s) in the alternating rounds' results."""
+    return f"{size_key} MB/s"
 
 
 async def _bandwidth(peer: _Peer, size: int, total_bytes: int) -> float:
@@ -829,13 +852,15 @@ def _targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             "snakepool p50 / raw p50",
         )
         for size_key in sp["bandwidth_mb_s"]:
-            add(
-                f"{who}: {size_key} bandwidth vs raw asyncio loop",
+            against_raw(
+                key,
+                f"{size_key} bandwidth vs",
+                _bandwidth_field(size_key),
                 _ratio(sp["bandwidth_mb_s"][size_key], raw["bandwidth_mb_s"][size_key]),
                 ">=",
                 0.5,
                 "snakepool MB/s / raw MB/s",
-            )  # fmt: skip
+            )
     sizes = [str(n) for n in result["config"]["startup_sizes"]]
     n = "16" if "16" in sizes else (sizes[-1] if sizes else None)
     if n is not None:
@@ -994,6 +1019,8 @@ async def run_benchmark(
                 say,
                 callers=max(concurrency),
                 throughput_calls=calls,  # (as many as a point of the table)
+                bandwidth_sizes=bandwidth_sizes,
+                bandwidth_bytes=bandwidth_bytes,
             )
         except Exception as exc:  # noted, like any failed phase
             result["interleaved_latency_us"] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -1110,6 +1137,17 @@ def _interleaved_line(result: dict[str, Any]) -> str:
             f". Then throughput at {data['callers']} callers, {data['throughput_rounds']} "
             f"alternating rounds ({data['throughput_calls']:,} calls each, median): "
             + "; ".join(rates)
+        )
+    for size_key in data.get("bandwidth_sizes", []):
+        field = _bandwidth_field(size_key)
+        moved = [
+            f"{LABELS[name]} {data[name][field]:,.0f} MB/s"
+            for name in INTERLEAVED
+            if field in data.get(name, {})
+        ]
+        line += (
+            f". Then {size_key} bandwidth, {data['bandwidth_rounds']} alternating rounds "
+            f"(median): " + "; ".join(moved)
         )
     return line
 
