@@ -57,7 +57,9 @@ def test_every_peer_has_every_metric(result: dict[str, Any]) -> None:
         assert row["bandwidth_mb_s"]["1 MiB"] > 0, name
 
 
-def test_interleaved_rounds_alternate_latency_throughput_and_bandwidth(result: dict[str, Any]) -> None:
+def test_interleaved_rounds_alternate_latency_throughput_and_bandwidth(
+    result: dict[str, Any],
+) -> None:
     interleaved = result["interleaved_latency_us"]
     assert interleaved["callers"] == 64
     for name in _bench.INTERLEAVED:
