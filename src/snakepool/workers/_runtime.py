@@ -357,7 +357,9 @@ class _Threads:
 
         Returns true when the watchdog took the reader role (number ``role``)
         over while this thread was inside a call. The hot path of the worker:
-        one lock round trip after each read and one after each call.
+        a read of plain calls goes to ``_run_plain`` (one lock round trip per
+        call); anything else costs one lock round trip after the read and one
+        after each call.
         """
         buffer, fd, jobs, lock = self._read_buffer, self.fd, self._jobs, self._lock
         receive, plain_calls = self.worker.receive, self.worker.plain_calls
