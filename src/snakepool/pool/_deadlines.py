@@ -14,7 +14,6 @@ number of buckets a timeout spans (about 1,000), not by the number of calls.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 
 from ._calls import PendingCall
@@ -35,10 +34,7 @@ class Deadlines:
         self, loop: asyncio.AbstractEventLoop, expire: Callable[[PendingCall], None]
     ) -> None:
         self._loop = loop
-        # asyncio's own loops tell time with time.monotonic: read it directly
-        # (one Python call less per call); other loops (uvloop) keep theirs.
-        plain = getattr(type(loop), "time", None) is asyncio.BaseEventLoop.time
-        self._time: Callable[[], float] = time.monotonic if plain else loop.time
+        self._time = loop.time
         self._expire = expire
         self._buckets: dict[float, set[PendingCall]] = {}  # due time -> its calls
         self._armed: set[float] = set()  # due times with a timer set

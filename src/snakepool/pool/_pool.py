@@ -639,12 +639,7 @@ class Pool:
             else:
                 if timeout is None:
                     limit: float | None = None if mode == p.CallMode.STREAM else self._call_timeout
-                    wire = p.call_to_wire(call_id, command, args, mode, limit, None)
-                    try:
-                        header, body = self._encoder.encode_parts(wire)
-                    except (TypeError, ProtocolError):  # (_frame says what is wrong)
-                        return self._frame(call_id, command, args, mode, limit, None)
-                    return header + body
+                    return self._frame(call_id, command, args, mode, limit, None)
         if not isinstance(command, str) or not command:
             raise TypeError(f"command must be a non-empty str, got {command!r}")
         if args is None:

@@ -749,8 +749,7 @@ class WorkerHandle:
             now = _clock()
             if self._saturated:
                 gap = self._answer_gap
-                weight = _GAP_WEIGHT if count == 1 else min(1.0, count * _GAP_WEIGHT)
-                gap += ((now - self._answered_at) / count - gap) * weight
+                gap += ((now - self._answered_at) / count - gap) * min(1.0, count * _GAP_WEIGHT)
                 self._answer_gap = gap
                 if gap * self.ahead_limit <= AHEAD_HORIZON:  # (quick calls: the usual case)
                     self.ahead = self.ahead_limit

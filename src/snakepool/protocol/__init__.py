@@ -16,6 +16,7 @@ from ._framing import Sentinel as Sentinel
 from ._messages import PROTOCOL_VERSION as PROTOCOL_VERSION
 from ._messages import STREAM_WINDOW as STREAM_WINDOW
 from ._messages import Call as Call
+from ._messages import CallFields as CallFields
 from ._messages import CallMode as CallMode
 from ._messages import Cancel as Cancel
 from ._messages import Credit as Credit
@@ -38,6 +39,7 @@ from ._messages import SessionDrop as SessionDrop
 from ._messages import SessionSync as SessionSync
 from ._messages import StartupFailed as StartupFailed
 from ._messages import Withdraw as Withdraw
+from ._messages import call_fields as call_fields
 from ._messages import call_to_wire as call_to_wire
 from ._messages import from_wire as from_wire
 from ._messages import to_wire as to_wire
@@ -50,6 +52,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "STREAM_WINDOW",
     "Call",
+    "CallFields",
     "CallMode",
     "Cancel",
     "Connection",
@@ -77,6 +80,7 @@ __all__ = [
     "SessionSync",
     "StartupFailed",
     "Withdraw",
+    "call_fields",
     "call_to_wire",
     "from_wire",
     "to_wire",

@@ -174,12 +174,7 @@ class FrameDecoder:
         if self._buffer or self._ready or self._eof or self._error is not None:
             return None
         frames: list[dict[str, Any]] = []
-        end = len(data)
-        if end > _COPY_SLICES_UP_TO:
-            used = self._split_whole_frames(data, frames.append)
-        else:  # (the usual read of a few frames: no view, one call less)
-            used = _split(data, end, self.max_frame_bytes, frames.append)
-        return frames if used == end else None
+        return frames if self._split_whole_frames(data, frames.append) == len(data) else None
 
     def next_frame(self) -> dict[str, Any] | Sentinel:
         """Return the next decoded map, ``NEED_DATA`` or ``CLOSED``."""

@@ -425,7 +425,16 @@ _CALL_SETTERS = tuple(
 )
 
 
-def _plain_call(wire: dict[str, Any]) -> Call | None:
+#: A well-formed call map's fields: id, command, args, mode, timeout, session.
+CallFields = tuple[int, str, dict[str, Any], str, float | int | None, str | None]
+
+
+def call_fields(wire: dict[str, Any]) -> CallFields | None:
+    """The fields of a ``call`` map (its tag aside) when they have the types
+    ``Call`` requires, else None (``from_wire`` then says what is wrong).
+
+    For readers that handle a usual call without making the message object.
+    """
     call_id, command, args = wire.get("i"), wire.get("c"), wire.get("a")
     mode = wire.get("m", CallMode.CALL)
     timeout, session = wire.get("o"), wire.get("s")
@@ -437,16 +446,18 @@ def _plain_call(wire: dict[str, Any]) -> Call | None:
         and (timeout is None or type(timeout) is float or type(timeout) is int)
         and (session is None or type(session) is str)
     ):
-        call: Call = _new_message(Call)  # (see _CALL_SETTERS)
-        set_id, set_command, set_args, set_mode, set_timeout, set_session = _CALL_SETTERS
-        set_id(call, call_id)
-        set_command(call, command)
-        set_args(call, args)
-        set_mode(call, mode)
-        set_timeout(call, timeout)
-        set_session(call, session)
-        return call
+        return call_id, command, args, mode, timeout, session
     return None
+
+
+def _plain_call(wire: dict[str, Any]) -> Call | None:
+    fields = call_fields(wire)
+    if fields is None:
+        return None
+    call: Call = _new_message(Call)  # (see _CALL_SETTERS)
+    for set_field, value in zip(_CALL_SETTERS, fields, strict=True):
+        set_field(call, value)
+    return call
 
 
 def call_to_wire(

@@ -652,9 +652,8 @@ class Worker:
         self.finished: asyncio.Future[int] = loop.create_future()
         self.adapter: Adapter | None = None
         self.commands: dict[str, CommandSpec] = {}
-        # The plain lane's commands (sync, not streams, no ctx, keyword parameters):
-        # bound handler, parameter names, required names.
-        self._plain: dict[str, tuple[Callable[..., Any], frozenset[str], frozenset[str]]] = {}
+        # The plain lane's commands (sync, not streams, no ctx): bound handler, spec.
+        self._plain: dict[str, tuple[Callable[..., Any], CommandSpec]] = {}
         self.running: dict[int, _Running] = {}
         self.sessions: dict[str, _WorkerSession] = {}
         self._host_calls: dict[int, concurrent.futures.Future[Any] | asyncio.Future[Any]] = {}
@@ -707,29 +706,18 @@ class Worker:
             return None
         calls: list[_PlainCall] = []
         for wire in frames:
-            command, call_id, args, timeout = (
-                wire.get("c"),
-                wire.get("i"),
-                wire.get("a"),
-                wire.get("o"),
-            )
-            if (
-                wire.get("t") != "call"
-                or type(command) is not str
-                or type(call_id) is not int
-                or type(args) is not dict
-                or wire.get("m", _CALL) != _CALL
-                or wire.get("s") is not None
-                or not (timeout is None or type(timeout) is float or type(timeout) is int)
-            ):
+            fields = p.call_fields(wire) if wire.get("t") == _CALL_TAG else None
+            if fields is None:
                 return None
+            call_id, command, args, mode, _, session = fields
             entry = plain.get(command)
-            if entry is None:
+            if entry is None or mode != _CALL or session is not None:
                 return None
-            handler, names, required = entry
-            if not (names.issuperset(args) and required.issubset(args)):
+            handler, spec = entry
+            kwargs = spec.keyword_arguments(args)
+            if kwargs is None:
                 return None  # (the general path explains the mismatch)
-            calls.append((call_id, command, handler, args))
+            calls.append((call_id, command, handler, kwargs))
         return calls
 
     def queued_plain(self, plain: _PlainCall) -> _Running:
@@ -815,10 +803,9 @@ class Worker:
             return
         self.commands = dict(cls.commands)
         self._plain = {
-            name: (getattr(self.adapter, spec.attribute), spec.names, spec.required)
+            name: (getattr(self.adapter, spec.attribute), spec)
             for name, spec in self.commands.items()
-            if not (spec.is_async or spec.is_stream or spec.wants_context or spec.var_keyword)
-            and spec.names is not None
+            if not (spec.is_async or spec.is_stream or spec.wants_context)
         }
         if self.threads is not None:
             self.threads.limit = max(1, init.concurrency)
@@ -1254,6 +1241,7 @@ _PlainCall = tuple[int, str, Callable[..., Any], dict[str, Any]]
 _SHORT_MESSAGE = 500  # characters of a failure message that did not fit in a frame
 _CALL = p.CallMode.CALL
 _CALL_MESSAGE = p.Call
+_CALL_TAG = p.Call.TAG
 _RESULT_TAG = p.Result.TAG
 
 
