@@ -170,3 +170,15 @@ def test_doctor_reports_the_machine(workdir: Path, env: dict[str, str]) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "adapter     generic: worker pid" in done.stdout
     assert "no server running" in done.stdout
+
+
+def test_the_token_file_is_private_whole_and_replaces_a_loose_one(tmp_path: Path) -> None:
+    from snakepool.cli import _write_private
+
+    token = tmp_path / "token"
+    token.write_text("an old token from an earlier run, longer than the new one")
+    token.chmod(0o644)
+    _write_private(token, "fresh")
+    assert token.read_text() == "fresh"
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["token"]

@@ -175,3 +175,38 @@ async def test_tcp_needs_loopback_and_a_token(socket_path: Path) -> None:
             ) as client:
                 assert (await client["general"].call("whoami"))["session"] is None
             tg.cancel_scope.cancel()
+
+
+async def test_the_socket_appears_private_and_leaves_no_staging(socket_path: Path) -> None:
+    # The socket must be 0600 from the moment its name exists (the CLI's
+    # clients poll for the name), and binding it leaves nothing else behind.
+    from snakepool.server._server import _private_unix_listener
+
+    listener = await _private_unix_listener(socket_path)
+    try:
+        assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600
+        assert stat.S_ISSOCK(socket_path.stat().st_mode)
+        assert sorted(p.name for p in socket_path.parent.iterdir()) == ["s.sock"]
+        with pytest.raises(OSError, match=r"another server is already listening on .*s\.sock"):
+            await _private_unix_listener(socket_path)
+        assert sorted(p.name for p in socket_path.parent.iterdir()) == ["s.sock"]
+        async with await anyio.connect_unix(socket_path) as stream:
+            async with await listener.accept() as accepted:  # type: ignore[attr-defined]
+                await stream.send(b"ping")
+                assert await accepted.receive() == b"ping"
+    finally:
+        await listener.aclose()
+
+
+async def test_a_second_server_on_a_live_socket_is_refused(socket_path: Path) -> None:
+    async with snakepool.Pool(ADAPTER, size=1, name="general") as pool:
+        first = SocketServer({"general": pool}, socket_path=socket_path)
+        async with anyio.create_task_group() as tg:
+            await tg.start(first.serve)
+            second = SocketServer({"general": pool}, socket_path=socket_path)
+            with pytest.raises(OSError, match="another server is already listening"):
+                await second.serve()
+            async with snakepool.connect(socket_path) as client:
+                assert (await client["general"].call("whoami"))["session"] is None
+            tg.cancel_scope.cancel()
+    assert not socket_path.exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import importlib.metadata
 import json
 import keyword
@@ -12,6 +13,7 @@ import os
 import platform
 import signal
 import sys
+import tempfile
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -176,15 +178,31 @@ def _up(args: argparse.Namespace) -> int:
         return 1
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Put ``text`` at ``path`` whole and 0600 from the moment the name exists.
+
+    A file written in place could be read half written, and one left by an
+    earlier run keeps its old mode through ``O_TRUNC``; a private temporary
+    file renamed over it has neither problem.
+    """
+    fd, staged = tempfile.mkstemp(prefix=".token-", dir=path.parent)  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as staged_file:
+            staged_file.write(text)
+        os.replace(staged, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(staged)
+        raise
+
+
 async def _serve(supervisor: Any, server: SocketServer) -> int:
     async with supervisor, anyio.create_task_group() as tg:
         await tg.start(server.serve)
         if server.tcp is not None and server.token is not None:
             token_path = default_token_path()
             ensure_private_dir(token_path.parent)
-            fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as token_file:  # 0600 from the start, never readable by others
-                token_file.write(server.token)
+            _write_private(token_path, server.token)
             print(
                 f"snakepool: TCP on {server.tcp[0]}:{server.tcp_port}; token in {token_path}",
                 flush=True,

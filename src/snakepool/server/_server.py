@@ -16,6 +16,7 @@ import ipaddress
 import logging
 import os
 import secrets
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,7 @@ class SocketServer:
             if await _answers(path):
                 raise OSError(f"another server is already listening on {path}")
             path.unlink()  # a stale socket of a server that died
-        return await anyio.create_unix_listener(path, mode=0o600)
+        return await _private_unix_listener(path)
 
     def _handler(self, needs_token: bool) -> Any:
         async def handle(stream: anyio.abc.ByteStream) -> None:
@@ -122,6 +123,44 @@ class SocketServer:
                 self.clients -= 1
 
         return handle
+
+
+_SUN_PATH_MAX = 108  # sockaddr_un.sun_path on Linux, with its NUL
+
+
+async def _private_unix_listener(path: Path) -> anyio.abc.Listener[Any]:
+    """Listen on ``path``, a socket that no other user can reach at any moment.
+
+    Binding creates the socket with the umask's mode, and anyio's ``mode=``
+    changes it only after: a window in which the socket is looser than 0600.
+    So the socket is bound and narrowed in a private directory beside ``path``
+    and only then linked into place. ``link`` (not ``rename``) fails if a
+    server that started alongside already took ``path``, as ``bind`` would.
+    """
+    staging = Path(tempfile.mkdtemp(prefix=".sp-", dir=path.parent))
+    staged = staging / "s"
+    if len(os.fsencode(staged)) >= _SUN_PATH_MAX:
+        # The staged name would not fit where ``path`` does: bind in place.
+        # ``path``'s directory is this user's 0700 runtime directory unless
+        # the caller chose another, so the short window reaches no one there.
+        staging.rmdir()
+        return await anyio.create_unix_listener(path, mode=0o600)
+    try:
+        listener = await anyio.create_unix_listener(staged, mode=0o600)
+        try:
+            os.link(staged, path)
+        except FileExistsError:
+            await listener.aclose()
+            raise OSError(f"another server is already listening on {path}") from None
+        except BaseException:
+            await listener.aclose()
+            raise
+        return listener
+    finally:
+        with contextlib.suppress(OSError):
+            staged.unlink()
+        with contextlib.suppress(OSError):
+            staging.rmdir()
 
 
 class _Client:
