@@ -68,7 +68,45 @@ def fail(how: str) -> None:
     raise ValueError(f"unknown failure {how!r}")
 
 
-class Basic(Adapter):
+class Holding(Adapter):
+    """Calls that keep a worker busy until the test releases them.
+
+    A test that needs a worker busy while it checks something must not rely
+    on a timer (a nap): on a loaded machine the nap can end before the checks
+    run. ``hold`` and ``hold_sync`` run until the file ``release`` exists (the
+    test creates it when it is done), and fail after ``limit`` seconds so a
+    forgotten release shows instead of hanging. Each has the shape of the
+    timed call it stands in for (``nap``, ``doze``).
+    """
+
+    @command
+    async def hold(self, release: str, limit: float = 60.0) -> dict[str, float]:
+        """``nap`` until released: an async handler (its task awaits)."""
+        start = time.monotonic()
+        path = Path(release)
+        while not path.exists():
+            if time.monotonic() - start > limit:
+                raise TimeoutError(f"hold was not released within {limit:g}s ({release})")
+            await asyncio.sleep(_HOLD_POLL)
+        return {"start": start, "end": time.monotonic(), "pid": os.getpid()}
+
+    @command
+    def hold_sync(self, release: str, limit: float = 60.0) -> dict[str, float]:
+        """``doze`` until released: a plain sync call that blocks its thread (like
+        ``doze``, it does not see a cancellation: the host kills the worker)."""
+        start = time.monotonic()
+        path = Path(release)
+        while not path.exists():
+            if time.monotonic() - start > limit:
+                raise TimeoutError(f"hold_sync was not released within {limit:g}s ({release})")
+            time.sleep(_HOLD_POLL)
+        return {"start": start, "end": time.monotonic(), "pid": os.getpid()}
+
+
+_HOLD_POLL = 0.005  # how often a hold looks for its release file
+
+
+class Basic(Holding):
     """Ordinary commands plus ways to misbehave."""
 
     def setup(self, config: dict[str, Any]) -> None:
@@ -243,7 +281,7 @@ class DiesSoon(Adapter):
         return os.getpid()
 
 
-class Stateful(Adapter):
+class Stateful(Holding):
     """Session state, variables and host tools, as an adapter uses them."""
 
     @command

@@ -22,7 +22,7 @@ from snakepool import (
     WorkerCrashed,
     WorkerStartError,
 )
-from waiting import fill_worker, slots, wait_until
+from waiting import fill_worker, slots, wait_for_count, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -152,72 +152,87 @@ async def test_cast_is_fire_and_forget_and_counted() -> None:
 # --- limits -----------------------------------------------------------------------
 
 
-async def test_queue_full_fails_fast_and_queued_calls_still_run() -> None:
+async def test_queue_full_fails_fast_and_queued_calls_still_run(tmp_path: Path) -> None:
+    release = tmp_path / "release"
     async with snakepool.Pool(ADAPTER, size=1, queue_size=1) as pool:
         results: list[object] = []
 
-        async def nap(seconds: float) -> None:
-            results.append(await pool.call("nap", {"seconds": seconds}))
+        async def call(command: str, args: dict[str, object]) -> None:
+            results.append(await pool.call(command, args))
 
+        inflight = lambda: pool.statistics().workers[0].inflight  # noqa: E731
         async with anyio.create_task_group() as tg:
-            tg.start_soon(nap, 0.5)
-            await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
+            # busy until released: the queue stays full while the test checks
+            tg.start_soon(call, "hold", {"release": str(release)})
+            await wait_for_count(inflight, 1)
             held = slots(pool)
             for _ in range(held - 1):  # sent ahead: they wait in the worker
-                tg.start_soon(nap, 0.01)
-            await wait_until(lambda: pool.statistics().workers[0].inflight == held)
-            tg.start_soon(nap, 0.01)
-            await wait_until(lambda: pool.statistics().queued == 1)
+                tg.start_soon(call, "nap", {"seconds": 0.01})
+            await wait_for_count(inflight, held)
+            tg.start_soon(call, "nap", {"seconds": 0.01})
+            await wait_for_count(lambda: pool.statistics().queued, 1)
             with pytest.raises(PoolOverloaded, match="queue_size=1"):
                 await pool.call("add", {"a": 1, "b": 2})
             with pytest.raises(PoolOverloaded):
                 await pool.cast("add", {"a": 1, "b": 2})
+            release.touch()
         assert len(results) == held + 1
         assert pool.statistics().queued == 0
         assert await pool.call("add", {"a": 1, "b": 2}) == 3
 
 
-async def test_timeout_while_queued_never_sends_the_call() -> None:
+async def test_timeout_while_queued_never_sends_the_call(tmp_path: Path) -> None:
+    release = tmp_path / "release"
     async with snakepool.Pool(ADAPTER, size=1) as pool:
         async with anyio.create_task_group() as tg:
-            held = await fill_worker(pool, tg, 1.0)
+            held = await fill_worker(pool, tg, release)  # (busy until released)
             with pytest.raises(CallTimeout, match="never sent"):
                 await pool.call("add", {"a": 1, "b": 2}, timeout=0.2)
             assert pool.statistics().queued == 0  # it left the queue
+            release.touch()
         assert pool.statistics().workers[0].requests == held
         assert restarts(pool) == 0
 
 
-async def test_a_caller_cancelled_while_queued_leaves_the_queue() -> None:
+async def test_a_caller_cancelled_while_queued_leaves_the_queue(tmp_path: Path) -> None:
+    release = tmp_path / "release"
     async with snakepool.Pool(ADAPTER, size=1) as pool:
         async with anyio.create_task_group() as tg:
-            held = await fill_worker(pool, tg, 0.5)
+            held = await fill_worker(pool, tg, release)  # (busy until released)
             with anyio.move_on_after(0.1) as scope:
                 await pool.call("add", {"a": 1, "b": 2})
             assert scope.cancelled_caught
             assert pool.statistics().queued == 0
+            release.touch()
         assert await pool.call("add", {"a": 2, "b": 2}) == 4
         # the cancelled one was never sent
         assert pool.statistics().workers[0].requests == held + 1
 
 
-async def test_closing_the_pool_fails_queued_calls_with_pool_closed() -> None:
+async def test_closing_the_pool_fails_queued_calls_with_pool_closed(tmp_path: Path) -> None:
+    release = tmp_path / "release"
     pool = snakepool.Pool(ADAPTER, size=1)
     await pool.start()
-    outcomes: list[BaseException] = []
+    try:
+        outcomes: list[BaseException] = []
 
-    async def queued_call() -> None:
-        try:
-            await pool.call("add", {"a": 1, "b": 2})
-        except snakepool.PoolClosed as exc:
-            outcomes.append(exc)
+        async def queued_call() -> None:
+            try:
+                await pool.call("add", {"a": 1, "b": 2})
+            except snakepool.PoolClosed as exc:
+                outcomes.append(exc)
 
-    async with anyio.create_task_group() as tg:
-        await fill_worker(pool, tg, 0.3)
-        tg.start_soon(queued_call)
-        await wait_until(lambda: pool.statistics().queued == 1)
+        async with anyio.create_task_group() as tg:
+            await fill_worker(pool, tg, release)  # (busy until released)
+            tg.start_soon(queued_call)
+            await wait_for_count(lambda: pool.statistics().queued, 1)
+            tg.start_soon(pool.aclose)
+            # the close fails the queued call while the worker is still busy...
+            await wait_until(lambda: bool(outcomes))
+            release.touch()  # ...then drains the calls in flight
+        assert len(outcomes) == 1 and "queued" in str(outcomes[0])
+    finally:
         await pool.aclose()
-    assert len(outcomes) == 1 and "queued" in str(outcomes[0])
 
 
 async def test_hung_call_times_out_and_its_worker_is_replaced() -> None:
@@ -389,16 +404,19 @@ async def test_unstarted_pool_says_so() -> None:
 async def test_close_drains_inflight_calls() -> None:
     pool = snakepool.Pool(ADAPTER, size=1)
     await pool.start()
-    results: list[object] = []
+    try:
+        results: list[object] = []
 
-    async def nap() -> None:
-        results.append(await pool.call("nap", {"seconds": 0.3}))
+        async def nap() -> None:
+            results.append(await pool.call("nap", {"seconds": 0.3}))
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(nap)
-        await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
-        await pool.aclose()
-    assert len(results) == 1 and isinstance(results[0], dict)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(nap)
+            await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
+            await pool.aclose()
+        assert len(results) == 1 and isinstance(results[0], dict)
+    finally:
+        await pool.aclose()  # (after a failure: no worker left behind)
 
 
 async def test_handler_grandchildren_die_with_their_worker() -> None:

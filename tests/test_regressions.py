@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from pathlib import Path
 
 import anyio
 import anyio.lowlevel
@@ -12,7 +13,7 @@ import pytest
 import snakepool
 from snakepool import PoolClosed
 from snakepool.protocol import STREAM_WINDOW
-from waiting import fill_worker, slots, wait_until
+from waiting import fill_worker, slots, wait_for_count, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -51,40 +52,46 @@ async def test_cancelling_start_neither_hangs_nor_leaks() -> None:
 async def test_concurrent_acloses_both_wait_for_the_close() -> None:
     pool = snakepool.Pool(ADAPTER, size=1)
     await pool.start()
-    pid = pool.statistics().workers[0].pid
-    results: list[object] = []
+    try:
+        pid = pool.statistics().workers[0].pid
+        results: list[object] = []
 
-    async def nap() -> None:
-        results.append(await pool.call("nap", {"seconds": 0.3}))
+        async def nap() -> None:
+            results.append(await pool.call("nap", {"seconds": 0.3}))
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(nap)
-        await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
-        tg.start_soon(pool.aclose)
-        await anyio.lowlevel.checkpoint()
-        await pool.aclose()  # must not return before the first close finished
-        assert pool.statistics().workers[0].state == "exited", pid
-    assert len(results) == 1
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(nap)
+            await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
+            tg.start_soon(pool.aclose)
+            await anyio.lowlevel.checkpoint()
+            await pool.aclose()  # must not return before the first close finished
+            assert pool.statistics().workers[0].state == "exited", pid
+        assert len(results) == 1
+    finally:
+        await pool.aclose()  # (after a failure: no worker left behind)
 
 
 async def test_shutdown_cutting_off_an_async_call_says_pool_closed() -> None:
     pool = snakepool.Pool(ADAPTER, size=1)
     pool.drain_grace = 0.2
     await pool.start()
-    outcome: list[BaseException] = []
+    try:
+        outcome: list[BaseException] = []
 
-    async def nap() -> None:
-        try:
-            await pool.call("nap", {"seconds": 30})
-        except snakepool.SnakepoolError as exc:
-            outcome.append(exc)
+        async def nap() -> None:
+            try:
+                await pool.call("nap", {"seconds": 30})
+            except snakepool.SnakepoolError as exc:
+                outcome.append(exc)
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(nap)
-        await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
-        await pool.aclose()
-    assert len(outcome) == 1
-    assert isinstance(outcome[0], PoolClosed)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(nap)
+            await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
+            await pool.aclose()
+        assert len(outcome) == 1
+        assert isinstance(outcome[0], PoolClosed)
+    finally:
+        await pool.aclose()  # (after a failure: no worker left behind)
 
 
 async def test_a_slow_stream_consumer_bounds_what_is_buffered() -> None:
@@ -111,7 +118,14 @@ async def test_a_crash_loop_backs_off() -> None:
     finally:
         await pool.aclose()
     gaps = [b - a for a, b in itertools.pairwise(started)]
-    assert gaps[3] > gaps[0] + 0.3  # 0.1 s -> 0.8 s (+ jitter): it slows down
+    # Before restart k (k = 1, 2...) of a crash loop the pool sleeps 0.1 * 2**(k-1) s
+    # plus up to 0.1 s of jitter, and gaps[k-1] spans that sleep: gaps[3] >= 0.8 s
+    # whatever the machine does. Each gap adds a start-up and a lifetime (~0.1 s
+    # here, more on a loaded machine), so the growth is checked against the
+    # shorter of the first two gaps (0.1 s and 0.2 s of backoff): one stalled
+    # start-up does not hide it, and a constant backoff of any size fails.
+    assert gaps[3] >= 0.8, gaps
+    assert gaps[3] > min(gaps[:2]) + 0.3, gaps  # 0.1-0.2 s -> 0.8 s: it slows down
 
 
 async def test_abandoning_a_half_open_probe_stream_releases_the_probe() -> None:
@@ -129,13 +143,14 @@ async def test_abandoning_a_half_open_probe_stream_releases_the_probe() -> None:
         assert await pool.call("add", {"a": 1, "b": 1}) == 2  # not CircuitOpen forever
 
 
-async def test_strict_queue_first_calls_of_a_session_share_one_worker() -> None:
+async def test_strict_queue_first_calls_of_a_session_share_one_worker(tmp_path: Path) -> None:
+    release = tmp_path / "release"
     async with snakepool.Pool("sp_adapters:Stateful", size=2, affinity="strict_queue") as pool:
         pids: list[int] = []
-        async with anyio.create_task_group() as tg:  # both workers busy
-            tg.start_soon(pool.call, "nap", {"seconds": 0.4})
-            tg.start_soon(pool.call, "nap", {"seconds": 0.4})
-            await wait_until(lambda: sum(w.inflight for w in pool.statistics().workers) == 2)
+        async with anyio.create_task_group() as tg:  # both workers busy until released
+            tg.start_soon(pool.call, "hold", {"release": str(release)})
+            tg.start_soon(pool.call, "hold", {"release": str(release)})
+            await wait_for_count(lambda: sum(w.inflight for w in pool.statistics().workers), 2)
             session = pool.session()
 
             async def whoami() -> None:
@@ -143,22 +158,28 @@ async def test_strict_queue_first_calls_of_a_session_share_one_worker() -> None:
 
             tg.start_soon(whoami)
             tg.start_soon(whoami)
+            await wait_for_count(lambda: pool.statistics().queued, 2)  # both wait for a worker
+            release.touch()
         assert len(set(pids)) == 1
 
 
-async def test_a_queued_call_for_one_worker_does_not_block_an_idle_one() -> None:
+async def test_a_queued_call_for_one_worker_does_not_block_an_idle_one(tmp_path: Path) -> None:
+    release = tmp_path / "release"
     async with snakepool.Pool("sp_adapters:Stateful", size=2, affinity="strict_queue") as pool:
         a, b = pool.session(), pool.session()
         await a.call("whoami")
         await b.call("whoami")  # a and b are bound to different workers
         async with anyio.create_task_group() as tg:
-            tg.start_soon(a.call, "nap", {"seconds": 1.0})
-            await wait_until(lambda: sum(w.inflight for w in pool.statistics().workers) == 1)
+            # a's worker is busy until released (no timer for a slow machine to outlast)
+            tg.start_soon(a.call, "hold", {"release": str(release)})
+            await wait_for_count(lambda: sum(w.inflight for w in pool.statistics().workers), 1)
             tg.start_soon(a.call, "nap", {"seconds": 0.1})  # queued for a's worker
-            await wait_until(lambda: pool.statistics().queued == 1)
-            with anyio.fail_after(0.9):  # before a's worker frees up
+            await wait_for_count(lambda: pool.statistics().queued, 1)
+            with anyio.fail_after(5):  # (stuck behind a's call, they would never finish)
                 assert (await b.call("whoami"))["session"] == b.id
                 assert (await pool.call("whoami"))["session"] is None
+            assert pool.statistics().queued == 1  # a's call still waits for a's worker
+            release.touch()
 
 
 async def test_a_cast_is_bounded_by_call_timeout() -> None:
@@ -174,14 +195,24 @@ async def test_a_cast_is_bounded_by_call_timeout() -> None:
         assert await pool.call("add", {"a": 2, "b": 2}) == 4
 
 
-async def test_a_long_sync_call_leaves_the_worker_answering_pings_and_cancels() -> None:
+async def test_a_long_sync_call_leaves_the_worker_answering_pings_and_cancels(
+    tmp_path: Path,
+) -> None:
     # worker_concurrency=1: the only handler slot is busy, yet the worker still
     # reads: health pings are answered and a cancellation reaches the call.
-    async with snakepool.Pool(ADAPTER, size=1, health_interval=0.1, health_timeout=0.5) as pool:
+    # (health_timeout leaves room for a stalled machine; that pings are answered
+    # while the slot is busy is checked directly, with a call that ends only
+    # when the test releases it.)
+    release = tmp_path / "release"
+    async with snakepool.Pool(ADAPTER, size=1, health_interval=0.1, health_timeout=2.0) as pool:
+        worker = pool._workers[0]
         async with anyio.create_task_group() as tg:
-            tg.start_soon(pool.call, "doze", {"seconds": 1.5})
+            tg.start_soon(pool.call, "hold_sync", {"release": str(release)})
             await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
+            assert await worker.ping(5.0)  # answered while the call still runs
             await anyio.sleep(1.0)  # (the span of several health checks)
+            assert pool.statistics().workers[0].inflight == 1  # (still busy all along)
+            release.touch()
         assert restarts(pool) == 0
         with pytest.raises(snakepool.CallTimeout):
             await pool.call("cooperative", timeout=0.3)
@@ -202,13 +233,18 @@ async def test_a_worker_answers_after_its_threads_went_quiet() -> None:
         assert restarts(pool) == 0
 
 
-async def test_a_deadline_due_in_the_hand_off_turn_still_times_out_unsent() -> None:
+async def test_a_deadline_due_in_the_hand_off_turn_still_times_out_unsent(
+    tmp_path: Path,
+) -> None:
     # The queued call's timer and the freeing of a slot become due in the same
     # event-loop turn (the loop is blocked past both on purpose). The call must
     # time out as never sent, not be sent late with no timer left.
+    # The worker is held until the loop is about to block (not on a timer that a
+    # slow machine could outlast before the call is even queued).
+    release = tmp_path / "release"
     async with snakepool.Pool(ADAPTER, size=1) as pool:
         async with anyio.create_task_group() as tg:
-            await fill_worker(pool, tg, 0.2)
+            await fill_worker(pool, tg, release)
             outcome: list[BaseException] = []
 
             async def queued() -> None:
@@ -218,18 +254,24 @@ async def test_a_deadline_due_in_the_hand_off_turn_still_times_out_unsent() -> N
                     outcome.append(exc)
 
             tg.start_soon(queued)
-            await wait_until(lambda: pool.statistics().queued == 1)
+            await wait_for_count(lambda: pool.statistics().queued, 1)
+            release.touch()  # the answer that frees a slot comes while the loop is blocked
             time.sleep(0.5)  # noqa: ASYNC251 (blocking the loop on purpose: both become due in one turn)
             await wait_until(lambda: bool(outcome), timeout=5)
         assert "never sent" in str(outcome[0])
         await wait_until(lambda: pool.statistics().workers[0].inflight == 0)
 
 
-async def test_queued_calls_are_sent_by_the_hand_off_and_leave_no_deadline_behind() -> None:
+async def test_queued_calls_are_sent_by_the_hand_off_and_leave_no_deadline_behind(
+    tmp_path: Path,
+) -> None:
     # Calls queued behind a busy worker are sent when a slot frees (their
     # callers wake once, for the answer). Whatever way a call ends (result,
     # timeout while queued, timeout while running, the caller cancelled),
     # its deadline entry goes with it: the per-pool buckets must not grow.
+    # (The busy calls are held until the test releases them: no timer ends them
+    # before the calls behind them are in place.)
+    first, second = tmp_path / "first", tmp_path / "second"
     async with snakepool.Pool(ADAPTER, size=1) as pool:
         results: list[int] = []
 
@@ -237,22 +279,24 @@ async def test_queued_calls_are_sent_by_the_hand_off_and_leave_no_deadline_behin
             results.append(await pool.call("add", {"a": i, "b": 1}, timeout=10))
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(pool.call, "nap", {"seconds": 0.2})
-            await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
+            tg.start_soon(pool.call, "hold", {"release": str(first)})
+            await wait_for_count(lambda: pool.statistics().workers[0].inflight, 1)
             for i in range(20):
                 tg.start_soon(add, i)
             # some wait in the worker (sent ahead), the others in the pool's queue
-            await wait_until(lambda: pool.statistics().queued == max(0, 20 - (slots(pool) - 1)))
+            await wait_for_count(lambda: pool.statistics().queued, max(0, 20 - (slots(pool) - 1)))
+            first.touch()
         assert sorted(results) == list(range(1, 21))
         with pytest.raises(snakepool.CallTimeout, match="did not finish"):
-            await pool.call("nap", {"seconds": 1}, timeout=0.05)
+            await pool.call("nap", {"seconds": 30}, timeout=0.05)  # (cancelled: no wait)
         await wait_until(lambda: pool.statistics().workers[0].inflight == 0)  # it stopped
         async with anyio.create_task_group() as tg:
-            await fill_worker(pool, tg, 0.3)
+            await fill_worker(pool, tg, second)
             with pytest.raises(snakepool.CallTimeout, match="never sent"):
                 await pool.call("add", {"a": 1, "b": 1}, timeout=0.05)
             with anyio.move_on_after(0.05):
                 await pool.call("add", {"a": 1, "b": 1}, timeout=10)
+            second.touch()
         assert await pool.call("add", {"a": 2, "b": 2}, timeout=10) == 4
         if pool._deadlines is not None:  # (asyncio only)
             assert len(pool._deadlines) == 0

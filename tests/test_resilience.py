@@ -52,13 +52,32 @@ async def test_a_worker_that_misses_its_health_check_is_replaced() -> None:
         assert await pool.call("add", {"a": 1, "b": 1}) == 2
 
 
-async def test_health_checks_leave_busy_but_healthy_workers_alone() -> None:
-    async with snakepool.Pool(ADAPTER, size=1, health_interval=0.1, health_timeout=1.0) as pool:
+async def test_health_checks_leave_busy_but_healthy_workers_alone(tmp_path: Path) -> None:
+    # health_timeout leaves room for a stalled machine; that a busy worker answers
+    # pings is checked directly, while calls that only the test ends keep it busy.
+    release = tmp_path / "release"
+    async with snakepool.Pool(ADAPTER, size=1, health_interval=0.1, health_timeout=2.0) as pool:
+        worker = pool._workers[0]
+        busy = lambda: pool.statistics().workers[0].inflight == 1  # noqa: E731
+        results: list[dict[str, float]] = []
+
+        async def hold() -> None:
+            results.append(await pool.call("hold", {"release": str(release)}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hold)
+            await wait_until(busy)
+            assert await worker.ping(5.0)  # answered while the call runs
+            await anyio.sleep(0.8)  # (health checks meanwhile)
+            release.touch()
+        assert results[0]["pid"] == pool.statistics().workers[0].pid
         # A sync handler runs in a thread: the worker's loop still answers pings.
-        result = await pool.call("nap", {"seconds": 0.8})
-        assert result["pid"] == pool.statistics().workers[0].pid
-        with anyio.move_on_after(0.8):
-            await pool.call("cooperative")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.call, "cooperative")
+            await wait_until(busy)
+            assert await worker.ping(5.0)
+            await anyio.sleep(0.8)  # (health checks meanwhile)
+            tg.cancel_scope.cancel()  # the caller leaves: the call is cancelled
         assert restarts(pool) == 0
 
 

@@ -22,7 +22,7 @@ from snakepool.pool import _worker as worker_module
 from snakepool.pool._calls import PendingCall
 from snakepool.pool._dispatch import Dispatcher
 from snakepool.pool._worker import WorkerHandle, WorkerState
-from waiting import wait_until
+from waiting import wait_for_count, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -53,41 +53,48 @@ def most_at_once(spans: list[dict[str, float]]) -> int:
     return most
 
 
-async def test_a_busy_worker_holds_calls_and_runs_them_one_at_a_time_in_order() -> None:
+async def test_a_busy_worker_holds_calls_and_runs_them_one_at_a_time_in_order(
+    tmp_path: Path,
+) -> None:
+    release = tmp_path / "release"
     async with snakepool.Pool(ADAPTER, size=1, worker_concurrency=1) as pool:
         held = pool._workers[0].concurrency + pool._workers[0].ahead
         assert held > 1  # (Pool.send_ahead)
         results: list[tuple[int, dict[str, float]]] = []
 
-        async def doze(order: int, seconds: float) -> None:
-            results.append((order, await pool.call("doze", {"seconds": seconds})))
+        async def call(order: int, command: str, args: dict[str, object]) -> None:
+            results.append((order, await pool.call(command, args)))
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(doze, 0, 0.3)
-            await wait_until(lambda: inflight(pool) == 1)
+            # Busy until released (no timer): nothing behind it can start meanwhile.
+            tg.start_soon(call, 0, "hold_sync", {"release": str(release)})
+            await wait_for_count(lambda: inflight(pool), 1)
             for order in range(1, held):
-                tg.start_soon(doze, order, 0.01)
-                await wait_until(lambda n=order + 1: inflight(pool) == n)  # sent, waiting
-            tg.start_soon(doze, held, 0.01)
-            await wait_until(lambda: pool.statistics().queued == 1)  # the worker is full
+                tg.start_soon(call, order, "doze", {"seconds": 0.01})
+                await wait_for_count(lambda: inflight(pool), order + 1)  # sent, waiting
+            tg.start_soon(call, held, "doze", {"seconds": 0.01})
+            await wait_for_count(lambda: pool.statistics().queued, 1)  # the worker is full
+            release.touch()
         spans = [span for _, span in sorted(results, key=lambda r: r[0])]
         assert len(spans) == held + 1
         for earlier, later in itertools.pairwise(spans):  # in the order sent, one at a time
             assert earlier["end"] <= later["start"]
 
 
-async def test_async_calls_waiting_in_the_worker_respect_its_concurrency() -> None:
+async def test_async_calls_waiting_in_the_worker_respect_its_concurrency(tmp_path: Path) -> None:
+    release = tmp_path / "release"
     async with snakepool.Pool(ADAPTER, size=1, worker_concurrency=2) as pool:
         held = pool._workers[0].concurrency + pool._workers[0].ahead
         async with anyio.create_task_group() as tg:
             spans: list[dict[str, float]] = []
 
-            async def nap() -> None:
-                spans.append(await pool.call("nap", {"seconds": 0.1}))
+            async def hold() -> None:  # (async, until released: no nap ends before all are in)
+                spans.append(await pool.call("hold", {"release": str(release)}))
 
             for _ in range(held):  # 2 run, the others wait in the worker
-                tg.start_soon(nap)
-            await wait_until(lambda: inflight(pool) == held)
+                tg.start_soon(hold)
+            await wait_for_count(lambda: inflight(pool), held)
+            release.touch()
         assert len(spans) == held
         assert most_at_once(spans) == 2
 
@@ -117,27 +124,32 @@ async def test_a_call_behind_a_long_one_moves_to_a_worker_that_frees_up() -> Non
 
 
 async def test_a_cancelled_call_that_waits_in_the_worker_never_runs(tmp_path: Path) -> None:
-    marker = tmp_path / "ran"
+    marker, release = tmp_path / "ran", tmp_path / "release"
     async with snakepool.Pool(ADAPTER, size=1) as pool:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(pool.call, "doze", {"seconds": 0.5})
+            tg.start_soon(pool.call, "hold_sync", {"release": str(release)})  # busy till released
             await wait_until(lambda: inflight(pool) == 1)
             with anyio.move_on_after(0.1) as scope:
                 await pool.call("fail_once", {"marker": str(marker)})
             assert scope.cancelled_caught
+            release.touch()
         assert await pool.call("add", {"a": 1, "b": 1}) == 2
         await wait_until(lambda: inflight(pool) == 0)
         assert not marker.exists()  # (fail_once would have written it, then exited)
         assert pool.statistics().workers[0].restarts == 0
 
 
-async def test_a_timeout_while_waiting_in_the_worker_says_it_had_not_started() -> None:
+async def test_a_timeout_while_waiting_in_the_worker_says_it_had_not_started(
+    tmp_path: Path,
+) -> None:
+    release = tmp_path / "release"
     async with snakepool.Pool(ADAPTER, size=1) as pool:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(pool.call, "doze", {"seconds": 0.6})
+            tg.start_soon(pool.call, "hold_sync", {"release": str(release)})  # busy till released
             await wait_until(lambda: inflight(pool) == 1)
             with pytest.raises(CallTimeout, match=r"still waiting .* had not started"):
                 await pool.call("add", {"a": 1, "b": 2}, timeout=0.2)
+            release.touch()
         assert await pool.call("add", {"a": 1, "b": 2}) == 3
         assert pool.statistics().workers[0].restarts == 0
 
@@ -158,22 +170,27 @@ async def test_calls_a_crashed_worker_never_started_are_sent_again() -> None:
         assert pool.statistics().workers[0].restarts == 1
 
 
-async def test_send_ahead_zero_keeps_waiting_calls_in_the_pools_queue() -> None:
+async def test_send_ahead_zero_keeps_waiting_calls_in_the_pools_queue(tmp_path: Path) -> None:
+    release = tmp_path / "release"
     pool = snakepool.Pool(ADAPTER, size=1)
     pool.send_ahead = 0
     async with pool:
         assert pool._workers[0].ahead == 0
         async with anyio.create_task_group() as tg:
-            tg.start_soon(pool.call, "doze", {"seconds": 0.3})
+            tg.start_soon(pool.call, "hold_sync", {"release": str(release)})  # busy till released
             await wait_until(lambda: inflight(pool) == 1)
             with pytest.raises(CallTimeout, match="never sent"):
                 await pool.call("add", {"a": 1, "b": 2}, timeout=0.1)
+            release.touch()
         assert pool.statistics().workers[0].requests == 1
 
 
-async def test_a_session_call_first_in_line_is_not_overtaken_by_later_calls() -> None:
+async def test_a_session_call_first_in_line_is_not_overtaken_by_later_calls(
+    tmp_path: Path,
+) -> None:
     # A session call handed a slot reserves it while its session is prepared;
     # plain calls queued after it must not be sent ahead into that worker first.
+    release = tmp_path / "release"
     async with snakepool.Pool(ADAPTER, size=1) as pool:
         ahead = pool._workers[0].ahead
         spans: dict[str, dict[str, float]] = {}
@@ -181,62 +198,92 @@ async def test_a_session_call_first_in_line_is_not_overtaken_by_later_calls() ->
         async def doze(name: str, seconds: float, session: str | None = None) -> None:
             spans[name] = await pool.call("doze", {"seconds": seconds}, session=session)
 
+        async def hold(name: str) -> None:
+            spans[name] = await pool.call("hold_sync", {"release": str(release)})
+
         async with pool.session() as session:
             await session.call("add", {"a": 1, "b": 2})
             async with anyio.create_task_group() as tg:
-                tg.start_soon(doze, "long", 0.3)
-                await wait_until(lambda: inflight(pool) == 1)
+                tg.start_soon(hold, "long")  # busy until released: the line below stays put
+                await wait_for_count(lambda: inflight(pool), 1)
                 for i in range(ahead):
                     tg.start_soon(doze, f"held{i}", 0.01)
-                await wait_until(lambda: inflight(pool) == 1 + ahead)
+                await wait_for_count(lambda: inflight(pool), 1 + ahead)
                 tg.start_soon(doze, "session", 0.01, session.id)
-                await wait_until(lambda: pool.statistics().queued == 1)
+                await wait_for_count(lambda: pool.statistics().queued, 1)
                 for i in range(3):
                     tg.start_soon(doze, f"later{i}", 0.01)
-                await wait_until(lambda: pool.statistics().queued == 4)
+                await wait_for_count(lambda: pool.statistics().queued, 4)
+                release.touch()
         order = sorted(spans, key=lambda name: spans[name]["start"])
         assert order.index("session") < min(order.index(f"later{i}") for i in range(3))
 
 
-async def test_a_strict_session_waiting_for_one_worker_does_not_stop_withdrawals() -> None:
+async def test_a_strict_session_waiting_for_one_worker_does_not_stop_withdrawals(
+    tmp_path: Path,
+) -> None:
+    # The long and the short call run until the test releases them (no timer
+    # that a slow machine could outlast while the calls are being placed).
+    release_long, release_short = tmp_path / "long", tmp_path / "short"
     async with snakepool.Pool(ADAPTER, size=2, affinity="strict_queue") as pool:
         first = pool._workers[0]
-        finished: dict[str, float] = {}
-        started = time.monotonic()
+        finished: set[str] = set()
 
-        async def doze(name: str, seconds: float, session: str | None = None) -> None:
-            await pool.call("doze", {"seconds": seconds}, session=session)
-            finished[name] = time.monotonic() - started
+        async def call(
+            name: str, command: str, args: dict[str, object], session: str | None = None
+        ) -> None:
+            await pool.call(command, args, session=session)
+            finished.add(name)
 
         async with pool.session() as session:
             await session.call("add", {"a": 1, "b": 2})
             assert pool._sessions.bindings[session.id] is first
             async with anyio.create_task_group() as tg:
-                tg.start_soon(doze, "long", 3.0)  # worker 0
-                await wait_until(lambda: inflight(pool, 0) == 1)
-                tg.start_soon(doze, "short", 0.2)  # worker 1
-                await wait_until(lambda: inflight(pool, 1) == 1)
+                tg.start_soon(call, "long", "hold_sync", {"release": str(release_long)})
+                await wait_for_count(lambda: inflight(pool, 0), 1)  # on worker 0
+                tg.start_soon(call, "short", "hold_sync", {"release": str(release_short)})
+                await wait_for_count(lambda: inflight(pool, 1), 1)  # on worker 1
                 for i in range(4):  # sent ahead to both workers
-                    tg.start_soon(doze, f"quick{i}", 0.01)
-                await wait_until(lambda: inflight(pool, 0) + inflight(pool, 1) == 6)
-                tg.start_soon(doze, "session", 0.01, session.id)  # waits for worker 0 only
-                await wait_until(lambda: pool.statistics().queued == 1)
-        # worker 1 took back the quick calls held behind worker 0's long call
-        assert all(finished[f"quick{i}"] < 2.5 for i in range(4)), finished
+                    tg.start_soon(call, f"quick{i}", "doze", {"seconds": 0.01})
+                await wait_for_count(lambda: inflight(pool, 0) + inflight(pool, 1), 6)
+                # waits for worker 0 only
+                tg.start_soon(call, "session", "doze", {"seconds": 0.01}, session.id)
+                await wait_for_count(lambda: pool.statistics().queued, 1)
+                release_short.touch()  # worker 1 frees up; worker 0 stays busy
+                # worker 1 takes back the quick calls held behind worker 0's long call
+                quick = {f"quick{i}" for i in range(4)}
+                with anyio.move_on_after(10):
+                    await wait_until(lambda: quick <= finished)
+                assert quick <= finished and "long" not in finished, finished
+                release_long.touch()
+        assert finished == quick | {"long", "short", "session"}
 
 
-async def test_closing_the_pool_fails_a_call_given_back_by_a_dead_worker() -> None:
+async def test_closing_the_pool_fails_a_call_given_back_by_a_dead_worker(
+    tmp_path: Path,
+) -> None:
+    release = tmp_path / "release"
     pool = snakepool.Pool(ADAPTER, size=1)
     await pool.start()
     outcomes: dict[str, object] = {}
     started = time.monotonic()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(functools.partial(record, outcomes, "running", pool, "doze", seconds=0.3))
-        await wait_until(lambda: inflight(pool) == 1)
-        tg.start_soon(functools.partial(record, outcomes, "dies", pool, "fail", how="sigkill"))
-        await wait_until(lambda: inflight(pool) == 2)
-        tg.start_soon(functools.partial(record, outcomes, "behind", pool, "add", a=1, b=2))
-        await wait_until(lambda: inflight(pool) == 3)
+    try:
+        async with anyio.create_task_group() as tg:
+            # Busy until released, which happens once the close has begun: on a
+            # timer, the worker could die and the last call run before the close.
+            running = functools.partial(
+                record, outcomes, "running", pool, "hold_sync", release=str(release)
+            )
+            tg.start_soon(running)
+            await wait_for_count(lambda: inflight(pool), 1)
+            tg.start_soon(functools.partial(record, outcomes, "dies", pool, "fail", how="sigkill"))
+            await wait_for_count(lambda: inflight(pool), 2)
+            tg.start_soon(functools.partial(record, outcomes, "behind", pool, "add", a=1, b=2))
+            await wait_for_count(lambda: inflight(pool), 3)
+            tg.start_soon(pool.aclose)
+            await wait_until(lambda: pool.closed)  # closing: it drains the calls in flight
+            release.touch()
+    finally:
         await pool.aclose()
     assert isinstance(outcomes["running"], dict)  # it finished (the drain waited for it)
     assert isinstance(outcomes["dies"], WorkerCrashed)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 import pytest
@@ -21,7 +22,7 @@ from snakepool import (
     SessionWorkerUnavailable,
     WorkerCrashed,
 )
-from waiting import wait_until
+from waiting import wait_for_count, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -69,17 +70,20 @@ async def test_hint_affinity_never_fails_under_load(store: str) -> None:
         await session.close()
 
 
-async def test_strict_fail_fast_refuses_when_the_worker_is_busy(store: str) -> None:
+async def test_strict_fail_fast_refuses_when_the_worker_is_busy(store: str, tmp_path: Path) -> None:
+    release = tmp_path / "release"
     async with (
         snakepool.Pool(ADAPTER, size=2, affinity="strict_fail_fast", session_store=store) as pool,
         pool.session() as session,
     ):
         await session.call("whoami")  # binds the session to a worker
         async with anyio.create_task_group() as tg:
-            tg.start_soon(session.call, "nap", {"seconds": 0.5})
+            # busy until released (a nap could end before the refused call is made)
+            tg.start_soon(session.call, "hold", {"release": str(release)})
             await wait_until(lambda: any(w.inflight for w in pool.statistics().workers))
             with pytest.raises(SessionWorkerUnavailable, match="strict_fail_fast"):
                 await session.call("whoami")
+            release.touch()
 
 
 async def test_session_outlives_its_worker(store: str) -> None:
@@ -297,17 +301,22 @@ async def test_redis_down_fails_session_calls_clearly_and_recovers() -> None:
         stop_redis_server(server)
 
 
-async def test_hint_fallback_never_leaves_a_worker_with_stale_session_state(store: str) -> None:
+async def test_hint_fallback_never_leaves_a_worker_with_stale_session_state(
+    store: str, tmp_path: Path
+) -> None:
     # The session's worker is busy, so a call falls back to the other worker and
     # saves state there; the next call, back on the first worker, must see it.
+    # (Busy until released: naps could end before the fallback call is made.)
+    release = tmp_path / "release"
     async with snakepool.Pool(ADAPTER, size=2, worker_concurrency=2, session_store=store) as pool:
         async with pool.session() as session:
             home = await session.call("remember", {"key": "k", "value": 1})
             async with anyio.create_task_group() as tg:
-                tg.start_soon(session.call, "nap", {"seconds": 0.6})
-                tg.start_soon(session.call, "nap", {"seconds": 0.6})  # home is now full
-                await wait_until(lambda: sum(w.inflight for w in pool.statistics().workers) == 2)
+                tg.start_soon(session.call, "hold", {"release": str(release)})
+                tg.start_soon(session.call, "hold", {"release": str(release)})  # home is now full
+                await wait_for_count(lambda: sum(w.inflight for w in pool.statistics().workers), 2)
                 other = await session.call("remember", {"key": "k", "value": 2})
+                release.touch()
             assert other != home
             recalled = await session.call("recall", {"key": "k"})
             assert recalled["value"] == 2

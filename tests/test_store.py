@@ -144,10 +144,11 @@ async def test_ttl_expiry(store: SessionStore) -> None:
 
 
 async def test_touch_keeps_a_session_alive(store: SessionStore) -> None:
-    await store.create("s", 0.5)
+    # A TTL of 2 s: a machine that stalls between two touches must not expire it.
+    await store.create("s", 2.0)
     await store.save_state("s", "k", "v")
     await store.define("s", VariableSpec("x", "int"), 1, {})
-    deadline = time.monotonic() + 1.2  # well past the TTL
+    deadline = time.monotonic() + 2.6  # past the TTL
     while time.monotonic() < deadline:
         await store.touch("s")
         await anyio.sleep(0.05)
@@ -448,7 +449,7 @@ async def test_redis_session_keys_all_expire(redis_url: str) -> None:
     store = _redis_store(redis_url, namespace)
     raw = redis.asyncio.Redis.from_url(redis_url)
     try:
-        await store.create("s", 0.3)
+        await store.create("s", 2.0)  # (it must outlive the round trips below on a slow machine)
         await store.save_state("s", "k", 1)
         await store.define("s", VariableSpec("x", "int"), 1, {})
         await store.update("s", {"x": (2, None)})
@@ -459,9 +460,9 @@ async def test_redis_session_keys_all_expire(redis_url: str) -> None:
         ]
         for key in keys:
             if key.startswith(prefix):
-                assert 0 < await raw.pttl(key) <= (300 if not key.endswith("seen") else 10**9)
-        await _poll(lambda: _is(store.status("s"), "expired"))
-        await _poll(lambda: _is(raw.keys(f"{prefix}*"), [f"{prefix}seen".encode()]))
+                assert 0 < await raw.pttl(key) <= (2000 if not key.endswith("seen") else 10**9)
+        await _poll(lambda: _is(store.status("s"), "expired"), timeout=10)
+        await _poll(lambda: _is(raw.keys(f"{prefix}*"), [f"{prefix}seen".encode()]), timeout=10)
     finally:
         await raw.aclose()
         await store.aclose()

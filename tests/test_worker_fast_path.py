@@ -18,6 +18,7 @@ import pytest
 from snakepool import protocol as p
 from snakepool.adapters import Adapter, CallContext, command
 from snakepool.workers import _runtime
+from waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -347,6 +348,13 @@ async def test_the_leader_answers_pipelined_calls_in_order_and_hands_over_when_s
             for c in calls
         )
 
+    def waiting(call_id: int) -> bool:
+        with threads._lock:
+            return any(job.call.id == call_id for job, _ in threads._jobs)
+
+    def started(call_id: int) -> bool:  # read, and taken off the queue
+        return call_id in worker.running and not waiting(call_id)
+
     def answers(n: int) -> list[p.Message]:
         got: list[p.Message] = []
         while len(got) < n:
@@ -368,10 +376,11 @@ async def test_the_leader_answers_pipelined_calls_in_order_and_hands_over_when_s
         # The leader blocks in a call; the watchdog takes reading over, so the
         # cancellation sent next still reaches the call, and the call queued
         # behind it (the only slot is busy) runs once it returns.
+        # (Each frame is written once the one before it was read: separate reads.)
         os.write(to_worker_w, frames(p.Call(id=60, command="block", args={})))
-        await asyncio.sleep(0.05)
+        await wait_until(lambda: started(60))
         os.write(to_worker_w, frames(p.Call(id=61, command="echo", args={"value": 61})))
-        await asyncio.sleep(0.05)
+        await wait_until(lambda: waiting(61))  # read while 60 runs: queued behind it
         os.write(to_worker_w, encoder.encode(p.to_wire(p.Cancel(id=60))))
         got = await asyncio.to_thread(answers, 2)
         assert got == [p.Result(id=60, value=True), p.Result(id=61, value=61)]

@@ -3,6 +3,10 @@ and fill a worker until calls have to wait in the pool's queue."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from pathlib import Path
+
 import anyio
 import anyio.abc
 
@@ -17,6 +21,21 @@ async def wait_until(condition: object, timeout: float = 15.0) -> None:
             await anyio.sleep(0.02)
 
 
+async def wait_for_count(count: Callable[[], int], expected: int, timeout: float = 15.0) -> None:
+    """Wait until ``count()`` reaches ``expected``, then check it is exactly that.
+
+    For counts that only grow while the test keeps a worker busy (calls sent,
+    calls queued): one that goes past ``expected`` fails at once, naming both
+    numbers, instead of an equality that is never seen timing out."""
+    deadline = time.monotonic() + timeout
+    value = count()
+    while value < expected:
+        assert time.monotonic() < deadline, f"stayed at {value}, expected {expected}"
+        await anyio.sleep(0.02)
+        value = count()
+    assert value == expected, f"went to {value}, expected {expected}"
+
+
 def slots(pool: snakepool.Pool, slot: int = 0) -> int:
     """Calls worker ``slot`` takes before more wait in the pool's queue: those it
     runs, and those it holds (sent ahead, see ``Pool.send_ahead``). How many it
@@ -25,15 +44,17 @@ def slots(pool: snakepool.Pool, slot: int = 0) -> int:
     return worker.concurrency + worker.ahead
 
 
-async def fill_worker(pool: snakepool.Pool, tg: anyio.abc.TaskGroup, seconds: float) -> int:
-    """Keep worker 0 busy for ``seconds`` (a ``nap``), with every slot it holds
-    taken by quick naps waiting behind it: the next call waits in the pool's
-    queue. Returns how many calls the worker took."""
+async def fill_worker(pool: snakepool.Pool, tg: anyio.abc.TaskGroup, release: Path) -> int:
+    """Keep worker 0 busy until the file ``release`` exists (a ``hold``: no timer
+    ends it, however slow the machine), with every slot it holds taken by quick
+    naps waiting behind it: the next call waits in the pool's queue. Returns
+    how many calls the worker took. Create ``release`` (``release.touch()``)
+    to let it go; cancelling ``tg`` ends the hold too."""
     inflight = lambda: pool.statistics().workers[0].inflight  # noqa: E731
-    tg.start_soon(pool.call, "nap", {"seconds": seconds})
-    await wait_until(lambda: inflight() == 1)
-    held = slots(pool)  # (no answer comes while the worker naps: it stays put)
+    tg.start_soon(pool.call, "hold", {"release": str(release)})
+    await wait_for_count(inflight, 1)
+    held = slots(pool)  # (no answer comes while the worker holds: it stays put)
     for _ in range(held - 1):  # they wait in the worker
         tg.start_soon(pool.call, "nap", {"seconds": 0.01})
-    await wait_until(lambda: inflight() == held)
+    await wait_for_count(inflight, held)
     return held
