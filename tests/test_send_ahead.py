@@ -306,6 +306,8 @@ def _paced_handle(concurrency: int, limit: int) -> WorkerHandle:
 
 
 _NOW = [1000.0]  # the fake pacing clock's time: one timeline for every test
+#: The answer gap of a quick worker: 50 answers in the pacing horizon.
+QUICK = worker_module.AHEAD_HORIZON / 50
 
 
 def _fake_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
@@ -337,7 +339,7 @@ async def test_quick_answers_let_a_worker_hold_up_to_the_limit(
     handle = _paced_handle(concurrency, limit=64)
     first = handle.ahead
     assert concurrency <= first < 64  # before any answer was timed
-    _answer_at_pace(handle, monkeypatch, gap=20e-6, answers=200)  # 50 per millisecond
+    _answer_at_pace(handle, monkeypatch, gap=QUICK, answers=200)  # 50 per horizon
     assert handle.ahead == 50
     _answer_at_pace(handle, monkeypatch, gap=5e-6, answers=200)
     assert handle.ahead == 64  # (never beyond Pool.send_ahead)
@@ -348,18 +350,18 @@ async def test_slow_answers_keep_waiting_calls_in_the_pools_queue(
     monkeypatch: pytest.MonkeyPatch, concurrency: int
 ) -> None:
     handle = _paced_handle(concurrency, limit=64)
-    _answer_at_pace(handle, monkeypatch, gap=20e-6, answers=200)
+    _answer_at_pace(handle, monkeypatch, gap=QUICK, answers=200)
     _answer_at_pace(handle, monkeypatch, gap=0.05, answers=200)
     assert handle.ahead == concurrency  # (never below what it runs)
 
 
 async def test_gaps_while_a_worker_idles_are_not_timed(monkeypatch: pytest.MonkeyPatch) -> None:
     handle = _paced_handle(1, limit=64)
-    _answer_at_pace(handle, monkeypatch, gap=20e-6, answers=200)
+    _answer_at_pace(handle, monkeypatch, gap=QUICK, answers=200)
     paced = handle.ahead
     now = _fake_clock(monkeypatch)
     while handle.pending:  # the last calls are answered at the same pace
-        now[0] += 20e-6
+        now[0] += QUICK
         handle._take(min(handle.pending))
     for call_id in range(10_000, 10_010):  # one call at a time, a second apart
         handle.pending[call_id] = PendingCall(call_id, "echo", "call")
@@ -395,15 +397,15 @@ async def test_a_worker_answering_quickly_holds_its_calls_briefly(
     monkeypatch: pytest.MonkeyPatch, concurrency: int
 ) -> None:
     handle = _paced_handle(concurrency, limit=64)
-    _answer_at_pace(handle, monkeypatch, gap=20e-6, answers=200)  # 50 per millisecond
-    for call_id in range(10_000, 10_000 + 10):  # 11 waiting: about 0.2 ms
+    _answer_at_pace(handle, monkeypatch, gap=QUICK, answers=200)  # 50 per horizon
+    for call_id in range(10_000, 10_000 + 10):  # 11 waiting: about 0.2 of the horizon
         handle.pending[call_id] = PendingCall(call_id, "echo", "call")
     assert handle.holds_briefly()
     now = _fake_clock(monkeypatch)
     now[0] += 2 * worker_module.AHEAD_HORIZON  # no answer since: it may be stuck in a call
     assert not handle.holds_briefly()
     now[0] -= 2 * worker_module.AHEAD_HORIZON
-    for call_id in range(20_000, 20_000 + 60):  # 71 waiting: about 1.4 ms
+    for call_id in range(20_000, 20_000 + 60):  # 71 waiting: about 1.4 of the horizon
         handle.pending[call_id] = PendingCall(call_id, "echo", "call")
     assert not handle.holds_briefly()
 
@@ -413,7 +415,7 @@ async def test_a_free_worker_takes_calls_back_only_from_one_that_stalls(
 ) -> None:
     free, busy = _paced_handle(1, limit=64), _paced_handle(1, limit=64)
     free.pending.clear()
-    _answer_at_pace(busy, monkeypatch, gap=20e-6, answers=200)  # flowing: holds 2 calls
+    _answer_at_pace(busy, monkeypatch, gap=QUICK, answers=200)  # flowing: holds 2 calls
     for call in busy.pending.values():
         call.frame = b"(its frame)"  # (a call without one cannot be sent elsewhere)
     withdrawn: list[int] = []
@@ -436,9 +438,9 @@ async def test_answers_read_together_are_paced_by_their_mean_gap(
     ids = itertools.count(1)
     handle.pending.pop(next(ids))
     handle._answered(1)  # the first answer: timing starts
-    for _ in range(100):  # reads of 10 answers, 0.2 ms apart: 50 answers per millisecond
+    for _ in range(100):  # reads of 10 answers, 10 gaps apart: 50 answers per horizon
         for _ in range(10):
             handle.pending.pop(next(ids))
-        now[0] += 200e-6
+        now[0] += 10 * QUICK
         handle._answered(10)
-    assert handle.ahead in (49, 50)  # (float rounding of 1 ms / 20 us)
+    assert handle.ahead in (49, 50)  # (float rounding of the horizon / QUICK)

@@ -129,8 +129,8 @@ class Pool:
     #: it runs (at least ``worker_concurrency``): sent ahead, they start the
     #: moment a slot frees, and one a worker has not started moves to a worker
     #: that frees up first. How many it holds adapts: about as many as it
-    #: answers in a millisecond, so quick calls are pipelined deeply and slow
-    #: ones wait in the pool's queue. 0 keeps every waiting call in the pool's
+    #: answers in 2 ms, so quick calls are pipelined deeply and slow ones
+    #: wait in the pool's queue. 0 keeps every waiting call in the pool's
     #: queue (only calls without a session on asyncio are ever sent ahead).
     send_ahead: int = 64
 

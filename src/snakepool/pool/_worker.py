@@ -861,8 +861,17 @@ def format_exit(info: ExitInfo | None) -> dict[str, Any]:
 #: as many as it answers in this many seconds, between ``concurrency`` and the
 #: pool's ``send_ahead``. Quick calls get a deep pipeline (no idle gap while
 #: the next frame travels); slow ones wait in the pool's queue, where any
-#: worker can take them.
-AHEAD_HORIZON = 0.001
+#: worker can take them. It is also about the longest a call sent ahead
+#: behind quick calls waits to start. Why 2 ms: the answer gap is timed by
+#: the host, so a host slowed by load (the usual bottleneck with quick
+#: calls) sees every worker answer more slowly. With 1 ms it then held fewer
+#: calls and queued the rest in the pool: more host work per call, a slower
+#: host. Under one CPU hog, 64 callers: 1 ms queued 39-45% of calls and made
+#: 34-45k calls/s; 2 ms queued 2% and made 41-48k; 4 ms 0% and 44-49k.
+#: Deeper costs the other way: calls parked behind a call that turns out
+#: slow wait for it (p99 of quick calls mixed with 2% slow ones: 1 ms 537,
+#: 2 ms 571, 4 ms 604 ms). 2 ms is the knee.
+AHEAD_HORIZON = 0.002
 _FIRST_AHEAD = 4  # (until answers have been timed)
 _GAP_WEIGHT = 1 / 16  # of each new gap in the moving average
 _clock = time.perf_counter  # (tests pace answers with a fake one)
