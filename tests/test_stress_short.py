@@ -58,3 +58,20 @@ async def test_cpu_per_call_measures_every_peer() -> None:
         assert row["seq_host"][0] > 0 and row["host"][0] > 0
         assert row["seq_workers"][0] > 0 and row["workers"][0] > 0  # the workers' CPU was seen
     assert "snakepool (worker_concurrency=8)" in probe.report(found)
+
+
+async def test_pacing_probe_reports_every_horizon() -> None:
+    from snakepool.pool import _worker
+
+    probe = soak("pacing")
+    chosen = _worker.AHEAD_HORIZON
+    try:
+        rates = await probe.throughput([0.001, 0.004], rounds=1, calls=640)
+        waits = await probe.mixed([0.001, 0.004], rounds=1, short=0.005, calls=320)
+    finally:
+        probe._set_horizon(chosen)
+    assert set(rates) == set(waits) == {0.001, 0.004}
+    for rate, share in rates.values():
+        assert rate > 0 and 0 <= share <= 1
+    for p50, p99, count in waits.values():
+        assert 0.005 <= p50 <= p99 and count > 0  # every short call slept 5 ms at least
