@@ -21,7 +21,7 @@ from waiting import wait_until
 pytestmark = pytest.mark.anyio
 
 CPUS = os.cpu_count() or 1
-ENVIRON = {"target": "os:environ.copy"}  # one call: the answering worker's whole environment
+ENV_KEYS = ("SNAKEPOOL_WORKER_ID", "CUDA_VISIBLE_DEVICES")  # read with os:getenv in a session
 
 
 def write(tmp_path: Path, text: str, name: str = "snakepool.toml") -> Path:
@@ -293,7 +293,10 @@ async def environments_by_slot(pool: Pool) -> dict[int, dict[str, Any]]:
     async with contextlib.AsyncExitStack() as stack:
         for _ in range(pool.statistics().size):
             session = await stack.enter_async_context(pool.session())
-            env = await session.call("call", ENVIRON)
+            env = {
+                key: await session.call("call", {"target": "os:getenv", "args": [key]})
+                for key in ENV_KEYS
+            }
             found[int(env["SNAKEPOOL_WORKER_ID"])] = env
     return found
 

@@ -18,6 +18,7 @@ from .errors import RemoteError as RemoteError
 from .errors import ResourceExceeded as ResourceExceeded
 from .errors import SessionExpired as SessionExpired
 from .errors import SessionNotFound as SessionNotFound
+from .errors import InvalidSessionId as InvalidSessionId
 from .errors import SessionWorkerUnavailable as SessionWorkerUnavailable
 from .errors import SnakepoolError as SnakepoolError
 from .errors import UnknownCommand as UnknownCommand
@@ -87,6 +88,7 @@ __all__ = [
     "SessionExpired",
     "SessionNotFound",
     "SessionWorkerUnavailable",
+    "InvalidSessionId",
     "SnakepoolError",
     "Supervisor",
     "SupervisorStatistics",

@@ -6,6 +6,7 @@ import argparse
 import base64
 import contextlib
 import importlib.metadata
+import importlib.util
 import json
 import keyword
 import logging
@@ -21,9 +22,10 @@ from typing import Any
 
 import anyio
 
-from .errors import RemoteError, SnakepoolError
+from .errors import InvalidSessionId, RemoteError, SnakepoolError
 from .pool import Pool, discover_gpus
 from .pool._registry import ensure_private_dir
+from .pool._store import check_session_id
 from .server import SocketServer, connect, default_socket_path, default_token_path
 
 __all__ = ["main"]
@@ -76,7 +78,12 @@ def _parser() -> argparse.ArgumentParser:
 
     call = commands.add_parser("call", help="call a command on a pool of a running server")
     call.add_argument("--socket", metavar="PATH", help=socket_help)
-    call.add_argument("--session", metavar="ID", help="run the call in this session")
+    call.add_argument(
+        "--session",
+        metavar="ID",
+        type=_session_id,
+        help="run the call in this session (1 to 128 of A-Z a-z 0-9 . _ : -, not starting with '.')",
+    )
     call.add_argument("--timeout", type=float, metavar="SECONDS", help="call timeout")
     call.add_argument(
         "--stream",
@@ -285,6 +292,14 @@ def _table(rows: dict[str, dict[str, Any]]) -> str:
 # --- call and status ----------------------------------------------------------------------
 
 
+def _session_id(text: str) -> str:
+    """``--session``: refused here, before any connection, if it breaks the id rule."""
+    try:
+        return check_session_id(text)
+    except InvalidSessionId as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _call(args: argparse.Namespace) -> int:
     try:
         call_args = json.loads(args.json_args)
@@ -410,18 +425,66 @@ def _bench(args: argparse.Namespace) -> int:
 # --- new-adapter --------------------------------------------------------------------------
 
 
+#: The longest package name ``new-adapter`` writes.
+ADAPTER_NAME_MAX_LENGTH = 64
+#: Taken even where no module of that name is installed.
+_RESERVED_ADAPTER_NAMES = {
+    "test": "the standard library's regression tests ('test', absent from some builds)",
+    "tests": "the generated package's own tests directory",
+}
+
+
+def _adapter_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a Python package name at all, or ``None``."""
+    if len(name) > ADAPTER_NAME_MAX_LENGTH:
+        return f"{name[:20]!r}... is {len(name)} characters long; at most {ADAPTER_NAME_MAX_LENGTH}"
+    if not name.isascii() or not name.isidentifier() or name != name.lower():
+        return f"{name!r} must be a lower-case ASCII Python identifier (a-z, 0-9, _)"
+    if keyword.iskeyword(name):
+        return f"{name!r} is a Python keyword"
+    return None
+
+
+def _adapter_name_shadows(name: str) -> str | None:
+    """What an adapter package called ``name`` would shadow, or ``None``.
+
+    A package named like a module that already exists (``json``, ``os``, ``site``,
+    ``test``, ``snakepool``, anything installed or on the path, a built-in adapter's
+    entry point) would hide it from every program run next to it: the generated
+    package's own test would import the wrong module, or hang.
+    """
+    if name in sys.stdlib_module_names or name in sys.builtin_module_names:
+        return f"{name!r} would shadow the standard library module {name!r}"
+    if name == "snakepool":
+        return "'snakepool' would shadow snakepool itself"
+    if name in _RESERVED_ADAPTER_NAMES:
+        return f"{name!r} would shadow {_RESERVED_ADAPTER_NAMES[name]}"
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError) as exc:  # a broken module of that name: still taken
+        return f"{name!r} would shadow an importable module of that name ({exc})"
+    if spec is not None:
+        where = spec.origin or ", ".join(spec.submodule_search_locations or ()) or "?"
+        return f"{name!r} would shadow the importable module {name!r} ({where})"
+    if any(ep.name == name for ep in importlib.metadata.entry_points(group="snakepool.adapters")):
+        return f"{name!r} is already an adapter's name (entry point group snakepool.adapters)"
+    return None
+
+
 def _new_adapter(args: argparse.Namespace) -> int:
     name = args.name
-    if not name.isidentifier() or keyword.iskeyword(name) or name != name.lower():
-        print(
-            f"snakepool new-adapter: {name!r} must be a lower-case Python identifier",
-            file=sys.stderr,
-        )
+    problem = _adapter_name_problem(name)
+    if problem is not None:
+        print(f"snakepool new-adapter: {problem}; choose another name", file=sys.stderr)
         return 2
     root = Path(args.directory) / name
     if root.exists():
         print(f"snakepool new-adapter: {root} already exists; nothing was written", file=sys.stderr)
         return 1
+    problem = _adapter_name_shadows(name)
+    if problem is not None:
+        print(f"snakepool new-adapter: {problem}; choose another name", file=sys.stderr)
+        return 2
     class_name = "".join(part.capitalize() for part in name.split("_")) + "Adapter"
     for relative, text in _scaffold(name, class_name).items():
         path = root / relative

@@ -19,6 +19,7 @@ __all__ = [
     "CallTimeout",
     "CircuitOpen",
     "ErrorCategory",
+    "InvalidSessionId",
     "PoolClosed",
     "PoolDisabled",
     "PoolOverloaded",
@@ -164,6 +165,12 @@ class SessionNotFound(SnakepoolError, KeyError):
 
 class SessionExpired(SnakepoolError):
     """The session outlived its TTL (or was closed)."""
+
+    category = ErrorCategory.SESSION
+
+
+class InvalidSessionId(SnakepoolError, ValueError):
+    """A session id breaks the rule: 1 to 128 of ``A-Z a-z 0-9 . _ : -``, not starting with ``.``."""
 
     category = ErrorCategory.SESSION
 

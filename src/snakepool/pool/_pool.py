@@ -71,7 +71,7 @@ from ._recovery import Recovery, recovery_table
 from ._registry import RunRegistry, runtime_dir
 from ._runner import BackgroundTasks
 from ._session import Session, SessionManager
-from ._store import SessionStore, open_store
+from ._store import SessionStore, check_session_id, open_store
 from ._template import TemplateStartError, TemplateUnavailable, WorkerTemplate
 from ._worker import WorkerHandle, format_exit
 
@@ -660,8 +660,8 @@ class Pool:
             not isinstance(timeout, _NUMBER) or isinstance(timeout, bool) or not timeout > 0
         ):
             raise ValueError(f"timeout must be a number > 0 or None, got {timeout!r}")
-        if session is not None and not isinstance(session, str):
-            raise TypeError(f"session must be a session id (str), got {type(session).__name__}")
+        if session is not None:
+            check_session_id(session)  # (a cast's caller must see it too)
         # Encoded at once, so args need no copy. A stream's timeout bounds
         # each item, not the whole stream: no deadline.
         limit = None if mode == p.CallMode.STREAM else float(timeout or self._call_timeout)
@@ -884,24 +884,32 @@ class Pool:
     # --- preloaded warm starts -------------------------------------------------------
 
     async def _start_template(self) -> None:
-        """Start the template that forks this pool's workers (``start_method``).
+        """Start the template that starts this pool's workers (``start_method``).
 
-        "auto" forks where it can: Linux, asyncio, no GPU pinning unless
-        ``preload`` asks for it, and a template whose imports started no
-        threads; otherwise it spawns and says why (``statistics().start_method``,
+        "auto" forks warm workers where it can: Linux, asyncio, no GPU pinning
+        unless ``preload`` asks for it, and a template whose imports started
+        no threads; otherwise it spawns and says why (``statistics().start_method``,
         and a warning when ``preload`` was asked for). "forkserver" insists:
         ``start()`` fails when forking is not possible. A ``preload`` module
-        that fails to import always fails ``start()``.
+        that fails to import always fails ``start()``. Spawned workers are
+        started by a template too, one that imports nothing and execs them:
+        it keeps what they start from outliving them (the worker side's
+        ``_descendants``).
         """
         config = self.config
         preload = list(config.preload)
         wanted = config.start_method
         if wanted == "spawn":
             self._start_method = "spawn (start_method='spawn')"
-            return
-        if wanted == "auto" and not preload and any(g is not None for g in config.gpu_slots):
+        elif wanted == "auto" and not preload and any(g is not None for g in config.gpu_slots):
             self._start_method = "spawn (GPU workers: pass preload=[...] to fork them)"
-            return
+        else:
+            await self._start_warm_template(preload)
+        if self._template is None:
+            await self._start_keeper()
+
+    async def _start_warm_template(self, preload: list[str]) -> None:
+        config = self.config
         launch = config.launch(0)
         env = dict(launch.env)
         if any(name.split(".")[0] in ("dspy", "litellm") for name in preload):
@@ -922,12 +930,33 @@ class Pool:
         except (TemplateUnavailable, TemplateStartError) as exc:
             self._template_failed(exc, asked=bool(preload))
             return
-        self._template = template
-        self._registry.add(template.pid)
+        self._adopt_template(template)
         self._start_method = (
             f"forkserver (template pid {template.pid} imported {', '.join(modules)} "
             f"in {template.import_seconds:.2f}s)"
         )
+
+    async def _start_keeper(self) -> None:
+        """A template that execs fresh workers (where it cannot run, the host spawns them)."""
+        launch = self.config.launch(0)
+        try:
+            keeper = await WorkerTemplate.start(
+                python=self.config.interpreter,
+                env=launch.env,
+                cwd=launch.cwd,
+                preload=(),
+                sys_path=(),
+                timeout=self.config.startup_timeout,
+            )
+        except (TemplateUnavailable, TemplateStartError) as exc:
+            _log.info("pool %s: workers are spawned by the host itself: %s", self.name, exc)
+            return
+        keeper.warm = False
+        self._adopt_template(keeper)
+
+    def _adopt_template(self, template: WorkerTemplate) -> None:
+        self._template = template
+        self._registry.add(template.pid)
 
     def _template_failed(self, exc: Exception, *, asked: bool) -> None:
         """Spawn instead, or fail start() when the user asked for what failed."""
@@ -1173,12 +1202,12 @@ class CallStream:
         self._pool = pool
         self.command = command
         self._call_id = next(pool._ids)
+        self._call: PendingCall | None = None  # (first: __del__ reads it if _encode raises)
         # Encode now so bad arguments fail at pool.stream(), before iteration.
         self._frame = pool._encode(
             self._call_id, command, args, timeout, session, p.CallMode.STREAM
         )
         self._timeout = pool.config.call_timeout if timeout is None else timeout
-        self._call: PendingCall | None = None
         self._worker: WorkerHandle | None = None
         self._session = session
         self._before_open: Callable[[], Awaitable[Any]] | None = None  # a Session creates itself
@@ -1273,7 +1302,7 @@ class CallStream:
     def __del__(self) -> None:
         # Dropped without closing: cancel in the worker, but only from the
         # event loop's own thread (the pool's state is not thread-safe).
-        if not self._finished and self._call is not None:
+        if self._call is not None and not self._finished:
             try:
                 anyio.get_current_task()
             except Exception:

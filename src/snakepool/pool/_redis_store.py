@@ -1,6 +1,7 @@
 """A session store in Redis, shared by every host process that uses the same URL and namespace.
 
-Keys (``P`` is ``snakepool:{namespace}:``, ``S`` is ``P s:{session_id}:``)::
+Keys (``P`` is ``snakepool:{namespace}:``, ``S`` is ``P s:{session_id}:``; session ids
+follow ``check_session_id``'s rule, so a key is never a glob pattern nor unbounded)::
 
     S meta      hash   {ttl}: the session is live exactly while this key exists
     S state     hash   key -> msgpack(value)              (``save_state``)
@@ -42,8 +43,14 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "a redis:// session store needs redis-py: pip install 'snakepool[redis]'"
     ) from exc
 
-from ..errors import SessionExpired, SessionNotFound
-from ._store import SessionStatus, SessionStore, VariableRecord, check_changes
+from ..errors import InvalidSessionId, SessionExpired, SessionNotFound
+from ._store import (
+    SessionStatus,
+    SessionStore,
+    VariableRecord,
+    check_changes,
+    check_session_id,
+)
 from ._variables import VariableSpec, VariableUpdate
 
 __all__ = ["RedisSessionStore"]
@@ -131,7 +138,9 @@ class RedisSessionStore(SessionStore):
     # --- plumbing ---------------------------------------------------------------------
 
     def _key(self, session_id: str, part: str) -> str:
-        return f"{self._prefix}s:{session_id}:{part}"
+        # Every key of a session is built here: a bad id (a glob such as "*", a
+        # path, 300 characters) is refused before it can reach Redis.
+        return f"{self._prefix}s:{check_session_id(session_id)}:{part}"
 
     def _data_keys(self, session_id: str) -> list[str]:
         return [self._key(session_id, part) for part in ("meta", "state", "vars", "version")]
@@ -280,8 +289,14 @@ class RedisSessionStore(SessionStore):
             candidates = await self._redis.zrangebyscore(self._live_key, "-inf", time.time())
         found: list[str] = []
         for raw in candidates:
-            session_id = raw.decode() if isinstance(raw, bytes) else str(raw)
-            meta = self._key(session_id, "meta")
+            member: bytes | str = raw if isinstance(raw, bytes) else str(raw)
+            session_id = member.decode(errors="replace") if isinstance(member, bytes) else member
+            try:
+                meta = self._key(session_id, "meta")
+            except InvalidSessionId:  # written by something else (an older version): drop it
+                with self._errors():
+                    await self._redis.zrem(self._live_key, member)
+                continue
 
             async def body(
                 pipe: aioredis.client.Pipeline, meta: str = meta, sid: str = session_id

@@ -22,7 +22,7 @@ import anyio
 
 from .. import protocol as p
 from ..errors import PoolOverloaded, SessionWorkerUnavailable
-from ._store import SessionStore
+from ._store import SessionStore, check_session_id
 from ._variables import VariableSpec, VariableUpdate
 from ._worker import WorkerHandle
 
@@ -45,6 +45,7 @@ class SessionManager:
         return len(worker.sessions)
 
     async def create(self, session_id: str, ttl: float) -> None:
+        check_session_id(session_id)
         if await self.store.status(session_id) != "live":
             count = await self.store.count()
             if count >= self.pool.config.max_sessions:
@@ -57,6 +58,7 @@ class SessionManager:
 
     async def acquire(self, session_id: str) -> WorkerHandle:
         """A reserved slot on the session's worker, by the pool's affinity mode."""
+        check_session_id(session_id)  # `pool.call(..., session=ID)`: before any binding
         dispatcher = self.pool._dispatcher
         bound = self.bindings.get(session_id)
         if bound is not None and bound.is_ready:
@@ -244,16 +246,18 @@ class Session:
     """A session of a pool: calls with affinity, variables, persisted state.
 
     Usable at once (it is created in the store on first use) and an async
-    context manager that closes it at exit.
+    context manager that closes it at exit. An id given follows
+    ``SESSION_ID_RULE`` (1 to 128 of ``A-Z a-z 0-9 . _ : -``, not starting
+    with ``.``); otherwise one is generated (uuid4 hex, which follows it).
     """
 
     def __init__(self, pool: Pool, session_id: str | None, ttl: float | None) -> None:
-        if session_id is not None and (not isinstance(session_id, str) or not session_id):
-            raise ValueError(f"session_id must be a non-empty str, got {session_id!r}")
+        if session_id is not None:
+            check_session_id(session_id)  # InvalidSessionId (a ValueError) naming the rule
         if ttl is not None and (not isinstance(ttl, int | float) or not ttl > 0):
             raise ValueError(f"ttl must be a number > 0, got {ttl!r}")
         self._pool = pool
-        self.id = session_id or uuid.uuid4().hex
+        self.id = session_id if session_id is not None else uuid.uuid4().hex
         self.ttl = float(ttl if ttl is not None else pool.config.session_ttl)
         self._created = False
         self._creating = anyio.Lock()  # concurrent first calls create it once

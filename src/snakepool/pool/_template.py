@@ -17,6 +17,12 @@ from the template (:meth:`ForkedProcess.wait`). If the template dies, every
 worker dies with it (``PR_SET_PDEATHSIG``; the host also SIGKILLs their
 process groups) and reports ``-9``.
 
+The template is also the *keeper* of what workers start (a subreaper: see
+the worker side), so a pool that spawns fresh interpreters
+(``start_method="spawn"``, GPU pools, or where forking warm is unsafe) has
+one too: it imports nothing for the workers and execs each one
+(:meth:`WorkerTemplate.spawn` with ``argv``; ``warm`` is False).
+
 Caveat: environment variables that libraries read *at import time* are the
 template's (``env`` given to :meth:`WorkerTemplate.start`), not each worker's.
 """
@@ -117,6 +123,7 @@ class WorkerTemplate:
         self.pid: int = process.pid
         self.modules: list[str] = []
         self.import_seconds: float = 0.0
+        self.warm = True  # workers fork from it; False: it execs them (a keeper only)
         self._decoder = FrameDecoder()
         self._encoder = FrameEncoder()
         self._send_lock = anyio.Lock()
@@ -248,14 +255,28 @@ class WorkerTemplate:
     # --- spawning ----------------------------------------------------------------------
 
     async def spawn(
-        self, env: Mapping[str, str], stdin: int, stdout: int, stderr: int
+        self,
+        env: Mapping[str, str],
+        stdin: int,
+        stdout: int,
+        stderr: int,
+        *,
+        argv: Sequence[str] | None = None,
+        cwd: str | None = None,
     ) -> ForkedProcess:
-        """Fork a worker with these fds as its 0/1/2 (the child ends; close yours after)."""
+        """Fork a worker with these fds as its 0/1/2 (the child ends; close yours after).
+
+        With ``argv`` the child execs it in ``cwd`` (a fresh interpreter),
+        else it becomes a worker with what the template imported.
+        """
         if not self.alive:
             raise TemplateUnavailable(f"the template is gone ({self._dead_reason or 'closed'})")
         spawn_id = next(self._ids)
         pending = self._pending[spawn_id] = _PendingSpawn()
-        frame = self._encoder.encode({"op": "spawn", "id": spawn_id, "env": dict(env)})
+        request: dict[str, Any] = {"op": "spawn", "id": spawn_id, "env": dict(env)}
+        if argv is not None:
+            request.update(argv=list(argv), cwd=cwd)
+        frame = self._encoder.encode(request)
         try:
             # Shielded: a frame cut off half-way would garble every later one.
             with anyio.CancelScope(shield=True):

@@ -53,6 +53,7 @@ _READ_CHUNK = 256 * 1024
 _STDERR_TAIL_LINES = 40
 _STDERR_SETTLE = 1.0  # seconds to let stderr finish after the worker died
 _STDOUT_CLOSED_GRACE = 2.0  # a worker that closed stdout but lives on is killed after this
+_STDOUT_AFTER_EXIT = 1.0  # a worker that exited while a child holds its stdout: then EOF is ours
 
 
 class WorkerState(enum.StrEnum):
@@ -146,6 +147,7 @@ class WorkerHandle:
         self._startup_failure: p.StartupFailed | None = None
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
         self._stderr_done = anyio.Event()
+        self._stdout_ended = anyio.Event()  # the stdout pump is done (EOF, or made to end)
         self._kill_reason: str | None = None
         self._planned_reason: str | None = None
         self._protocol_error: ProtocolError | None = None
@@ -272,8 +274,28 @@ class WorkerHandle:
             if self._direct is None:  # (on asyncio, callbacks serve stdin and stderr)
                 tg.start_soon(self._pump_stderr)
                 tg.start_soon(self._pump_stdin)
+            tg.start_soon(self._watch_exit, process)
             await self._pump_stdout()
             tg.cancel_scope.cancel()
+
+    async def _watch_exit(self, process: anyio.abc.Process | ForkedProcess) -> None:
+        """End the stdout pump once the process has exited, EOF or not.
+
+        A handler's child may hold the worker's stdout open (one forked at C
+        level, which Python's at-fork hook that closes the pipes never sees):
+        the pipe then never reaches EOF, and the worker's death is seen from
+        the process itself. What it wrote before it exited is read first.
+        """
+        await process.wait()
+        with anyio.move_on_after(_STDOUT_AFTER_EXIT):
+            await self._stdout_ended.wait()
+        if self._stdout_ended.is_set():
+            return
+        self.log.warning("%s exited but its stdout is still open (held by a child)", self)
+        if self._stdout_reader is not None:
+            self._stdout_reader.eof_received()
+        elif isinstance(process, anyio.abc.Process) and process.stdout is not None:
+            await process.stdout.aclose()  # the pump reads EOF
 
     async def _open_with_pipes(self, launch: WorkerLaunch) -> anyio.abc.Process | ForkedProcess:
         """asyncio fast path: the worker's pipes are ours, served by callbacks.
@@ -324,7 +346,11 @@ class WorkerHandle:
         template = self._template
         if template is not None and template.alive:
             try:
-                return await template.spawn(launch.env, stdin, stdout, stderr)
+                if template.warm:
+                    return await template.spawn(launch.env, stdin, stdout, stderr)
+                return await template.spawn(
+                    launch.env, stdin, stdout, stderr, argv=launch.argv, cwd=launch.cwd
+                )
             except TemplateUnavailable as exc:
                 self.log.warning("the pool's template cannot fork (%s): spawning instead", exc)
         return await _spawn(launch, stdin, stdout, stderr)
@@ -601,6 +627,7 @@ class WorkerHandle:
                     data = b""
                 ended = self.feed_stdout(data)
         finally:
+            self._stdout_ended.set()
             if not ended:  # torn down from outside: nothing left to wait for
                 self.kill("the pool stopped serving it")
             if self._stdout_transport is not None:

@@ -64,6 +64,7 @@ from typing import Any
 from .. import protocol as p
 from ..adapters import Adapter, CallContext, CommandSpec, SessionVariables, load_adapter_class
 from ..errors import ProtocolError, RemoteError
+from ._descendants import become_subreaper
 
 __all__ = ["current_worker", "main"]
 
@@ -80,6 +81,7 @@ def main() -> None:
     """Entry point of ``python -m snakepool.workers``."""
     proto_in, proto_out = _claim_stdio()
     die_with_parent()
+    become_subreaper()  # a handler's setsid()/double-forked children stay ours
     faulthandler.enable(file=sys.stderr, all_threads=True)
     try:
         code = asyncio.run(_serve(proto_in, proto_out))
@@ -98,11 +100,21 @@ def _claim_stdio() -> tuple[int, int]:
     os.dup2(2, 1)  # fd 1 (and so sys.stdout and C-level printf) now writes to stderr
     with contextlib.suppress(AttributeError, ValueError):
         sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+
+    def close_in_child() -> None:
+        # A handler's os.fork() (multiprocessing, daemons) copies every fd,
+        # close-on-exec or not: a child that kept the protocol pipes open
+        # would hide the worker's death from the host (it waits for EOF).
+        for fd in (proto_in, proto_out):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    os.register_at_fork(after_in_child=close_in_child)
     return proto_in, proto_out
 
 
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL us when our parent dies, even by SIGKILL.
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Ask Linux to send us ``sig`` when our parent dies, even by SIGKILL.
 
     The parent is the host, or the template a worker was forked from
     (``SNAKEPOOL_HOST_PID`` names it; shared with the template process).
@@ -114,7 +126,7 @@ def die_with_parent() -> None:
     pr_set_pdeathsig = 1
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(pr_set_pdeathsig, sig, 0, 0, 0)
     expected = os.environ.get("SNAKEPOOL_HOST_PID")
     if expected and expected.isdigit() and os.getppid() != int(expected):
         os._exit(EXIT_OK)  # the host died before prctl took effect

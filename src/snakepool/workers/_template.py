@@ -13,13 +13,24 @@ length-prefixed MessagePack maps (the snakepool framing)::
                       {"op": "ready", "pid", "modules", "import_seconds"}
                     | {"op": "unsafe", "reason"} | {"op": "failed", "module", "type",
                       "message", "traceback"}   (then the template exits)
-    host -> template  {"op": "spawn", "id", "env"} + 3 fds by SCM_RIGHTS:
-                      the worker's stdin, stdout and stderr
+    host -> template  {"op": "spawn", "id", "env", "argv"?, "cwd"?} + 3 fds by
+                      SCM_RIGHTS: the worker's stdin, stdout and stderr. With
+                      "argv" the child execs it (a fresh interpreter: the
+                      pool's start method is "spawn"); without, it becomes a
+                      worker in-process (forked warm)
     template -> host  {"op": "spawned", "id", "pid"} | {"op": "spawn_failed", "id", "message"}
                       {"op": "exited", "pid", "code"}   (code < 0: killed by that signal)
 
-The template exits when the control socket reaches EOF, after SIGKILLing
-the process groups of its living workers and reaping them.
+The template is also the *keeper* of every process its workers start: it is
+a child subreaper (``PR_SET_CHILD_SUBREAPER``), and so is each worker, so a
+handler's child that leaves the worker's process group (``setsid()``) or is
+double-forked stays in the worker's subtree while the worker lives and comes
+to the template when the worker dies. The template then kills it, with
+everything below it. When the host dies (even by SIGKILL: the template
+watches the host's pidfd, has ``PR_SET_PDEATHSIG`` send it SIGTERM, and sees
+EOF on the control socket) or closes the control socket, the template kills
+every process below it, reaps them and exits. So no descendant of a worker
+outlives its worker, its pool or its host.
 
 Why it is written the way it is:
 
@@ -60,6 +71,7 @@ import traceback
 from typing import Any
 
 from ..protocol._framing import CLOSED, NEED_DATA, FrameDecoder, FrameEncoder
+from ._descendants import become_subreaper, kill_descendants, reap_children
 from ._runtime import (  # (already loaded: python -m snakepool.workers)
     EXIT_OK,
     EXIT_PROTOCOL_ERROR,
@@ -72,6 +84,8 @@ __all__ = ["main"]
 
 #: A forked worker whose runtime returned or raised (it must never get back here).
 EXIT_WORKER_ESCAPED = 70
+#: A spawned worker whose interpreter could not be executed (as a shell says it).
+EXIT_CANNOT_EXEC = 127
 
 _ALWAYS_IMPORTED = ("snakepool.workers._runtime", "snakepool.adapters")
 _MAX_FDS_PER_RECV = 16
@@ -80,13 +94,33 @@ _RECV_BYTES = 1 << 16
 
 def main() -> None:
     """Entry point of ``python -m snakepool.workers --template``."""
-    die_with_parent()  # our workers then die through theirs
+    become_subreaper()
+    host = _watch_host()
     control = _claim_control_socket()
     try:
-        code = Template(control).run()
+        code = Template(control, host).run()
     except KeyboardInterrupt:
         code = EXIT_OK
     flush_and_exit(code)
+
+
+def _watch_host() -> int | None:
+    """A pidfd that turns readable when the host exits (None: we watch getppid()).
+
+    Not ``PR_SET_PDEATHSIG`` with SIGKILL as a worker has it: the template
+    must outlive the host for long enough to kill what the workers started.
+    PDEATHSIG sends SIGTERM (whose handler only wakes the loop), the loop then
+    checks the parent itself: PDEATHSIG also fires when only the host's
+    *thread* that started us ends (a ``BlockingPool``'s loop thread).
+    """
+    host_pid = int(os.environ.get("SNAKEPOOL_HOST_PID") or os.getppid())
+    die_with_parent(signal.SIGTERM)
+    pidfd: int | None = None
+    with contextlib.suppress(OSError, AttributeError):
+        pidfd = os.pidfd_open(host_pid)
+    if os.getppid() != host_pid:
+        os._exit(EXIT_OK)  # the host died before we watched it
+    return pidfd
 
 
 def _claim_control_socket() -> socket.socket:
@@ -102,8 +136,10 @@ def _claim_control_socket() -> socket.socket:
 class Template:
     """The template's state and its single-threaded event loop."""
 
-    def __init__(self, control: socket.socket) -> None:
+    def __init__(self, control: socket.socket, host: int | None = None) -> None:
         self.control = control
+        self.host = host  # the host's pidfd, if the kernel has them
+        self.host_pid = os.getppid()
         self.control_fd = control.fileno()
         self.decoder = FrameDecoder()
         self.encoder = FrameEncoder()
@@ -130,12 +166,19 @@ class Template:
         poller = select.poll()
         poller.register(self.control.fileno(), select.POLLIN)
         poller.register(self.wakeup_r, select.POLLIN)
+        if self.host is not None:
+            poller.register(self.host, select.POLLIN)
         while True:
             for fd, _ in poller.poll():
                 if fd == self.wakeup_r:
                     self._drain_wakeup()
                     self._reap()
-                elif not self._handle_control():
+                    host_gone = os.getppid() != self.host_pid  # (SIGTERM from PDEATHSIG)
+                elif fd == self.control_fd:
+                    host_gone = not self._handle_control()
+                else:  # the host's pidfd: it exited
+                    host_gone = True
+                if host_gone:
                     self._kill_children()
                     return EXIT_OK
 
@@ -249,6 +292,7 @@ class Template:
         # A Python-level handler is needed for the wakeup fd to be written to;
         # the loop does the work when it sees the byte.
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)  # PDEATHSIG: see _watch_host
         signal.set_wakeup_fd(self.wakeup_w)
 
     def _drain_wakeup(self) -> None:
@@ -257,26 +301,27 @@ class Template:
                 pass
 
     def _reap(self) -> None:
-        while self.children:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            self.children.discard(pid)
-            self._send({"op": "exited", "pid": pid, "code": os.waitstatus_to_exitcode(status)})
+        """Reap every child that ended: a worker (tell the host) or an orphan."""
+        while exited := reap_children():
+            workers = [(pid, code) for pid, code in exited if pid in self.children]
+            for pid, code in workers:
+                self.children.discard(pid)
+                self._send({"op": "exited", "pid": pid, "code": code})
+            if workers:
+                # What the dead workers started came to us (we are their
+                # subreaper): all below us that no living worker leads goes.
+                kill_descendants(spare=self.children)
 
     def _kill_children(self) -> None:
-        """At EOF: the host is gone or done with us; no worker outlives the template."""
+        """The host is gone or done with us: nothing below the template outlives it."""
         for pid in self.children:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
-        for pid in list(self.children):
-            with contextlib.suppress(ChildProcessError):
-                _, status = os.waitpid(pid, 0)
+        kill_descendants(spare=())
+        for pid, code in reap_children(block_for=self.children):
+            if pid in self.children:
                 # The host may only have shut down its sending side: tell it.
-                self._send({"op": "exited", "pid": pid, "code": os.waitstatus_to_exitcode(status)})
+                self._send({"op": "exited", "pid": pid, "code": code})
         self.children.clear()
 
     def _spawn(self, message: dict[str, Any]) -> None:
@@ -293,6 +338,9 @@ class Template:
             self._send({"op": "spawn_failed", "id": spawn_id, "message": f"fork failed: {exc}"})
         else:
             if pid == 0:
+                argv = message.get("argv")
+                if argv:
+                    self._exec_worker(stdio, env, [str(a) for a in argv], message.get("cwd"))
                 self._become_worker(stdio, env)  # never returns
             self.children.add(pid)
             self._send({"op": "spawned", "id": spawn_id, "pid": pid})
@@ -328,6 +376,23 @@ class Template:
         finally:
             flush_and_exit(code)
 
+    def _exec_worker(
+        self, stdio: list[int], env: dict[str, str], argv: list[str], cwd: object
+    ) -> None:
+        """Turn this forked child into a fresh interpreter (``start_method="spawn"``)."""
+        try:
+            os.setsid()
+            self._reset_signals()
+            self._adopt_stdio(stdio)
+            env["SNAKEPOOL_HOST_PID"] = str(os.getppid())  # its parent is us, not the host
+            if isinstance(cwd, str) and cwd:
+                os.chdir(cwd)
+            os.execvpe(argv[0], argv, env)  # (PATH searched as subprocess does)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                os.write(2, f"snakepool: cannot start {argv[0]!r}: {exc}\n".encode())
+        os._exit(EXIT_CANNOT_EXEC)
+
     def _reset_signals(self) -> None:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -341,7 +406,10 @@ class Template:
         # Everything the template itself holds: the worker must not keep the
         # control socket open (the host would never see the template's EOF).
         self.control.detach()  # closed below; no object may close its number later
-        for fd in [*stdio, *self.fds, self.wakeup_r, self.wakeup_w, self.control_fd]:
+        ours = [*stdio, *self.fds, self.wakeup_r, self.wakeup_w, self.control_fd]
+        if self.host is not None:
+            ours.append(self.host)
+        for fd in ours:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
