@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import CallTimeout as CallTimeout
 from .errors import CircuitOpen as CircuitOpen
 from .errors import ErrorCategory as ErrorCategory
+from .errors import InvalidSessionId as InvalidSessionId
 from .errors import PoolClosed as PoolClosed
 from .errors import PoolDisabled as PoolDisabled
 from .errors import PoolOverloaded as PoolOverloaded
@@ -18,7 +19,6 @@ from .errors import RemoteError as RemoteError
 from .errors import ResourceExceeded as ResourceExceeded
 from .errors import SessionExpired as SessionExpired
 from .errors import SessionNotFound as SessionNotFound
-from .errors import InvalidSessionId as InvalidSessionId
 from .errors import SessionWorkerUnavailable as SessionWorkerUnavailable
 from .errors import SnakepoolError as SnakepoolError
 from .errors import UnknownCommand as UnknownCommand
@@ -76,6 +76,7 @@ __all__ = [
     "ConfigError",
     "ErrorCategory",
     "Event",
+    "InvalidSessionId",
     "Pool",
     "PoolClosed",
     "PoolDisabled",
@@ -88,7 +89,6 @@ __all__ = [
     "SessionExpired",
     "SessionNotFound",
     "SessionWorkerUnavailable",
-    "InvalidSessionId",
     "SnakepoolError",
     "Supervisor",
     "SupervisorStatistics",

@@ -456,7 +456,7 @@ async def _check_session_restore(
         pool.add_listener(on_event)
         try:
             try:
-                psutil.Process(pid).kill()  # SIGKILL: no teardown, no goodbye
+                _kill_on_purpose(pool, pid)  # SIGKILL: no teardown, no goodbye
             except psutil.Error as exc:
                 report.add(check, "fail", f"could not kill worker {pid}: {exc}")
                 return
@@ -513,6 +513,27 @@ def _outcome(outcome: BaseException | Any) -> str:
     if isinstance(outcome, tuple) and outcome and outcome[0] == "streamed":
         return "it streamed without an error"
     return f"it succeeded with {_short(outcome[1] if isinstance(outcome, tuple) else outcome)}"
+
+
+#: Why the ``session-restore`` check kills its worker: the pool logs it as the
+#: reason of the worker's exit ("killed by the pool: ..."), not "crashed".
+PLANNED_KILL_REASON = (
+    "the conformance check 'session-restore' SIGKILLs it on purpose, "
+    "to test that restore_session rebuilds the session on its replacement"
+)
+
+
+def _kill_on_purpose(pool: Pool, pid: int) -> None:
+    """SIGKILL worker ``pid`` (its process group), announced as planned.
+
+    Through the pool's handle, so that the pool reports the exit as this
+    planned kill; the worker gets no more warning than from any SIGKILL.
+    """
+    for worker in pool._workers:
+        if worker.pid == pid and worker.exit_info is None:
+            worker.kill(PLANNED_KILL_REASON)
+            return
+    psutil.Process(pid).kill()  # (not a worker of this pool any more: just make sure)
 
 
 def _worker_pid(pool: Pool) -> int | None:

@@ -20,7 +20,9 @@ data travels to the host once per ``fit``: it must fit in a frame
 never extend it).
 
 X is a list of rows (lists of numbers), y a list of labels or targets;
-results are plain lists of Python numbers (or labels).
+results are plain lists of Python numbers (or labels). ``model_id`` is the id
+string ``create_model`` returned (``result["model_id"]``); the whole dict it
+returned is accepted too.
 """
 
 from __future__ import annotations
@@ -186,6 +188,7 @@ class SklearnAdapter(Adapter):
         The data is saved with the session, so the fitted model survives its worker.
         """
         session = self._session(ctx)
+        model_id = _model_ref(model_id)
         with session.lock:
             current = self._model(session, model_id)
             data = self._rows(current, X, "X")
@@ -256,6 +259,7 @@ class SklearnAdapter(Adapter):
     def delete_model(self, model_id: str, ctx: CallContext) -> bool:
         """Delete the model (here and in the host's session state)."""
         session = self._session(ctx)
+        model_id = _model_ref(model_id)
         with session.lock:
             self._model(session, model_id)
             ctx.save_state(STATE_PREFIX + model_id, None)
@@ -267,7 +271,7 @@ class SklearnAdapter(Adapter):
         """The estimator's parameters (``get_params(deep=True)``, plain values only)."""
         session = self._session(ctx)
         with session.lock:
-            model = self._model(session, model_id)
+            model = self._model(session, _model_ref(model_id))
         return {k: v for k, v in model.estimator.get_params(deep=True).items() if _plain(v)}
 
     # --- surviving the worker ---------------------------------------------------------
@@ -315,7 +319,10 @@ class SklearnAdapter(Adapter):
     def _build(self, model_id: str, estimator: str, params: Mapping[str, Any] | None) -> _Model:
         """A fresh unfitted estimator from allow-listed names; params checked up front."""
         if not isinstance(estimator, str) or not estimator:
-            raise TypeError(f"estimator must be a name such as 'Ridge', got {estimator!r}")
+            raise TypeError(
+                f"estimator must be a name such as 'Ridge' or 'StandardScaler+Ridge' "
+                f"(see list_estimators), got {_shape(estimator)}"
+            )
         if params is None:
             params = {}
         if not isinstance(params, Mapping) or not all(isinstance(k, str) for k in params):
@@ -408,7 +415,7 @@ class SklearnAdapter(Adapter):
     def _fitted_input(self, ctx: CallContext, model_id: str, X: Any) -> tuple[_Model, Any]:
         session = self._session(ctx)
         with session.lock:
-            model = self._model(session, model_id)
+            model = self._model(session, _model_ref(model_id))
         if not model.fitted:
             raise ValueError(f"{model.label} is not fitted yet: call fit first")
         data = self._rows(model, X, "X")
@@ -428,11 +435,38 @@ class SklearnAdapter(Adapter):
 
 
 def _check_model_id(model_id: Any) -> None:
-    if not isinstance(model_id, str) or not model_id or len(model_id) > _MAX_MODEL_ID:
+    if not isinstance(model_id, str):
+        raise TypeError(
+            f"model_id (the id for the new model) must be a str of at most {_MAX_MODEL_ID} "
+            f"characters, got {_shape(model_id)}"
+        )
+    if not model_id or len(model_id) > _MAX_MODEL_ID:
         raise ValueError(
             f"model_id must be a non-empty str of at most {_MAX_MODEL_ID} characters, "
             f"got {model_id!r}"
         )
+
+
+def _model_ref(value: Any) -> str:
+    """The id a ``model_id`` argument names: the id itself, or the dict that
+    ``create_model`` (or ``fit``) returned, which holds it under ``"model_id"``."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("model_id"), str):
+        found: str = value["model_id"]
+        return found
+    raise TypeError(
+        f"model_id must be the id create_model returned (a str: its result's 'model_id'), "
+        f"got {_shape(value)}"
+    )
+
+
+def _shape(value: Any) -> str:
+    """``dict {'a': 1}``: the type, and the value (shortened) for an error message."""
+    text = repr(value)
+    if len(text) > 100:
+        text = text[:97] + "..."
+    return f"{type(value).__name__} {text}"
 
 
 def _plain(value: Any) -> bool:

@@ -4,11 +4,24 @@ The pool lives on an event loop in a background thread (an anyio blocking
 portal). That thread spawns the workers and lives as long as the pool, which
 matters for ``PR_SET_PDEATHSIG``: it fires when the *thread* that spawned a
 worker exits.
+
+A started pool that is never closed is closed when the interpreter exits (an
+``atexit`` hook: after the main thread and every non-daemon thread ended, and
+while the daemon loop thread still runs), so a script that forgets
+``close()`` exits, with its workers (and the template that started them)
+stopped as by ``close()``. Without it the exit hangs: interpreter teardown
+finalizes the portal, which waits for a loop thread that no longer runs. A
+``KeyboardInterrupt`` (or any exception) that reaches a caller while it waits
+for a call cancels that call in the pool, as cancelling a task would: it is
+not left running, holding its worker, for ``close()`` to drain.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
+import logging
+import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from types import TracebackType
@@ -23,6 +36,8 @@ from ._session import Session
 
 __all__ = ["BlockingPool"]
 
+_log = logging.getLogger("snakepool.pool")
+
 
 class BlockingPool:
     """Same arguments and methods as :class:`Pool`, without ``await``.
@@ -35,6 +50,7 @@ class BlockingPool:
         self._portal_cm: AbstractContextManager[BlockingPortal] | None = None
         self._portal: BlockingPortal | None = None
         self._pool_cm: AbstractContextManager[Pool] | None = None
+        self._owner_pid: int | None = None  # the process that started it (not a fork of it)
 
     @property
     def name(self) -> str:
@@ -56,9 +72,19 @@ class BlockingPool:
             portal_cm.__exit__(type(exc), exc, exc.__traceback__)
             raise
         self._portal_cm, self._portal, self._pool_cm = portal_cm, portal, pool_cm
+        self._owner_pid = os.getpid()
+        atexit.register(self._close_at_exit)
 
     def close(self) -> None:
-        """Drain and stop the workers, then the background loop."""
+        """Drain and stop the workers, then the background loop.
+
+        A started pool that is still open when the interpreter exits is closed
+        then (see the module's docstring); closing it yourself is still best.
+        """
+        atexit.unregister(self._close_at_exit)
+        self._close()
+
+    def _close(self) -> None:
         pool_cm, portal_cm = self._pool_cm, self._portal_cm
         self._pool_cm = self._portal_cm = None
         self._portal = None
@@ -70,6 +96,15 @@ class BlockingPool:
                 portal_cm.__exit__(None, None, None)
 
     aclose = close  # the same name as Pool's, for code that is written for both
+
+    def _close_at_exit(self) -> None:
+        """``atexit``: close a pool the program left open, so that the interpreter can exit."""
+        if self._owner_pid != os.getpid():  # a forked child: the loop thread is not here
+            return
+        try:
+            self._close()  # (not close(): no atexit.unregister from inside an atexit call)
+        except BaseException:  # (a second Ctrl-C, or a failed close: exit anyway)
+            _log.exception("closing pool %r at interpreter exit failed", self.name)
 
     def __enter__(self) -> Self:
         self.start()
@@ -91,7 +126,15 @@ class BlockingPool:
             raise RuntimeError(
                 f"pool {self.name!r} is not started: use 'with pool' or pool.start()"
             )
-        return portal.call(functools.partial(fn, *args, **kwargs))
+        future = portal.start_task_soon(functools.partial(fn, *args, **kwargs))
+        try:
+            return future.result()
+        except BaseException:
+            # Interrupted while waiting (Ctrl-C): cancel the call, as cancelling
+            # its task would. (A no-op once it finished: then this re-raises
+            # its own exception.)
+            future.cancel()
+            raise
 
     def call(self, command: str, args: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
         return self._run(self._pool.call, command, args, **kwargs)

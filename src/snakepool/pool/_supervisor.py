@@ -18,6 +18,11 @@ Environment variables ``SNAKEPOOL_<POOL>_<KEY>`` override the common knobs
 ``MAX_REQUESTS``, ``PYTHON``, ``ADAPTER``, ``WORKERS_PER_GPU``) of the pools a
 config defines; ``<POOL>`` is the pool's name upper-cased, with every
 character other than a letter or digit (``-``, ``.``) replaced by ``_``.
+A misspelt override is never silently ignored: an unknown knob of a pool
+the config defines, or a pool name that is a near miss of one, is a
+``ConfigError`` naming the variable (with a did-you-mean); an override for a
+pool this config does not have at all (maybe meant for another config) is
+logged as a warning.
 """
 
 from __future__ import annotations
@@ -70,6 +75,17 @@ ENV_OVERRIDES: dict[str, tuple[str, str, bool]] = {
     "ADAPTER": ("adapter", _STR, False),
     "WORKERS_PER_GPU": ("workers_per_gpu", _INT, False),
 }
+#: ``SNAKEPOOL_*`` variables that are not pool overrides: read by other parts of
+#: snakepool (the CLI's socket, the runtime directory) or set for workers.
+OTHER_VARIABLES: frozenset[str] = frozenset(
+    {
+        "SNAKEPOOL_SOCKET",
+        "SNAKEPOOL_RUNTIME_DIR",
+        "SNAKEPOOL_HOST_PID",
+        "SNAKEPOOL_POOL",
+        "SNAKEPOOL_WORKER_ID",
+    }
+)
 
 _DEFAULT_TEMPLATE = """\
 # snakepool's embedded default configuration (what `snakepool up` runs without --config).
@@ -341,10 +357,12 @@ class Supervisor:
                 key="session_store",
                 top_level=True,
             )
-        built: dict[str, Pool] = {}
-        for name, settings in pools.items():
+        for name in pools:
             if not isinstance(name, str):
                 raise ConfigError(f"pool names must be strings, got {name!r}")
+        _check_env_variables(list(pools), os.environ)
+        built: dict[str, Pool] = {}
+        for name, settings in pools.items():
             built[name] = self._build_pool(name, settings, session_store, source)
         self._pools = built
         self._pools_view: Mapping[str, Pool] = MappingProxyType(built)
@@ -542,6 +560,66 @@ def _apply_env_overrides(pool: str, kwargs: dict[str, Any]) -> dict[str, str]:
             ) from None
         applied[key] = variable
     return applied
+
+
+def _check_env_variables(pools: list[str], environ: Mapping[str, str]) -> None:
+    """Refuse ``SNAKEPOOL_<POOL>_<KNOB>`` variables that look like misspelt overrides.
+
+    Applied overrides and snakepool's other variables pass. An unknown knob
+    of one of ``pools``, or a pool name close to one of theirs, is a
+    ``ConfigError`` (a silently ignored override is a production footgun:
+    the pool runs with settings nobody asked for). A variable shaped like an
+    override of a pool that is nowhere near these (another config's pool)
+    is only logged.
+    """
+    prefixes = {_env_prefix(pool): pool for pool in pools}
+    knobs = ", ".join(ENV_OVERRIDES)
+    for variable in sorted(environ):
+        if not variable.startswith("SNAKEPOOL_") or variable in OTHER_VARIABLES:
+            continue
+        if not environ[variable].strip():  # (empty: ignored, as an unset override)
+            continue
+        ours = [prefix for prefix in prefixes if variable.startswith(prefix)]
+        if any(variable[len(prefix) :] in ENV_OVERRIDES for prefix in ours):
+            continue  # an override, applied
+        shaped = [k for k in ENV_OVERRIDES if variable.endswith("_" + k)]
+        if ours:
+            prefix = max(ours, key=len)
+            pool, rest = prefixes[prefix], variable[len(prefix) :]
+            why = None
+            if rest.lower() in POOL_KEYS:
+                why = f"{rest.lower()!r} cannot be set from the environment (set it in the config)"
+            elif not shaped:  # (SNAKEPOOL_MY_POOL_SIZE may be pool my-pool's, not my's)
+                why = f"unknown knob {rest!r}{_did_you_mean(rest, tuple(ENV_OVERRIDES))}"
+            if why is not None:
+                raise ConfigError(
+                    f"environment variable {variable} (pool {pool!r}): {why}; "
+                    f"{prefix}<KNOB> overrides {knobs}",
+                    pool=pool,
+                    variable=variable,
+                )
+        if not shaped:
+            continue  # not shaped like an override: not ours to judge
+        knob = max(shaped, key=len)  # (WORKERS_PER_GPU, not a shorter knob it ends with)
+        written = variable[len("SNAKEPOOL_") : -len(knob) - 1]
+        names = {prefix[len("SNAKEPOOL_") : -1]: pool for prefix, pool in prefixes.items()}
+        close = difflib.get_close_matches(written, list(names), n=1)
+        listing = ", ".join(f"{pool!r} ({prefix}<KNOB>)" for prefix, pool in prefixes.items())
+        if close:
+            raise ConfigError(
+                f"environment variable {variable}: this config has no pool named like "
+                f"{written!r} (did you mean SNAKEPOOL_{close[0]}_{knob}, for pool "
+                f"{names[close[0]]!r}?); its pools: {listing}",
+                variable=variable,
+            )
+        _log.warning(
+            "environment variable %s is ignored: it sets %s of a pool spelled %r, and this "
+            "config has none; its pools: %s",
+            variable,
+            knob,
+            written,
+            listing,
+        )
 
 
 def _check_extra_types(kwargs: Mapping[str, Any], error: Callable[[str, str], ConfigError]) -> None:

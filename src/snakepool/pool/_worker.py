@@ -24,6 +24,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -608,7 +609,10 @@ class WorkerHandle:
     def _stderr_line(self, raw: bytes) -> None:
         line = raw.decode("utf-8", "replace").rstrip("\r")
         self._stderr_tail.append(line)
-        self.log.info("%s", line)
+        if echoes_output(self.log):  # logging would drop it: as print() in the host would
+            echo_to_stderr(f"[{self.pool}/{self.slot}] {line}")
+        else:
+            self.log.info("%s", line)
 
     async def _pump_stdout(self) -> None:
         ended = False  # stdout reached its end (or broke the protocol), not cancelled
@@ -870,6 +874,40 @@ class WorkerHandle:
         return (
             f"<WorkerHandle {self.pool}/{self.slot} pid={self.pid} {self.state} load={self.load}>"
         )
+
+
+def echoes_output(logger: logging.Logger) -> bool:
+    """Should worker output meant for ``logger`` go to the host's stderr instead?
+
+    True for a host that never configured logging: no handler anywhere up the
+    chain and ``logging.lastResort`` drops INFO, so ``print()`` in a handler
+    would vanish. False once the host configured logging (a handler, which
+    then gets the line), and False when it silenced it on purpose: a level
+    above INFO set on a ``snakepool`` logger, or ``logging.disable``.
+    """
+    if logger.hasHandlers():
+        return False
+    last_resort = logging.lastResort
+    if last_resort is not None and last_resort.level <= logging.INFO:
+        return False
+    if logger.manager.disable >= logging.INFO:
+        return False
+    current: logging.Logger | None = logger
+    while current is not None and current is not logging.root:
+        if current.level != logging.NOTSET:  # the first level set below the root decides
+            return current.level <= logging.INFO
+        current = current.parent
+    return True
+
+
+def echo_to_stderr(text: str) -> None:
+    """One line of a worker's output on the host's stderr (best effort)."""
+    stream = sys.stderr
+    if stream is None:  # (pythonw, or closed by the program)
+        return
+    with contextlib.suppress(Exception):
+        stream.write(text + "\n")
+        stream.flush()
 
 
 def format_exit(info: ExitInfo | None) -> dict[str, Any]:
