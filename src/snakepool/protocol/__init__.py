@@ -7,6 +7,7 @@ Every frame is a 4-byte big-endian length then one MessagePack map; see
 from ._connection import Connection as Connection
 from ._connection import Role as Role
 from ._framing import CLOSED as CLOSED
+from ._framing import DECODE_FLOOR_BYTES as DECODE_FLOOR_BYTES
 from ._framing import DEFAULT_MAX_FRAME_BYTES as DEFAULT_MAX_FRAME_BYTES
 from ._framing import HEADER_BYTES as HEADER_BYTES
 from ._framing import NEED_DATA as NEED_DATA
@@ -46,6 +47,7 @@ from ._messages import to_wire as to_wire
 
 __all__ = [
     "CLOSED",
+    "DECODE_FLOOR_BYTES",
     "DEFAULT_MAX_FRAME_BYTES",
     "HEADER_BYTES",
     "NEED_DATA",

@@ -2,24 +2,31 @@
 
 A frame is a 4-byte big-endian length followed by that many bytes holding one
 MessagePack map. :class:`FrameDecoder` buffers whatever bytes it is given (one
-at a time works) and hands out whole maps; :func:`encode_frame` does the
+at a time works) and hands out whole maps; :class:`FrameEncoder` does the
 reverse. Oversized frames are refused from their header alone, before their
-body is buffered.
+body is buffered. MessagePack extension types are refused (naming their type
+code). For a peer trusted with nothing, a decoder with a ``decode_factor``
+also refuses, before decoding it, a frame that would decode into more than
+that many times its size of Python objects, or whose message type is not one
+it expects (see :mod:`._measure`).
 """
 
 from __future__ import annotations
 
 import collections
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, Final
 
 import msgpack
 
 from ..errors import ProtocolError
+from ._measure import WORST_RATIO, measure
+from ._measure import human_size as _human
 
 __all__ = [
     "CLOSED",
+    "DECODE_FLOOR_BYTES",
     "DEFAULT_MAX_FRAME_BYTES",
     "HEADER_BYTES",
     "NEED_DATA",
@@ -34,6 +41,15 @@ _MAX_HEADER_VALUE: Final = 2**32 - 1
 _unpackb = msgpack.unpackb
 #: Reads up to this size are split with plain slices (a copy is cheaper than a view).
 _COPY_SLICES_UP_TO: Final = 4096
+#: What any frame may decode into on top of ``decode_factor`` times its size.
+DECODE_FLOOR_BYTES: Final = 2**20
+#: Frames this small are decoded without being measured first: even the worst
+#: of them (under ``WORST_RATIO`` bytes of objects a byte) fits in the floor.
+_UNMEASURED_UP_TO: Final = DECODE_FLOOR_BYTES // WORST_RATIO
+#: Every extension value is refused by msgpack itself (timestamps included, which
+#: bypass ``ext_hook``); :func:`._measure.measure` then names its type code.
+_NO_EXT: Final = 0
+_EXT_REFUSED: Final = "exceeds max_ext_len"
 
 
 class Sentinel(enum.Enum):
@@ -48,14 +64,6 @@ class Sentinel(enum.Enum):
 
 NEED_DATA: Final = Sentinel.NEED_DATA
 CLOSED: Final = Sentinel.CLOSED
-
-
-def _human(n: int) -> str:
-    if n >= 2**20:
-        return f"{n / 2**20:.1f} MiB"
-    if n >= 2**10:
-        return f"{n / 2**10:.1f} KiB"
-    return f"{n} bytes"
 
 
 class FrameEncoder:
@@ -100,10 +108,29 @@ class FrameDecoder:
     call raises the same error and further bytes are dropped, not buffered.
     """
 
-    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+    def __init__(
+        self,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        *,
+        decode_factor: int | None = None,
+        message_types: Collection[str] | None = None,
+    ) -> None:
+        """``decode_factor`` (for a peer trusted with nothing): a frame of n bytes
+        may decode into at most ``decode_factor * n + DECODE_FLOOR_BYTES`` bytes
+        of objects, measured before it is decoded. ``message_types``: the only
+        top-level ``"t"`` values accepted (checked before decoding when measured).
+        """
         if not 0 < max_frame_bytes <= _MAX_HEADER_VALUE:
             raise ValueError(f"max_frame_bytes must be in 1..{_MAX_HEADER_VALUE}")
+        if decode_factor is not None and decode_factor < 1:
+            raise ValueError("decode_factor must be at least 1 (or None: no limit)")
         self.max_frame_bytes = max_frame_bytes
+        self.decode_factor = decode_factor
+        self.message_types = tuple(message_types) if message_types is not None else None
+        #: Frames up to this size are decoded without being measured first.
+        self._unmeasured = (
+            max_frame_bytes if decode_factor is None else min(max_frame_bytes, _UNMEASURED_UP_TO)
+        )
         self._buffer = bytearray()
         self._body_length: int | None = None  # known once a header was read
         self._ready: collections.deque[dict[str, Any]] = collections.deque()
@@ -112,7 +139,9 @@ class FrameDecoder:
 
     def with_limit(self, max_frame_bytes: int) -> FrameDecoder:
         """This decoder's state (buffered bytes included) under another limit."""
-        fresh = FrameDecoder(max_frame_bytes)
+        fresh = FrameDecoder(
+            max_frame_bytes, decode_factor=self.decode_factor, message_types=self.message_types
+        )
         fresh._buffer, fresh._body_length = self._buffer, self._body_length
         fresh._ready = self._ready
         fresh._eof, fresh._error = self._eof, self._error
@@ -128,6 +157,20 @@ class FrameDecoder:
         if self._body_length is None:
             return 0
         return max(0, self._body_length - len(self._buffer))
+
+    @property
+    def whole_frame_bytes(self) -> int:
+        """The body size of the next frame when all of it is buffered and nothing is
+        ready before it, else 0: what the next :meth:`next_frame` will decode."""
+        if self._ready or self._error is not None:
+            return 0
+        length, available = self._body_length, len(self._buffer)
+        if length is None:  # (its header may be buffered, not read yet)
+            if available < HEADER_BYTES:
+                return 0
+            length = int.from_bytes(self._buffer[:HEADER_BYTES], "big")
+            available -= HEADER_BYTES
+        return length if length <= available else 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes; ``b""`` means the peer closed the stream."""
@@ -158,10 +201,11 @@ class FrameDecoder:
         reports it once the frames before it have been handed out.
         """
         end = len(data)
+        types = self.message_types
         if end > _COPY_SLICES_UP_TO:  # large: slices of a view, not copies
             with memoryview(data) as view:
-                return _split(view, end, self.max_frame_bytes, keep)
-        return _split(data, end, self.max_frame_bytes, keep)
+                return _split(view, end, self._unmeasured, types, keep)
+        return _split(data, end, self._unmeasured, types, keep)
 
     def whole_frames(self, data: bytes) -> list[dict[str, Any]] | None:
         """The maps of ``data`` when it is whole, valid frames and nothing is pending.
@@ -228,16 +272,47 @@ class FrameDecoder:
         raise self._error  # type: ignore[misc]
 
     def _decode_body(self, length: int) -> dict[str, Any]:
+        buffer = self._buffer
         try:
-            with memoryview(self._buffer) as whole, whole[:length] as body:
-                payload = _unpackb(body, raw=False, strict_map_key=False)
+            if length > self._unmeasured:  # (a copy: measured and decoded as bytes)
+                assert self.decode_factor is not None
+                with memoryview(buffer) as whole, whole[:length] as view:
+                    body = bytes(view)
+                tag = measure(body, 0, length, self.decode_factor * length + DECODE_FLOOR_BYTES)
+                self._check_type(tag)
+                payload = _unpackb(body, raw=False, strict_map_key=False, max_ext_len=_NO_EXT)
+                del body
+            else:
+                with memoryview(buffer) as whole, whole[:length] as view:
+                    payload = _unpackb(view, raw=False, strict_map_key=False, max_ext_len=_NO_EXT)
+        except ProtocolError as exc:
+            self._fail(str(exc))
+            raise self._error from None  # type: ignore[misc]
         except Exception as exc:
+            if _EXT_REFUSED in str(exc):
+                try:
+                    measure(bytes(buffer[:length]), 0, length, None)  # names the type code
+                except ProtocolError as named:
+                    self._fail(str(named))
+                    raise self._error from None  # type: ignore[misc]
             self._fail(f"undecodable MessagePack frame ({type(exc).__name__}: {exc})")
             raise self._error from None  # type: ignore[misc]
         if not isinstance(payload, dict):
             self._fail(f"frame holds a {type(payload).__name__}, not a map")
             raise self._error  # type: ignore[misc]
+        if length <= self._unmeasured and self.message_types is not None:
+            try:
+                self._check_type(payload.get("t"))
+            except ProtocolError as exc:
+                self._fail(str(exc))
+                raise self._error from None  # type: ignore[misc]
         return payload
+
+    def _check_type(self, tag: object) -> None:
+        types = self.message_types
+        if types is not None and (type(tag) is not str or tag not in types):
+            shown = repr(tag) if not isinstance(tag, str | bytes) or len(tag) <= 40 else "(long)"
+            raise ProtocolError(f"unknown message type {shown}; expected one of {', '.join(types)}")
 
     def _fail(self, message: str) -> None:
         self._error = ProtocolError(message)
@@ -249,9 +324,11 @@ def _split(
     data: bytes | bytearray | memoryview,
     end: int,
     limit: int,
+    types: tuple[str, ...] | None,
     keep: Callable[[dict[str, Any]], None],
 ) -> int:
-    """Decode whole, valid frames from the start of ``data`` into ``keep``; the bytes used."""
+    """Decode whole, valid frames (of at most ``limit`` bytes, with a ``"t"`` in
+    ``types`` unless that is None) from the start of ``data`` into ``keep``; the bytes used."""
     position = 0
     while end - position > HEADER_BYTES:
         body_start = position + HEADER_BYTES
@@ -260,11 +337,17 @@ def _split(
         if not 0 < length <= limit or body_end > end:
             break
         try:
-            payload = _unpackb(data[body_start:body_end], raw=False, strict_map_key=False)
+            payload = _unpackb(
+                data[body_start:body_end], raw=False, strict_map_key=False, max_ext_len=_NO_EXT
+            )
         except Exception:
             break
         if type(payload) is not dict:
             break
+        if types is not None:
+            tag = payload.get("t")
+            if type(tag) is not str or tag not in types:
+                break
         keep(payload)
         position = body_end
     return position

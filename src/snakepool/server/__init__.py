@@ -6,12 +6,14 @@ from ._client import RemoteSession as RemoteSession
 from ._client import connect as connect
 from ._client import default_socket_path as default_socket_path
 from ._client import default_token_path as default_token_path
+from ._server import ServerStatistics as ServerStatistics
 from ._server import SocketServer as SocketServer
 
 __all__ = [
     "Client",
     "RemotePool",
     "RemoteSession",
+    "ServerStatistics",
     "SocketServer",
     "connect",
     "default_socket_path",

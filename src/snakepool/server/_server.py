@@ -2,10 +2,13 @@
 
 One task per client connection reads frames and starts one task per request;
 answers go back on the same connection, tagged with the request id. A client
-is trusted with nothing: a garbage or oversized frame, a flood beyond its
-in-flight limit, a missing token, or a client that stops reading gets an
+is trusted with nothing: a garbage or oversized frame, one that would decode
+into too much memory, a flood beyond its in-flight limit, a missing token, no
+``hello`` within ``hello_timeout``, or a client that stops reading gets an
 ``error`` frame (when possible) and is dropped alone. Its calls are cancelled
-in the pools; other clients and the pools carry on.
+in the pools; other clients and the pools carry on. An unexpected exception
+while serving one connection (a bug) closes that connection alone; it is
+logged with its traceback and counted in :meth:`SocketServer.statistics`.
 """
 
 from __future__ import annotations
@@ -16,19 +19,23 @@ import ipaddress
 import logging
 import os
 import secrets
+import stat
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 
 from ..errors import PoolOverloaded, ProtocolError, SessionExpired, SessionNotFound
 from ..pool import Pool
 from ..protocol import NEED_DATA, Sentinel
 from ._wire import (
     CLIENT_PROTOCOL_VERSION,
+    DECODE_FACTOR,
     MAX_CLIENT_FRAME,
     error_to_wire,
     jsonable,
@@ -36,12 +43,18 @@ from ._wire import (
     new_encoder,
 )
 
-__all__ = ["SocketServer"]
+__all__ = ["ServerStatistics", "SocketServer"]
 
 _log = logging.getLogger("snakepool.server")
 _READ_CHUNK = 256 * 1024
 _SEND_TIMEOUT = 30.0  # a client that does not read for this long is dropped
 _HELLO_FRAME_BYTES = 64 * 1024
+#: A connection that has not said ``hello`` within this many seconds is closed.
+HELLO_TIMEOUT = 5.0
+_ACCEPT_BACKOFF = 0.1  # after a failed accept (out of file descriptors, ...)
+#: Frames this large are measured and decoded in a worker thread, so that one
+#: client's big frame (about 0.1 s a MiB of small values) holds up nobody else.
+_DECODE_IN_THREAD = 512 * 1024
 _SESSION_OPS = frozenset({"open", "close", "define", "get", "set", "get_many", "set_many"})
 
 
@@ -49,8 +62,24 @@ class _Drop(Exception):
     """This client must go (with ``message`` in an ``error`` frame)."""
 
 
+@dataclass(frozen=True, slots=True)
+class ServerStatistics:
+    """A snapshot of a :class:`SocketServer`'s connections."""
+
+    clients: int  #: connections open now
+    accepted: int  #: connections accepted since the server started
+    dropped: int  #: connections closed for breaking the rules (an ``error`` frame, then gone)
+    connection_errors: int  #: connections closed by an unexpected error in the server (a bug)
+    accept_errors: int  #: failed accepts (e.g. out of file descriptors); the server carried on
+
+
 class SocketServer:
-    """Serves ``pools`` on a Unix socket (mode 0600) and, optionally, on TCP with a token."""
+    """Serves ``pools`` on a Unix socket (mode 0600) and, optionally, on TCP with a token.
+
+    ``hello_timeout``: seconds a new connection has to complete its ``hello``
+    (None: no limit). ``decode_factor``: a client frame of n bytes may decode
+    into at most ``decode_factor * n`` bytes of objects, plus 1 MiB.
+    """
 
     def __init__(
         self,
@@ -62,6 +91,8 @@ class SocketServer:
         token: str | None = None,
         max_inflight_per_client: int = 256,
         max_frame_bytes: int = MAX_CLIENT_FRAME,
+        hello_timeout: float | None = HELLO_TIMEOUT,
+        decode_factor: int = DECODE_FACTOR,
     ) -> None:
         if socket_path is None and tcp is None:
             raise ValueError("give a socket path, a TCP address, or both")
@@ -70,59 +101,178 @@ class SocketServer:
                 f"TCP address {tcp[0]!r} is not a loopback address; pass allow_remote=True "
                 "(--allow-remote) to listen beyond this machine"
             )
+        if hello_timeout is not None and not hello_timeout > 0:
+            raise ValueError(f"hello_timeout must be positive (or None), not {hello_timeout!r}")
+        if decode_factor < 1:
+            raise ValueError(f"decode_factor must be at least 1, not {decode_factor!r}")
         self.pools = pools
         self.socket_path = Path(socket_path) if socket_path is not None else None
         self.tcp = tcp
         self.token = token or (secrets.token_urlsafe(32) if tcp is not None else None)
         self.max_inflight_per_client = max_inflight_per_client
         self.max_frame_bytes = max_frame_bytes
+        self.hello_timeout = hello_timeout
+        self.decode_factor = decode_factor
         self.clients = 0
+        self.accepted = 0
+        self.dropped = 0
+        self.connection_errors = 0
+        self.accept_errors = 0
         self.tcp_port: int | None = None
+        self._socket_id: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket
+
+    def statistics(self) -> ServerStatistics:
+        return ServerStatistics(
+            clients=self.clients,
+            accepted=self.accepted,
+            dropped=self.dropped,
+            connection_errors=self.connection_errors,
+            accept_errors=self.accept_errors,
+        )
 
     async def serve(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Listen until cancelled; ``task_status.started()`` once every listener is bound."""
-        listeners: list[anyio.abc.Listener[Any]] = []
-        if self.socket_path is not None:
-            listeners.append(await self._unix_listener(self.socket_path))
-        if self.tcp is not None:
-            tcp_listener = await anyio.create_tcp_listener(
-                local_host=self.tcp[0], local_port=self.tcp[1]
-            )
-            self.tcp_port = int(tcp_listener.extra(anyio.abc.SocketAttribute.local_port))
-            listeners.append(tcp_listener)
+        listeners: list[tuple[anyio.abc.Listener[Any], bool]] = []  # (listener, needs a token)
         try:
+            if self.socket_path is not None:
+                listeners.append((await self._unix_listener(self.socket_path), False))
+            if self.tcp is not None:
+                tcp_listener = await anyio.create_tcp_listener(
+                    local_host=self.tcp[0], local_port=self.tcp[1]
+                )
+                listeners.append((tcp_listener, True))
+                self.tcp_port = int(tcp_listener.extra(anyio.abc.SocketAttribute.local_port))
             async with anyio.create_task_group() as tg:
-                for listener in listeners:
-                    needs_token = listener is not listeners[0] or self.socket_path is None
-                    tg.start_soon(listener.serve, self._handler(needs_token))
+                for listener, needs_token in listeners:
+                    for single in getattr(listener, "listeners", [listener]):  # (MultiListener)
+                        tg.start_soon(self._accept_loop, single, self._handler(needs_token), tg)
                 task_status.started()
         finally:
             with anyio.CancelScope(shield=True):
-                for listener in listeners:
+                for listener, _ in listeners:
                     await listener.aclose()
-                if self.socket_path is not None:
-                    with contextlib.suppress(OSError):
-                        self.socket_path.unlink()
+                self._remove_our_socket()
+
+    def _remove_our_socket(self) -> None:
+        """Unlink the socket path if it is still the socket this server bound."""
+        if self.socket_path is None or self._socket_id is None:
+            return
+        with contextlib.suppress(OSError):
+            there = os.lstat(self.socket_path)
+            if (there.st_dev, there.st_ino) == self._socket_id:
+                self.socket_path.unlink()
+        self._socket_id = None
+
+    async def _accept_loop(
+        self, listener: anyio.abc.Listener[Any], handler: Any, tg: anyio.abc.TaskGroup
+    ) -> None:
+        """Accept connections until the listener closes; a failed accept is not the end."""
+        accept = listener.accept  # type: ignore[attr-defined]
+        while True:
+            try:
+                stream = await accept()
+            except anyio.ClosedResourceError:
+                return  # (the server is stopping)
+            except anyio.BrokenResourceError as exc:
+                _log.error("snakepool server: a listener broke, it accepts no more: %s", exc)
+                return
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS, ECONNABORTED, ...
+                self.accept_errors += 1
+                _log.warning("snakepool server: accepting a connection failed: %s", exc)
+                await anyio.sleep(_ACCEPT_BACKOFF)
+                continue
+            self.accepted += 1
+            tg.start_soon(handler, stream)
 
     async def _unix_listener(self, path: Path) -> anyio.abc.Listener[Any]:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if path.exists():
-            if await _answers(path):
-                raise OSError(f"another server is already listening on {path}")
-            path.unlink()  # a stale socket of a server that died
-        return await _private_unix_listener(path)
+        await _prepare_socket_path(path)
+        listener = await _private_unix_listener(path)
+        with contextlib.suppress(OSError):
+            bound = os.lstat(path)
+            self._socket_id = (bound.st_dev, bound.st_ino)
+        return listener
 
     def _handler(self, needs_token: bool) -> Any:
         async def handle(stream: anyio.abc.ByteStream) -> None:
             self.clients += 1
             try:
                 await _Client(self, stream, needs_token).run()
+            except Exception:  # a bug: this connection alone ends (_Client.run closed it)
+                self.connection_errors += 1
+                _log.exception(
+                    "snakepool server: an unexpected error closed a client connection "
+                    "(the server and its other connections carry on)"
+                )
             finally:
                 self.clients -= 1
 
         return handle
+
+
+async def _prepare_socket_path(path: Path) -> None:
+    """Make ``path`` free for a new socket, or refuse, saying what is there.
+
+    Missing parent directories are created with mode 0700. Only a stale socket
+    (one nobody answers on) is removed; a live one, a regular file, a
+    directory, a symbolic link or anything else is left alone and refused.
+    """
+    _make_private_parents(path.parent)
+    try:
+        there = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(there.st_mode):
+        raise FileExistsError(
+            f"cannot listen on {path}: {_what_is(there.st_mode)} is there, not a socket; "
+            "it is left alone (remove it yourself or choose another socket path)"
+        )
+    if await _answers(path):
+        raise OSError(f"another server is already listening on {path}")
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # a stale socket of a server that died
+
+
+def _what_is(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    return "something that is not a file"
+
+
+def _make_private_parents(directory: Path) -> None:
+    """Create ``directory`` and any missing parents with mode 0700 (never looser)."""
+    missing: list[Path] = []
+    current = directory
+    while not os.path.lexists(current):
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    if not current.is_dir():  # (follows a symlink to a directory, as mkdir does)
+        raise NotADirectoryError(
+            f"cannot put a socket under {directory}: {current} is not a directory"
+        )
+    for new in reversed(missing):
+        try:
+            os.mkdir(new, 0o700)
+        except FileExistsError:
+            if not new.is_dir():
+                raise NotADirectoryError(
+                    f"cannot put a socket under {directory}: {new} is not a directory"
+                ) from None
+            continue  # made by someone else meanwhile: theirs, left as it is
+        os.chmod(new, 0o700)  # (mkdir's mode is narrowed by the umask, never widened)
 
 
 _SUN_PATH_MAX = 108  # sockaddr_un.sun_path on Linux, with its NUL
@@ -173,18 +323,29 @@ class _Client:
         self.stream = stream
         self.needs_token = needs_token
         # Until it has said hello (with its token), a client gets small frames only.
-        self.decoder = new_decoder(min(_HELLO_FRAME_BYTES, server.max_frame_bytes))
+        self.decoder = new_decoder(
+            min(_HELLO_FRAME_BYTES, server.max_frame_bytes), decode_factor=server.decode_factor
+        )
         self.encoder = new_encoder(server.max_frame_bytes)
         self.send_lock = anyio.Lock()
         self.inflight: dict[int, anyio.CancelScope] = {}
         self.greeted = False
+        self.hello_scope = anyio.CancelScope()  # the hello deadline, cancelled at hello
 
     async def run(self) -> None:
+        """Serve the connection until the client leaves or is dropped.
+
+        An unexpected exception is re-raised once the connection is closed (the
+        server's handler logs and counts it); nothing else escapes.
+        """
         drop: _Drop | None = None
+        failure: BaseException | None = None
         async with self.stream:
             try:
                 async with anyio.create_task_group() as tg:
                     self.tg = tg
+                    if self.server.hello_timeout is not None:
+                        tg.start_soon(self._hello_deadline, self.server.hello_timeout)
                     await self._read_loop()
                     tg.cancel_scope.cancel()  # the client left: cancel its calls
             except* _Drop as dropped:
@@ -196,10 +357,24 @@ class _Client:
                 OSError,
             ):
                 pass  # the client went away
-            if drop is not None:
+            except* Exception as unexpected:
+                failure = unexpected
+            if failure is not None:
+                drop = _Drop("internal server error; the connection is closed (see the server log)")
+            elif drop is not None:
+                self.server.dropped += 1
                 _log.warning("snakepool server: dropping a client: %s", drop)
+            if drop is not None:
                 with anyio.move_on_after(1.0, shield=True), contextlib.suppress(Exception):
                     await self.stream.send(self.encoder.encode({"t": "error", "e": str(drop)}))
+        if failure is not None:
+            raise failure
+
+    async def _hello_deadline(self, timeout: float) -> None:
+        with self.hello_scope:
+            await anyio.sleep(timeout)
+            if not self.greeted:
+                raise _Drop(f"no hello within {timeout:g}s")
 
     async def _read_loop(self) -> None:
         while True:
@@ -210,7 +385,13 @@ class _Client:
             self.decoder.feed(data)
             while True:
                 try:
-                    frame = self.decoder.next_frame()
+                    if self.decoder.whole_frame_bytes >= _DECODE_IN_THREAD:
+                        # Measuring and decoding it takes a while: not on the event loop.
+                        frame = await anyio.to_thread.run_sync(
+                            self.decoder.next_frame, abandon_on_cancel=True
+                        )
+                    else:
+                        frame = self.decoder.next_frame()
                 except ProtocolError as exc:
                     raise _Drop(f"protocol error: {exc}") from None
                 if frame is NEED_DATA or isinstance(frame, Sentinel):
@@ -252,16 +433,22 @@ class _Client:
     async def _greet(self, frame: dict[str, Any]) -> None:
         if frame.get("t") != "hello":
             raise _Drop("the first message must be 'hello'")
-        if frame.get("v") != CLIENT_PROTOCOL_VERSION:
+        version = frame.get("v")
+        if type(version) is not int or version != CLIENT_PROTOCOL_VERSION:
             raise _Drop(
-                f"client protocol version {frame.get('v')!r} is not {CLIENT_PROTOCOL_VERSION}"
+                f"hello 'v' must be the integer client protocol version "
+                f"{CLIENT_PROTOCOL_VERSION}; got {_shown(version)} ({type(version).__name__})"
             )
         if self.needs_token:
             token = frame.get("k")
-            expected = self.server.token or ""
-            if not isinstance(token, str) or not hmac.compare_digest(token, expected):
+            expected = (self.server.token or "").encode()
+            # Bytes, not str: compare_digest refuses a str that is not ASCII.
+            if not isinstance(token, str) or not hmac.compare_digest(
+                token.encode("utf-8", "surrogatepass"), expected
+            ):
                 raise _Drop("a valid token is required on TCP")
         self.greeted = True
+        self.hello_scope.cancel()
         self.decoder = self.decoder.with_limit(self.server.max_frame_bytes)
         await self._send(
             {"t": "welcome", "v": CLIENT_PROTOCOL_VERSION, "pools": sorted(self.server.pools)}
@@ -375,10 +562,25 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut short: it goes into a message."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 async def _answers(path: Path) -> bool:
+    """Whether a server answers on the socket ``path`` (False: a stale socket).
+
+    Only a refused connection means stale; anything else (no permission, ...)
+    is raised: that socket may well be alive, and it is not ours to remove.
+    """
     try:
         stream = await anyio.connect_unix(path)
-    except OSError:
+    except (ConnectionRefusedError, FileNotFoundError):
         return False
+    except OSError as exc:
+        raise OSError(
+            f"cannot tell whether a server listens on {path} ({exc}); it is left alone"
+        ) from None
     await stream.aclose()
     return True
