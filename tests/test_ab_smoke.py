@@ -1,0 +1,81 @@
+"""stress/ab.py in a tiny configuration: structure and cleanup only, never timings.
+
+It runs as a child interpreter, as it would from the command line: its own
+children import snakepool from temporary git worktrees, which must be gone
+afterwards (the autouse fixture checks that no process is left behind).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+AB = REPO / "stress" / "ab.py"
+TITLES = (
+    "plain calls/s, 64 callers",
+    "sequential p50",
+    "session calls/s, 64 sessions",
+    "sequential p50, one session",
+    "plain calls/s on the session pool",
+    "session/plain calls/s, per round",
+)
+
+
+def _worktrees() -> str:
+    return subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "list", "--porcelain"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
+@pytest.mark.slow
+def test_ab_runs_both_scenarios_and_removes_its_worktrees(tmp_path: Path) -> None:
+    before = _worktrees()
+    out = tmp_path / "ab.json"
+    command = [sys.executable, str(AB), "HEAD", "--rounds", "1", "--calls", "200"]
+    ab = subprocess.Popen(
+        [*command, "--scenario", "both", "--json", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        stdout, stderr = ab.communicate(timeout=100)
+    except subprocess.TimeoutExpired:
+        ab.terminate()  # SIGTERM: ab.py stops its child and removes its worktrees
+        stdout, stderr = ab.communicate(timeout=30)
+        pytest.fail(f"stress/ab.py took over 100 s:\n{stdout}{stderr}")
+    assert ab.returncode == 0, stdout + stderr
+    for title in TITLES:
+        assert title in stdout, (title, stdout)
+    assert stdout.count("new vs old (medians):") == len(TITLES), stdout
+    assert "old: snakepool from " in stdout and "new: snakepool from " in stdout
+
+    result: dict[str, Any] = json.loads(out.read_text())
+    assert set(result["metrics"]) == {
+        "plain_calls_s",
+        "plain_p50_us",
+        "session_calls_s",
+        "session_p50_us",
+        "session_pool_plain_calls_s",
+        "session_over_plain",
+    }
+    for name, metric in result["metrics"].items():
+        assert len(metric["old"]) == len(metric["new"]) == 1, name
+        assert metric["old_median"] > 0 and metric["new_median"] > 0, name
+        assert metric["new_over_old"] > 0, name
+    workdir = result["workdir"]
+    for side in ("old", "new"):  # each side's host and workers imported its own tree
+        assert result[side]["host_file"].startswith(f"{workdir}/{side}/src/"), result[side]
+        assert result[side]["worker_file"] == result[side]["host_file"], result[side]
+    assert not Path(workdir).exists()
+    assert _worktrees() == before
