@@ -22,7 +22,7 @@ from snakepool import (
     WorkerCrashed,
     WorkerStartError,
 )
-from waiting import fill_worker, slots, wait_for_count, wait_until
+from waiting import fill_worker, wait_for_count, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -152,31 +152,35 @@ async def test_cast_is_fire_and_forget_and_counted() -> None:
 # --- limits -----------------------------------------------------------------------
 
 
-async def test_queue_full_fails_fast_and_queued_calls_still_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("send_ahead", [64, 0])
+async def test_queue_full_fails_fast_and_queued_calls_still_run(
+    tmp_path: Path, send_ahead: int
+) -> None:
+    """queue_size bounds waiting calls: queued in the pool (send_ahead=0) or sent
+    ahead to the busy worker and not started there (issue 15)."""
     release = tmp_path / "release"
-    async with snakepool.Pool(ADAPTER, size=1, queue_size=1) as pool:
+    pool = snakepool.Pool(ADAPTER, size=1, queue_size=1)
+    pool.send_ahead = send_ahead
+    async with pool:
         results: list[object] = []
 
         async def call(command: str, args: dict[str, object]) -> None:
             results.append(await pool.call(command, args))
 
-        inflight = lambda: pool.statistics().workers[0].inflight  # noqa: E731
+        waiting = lambda: pool.statistics().workers[0].inflight + pool.statistics().queued  # noqa: E731
         async with anyio.create_task_group() as tg:
             # busy until released: the queue stays full while the test checks
             tg.start_soon(call, "hold", {"release": str(release)})
-            await wait_for_count(inflight, 1)
-            held = slots(pool)
-            for _ in range(held - 1):  # sent ahead: they wait in the worker
-                tg.start_soon(call, "nap", {"seconds": 0.01})
-            await wait_for_count(inflight, held)
-            tg.start_soon(call, "nap", {"seconds": 0.01})
-            await wait_for_count(lambda: pool.statistics().queued, 1)
+            await wait_for_count(waiting, 1)
+            tg.start_soon(call, "nap", {"seconds": 0.01})  # the one call that may wait
+            await wait_for_count(waiting, 2)
+            assert pool.statistics().queued == (0 if send_ahead else 1)
             with pytest.raises(PoolOverloaded, match="queue_size=1"):
                 await pool.call("add", {"a": 1, "b": 2})
             with pytest.raises(PoolOverloaded):
                 await pool.cast("add", {"a": 1, "b": 2})
             release.touch()
-        assert len(results) == held + 1
+        assert len(results) == 2
         assert pool.statistics().queued == 0
         assert await pool.call("add", {"a": 1, "b": 2}) == 3
 

@@ -11,8 +11,12 @@ A broken worker never breaks the pool.
 
 from __future__ import annotations
 
+import builtins
 import enum
 import signal
+import sys
+from collections.abc import Callable
+from typing import Any, Self, cast
 
 __all__ = [
     "INFRASTRUCTURE_CATEGORIES",
@@ -121,12 +125,42 @@ class ResourceExceeded(SnakepoolError):
 
 
 class RemoteError(SnakepoolError):
-    """The handler raised in the worker; the worker itself is fine."""
+    """The handler raised in the worker; the worker itself is fine.
+
+    For a handler's built-in exception (``ValueError``, ``KeyError``,
+    ``FileNotFoundError``, ...) or one whose class the host has imported
+    (its ``module.qualname`` travels on the wire), the error is *also* an
+    instance of that class, like Ray's task errors: ``except ValueError``
+    catches a handler's ``ValueError``. Its class is then
+    ``RemoteError_<Type>`` (``UnknownCommand_<Type>``), made once and cached,
+    deriving from this class first (so ``category`` stays ``application``)
+    and from the original type; that type's ``__init__`` never runs, and a
+    type that cannot be combined so (an incompatible layout, not
+    subclassable) gives a plain ``RemoteError``. Only ``Exception`` types
+    count, never snakepool's own nor ``StopIteration``/``StopAsyncIteration``,
+    and the host imports nothing for it: a class from a module it has not
+    imported gives a plain ``RemoteError`` too.
+    """
 
     category = ErrorCategory.APPLICATION
 
+    def __new__(cls, remote_type: str, *args: Any, **kwargs: Any) -> Self:
+        if (cls is RemoteError or cls is UnknownCommand) and type(remote_type) is str:
+            made = _remote_subclass(cls, remote_type)
+            if made is not None:
+                sub, maker = made
+                try:
+                    instance: Self = maker(sub)
+                    return instance
+                except Exception:  # an odd __new__: a plain one will do
+                    pass
+        plain: Self = super().__new__(cls)
+        return plain
+
     def __init__(self, remote_type: str, remote_message: str, remote_traceback: str = "") -> None:
-        super().__init__(f"{remote_type}: {remote_message}")
+        # (BaseException's own __init__: the original type's must not run, its
+        # signature may be anything, e.g. UnicodeDecodeError's five arguments)
+        BaseException.__init__(self, f"{remote_type}: {remote_message}")
         self.remote_type = remote_type
         self.remote_message = remote_message
         self.remote_traceback = remote_traceback
@@ -137,9 +171,90 @@ class RemoteError(SnakepoolError):
             text = f"{text}\n--- remote traceback ---\n{self.remote_traceback.rstrip()}"
         return text
 
+    def __repr__(self) -> str:
+        return BaseException.__repr__(self)  # (not the original type's: its fields are unset)
+
+    def __reduce__(self) -> str | tuple[Any, ...]:
+        cls = type(self).__dict__.get("_remote_base", type(self))
+        if cls is RemoteError or cls is UnknownCommand:
+            # Rebuilt by calling RemoteError(...) again, which makes (or finds)
+            # the combined class on the other side: it is not a module attribute.
+            state = {
+                key: value
+                for key, value in self.__dict__.items()
+                if key not in ("remote_type", "remote_message", "remote_traceback")
+            }
+            args = (self.remote_type, self.remote_message, self.remote_traceback)
+            return (cls, args, state or None)
+        return super().__reduce__()
+
 
 class UnknownCommand(RemoteError):
     """The worker's adapter has no command of that name."""
+
+
+#: (base, original type) -> (combined class, how to make an instance), or None.
+_COMBINED: dict[tuple[type, type], tuple[type, Callable[[type], Any]] | None] = {}
+
+
+def _remote_subclass(
+    base: type[RemoteError], remote_type: str
+) -> tuple[type, Callable[[type], Any]] | None:
+    """The cached ``<base>_<Type>`` class for ``remote_type``, or None (plain ``base``)."""
+    original = _resolve_type(remote_type)
+    if original is None:
+        return None
+    key = (base, original)
+    try:
+        return _COMBINED[key]
+    except KeyError:
+        pass
+    made: tuple[type, Callable[[type], Any]] | None
+    try:
+        name = f"{base.__name__}_{original.__name__}"
+        sub = type(name, (base, original), {"_remote_base": base, "__module__": __name__})
+        sub.__qualname__ = name
+        # Made by the nearest built-in base's __new__ (OSError's for the OSError
+        # family: BaseException.__new__ refuses those), never the original's own.
+        solid = next(k for k in original.__mro__ if k.__module__ == "builtins")
+        maker = cast(Callable[[type], Any], solid.__new__)
+        maker(sub)  # (try once: a layout it refuses shows here)
+        made = (sub, maker)
+    except Exception:  # not subclassable, incompatible layout, metaclass conflict, ...
+        made = None
+    return _COMBINED.setdefault(key, made)
+
+
+def _resolve_type(remote_type: str) -> type[Exception] | None:
+    """The exception class ``remote_type`` names (``"ValueError"``, ``"pkg.mod.Error"``),
+    if it is a built-in or its module is already imported here; never imports."""
+    obj: object
+    if "." not in remote_type:
+        obj = getattr(builtins, remote_type, None)
+    else:
+        parts = remote_type.split(".")
+        obj = None
+        for cut in range(len(parts) - 1, 0, -1):  # the longest module prefix first
+            module = sys.modules.get(".".join(parts[:cut]))
+            if module is None:
+                continue
+            obj = module
+            for part in parts[cut:]:
+                obj = getattr(obj, part, None)
+            break
+    if (
+        isinstance(obj, type)
+        and issubclass(obj, Exception)
+        and not issubclass(obj, _NEVER_COMBINED)
+    ):
+        return obj
+    return None
+
+
+#: Never combined with: snakepool's own errors (a handler's ``WorkerCrashed``
+#: must not look like this call's crash), and the iteration-end signals,
+#: which Python turns into ``RuntimeError`` when they leave a coroutine.
+_NEVER_COMBINED = (SnakepoolError, StopIteration, StopAsyncIteration)
 
 
 class PoolOverloaded(SnakepoolError):

@@ -19,7 +19,9 @@ class Adapter:
     One instance lives in each worker. ``setup(config)`` runs once when the
     worker starts (``config`` is the pool's ``adapter_config``), ``teardown()``
     when it closes gracefully, ``restore_session(ctx, state)`` when a session
-    lands on this worker after living elsewhere.
+    lands on this worker after living elsewhere (every worker it lands on
+    after its first, before its next call there; ``state`` is what
+    ``ctx.save_state`` persisted, ``{}`` when nothing was).
 
     Every adapter answers ``ping``, ``describe`` and ``info``.
     """
@@ -40,7 +42,13 @@ class Adapter:
         """Once per worker, on a graceful close."""
 
     def restore_session(self, ctx: CallContext, state: dict[str, Any]) -> None:
-        """Rebuild what a session kept in a worker that is gone."""
+        """Rebuild what a session kept in a worker that is gone.
+
+        Runs on every worker the session lands on after its first (its worker
+        died or was recycled, or affinity fell back to another one), once,
+        before the session's next call there. ``state`` is every key saved
+        with ``ctx.save_state``, ``{}`` when nothing was saved.
+        """
 
     # --- built-in commands ---------------------------------------------------
 

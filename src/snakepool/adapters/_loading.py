@@ -6,7 +6,13 @@ import importlib
 
 from ._base import Adapter
 
-__all__ = ["BUILTIN_ADAPTERS", "ENTRY_POINT_GROUP", "adapter_imports", "load_adapter_class"]
+__all__ = [
+    "BUILTIN_ADAPTERS",
+    "ENTRY_POINT_GROUP",
+    "adapter_imports",
+    "check_importable",
+    "load_adapter_class",
+]
 
 ENTRY_POINT_GROUP = "snakepool.adapters"
 
@@ -32,6 +38,41 @@ def load_adapter_class(spec: str) -> type[Adapter]:
     return obj
 
 
+def check_importable(spec: str) -> None:
+    """Refuse, on the host and at once, an adapter no worker can import.
+
+    A class defined in ``__main__`` (the script the host runs) or inside a
+    function: each worker is its own ``python -m snakepool.workers`` and
+    imports the adapter by ``module:Class``.
+    """
+    spec = BUILTIN_ADAPTERS.get(spec, spec)
+    if ":" not in spec:
+        return
+    module, _, qualname = spec.partition(":")
+    problem = _unimportable(module, qualname)
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def _unimportable(module: str, qualname: str) -> str | None:
+    name = qualname.rsplit(".", 1)[-1] or "MyAdapter"
+    if module in ("__main__", "__mp_main__"):
+        return (
+            f"adapter class {qualname!r} is defined in __main__ (the script you ran), which "
+            f"the worker processes cannot import (each worker is its own "
+            f"'python -m snakepool.workers'): move it into an importable module, e.g. "
+            f"my_adapters.py next to your script, and pass 'my_adapters:{name}' "
+            f"(or the class imported from there)"
+        )
+    if "<locals>" in qualname:
+        return (
+            f"adapter class {qualname!r} of module {module!r} is defined inside a function, "
+            f"where the worker processes cannot import it: move it to the top level of an "
+            f"importable module and pass '{module}:{name}'"
+        )
+    return None
+
+
 def adapter_imports(spec: str) -> list[str]:
     """The modules ``load_adapter_class(spec)`` imports (for a fork server to preload).
 
@@ -52,6 +93,9 @@ def _import_object(spec: str) -> object:
     module_name, _, qualname = spec.partition(":")
     if not module_name or not qualname:
         raise ValueError(f"adapter {spec!r} must look like 'package.module:ClassName'")
+    problem = _unimportable(module_name, qualname)
+    if problem is not None:
+        raise ImportError(problem)
     module = importlib.import_module(module_name)
     obj: object = module
     for part in qualname.split("."):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import shutil
 import subprocess
@@ -14,7 +15,15 @@ from typing import Any
 from .. import protocol as p
 from ._worker import WorkerLaunch
 
-__all__ = ["AFFINITY_MODES", "START_METHODS", "THREAD_ENV_VARS", "PoolConfig", "discover_gpus"]
+__all__ = [
+    "AFFINITY_MODES",
+    "OPTION_ALIASES",
+    "START_METHODS",
+    "THREAD_ENV_VARS",
+    "PoolConfig",
+    "did_you_mean",
+    "discover_gpus",
+]
 
 AFFINITY_MODES = ("hint", "strict_queue", "strict_fail_fast")
 #: How workers start: "forkserver" forks them from a template process that
@@ -32,6 +41,42 @@ THREAD_ENV_VARS = (
 )
 _SNAKEPOOL_SRC = str(Path(__file__).resolve().parents[2])
 
+#: Names other pool libraries use for a snakepool option (concurrent.futures,
+#: multiprocessing, loky, Celery, Ray, ...): a misspelt option suggests these
+#: before close spellings (``max_workers`` is ``size``, not ``max_requests``).
+OPTION_ALIASES: Mapping[str, str] = {
+    "max_workers": "size",
+    "processes": "size",
+    "num_workers": "size",
+    "n_workers": "size",
+    "workers": "size",
+    "pool_size": "size",
+    "concurrency": "size",
+    "timeout": "call_timeout",
+    "task_timeout": "call_timeout",
+    "max_tasks_per_child": "max_requests",
+    "maxtasksperchild": "max_requests",
+    "max_tasks_per_worker": "max_requests",
+    "initializer": "adapter",
+    "executable": "python",
+    "max_queue_size": "queue_size",
+}
+
+
+def did_you_mean(key: str, valid: Sequence[str]) -> str:
+    """`` (did you mean 'size'?)`` for an unknown option, or ``""``.
+
+    Known names from other libraries first (``OPTION_ALIASES``), then the
+    closest spelling.
+    """
+    alias = OPTION_ALIASES.get(key)
+    if alias is None:
+        alias = OPTION_ALIASES.get(key.lower().replace("-", "_"))
+    if alias is not None and alias in valid:
+        return f" (did you mean {alias!r}?)"
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
 
 @dataclass(frozen=True)
 class PoolConfig:
@@ -47,7 +92,9 @@ class PoolConfig:
     adapter_config: Mapping[str, Any] | None = None
     worker_concurrency: int = 1
     startup_timeout: float = 30.0
-    call_timeout: float = 60.0
+    #: Seconds a call may take, queueing included; ``None``: no limit (like
+    #: concurrent.futures, Ray and Celery). A call's ``timeout=`` overrides it.
+    call_timeout: float | None = None
     queue_size: int = 1000
     max_requests: int | None = None
     max_memory_mb: float | None = None
@@ -65,6 +112,14 @@ class PoolConfig:
     preload: Sequence[str] = ()
     start_method: str = "auto"
     session_store: str = "memory"
+    #: The most calls a busy worker holds beyond those it runs (0: none).
+    send_ahead: int = 64
+    #: Seconds ``aclose()`` waits for calls in flight.
+    drain_grace: float = 10.0
+    #: Seconds between closing a worker's stdin, SIGTERM and SIGKILL.
+    stop_grace: float = 3.0
+    #: Seconds a cancelled (or timed-out) call may take to stop before its worker is killed.
+    cancel_grace: float = 2.0
     gpu_slots: tuple[int | None, ...] = field(default=(), init=False)
 
     def __post_init__(self) -> None:
@@ -82,16 +137,15 @@ class PoolConfig:
         _check_optional_positive_int("max_requests", self.max_requests)
         for name in (
             "startup_timeout",
-            "call_timeout",
             "health_interval",
             "health_timeout",
             "session_ttl",
             "breaker_reset_timeout",
         ):
             _check_positive_number(name, getattr(self, name))
-        for name in ("max_memory_mb", "worker_ttl"):
+        for name in ("call_timeout", "max_memory_mb", "worker_ttl"):
             if getattr(self, name) is not None:
-                _check_positive_number(name, getattr(self, name))
+                _check_positive_number(name, getattr(self, name), optional=True)
         if (
             not isinstance(self.queue_size, int)
             or isinstance(self.queue_size, bool)
@@ -102,6 +156,16 @@ class PoolConfig:
             raise ValueError(
                 f"max_frame_bytes must be an int in 1024..2**32-1, got {self.max_frame_bytes!r}"
             )
+        if (
+            not isinstance(self.send_ahead, int)
+            or isinstance(self.send_ahead, bool)
+            or self.send_ahead < 0
+        ):
+            raise ValueError(f"send_ahead must be an int >= 0, got {self.send_ahead!r}")
+        for name in ("drain_grace", "stop_grace", "cancel_grace"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not value >= 0:
+                raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
         if self.affinity not in AFFINITY_MODES:
             raise ValueError(
                 f"affinity must be one of {', '.join(AFFINITY_MODES)}; got {self.affinity!r}"
@@ -239,6 +303,7 @@ def _check_optional_positive_int(name: str, value: object) -> None:
         _check_positive_int(name, value)
 
 
-def _check_positive_number(name: str, value: object) -> None:
+def _check_positive_number(name: str, value: object, *, optional: bool = False) -> None:
     if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+        none = " or None (no limit)" if optional else ""
+        raise ValueError(f"{name} must be a number > 0{none}, got {value!r}")

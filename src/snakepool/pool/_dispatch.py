@@ -21,6 +21,14 @@ choice keeps calls on free workers first. When a worker has free slots and
 nothing is queued, calls waiting inside another worker are *withdrawn* from
 it (the worker gives back one that has not started) and sent to the free
 one: a quick call never stays stuck behind a slow one.
+
+``queue_size`` bounds every *waiting* call: those in the queue here and those
+sent ahead that a worker holds but has not started (what it holds beyond its
+``concurrency``). A full pool refuses a call at once (``PoolOverloaded``)
+instead of parking it in a busy worker. The check is O(1) on the hot path:
+a counter that grows with every call sent ahead is an upper bound of those
+not started yet, and only when it says "full" are the workers counted
+exactly (which resets it): answers cost nothing extra.
 """
 
 from __future__ import annotations
@@ -92,10 +100,37 @@ class Dispatcher:
         self._waiters: collections.deque[_Waiter] = collections.deque()
         self._sent_ahead = False  # some call may be waiting inside a worker
         self._recheck_armed = False  # a timer will look for calls to take back
+        # At least as many as the calls sent ahead that workers hold and have not
+        # started (exact after ``waiting_ahead()``, +1 per call sent ahead since).
+        self._ahead_bound = 0
 
     @property
     def queued(self) -> int:
         return len(self._waiters)
+
+    def waiting_ahead(self) -> int:
+        """Calls sent ahead that workers hold and have not started, counted now:
+        what each holds beyond its ``concurrency`` (it starts them in order)."""
+        total = 0
+        for worker in self._workers:
+            held = len(worker.pending) - worker.concurrency
+            if held > 0:
+                total += held
+        self._ahead_bound = total
+        return total
+
+    def _refuse_if_full(self) -> None:
+        """One more waiting call would go over ``queue_size``: ``PoolOverloaded``."""
+        queued = len(self._waiters)
+        if queued + self._ahead_bound < self.queue_size:
+            return  # (the bound says there is room: then there is)
+        ahead = self.waiting_ahead()
+        if queued + ahead >= self.queue_size:
+            raise PoolOverloaded(
+                f"pool {self.pool!r} is overloaded: {queued + ahead} calls are waiting "
+                f"({queued} in its queue, {ahead} sent ahead to busy workers and not started; "
+                f"queue_size={self.queue_size}); the call was refused, nothing queued"
+            )
 
     def has_work_for(self, worker: WorkerHandle) -> bool:
         """A slot that freed in ``worker`` has someone to go to: a queued caller,
@@ -162,7 +197,9 @@ class Dispatcher:
             worker = self.pick(bound_sessions, skip=claimed if waiters else None, ahead=ahead)
         if worker is not None:
             if ahead and worker.load >= worker.concurrency:
+                self._refuse_if_full()  # (it would wait in the worker)
                 self._sent_ahead = True
+                self._ahead_bound += 1
             worker.reserved += 1
         return worker
 
@@ -197,8 +234,11 @@ class Dispatcher:
                 best, best_load = worker, load
         if best is None:
             return False
-        if best_load >= best.concurrency:
+        if best_load >= best.concurrency:  # it waits in the worker: a waiting call
+            if self._ahead_bound >= self.queue_size:
+                self._refuse_if_full()
             self._sent_ahead = True
+            self._ahead_bound += 1
         best.reserved += 1
         best.submit(call, frame)
         return True
@@ -222,11 +262,10 @@ class Dispatcher:
         return await self.wait(self.enqueue(want))
 
     def enqueue(self, want: WorkerHandle | None = None) -> _Waiter:
-        if len(self._waiters) >= self.queue_size:
-            raise PoolOverloaded(
-                f"pool {self.pool!r} is overloaded: {len(self._waiters)} calls queued "
-                f"(queue_size={self.queue_size}); the call was refused, nothing queued"
-            )
+        """A place in the queue, or ``PoolOverloaded`` when ``queue_size`` calls
+        already wait (queued, or sent ahead and not started)."""
+        if len(self._waiters) + self._ahead_bound >= self.queue_size:
+            self._refuse_if_full()
         waiter = _Waiter(want)
         self._waiters.append(waiter)
         return waiter
@@ -336,8 +375,9 @@ class Dispatcher:
                     now = asyncio.get_running_loop().time()
                 if call.expired or now >= waiter.deadline:
                     continue  # dropped, never sent: its caller raises CallTimeout
-                if load >= worker.concurrency:
+                if load >= worker.concurrency:  # (from the queue into the worker: still waiting)
                     self._sent_ahead = True
+                    self._ahead_bound += 1
                 worker.reserved += 1
                 worker.submit(call, waiter.frame)
         if self._sent_ahead:

@@ -34,11 +34,13 @@ import functools
 import inspect
 import itertools
 import logging
+import math
 import random
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Never, Self
 
 import anyio
 import anyio.abc
@@ -47,7 +49,7 @@ import tenacity
 from .. import protocol as p
 from ..adapters import Adapter
 from ..adapters._context import SAVE_STATE_TOOL
-from ..adapters._loading import adapter_imports
+from ..adapters._loading import adapter_imports, check_importable
 from ..errors import (
     CallTimeout,
     CircuitOpen,
@@ -63,7 +65,7 @@ from ..errors import (
 from ._backend import running_on_asyncio
 from ._breaker import BreakerState, CircuitBreaker
 from ._calls import PendingCall
-from ._config import PoolConfig
+from ._config import PoolConfig, did_you_mean
 from ._deadlines import Deadlines
 from ._dispatch import Dispatcher
 from ._events import Event, Listeners, PoolStatistics, WorkerStatistics
@@ -89,6 +91,17 @@ _RESTART_BACKOFF = tenacity.wait_exponential(multiplier=0.1, max=30.0) + tenacit
 
 
 _NUMBER = (int, float)
+#: The deadline of a call without a time limit (``call_timeout=None``, the default).
+_NO_DEADLINE = math.inf
+
+
+class _Progress:
+    """How far a session call got, for the message of its timeout."""
+
+    __slots__ = ("in_store",)
+
+    def __init__(self) -> None:
+        self.in_store = False  # reading or refreshing the session in its store
 
 
 def _expire(call: PendingCall) -> None:
@@ -101,6 +114,20 @@ def _expire(call: PendingCall) -> None:
 
 def _no_loop_yet() -> asyncio.Future[None]:
     raise RuntimeError("the pool has no event loop yet: start it first")
+
+
+def _refuse_unknown_options(unknown: Mapping[str, Any]) -> None:
+    """``Pool(max_workers=4)``: a TypeError naming the option to use instead."""
+    valid = tuple(
+        name
+        for name, param in inspect.signature(Pool.__init__).parameters.items()
+        if name != "self" and param.kind is not inspect.Parameter.VAR_KEYWORD
+    )
+    key = next(iter(unknown))
+    raise TypeError(
+        f"Pool() got an unexpected keyword argument {key!r}{did_you_mean(key, valid)}; "
+        f"its options: {', '.join(sorted(valid))}"
+    )
 
 
 def _restart_delay(failures: int) -> float:
@@ -117,6 +144,7 @@ class Pool:
     ``await pool.aclose()`` (from any task).
     """
 
+    # (the next four are also keyword arguments, and PoolConfig fields)
     #: Seconds a cancelled call may take to stop before its worker is killed.
     cancel_grace: float = 2.0
     #: Seconds ``aclose()`` waits for in-flight calls to finish.
@@ -147,7 +175,7 @@ class Pool:
         adapter_config: Mapping[str, Any] | None = None,
         worker_concurrency: int = 1,
         startup_timeout: float = 30.0,
-        call_timeout: float = 60.0,
+        call_timeout: float | None = None,
         queue_size: int = 1000,
         max_requests: int | None = None,
         max_memory_mb: float | None = None,
@@ -166,13 +194,22 @@ class Pool:
         session_store: str | SessionStore = "memory",
         start_method: str = "auto",
         recovery: Mapping[ErrorCategory | str, Recovery | str] | None = None,
+        send_ahead: int = 64,
+        drain_grace: float = 10.0,
+        stop_grace: float = 3.0,
+        cancel_grace: float = 2.0,
+        **unknown: Never,  # (a clear TypeError: "did you mean 'size'?")
     ) -> None:
+        if unknown:
+            _refuse_unknown_options(unknown)
         if isinstance(adapter, type):
             if not issubclass(adapter, Adapter):
                 raise TypeError(
                     f"adapter {adapter!r} is not a subclass of snakepool.adapters.Adapter"
                 )
             adapter = f"{adapter.__module__}:{adapter.__qualname__}"
+        if isinstance(adapter, str):
+            check_importable(adapter)  # (a class in __main__: no worker can import it)
         self.config = PoolConfig(
             adapter=adapter, name=name, size=size, python=python, env=env, cwd=cwd,
             pythonpath=pythonpath, adapter_config=adapter_config,
@@ -184,9 +221,17 @@ class Pool:
             breaker_reset_timeout=breaker_reset_timeout, max_frame_bytes=max_frame_bytes,
             gpus=gpus, workers_per_gpu=workers_per_gpu, preload=preload, start_method=start_method,
             session_store=session_store if isinstance(session_store, str) else type(session_store).__name__,
+            send_ahead=send_ahead, drain_grace=drain_grace, stop_grace=stop_grace,
+            cancel_grace=cancel_grace,
         )  # fmt: skip
         self.name = name
-        self._call_timeout = float(self.config.call_timeout)
+        # (attributes: a test or a caller may still change them before start())
+        self.send_ahead = send_ahead
+        self.drain_grace = float(drain_grace)
+        self.stop_grace = float(stop_grace)
+        self.cancel_grace = float(cancel_grace)
+        timeout = self.config.call_timeout
+        self._call_timeout: float | None = None if timeout is None else float(timeout)
         self.recovery = recovery_table(recovery)
         self._listeners = Listeners(name)
         self._breaker = CircuitBreaker(
@@ -218,6 +263,11 @@ class Pool:
 
     async def start(self) -> None:
         """Start every worker in parallel; ``WorkerStartError`` if one cannot start."""
+        if self._state in ("closing", "closed"):
+            raise PoolClosed(
+                f"pool {self.name!r} is closed and cannot be started again: "
+                f"create a new Pool (a pool runs once: start, use, close)"
+            )
         if self._state != "new":
             raise RuntimeError(f"pool {self.name!r} was already started")
         self._state = "starting"
@@ -357,8 +407,8 @@ class Pool:
             if not idempotent or self.recovery[ErrorCategory.COMMUNICATION] is not Recovery.RETRY:
                 raise
             limit = self._call_timeout if timeout is None else timeout
-            remaining = limit - (time.perf_counter() - started)
-            if remaining <= 0:
+            remaining = None if limit is None else limit - (time.perf_counter() - started)
+            if remaining is not None and remaining <= 0:
                 raise
             _log.warning(
                 "pool %s: retrying idempotent call %r after a worker crash", self.name, command
@@ -493,13 +543,14 @@ class Pool:
         return self._call_general(call, frame, limit, started)
 
     async def _call_general(
-        self, call: PendingCall, frame: bytes, limit: float, started: float
+        self, call: PendingCall, frame: bytes, limit: float | None, started: float
     ) -> Any:
         """Any backend, sessions included: a cancel scope and events."""
         command, session, probe = call.command, call.session_id, call.probe
+        progress = _Progress() if session is not None else None
         with anyio.move_on_after(limit) as scope:
             try:
-                await self._dispatch(call, frame, session)
+                await self._dispatch(call, frame, session, progress)
                 await call.done.wait()
             except BaseException:
                 if call.worker is not None and not call.done.is_set():
@@ -510,7 +561,8 @@ class Pool:
         worker = call.worker
         if not call.done.is_set():
             assert scope.cancelled_caught
-            error = self._timeout_error(command, limit, worker)
+            in_store = progress is not None and progress.in_store
+            error = self._timeout_error(command, limit, worker, session=session, in_store=in_store)
             if worker is not None:
                 self._abandon(worker, call)
             self._record(command, worker, started, error, probe=probe)
@@ -520,7 +572,7 @@ class Pool:
             raise call.error
         return call.value
 
-    def _outcome_fast(self, call: PendingCall, limit: float, started: float) -> Any:
+    def _outcome_fast(self, call: PendingCall, limit: float | None, started: float) -> Any:
         """The value of a fast-path call its caller woke for, or the error to raise."""
         self._deadlines.remove(call, call.deadline)  # type: ignore[union-attr]
         if call.finished:
@@ -535,7 +587,11 @@ class Pool:
         raise self._unfinished_fast(call, limit, started)
 
     def _send_fast(
-        self, command: str, args: Mapping[str, Any] | None, timeout: float | None, limit: float
+        self,
+        command: str,
+        args: Mapping[str, Any] | None,
+        timeout: float | None,
+        limit: float | None,
     ) -> PendingCall:
         """Check and encode the call, ask the breaker, then send it to a worker
         (or one that may hold it until a slot frees), else queue it."""
@@ -556,7 +612,8 @@ class Pool:
             # running: it marks the call expired (a hand-off in the deadline's
             # own loop turn then does not send it late).
             call.waiter = self._new_future()
-            call.deadline = deadlines.add(call, limit)
+            # (no limit: no deadline, never expires; remove() finds no bucket)
+            call.deadline = _NO_DEADLINE if limit is None else deadlines.add(call, limit)
             if not sent:
                 call.queued = self._dispatcher.enqueue_call(call, frame, call.deadline)
         except BaseException:  # (full: PoolOverloaded)
@@ -576,7 +633,9 @@ class Pool:
         if call.probe:
             self._breaker.release_probe()
 
-    def _unfinished_fast(self, call: PendingCall, limit: float, started: float) -> SnakepoolError:
+    def _unfinished_fast(
+        self, call: PendingCall, limit: float | None, started: float
+    ) -> SnakepoolError:
         """A fast-path call woke unanswered: the pool closed while it was
         queued, or its deadline passed (then it is cancelled or dropped)."""
         worker, queued = call.worker, call.queued
@@ -598,11 +657,20 @@ class Pool:
     def _timeout_error(
         self,
         command: str,
-        limit: float,
+        limit: float | None,
         worker: WorkerHandle | None,
         *,
         never_started: bool = False,
+        session: str | None = None,
+        in_store: bool = False,
     ) -> CallTimeout:
+        limit = math.inf if limit is None else limit  # (a limit-less call never times out)
+        if worker is None and in_store:
+            return CallTimeout(
+                f"call {command!r} of session {session!r} timed out after {limit:g}s while "
+                f"reading the session from its store ({self._store_description()}), before it "
+                f"was sent to any worker: is the session store reachable and answering?"
+            )
         if worker is not None and never_started:
             # ("had not started" as far as the host knows: an answer on its way
             # could have freed the slot a moment ago)
@@ -620,6 +688,19 @@ class Pool:
             f"it was cancelled (the worker is replaced if it does not stop within "
             f"{self.cancel_grace:g}s)"
         )
+
+    def _store_description(self) -> str:
+        """The pool's session store, for messages (a URL without its password)."""
+        store = self.config.session_store
+        if "://" not in store:
+            return f"session store {store!r}"
+        try:
+            parts = urllib.parse.urlsplit(store)
+            netloc = parts.netloc.rsplit("@", 1)[-1]  # (no user or password)
+            shown = urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=""))
+        except ValueError:
+            shown = f"{store.split(':', 1)[0]}://..."
+        return f"session store {shown}"
 
     def _encode(
         self,
@@ -664,7 +745,12 @@ class Pool:
             check_session_id(session)  # (a cast's caller must see it too)
         # Encoded at once, so args need no copy. A stream's timeout bounds
         # each item, not the whole stream: no deadline.
-        limit = None if mode == p.CallMode.STREAM else float(timeout or self._call_timeout)
+        if mode == p.CallMode.STREAM:
+            limit = None
+        elif timeout is not None:
+            limit = float(timeout)
+        else:
+            limit = self._call_timeout  # (None: no limit)
         return self._frame(call_id, command, args, mode, limit, session)
 
     def _frame(
@@ -785,14 +871,15 @@ class Pool:
         probe: bool,
     ) -> None:
         started = time.perf_counter()
-        limit = self.config.call_timeout  # a cast is bounded like a call: queue + run
+        limit = self._call_timeout  # a cast is bounded like a call: queue + run (None: no limit)
+        progress = _Progress() if session is not None else None
         with anyio.move_on_after(limit):
             try:
                 if waiter is not None:
                     worker = await self._dispatcher.wait(waiter)
                     worker.submit(call, frame)
                 elif call.worker is None:
-                    await self._dispatch(call, frame, session)
+                    await self._dispatch(call, frame, session, progress)
             except SnakepoolError as exc:
                 call.fail(exc)
             except BaseException:
@@ -804,7 +891,10 @@ class Pool:
         if not call.done.is_set():
             if call.worker is not None:
                 self._abandon(call.worker, call)  # (its watchdog waits on call.done)
-            error = self._timeout_error(call.command, limit, call.worker)
+            in_store = progress is not None and progress.in_store
+            error = self._timeout_error(
+                call.command, limit, call.worker, session=session, in_store=in_store
+            )
         self._record(call.command, call.worker, started, error, probe=probe)
 
     # --- choosing a worker (synchronous decisions) ---------------------------------
@@ -846,19 +936,31 @@ class Pool:
             self._drained.set()
 
     async def _dispatch(
-        self, call: PendingCall, frame: bytes, session_id: str | None
+        self,
+        call: PendingCall,
+        frame: bytes,
+        session_id: str | None,
+        progress: _Progress | None = None,
     ) -> WorkerHandle:
-        """Choose a worker (affinity for sessions), make it current, send the call."""
+        """Choose a worker (affinity for sessions), make it current, send the call.
+
+        ``progress.in_store`` is true while the session store is read (so that
+        a timeout there blames the store, not the wait for a worker).
+        """
         while True:
             if session_id is None:
                 worker = await self._dispatcher.acquire()
             else:
                 worker = await self._sessions.acquire(session_id)
+                if progress is not None:
+                    progress.in_store = True
                 try:
                     await self._sessions.prepare(worker, session_id)
                 except BaseException:
                     self._dispatcher.release(worker)
                     raise
+                if progress is not None:
+                    progress.in_store = False
             if worker.is_ready:
                 worker.submit(call, frame)
                 return worker
@@ -1256,11 +1358,14 @@ class CallStream:
         pool._check_open()
         self._probe = pool._admit(self.command)
         call = PendingCall(self._call_id, self.command, p.CallMode.STREAM, self._session)
+        progress = _Progress()
         with anyio.move_on_after(self._timeout):
             try:
                 if self._before_open is not None:
+                    progress.in_store = True  # (the session is created in its store first)
                     await self._before_open()
-                worker = await pool._dispatch(call, self._frame, self._session)
+                    progress.in_store = False
+                worker = await pool._dispatch(call, self._frame, self._session, progress)
             except BaseException:
                 if call.worker is not None and not call.done.is_set():
                     pool._abandon(call.worker, call)
@@ -1270,7 +1375,9 @@ class CallStream:
             self._call, self._worker = call, worker
             return
         self._finished = True
-        error = pool._timeout_error(self.command, self._timeout, None)
+        error = pool._timeout_error(
+            self.command, self._timeout, None, session=self._session, in_store=progress.in_store
+        )
         pool._record(self.command, None, self._started, error)
         raise error
 

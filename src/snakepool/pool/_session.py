@@ -40,6 +40,11 @@ class SessionManager:
         self.store = store
         self.bindings: dict[str, WorkerHandle] = {}
         self.count_estimate = 0  # live sessions, as of the last count
+        # Sessions this host created -> their first worker ((slot, pid); None
+        # until one is chosen). That worker runs no restore_session for it;
+        # every later one does. (A session made by another host process and
+        # reattached here may have landed there: every worker here restores.)
+        self._first: dict[str, tuple[int, int | None] | None] = {}
 
     def bound_count(self, worker: WorkerHandle) -> int:
         return len(worker.sessions)
@@ -55,6 +60,7 @@ class SessionManager:
                 )
         if await self.store.create(session_id, ttl):
             self.count_estimate += 1
+            self._first[session_id] = None
 
     async def acquire(self, session_id: str) -> WorkerHandle:
         """A reserved slot on the session's worker, by the pool's affinity mode."""
@@ -96,28 +102,58 @@ class SessionManager:
         return min(ready, key=lambda w: (len(w.sessions), w.load), default=None)
 
     async def prepare(self, worker: WorkerHandle, session_id: str) -> None:
-        """Refresh the session's TTL and bring ``worker`` up to date with it."""
-        store = self.store
-        await store.touch(session_id)
-        versions = await store.versions(session_id)
+        """Refresh the session's TTL and bring ``worker`` up to date with it.
+
+        A worker new to the session gets its variables and, unless it is the
+        session's very first worker, the persisted state to run
+        ``restore_session`` with before the session's next call there (``{}``
+        when nothing was saved: the adapter still learns that the session moved).
+        """
         known = worker.sessions.get(session_id)
-        if known == versions:
-            return
-        records = await store.variables(session_id)
-        variables = {name: record.value for name, record in records.items()}
-        restore: dict[str, Any] | None = None
-        if known is None or known[1] != versions[1]:
-            # New to this worker, or another worker saved state since this one
-            # last saw the session (affinity "hint" fell back): rebuild from it.
-            state = await store.load_state(session_id)
-            restore = state or None  # nothing persisted: nothing to rebuild
-        if worker.sessions.get(session_id) == versions:
-            return  # a concurrent call synced this worker meanwhile
-        sync = p.SessionSync(
-            session_id=session_id, version=versions[0], variables=variables, restore=restore
-        )
-        worker.post_message(sync)
-        worker.sessions[session_id] = versions
+        # (decided before any await: of concurrent first calls, those on the
+        # worker that claims the session first are on its first worker)
+        first_landing = claimed = False
+        if known is None and session_id in self._first:
+            first = self._first[session_id]
+            if first is None:
+                first = self._first[session_id] = (worker.slot, worker.pid)
+                claimed = True
+            first_landing = first == (worker.slot, worker.pid)
+        synced = False
+        try:
+            store = self.store
+            await store.touch(session_id)
+            versions = await store.versions(session_id)
+            known = worker.sessions.get(session_id)
+            if known == versions:
+                synced = True
+                return
+            records = await store.variables(session_id)
+            variables = {name: record.value for name, record in records.items()}
+            restore: dict[str, Any] | None = None
+            moved_here = known is None and not first_landing
+            if moved_here or (known is not None and known[1] != versions[1]):
+                # Moved here from another worker (its worker died or was recycled,
+                # or affinity "hint" fell back), or another worker saved state
+                # since this one last saw the session: rebuild from what was saved.
+                restore = await store.load_state(session_id)
+            if worker.sessions.get(session_id) == versions:
+                synced = True
+                return  # a concurrent call synced this worker meanwhile
+            sync = p.SessionSync(
+                session_id=session_id, version=versions[0], variables=variables, restore=restore
+            )
+            worker.post_message(sync)
+            worker.sessions[session_id] = versions
+            synced = True
+        finally:
+            if (
+                claimed
+                and not synced
+                and session_id in self._first  # (not closed meanwhile)
+                and worker.sessions.get(session_id) is None
+            ):
+                self._first[session_id] = None  # (the store failed: it has not landed yet)
 
     def saved_state(self, worker: WorkerHandle, session_id: str, state_version: int) -> None:
         """``worker`` itself saved state: it does not need to rebuild from it."""
@@ -128,6 +164,7 @@ class SessionManager:
     def forget(self, session_id: str) -> None:
         """The session ended: drop it from every worker that holds it."""
         self.bindings.pop(session_id, None)
+        self._first.pop(session_id, None)
         for worker in self.pool._workers:
             if worker.sessions.pop(session_id, None) is not None and worker.is_ready:
                 worker.post_message(p.SessionDrop(session_id=session_id))

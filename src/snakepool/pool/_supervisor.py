@@ -41,7 +41,7 @@ from typing import Any, Self
 
 import anyio
 
-from ._config import THREAD_ENV_VARS
+from ._config import THREAD_ENV_VARS, did_you_mean
 from ._events import PoolStatistics
 from ._pool import Pool
 from ._store import SessionStore
@@ -68,7 +68,7 @@ _INT, _FLOAT, _STR = "an int", "a number", "a string"
 ENV_OVERRIDES: dict[str, tuple[str, str, bool]] = {
     "SIZE": ("size", _INT, True),
     "WORKER_CONCURRENCY": ("worker_concurrency", _INT, False),
-    "CALL_TIMEOUT": ("call_timeout", _FLOAT, False),
+    "CALL_TIMEOUT": ("call_timeout", _FLOAT, True),
     "MAX_MEMORY_MB": ("max_memory_mb", _FLOAT, True),
     "MAX_REQUESTS": ("max_requests", _INT, True),
     "PYTHON": ("python", _STR, True),
@@ -317,7 +317,7 @@ class Supervisor:
         for key in document:
             if key not in TOP_LEVEL_KEYS:
                 raise source.error(
-                    f"unknown top-level key {key!r}{_did_you_mean(key, TOP_LEVEL_KEYS)}; "
+                    f"unknown top-level key {key!r}{did_you_mean(key, TOP_LEVEL_KEYS)}; "
                     f"valid keys: {', '.join(TOP_LEVEL_KEYS)} (pools go in [pools.NAME] tables)",
                     key=key,
                     top_level=True,
@@ -381,7 +381,7 @@ class Supervisor:
                 why = (
                     "the pool's name is its table's name; drop 'name'"
                     if key == "name"
-                    else f"unknown key {key!r}{_did_you_mean(str(key), POOL_KEYS)}"
+                    else f"unknown key {key!r}{did_you_mean(str(key), POOL_KEYS)}"
                 )
                 raise source.error(
                     f"{why}; valid keys: {', '.join(POOL_KEYS)}", pool=name, key=str(key)
@@ -533,11 +533,6 @@ class Supervisor:
         return f"<Supervisor {self._state} pools={list(self._pools)}>"
 
 
-def _did_you_mean(key: str, valid: tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _apply_env_overrides(pool: str, kwargs: dict[str, Any]) -> dict[str, str]:
     """Apply ``SNAKEPOOL_<POOL>_<KNOB>`` to ``kwargs``; returns key -> variable applied."""
     prefix = _env_prefix(pool)
@@ -590,7 +585,7 @@ def _check_env_variables(pools: list[str], environ: Mapping[str, str]) -> None:
             if rest.lower() in POOL_KEYS:
                 why = f"{rest.lower()!r} cannot be set from the environment (set it in the config)"
             elif not shaped:  # (SNAKEPOOL_MY_POOL_SIZE may be pool my-pool's, not my's)
-                why = f"unknown knob {rest!r}{_did_you_mean(rest, tuple(ENV_OVERRIDES))}"
+                why = f"unknown knob {rest!r}{did_you_mean(rest, tuple(ENV_OVERRIDES))}"
             if why is not None:
                 raise ConfigError(
                     f"environment variable {variable} (pool {pool!r}): {why}; "
