@@ -120,8 +120,7 @@ async def _worker() -> tuple[_runtime.Worker, _Capture, _Inline]:
     init = p.Init(version=p.PROTOCOL_VERSION, pool="t", worker_id=7, adapter=f"{__name__}:Probe")
     # The Init goes through the connection (its handshake), then start() runs
     # here: on_message would wait for the loop this test is running on.
-    worker.conn.receive_data(p.Connection(p.Role.HOST).send(init))
-    assert worker.conn.next_event() == init
+    assert worker.conn.receive_data(p.Connection(p.Role.HOST).send(init)) == [init]
     await worker.start(init)
     assert isinstance(_decode(capture.frames)[0], p.Hello)
     capture.frames.clear()
@@ -129,10 +128,7 @@ async def _worker() -> tuple[_runtime.Worker, _Capture, _Inline]:
 
 
 def _call(worker: _runtime.Worker, call: p.Call) -> None:
-    frame = p.FrameEncoder().encode(
-        p.call_to_wire(call.id, call.command, call.args, call.mode, call.timeout, call.session_id)
-    )
-    worker.receive(frame)
+    worker.receive(p.Connection(p.Role.HOST).send(call))
 
 
 VALUES = [
@@ -339,14 +335,11 @@ async def test_the_leader_answers_pipelined_calls_in_order_and_hands_over_when_s
     from_worker_r, from_worker_w = os.pipe()
     worker.writer = _runtime._FrameWriter(from_worker_w)
     threads = worker.threads = _runtime._Threads(worker, to_worker_r)
-    encoder = p.FrameEncoder()
+    out = p.Connection(p.Role.HOST)
     host = p.FrameDecoder()
 
     def frames(*calls: p.Call) -> bytes:
-        return b"".join(
-            encoder.encode(p.call_to_wire(c.id, c.command, c.args, c.mode, c.timeout, None))
-            for c in calls
-        )
+        return b"".join(out.send(c) for c in calls)
 
     def waiting(call_id: int) -> bool:
         with threads._lock:
@@ -381,7 +374,7 @@ async def test_the_leader_answers_pipelined_calls_in_order_and_hands_over_when_s
         await wait_until(lambda: started(60))
         os.write(to_worker_w, frames(p.Call(id=61, command="echo", args={"value": 61})))
         await wait_until(lambda: waiting(61))  # read while 60 runs: queued behind it
-        os.write(to_worker_w, encoder.encode(p.to_wire(p.Cancel(id=60))))
+        os.write(to_worker_w, out.send(p.Cancel(id=60)))
         got = await asyncio.to_thread(answers, 2)
         assert got == [p.Result(id=60, value=True), p.Result(id=61, value=61)]
     finally:

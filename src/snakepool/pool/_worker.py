@@ -646,52 +646,38 @@ class WorkerHandle:
 
     def feed_stdout(self, data: bytes) -> bool:
         """Handle bytes from the worker's stdout; true once it ended or broke the protocol."""
-        conn = self._conn
         try:
-            frames = conn.whole_frames(data) if data else None
-            if frames is not None:  # (the usual read: whole frames, results inline)
-                pending, answered = self.pending, 0
-                for wire in frames:
-                    call_id = wire.get("i")
-                    if wire.get("t") == "result" and type(call_id) is int and "r" in wire:
-                        call = pending.pop(call_id, None)
-                        if call is not None:
-                            answered += 1
-                            call.resolve(wire["r"])
-                    else:
-                        self._on_message(conn.message_from(wire))
-                if answered:
-                    self._answered(answered)
-                return False
-            conn.receive_data(data)
-            while True:
-                event = conn.next_event()
-                if type(event) is p.Result:  # the usual message, handled inline
-                    call = self._take(event.id)
-                    if call is not None:
-                        call.resolve(event.value)
-                    continue
-                if event is p.NEED_DATA:
-                    return False
-                if event is p.CLOSED:
-                    return True
-                assert isinstance(event, p.Message)
-                self._on_message(event)
-        except ProtocolError as exc:
+            messages = self._conn.receive_data(data)
+        except p.ReceiveError as exc:
+            self._on_messages(exc.received)  # (what came before the bad frame)
             self._protocol_error = ProtocolError(f"{self.describe()} broke the protocol: {exc}")
             self.kill(f"protocol error: {exc}")
             return True
+        if messages:
+            self._on_messages(messages)
+        return not data
+
+    def _on_messages(self, messages: list[p.Message]) -> None:
+        # Results, the usual message, are handled inline, and the calls they
+        # answered are counted once per read (one clock reading and one
+        # hand-off for them all: see _answered).
+        pending, answered = self.pending, 0
+        for message in messages:
+            if type(message) is p.Result:
+                call = pending.pop(message.id, None)
+                if call is not None:
+                    answered += 1
+                    call.resolve(message.value)
+            else:
+                self._on_message(message)
+        if answered:
+            self._answered(answered)
 
     # --- messages from the worker ------------------------------------------------
 
     def _on_message(self, message: p.Message) -> None:
         kind = type(message)
-        if kind is p.Result:
-            assert isinstance(message, p.Result)
-            call = self._take(message.id)
-            if call is not None:
-                call.resolve(message.value)
-        elif kind is p.Item:
+        if kind is p.Item:
             assert isinstance(message, p.Item)
             stream = self.pending.get(message.id)
             if stream is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import threading
 from collections.abc import Callable, Collection
 from typing import Any, Final
 
@@ -29,6 +30,7 @@ __all__ = [
     "DECODE_FLOOR_BYTES",
     "DEFAULT_MAX_FRAME_BYTES",
     "HEADER_BYTES",
+    "MAX_NESTING",
     "NEED_DATA",
     "FrameDecoder",
     "FrameEncoder",
@@ -49,6 +51,9 @@ _UNMEASURED_UP_TO: Final = DECODE_FLOOR_BYTES // WORST_RATIO
 #: Every extension value is refused by msgpack itself (timestamps included, which
 #: bypass ``ext_hook``); :func:`._measure.measure` then names its type code.
 _NO_EXT: Final = 0
+#: Containers a frame may nest, its map included: msgpack's decoder stack. The
+#: encoder refuses a deeper map (msgpack's packer alone would pack one level more).
+MAX_NESTING: Final = 1024
 _EXT_REFUSED: Final = "exceeds max_ext_len"
 
 
@@ -67,33 +72,50 @@ CLOSED: Final = Sentinel.CLOSED
 
 
 class FrameEncoder:
-    """Turns one MessagePack-able map into one frame's bytes."""
+    """Turns one MessagePack-able map into one frame's bytes; safe to share
+    between threads (each thread packs with a packer of its own)."""
 
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         if not 0 < max_frame_bytes <= _MAX_HEADER_VALUE:
             raise ValueError(f"max_frame_bytes must be in 1..{_MAX_HEADER_VALUE}")
         self.max_frame_bytes = max_frame_bytes
-        # One reusable Packer: it resets itself when packing raises.
-        self._packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+        self._local = threading.local()
 
     def encode(self, payload: dict[str, Any]) -> bytes:
         """Frame ``payload``.
 
-        Raises ``TypeError`` naming the type that MessagePack cannot encode and
+        Raises ``TypeError`` naming the type that MessagePack cannot encode (or
+        saying the map nests deeper than a decoder accepts) and
         :class:`ProtocolError` when the frame would exceed ``max_frame_bytes``.
         """
         header, body = self.encode_parts(payload)
         return header + body
 
-    def encode_parts(self, payload: dict[str, Any]) -> tuple[bytes, bytes]:
-        """``encode`` as (header, body), for a vectored write of a large frame."""
+    def encode_parts(self, payload: dict[str, Any]) -> tuple[bytes, bytes | memoryview]:
+        """``encode`` as (header, body), for a vectored write of a large frame
+        (whose body is then a view, not a copy)."""
         try:
-            body: bytes = self._packer.pack(payload)
-        except (TypeError, ValueError, OverflowError) as exc:
+            packer = self._local.packer
+        except AttributeError:  # (once per thread) one reusable Packer: it resets itself
+            packer = self._local.packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+        try:
+            # Packed one level down, in a one-item array whose marker is dropped:
+            # msgpack packs one level more than it unpacks, and this way the
+            # encoder refuses exactly what the decoder would (MAX_NESTING).
+            packed: bytes = packer.pack((payload,))
+        except ValueError as exc:
+            if "recursion" in str(exc):
+                raise TypeError(
+                    f"not MessagePack-serializable: nests deeper than {MAX_NESTING} levels"
+                ) from None
             raise TypeError(f"not MessagePack-serializable: {exc}") from None
-        if len(body) > self.max_frame_bytes:
-            self._refuse(len(body))
-        return len(body).to_bytes(HEADER_BYTES, "big"), body
+        except (TypeError, OverflowError) as exc:
+            raise TypeError(f"not MessagePack-serializable: {exc}") from None
+        size = len(packed) - 1
+        if size > self.max_frame_bytes:
+            self._refuse(size)
+        body = packed[1:] if size <= _COPY_SLICES_UP_TO else memoryview(packed)[1:]
+        return size.to_bytes(HEADER_BYTES, "big"), body
 
     def _refuse(self, size: int) -> None:
         raise ProtocolError(
@@ -207,7 +229,7 @@ class FrameDecoder:
                 return _split(view, end, self._unmeasured, types, keep)
         return _split(data, end, self._unmeasured, types, keep)
 
-    def whole_frames(self, data: bytes) -> list[dict[str, Any]] | None:
+    def whole_frames(self, data: bytes | bytearray | memoryview) -> list[dict[str, Any]] | None:
         """The maps of ``data`` when it is whole, valid frames and nothing is pending.
 
         A shortcut for a reader that handles the usual frames itself: nothing

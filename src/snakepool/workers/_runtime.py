@@ -177,7 +177,7 @@ class _FrameWriter:
         self._lock = threading.Lock()
         self._closed = False
 
-    def write(self, *parts: bytes) -> None:
+    def write(self, *parts: bytes | memoryview) -> None:
         """One frame, whole or from its parts (header, body).
 
         A small frame is joined and written with one ``os.write`` (cheaper than
@@ -201,7 +201,7 @@ class _FrameWriter:
             except OSError:  # EPIPE: the host is gone; we exit on stdin EOF
                 self._closed = True
 
-    def _write_vector(self, parts: tuple[bytes, ...]) -> None:
+    def _write_vector(self, parts: tuple[bytes | memoryview, ...]) -> None:
         with self._lock:
             if self._closed:
                 return
@@ -374,7 +374,8 @@ class _Threads:
         after each call.
         """
         buffer, fd, jobs, lock = self._read_buffer, self.fd, self._jobs, self._lock
-        receive, plain_calls = self.worker.receive, self.worker.plain_calls
+        worker = self.worker
+        decode, dispatch, plain_calls = worker.decode, worker.dispatch, worker.plain_calls
         large = False  # the last read was full: read into the large buffer
         while True:
             chunk = b""
@@ -389,18 +390,19 @@ class _Threads:
                 large = False
             if large:
                 with memoryview(buffer) as view, view[:count] as data:
-                    receive(data)  # (the decoder copies what it keeps)
+                    dispatch(decode(data))  # (the decoder copies what it keeps)
                 large = count == _READ_BYTES
             else:
                 large = count == _SMALL_READ
+                messages = decode(chunk)
                 # Nothing queued or running (only the reader queues calls, and
                 # we are it): plain calls may run right here, without a queue.
-                calls = plain_calls(chunk) if count and not jobs and not self._running else None
+                calls = plain_calls(messages) if not jobs and not self._running else None
                 if calls is not None:
                     if not self._run_plain(calls, role):
                         return True  # the watchdog took reading over: follow
                     continue
-                receive(chunk)
+                dispatch(messages)
             lock.acquire()
             try:
                 if not count:
@@ -491,12 +493,9 @@ class _Threads:
         takes long, the watchdog takes the reader role over and moves the
         calls not started yet to the front of the queue (``_watch_locked``):
         from there they can run side by side, be cancelled or withdrawn.
-
-        Only one thread at a time runs the lane (it holds a slot, and is only
-        taken with none held), so the lane has an encoder of its own.
         """
         worker, lock, lane = self.worker, self._lock, self._lane
-        encode, writer = worker.plain_encoder.encode_parts, worker.writer
+        send_parts, writer = worker.conn.send_parts, worker.writer
         assert writer is not None
         leading = True
         lock.acquire()  # (held except while a call runs: one round trip per call)
@@ -518,7 +517,7 @@ class _Threads:
                     worker.report_error(call_id, command, exc, traceback.format_exc())
                 else:
                     try:
-                        parts = encode({"t": _RESULT_TAG, "i": call_id, "r": value})
+                        parts = send_parts(_Result(call_id, value))
                     except (TypeError, ProtocolError):  # the general way says what is wrong
                         worker.answer_value(call_id, command, value)
                     else:
@@ -658,9 +657,6 @@ class Worker:
         self.loop = loop
         self.conn = p.Connection(p.Role.WORKER)
         self.writer: _FrameWriter | None = None
-        self._encoders = threading.local()  # a Packer is not thread-safe: one per thread
-        self._max_frame_bytes = p.DEFAULT_MAX_FRAME_BYTES
-        self.plain_encoder = p.FrameEncoder()  # the plain lane's (see _Threads._run_plain)
         self.finished: asyncio.Future[int] = loop.create_future()
         self.adapter: Adapter | None = None
         self.commands: dict[str, CommandSpec] = {}
@@ -679,57 +675,57 @@ class Worker:
     # --- receiving ---------------------------------------------------------
 
     def receive(self, data: bytes | bytearray | memoryview) -> None:
+        """Handle bytes read from the host (``b""``: stdin closed)."""
+        self.dispatch(self.decode(data))
+
+    def decode(self, data: bytes | bytearray | memoryview) -> list[p.Message]:
+        """The messages in ``data``; at the end of stdin or on a protocol error,
+        what came before it, and the worker begins to shut down."""
         if self._closing:
-            return
+            return []
         try:
-            self.conn.receive_data(data)
-            next_event = self.conn.next_event
-            while True:
-                event = next_event()
-                if type(event) is _CALL_MESSAGE:  # most messages: no on_message hop
-                    self.start_call(event)
-                elif event is p.NEED_DATA:
-                    return
-                elif event is p.CLOSED:
-                    self._begin_shutdown(EXIT_OK, "stdin closed")
-                    return
-                else:
-                    assert isinstance(event, p.Message)
-                    self.on_message(event)
-        except ProtocolError as exc:
+            messages = self.conn.receive_data(data)
+        except p.ReceiveError as exc:
             print(f"snakepool worker: protocol error from host: {exc}", file=sys.stderr)
             self._begin_shutdown(EXIT_PROTOCOL_ERROR, f"protocol error: {exc}")
+            return []
+        if not data:
+            self.dispatch(messages)
+            self._begin_shutdown(EXIT_OK, "stdin closed")
+            return []
+        return messages
 
-    def plain_calls(self, data: bytes) -> list[_PlainCall] | None:
-        """The calls in ``data``, if it holds nothing but whole frames of plain calls.
+    def dispatch(self, messages: list[p.Message]) -> None:
+        for message in messages:
+            if type(message) is _CALL_MESSAGE:  # most messages: no on_message hop
+                self.start_call(message)
+            else:
+                self.on_message(message)
+
+    def plain_calls(self, messages: list[p.Message]) -> list[_PlainCall] | None:
+        """The calls of ``messages``, if they are all plain calls.
 
         A plain call has no session and no ``ctx``, and calls a sync command
         that is not a stream with arguments that fit: most calls. The reader
-        runs them itself, in order (``_Threads._run_plain``), with no
-        ``Call`` message, queue entry or ``running`` record. None (nothing
-        consumed) sends ``data`` the general way, through ``receive``; so does
-        anything unusual, down to a float id, which ``next_event`` then refuses.
+        runs them itself, in order (``_Threads._run_plain``), with no queue
+        entry or ``running`` record. None sends ``messages`` the general way,
+        through ``dispatch``.
         """
         plain = self._plain
-        if not plain or self._closing:
-            return None
-        frames = self.conn.whole_frames(data)
-        if frames is None:
+        if not plain or self._closing or not messages:
             return None
         calls: list[_PlainCall] = []
-        for wire in frames:
-            fields = p.call_fields(wire) if wire.get("t") == _CALL_TAG else None
-            if fields is None:
+        for call in messages:
+            if type(call) is not _CALL_MESSAGE:
                 return None
-            call_id, command, args, mode, _, session = fields
-            entry = plain.get(command)
-            if entry is None or mode != _CALL or session is not None:
+            entry = plain.get(call.command)
+            if entry is None or call.mode != _CALL or call.session_id is not None:
                 return None
             handler, spec = entry
-            kwargs = spec.keyword_arguments(args)
+            kwargs = spec.keyword_arguments(call.args)
             if kwargs is None:
                 return None  # (the general path explains the mismatch)
-            calls.append((call_id, command, handler, kwargs))
+            calls.append((call.id, call.command, handler, kwargs))
         return calls
 
     def queued_plain(self, plain: _PlainCall) -> _Running:
@@ -776,17 +772,10 @@ class Worker:
 
         ``TypeError``/``ProtocolError`` (unencodable, too large): nothing is written.
         """
-        self._send_wire(p.to_wire(message))
-
-    def _send_wire(self, wire: dict[str, Any]) -> None:
-        """``send`` of a message's map (a hot path builds the map itself)."""
         writer = self.writer
         if writer is None or writer.is_closing():
             return
-        encoder: p.FrameEncoder | None = getattr(self._encoders, "encoder", None)
-        if encoder is None or encoder.max_frame_bytes != self._max_frame_bytes:
-            encoder = self._encoders.encoder = p.FrameEncoder(self._max_frame_bytes)
-        writer.write(*encoder.encode_parts(wire))
+        writer.write(*self.conn.send_parts(message))
 
     # --- start-up --------------------------------------------------------------
 
@@ -802,8 +791,6 @@ class Worker:
         try:
             self._apply_sys_path(init.sys_path)
             self.conn.set_max_frame_bytes(init.max_frame_bytes)
-            self._max_frame_bytes = init.max_frame_bytes
-            self.plain_encoder = p.FrameEncoder(init.max_frame_bytes)
             self.log = logging.getLogger(f"snakepool.worker.{init.pool}.{init.worker_id}")
             _install_log_forwarding(self)
             cls = load_adapter_class(init.adapter)
@@ -1133,9 +1120,7 @@ class Worker:
 
     def answer_value(self, call_id: int, command: str, value: Any) -> None:
         try:
-            # = p.to_wire(p.Result(id=call_id, value=value)), without making
-            # the message object (tests/test_worker_fast_path.py pins the bytes).
-            self._send_wire({"t": _RESULT_TAG, "i": call_id, "r": value})
+            self.send(p.Result(call_id, value))
         except (TypeError, ProtocolError) as exc:
             self._send_unencodable(call_id, command, "result", value, exc)
 
@@ -1253,8 +1238,7 @@ _PlainCall = tuple[int, str, Callable[..., Any], dict[str, Any]]
 _SHORT_MESSAGE = 500  # characters of a failure message that did not fit in a frame
 _CALL = p.CallMode.CALL
 _CALL_MESSAGE = p.Call
-_CALL_TAG = p.Call.TAG
-_RESULT_TAG = p.Result.TAG
+_Result = p.Result
 
 
 def _describe(exc: BaseException) -> str:
