@@ -72,6 +72,10 @@ class Connection:
         self._decoders: dict[str, Callable[[dict[str, Any]], Message]] = {
             cls.TAG: cls.from_wire for cls in self._may_receive
         }
+        #: class -> encoder, for the messages this end may send (nothing else)
+        self._to_wire: dict[type[Message], Callable[[Message], dict[str, Any]]] = {
+            cls: cls.to_wire for cls in self._may_send
+        }
         self._received_first = False
         self._broken: ReceiveError | None = None
 
@@ -164,12 +168,21 @@ class Connection:
         the peer's decoder accepts), :class:`ProtocolError` if the frame is
         over ``max_frame_bytes``; nothing is sent in either case.
         """
-        header, body = self.send_parts(message)
+        try:
+            to_wire = self._to_wire[type(message)]
+        except KeyError:
+            raise self._may_not_send(message) from None
+        header, body = self._encoder.encode_parts(to_wire(message))
         return header + body
 
     def send_parts(self, message: Message) -> tuple[bytes, bytes | memoryview]:
         """``send`` as (header, body), for a vectored write: a large body is a
         view of the packed bytes, never copied."""
-        if type(message) not in self._may_send:
-            raise ProtocolError(f"a {self.role.value} may not send {message.TAG!r}")
-        return self._encoder.encode_parts(message.to_wire())
+        try:
+            to_wire = self._to_wire[type(message)]
+        except KeyError:
+            raise self._may_not_send(message) from None
+        return self._encoder.encode_parts(to_wire(message))
+
+    def _may_not_send(self, message: Message) -> ProtocolError:
+        return ProtocolError(f"a {self.role.value} may not send {message.TAG!r}")

@@ -95,27 +95,35 @@ class FrameEncoder:
         """``encode`` as (header, body), for a vectored write of a large frame
         (whose body is then a view, not a copy)."""
         try:
-            packer = self._local.packer
-        except AttributeError:  # (once per thread) one reusable Packer: it resets itself
-            packer = self._local.packer = msgpack.Packer(use_bin_type=True, autoreset=True)
-        try:
             # Packed one level down, in a one-item array whose marker is dropped:
             # msgpack packs one level more than it unpacks, and this way the
             # encoder refuses exactly what the decoder would (MAX_NESTING).
-            packed: bytes = packer.pack((payload,))
-        except ValueError as exc:
-            if "recursion" in str(exc):
-                raise TypeError(
-                    f"not MessagePack-serializable: nests deeper than {MAX_NESTING} levels"
-                ) from None
-            raise TypeError(f"not MessagePack-serializable: {exc}") from None
-        except (TypeError, OverflowError) as exc:
-            raise TypeError(f"not MessagePack-serializable: {exc}") from None
+            packed: bytes = self._local.packer.pack((payload,))
+        except Exception as exc:
+            packed = self._pack_again(payload, exc)
         size = len(packed) - 1
         if size > self.max_frame_bytes:
             self._refuse(size)
-        body = packed[1:] if size <= _COPY_SLICES_UP_TO else memoryview(packed)[1:]
-        return size.to_bytes(HEADER_BYTES, "big"), body
+        return size.to_bytes(HEADER_BYTES, "big"), (
+            packed[1:] if size <= _COPY_SLICES_UP_TO else memoryview(packed)[1:]
+        )
+
+    def _pack_again(self, payload: dict[str, Any], exc: Exception) -> bytes:
+        """A packer for this thread (its first frame), or the error, explained."""
+        if isinstance(exc, AttributeError) and not hasattr(self._local, "packer"):
+            # One reusable Packer per thread (it resets itself, even when packing raises).
+            self._local.packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+            try:
+                return self._local.packer.pack((payload,))  # type: ignore[no-any-return]
+            except Exception as again:
+                exc = again
+        if isinstance(exc, ValueError) and "recursion" in str(exc):
+            raise TypeError(
+                f"not MessagePack-serializable: nests deeper than {MAX_NESTING} levels"
+            ) from None
+        if isinstance(exc, TypeError | ValueError | OverflowError):
+            raise TypeError(f"not MessagePack-serializable: {exc}") from None
+        raise exc
 
     def _refuse(self, size: int) -> None:
         raise ProtocolError(
