@@ -976,6 +976,11 @@ def test_encoder_refuses_exactly_the_nesting_the_decoder_refuses() -> None:
     with pytest.raises(TypeError, match="nests deeper"):
         Connection(Role.WORKER).send(Result(id=1, value=nested(MAX_NESTING)))
     assert Connection(Role.WORKER).send(Result(id=1, value=nested(MAX_NESTING - 1)))
+    # Large frames of many shallow containers, or of a few big values, are fine.
+    for value in ([{"a": [1]}] * 5000, {"blob": b"x" * 100_000, "rows": [[1, 2]] * 50}):
+        decoder = FrameDecoder()
+        decoder.feed(FrameEncoder().encode({"r": value}))
+        assert decoder.next_frame() == {"r": value}
     # ...and the peer's decoder does refuse one level more (msgpack alone packs it).
     frame = frame_of(msgpack.packb({"r": nested(MAX_NESTING)}))
     decoder = FrameDecoder()

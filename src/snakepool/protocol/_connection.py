@@ -175,9 +175,9 @@ class Connection:
         header, body = self._encoder.encode_parts(to_wire(message))
         return header + body
 
-    def send_parts(self, message: Message) -> tuple[bytes, bytes | memoryview]:
-        """``send`` as (header, body), for a vectored write: a large body is a
-        view of the packed bytes, never copied."""
+    def send_parts(self, message: Message) -> tuple[bytes, bytes]:
+        """``send`` as (header, body), for a vectored write of a large frame
+        (its body is not copied into a frame)."""
         try:
             to_wire = self._to_wire[type(message)]
         except KeyError:

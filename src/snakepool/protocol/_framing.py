@@ -71,6 +71,32 @@ NEED_DATA: Final = Sentinel.NEED_DATA
 CLOSED: Final = Sentinel.CLOSED
 
 
+#: A body this short cannot nest MAX_NESTING levels (each level takes a byte at least).
+_SHALLOW_UP_TO: Final = MAX_NESTING
+_CONTAINERS: Final = (dict, list, tuple)
+#: Keys and items :func:`_few_containers` looks at before it gives up.
+_LOOK_AT: Final = 64
+
+
+def _few_containers(payload: dict[str, Any]) -> bool:
+    """True when the map holds few containers (so it cannot nest deep), seen
+    from at most ``_LOOK_AT`` of its keys and items; False: not sure."""
+    todo: list[Any] = [payload]
+    budget = _LOOK_AT
+    while todo:
+        container = todo.pop()
+        if isinstance(container, dict):
+            budget -= len(container) * 2
+            items = [*container.keys(), *container.values()] if budget >= 0 else ()
+        else:
+            budget -= len(container)
+            items = container if budget >= 0 else ()
+        if budget < 0:
+            return False
+        todo.extend(item for item in items if isinstance(item, _CONTAINERS))
+    return True
+
+
 class FrameEncoder:
     """Turns one MessagePack-able map into one frame's bytes; safe to share
     between threads (each thread packs with a packer of its own)."""
@@ -79,6 +105,7 @@ class FrameEncoder:
         if not 0 < max_frame_bytes <= _MAX_HEADER_VALUE:
             raise ValueError(f"max_frame_bytes must be in 1..{_MAX_HEADER_VALUE}")
         self.max_frame_bytes = max_frame_bytes
+        self._check_from = min(max_frame_bytes, _SHALLOW_UP_TO)
         self._local = threading.local()
 
     def encode(self, payload: dict[str, Any]) -> bytes:
@@ -91,22 +118,31 @@ class FrameEncoder:
         header, body = self.encode_parts(payload)
         return header + body
 
-    def encode_parts(self, payload: dict[str, Any]) -> tuple[bytes, bytes | memoryview]:
-        """``encode`` as (header, body), for a vectored write of a large frame
-        (whose body is then a view, not a copy)."""
+    def encode_parts(self, payload: dict[str, Any]) -> tuple[bytes, bytes]:
+        """``encode`` as (header, body), for a vectored write of a large frame."""
         try:
-            # Packed one level down, in a one-item array whose marker is dropped:
-            # msgpack packs one level more than it unpacks, and this way the
-            # encoder refuses exactly what the decoder would (MAX_NESTING).
-            packed: bytes = self._local.packer.pack((payload,))
+            body: bytes = self._local.packer.pack(payload)
         except Exception as exc:
-            packed = self._pack_again(payload, exc)
-        size = len(packed) - 1
-        if size > self.max_frame_bytes:
-            self._refuse(size)
-        return size.to_bytes(HEADER_BYTES, "big"), (
-            packed[1:] if size <= _COPY_SLICES_UP_TO else memoryview(packed)[1:]
-        )
+            body = self._pack_again(payload, exc)
+        size = len(body)
+        if size > self._check_from:  # (one comparison for the usual small frame)
+            if size > self.max_frame_bytes:
+                self._refuse(size)
+            if size > _SHALLOW_UP_TO and not _few_containers(payload):
+                self._check_nesting(payload)
+        return size.to_bytes(HEADER_BYTES, "big"), body
+
+    def _check_nesting(self, payload: dict[str, Any]) -> None:
+        """Refuse a map nested deeper than MAX_NESTING levels (for a large frame
+        with many containers, the only kind that can): msgpack packs one level
+        more than it unpacks, so the map is packed again one level down, as the
+        only item of an array, which then reaches the packer's limit."""
+        try:
+            self._local.packer.pack((payload,))
+        except ValueError:
+            raise TypeError(
+                f"not MessagePack-serializable: nests deeper than {MAX_NESTING} levels"
+            ) from None
 
     def _pack_again(self, payload: dict[str, Any], exc: Exception) -> bytes:
         """A packer for this thread (its first frame), or the error, explained."""
@@ -114,7 +150,7 @@ class FrameEncoder:
             # One reusable Packer per thread (it resets itself, even when packing raises).
             self._local.packer = msgpack.Packer(use_bin_type=True, autoreset=True)
             try:
-                return self._local.packer.pack((payload,))  # type: ignore[no-any-return]
+                return self._local.packer.pack(payload)  # type: ignore[no-any-return]
             except Exception as again:
                 exc = again
         if isinstance(exc, ValueError) and "recursion" in str(exc):
