@@ -24,12 +24,15 @@ from snakepool.protocol import (
     MAX_NESTING,
     NEED_DATA,
     PROTOCOL_VERSION,
+    RESERVED_TOOL_PREFIX,
+    SAVE_STATE_TOOL,
     Call,
     CallMode,
     Cancel,
     Connection,
     Credit,
     End,
+    Exited,
     Failure,
     FailureKind,
     FrameDecoder,
@@ -39,18 +42,27 @@ from snakepool.protocol import (
     HostCall,
     HostFailure,
     HostReply,
+    ImportFailed,
+    Importing,
     Init,
     Item,
     Log,
     Message,
     Ping,
     Pong,
+    Ready,
     ReceiveError,
     Result,
     Role,
     SessionDrop,
     SessionSync,
+    Spawn,
+    Spawned,
+    SpawnFailed,
     StartupFailed,
+    TemplateConnection,
+    TemplateInit,
+    Unsafe,
     Withdraw,
     from_wire,
     to_wire,
@@ -1149,3 +1161,65 @@ def test_decoder_hands_out_good_frames_before_the_bad_one_in_the_same_read() -> 
         decoder.next_frame()
     with pytest.raises(ProtocolError):  # broken stays broken
         decoder.next_frame()
+
+
+# --- the fork server's control protocol ------------------------------------------
+
+TEMPLATE_HOST_SAMPLES: list[Message] = [
+    TemplateInit(preload=["numpy"], sys_path=["/opt/app"], cwd="/srv"),
+    TemplateInit(preload=[], sys_path=[]),
+    Spawn(id=1, env={"A": "b"}),
+    Spawn(id=2, env={}, argv=["python", "-m", "snakepool.workers"], cwd=None),
+]
+TEMPLATE_SAMPLES: list[Message] = [
+    Importing(module="numpy"),
+    Ready(pid=10, modules=["numpy"], import_seconds=0.25),
+    Unsafe(reason="threads"),
+    ImportFailed(module="x", type="ImportError", message="no x", traceback="tb"),
+    Spawned(id=1, pid=11),
+    SpawnFailed(id=2, message="fork failed"),
+    Exited(pid=11, code=-9),
+]
+
+
+@pytest.mark.parametrize("chunker", CHUNKERS.values(), ids=CHUNKERS.keys())
+def test_template_messages_round_trip(chunker: Chunker) -> None:
+    host, template = TemplateConnection(Role.HOST), TemplateConnection(Role.WORKER)
+    to_template = b"".join(host.send(m) for m in TEMPLATE_HOST_SAMPLES)
+    to_host = b"".join(template.send(m) for m in TEMPLATE_SAMPLES)
+    got = [m for chunk in chunker(to_template) for m in template.receive_data(chunk)]
+    assert got == TEMPLATE_HOST_SAMPLES
+    got = [m for chunk in chunker(to_host) for m in host.receive_data(chunk)]
+    assert got == TEMPLATE_SAMPLES
+    assert host.receive_data(b"") == []
+
+
+def test_template_messages_name_themselves_in_op() -> None:
+    frame = TemplateConnection(Role.HOST).send(Spawn(id=3, env={"K": "v"}))
+    assert msgpack.unpackb(frame[HEADER_BYTES:]) == {
+        "op": "spawn",
+        "id": 3,
+        "env": {"K": "v"},
+        "argv": None,
+        "cwd": None,
+    }
+
+
+def test_template_connection_checks_direction_and_fields() -> None:
+    with pytest.raises(ProtocolError, match="may not send"):
+        TemplateConnection(Role.HOST).send(Ready(pid=1, modules=[], import_seconds=0.0))
+    host = TemplateConnection(Role.HOST)
+    good = TemplateConnection(Role.WORKER).send(Importing(module="m"))
+    with pytest.raises(ReceiveError, match="unexpected message 'spawn'") as info:
+        host.receive_data(good + frame_map({"op": "spawn", "id": 1, "env": {}}))
+    assert info.value.received == [Importing(module="m")]
+    with pytest.raises(ProtocolError):  # broken for good
+        host.receive_data(good)
+    with pytest.raises(ProtocolError, match="field 'pid' is str"):
+        TemplateConnection(Role.HOST).receive_data(
+            frame_map({"op": "exited", "pid": "1", "code": 0})
+        )
+
+
+def test_the_save_state_tool_name_is_reserved() -> None:
+    assert SAVE_STATE_TOOL.startswith(RESERVED_TOOL_PREFIX)

@@ -50,6 +50,16 @@ from ._messages import from_wire as from_wire
 from ._messages import message as message
 from ._messages import to_wire as to_wire
 from ._messages import wire as wire
+from ._template import Exited as Exited
+from ._template import ImportFailed as ImportFailed
+from ._template import Importing as Importing
+from ._template import Ready as Ready
+from ._template import Spawn as Spawn
+from ._template import Spawned as Spawned
+from ._template import SpawnFailed as SpawnFailed
+from ._template import TemplateConnection as TemplateConnection
+from ._template import TemplateInit as TemplateInit
+from ._template import Unsafe as Unsafe
 
 __all__ = [
     "CLOSED",
@@ -68,6 +78,7 @@ __all__ = [
     "Connection",
     "Credit",
     "End",
+    "Exited",
     "Failure",
     "FailureKind",
     "FrameDecoder",
@@ -77,19 +88,28 @@ __all__ = [
     "HostCall",
     "HostFailure",
     "HostReply",
+    "ImportFailed",
+    "Importing",
     "Init",
     "Item",
     "Log",
     "Message",
     "Ping",
     "Pong",
+    "Ready",
     "ReceiveError",
     "Result",
     "Role",
     "Sentinel",
     "SessionDrop",
     "SessionSync",
+    "Spawn",
+    "SpawnFailed",
+    "Spawned",
     "StartupFailed",
+    "TemplateConnection",
+    "TemplateInit",
+    "Unsafe",
     "Withdraw",
     "from_wire",
     "message",

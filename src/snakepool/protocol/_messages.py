@@ -110,6 +110,8 @@ class Message:
 
     __slots__ = ()
     TAG: ClassVar[str]
+    #: The map key that holds ``TAG`` (``"t"``; the fork server's messages: ``"op"``).
+    TAG_KEY: ClassVar[str]
     #: Derived from the fields' :func:`wire` declarations, for introspection.
     WIRE: ClassVar[WireSpec]
     #: The generated decoder: a map with this class's tag -> the message.
@@ -123,9 +125,10 @@ class Message:
 _M = TypeVar("_M", bound=type[Message])
 
 
-def message(tag: str) -> Callable[[_M], _M]:
+def message(tag: str, *, tag_key: str = "t") -> Callable[[_M], _M]:
     """Class decorator (on top of ``@dataclass(slots=True)``): tag the class and
-    generate its codec from its fields' :func:`wire` declarations."""
+    generate its codec from its fields' :func:`wire` declarations. The map
+    holds ``tag`` under ``tag_key``."""
 
     def decorate(cls: _M) -> _M:
         spec: list[tuple[str, str, tuple[type, ...]]] = []
@@ -134,11 +137,12 @@ def message(tag: str) -> Callable[[_M], _M]:
                 raise TypeError(f"{cls.__name__}.{f.name} has no wire key (declare it with wire())")
             spec.append((f.name, f.metadata["wire"], f.metadata["types"]))
         keys = [key for _, key, _ in spec]
-        if "t" in keys or len(set(keys)) != len(keys):
-            raise TypeError(f"{cls.__name__}: wire keys must be unique and not 't'")
+        if tag_key in keys or len(set(keys)) != len(keys):
+            raise TypeError(f"{cls.__name__}: wire keys must be unique and not {tag_key!r}")
         cls.TAG = tag
+        cls.TAG_KEY = tag_key
         cls.WIRE = tuple(spec)
-        cls.to_wire = _make_to_wire(cls, tag, spec)  # type: ignore[method-assign,assignment]
+        cls.to_wire = _make_to_wire(cls, tag_key, tag, spec)  # type: ignore[method-assign,assignment]
         cls.from_wire = staticmethod(_make_from_wire(cls, tag, spec))
         return cls
 
@@ -150,7 +154,7 @@ def _check(var: str, types: tuple[type, ...], names: dict[str, Any]) -> str | No
     if not types:
         return None
     tests = []
-    for t in types:
+    for t in sorted(types, key=lambda t: t is not _NONE):  # (None first: the usual default)
         if t is _NONE:
             tests.append(f"{var} is None")
         else:
@@ -161,9 +165,11 @@ def _check(var: str, types: tuple[type, ...], names: dict[str, Any]) -> str | No
 
 
 def _make_to_wire(
-    cls: type[Message], tag: str, spec: list[tuple[str, str, tuple[type, ...]]]
+    cls: type[Message], tag_key: str, tag: str, spec: list[tuple[str, str, tuple[type, ...]]]
 ) -> Callable[[Message], dict[str, Any]]:
-    items = ", ".join([f'"t": {tag!r}', *(f"{key!r}: self.{attr}" for attr, key, _ in spec)])
+    items = ", ".join(
+        [f"{tag_key!r}: {tag!r}", *(f"{key!r}: self.{attr}" for attr, key, _ in spec)]
+    )
     source = f"def to_wire(self):\n    return {{{items}}}\n"
     namespace: dict[str, Any] = {}
     exec(source, namespace)
