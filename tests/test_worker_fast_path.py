@@ -152,7 +152,7 @@ VALUES = [
 
 
 @pytest.mark.parametrize("value", VALUES, ids=lambda v: type(v).__name__)
-async def test_a_result_frame_is_byte_identical_to_to_wire(value: Any) -> None:
+async def test_a_result_is_written_as_its_frame(value: Any) -> None:
     worker, capture, inline = await _worker()
     _call(worker, p.Call(id=41, command="echo", args={"value": value}))
     inline.run_all()

@@ -686,6 +686,7 @@ class Worker:
         try:
             messages = self.conn.receive_data(data)
         except p.ReceiveError as exc:
+            self.dispatch(exc.received)  # (what came before the bad frame, as before it)
             print(f"snakepool worker: protocol error from host: {exc}", file=sys.stderr)
             self._begin_shutdown(EXIT_PROTOCOL_ERROR, f"protocol error: {exc}")
             return []
