@@ -111,10 +111,13 @@ class Connection:
             frames = decoder.whole_frames(data) if data else None
             if frames is not None:  # the usual read: whole frames, nothing pending
                 decoders = self._decoders
+                messages = []
                 try:
-                    return [decoders[frame["t"]](frame) for frame in frames]
+                    for frame in frames:  # (a loop: cheaper than a comprehension for one)
+                        messages.append(decoders[frame["t"]](frame))
                 except (KeyError, TypeError, ProtocolError):
                     return self._messages(frames, None)  # (says which one, and why)
+                return messages
         decoder.feed(data)
         frames = []
         error: ProtocolError | None = None
