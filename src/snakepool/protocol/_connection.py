@@ -113,8 +113,8 @@ class Connection:
                 decoders = self._decoders
                 messages = []
                 try:
-                    for frame in frames:  # (a loop: cheaper than a comprehension for one)
-                        messages.append(decoders[frame["t"]](frame))
+                    for wire in frames:  # (a loop: cheaper than a comprehension for one)
+                        messages.append(decoders[wire["t"]](wire))
                 except (KeyError, TypeError, ProtocolError):
                     return self._messages(frames, None)  # (says which one, and why)
                 return messages
