@@ -111,10 +111,11 @@ class Connection:
             frames = decoder.whole_frames(data) if data else None
             if frames is not None:  # the usual read: whole frames, nothing pending
                 decoders = self._decoders
-                messages = []
+                messages: list[Message] = []
+                append = messages.append
                 try:
                     for wire in frames:  # (a loop: cheaper than a comprehension for one)
-                        messages.append(decoders[wire["t"]](wire))
+                        append(decoders[wire["t"]](wire))
                 except (KeyError, TypeError, ProtocolError):
                     return self._messages(frames, None)  # (says which one, and why)
                 return messages
@@ -175,8 +176,7 @@ class Connection:
             to_wire = self._to_wire[type(message)]
         except KeyError:
             raise self._may_not_send(message) from None
-        header, body = self._encoder.encode_parts(to_wire(message))
-        return header + body
+        return self._encoder.encode(to_wire(message))
 
     def send_parts(self, message: Message) -> tuple[bytes, bytes]:
         """``send`` as (header, body), for a vectored write of a large frame

@@ -115,8 +115,14 @@ class FrameEncoder:
         saying the map nests deeper than a decoder accepts) and
         :class:`ProtocolError` when the frame would exceed ``max_frame_bytes``.
         """
-        header, body = self.encode_parts(payload)
-        return header + body
+        try:
+            body: bytes = self._local.packer.pack(payload)
+        except Exception as exc:
+            body = self._pack_again(payload, exc)
+        size = len(body)
+        if size > self._check_from:
+            self._check_large(payload, size)
+        return size.to_bytes(HEADER_BYTES, "big") + body
 
     def encode_parts(self, payload: dict[str, Any]) -> tuple[bytes, bytes]:
         """``encode`` as (header, body), for a vectored write of a large frame."""
@@ -126,11 +132,14 @@ class FrameEncoder:
             body = self._pack_again(payload, exc)
         size = len(body)
         if size > self._check_from:  # (one comparison for the usual small frame)
-            if size > self.max_frame_bytes:
-                self._refuse(size)
-            if size > _SHALLOW_UP_TO and not _few_containers(payload):
-                self._check_nesting(payload)
+            self._check_large(payload, size)
         return size.to_bytes(HEADER_BYTES, "big"), body
+
+    def _check_large(self, payload: dict[str, Any], size: int) -> None:
+        if size > self.max_frame_bytes:
+            self._refuse(size)
+        if size > _SHALLOW_UP_TO and not _few_containers(payload):
+            self._check_nesting(payload)
 
     def _check_nesting(self, payload: dict[str, Any]) -> None:
         """Refuse a map nested deeper than MAX_NESTING levels (for a large frame

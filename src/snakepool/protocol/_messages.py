@@ -183,13 +183,19 @@ def _make_from_wire(
     cls: type[Message], tag: str, spec: list[tuple[str, str, tuple[type, ...]]]
 ) -> Callable[[dict[str, Any]], Message]:
     """``from_wire`` for ``cls``: straight-line code for a well-formed map, and
-    :func:`_explain` (which names the bad field) for anything else."""
+    :func:`_explain` (which names the bad field) for anything else.
+
+    Every key is read by subscription first (the encoder writes them all);
+    a map that lacks an optional key takes a second function that fills in
+    the defaults.
+    """
     by_name = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     names: dict[str, Any] = {"_cls": cls, "_explain": _explain, "_MISSING": MISSING}
-    required, optional, checks = [], [], []
+    every, required, optional, checks = [], [], [], []
     for index, (attr, key, types) in enumerate(spec):
         var = f"v{index}"
         f = by_name[attr]
+        every.append(f"        {var} = w[{key!r}]")
         if f.default is MISSING and f.default_factory is MISSING:
             required.append(f"        {var} = w[{key!r}]")
         elif f.default_factory is not MISSING:
@@ -203,15 +209,19 @@ def _make_from_wire(
         if check is not None:
             checks.append(check)
     args = ", ".join(f"v{index}" for index in range(len(spec)))
-    lines = ["def from_wire(w):"]
+    tail = [f"    return _cls({args})"]
+    if checks:
+        tail = [f"    if {' and '.join(checks)}:", f"        return _cls({args})"]
+        tail += ["    return _explain(_cls, w)"]
+    lines = ["def _with_defaults(w):"]
     if required:
         lines += ["    try:", *required, "    except KeyError:", "        return _explain(_cls, w)"]
-    lines += optional
-    if checks:
-        lines += [f"    if {' and '.join(checks)}:", f"        return _cls({args})"]
-        lines += ["    return _explain(_cls, w)"]
+    lines += [*optional, *tail]
+    if optional:
+        lines += ["def from_wire(w):", "    try:", *every, "    except KeyError:"]
+        lines += ["        return _with_defaults(w)", *tail]
     else:
-        lines += [f"    return _cls({args})"]
+        lines += ["from_wire = _with_defaults"]
     exec("\n".join(lines) + "\n", names)
     function: Callable[[dict[str, Any]], Message] = names["from_wire"]
     function.__qualname__ = f"{cls.__name__}.from_wire"

@@ -2,11 +2,11 @@
 
 Data flow inside one worker::
 
-                 +-- leader thread: os.read(stdin)
-                 |   +- a read of nothing but plain calls, nothing queued or running:
+                 +-- leader thread: os.read(stdin) -> Connection.receive_data -> messages
+                 |   +- nothing but plain calls, nothing queued or running:
                  |   |    the *plain lane* (Worker.plain_calls -> _Threads._run_plain):
                  |   |    run right there, in order, each answered as it ends
-    host --pipe--+   +- anything else: Connection -> Worker.on_message
+    host --pipe--+   +- anything else: Worker.dispatch -> start_call / on_message
                  |      control (cancel, withdraw, credit, host replies): at once
                  |      call: queued (FIFO); taken in order, at most ``concurrency``
                  |            running: a sync one is run by the thread that takes
@@ -14,7 +14,8 @@ Data flow inside one worker::
                  |            started as a task on the event loop (main thread)
                  |      ping: answered by the event loop
                  |
-    handler threads and loop tasks --Worker.send--> _FrameWriter --pipe--> host
+    handler threads and loop tasks --Worker.send--> Connection.send_parts
+                                                    --> _FrameWriter --pipe--> host
 
 Calls start in the order they arrive, sync and async alike, and at most
 ``concurrency`` run at once: the host may send more (they wait in the queue),
@@ -26,7 +27,7 @@ the "leader" role reads the protocol pipe, dispatches what it read, and runs
 the sync calls it read itself, so a quick call costs two wake-ups (host ->
 worker, worker -> host), as in a bare read/answer loop. A *plain* call (sync,
 no session, no ``ctx``, arguments that fit: most calls) read while the worker
-is idle skips even the ``Call`` message and the queue: at a few microseconds
+is idle skips the queue and the ``_Running`` record: at a few microseconds
 per call, every Python call on the way counts. An idle *watchdog*
 thread takes the reading over when the leader has been inside one call for
 2 ms (pings and cancellations keep flowing) and wakes helper threads for
@@ -177,7 +178,7 @@ class _FrameWriter:
         self._lock = threading.Lock()
         self._closed = False
 
-    def write(self, *parts: bytes | memoryview) -> None:
+    def write(self, *parts: bytes) -> None:
         """One frame, whole or from its parts (header, body).
 
         A small frame is joined and written with one ``os.write`` (cheaper than
@@ -201,7 +202,7 @@ class _FrameWriter:
             except OSError:  # EPIPE: the host is gone; we exit on stdin EOF
                 self._closed = True
 
-    def _write_vector(self, parts: tuple[bytes | memoryview, ...]) -> None:
+    def _write_vector(self, parts: tuple[bytes, ...]) -> None:
         with self._lock:
             if self._closed:
                 return
@@ -487,8 +488,8 @@ class _Threads:
         """Run plain calls the leader read, in order, in one slot; false if it lost the role.
 
         The *plain lane* (see ``Worker.plain_calls``): what ``_lead`` and
-        ``Worker._sync_call_body`` do with queued calls, minus the queue, the
-        ``Call`` and the ``_Running``, written out in one function: a Python
+        ``Worker._sync_call_body`` do with queued calls, minus the queue and
+        the ``_Running``, written out in one function: a Python
         call costs about as much here as the no-op call itself. If one call
         takes long, the watchdog takes the reader role over and moves the
         calls not started yet to the front of the queue (``_watch_locked``):
