@@ -52,7 +52,7 @@ def fail(how: str) -> None:
             if how == "garbage"
             else p.Connection(p.Role.HOST).send(p.Call(1, "echo", {}))
         )
-        if threading.get_ident() == worker._loop_thread:  # in setup(): on the loop itself
+        if threading.get_ident() == worker.bridge._loop_thread:  # in setup(): on the loop
             worker.writer.write(frame)
             return
         done = threading.Event()

@@ -24,7 +24,7 @@ import pytest
 from conftest import TESTS_DIR
 from snakepool import protocol as p
 from snakepool.errors import ProtocolError
-from snakepool.workers import _runtime
+from snakepool.workers import _runtime, _stdio
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -251,7 +251,7 @@ async def _started_worker() -> _runtime.Worker:
         sys_path=[str(TESTS_DIR)],
     )
     assert worker.conn.receive_data(p.Connection(p.Role.HOST).send(init)) == [init]
-    worker.writer = _runtime._FrameWriter(os.open(os.devnull, os.O_WRONLY))
+    worker.writer = _stdio.FrameWriter(os.open(os.devnull, os.O_WRONLY))
     await worker.start(init)
     return worker
 

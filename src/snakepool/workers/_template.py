@@ -63,7 +63,7 @@ import traceback
 from .. import protocol as p
 from ..errors import ProtocolError
 from ._descendants import become_subreaper, kill_descendants, reap_children
-from ._runtime import (  # (already loaded: python -m snakepool.workers)
+from ._stdio import (  # (already loaded: python -m snakepool.workers)
     EXIT_OK,
     EXIT_PROTOCOL_ERROR,
     die_with_parent,
