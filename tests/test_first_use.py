@@ -380,3 +380,25 @@ def test_a_misspelt_environment_override_is_refused(
     assert sup["my-pool"].config.size == 3 and sup["other"].config.call_timeout == 2.5
     warned = [r.getMessage() for r in caplog.records if r.name == "snakepool.supervisor"]
     assert len(warned) == 1 and "SNAKEPOOL_BILLING_WORKER_CONCURRENCY is ignored" in warned[0]
+
+
+@pytest.mark.anyio
+async def test_a_failing_adapter_import_is_reported_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Not once per line per worker per attempt: the start's error carries the output."""
+    caplog.set_level(logging.DEBUG, logger="snakepool")
+    pool = snakepool.Pool("sp_no_such_module_anywhere:Adapter", size=2)
+    try:
+        with pytest.raises(snakepool.WorkerStartError) as failed:
+            await pool.start()
+    finally:
+        await pool.aclose()
+    assert "sp_no_such_module_anywhere" in str(failed.value)
+    worker_lines = [
+        r
+        for r in caplog.records
+        if r.name.startswith("snakepool.worker") and r.levelno >= logging.INFO
+    ]
+    assert worker_lines == []
+    assert not [
+        r for r in caplog.records if r.levelno >= logging.WARNING and "exited" in r.getMessage()
+    ]

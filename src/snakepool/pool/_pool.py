@@ -1271,7 +1271,9 @@ class Pool:
         if worker.pid is not None:
             self._registry.remove(worker.pid)
         if info is not None and not info.planned and not self.closed:
-            _log.warning("pool %s: %s exited: %s", self.name, worker.describe(), info.reason)
+            # (one that never said hello is reported by its start's error instead)
+            log = _log.warning if worker.hello is not None else _log.debug
+            log("pool %s: %s exited: %s", self.name, worker.describe(), info.reason)
         if worker.retiring is not None:
             self._listeners.emit(
                 "worker.recycled", worker.slot, pid=worker.pid, reason=worker.retiring

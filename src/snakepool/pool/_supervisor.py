@@ -428,7 +428,11 @@ class Supervisor:
                         await pool.start()
                     except Exception as exc:
                         if not errors:
-                            _log.error("pool %s failed to start: %s", pool.name, exc)
+                            _log.error(
+                                "pool %s failed to start: %s",
+                                pool.name,
+                                (str(exc).splitlines() or [repr(exc)])[0],
+                            )
                         errors.append(exc)
                         tg.cancel_scope.cancel()  # the others stop starting; closed below
 

@@ -148,6 +148,7 @@ class WorkerHandle:
         self._startup_failure: p.StartupFailed | None = None
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
         self._stderr_done = anyio.Event()
+        self._early_lines: list[str] = []  # its output before hello (see _stderr_line)
         self._stdout_ended = anyio.Event()  # the stdout pump is done (EOF, or made to end)
         self._kill_reason: str | None = None
         self._planned_reason: str | None = None
@@ -609,6 +610,15 @@ class WorkerHandle:
     def _stderr_line(self, raw: bytes) -> None:
         line = raw.decode("utf-8", "replace").rstrip("\r")
         self._stderr_tail.append(line)
+        if self.hello is None and self.exit_info is None:
+            # Held until the worker is up: a worker that fails to start reports
+            # its output once, in WorkerStartError's stderr tail, not once per
+            # line per attempt. (Flushed by _on_hello.)
+            self._early_lines.append(line)
+        else:
+            self._show_output(line)
+
+    def _show_output(self, line: str) -> None:
         if echoes_output(self.log):  # logging would drop it: as print() in the host would
             echo_to_stderr(f"[{self.pool}/{self.slot}] {line}")
         else:
@@ -756,6 +766,9 @@ class WorkerHandle:
             self.hello = hello
             if self.state is WorkerState.STARTING:
                 self.state = WorkerState.IDLE
+            early, self._early_lines = self._early_lines, []
+            for line in early:
+                self._show_output(line)
         self._ready.set()
 
     def _take(self, call_id: int) -> PendingCall | None:
