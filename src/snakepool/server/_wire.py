@@ -59,7 +59,9 @@ def error_to_wire(request_id: int, exc: BaseException) -> dict[str, Any]:
     wire: dict[str, Any] = {
         "t": "failure",
         "i": request_id,
-        "y": type(exc).__name__,
+        # (RemoteError's class: not the one also made an instance of, say,
+        # ValueError for the host; ``rt`` names that type)
+        "y": getattr(type(exc), "_remote_base", type(exc)).__name__,
         "g": exc.category.value
         if isinstance(exc, SnakepoolError)
         else ErrorCategory.APPLICATION.value,
