@@ -596,6 +596,6 @@ async def test_a_handlers_builtin_exception_keeps_its_public_class_on_the_wire(
         )
         assert failure["rt"].endswith("JSONDecodeError")
         async with snakepool.connect(socket_path) as client:
-            with pytest.raises(ValueError) as caught:
+            with pytest.raises(ValueError, match="Expecting property name") as caught:
                 await client["general"].call("call", bad_json)
         assert isinstance(caught.value, snakepool.RemoteError)
