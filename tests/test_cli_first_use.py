@@ -30,6 +30,7 @@ import pytest
 import snakepool
 from conftest import TESTS_DIR, wait_for
 from snakepool.server import SocketServer
+from waiting import wait_until
 
 SNAKEPOOL = [sys.executable, "-m", "snakepool.cli"]
 #: What clears a whole screen (and with it the log lines on it).
@@ -247,7 +248,7 @@ async def test_a_draining_server_refuses_new_requests_with_pool_closed(tmp_path:
                         answers.append(await general.call("hold", {"release": str(release)}))
 
                     tg.start_soon(hold)
-                    await _wait(lambda: pool.statistics().workers[0].inflight == 1)
+                    await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
                     assert server.requests_in_flight == 1
                     server.drain()
                     with pytest.raises(snakepool.PoolClosed, match="pool 'general' is closed"):
@@ -258,18 +259,11 @@ async def test_a_draining_server_refuses_new_requests_with_pool_closed(tmp_path:
                     release.touch()
                     with anyio.fail_after(30):
                         await server.wait_idle()
-                    await _wait(lambda: answers)  # (sent; the client reads it next)
+                    await wait_until(lambda: answers)  # (sent; the client reads it next)
                     assert isinstance(answers[0], dict)
                 tg.cancel_scope.cancel()
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-
-
-async def _wait(condition: object, timeout: float = 30.0) -> None:
-    assert callable(condition)
-    with anyio.fail_after(timeout):
-        while not condition():
-            await anyio.sleep(0.02)
 
 
 # --- 6. the live table never hides log lines ---------------------------------------------------

@@ -19,7 +19,7 @@ from conftest import free_port  # noqa: E402
 from lm_server import LMRequest, LMServer, default_answer  # noqa: E402
 from snakepool import RemoteError  # noqa: E402
 from snakepool.dspy import Program, configure_lm  # noqa: E402
-from waiting import wait_until  # noqa: E402
+from waiting import restarts, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 
@@ -38,10 +38,6 @@ def dspy_pool(**kwargs: Any) -> snakepool.Pool:
     kwargs.setdefault("call_timeout", 20.0)
     kwargs.setdefault("health_interval", 60.0)
     return snakepool.Pool("dspy", **kwargs)
-
-
-def restarts(pool: snakepool.Pool) -> int:
-    return sum(w.restarts for w in pool.statistics().workers)
 
 
 async def test_round_trip_with_string_and_dict_signatures(server: LMServer) -> None:
