@@ -344,7 +344,7 @@ def test_a_misspelt_environment_override_is_refused(
     assert (info.value.variable, info.value.pool) == ("SNAKEPOOL_MY_POOL_SIZ", "my-pool")
     monkeypatch.delenv("SNAKEPOOL_MY_POOL_SIZ")
 
-    monkeypatch.setenv("SNAKEPOOL_MY_POOL_NAME", "x")  # a Pool option, not overridable
+    monkeypatch.setenv("SNAKEPOOL_MY_POOL_NAME", "x")  # the one option the env cannot set
     with pytest.raises(ConfigError, match=r"'name' cannot be set from the environment"):
         Supervisor(pools)
     monkeypatch.delenv("SNAKEPOOL_MY_POOL_NAME")

@@ -1,4 +1,9 @@
-"""The ``snakepool`` command: up, call, status, doctor, new-adapter, bench."""
+"""The ``snakepool`` command: up, call, status, doctor, new-adapter, bench.
+
+The client-side commands (``call``, ``status``) load no pool machinery: the
+pool, the server and the benchmark are imported inside the commands that
+run them (``up``, ``doctor``, ``bench``).
+"""
 
 from __future__ import annotations
 
@@ -23,16 +28,18 @@ import threading
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from ._paths import default_socket_path, default_token_path, ensure_private_dir
+from ._session_ids import check_session_id
 from .errors import InvalidSessionId, RemoteError, SnakepoolError, WorkerStartError
-from .pool import Pool, discover_gpus
-from .pool._registry import ensure_private_dir
-from .pool._store import check_session_id
-from .server import SocketServer, connect, default_socket_path, default_token_path
-from .server._server import HELLO_TIMEOUT
+from .server._client import connect
+from .server._wire import HELLO_TIMEOUT
+
+if TYPE_CHECKING:
+    from .server._server import SocketServer
 
 __all__ = ["main"]
 
@@ -155,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
         "--directory", metavar="DIR", default=".", help="where to create it (default: here)"
     )
 
-    from ._bench import add_arguments as add_bench_arguments
+    from ._bench_options import add_arguments as add_bench_arguments
 
     bench = commands.add_parser(
         "bench",
@@ -188,6 +195,7 @@ def _socket(args: argparse.Namespace) -> Path:
 def _up(args: argparse.Namespace) -> int:
     from .pool import ConfigError, Supervisor
     from .pool._supervisor import DEFAULT_CONFIG_TOML
+    from .server._server import SocketServer
 
     if args.print_config:
         print(Path(args.config).read_text() if args.config else DEFAULT_CONFIG_TOML)
@@ -669,6 +677,8 @@ def _from_json_object(obj: dict[str, Any]) -> Any:
 
 
 def _doctor(args: argparse.Namespace) -> int:
+    from .pool import discover_gpus
+
     problems = 0
     print(f"python      {platform.python_version()} ({sys.executable})")
     for name in _PACKAGES + _OPTIONAL:
@@ -708,6 +718,8 @@ async def _probe_socket(path: Path) -> str:
 
 
 async def _round_trip(spec: str) -> tuple[bool, str]:
+    from .pool import Pool
+
     try:
         async with Pool(spec, name="doctor", size=1, startup_timeout=60) as pool:
             answer = await pool.call("ping", timeout=30)

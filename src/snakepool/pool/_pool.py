@@ -35,6 +35,7 @@ import inspect
 import itertools
 import logging
 import math
+import os
 import random
 import time
 import urllib.parse
@@ -59,13 +60,15 @@ from ..errors import (
     ProtocolError,
     ResourceExceeded,
     SnakepoolError,
+    UnknownTool,
     WorkerCrashed,
     WorkerStartError,
+    wire_type_name,
 )
 from ._backend import running_on_asyncio
 from ._breaker import BreakerState, CircuitBreaker
 from ._calls import PendingCall
-from ._config import PoolConfig, did_you_mean
+from ._config import OPTIONS, PoolConfig, did_you_mean, options_docstring
 from ._deadlines import Deadlines
 from ._dispatch import Dispatcher
 from ._events import Event, Listeners, PoolStatistics, WorkerStatistics
@@ -144,24 +147,17 @@ class Pool:
     ``await pool.aclose()`` (from any task).
     """
 
-    # (the next four are also keyword arguments, and PoolConfig fields)
-    #: Seconds a cancelled call may take to stop before its worker is killed.
-    cancel_grace: float = 2.0
-    #: Seconds ``aclose()`` waits for in-flight calls to finish.
-    drain_grace: float = 10.0
-    #: Seconds between stdin close, SIGTERM and SIGKILL when stopping a worker.
-    stop_grace: float = 3.0
+    # (options, also attributes that a test or a caller may change before start())
+    cancel_grace: float
+    drain_grace: float
+    stop_grace: float
+    send_ahead: int
     #: Start attempts per worker when the pool starts.
     start_attempts: int = 3
-    #: The most calls a busy worker may hold beyond the ``worker_concurrency``
-    #: it runs (at least ``worker_concurrency``): sent ahead, they start the
-    #: moment a slot frees, and one a worker has not started moves to a worker
-    #: that frees up first. How many it holds adapts: about as many as it
-    #: answers in 2 ms, so quick calls are pipelined deeply and slow ones
-    #: wait in the pool's queue. 0 keeps every waiting call in the pool's
-    #: queue (only calls without a session on asyncio are ever sent ahead).
-    send_ahead: int = 64
 
+    # The parameters are PoolConfig's fields, in its order, with its defaults
+    # (test_config_one_source checks it), spelt out for IDEs and type checkers;
+    # their documentation is PoolConfig's (options_docstring, below).
     def __init__(
         self,
         adapter: str | type[Adapter],
@@ -170,8 +166,8 @@ class Pool:
         size: int | None = None,
         python: str | None = None,
         env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        pythonpath: Sequence[str] = (),
+        cwd: str | os.PathLike[str] | None = None,
+        pythonpath: Sequence[str | os.PathLike[str]] = (),
         adapter_config: Mapping[str, Any] | None = None,
         worker_concurrency: int = 1,
         startup_timeout: float = 30.0,
@@ -210,26 +206,17 @@ class Pool:
             adapter = f"{adapter.__module__}:{adapter.__qualname__}"
         if isinstance(adapter, str):
             check_importable(adapter)  # (a class in __main__: no worker can import it)
-        self.config = PoolConfig(
-            adapter=adapter, name=name, size=size, python=python, env=env, cwd=cwd,
-            pythonpath=pythonpath, adapter_config=adapter_config,
-            worker_concurrency=worker_concurrency, startup_timeout=startup_timeout,
-            call_timeout=call_timeout, queue_size=queue_size, max_requests=max_requests,
-            max_memory_mb=max_memory_mb, worker_ttl=worker_ttl, health_interval=health_interval,
-            health_timeout=health_timeout, affinity=affinity, session_ttl=session_ttl,
-            max_sessions=max_sessions, breaker_threshold=breaker_threshold,
-            breaker_reset_timeout=breaker_reset_timeout, max_frame_bytes=max_frame_bytes,
-            gpus=gpus, workers_per_gpu=workers_per_gpu, preload=preload, start_method=start_method,
-            session_store=session_store if isinstance(session_store, str) else type(session_store).__name__,
-            send_ahead=send_ahead, drain_grace=drain_grace, stop_grace=stop_grace,
-            cancel_grace=cancel_grace,
-        )  # fmt: skip
+        arguments = locals()  # (the parameters by name: each is a PoolConfig option)
+        options = {key: arguments[key] for key in OPTIONS}
+        if not isinstance(session_store, str):  # (the config holds its kind; the pool, the store)
+            options["session_store"] = type(session_store).__name__
+        self.config = PoolConfig(**options)
         self.name = name
         # (attributes: a test or a caller may still change them before start())
-        self.send_ahead = send_ahead
-        self.drain_grace = float(drain_grace)
-        self.stop_grace = float(stop_grace)
-        self.cancel_grace = float(cancel_grace)
+        self.send_ahead = self.config.send_ahead
+        self.drain_grace = float(self.config.drain_grace)
+        self.stop_grace = float(self.config.stop_grace)
+        self.cancel_grace = float(self.config.cancel_grace)
         timeout = self.config.call_timeout
         self._call_timeout: float | None = None if timeout is None else float(timeout)
         self.recovery = recovery_table(recovery)
@@ -258,6 +245,8 @@ class Pool:
         self._new_future: Callable[[], asyncio.Future[None]] = _no_loop_yet
         self._template: WorkerTemplate | None = None  # forks workers (preload)
         self._start_method = "spawn"  # what start() chose, and why (statistics)
+
+    __init__.__doc__ = options_docstring()
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -1145,20 +1134,24 @@ class Pool:
             self._background.group.start_soon(self._run_tool, worker, message)
 
     async def _run_tool(self, worker: WorkerHandle, message: p.HostCall) -> None:
-        reply: p.Message
+        failure: BaseException
         try:
             value = await self._call_tool(worker, message)
-            reply = p.HostReply(id=message.id, value=value)
-            worker.post_message(reply)
         except anyio.get_cancelled_exc_class():
             raise
         except BaseException as exc:  # SystemExit from a tool too: the pool goes on
-            type_name = type(exc).__qualname__
-            if isinstance(exc, TypeError) and "serializable" in str(exc):
-                message_text = f"result of host tool {message.tool!r} is {exc}"
-            else:
-                message_text = str(exc)
-            worker.post_message(p.HostFailure(id=message.id, type=type_name, message=message_text))
+            failure = exc
+        else:
+            try:
+                worker.post_message(p.HostReply(id=message.id, value=value))
+                return
+            except TypeError as exc:  # (the encoder's: the result cannot be packed)
+                failure = TypeError(f"result of host tool {message.tool!r} is {exc}")
+            except ProtocolError as exc:  # (too large)
+                failure = exc
+        worker.post_message(
+            p.HostFailure(id=message.id, type=wire_type_name(type(failure)), message=str(failure))
+        )
 
     async def _call_tool(self, worker: WorkerHandle, message: p.HostCall) -> Any:
         if message.tool == SAVE_STATE_TOOL:
@@ -1173,7 +1166,7 @@ class Pool:
         fn = self._tools.get(message.tool)
         if fn is None:
             known = ", ".join(sorted(self._tools)) or "none"
-            raise LookupError(
+            raise UnknownTool(
                 f"no host tool named {message.tool!r} is registered (registered: {known})"
             )
         if inspect.iscoroutinefunction(fn):

@@ -41,6 +41,7 @@ from ..protocol import NEED_DATA, Sentinel
 from ._wire import (
     CLIENT_PROTOCOL_VERSION,
     DECODE_FACTOR,
+    HELLO_TIMEOUT,
     MAX_CLIENT_FRAME,
     error_to_wire,
     jsonable,
@@ -48,14 +49,12 @@ from ._wire import (
     new_encoder,
 )
 
-__all__ = ["ServerStatistics", "SocketServer"]
+__all__ = ["HELLO_TIMEOUT", "ServerStatistics", "SocketServer"]
 
 _log = logging.getLogger("snakepool.server")
 _READ_CHUNK = 256 * 1024
 _SEND_TIMEOUT = 30.0  # a client that does not read for this long is dropped
 _HELLO_FRAME_BYTES = 64 * 1024
-#: A connection that has not said ``hello`` within this many seconds is closed.
-HELLO_TIMEOUT = 5.0
 _ACCEPT_BACKOFF = 0.1  # after a failed accept (out of file descriptors, ...)
 #: Frames this large are measured and decoded in a worker thread, so that one
 #: client's big frame (about 0.1 s a MiB of small values) holds up nobody else.
