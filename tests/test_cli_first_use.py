@@ -37,24 +37,6 @@ SNAKEPOOL = [sys.executable, "-m", "snakepool.cli"]
 FULL_CLEARS = ("\x1b[2J", "\x1bc", "\x1b[H\x1b[J", "\x1b[H\x1b[0J", "\x1b[3J")
 
 
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    directory = Path(tempfile.mkdtemp(prefix="spfu-"))  # short: Unix socket paths are limited
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture
-def env(workdir: Path) -> dict[str, str]:
-    environment = dict(os.environ)
-    environment["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), *sys.path])
-    environment["SNAKEPOOL_RUNTIME_DIR"] = str(workdir / "run")
-    environment.pop("SNAKEPOOL_SOCKET", None)
-    environment.pop("COLUMNS", None)
-    environment.pop("LINES", None)
-    return environment
-
-
 def write_config(workdir: Path, adapter: str = "sp_cli_adapters:Draining", size: int = 2) -> Path:
     config = workdir / "pools.toml"
     config.write_text(

@@ -13,17 +13,15 @@ import logging
 import os
 import queue
 import re
-import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -44,13 +42,6 @@ pytestmark = pytest.mark.anyio
 
 ADAPTER = "sp_adapters:Stateful"
 SNAKEPOOL = [sys.executable, "-m", "snakepool.cli"]
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    directory = Path(tempfile.mkdtemp(prefix="sph-"))  # short: Unix socket paths are limited
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture
