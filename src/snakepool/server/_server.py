@@ -317,20 +317,19 @@ async def _prepare_socket_path(path: Path) -> None:
         path.unlink()  # a stale socket of a server that died
 
 
+#: What may sit at a socket path instead of a socket, in words.
+_FILE_KINDS = (
+    (stat.S_ISREG, "a regular file"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
 def _what_is(mode: int) -> str:
-    if stat.S_ISREG(mode):
-        return "a regular file"
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO (named pipe)"
-    if stat.S_ISCHR(mode):
-        return "a character device"
-    if stat.S_ISBLK(mode):
-        return "a block device"
-    return "something that is not a file"
+    return next((name for test, name in _FILE_KINDS if test(mode)), "something that is not a file")
 
 
 def _make_private_parents(directory: Path) -> None:
