@@ -17,7 +17,8 @@ import pytest
 
 from conftest import free_port, start_redis_server, stop_redis_server
 from snakepool.errors import SessionExpired, SessionNotFound
-from snakepool.pool._store import MemorySessionStore, SessionStore, open_store
+from snakepool.pool._store import MemorySessionStore, SessionStore
+from snakepool.pool._stores import open_store
 from snakepool.pool._variables import VariableSpec, VariableUpdate
 from waiting import wait_until
 

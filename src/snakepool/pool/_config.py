@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 
 from .. import protocol as p
 from ..errors import ErrorCategory
+from ._launch import WorkerLaunch
 from ._recovery import Recovery, recovery_table
-from ._worker import WorkerLaunch
 
 __all__ = [
     "AFFINITY_MODES",

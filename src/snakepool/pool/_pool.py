@@ -22,7 +22,8 @@ Decisions (which worker, who waits, what to withdraw, what to replace) are
 synchronous and happen on the event loop; only pipe I/O and waiting await. A
 worker that dies fails only the calls it had started; the ones it held but
 never started are sent again. Its slot task starts a replacement with
-exponential backoff (tenacity). The pool itself never becomes broken.
+exponential backoff (tenacity). The pool itself never becomes broken (only a
+start that failed leaves it ``broken``: see ``_lifecycle``).
 """
 
 from __future__ import annotations
@@ -72,11 +73,13 @@ from ._config import OPTIONS, PoolConfig, did_you_mean, options_docstring
 from ._deadlines import Deadlines
 from ._dispatch import Dispatcher
 from ._events import Event, Listeners, PoolStatistics, WorkerStatistics
+from ._lifecycle import Lifecycle, LifecycleOwner, State
 from ._recovery import Recovery, recovery_table
 from ._registry import RunRegistry, runtime_dir
 from ._runner import BackgroundTasks
 from ._session import Session, SessionManager
-from ._store import SessionStore, check_session_id, open_store
+from ._store import SessionStore, check_session_id
+from ._stores import open_store
 from ._template import TemplateStartError, TemplateUnavailable, WorkerTemplate
 from ._worker import WorkerHandle, format_exit
 
@@ -94,6 +97,7 @@ _RESTART_BACKOFF = tenacity.wait_exponential(multiplier=0.1, max=30.0) + tenacit
 
 
 _NUMBER = (int, float)
+_RUNNING = State.RUNNING  # (a module global: read on every call)
 #: The deadline of a call without a time limit (``call_timeout=None``, the default).
 _NO_DEADLINE = math.inf
 
@@ -140,7 +144,7 @@ def _restart_delay(failures: int) -> float:
     return float(_RESTART_BACKOFF(state))
 
 
-class Pool:
+class Pool(LifecycleOwner):
     """A pool of worker processes running one adapter.
 
     Use ``async with Pool(...) as pool``, or ``await pool.start()`` and
@@ -233,10 +237,16 @@ class Pool:
         self._ids = itertools.count(1)
         self._workers: list[WorkerHandle] = []
         self._dispatcher = Dispatcher(name, queue_size, self._workers, self._check_open)
-        self._sessions = SessionManager(self, open_store(session_store, namespace=name))
+        self._sessions = SessionManager(
+            open_store(session_store, namespace=name),
+            pool=name,
+            config=self.config,
+            dispatcher=self._dispatcher,
+            workers=self._workers,
+        )
         self._tools: dict[str, Callable[..., Any]] = {}
         self._background = BackgroundTasks(name)
-        self._state = "new"  # new | starting | running | closing | closed
+        self._lifecycle = Lifecycle(f"pool {name!r}", "Pool")
         self._drained: anyio.Event | None = None
         self._completed = 0
         self._failed: dict[str, int] = collections.defaultdict(int)
@@ -252,20 +262,12 @@ class Pool:
 
     async def start(self) -> None:
         """Start every worker in parallel; ``WorkerStartError`` if one cannot start."""
-        if self._state in ("closing", "closed"):
-            raise PoolClosed(
-                f"pool {self.name!r} is closed and cannot be started again: "
-                f"create a new Pool (a pool runs once: start, use, close)"
-            )
-        if self._state != "new":
-            raise RuntimeError(f"pool {self.name!r} was already started")
-        self._state = "starting"
+        lifecycle = self._lifecycle
+        lifecycle.begin_start()  # (PoolClosed once closed: a pool runs once)
         self._on_asyncio = running_on_asyncio()
         if self._on_asyncio:
             self._deadlines = Deadlines(asyncio.get_running_loop(), _expire)
             self._new_future = asyncio.get_running_loop().create_future
-        self._start_finished = anyio.Event()
-        self._close_finished = anyio.Event()
         count = self.config.worker_count
         # (filled in place: the dispatcher holds this very list)
         self._workers[:] = [self._new_handle(slot, restarts=0) for slot in range(count)]
@@ -273,8 +275,7 @@ class Pool:
         if count == 0:  # disabled (no GPUs): it exists, says why, and refuses calls
             _log.warning("pool %s is disabled: %s", self.name, self.config.disabled_reason)
             await self._background.start()
-            self._state = "running"
-            self._start_finished.set()
+            lifecycle.started()
             return
         try:
             with anyio.CancelScope(shield=True):
@@ -291,38 +292,32 @@ class Pool:
                 tg.start_soon(self._keep_slot_filled, slot)
             tg.start_soon(self._check_health_forever)
             tg.start_soon(self._reap_sessions_forever)
-            self._state = "running"
+            lifecycle.started()
         except BaseException:
-            self._state = "closing"
-            with anyio.CancelScope(shield=True):
-                await self._stop_workers()
-                await self._close_template()
-                await self._background.aclose()
-            self._state = "closed"
-            self._close_finished.set()
+            lifecycle.start_failed()
+            try:
+                with anyio.CancelScope(shield=True):
+                    await self._stop_workers()
+                    await self._close_template()
+                    await self._background.aclose()
+            finally:
+                lifecycle.closed(broken=True)
             raise
-        finally:
-            self._start_finished.set()
 
     async def aclose(self) -> None:
         """Stop accepting, drain in-flight calls, then stop every worker (shielded)."""
-        if self._state == "new":
-            self._state = "closed"
-            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                await self._sessions.store.aclose()
-            return
         with anyio.CancelScope(shield=True):
-            if self._state == "starting":  # closed from another task while starting
-                await self._start_finished.wait()
-            if self._state in ("closing", "closed"):  # someone else is closing it
-                await self._close_finished.wait()
+            was = await self._lifecycle.begin_close()
+            if was is None:  # closed already, or by another task (it waited)
                 return
-            self._state = "closing"
             try:
-                await self._drain_and_stop()
+                if was is State.NEW:  # never started: nothing runs but the store
+                    with contextlib.suppress(Exception):
+                        await self._sessions.store.aclose()
+                else:
+                    await self._drain_and_stop()
             finally:
-                self._state = "closed"
-                self._close_finished.set()
+                self._lifecycle.closed()
 
     async def _drain_and_stop(self) -> None:
         """Fail queued calls, wait for in-flight ones (up to drain_grace), stop workers."""
@@ -340,22 +335,6 @@ class Pool:
         await self._background.aclose()
         with contextlib.suppress(Exception):
             await self._sessions.store.aclose()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    @property
-    def closed(self) -> bool:
-        return self._state in ("closing", "closed")
 
     # --- calls ---------------------------------------------------------------------
 
@@ -522,7 +501,7 @@ class Pool:
         started: float,
     ) -> Coroutine[Any, Any, Any]:
         """One attempt on the general path: check and encode it, ask the breaker."""
-        if self._state != "running" or not self._workers:
+        if self._lifecycle.state is not _RUNNING or not self._workers:
             self._check_open()
         call_id = next(self._ids)
         frame = self._encode(call_id, command, args, timeout, session, p.CallMode.CALL)
@@ -584,7 +563,7 @@ class Pool:
     ) -> PendingCall:
         """Check and encode the call, ask the breaker, then send it to a worker
         (or one that may hold it until a slot frees), else queue it."""
-        if self._state != "running" or not self._workers:
+        if self._lifecycle.state is not _RUNNING or not self._workers:
             self._check_open()
         call_id = next(self._ids)
         frame = self._encode(call_id, command, args, timeout, None, p.CallMode.CALL)
@@ -889,11 +868,14 @@ class Pool:
     # --- choosing a worker (synchronous decisions) ---------------------------------
 
     def _check_open(self) -> None:
-        if self._state == "running":
+        state = self._lifecycle.state
+        if state is _RUNNING:
             if not self._workers:
                 raise PoolDisabled(f"pool {self.name!r} is disabled: {self.config.disabled_reason}")
             return
-        if self._state in ("closing", "closed"):
+        if state is State.BROKEN:
+            raise PoolClosed(f"pool {self.name!r} is closed: its start failed")
+        if self._lifecycle.ended:
             raise PoolClosed(f"pool {self.name!r} is closed")
         raise RuntimeError(
             f"pool {self.name!r} is not started: use 'async with pool' or 'await pool.start()'"
@@ -911,7 +893,7 @@ class Pool:
         worker = self._dispatcher.try_reserve_first() if call.frame else None
         if worker is not None:
             worker.submit(call, call.frame)
-        elif self._state == "running" and call.frame:
+        elif self._lifecycle.state is _RUNNING and call.frame:
             call.queued = self._dispatcher.enqueue_call(call, call.frame, call.deadline, first=True)
         else:  # closing: nothing would send it any more
             call.fail(PoolClosed(f"pool {self.name!r} closed before call {call.command!r} ran"))
@@ -1282,7 +1264,7 @@ class Pool:
                 tg.start_soon(worker.stop, self.stop_grace)
 
     def __repr__(self) -> str:
-        return f"<Pool {self.name!r} adapter={self.config.adapter!r} {self._state} workers={len(self._workers)}>"
+        return f"<Pool {self.name!r} adapter={self.config.adapter!r} {self._lifecycle} workers={len(self._workers)}>"
 
 
 class CallStream:

@@ -35,7 +35,6 @@ __all__ = [
     "SessionStore",
     "VariableRecord",
     "check_session_id",
-    "open_store",
 ]
 
 SessionStatus = Literal["live", "expired", "unknown"]
@@ -124,23 +123,6 @@ class SessionStore(abc.ABC):
     async def aclose(self) -> None:
         """Release connections."""
         await anyio.lowlevel.checkpoint()
-
-
-def open_store(spec: str | SessionStore, *, namespace: str) -> SessionStore:
-    """``"memory"``, a ``redis://`` URL, or a store instance."""
-    if isinstance(spec, SessionStore):
-        return spec
-    if not isinstance(spec, str):
-        raise TypeError(
-            f"session_store must be 'memory', a redis:// URL or a SessionStore, got {type(spec).__name__}"
-        )
-    if spec == "memory":
-        return MemorySessionStore()
-    if spec.startswith(("redis://", "rediss://", "unix://")):
-        from ._redis_store import RedisSessionStore
-
-        return RedisSessionStore(spec, namespace=namespace)
-    raise ValueError(f"session_store must be 'memory' or a redis:// URL, got {spec!r}")
 
 
 def check_changes(

@@ -35,7 +35,7 @@ import re
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType, TracebackType
+from types import MappingProxyType
 from typing import Any, Self
 
 import anyio
@@ -43,6 +43,7 @@ import anyio
 from ..errors import ConfigError as ConfigError
 from ._config import OPTIONS, THREAD_ENV_VARS, did_you_mean, suggest
 from ._events import PoolStatistics
+from ._lifecycle import Lifecycle, LifecycleOwner
 from ._pool import Pool
 from ._store import SessionStore
 
@@ -210,7 +211,7 @@ def _offending_key(message: str, keys: tuple[str, ...]) -> str | None:
     return min(positions, key=positions.__getitem__) if positions else None
 
 
-class Supervisor:
+class Supervisor(LifecycleOwner):
     """Named pools started and closed together.
 
     ``Supervisor({"general": {"adapter": "generic", "size": 4}})``, or
@@ -291,7 +292,7 @@ class Supervisor:
         source: _Source,
     ) -> None:
         self.source: str | None = source.path
-        self._state = "new"  # new | starting | running | closing | closed
+        self._lifecycle = Lifecycle("the supervisor", "Supervisor")
         if not isinstance(pools, Mapping):
             raise ConfigError(f"pools must be a mapping of name -> Pool arguments, got {pools!r}")
         if not pools:
@@ -359,11 +360,8 @@ class Supervisor:
 
     async def start(self) -> None:
         """Start every pool in parallel; if one fails, close the others and raise its error."""
-        if self._state != "new":
-            raise RuntimeError(f"cannot start: the supervisor was already started ({self._state})")
-        self._state = "starting"
-        self._start_finished = anyio.Event()
-        self._close_finished = anyio.Event()
+        lifecycle = self._lifecycle
+        lifecycle.begin_start()  # (PoolClosed once closed: it runs once)
         errors: list[BaseException] = []
         try:
             async with anyio.create_task_group() as tg:
@@ -385,36 +383,25 @@ class Supervisor:
                     tg.start_soon(start_one, pool)
             if errors:
                 raise errors[0]
-            self._state = "running"
+            lifecycle.started()
         except BaseException:
-            self._state = "closing"
-            with anyio.CancelScope(shield=True):
-                await self._close_pools()
-            self._state = "closed"
-            self._close_finished.set()
+            lifecycle.start_failed()
+            try:
+                with anyio.CancelScope(shield=True):
+                    await self._close_pools()
+            finally:
+                lifecycle.closed(broken=True)
             raise
-        finally:
-            self._start_finished.set()
 
     async def aclose(self) -> None:
         """Close every pool in parallel (draining in-flight calls); idempotent."""
-        if self._state == "new":
-            self._state = "closed"
-            for pool in self._pools.values():
-                await pool.aclose()  # never started: nothing to stop
-            return
         with anyio.CancelScope(shield=True):
-            if self._state == "starting":  # closed from another task while starting
-                await self._start_finished.wait()
-            if self._state in ("closing", "closed"):  # someone else is closing it
-                await self._close_finished.wait()
+            if await self._lifecycle.begin_close() is None:  # closed already, or by another task
                 return
-            self._state = "closing"
             try:
-                await self._close_pools()
+                await self._close_pools()  # (never started: each pool closes its store)
             finally:
-                self._state = "closed"
-                self._close_finished.set()
+                self._lifecycle.closed()
 
     async def _close_pools(self) -> None:
         errors: list[Exception] = []
@@ -431,22 +418,6 @@ class Supervisor:
                 tg.start_soon(close_one, pool)
         if errors:
             raise errors[0]
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    @property
-    def closed(self) -> bool:
-        return self._state in ("closing", "closed")
 
     # --- the pools -------------------------------------------------------------------
 
@@ -479,7 +450,7 @@ class Supervisor:
         )
 
     def __repr__(self) -> str:
-        return f"<Supervisor {self._state} pools={list(self._pools)}>"
+        return f"<Supervisor {self._lifecycle} pools={list(self._pools)}>"
 
 
 def _apply_env_overrides(pool: str, kwargs: dict[str, Any]) -> dict[str, str]:
