@@ -1,7 +1,7 @@
 """How the send-ahead pacing horizon trades throughput against head-of-line waits.
 
 A busy worker holds about as many calls as it answers in
-``snakepool.pool._worker.AHEAD_HORIZON`` (see ``Pool.send_ahead``). This probe
+``snakepool.pool._pacing.AHEAD_HORIZON`` (see ``Pool.send_ahead``). This probe
 sets that horizon to each value given, in alternating rounds in one process
 (so every value sees the same machine), and reports for each:
 
@@ -30,11 +30,11 @@ from contextlib import contextmanager
 import anyio
 
 import snakepool
-from snakepool.pool import _dispatch, _worker
+from snakepool.pool import _dispatch, _pacing
 
 
 def _set_horizon(seconds: float) -> None:
-    _worker.AHEAD_HORIZON = seconds
+    _pacing.AHEAD_HORIZON = seconds
     _dispatch.AHEAD_HORIZON = seconds
 
 
@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--hog", type=int, default=0, help="busy processes meanwhile")
     parser.add_argument("--skip-mixed", action="store_true")
     options = parser.parse_args()
-    chosen = _worker.AHEAD_HORIZON
+    chosen = _pacing.AHEAD_HORIZON
     print(f"current AHEAD_HORIZON: {chosen * 1e3:.1f} ms; {options.hog} CPU hog(s)")
     try:
         with _hogs(options.hog):

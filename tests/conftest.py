@@ -8,8 +8,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -21,21 +22,12 @@ if str(TESTS_DIR) not in sys.path:  # workers import the test adapters from here
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
+from waiting import wait_for as wait_for  # noqa: E402  (re-exported: older tests import it here)
+
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-def wait_for(
-    condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.02
-) -> None:
-    """Poll ``condition`` until it is true; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {condition}")
-        time.sleep(interval)
 
 
 def _children() -> dict[int, str]:
@@ -74,6 +66,30 @@ def no_leftover_processes() -> Iterator[None]:
         with contextlib.suppress(psutil.Error):
             psutil.Process(pid).kill()
     assert not leftover, f"test left processes behind: {leftover}"
+
+
+# --- a private directory, and the environment of a CLI run in it -----------------------------
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A fresh directory with a short path (Unix socket paths are limited)."""
+    directory = Path(tempfile.mkdtemp(prefix="sp-"))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def env(workdir: Path) -> dict[str, str]:
+    """The environment of a ``snakepool`` command run by a test: the test adapters
+    importable, its runtime directory in ``workdir``, no inherited socket or
+    terminal size."""
+    environment = dict(os.environ)
+    environment["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), *sys.path])
+    environment["SNAKEPOOL_RUNTIME_DIR"] = str(workdir / "run")
+    for name in ("SNAKEPOOL_SOCKET", "COLUMNS", "LINES"):
+        environment.pop(name, None)
+    return environment
 
 
 # --- Redis (session store tests) ------------------------------------------------------------
@@ -144,6 +160,15 @@ def redis_server() -> Iterator[str]:
     finally:
         stop_redis_server(process)
         SHARED_PROCESSES.discard(process.pid)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each session store a pool can use: ``"memory"``, and the test Redis's URL."""
+    if request.param == "memory":
+        yield "memory"
+    else:
+        yield request.getfixturevalue("redis_url")
 
 
 @pytest.fixture

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
-
-from conftest import TESTS_DIR
 
 SNAKEPOOL = [sys.executable, "-m", "snakepool.cli"]
 
@@ -33,22 +26,6 @@ def run(
         env=env,
         stdin=subprocess.DEVNULL,
     )
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    directory = Path(tempfile.mkdtemp(prefix="spcli-"))  # short: Unix socket paths are limited
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture
-def env(workdir: Path) -> dict[str, str]:
-    environment = dict(os.environ)
-    environment["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), *sys.path])
-    environment["SNAKEPOOL_RUNTIME_DIR"] = str(workdir / "run")
-    environment.pop("SNAKEPOOL_SOCKET", None)
-    return environment
 
 
 def test_up_call_status_and_a_clean_stop(workdir: Path, env: dict[str, str]) -> None:

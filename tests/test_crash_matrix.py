@@ -13,6 +13,7 @@ import snakepool
 from conftest import wait_for
 from snakepool import ProtocolError, RemoteError, WorkerCrashed, WorkerStartError
 from sp_adapters import FAILURES
+from waiting import all_ready, restarts, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -56,15 +57,6 @@ async def test_start_error_quotes_the_worker_stderr() -> None:
     assert "about to exit with code 7" in str(info.value)
 
 
-def _restarts(pool: snakepool.Pool) -> int:
-    return sum(w.restarts for w in pool.statistics().workers)
-
-
-def _all_ready(pool: snakepool.Pool) -> bool:
-    stats = pool.statistics()
-    return stats.ready_workers == stats.size
-
-
 @pytest.mark.parametrize("how", FAILURES)
 async def test_failure_during_a_call(how: str) -> None:
     error_type, text = EXPECTED_CALL_ERROR[how]
@@ -79,10 +71,10 @@ async def test_failure_during_a_call(how: str) -> None:
             assert (crashed.signal_name is None) == (how == "exit_code")
         # The pool carries on: replaced if it died, and every worker answers.
         expected_restarts = 0 if how == "exception" else 1
-        await _wait_async(lambda: _restarts(pool) == expected_restarts and _all_ready(pool))
+        await wait_until(lambda: restarts(pool) == expected_restarts and all_ready(pool))
         results = [await pool.call("add", {"a": i, "b": 1}) for i in range(6)]
         assert results == [i + 1 for i in range(6)]
-        assert _restarts(pool) == expected_restarts
+        assert restarts(pool) == expected_restarts
 
 
 @pytest.mark.parametrize("how", FAILURES)
@@ -96,7 +88,7 @@ async def test_failure_during_a_stream(how: str) -> None:
         assert received == [0, 1]
         assert text in str(info.value)
         expected_restarts = 0 if how == "exception" else 1
-        await _wait_async(lambda: _restarts(pool) == expected_restarts and _all_ready(pool))
+        await wait_until(lambda: restarts(pool) == expected_restarts and all_ready(pool))
         assert [x async for x in pool.stream("count", {"n": 3})] == [0, 1, 2]
 
 
@@ -129,15 +121,8 @@ async def test_a_crash_fails_only_the_calls_of_that_worker() -> None:
         assert all("pid" in o for o in survived)
         # Naps that landed on the other worker succeeded; those on the dead one
         # failed with WorkerCrashed; nothing hangs and nothing else breaks.
-        await _wait_async(lambda: _all_ready(pool))
+        await wait_until(lambda: all_ready(pool))
         assert await pool.call("add", {"a": 2, "b": 2}) == 4
-
-
-async def _wait_async(condition: object, timeout: float = 15.0) -> None:
-    assert callable(condition)
-    with anyio.fail_after(timeout):
-        while not condition():
-            await anyio.sleep(0.02)
 
 
 def test_wait_for_helper_fails_on_timeout() -> None:

@@ -15,13 +15,12 @@ import sys
 import time
 
 import anyio
-import psutil
 import pytest
 
 import snakepool
 from conftest import TESTS_DIR
 from snakepool import WorkerCrashed
-from waiting import wait_until
+from waiting import gone, wait_until
 
 pytestmark = [
     pytest.mark.anyio,
@@ -31,13 +30,6 @@ pytestmark = [
 ]
 
 ADAPTER = "sp_descendants:Spawner"
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 @pytest.mark.parametrize(

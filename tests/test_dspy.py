@@ -19,7 +19,7 @@ from conftest import free_port  # noqa: E402
 from lm_server import LMRequest, LMServer, default_answer  # noqa: E402
 from snakepool import RemoteError  # noqa: E402
 from snakepool.dspy import Program, configure_lm  # noqa: E402
-from waiting import wait_until  # noqa: E402
+from waiting import restarts, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 
@@ -38,10 +38,6 @@ def dspy_pool(**kwargs: Any) -> snakepool.Pool:
     kwargs.setdefault("call_timeout", 20.0)
     kwargs.setdefault("health_interval", 60.0)
     return snakepool.Pool("dspy", **kwargs)
-
-
-def restarts(pool: snakepool.Pool) -> int:
-    return sum(w.restarts for w in pool.statistics().workers)
 
 
 async def test_round_trip_with_string_and_dict_signatures(server: LMServer) -> None:
@@ -237,7 +233,8 @@ async def test_dump_load_list_and_delete(server: LMServer) -> None:
         assert [p["program_id"] for p in await session.call("list_programs")] == [trained.id]
         with pytest.raises(RemoteError, match="unknown program id 'copy'") as info:
             await copy(question="x")
-        assert info.value.remote_type.endswith("UnknownProgram")
+        assert info.value.remote_type == "snakepool.dspy.UnknownProgram"
+        assert info.value.remote_kind == "dspy_unknown_program"
 
 
 async def test_optimizers_make_new_programs_that_run(server: LMServer) -> None:
@@ -326,6 +323,7 @@ async def test_bad_inputs_are_clear_errors_and_the_worker_stays_healthy(
             "execute_program", {"program_id": qa, "inputs": {"question": "q"}}, "no LM configured"
         )
         assert no_lm.remote_type.endswith("NoLMConfigured")
+        assert no_lm.remote_kind == "dspy_no_lm"
         await session.call("configure_lm", server.lm_args(**FAST))
 
         await fails("create_program", {"signature": "question answer"}, "cannot parse signature")
@@ -439,6 +437,7 @@ async def test_a_slow_lm_fails_the_call_before_its_deadline(server: LMServer) ->
         finally:
             release.set()
         assert info.value.remote_type.endswith("LMCallError")
+        assert info.value.remote_kind == "dspy_lm_call_failed"
         server.answer = default_answer
         assert await qa(question="q") == {"answer": "answer: q"}
         assert restarts(pool) == 0

@@ -32,6 +32,7 @@ from conftest import TESTS_DIR
 from snakepool import RemoteError
 from snakepool.pool import ConfigError, Supervisor
 from snakepool.testing import SessionExample, check_adapter
+from waiting import gone, wait_for
 
 #: How long a script may take to exit once it falls off its end (or gets Ctrl-C).
 EXIT_WITHIN = 15.0
@@ -107,21 +108,9 @@ def reported_processes(stdout: str) -> set[int]:
     return found
 
 
-def alive(pid: int) -> bool:
-    try:
-        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
-    except psutil.Error:
-        return False
-
-
 def assert_all_gone(pids: set[int], timeout: float = 10.0) -> None:
     """Every pid in ``pids`` is gone (reaped or a zombie waiting for init) within ``timeout``."""
-    deadline = time.monotonic() + timeout
-    left = {pid for pid in pids if alive(pid)}
-    while left and time.monotonic() < deadline:
-        time.sleep(0.05)
-        left = {pid for pid in left if alive(pid)}
-    assert not left, f"processes outlived the script: {left}"
+    wait_for(lambda: all(map(gone, pids)), timeout)
 
 
 @contextlib.contextmanager
@@ -355,10 +344,10 @@ def test_a_misspelt_environment_override_is_refused(
     assert (info.value.variable, info.value.pool) == ("SNAKEPOOL_MY_POOL_SIZ", "my-pool")
     monkeypatch.delenv("SNAKEPOOL_MY_POOL_SIZ")
 
-    monkeypatch.setenv("SNAKEPOOL_MY_POOL_QUEUE_SIZE", "3")  # a Pool option, not overridable
-    with pytest.raises(ConfigError, match=r"'queue_size' cannot be set from the environment"):
+    monkeypatch.setenv("SNAKEPOOL_MY_POOL_NAME", "x")  # the one option the env cannot set
+    with pytest.raises(ConfigError, match=r"'name' cannot be set from the environment"):
         Supervisor(pools)
-    monkeypatch.delenv("SNAKEPOOL_MY_POOL_QUEUE_SIZE")
+    monkeypatch.delenv("SNAKEPOOL_MY_POOL_NAME")
 
     monkeypatch.setenv("SNAKEPOOL_MYPOOL_SIZE", "3")  # a pool that does not exist, nearly
     with pytest.raises(
@@ -380,3 +369,25 @@ def test_a_misspelt_environment_override_is_refused(
     assert sup["my-pool"].config.size == 3 and sup["other"].config.call_timeout == 2.5
     warned = [r.getMessage() for r in caplog.records if r.name == "snakepool.supervisor"]
     assert len(warned) == 1 and "SNAKEPOOL_BILLING_WORKER_CONCURRENCY is ignored" in warned[0]
+
+
+@pytest.mark.anyio
+async def test_a_failing_adapter_import_is_reported_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Not once per line per worker per attempt: the start's error carries the output."""
+    caplog.set_level(logging.DEBUG, logger="snakepool")
+    pool = snakepool.Pool("sp_no_such_module_anywhere:Adapter", size=2)
+    try:
+        with pytest.raises(snakepool.WorkerStartError) as failed:
+            await pool.start()
+    finally:
+        await pool.aclose()
+    assert "sp_no_such_module_anywhere" in str(failed.value)
+    worker_lines = [
+        r
+        for r in caplog.records
+        if r.name.startswith("snakepool.worker") and r.levelno >= logging.INFO
+    ]
+    assert worker_lines == []
+    assert not [
+        r for r in caplog.records if r.levelno >= logging.WARNING and "exited" in r.getMessage()
+    ]

@@ -143,14 +143,6 @@ def test_the_session_id_rule() -> None:
     assert "300 characters" in str(info.value)
 
 
-@pytest.fixture(params=["memory", "redis"])
-def store(request: pytest.FixtureRequest) -> Iterator[str]:
-    if request.param == "memory":
-        yield "memory"
-    else:
-        yield request.getfixturevalue("redis_url")
-
-
 async def test_pool_refuses_bad_session_ids_and_keeps_good_ones(store: str) -> None:
     async with snakepool.Pool(STATEFUL, size=1, session_store=store, name="ids") as pool:
         manager = pool._sessions_manager()
@@ -278,13 +270,6 @@ async def test_socket_clients_get_the_pools_refusal_and_keep_their_connection(
 
 
 # --- the CLI: --session and new-adapter ---------------------------------------------------
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    directory = Path(tempfile.mkdtemp(prefix="spcli-"))
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

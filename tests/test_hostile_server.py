@@ -13,17 +13,15 @@ import logging
 import os
 import queue
 import re
-import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -44,13 +42,6 @@ pytestmark = pytest.mark.anyio
 
 ADAPTER = "sp_adapters:Stateful"
 SNAKEPOOL = [sys.executable, "-m", "snakepool.cli"]
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    directory = Path(tempfile.mkdtemp(prefix="sph-"))  # short: Unix socket paths are limited
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture
@@ -574,3 +565,28 @@ def test_snakepool_up_refuses_a_regular_file_as_its_socket(workdir: Path) -> Non
         output += lines.get()
     assert f"cannot listen on {notes}: a regular file is there" in output, output
     assert notes.read_text() == "a user's notes"
+
+
+async def test_a_handlers_builtin_exception_keeps_its_public_class_on_the_wire(
+    socket_path: Path,
+) -> None:
+    """``y`` is ``RemoteError`` (``rt`` the handler's type), and the Python client
+    raises an error that ``except ValueError`` catches, as the embedded pool does."""
+    pool = snakepool.Pool("generic", size=1, name="general", adapter_config={"allow": ["json"]})
+    bad_json = {"target": "json:loads", "args": ["{"]}
+    async with pool, serving(pool, socket_path=socket_path):
+        raw = await Raw.unix(socket_path)
+        await raw.hello()
+        await raw.send(frame({"t": "call", "i": 1, "p": "general", "c": "call", "a": bad_json}))
+        failure = await raw.next()
+        await raw.aclose()
+        assert (failure["t"], failure["y"], failure["g"]) == (
+            "failure",
+            "RemoteError",
+            "application",
+        )
+        assert failure["rt"].endswith("JSONDecodeError")
+        async with snakepool.connect(socket_path) as client:
+            with pytest.raises(ValueError, match="Expecting property name") as caught:
+                await client["general"].call("call", bad_json)
+        assert isinstance(caught.value, snakepool.RemoteError)

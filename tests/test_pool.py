@@ -22,20 +22,11 @@ from snakepool import (
     WorkerCrashed,
     WorkerStartError,
 )
-from waiting import fill_worker, wait_for_count, wait_until
+from waiting import all_ready, fill_worker, restarts, wait_for_count, wait_until
 
 pytestmark = pytest.mark.anyio
 
 ADAPTER = "sp_adapters:Basic"
-
-
-def restarts(pool: snakepool.Pool) -> int:
-    return sum(w.restarts for w in pool.statistics().workers)
-
-
-def all_ready(pool: snakepool.Pool) -> bool:
-    stats = pool.statistics()
-    return stats.ready_workers == stats.size
 
 
 # --- the basics -------------------------------------------------------------------

@@ -13,15 +13,11 @@ import pytest
 import snakepool
 from snakepool import PoolClosed
 from snakepool.protocol import STREAM_WINDOW
-from waiting import fill_worker, slots, wait_for_count, wait_until
+from waiting import count_pings, fill_worker, restarts, slots, wait_for_count, wait_until
 
 pytestmark = pytest.mark.anyio
 
 ADAPTER = "sp_adapters:Resilience"
-
-
-def restarts(pool: snakepool.Pool) -> int:
-    return sum(w.restarts for w in pool.statistics().workers)
 
 
 async def test_cancel_arriving_with_its_async_call_is_answered() -> None:
@@ -99,9 +95,12 @@ async def test_a_slow_stream_consumer_bounds_what_is_buffered() -> None:
         stream = pool.stream("count", {"n": 10_000})
         first = await stream.__anext__()
         assert first == 0
-        await anyio.sleep(0.5)  # the worker would run far ahead without flow control
-        buffered = stream._call.items.statistics().current_buffer_used  # type: ignore[union-attr]
-        assert buffered <= STREAM_WINDOW
+        items = stream._call.items  # type: ignore[union-attr]
+        buffered = lambda: items.statistics().current_buffer_used  # noqa: E731
+        await wait_until(lambda: buffered() >= STREAM_WINDOW - 1)  # the window, sent
+        for _ in range(3):  # items sent before a pong arrive before it
+            assert await pool._workers[0].ping(5.0)
+            assert buffered() <= STREAM_WINDOW  # without flow control it runs far ahead
         rest = [item async for item in stream]
         assert rest == list(range(1, 10_000))
 
@@ -206,11 +205,12 @@ async def test_a_long_sync_call_leaves_the_worker_answering_pings_and_cancels(
     release = tmp_path / "release"
     async with snakepool.Pool(ADAPTER, size=1, health_interval=0.1, health_timeout=2.0) as pool:
         worker = pool._workers[0]
+        checks = count_pings(worker)
         async with anyio.create_task_group() as tg:
             tg.start_soon(pool.call, "hold_sync", {"release": str(release)})
             await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
             assert await worker.ping(5.0)  # answered while the call still runs
-            await anyio.sleep(1.0)  # (the span of several health checks)
+            await wait_until(lambda: checks.answered >= 4)  # (several health checks)
             assert pool.statistics().workers[0].inflight == 1  # (still busy all along)
             release.touch()
         assert restarts(pool) == 0

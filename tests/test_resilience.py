@@ -18,27 +18,11 @@ import snakepool
 from conftest import SHARED_PROCESSES, TESTS_DIR
 from snakepool import CallTimeout, CircuitOpen, RemoteError, ResourceExceeded, WorkerCrashed
 from snakepool.pool._registry import RunRegistry
-from waiting import wait_until
+from waiting import all_ready, count_pings, gone, restarts, wait_until
 
 pytestmark = pytest.mark.anyio
 
 ADAPTER = "sp_adapters:Resilience"
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def restarts(pool: snakepool.Pool) -> int:
-    return sum(w.restarts for w in pool.statistics().workers)
-
-
-def all_ready(pool: snakepool.Pool) -> bool:
-    stats = pool.statistics()
-    return stats.ready_workers == stats.size
 
 
 # --- health ---------------------------------------------------------------------
@@ -58,6 +42,7 @@ async def test_health_checks_leave_busy_but_healthy_workers_alone(tmp_path: Path
     release = tmp_path / "release"
     async with snakepool.Pool(ADAPTER, size=1, health_interval=0.1, health_timeout=2.0) as pool:
         worker = pool._workers[0]
+        checks = count_pings(worker)
         busy = lambda: pool.statistics().workers[0].inflight == 1  # noqa: E731
         results: list[dict[str, float]] = []
 
@@ -68,7 +53,7 @@ async def test_health_checks_leave_busy_but_healthy_workers_alone(tmp_path: Path
             tg.start_soon(hold)
             await wait_until(busy)
             assert await worker.ping(5.0)  # answered while the call runs
-            await anyio.sleep(0.8)  # (health checks meanwhile)
+            await wait_until(lambda: checks.answered >= checks.seen + 3)  # health checks
             release.touch()
         assert results[0]["pid"] == pool.statistics().workers[0].pid
         # A sync handler runs in a thread: the worker's loop still answers pings.
@@ -76,7 +61,8 @@ async def test_health_checks_leave_busy_but_healthy_workers_alone(tmp_path: Path
             tg.start_soon(pool.call, "cooperative")
             await wait_until(busy)
             assert await worker.ping(5.0)
-            await anyio.sleep(0.8)  # (health checks meanwhile)
+            checks.seen = checks.answered
+            await wait_until(lambda: checks.answered >= checks.seen + 3)  # health checks
             tg.cancel_scope.cancel()  # the caller leaves: the call is cancelled
         assert restarts(pool) == 0
 
@@ -185,18 +171,33 @@ async def test_recovery_override_recycles_after_an_application_error() -> None:
         assert await pool.call("pid") != first
 
 
-async def test_recovery_override_can_keep_a_timed_out_worker() -> None:
-    pool = snakepool.Pool(ADAPTER, size=2, recovery={"timeout": "none"})
-    pool.cancel_grace = 0.2
-    pool.stop_grace = 0.5
+async def test_recovery_override_can_keep_a_timed_out_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # (drain_grace: the hung call would hold the close for the default 10 s)
+    pool = snakepool.Pool(
+        ADAPTER,
+        size=2,
+        recovery={"timeout": "none"},
+        cancel_grace=0.2,
+        stop_grace=0.5,
+        drain_grace=0.2,
+    )
+    watched: list[str] = []  # the watch that kills a call ignoring its cancel
+
+    async def watch(worker: object, call: object) -> None:
+        watched.append(repr(call))
+
+    monkeypatch.setattr(pool, "_watch_abandoned", watch)
     async with pool:
         with pytest.raises(CallTimeout):
             await pool.call("hang", timeout=0.2)
-        await anyio.sleep(
-            0.5
-        )  # longer than the cancel grace: a REPLACE policy would have killed it
+        # The timeout policy "none" decided when the call was abandoned, which
+        # happened before CallTimeout reached us: nothing will kill the worker.
+        assert watched == []
         assert restarts(pool) == 0
         assert await pool.call("add", {"a": 1, "b": 1}) == 2  # the other worker serves
+        assert any(w.inflight == 1 for w in pool.statistics().workers)  # still hung there
 
 
 async def test_idempotent_retry_can_be_turned_off(tmp_path: Path) -> None:

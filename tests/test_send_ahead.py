@@ -18,9 +18,9 @@ import pytest
 
 import snakepool
 from snakepool import CallTimeout, WorkerCrashed
-from snakepool.pool import _worker as worker_module
 from snakepool.pool._calls import PendingCall
 from snakepool.pool._dispatch import Dispatcher
+from snakepool.pool._pacing import AHEAD_HORIZON, Pacing
 from snakepool.pool._worker import WorkerHandle, WorkerState
 from waiting import wait_for_count, wait_until
 
@@ -293,34 +293,35 @@ async def test_closing_the_pool_fails_a_call_given_back_by_a_dead_worker(
 
 
 # --- how many calls a worker holds adapts to how quickly it answers ---------------
+# (the pacing itself, with a fake clock: test_pacing.py; here, the handle and the
+# dispatcher that use it)
 
 
-def _paced_handle(concurrency: int, limit: int) -> WorkerHandle:
-    """A handle with no process behind it: enough to feed it answers."""
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+#: The answer gap of a quick worker: 50 answers in the pacing horizon.
+QUICK = AHEAD_HORIZON / 50
+
+
+def _paced_handle(concurrency: int, limit: int, clock: FakeClock) -> WorkerHandle:
+    """A handle with no process behind it, pacing by ``clock``: enough to feed it answers."""
     handle = WorkerHandle(
         pool="p", slot=0, restarts=0, concurrency=concurrency, gpu=None,
         on_capacity=lambda worker: None, on_exit=lambda worker: None, ahead=limit,
+        pacing=Pacing(concurrency, limit, clock),
     )  # fmt: skip
     handle.state = WorkerState.BUSY
     return handle
 
 
-_NOW = [1000.0]  # the fake pacing clock's time: one timeline for every test
-#: The answer gap of a quick worker: 50 answers in the pacing horizon.
-QUICK = worker_module.AHEAD_HORIZON / 50
-
-
-def _fake_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """The pacing clock, moved by hand."""
-    monkeypatch.setattr(worker_module, "_clock", lambda: _NOW[0])
-    return _NOW
-
-
-def _answer_at_pace(
-    handle: WorkerHandle, monkeypatch: pytest.MonkeyPatch, gap: float, answers: int
-) -> None:
+def _answer_at_pace(handle: WorkerHandle, clock: FakeClock, gap: float, answers: int) -> None:
     """The worker stays saturated and answers one call every ``gap`` seconds."""
-    now = _fake_clock(monkeypatch)
     ids = itertools.count(1)
     for _ in range(handle.concurrency + 1):
         call_id = next(ids)
@@ -328,46 +329,30 @@ def _answer_at_pace(
     for _ in range(answers):
         call_id = next(ids)
         handle.pending[call_id] = PendingCall(call_id, "echo", "call")  # the next one
-        now[0] += gap
+        clock.now += gap
         handle._take(min(handle.pending))
 
 
 @pytest.mark.parametrize("concurrency", [1, 8])
-async def test_quick_answers_let_a_worker_hold_up_to_the_limit(
-    monkeypatch: pytest.MonkeyPatch, concurrency: int
-) -> None:
-    handle = _paced_handle(concurrency, limit=64)
-    first = handle.ahead
-    assert concurrency <= first < 64  # before any answer was timed
-    _answer_at_pace(handle, monkeypatch, gap=QUICK, answers=200)  # 50 per horizon
-    assert handle.ahead == 50
-    _answer_at_pace(handle, monkeypatch, gap=5e-6, answers=200)
-    assert handle.ahead == 64  # (never beyond Pool.send_ahead)
-
-
-@pytest.mark.parametrize("concurrency", [1, 8])
-async def test_slow_answers_keep_waiting_calls_in_the_pools_queue(
-    monkeypatch: pytest.MonkeyPatch, concurrency: int
-) -> None:
-    handle = _paced_handle(concurrency, limit=64)
-    _answer_at_pace(handle, monkeypatch, gap=QUICK, answers=200)
-    _answer_at_pace(handle, monkeypatch, gap=0.05, answers=200)
-    assert handle.ahead == concurrency  # (never below what it runs)
-
-
-async def test_gaps_while_a_worker_idles_are_not_timed(monkeypatch: pytest.MonkeyPatch) -> None:
-    handle = _paced_handle(1, limit=64)
-    _answer_at_pace(handle, monkeypatch, gap=QUICK, answers=200)
-    paced = handle.ahead
-    now = _fake_clock(monkeypatch)
-    while handle.pending:  # the last calls are answered at the same pace
-        now[0] += QUICK
-        handle._take(min(handle.pending))
-    for call_id in range(10_000, 10_010):  # one call at a time, a second apart
+async def test_a_handle_paces_by_the_answers_it_takes(concurrency: int) -> None:
+    clock = FakeClock()
+    handle = _paced_handle(concurrency, 64, clock)
+    assert concurrency <= handle.ahead < 64  # before any answer was timed
+    _answer_at_pace(handle, clock, gap=QUICK, answers=200)  # 50 per horizon
+    assert handle.ahead == handle.pacing.ahead == 50  # (what the dispatcher reads)
+    _answer_at_pace(handle, clock, gap=0.05, answers=200)
+    assert handle.ahead == concurrency
+    for call_id in range(10_000, 10_000 + 10):
         handle.pending[call_id] = PendingCall(call_id, "echo", "call")
-        now[0] += 1.0
-        handle._take(call_id)
-    assert handle.ahead == paced
+    clock.now += 2 * AHEAD_HORIZON  # no answer since: it may be stuck in a call
+    assert not handle.holds_briefly()
+
+
+async def test_send_ahead_zero_paces_nothing() -> None:
+    clock = FakeClock()
+    handle = _paced_handle(1, 0, clock)
+    _answer_at_pace(handle, clock, gap=QUICK, answers=50)
+    assert handle.ahead == 0 and handle.pacing.answer_gap == 0.0
 
 
 async def test_slow_calls_are_not_parked_in_a_busy_worker() -> None:
@@ -392,30 +377,13 @@ async def test_slow_calls_are_not_parked_in_a_busy_worker() -> None:
                 assert time.monotonic() - started < 2.5  # none waited for the 3 s call
 
 
-@pytest.mark.parametrize("concurrency", [1, 8])
-async def test_a_worker_answering_quickly_holds_its_calls_briefly(
-    monkeypatch: pytest.MonkeyPatch, concurrency: int
-) -> None:
-    handle = _paced_handle(concurrency, limit=64)
-    _answer_at_pace(handle, monkeypatch, gap=QUICK, answers=200)  # 50 per horizon
-    for call_id in range(10_000, 10_000 + 10):  # 11 waiting: about 0.2 of the horizon
-        handle.pending[call_id] = PendingCall(call_id, "echo", "call")
-    assert handle.holds_briefly()
-    now = _fake_clock(monkeypatch)
-    now[0] += 2 * worker_module.AHEAD_HORIZON  # no answer since: it may be stuck in a call
-    assert not handle.holds_briefly()
-    now[0] -= 2 * worker_module.AHEAD_HORIZON
-    for call_id in range(20_000, 20_000 + 60):  # 71 waiting: about 1.4 of the horizon
-        handle.pending[call_id] = PendingCall(call_id, "echo", "call")
-    assert not handle.holds_briefly()
-
-
 async def test_a_free_worker_takes_calls_back_only_from_one_that_stalls(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    free, busy = _paced_handle(1, limit=64), _paced_handle(1, limit=64)
+    clock = FakeClock()
+    free, busy = _paced_handle(1, 64, clock), _paced_handle(1, 64, clock)
     free.pending.clear()
-    _answer_at_pace(busy, monkeypatch, gap=QUICK, answers=200)  # flowing: holds 2 calls
+    _answer_at_pace(busy, clock, gap=QUICK, answers=200)  # flowing: holds 2 calls
     for call in busy.pending.values():
         call.frame = b"(its frame)"  # (a call without one cannot be sent elsewhere)
     withdrawn: list[int] = []
@@ -424,23 +392,5 @@ async def test_a_free_worker_takes_calls_back_only_from_one_that_stalls(
     dispatcher._sent_ahead = True
     dispatcher._withdraw_for(free)
     assert withdrawn == []  # it would start within the horizon anyway
-    _fake_clock(monkeypatch)[0] += 2 * worker_module.AHEAD_HORIZON  # then no answer comes
+    clock.now += 2 * AHEAD_HORIZON  # then no answer comes
     await wait_until(lambda: withdrawn == [max(busy.pending)])  # looked at again: stalled
-
-
-async def test_answers_read_together_are_paced_by_their_mean_gap(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    handle = _paced_handle(1, limit=64)
-    now = _fake_clock(monkeypatch)
-    for call_id in range(1, 2001):
-        handle.pending[call_id] = PendingCall(call_id, "echo", "call")
-    ids = itertools.count(1)
-    handle.pending.pop(next(ids))
-    handle._answered(1)  # the first answer: timing starts
-    for _ in range(100):  # reads of 10 answers, 10 gaps apart: 50 answers per horizon
-        for _ in range(10):
-            handle.pending.pop(next(ids))
-        now[0] += 10 * QUICK
-        handle._answered(10)
-    assert handle.ahead in (49, 50)  # (float rounding of the horizon / QUICK)

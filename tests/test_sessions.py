@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -27,14 +26,6 @@ from waiting import wait_for_count, wait_until
 pytestmark = pytest.mark.anyio
 
 ADAPTER = "sp_adapters:Stateful"
-
-
-@pytest.fixture(params=["memory", "redis"])
-def store(request: pytest.FixtureRequest) -> Iterator[str]:
-    if request.param == "memory":
-        yield "memory"
-    else:
-        yield request.getfixturevalue("redis_url")
 
 
 async def test_affinity_holds_for_100_sessions_under_concurrency(store: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import anyio
 import psutil
 import pytest
 
@@ -13,6 +12,7 @@ pytest.importorskip("sklearn")
 import snakepool
 from snakepool import RemoteError
 from snakepool.testing import SessionExample, check_adapter
+from waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -22,12 +22,6 @@ REG_Y = [2 * a - b + 1 for a, b in REG_X]
 # two well-separated blobs, string labels
 CLS_X = [[0.0, 0.1], [0.2, 0.0], [0.1, 0.3], [5.0, 5.1], [5.2, 4.9], [4.8, 5.0]]
 CLS_Y = ["small", "small", "small", "big", "big", "big"]
-
-
-async def wait_until(condition: Any, timeout: float = 15.0) -> None:
-    with anyio.fail_after(timeout):
-        while not condition():
-            await anyio.sleep(0.02)
 
 
 def worker_pid(pool: snakepool.Pool) -> int | None:

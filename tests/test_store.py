@@ -17,8 +17,10 @@ import pytest
 
 from conftest import free_port, start_redis_server, stop_redis_server
 from snakepool.errors import SessionExpired, SessionNotFound
-from snakepool.pool._store import MemorySessionStore, SessionStore, open_store
+from snakepool.pool._store import MemorySessionStore, SessionStore
+from snakepool.pool._stores import open_store
 from snakepool.pool._variables import VariableSpec, VariableUpdate
+from waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -50,14 +52,6 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[SessionStore]:
         yield made
     finally:
         await made.aclose()
-
-
-async def _poll(condition: Any, timeout: float = 5.0) -> None:
-    """Await ``condition()`` until it is true, failing after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        assert time.monotonic() < deadline, f"condition not met within {timeout}s"
-        await anyio.sleep(0.02)
 
 
 async def _define_all(store: SessionStore, session_id: str) -> None:
@@ -125,7 +119,7 @@ async def test_session_ids_with_separators_stay_apart(store: SessionStore) -> No
 async def test_ttl_expiry(store: SessionStore) -> None:
     await store.create("short", 0.3)
     await store.create("long", 60)
-    await _poll(lambda: _is(store.status("short"), "expired"))
+    await wait_until(lambda: _is(store.status("short"), "expired"))
     with pytest.raises(SessionExpired, match="'short'"):
         await store.touch("short")
     with pytest.raises(SessionExpired, match="'short'"):
@@ -138,7 +132,7 @@ async def test_ttl_expiry(store: SessionStore) -> None:
         reported.extend(await store.expired())
         return "short" in reported
 
-    await _poll(reported_short)
+    await wait_until(reported_short)
     assert reported == ["short"]
     assert "short" not in await store.expired()  # reported once
 
@@ -333,7 +327,7 @@ async def test_failed_update_is_not_delivered(store: SessionStore) -> None:
 async def test_watch_ends_when_the_session_expires(store: SessionStore) -> None:
     await store.create("s", 0.3)
     async with store.watch("s", []) as updates:
-        await _poll(lambda: _is(store.status("s"), "expired"))
+        await wait_until(lambda: _is(store.status("s"), "expired"))
         with anyio.fail_after(10):
             assert [update async for update in updates] == []
 
@@ -430,7 +424,7 @@ async def test_redis_down_and_back() -> None:
                 await updates.__anext__()
 
         server = start_redis_server(port)  # back, empty (no persistence)
-        await _poll(lambda: _is(store.status("s"), "unknown"), timeout=10)
+        await wait_until(lambda: _is(store.status("s"), "unknown"), timeout=10)
         assert await store.create("s", 60) is True
         await store.define("s", VariableSpec("n", "int"), 0, {})
         async with store.watch("s", []) as updates:
@@ -461,8 +455,10 @@ async def test_redis_session_keys_all_expire(redis_url: str) -> None:
         for key in keys:
             if key.startswith(prefix):
                 assert 0 < await raw.pttl(key) <= (2000 if not key.endswith("seen") else 10**9)
-        await _poll(lambda: _is(store.status("s"), "expired"), timeout=10)
-        await _poll(lambda: _is(raw.keys(f"{prefix}*"), [f"{prefix}seen".encode()]), timeout=10)
+        await wait_until(lambda: _is(store.status("s"), "expired"), timeout=10)
+        await wait_until(
+            lambda: _is(raw.keys(f"{prefix}*"), [f"{prefix}seen".encode()]), timeout=10
+        )
     finally:
         await raw.aclose()
         await store.aclose()

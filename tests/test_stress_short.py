@@ -61,10 +61,10 @@ async def test_cpu_per_call_measures_every_peer() -> None:
 
 
 async def test_pacing_probe_reports_every_horizon() -> None:
-    from snakepool.pool import _worker
+    from snakepool.pool import _pacing
 
     probe = soak("pacing")
-    chosen = _worker.AHEAD_HORIZON
+    chosen = _pacing.AHEAD_HORIZON
     try:
         rates = await probe.throughput([0.001, 0.004], rounds=1, calls=640)
         waits = await probe.mixed([0.001, 0.004], rounds=1, short=0.005, calls=320)

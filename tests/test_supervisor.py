@@ -13,7 +13,7 @@ from typing import Any
 import psutil
 import pytest
 
-from snakepool import PoolDisabled
+from snakepool import PoolClosed, PoolDisabled
 from snakepool.pool import ConfigError, Pool, PoolStatistics, Supervisor, SupervisorStatistics
 from snakepool.pool._supervisor import DEFAULT_CONFIG_TOML
 from waiting import wait_until
@@ -104,8 +104,11 @@ async def test_a_pool_that_cannot_start_closes_the_others(tmp_path: Path) -> Non
     with pytest.raises(Exception, match="no_such_module_anywhere"):
         await sup.start()
     assert sup.closed and sup["good"].closed and sup["bad"].closed
-    with pytest.raises(RuntimeError, match="already started"):
+    assert sup.state == "broken"  # (not closed by anyone: its start failed)
+    with pytest.raises(PoolClosed, match="cannot be started again"):
         await sup.start()
+    await sup.aclose()  # (idempotent: nothing left to close)
+    assert sup.state == "broken"
 
 
 # --- bad configs: a clear ConfigError, nothing started -----------------------------------

@@ -25,6 +25,7 @@ from snakepool.pool._template import (
     TemplateUnavailable,
     WorkerTemplate,
 )
+from waiting import gone, wait_until
 
 pytestmark = [
     pytest.mark.anyio,
@@ -145,20 +146,6 @@ class Driver:
         assert self.process is not None
         with anyio.fail_after(timeout):
             return await self.process.wait()
-
-
-async def wait_until_gone(pids: list[int], timeout: float = 5.0) -> None:
-    """Poll until none of ``pids`` runs (a zombie waiting for init counts as gone)."""
-
-    def running(pid: int) -> bool:
-        try:
-            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    with anyio.fail_after(timeout):
-        while any(running(pid) for pid in pids):
-            await anyio.sleep(0.02)
 
 
 def channels(pid: int) -> set[str]:
@@ -413,7 +400,7 @@ async def test_template_killed_takes_its_workers() -> None:
         pids = [d.process.pid for d in drivers if d.process is not None]
         os.kill(template.pid, signal.SIGKILL)
         assert [await driver.wait() for driver in drivers] == [-signal.SIGKILL] * 2
-        await wait_until_gone(pids)
+        await wait_until(lambda: all(map(gone, pids)), 5.0)
         assert not template.alive
         with pytest.raises(TemplateUnavailable, match="gone"):
             await template.spawn(worker_env(9), 0, 1, 2)
@@ -452,7 +439,7 @@ async def test_host_killed_takes_template_and_workers(tmp_path: Path) -> None:
         assert all(psutil.pid_exists(pid) for pid in pids)
         host.kill()  # SIGKILL: no clean-up code runs in the host
         await host.wait()
-    await wait_until_gone(pids)
+    await wait_until(lambda: all(map(gone, pids)), 5.0)
 
 
 async def test_aclose_stops_everything() -> None:
@@ -466,7 +453,7 @@ async def test_aclose_stops_everything() -> None:
             await template.aclose()
         assert not template.alive
         assert [await driver.wait() for driver in drivers] == [-signal.SIGKILL] * 3
-        await wait_until_gone(pids)
+        await wait_until(lambda: all(map(gone, pids)), 5.0)
         await template.aclose()  # idempotent
         with pytest.raises(TemplateUnavailable):
             await template.spawn(worker_env(9), 0, 1, 2)

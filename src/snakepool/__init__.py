@@ -22,6 +22,7 @@ from .errors import SessionNotFound as SessionNotFound
 from .errors import SessionWorkerUnavailable as SessionWorkerUnavailable
 from .errors import SnakepoolError as SnakepoolError
 from .errors import UnknownCommand as UnknownCommand
+from .errors import UnknownTool as UnknownTool
 from .errors import WorkerCrashed as WorkerCrashed
 from .errors import WorkerStartError as WorkerStartError
 
@@ -31,11 +32,14 @@ if TYPE_CHECKING:  # imported on first use (see __getattr__), so a worker stays 
     from .pool import ConfigError as ConfigError
     from .pool import Event as Event
     from .pool import Pool as Pool
+    from .pool import PoolConfig as PoolConfig
     from .pool import PoolStatistics as PoolStatistics
+    from .pool import Recovery as Recovery
+    from .pool import Session as Session
+    from .pool import SessionStore as SessionStore
     from .pool import Supervisor as Supervisor
     from .pool import SupervisorStatistics as SupervisorStatistics
     from .pool import WorkerStatistics as WorkerStatistics
-    from .pool._session import Session as Session
     from .pool._variables import VariableUpdate as VariableUpdate
     from .server import connect as connect
 
@@ -49,11 +53,14 @@ _LAZY = {
     "ConfigError": ".pool",
     "Event": ".pool",
     "Pool": ".pool",
+    "PoolConfig": ".pool",
     "PoolStatistics": ".pool",
+    "Recovery": ".pool",
+    "Session": ".pool",
+    "SessionStore": ".pool",
     "Supervisor": ".pool",
     "SupervisorStatistics": ".pool",
     "WorkerStatistics": ".pool",
-    "Session": ".pool._session",
     "VariableUpdate": ".pool._variables",
     "connect": ".server",
 }
@@ -79,20 +86,24 @@ __all__ = [
     "InvalidSessionId",
     "Pool",
     "PoolClosed",
+    "PoolConfig",
     "PoolDisabled",
     "PoolOverloaded",
     "PoolStatistics",
     "ProtocolError",
+    "Recovery",
     "RemoteError",
     "ResourceExceeded",
     "Session",
     "SessionExpired",
     "SessionNotFound",
+    "SessionStore",
     "SessionWorkerUnavailable",
     "SnakepoolError",
     "Supervisor",
     "SupervisorStatistics",
     "UnknownCommand",
+    "UnknownTool",
     "VariableUpdate",
     "WorkerCrashed",
     "WorkerStartError",

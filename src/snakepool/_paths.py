@@ -1,4 +1,5 @@
-"""Where snakepool keeps per-user runtime files (light: workers import it too)."""
+"""Where snakepool keeps per-user runtime files (light: workers, the socket
+client and the CLI import it, never the pool)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-__all__ = ["ensure_private_dir", "runtime_dir"]
+__all__ = ["default_socket_path", "default_token_path", "ensure_private_dir", "runtime_dir"]
 
 
 def runtime_dir() -> Path:
@@ -21,6 +22,17 @@ def runtime_dir() -> Path:
     if xdg and os.path.isdir(xdg):
         return Path(xdg) / "snakepool"
     return Path(tempfile.gettempdir()) / f"snakepool-{os.getuid()}"
+
+
+def default_socket_path() -> Path:
+    """``$SNAKEPOOL_SOCKET``, else ``snakepool.sock`` in the per-user runtime directory."""
+    explicit = os.environ.get("SNAKEPOOL_SOCKET")
+    return Path(explicit) if explicit else runtime_dir() / "snakepool.sock"
+
+
+def default_token_path() -> Path:
+    """Where ``snakepool up --tcp`` writes its token (the runtime directory's ``token``)."""
+    return runtime_dir() / "token"
 
 
 def ensure_private_dir(path: Path) -> Path:

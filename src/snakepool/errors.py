@@ -4,6 +4,41 @@ The category decides the default recovery (see the table in the design
 contract): infrastructure categories (initialization, timeout, communication,
 protocol) count toward the pool's circuit breaker, application errors never do.
 
+Each class also has a ``kind``: a short, stable, machine-readable name, unique
+per class, that code matches instead of the (English) message, and that
+travels with a failure over the socket wire (``k``). :data:`KINDS` maps each
+kind to its class.
+
+======================== ============================== ==============
+class                    kind                           category
+======================== ============================== ==============
+SnakepoolError           ``error``                      application
+WorkerStartError         ``worker_start_failed``        initialization
+CallTimeout              ``call_timeout``               timeout
+WorkerCrashed            ``worker_crashed``             communication
+ProtocolError            ``protocol_error``             protocol
+ResourceExceeded         ``resource_exceeded``          resource
+RemoteError              ``remote_error``               application
+UnknownCommand           ``unknown_command``            application
+UnknownTool              ``unknown_tool``               application
+PoolOverloaded           ``pool_overloaded``            overload
+CircuitOpen              ``circuit_open``               overload
+SessionNotFound          ``session_not_found``          session
+SessionExpired           ``session_expired``            session
+InvalidSessionId         ``invalid_session_id``         session
+SessionWorkerUnavailable ``session_worker_unavailable`` session
+PoolClosed               ``pool_closed``                closed
+PoolDisabled             ``pool_disabled``              closed
+ConfigError              ``config``                     initialization
+TemplateUnavailable      ``template_unavailable``       initialization
+TemplateStartError       ``template_start_failed``      initialization
+======================== ============================== ==============
+
+The DSPy adapter's errors (in :mod:`snakepool.dspy`) derive from
+``SnakepoolError`` too: ``UnknownProgram`` (``dspy_unknown_program``),
+``NoLMConfigured`` (``dspy_no_lm``) and ``LMCallError``
+(``dspy_lm_call_failed``), all ``application``.
+
 Like trio, we keep *closed* (you closed the pool: :class:`PoolClosed`) apart
 from a worker that *broke* (something else killed it: :class:`WorkerCrashed`).
 A broken worker never breaks the pool.
@@ -15,13 +50,16 @@ import builtins
 import enum
 import signal
 import sys
-from collections.abc import Callable
-from typing import Any, Self, cast
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any, ClassVar, Self, cast
 
 __all__ = [
     "INFRASTRUCTURE_CATEGORIES",
+    "KINDS",
     "CallTimeout",
     "CircuitOpen",
+    "ConfigError",
     "ErrorCategory",
     "InvalidSessionId",
     "PoolClosed",
@@ -34,10 +72,15 @@ __all__ = [
     "SessionNotFound",
     "SessionWorkerUnavailable",
     "SnakepoolError",
+    "TemplateStartError",
+    "TemplateUnavailable",
     "UnknownCommand",
+    "UnknownTool",
     "WorkerCrashed",
     "WorkerStartError",
     "describe_exit_code",
+    "error_class",
+    "wire_type_name",
 ]
 
 
@@ -67,15 +110,22 @@ INFRASTRUCTURE_CATEGORIES = frozenset(
 
 
 class SnakepoolError(Exception):
-    """Base class of every snakepool error; ``.category`` says which kind."""
+    """Base class of every snakepool error.
 
-    category: ErrorCategory = ErrorCategory.APPLICATION
+    ``.category`` (an :class:`ErrorCategory`) selects the recovery;
+    ``.kind`` names the class in a stable, machine-readable way (match it,
+    never the message).
+    """
+
+    category: ClassVar[ErrorCategory] = ErrorCategory.APPLICATION
+    kind: ClassVar[str] = "error"
 
 
 class WorkerStartError(SnakepoolError):
     """A worker could not start (import, ``setup`` or handshake failed)."""
 
     category = ErrorCategory.INITIALIZATION
+    kind = "worker_start_failed"
 
     def __init__(self, message: str, *, stderr_tail: str = "") -> None:
         if stderr_tail:
@@ -88,12 +138,14 @@ class CallTimeout(SnakepoolError, TimeoutError):
     """The call did not finish within its timeout."""
 
     category = ErrorCategory.TIMEOUT
+    kind = "call_timeout"
 
 
 class WorkerCrashed(SnakepoolError):
     """The worker running the call died; only its own calls fail."""
 
     category = ErrorCategory.COMMUNICATION
+    kind = "worker_crashed"
 
     def __init__(
         self,
@@ -116,12 +168,14 @@ class ProtocolError(SnakepoolError):
     """A frame broke the wire protocol (garbage, truncated, oversized)."""
 
     category = ErrorCategory.PROTOCOL
+    kind = "protocol_error"
 
 
 class ResourceExceeded(SnakepoolError):
     """The worker went over a resource limit (``max_memory_mb``)."""
 
     category = ErrorCategory.RESOURCE
+    kind = "resource_exceeded"
 
 
 class RemoteError(SnakepoolError):
@@ -143,6 +197,7 @@ class RemoteError(SnakepoolError):
     """
 
     category = ErrorCategory.APPLICATION
+    kind = "remote_error"
 
     def __new__(cls, remote_type: str, *args: Any, **kwargs: Any) -> Self:
         if (cls is RemoteError or cls is UnknownCommand) and type(remote_type) is str:
@@ -174,6 +229,16 @@ class RemoteError(SnakepoolError):
     def __repr__(self) -> str:
         return BaseException.__repr__(self)  # (not the original type's: its fields are unset)
 
+    @property
+    def remote_kind(self) -> str | None:
+        """The ``kind`` of the remote exception when it was a :class:`SnakepoolError`
+        whose class is known here (``snakepool.errors``, or a module already
+        imported: never imported for this), else ``None``."""
+        found = _known_type(self.remote_type)
+        if isinstance(found, type) and issubclass(found, SnakepoolError):
+            return found.kind
+        return None
+
     def __reduce__(self) -> str | tuple[Any, ...]:
         cls = type(self).__dict__.get("_remote_base", type(self))
         if cls is RemoteError or cls is UnknownCommand:
@@ -191,6 +256,20 @@ class RemoteError(SnakepoolError):
 
 class UnknownCommand(RemoteError):
     """The worker's adapter has no command of that name."""
+
+    kind = "unknown_command"
+
+
+class UnknownTool(SnakepoolError, LookupError):
+    """No host tool of that name is registered (``ctx.call_host``).
+
+    Raised on the host and sent to the worker, where ``ctx.call_host`` raises
+    a :class:`RemoteError` whose :attr:`~RemoteError.remote_kind` is
+    ``"unknown_tool"``.
+    """
+
+    category = ErrorCategory.APPLICATION
+    kind = "unknown_tool"
 
 
 #: (base, original type) -> (combined class, how to make an instance), or None.
@@ -228,7 +307,21 @@ def _remote_subclass(
 def _resolve_type(remote_type: str) -> type[Exception] | None:
     """The exception class ``remote_type`` names (``"ValueError"``, ``"pkg.mod.Error"``),
     if it is a built-in or its module is already imported here; never imports."""
+    obj = _known_type(remote_type)
+    if (
+        isinstance(obj, type)
+        and issubclass(obj, Exception)
+        and not issubclass(obj, _NEVER_COMBINED)
+    ):
+        return obj
+    return None
+
+
+def _known_type(remote_type: str) -> object:
+    """What ``remote_type`` names, if a built-in or in an already imported module."""
     obj: object
+    if type(remote_type) is not str:
+        return None
     if "." not in remote_type:
         obj = getattr(builtins, remote_type, None)
     else:
@@ -242,13 +335,15 @@ def _resolve_type(remote_type: str) -> type[Exception] | None:
             for part in parts[cut:]:
                 obj = getattr(obj, part, None)
             break
-    if (
-        isinstance(obj, type)
-        and issubclass(obj, Exception)
-        and not issubclass(obj, _NEVER_COMBINED)
-    ):
-        return obj
-    return None
+    return obj
+
+
+def wire_type_name(cls: type) -> str:
+    """How an exception type is named on the wire: ``"ValueError"`` for a
+    built-in, else ``"module.qualname"`` (what :class:`RemoteError` resolves)."""
+    if cls.__module__ in ("builtins", "__main__"):
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 #: Never combined with: snakepool's own errors (a handler's ``WorkerCrashed``
@@ -261,18 +356,21 @@ class PoolOverloaded(SnakepoolError):
     """The pool's queue is full: the call was refused, nothing was queued."""
 
     category = ErrorCategory.OVERLOAD
+    kind = "pool_overloaded"
 
 
 class CircuitOpen(SnakepoolError):
     """The pool's circuit breaker is open: failing fast."""
 
     category = ErrorCategory.OVERLOAD
+    kind = "circuit_open"
 
 
 class SessionNotFound(SnakepoolError, KeyError):
     """No session has that id."""
 
     category = ErrorCategory.SESSION
+    kind = "session_not_found"
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
@@ -282,28 +380,83 @@ class SessionExpired(SnakepoolError):
     """The session outlived its TTL (or was closed)."""
 
     category = ErrorCategory.SESSION
+    kind = "session_expired"
 
 
 class InvalidSessionId(SnakepoolError, ValueError):
     """A session id breaks the rule: 1 to 128 of ``A-Z a-z 0-9 . _ : -``, not starting with ``.``."""
 
     category = ErrorCategory.SESSION
+    kind = "invalid_session_id"
 
 
 class SessionWorkerUnavailable(SnakepoolError):
     """Strict affinity: the session's worker is busy or gone."""
 
     category = ErrorCategory.SESSION
+    kind = "session_worker_unavailable"
 
 
 class PoolClosed(SnakepoolError):
     """The pool was closed (by you); no call is accepted any more."""
 
     category = ErrorCategory.CLOSED
+    kind = "pool_closed"
 
 
 class PoolDisabled(PoolClosed):
     """The pool has no workers to run (a ``gpu`` pool on a machine without GPUs)."""
+
+    kind = "pool_disabled"
+
+
+class ConfigError(SnakepoolError, ValueError):
+    """A bad supervisor config; the message names the file, line, pool and key.
+
+    ``path``, ``line``, ``pool``, ``key`` and ``variable`` (an environment
+    override) say where, each ``None`` when it does not apply or is unknown.
+    """
+
+    category = ErrorCategory.INITIALIZATION
+    kind = "config"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        line: int | None = None,
+        pool: str | None = None,
+        key: str | None = None,
+        variable: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.line = line
+        self.pool = pool
+        self.key = key
+        self.variable = variable
+
+
+class TemplateUnavailable(SnakepoolError):
+    """Forking workers from a template is not possible or not safe here; ``str()``
+    says why. The pool then spawns workers the plain way."""
+
+    category = ErrorCategory.INITIALIZATION
+    kind = "template_unavailable"
+
+
+class TemplateStartError(SnakepoolError):
+    """A preload module failed to import in the worker template; the message
+    names it and quotes the error."""
+
+    category = ErrorCategory.INITIALIZATION
+    kind = "template_start_failed"
+
+    def __init__(self, message: str, *, module: str | None = None, traceback: str = "") -> None:
+        super().__init__(message)
+        self.module = module
+        self.traceback = traceback
 
 
 def _signal_name(exit_code: int | None) -> str | None:
@@ -319,3 +472,22 @@ def describe_exit_code(exit_code: int) -> str:
     """``-11`` -> ``"SIGSEGV(-11)"``; ``3`` -> ``"code 3"`` (as loky reports them)."""
     name = _signal_name(exit_code)
     return f"{name}({exit_code})" if name else f"code {exit_code}"
+
+
+def _kinds() -> Mapping[str, type[SnakepoolError]]:
+    table: dict[str, type[SnakepoolError]] = {}
+    for value in list(globals().values()):
+        if isinstance(value, type) and issubclass(value, SnakepoolError):
+            if value.kind in table:  # (a class that forgot its own kind)
+                raise AssertionError(f"{value.__name__}: kind {value.kind!r} is taken")
+            table[value.kind] = value
+    return MappingProxyType(table)
+
+
+#: Every kind of this module's errors -> its class.
+KINDS: Mapping[str, type[SnakepoolError]] = _kinds()
+
+
+def error_class(kind: object) -> type[SnakepoolError] | None:
+    """The class of ``kind`` (``"worker_crashed"`` -> :class:`WorkerCrashed`), or None."""
+    return KINDS.get(kind) if isinstance(kind, str) else None

@@ -22,7 +22,7 @@ ENTRY_POINT_GROUP = "snakepool.adapters"
 #: with many packages installed, at every worker start.
 BUILTIN_ADAPTERS = {
     "generic": "snakepool.adapters.generic:GenericAdapter",
-    "dspy": "snakepool.adapters.dspy:DSPyAdapter",
+    "dspy": "snakepool.dspy._adapter:DSPyAdapter",
     "sklearn": "snakepool.adapters.sklearn:SklearnAdapter",
 }
 

@@ -8,6 +8,9 @@ from ._events import PoolStatistics as PoolStatistics
 from ._events import WorkerStatistics as WorkerStatistics
 from ._pool import CallStream as CallStream
 from ._pool import Pool as Pool
+from ._recovery import Recovery as Recovery
+from ._session import Session as Session
+from ._store import SessionStore as SessionStore
 from ._supervisor import ConfigError as ConfigError
 from ._supervisor import Supervisor as Supervisor
 from ._supervisor import SupervisorStatistics as SupervisorStatistics
@@ -20,6 +23,9 @@ __all__ = [
     "Pool",
     "PoolConfig",
     "PoolStatistics",
+    "Recovery",
+    "Session",
+    "SessionStore",
     "Supervisor",
     "SupervisorStatistics",
     "WorkerStatistics",

@@ -3,26 +3,36 @@
 from __future__ import annotations
 
 import difflib
+import json
+import math
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import protocol as p
-from ._worker import WorkerLaunch
+from ..errors import ErrorCategory
+from ._launch import WorkerLaunch
+from ._recovery import Recovery, recovery_table
 
 __all__ = [
     "AFFINITY_MODES",
+    "OPTIONS",
     "OPTION_ALIASES",
     "START_METHODS",
     "THREAD_ENV_VARS",
+    "FromEnv",
+    "Option",
     "PoolConfig",
     "did_you_mean",
     "discover_gpus",
+    "options_docstring",
+    "options_table",
+    "suggest",
 ]
 
 AFFINITY_MODES = ("hint", "strict_queue", "strict_fail_fast")
@@ -63,8 +73,8 @@ OPTION_ALIASES: Mapping[str, str] = {
 }
 
 
-def did_you_mean(key: str, valid: Sequence[str]) -> str:
-    """`` (did you mean 'size'?)`` for an unknown option, or ``""``.
+def suggest(key: str, valid: Sequence[str]) -> str | None:
+    """The option an unknown ``key`` probably meant, or ``None``.
 
     Known names from other libraries first (``OPTION_ALIASES``), then the
     closest spelling.
@@ -73,53 +83,272 @@ def did_you_mean(key: str, valid: Sequence[str]) -> str:
     if alias is None:
         alias = OPTION_ALIASES.get(key.lower().replace("-", "_"))
     if alias is not None and alias in valid:
-        return f" (did you mean {alias!r}?)"
+        return alias
     close = difflib.get_close_matches(key, list(valid), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return close[0] if close else None
+
+
+def did_you_mean(key: str, valid: Sequence[str]) -> str:
+    """`` (did you mean 'size'?)`` for an unknown option, or ``""`` (see ``suggest``)."""
+    found = suggest(key, valid)
+    return f" (did you mean {found!r}?)" if found is not None else ""
+
+
+# --- how an option is declared ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FromEnv:
+    """How the text of a ``SNAKEPOOL_<POOL>_<OPTION>`` variable becomes an option's value."""
+
+    #: What the text must be, for errors: "expected an int or 'none'".
+    expected: str
+    #: The same, for the README's table.
+    shown: str
+    #: Text -> value; ``ValueError`` when the text is not what ``expected`` says.
+    parse: Callable[[str], object]
+
+
+def _or_none(parse: Callable[[str], object]) -> Callable[[str], object]:
+    return lambda text: None if text.lower() == "none" else parse(text)
+
+
+def _number(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(text)
+    return number
+
+
+def _bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+def _json(kind: type) -> Callable[[str], object]:
+    def parse(text: str) -> object:
+        value = json.loads(text)  # (json.JSONDecodeError is a ValueError)
+        if not isinstance(value, kind):
+            raise ValueError(text)
+        return value
+
+    return parse
+
+
+def _list(separator: str) -> Callable[[str], object]:
+    """``a<sep>b`` or a JSON list (``[]``: none)."""
+
+    def parse(text: str) -> object:
+        if text.startswith("["):
+            return _json(list)(text)
+        return [part.strip() for part in text.split(separator) if part.strip()]
+
+    return parse
+
+
+def _gpus(text: str) -> object:
+    if text.lower() in ("none", "auto"):
+        return None if text.lower() == "none" else "auto"
+    entries = _list(",")(text)
+    assert isinstance(entries, list)
+    return [entry if isinstance(entry, int) else int(entry) for entry in entries]
+
+
+INT = FromEnv("an int", "int", int)
+INT_OR_NONE = FromEnv("an int or 'none'", "int or `none`", _or_none(int))
+FLOAT = FromEnv("a number", "number", _number)
+FLOAT_OR_NONE = FromEnv("a number or 'none'", "number or `none`", _or_none(_number))
+STR = FromEnv("a string", "text", str)
+STR_OR_NONE = FromEnv("a string or 'none'", "text or `none`", _or_none(str))
+BOOL = FromEnv("true or false", "`true` or `false`", _bool)
+JSON_OBJECT_OR_NONE = FromEnv(
+    "a JSON object or 'none'", "JSON object or `none`", _or_none(_json(dict))
+)
+PATHS = FromEnv(
+    f"directories separated by {os.pathsep!r}, or a JSON list",
+    "like `PYTHONPATH`, or JSON list",
+    _list(os.pathsep),
+)
+NAMES = FromEnv("names separated by ',', or a JSON list", "`name,name` or JSON list", _list(","))
+GPUS = FromEnv(
+    "'auto', 'none', or device indices separated by ','", "`auto`, `none` or `0,1`", _gpus
+)
+
+_T = TypeVar("_T")
+_META = "snakepool.option"
+
+
+@dataclass(frozen=True, slots=True)
+class _About:
+    doc: str
+    env: FromEnv | None
+    note: str
+
+
+def option(default: _T, doc: str, *, env: FromEnv | None, note: str = "") -> _T:
+    """A ``PoolConfig`` field: its default, a one-line ``doc``, how ``SNAKEPOOL_<POOL>_<OPTION>``
+    text is read (``env=None``: it cannot be set from the environment), and a ``note`` shown
+    after the default in the docs (``"s"``, ``"= os.cpu_count()"``)."""
+    return field(default=default, metadata=_about(doc, env=env, note=note))
+
+
+def _about(doc: str, *, env: FromEnv | None, note: str = "") -> dict[str, _About]:
+    """The metadata of a required field (``field(metadata=_about(...))``)."""
+    return {_META: _About(doc, env, note)}
 
 
 @dataclass(frozen=True)
 class PoolConfig:
-    """Every ``Pool`` argument, checked once; errors name the argument."""
+    """Every ``Pool`` option, declared once here, checked once; errors name the option.
 
-    adapter: str
-    name: str = "default"
-    size: int | None = None
-    python: str | None = None
-    env: Mapping[str, str] | None = None
-    cwd: str | os.PathLike[str] | None = None
-    pythonpath: Sequence[str | os.PathLike[str]] = ()
-    adapter_config: Mapping[str, Any] | None = None
-    worker_concurrency: int = 1
-    startup_timeout: float = 30.0
-    #: Seconds a call may take, queueing included; ``None``: no limit (like
-    #: concurrent.futures, Ray and Celery). A call's ``timeout=`` overrides it.
-    call_timeout: float | None = None
-    queue_size: int = 1000
-    max_requests: int | None = None
-    max_memory_mb: float | None = None
-    worker_ttl: float | None = None
-    health_interval: float = 5.0
-    health_timeout: float = 5.0
-    affinity: str = "hint"
-    session_ttl: float = 3600.0
-    max_sessions: int = 10_000
-    breaker_threshold: int = 5
-    breaker_reset_timeout: float = 30.0
-    max_frame_bytes: int = p.DEFAULT_MAX_FRAME_BYTES
-    gpus: str | Sequence[int] | None = None
-    workers_per_gpu: int = 1
-    preload: Sequence[str] = ()
-    start_method: str = "auto"
-    session_store: str = "memory"
-    #: The most calls a busy worker holds beyond those it runs (0: none).
-    send_ahead: int = 64
-    #: Seconds ``aclose()`` waits for calls in flight.
-    drain_grace: float = 10.0
-    #: Seconds between closing a worker's stdin, SIGTERM and SIGKILL.
-    stop_grace: float = 3.0
-    #: Seconds a cancelled (or timed-out) call may take to stop before its worker is killed.
-    cancel_grace: float = 2.0
+    Each field is an option: its default, its doc and how an environment
+    override reads it. ``Pool(...)`` takes them as keyword arguments, a
+    ``[pools.NAME]`` table of ``pools.toml`` as keys (but ``name``: the
+    table's name) and ``SNAKEPOOL_<POOL>_<OPTION>`` variables override them;
+    ``OPTIONS`` lists them and ``options_table()`` is the README's table.
+    """
+
+    adapter: str = field(
+        metadata=_about(
+            '`"module:Class"`, an entry-point name (`generic`, `dspy`, `sklearn`), or the '
+            "class itself (defined in an importable module, not in `__main__`)",
+            env=STR,
+        )
+    )
+    name: str = option(
+        "default",
+        "the pool's name (logs, events, Redis keys); in `pools.toml`, its table's name",
+        env=None,
+    )
+    size: int | None = option(None, "worker processes", env=INT_OR_NONE, note="= `os.cpu_count()`")
+    python: str | None = option(
+        None,
+        "the workers' interpreter (another venv is fine)",
+        env=STR_OR_NONE,
+        note="= this interpreter",
+    )
+    env: Mapping[str, str] | None = option(
+        None,
+        "extra environment variables for the workers (`OMP_NUM_THREADS` and friends default to 1)",
+        env=JSON_OBJECT_OR_NONE,
+    )
+    cwd: str | os.PathLike[str] | None = option(  # noqa: RUF009 (option() is a field())
+        None, "the workers' working directory", env=STR_OR_NONE, note="= the host's"
+    )
+    pythonpath: Sequence[str | os.PathLike[str]] = option(
+        (), "directories prepended to the workers' `sys.path`", env=PATHS
+    )
+    adapter_config: Mapping[str, Any] | None = option(
+        None, "the dict `Adapter.setup(config)` receives", env=JSON_OBJECT_OR_NONE, note="= `{}`"
+    )
+    worker_concurrency: int = option(
+        1,
+        "calls one worker runs at once (threads for sync handlers, tasks for async ones)",
+        env=INT,
+    )
+    startup_timeout: float = option(
+        30.0, "for a worker to start and answer its handshake", env=FLOAT, note="s"
+    )
+    call_timeout: float | None = option(
+        None,
+        "seconds a call may take, queueing included (a call's `timeout=` overrides it); like "
+        "`concurrent.futures`, Ray and Celery, no limit unless you set one",
+        env=FLOAT_OR_NONE,
+        note="= no limit",
+    )
+    queue_size: int = option(
+        1000,
+        "calls that may *wait* for a worker: those in the pool's queue and those sent ahead to "
+        "a busy worker that has not started them; one more is refused at once with "
+        "`PoolOverloaded`",
+        env=INT,
+    )
+    max_requests: int | None = option(
+        None, "recycle a worker after this many calls (with jitter)", env=INT_OR_NONE
+    )
+    max_memory_mb: float | None = option(
+        None, "recycle a worker whose process tree's RSS goes over this", env=FLOAT_OR_NONE
+    )
+    worker_ttl: float | None = option(
+        None, "recycle a worker after this many seconds (with jitter)", env=FLOAT_OR_NONE
+    )
+    health_interval: float = option(
+        5.0,
+        "how often each worker is pinged (and its TTL and memory checked)",
+        env=FLOAT,
+        note="s",
+    )
+    health_timeout: float = option(
+        5.0,
+        "a worker that does not answer a ping within this is killed and replaced",
+        env=FLOAT,
+        note="s",
+    )
+    affinity: str = option(
+        "hint",
+        'sessions: `"hint"`, `"strict_queue"` or `"strict_fail_fast"` (see Sessions)',
+        env=STR,
+    )
+    session_ttl: float = option(
+        3600.0, "a session expires after this long unused (sliding)", env=FLOAT, note="s"
+    )
+    max_sessions: int = option(
+        10_000, "live sessions; creating one more raises `PoolOverloaded`", env=INT
+    )
+    breaker_threshold: int = option(
+        5, "consecutive infrastructure failures that open the circuit breaker", env=INT
+    )
+    breaker_reset_timeout: float = option(
+        30.0, "how long the breaker stays open before one probe call", env=FLOAT, note="s"
+    )
+    max_frame_bytes: int = option(
+        p.DEFAULT_MAX_FRAME_BYTES,
+        "the largest frame (arguments or result) either side accepts",
+        env=INT,
+        note="(64 MiB)",
+    )
+    gpus: str | Sequence[int] | None = option(
+        None, '`None` (no pinning), `"auto"` or a list of device indices', env=GPUS
+    )
+    workers_per_gpu: int = option(1, "workers per GPU when `gpus` is set", env=INT)
+    preload: Sequence[str] = option(
+        (), "modules the template imports once before forking workers", env=NAMES
+    )
+    session_store: str = option(
+        "memory", '`"memory"` or a `redis://` URL (or a `SessionStore`)', env=STR
+    )
+    start_method: str = option(
+        "auto", '`"auto"`, `"forkserver"` or `"spawn"` (see Warm starts)', env=STR
+    )
+    recovery: Mapping[ErrorCategory | str, Recovery | str] | None = option(
+        None,
+        "what happens to a worker after each `ErrorCategory` of failure (see Recovery policy), e.g. "
+        '`{"application": "recycle"}`',
+        env=JSON_OBJECT_OR_NONE,
+        note="= the default table",
+    )
+    send_ahead: int = option(
+        64,
+        "the most calls a busy worker holds beyond those it runs (see Dispatch); `0`: none",
+        env=INT,
+    )
+    drain_grace: float = option(
+        10.0, "`aclose()` waits this long for calls in flight", env=FLOAT, note="s"
+    )
+    stop_grace: float = option(
+        3.0, "between closing a worker's stdin, SIGTERM and SIGKILL", env=FLOAT, note="s"
+    )
+    cancel_grace: float = option(
+        2.0,
+        "a cancelled or timed-out call may take this long to stop before its worker is killed",
+        env=FLOAT,
+        note="s",
+    )
+    # (not an option: derived from gpus, workers_per_gpu and size)
     gpu_slots: tuple[int | None, ...] = field(default=(), init=False)
 
     def __post_init__(self) -> None:
@@ -187,6 +416,9 @@ class PoolConfig:
             raise ValueError(
                 f"start_method must be one of {', '.join(START_METHODS)}; got {self.start_method!r}"
             )
+        if self.recovery is not None:
+            _check_type("recovery", self.recovery, Mapping)
+            recovery_table(self.recovery)
         object.__setattr__(self, "gpu_slots", self._gpu_slots())
 
     @property
@@ -284,6 +516,76 @@ def discover_gpus() -> list[int]:
         return []
     gpu_lines = [line for line in out.stdout.splitlines() if line.strip().startswith("GPU ")]
     return list(range(len(gpu_lines)))
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One ``PoolConfig`` option, as ``OPTIONS`` lists it."""
+
+    name: str
+    #: ``dataclasses.MISSING`` for the one required option, ``adapter``.
+    default: object
+    doc: str
+    #: How a ``SNAKEPOOL_<POOL>_<OPTION>`` override reads it; ``None``: it cannot be set so.
+    env: FromEnv | None
+    note: str
+
+    @property
+    def required(self) -> bool:
+        return self.default is MISSING
+
+    @property
+    def shown_default(self) -> str:
+        """The default as the docs show it: ``"`30.0` s"``, ``"`None` = `os.cpu_count()`"``."""
+        if self.required:
+            return "(required)"
+        value = self.default
+        shown = json.dumps(value) if isinstance(value, str) else repr(value)
+        return f"`{shown}`" + (f" {self.note}" if self.note else "")
+
+
+#: Every option, in ``PoolConfig``'s (and ``Pool``'s) order, by name.
+OPTIONS: Mapping[str, Option] = {
+    f.name: Option(
+        name=f.name,
+        default=f.default,
+        doc=f.metadata[_META].doc,
+        env=f.metadata[_META].env,
+        note=f.metadata[_META].note,
+    )
+    for f in fields(PoolConfig)
+    if f.init
+}
+
+
+def options_table() -> str:
+    """The README's table of options (Markdown), made from ``OPTIONS``."""
+    rows = [
+        "| option | default | `SNAKEPOOL_<POOL>_<OPTION>` | meaning |",
+        "| --- | --- | --- | --- |",
+    ]
+    for opt in OPTIONS.values():
+        env = opt.env.shown if opt.env is not None else "(no)"
+        rows.append(f"| `{opt.name}` | {opt.shown_default} | {env} | {opt.doc} |")
+    return "\n".join(rows) + "\n"
+
+
+def options_docstring() -> str:
+    """``Pool.__init__``'s documentation of its options, made from ``OPTIONS``."""
+    lines = [
+        "Create a pool (nothing starts until ``start()``). Its options, each also a key",
+        "of a ``[pools.NAME]`` table in pools.toml (but ``name``) and a",
+        "``SNAKEPOOL_<POOL>_<OPTION>`` override (see ``PoolConfig``):",
+        "",
+    ]
+    for opt in OPTIONS.values():
+        default = "required" if opt.required else opt.shown_default.replace("`", "")
+        lines.append(f"{opt.name} ({default}): {opt.doc.replace('`', '')}")
+    lines += [
+        "",
+        "``adapter`` may also be the adapter class, ``session_store`` a ``SessionStore``.",
+    ]
+    return "\n".join(lines)
 
 
 def _check_type(name: str, value: object, kind: type | tuple[type, ...]) -> None:

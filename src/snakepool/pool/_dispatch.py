@@ -42,7 +42,8 @@ import anyio
 
 from ..errors import PoolOverloaded, SnakepoolError
 from ._calls import PendingCall
-from ._worker import AHEAD_HORIZON, READY_STATES, WorkerHandle
+from ._pacing import AHEAD_HORIZON
+from ._worker import READY_STATES, WorkerHandle
 
 __all__ = ["Dispatcher"]
 

@@ -22,7 +22,8 @@ Decisions (which worker, who waits, what to withdraw, what to replace) are
 synchronous and happen on the event loop; only pipe I/O and waiting await. A
 worker that dies fails only the calls it had started; the ones it held but
 never started are sent again. Its slot task starts a replacement with
-exponential backoff (tenacity). The pool itself never becomes broken.
+exponential backoff (tenacity). The pool itself never becomes broken (only a
+start that failed leaves it ``broken``: see ``_lifecycle``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import inspect
 import itertools
 import logging
 import math
+import os
 import random
 import time
 import urllib.parse
@@ -58,21 +60,25 @@ from ..errors import (
     ProtocolError,
     ResourceExceeded,
     SnakepoolError,
+    UnknownTool,
     WorkerCrashed,
     WorkerStartError,
+    wire_type_name,
 )
 from ._backend import running_on_asyncio
 from ._breaker import BreakerState, CircuitBreaker
 from ._calls import PendingCall
-from ._config import PoolConfig, did_you_mean
+from ._config import OPTIONS, PoolConfig, did_you_mean, options_docstring
 from ._deadlines import Deadlines
 from ._dispatch import Dispatcher
 from ._events import Event, Listeners, PoolStatistics, WorkerStatistics
+from ._lifecycle import Lifecycle, LifecycleOwner, State
 from ._recovery import Recovery, recovery_table
 from ._registry import RunRegistry, runtime_dir
 from ._runner import BackgroundTasks
 from ._session import Session, SessionManager
-from ._store import SessionStore, check_session_id, open_store
+from ._store import SessionStore, check_session_id
+from ._stores import open_store
 from ._template import TemplateStartError, TemplateUnavailable, WorkerTemplate
 from ._worker import WorkerHandle, format_exit
 
@@ -90,6 +96,7 @@ _RESTART_BACKOFF = tenacity.wait_exponential(multiplier=0.1, max=30.0) + tenacit
 
 
 _NUMBER = (int, float)
+_RUNNING = State.RUNNING  # (a module global: read on every call)
 #: The deadline of a call without a time limit (``call_timeout=None``, the default).
 _NO_DEADLINE = math.inf
 
@@ -136,31 +143,24 @@ def _restart_delay(failures: int) -> float:
     return float(_RESTART_BACKOFF(state))
 
 
-class Pool:
+class Pool(LifecycleOwner):
     """A pool of worker processes running one adapter.
 
     Use ``async with Pool(...) as pool``, or ``await pool.start()`` and
     ``await pool.aclose()`` (from any task).
     """
 
-    # (the next four are also keyword arguments, and PoolConfig fields)
-    #: Seconds a cancelled call may take to stop before its worker is killed.
-    cancel_grace: float = 2.0
-    #: Seconds ``aclose()`` waits for in-flight calls to finish.
-    drain_grace: float = 10.0
-    #: Seconds between stdin close, SIGTERM and SIGKILL when stopping a worker.
-    stop_grace: float = 3.0
+    # (options, also attributes that a test or a caller may change before start())
+    cancel_grace: float
+    drain_grace: float
+    stop_grace: float
+    send_ahead: int
     #: Start attempts per worker when the pool starts.
     start_attempts: int = 3
-    #: The most calls a busy worker may hold beyond the ``worker_concurrency``
-    #: it runs (at least ``worker_concurrency``): sent ahead, they start the
-    #: moment a slot frees, and one a worker has not started moves to a worker
-    #: that frees up first. How many it holds adapts: about as many as it
-    #: answers in 2 ms, so quick calls are pipelined deeply and slow ones
-    #: wait in the pool's queue. 0 keeps every waiting call in the pool's
-    #: queue (only calls without a session on asyncio are ever sent ahead).
-    send_ahead: int = 64
 
+    # The parameters are PoolConfig's fields, in its order, with its defaults
+    # (test_config_one_source checks it), spelt out for IDEs and type checkers;
+    # their documentation is PoolConfig's (options_docstring, below).
     def __init__(
         self,
         adapter: str | type[Adapter],
@@ -169,8 +169,8 @@ class Pool:
         size: int | None = None,
         python: str | None = None,
         env: Mapping[str, str] | None = None,
-        cwd: str | None = None,
-        pythonpath: Sequence[str] = (),
+        cwd: str | os.PathLike[str] | None = None,
+        pythonpath: Sequence[str | os.PathLike[str]] = (),
         adapter_config: Mapping[str, Any] | None = None,
         worker_concurrency: int = 1,
         startup_timeout: float = 30.0,
@@ -209,26 +209,17 @@ class Pool:
             adapter = f"{adapter.__module__}:{adapter.__qualname__}"
         if isinstance(adapter, str):
             check_importable(adapter)  # (a class in __main__: no worker can import it)
-        self.config = PoolConfig(
-            adapter=adapter, name=name, size=size, python=python, env=env, cwd=cwd,
-            pythonpath=pythonpath, adapter_config=adapter_config,
-            worker_concurrency=worker_concurrency, startup_timeout=startup_timeout,
-            call_timeout=call_timeout, queue_size=queue_size, max_requests=max_requests,
-            max_memory_mb=max_memory_mb, worker_ttl=worker_ttl, health_interval=health_interval,
-            health_timeout=health_timeout, affinity=affinity, session_ttl=session_ttl,
-            max_sessions=max_sessions, breaker_threshold=breaker_threshold,
-            breaker_reset_timeout=breaker_reset_timeout, max_frame_bytes=max_frame_bytes,
-            gpus=gpus, workers_per_gpu=workers_per_gpu, preload=preload, start_method=start_method,
-            session_store=session_store if isinstance(session_store, str) else type(session_store).__name__,
-            send_ahead=send_ahead, drain_grace=drain_grace, stop_grace=stop_grace,
-            cancel_grace=cancel_grace,
-        )  # fmt: skip
+        arguments = locals()  # (the parameters by name: each is a PoolConfig option)
+        options = {key: arguments[key] for key in OPTIONS}
+        if not isinstance(session_store, str):  # (the config holds its kind; the pool, the store)
+            options["session_store"] = type(session_store).__name__
+        self.config = PoolConfig(**options)
         self.name = name
         # (attributes: a test or a caller may still change them before start())
-        self.send_ahead = send_ahead
-        self.drain_grace = float(drain_grace)
-        self.stop_grace = float(stop_grace)
-        self.cancel_grace = float(cancel_grace)
+        self.send_ahead = self.config.send_ahead
+        self.drain_grace = float(self.config.drain_grace)
+        self.stop_grace = float(self.config.stop_grace)
+        self.cancel_grace = float(self.config.cancel_grace)
         timeout = self.config.call_timeout
         self._call_timeout: float | None = None if timeout is None else float(timeout)
         self.recovery = recovery_table(recovery)
@@ -247,10 +238,16 @@ class Pool:
         self._ids = itertools.count(1)
         self._workers: list[WorkerHandle] = []
         self._dispatcher = Dispatcher(name, queue_size, self._workers, self._check_open)
-        self._sessions = SessionManager(self, open_store(session_store, namespace=name))
+        self._sessions = SessionManager(
+            open_store(session_store, namespace=name),
+            pool=name,
+            config=self.config,
+            dispatcher=self._dispatcher,
+            workers=self._workers,
+        )
         self._tools: dict[str, Callable[..., Any]] = {}
         self._background = BackgroundTasks(name)
-        self._state = "new"  # new | starting | running | closing | closed
+        self._lifecycle = Lifecycle(f"pool {name!r}", "Pool")
         self._drained: anyio.Event | None = None
         self._completed = 0
         self._failed: dict[str, int] = collections.defaultdict(int)
@@ -260,24 +257,18 @@ class Pool:
         self._template: WorkerTemplate | None = None  # forks workers (preload)
         self._start_method = "spawn"  # what start() chose, and why (statistics)
 
+    __init__.__doc__ = options_docstring()
+
     # --- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
         """Start every worker in parallel; ``WorkerStartError`` if one cannot start."""
-        if self._state in ("closing", "closed"):
-            raise PoolClosed(
-                f"pool {self.name!r} is closed and cannot be started again: "
-                f"create a new Pool (a pool runs once: start, use, close)"
-            )
-        if self._state != "new":
-            raise RuntimeError(f"pool {self.name!r} was already started")
-        self._state = "starting"
+        lifecycle = self._lifecycle
+        lifecycle.begin_start()  # (PoolClosed once closed: a pool runs once)
         self._on_asyncio = running_on_asyncio()
         if self._on_asyncio:
             self._deadlines = Deadlines(asyncio.get_running_loop(), _expire)
             self._new_future = asyncio.get_running_loop().create_future
-        self._start_finished = anyio.Event()
-        self._close_finished = anyio.Event()
         count = self.config.worker_count
         # (filled in place: the dispatcher holds this very list)
         self._workers[:] = [self._new_handle(slot, restarts=0) for slot in range(count)]
@@ -285,8 +276,7 @@ class Pool:
         if count == 0:  # disabled (no GPUs): it exists, says why, and refuses calls
             _log.warning("pool %s is disabled: %s", self.name, self.config.disabled_reason)
             await self._background.start()
-            self._state = "running"
-            self._start_finished.set()
+            lifecycle.started()
             return
         try:
             with anyio.CancelScope(shield=True):
@@ -303,38 +293,32 @@ class Pool:
                 tg.start_soon(self._keep_slot_filled, slot)
             tg.start_soon(self._check_health_forever)
             tg.start_soon(self._reap_sessions_forever)
-            self._state = "running"
+            lifecycle.started()
         except BaseException:
-            self._state = "closing"
-            with anyio.CancelScope(shield=True):
-                await self._stop_workers()
-                await self._close_template()
-                await self._background.aclose()
-            self._state = "closed"
-            self._close_finished.set()
+            lifecycle.start_failed()
+            try:
+                with anyio.CancelScope(shield=True):
+                    await self._stop_workers()
+                    await self._close_template()
+                    await self._background.aclose()
+            finally:
+                lifecycle.closed(broken=True)
             raise
-        finally:
-            self._start_finished.set()
 
     async def aclose(self) -> None:
         """Stop accepting, drain in-flight calls, then stop every worker (shielded)."""
-        if self._state == "new":
-            self._state = "closed"
-            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                await self._sessions.store.aclose()
-            return
         with anyio.CancelScope(shield=True):
-            if self._state == "starting":  # closed from another task while starting
-                await self._start_finished.wait()
-            if self._state in ("closing", "closed"):  # someone else is closing it
-                await self._close_finished.wait()
+            was = await self._lifecycle.begin_close()
+            if was is None:  # closed already, or by another task (it waited)
                 return
-            self._state = "closing"
             try:
-                await self._drain_and_stop()
+                if was is State.NEW:  # never started: nothing runs but the store
+                    with contextlib.suppress(Exception):
+                        await self._sessions.store.aclose()
+                else:
+                    await self._drain_and_stop()
             finally:
-                self._state = "closed"
-                self._close_finished.set()
+                self._lifecycle.closed()
 
     async def _drain_and_stop(self) -> None:
         """Fail queued calls, wait for in-flight ones (up to drain_grace), stop workers."""
@@ -352,22 +336,6 @@ class Pool:
         await self._background.aclose()
         with contextlib.suppress(Exception):
             await self._sessions.store.aclose()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    @property
-    def closed(self) -> bool:
-        return self._state in ("closing", "closed")
 
     # --- calls ---------------------------------------------------------------------
 
@@ -535,7 +503,7 @@ class Pool:
         started: float,
     ) -> Coroutine[Any, Any, Any]:
         """One attempt on the general path: check and encode it, ask the breaker."""
-        if self._state != "running" or not self._workers:
+        if self._lifecycle.state is not _RUNNING or not self._workers:
             self._check_open()
         call_id = next(self._ids)
         frame = self._encode(call_id, command, args, timeout, session, p.CallMode.CALL)
@@ -597,7 +565,7 @@ class Pool:
     ) -> PendingCall:
         """Check and encode the call, ask the breaker, then send it to a worker
         (or one that may hold it until a slot frees), else queue it."""
-        if self._state != "running" or not self._workers:
+        if self._lifecycle.state is not _RUNNING or not self._workers:
             self._check_open()
         call_id = next(self._ids)
         frame = self._encode(call_id, command, args, timeout, None, p.CallMode.CALL)
@@ -900,11 +868,14 @@ class Pool:
     # --- choosing a worker (synchronous decisions) ---------------------------------
 
     def _check_open(self) -> None:
-        if self._state == "running":
+        state = self._lifecycle.state
+        if state is _RUNNING:
             if not self._workers:
                 raise PoolDisabled(f"pool {self.name!r} is disabled: {self.config.disabled_reason}")
             return
-        if self._state in ("closing", "closed"):
+        if state is State.BROKEN:
+            raise PoolClosed(f"pool {self.name!r} is closed: its start failed")
+        if self._lifecycle.ended:
             raise PoolClosed(f"pool {self.name!r} is closed")
         raise RuntimeError(
             f"pool {self.name!r} is not started: use 'async with pool' or 'await pool.start()'"
@@ -922,7 +893,7 @@ class Pool:
         worker = self._dispatcher.try_reserve_first() if call.frame else None
         if worker is not None:
             worker.submit(call, call.frame)
-        elif self._state == "running" and call.frame:
+        elif self._lifecycle.state is _RUNNING and call.frame:
             call.queued = self._dispatcher.enqueue_call(call, call.frame, call.deadline, first=True)
         else:  # closing: nothing would send it any more
             call.fail(PoolClosed(f"pool {self.name!r} closed before call {call.command!r} ran"))
@@ -1145,20 +1116,24 @@ class Pool:
             self._background.group.start_soon(self._run_tool, worker, message)
 
     async def _run_tool(self, worker: WorkerHandle, message: p.HostCall) -> None:
-        reply: p.Message
+        failure: BaseException
         try:
             value = await self._call_tool(worker, message)
-            reply = p.HostReply(id=message.id, value=value)
-            worker.post_message(reply)
         except anyio.get_cancelled_exc_class():
             raise
         except BaseException as exc:  # SystemExit from a tool too: the pool goes on
-            type_name = type(exc).__qualname__
-            if isinstance(exc, TypeError) and "serializable" in str(exc):
-                message_text = f"result of host tool {message.tool!r} is {exc}"
-            else:
-                message_text = str(exc)
-            worker.post_message(p.HostFailure(id=message.id, type=type_name, message=message_text))
+            failure = exc
+        else:
+            try:
+                worker.post_message(p.HostReply(id=message.id, value=value))
+                return
+            except TypeError as exc:  # (the encoder's: the result cannot be packed)
+                failure = TypeError(f"result of host tool {message.tool!r} is {exc}")
+            except ProtocolError as exc:  # (too large)
+                failure = exc
+        worker.post_message(
+            p.HostFailure(id=message.id, type=wire_type_name(type(failure)), message=str(failure))
+        )
 
     async def _call_tool(self, worker: WorkerHandle, message: p.HostCall) -> Any:
         if message.tool == p.SAVE_STATE_TOOL:
@@ -1173,7 +1148,7 @@ class Pool:
         fn = self._tools.get(message.tool)
         if fn is None:
             known = ", ".join(sorted(self._tools)) or "none"
-            raise LookupError(
+            raise UnknownTool(
                 f"no host tool named {message.tool!r} is registered (registered: {known})"
             )
         if inspect.iscoroutinefunction(fn):
@@ -1271,7 +1246,9 @@ class Pool:
         if worker.pid is not None:
             self._registry.remove(worker.pid)
         if info is not None and not info.planned and not self.closed:
-            _log.warning("pool %s: %s exited: %s", self.name, worker.describe(), info.reason)
+            # (one that never said hello is reported by its start's error instead)
+            log = _log.warning if worker.hello is not None else _log.debug
+            log("pool %s: %s exited: %s", self.name, worker.describe(), info.reason)
         if worker.retiring is not None:
             self._listeners.emit(
                 "worker.recycled", worker.slot, pid=worker.pid, reason=worker.retiring
@@ -1287,7 +1264,7 @@ class Pool:
                 tg.start_soon(worker.stop, self.stop_grace)
 
     def __repr__(self) -> str:
-        return f"<Pool {self.name!r} adapter={self.config.adapter!r} {self._state} workers={len(self._workers)}>"
+        return f"<Pool {self.name!r} adapter={self.config.adapter!r} {self._lifecycle} workers={len(self._workers)}>"
 
 
 class CallStream:

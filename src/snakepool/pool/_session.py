@@ -14,30 +14,95 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Protocol, Self
 
 import anyio
 
 from .. import protocol as p
 from ..errors import PoolOverloaded, SessionWorkerUnavailable
+from ._config import PoolConfig
+from ._dispatch import Dispatcher
 from ._store import SessionStore, check_session_id
 from ._variables import VariableSpec, VariableUpdate
 from ._worker import WorkerHandle
 
-if TYPE_CHECKING:
-    from ._pool import CallStream, Pool
+__all__ = ["ItemStream", "Session", "SessionManager", "SessionPool", "Variables"]
 
-__all__ = ["Session", "SessionManager", "Variables"]
+
+class ItemStream(Protocol):
+    """What ``Session.stream`` returns: the pool's ``CallStream``."""
+
+    #: Awaited before the stream's call is sent (a session creates itself first).
+    _before_open: Callable[[], Awaitable[Any]] | None
+
+    def __aiter__(self) -> AsyncIterator[Any]: ...
+
+    async def __anext__(self) -> Any: ...
+
+    async def aclose(self) -> None: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+class SessionPool(Protocol):
+    """What a ``Session`` uses of its pool (``Pool``, which imports this module)."""
+
+    name: str
+    config: PoolConfig
+
+    async def call(
+        self,
+        command: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        session: str | None = None,
+        idempotent: bool = False,
+    ) -> Any: ...
+
+    def stream(
+        self,
+        command: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        session: str | None = None,
+    ) -> ItemStream: ...
+
+    async def cast(
+        self, command: str, args: Mapping[str, Any] | None = None, *, session: str | None = None
+    ) -> None: ...
+
+    def _sessions_manager(self) -> SessionManager: ...
 
 
 class SessionManager:
     """Which worker each session is bound to, and keeping workers current."""
 
-    def __init__(self, pool: Pool, store: SessionStore) -> None:
-        self.pool = pool
+    def __init__(
+        self,
+        store: SessionStore,
+        *,
+        pool: str,
+        config: PoolConfig,
+        dispatcher: Dispatcher,
+        workers: Sequence[WorkerHandle],
+    ) -> None:
+        """``workers``: the pool's own list of handles (read at each use, never changed)."""
+        self.name = pool
+        self.config = config
         self.store = store
+        self._dispatcher = dispatcher
+        self._workers = workers
         self.bindings: dict[str, WorkerHandle] = {}
         self.count_estimate = 0  # live sessions, as of the last count
         # Sessions this host created -> their first worker ((slot, pid); None
@@ -53,10 +118,10 @@ class SessionManager:
         check_session_id(session_id)
         if await self.store.status(session_id) != "live":
             count = await self.store.count()
-            if count >= self.pool.config.max_sessions:
+            if count >= self.config.max_sessions:
                 raise PoolOverloaded(
-                    f"pool {self.pool.name!r} has {count} live sessions "
-                    f"(max_sessions={self.pool.config.max_sessions}); close some or raise the limit"
+                    f"pool {self.name!r} has {count} live sessions "
+                    f"(max_sessions={self.config.max_sessions}); close some or raise the limit"
                 )
         if await self.store.create(session_id, ttl):
             self.count_estimate += 1
@@ -65,13 +130,13 @@ class SessionManager:
     async def acquire(self, session_id: str) -> WorkerHandle:
         """A reserved slot on the session's worker, by the pool's affinity mode."""
         check_session_id(session_id)  # `pool.call(..., session=ID)`: before any binding
-        dispatcher = self.pool._dispatcher
+        dispatcher = self._dispatcher
         bound = self.bindings.get(session_id)
         if bound is not None and bound.is_ready:
             worker = dispatcher.try_reserve(want=bound)
             if worker is not None:
                 return worker
-            mode = self.pool.config.affinity
+            mode = self.config.affinity
             if mode == "strict_fail_fast":
                 raise SessionWorkerUnavailable(
                     f"session {session_id!r}: its {bound.describe()} is busy "
@@ -83,7 +148,7 @@ class SessionManager:
                 return worker
             return await dispatcher.acquire(bound_sessions=self.bound_count)  # hint: any worker
         worker = dispatcher.try_reserve(bound_sessions=self.bound_count)
-        if worker is None and self.pool.config.affinity != "hint":
+        if worker is None and self.config.affinity != "hint":
             # Strict affinity: bind before waiting, so that concurrent first
             # calls of the session all wait for the same worker.
             target = self._least_bound()
@@ -93,12 +158,12 @@ class SessionManager:
         if worker is None:
             worker = await dispatcher.acquire(bound_sessions=self.bound_count)
         current = self.bindings.get(session_id)
-        if self.pool.config.affinity != "hint" or current is None or not current.is_ready:
+        if self.config.affinity != "hint" or current is None or not current.is_ready:
             self.bindings[session_id] = worker
         return worker
 
     def _least_bound(self) -> WorkerHandle | None:
-        ready = [w for w in self.pool._workers if w.is_ready]
+        ready = [w for w in self._workers if w.is_ready]
         return min(ready, key=lambda w: (len(w.sessions), w.load), default=None)
 
     async def prepare(self, worker: WorkerHandle, session_id: str) -> None:
@@ -165,7 +230,7 @@ class SessionManager:
         """The session ended: drop it from every worker that holds it."""
         self.bindings.pop(session_id, None)
         self._first.pop(session_id, None)
-        for worker in self.pool._workers:
+        for worker in self._workers:
             if worker.sessions.pop(session_id, None) is not None and worker.is_ready:
                 worker.post_message(p.SessionDrop(session_id=session_id))
 
@@ -288,7 +353,7 @@ class Session:
     with ``.``); otherwise one is generated (uuid4 hex, which follows it).
     """
 
-    def __init__(self, pool: Pool, session_id: str | None, ttl: float | None) -> None:
+    def __init__(self, pool: SessionPool, session_id: str | None, ttl: float | None) -> None:
         if session_id is not None:
             check_session_id(session_id)  # InvalidSessionId (a ValueError) naming the rule
         if ttl is not None and (not isinstance(ttl, int | float) or not ttl > 0):
@@ -330,7 +395,7 @@ class Session:
 
     def stream(
         self, command: str, args: Mapping[str, Any] | None = None, *, timeout: float | None = None
-    ) -> CallStream:
+    ) -> ItemStream:
         stream = self._pool.stream(command, args, timeout=timeout, session=self.id)
         stream._before_open = self._store
         return stream

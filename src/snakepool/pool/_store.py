@@ -13,7 +13,6 @@ import abc
 import collections
 import contextlib
 import math
-import re
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,7 +21,10 @@ from typing import Any, Literal
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
-from ..errors import InvalidSessionId, SessionExpired, SessionNotFound
+from .._session_ids import SESSION_ID_MAX_LENGTH as SESSION_ID_MAX_LENGTH
+from .._session_ids import SESSION_ID_RULE as SESSION_ID_RULE
+from .._session_ids import check_session_id as check_session_id
+from ..errors import SessionExpired, SessionNotFound
 from ._variables import VariableSpec, VariableUpdate
 
 __all__ = [
@@ -33,40 +35,10 @@ __all__ = [
     "SessionStore",
     "VariableRecord",
     "check_session_id",
-    "open_store",
 ]
 
 SessionStatus = Literal["live", "expired", "unknown"]
 _TOMBSTONES = 100_000  # expired/closed ids remembered, to say "expired" rather than "not found"
-
-#: The longest session id accepted.
-SESSION_ID_MAX_LENGTH = 128
-#: The rule every session id follows, as error messages and the docs state it.
-SESSION_ID_RULE = (
-    f"1 to {SESSION_ID_MAX_LENGTH} characters from A-Z a-z 0-9 . _ : -, not starting with '.'"
-)
-_SESSION_ID = re.compile(rf"[A-Za-z0-9_:-][A-Za-z0-9._:-]{{0,{SESSION_ID_MAX_LENGTH - 1}}}")
-
-
-def check_session_id(session_id: object) -> str:
-    """``session_id`` if it follows :data:`SESSION_ID_RULE`, else ``InvalidSessionId``.
-
-    Every place a session id enters (``Pool.session``, a call's ``session=``, the
-    stores, the CLI, the socket server through the pool) checks it, so an id can
-    never be a Redis pattern, a path or an unbounded key. Generated ids (uuid4
-    hex) follow the rule.
-    """
-    if not isinstance(session_id, str):
-        raise InvalidSessionId(
-            f"a session id must be a str ({SESSION_ID_RULE}), got {type(session_id).__name__}"
-        )
-    if _SESSION_ID.fullmatch(session_id) is None:
-        shown = session_id if len(session_id) <= 40 else f"{session_id[:40]}..."
-        raise InvalidSessionId(
-            f"invalid session id {shown!r} ({len(session_id)} characters): "
-            f"a session id is {SESSION_ID_RULE}"
-        )
-    return session_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,23 +123,6 @@ class SessionStore(abc.ABC):
     async def aclose(self) -> None:
         """Release connections."""
         await anyio.lowlevel.checkpoint()
-
-
-def open_store(spec: str | SessionStore, *, namespace: str) -> SessionStore:
-    """``"memory"``, a ``redis://`` URL, or a store instance."""
-    if isinstance(spec, SessionStore):
-        return spec
-    if not isinstance(spec, str):
-        raise TypeError(
-            f"session_store must be 'memory', a redis:// URL or a SessionStore, got {type(spec).__name__}"
-        )
-    if spec == "memory":
-        return MemorySessionStore()
-    if spec.startswith(("redis://", "rediss://", "unix://")):
-        from ._redis_store import RedisSessionStore
-
-        return RedisSessionStore(spec, namespace=namespace)
-    raise ValueError(f"session_store must be 'memory' or a redis:// URL, got {spec!r}")
 
 
 def check_changes(

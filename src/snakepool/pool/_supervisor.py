@@ -13,10 +13,11 @@ constructed, which validates its arguments and starts nothing), so a bad config
 fails before any process exists, with a ``ConfigError`` naming the file, the
 line, the pool and the key.
 
-Environment variables ``SNAKEPOOL_<POOL>_<KEY>`` override the common knobs
-(``SIZE``, ``WORKER_CONCURRENCY``, ``CALL_TIMEOUT``, ``MAX_MEMORY_MB``,
-``MAX_REQUESTS``, ``PYTHON``, ``ADAPTER``, ``WORKERS_PER_GPU``) of the pools a
-config defines; ``<POOL>`` is the pool's name upper-cased, with every
+The keys of a pool's table are ``PoolConfig``'s options (but ``name``, the
+table's name). Environment variables ``SNAKEPOOL_<POOL>_<OPTION>`` override
+any of them (``SNAKEPOOL_GENERAL_SIZE=4``, ``SNAKEPOOL_GENERAL_CALL_TIMEOUT=none``),
+read as ``PoolConfig`` says (``OPTIONS[...].env``), for the pools a config
+defines; ``<POOL>`` is the pool's name upper-cased, with every
 character other than a letter or digit (``-``, ``.``) replaced by ``_``.
 A misspelt override is never silently ignored: an unknown knob of a pool
 the config defines, or a pool name that is a near miss of one, is a
@@ -28,21 +29,21 @@ logged as a warning.
 from __future__ import annotations
 
 import difflib
-import inspect
 import logging
-import math
 import os
 import re
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType, TracebackType
+from types import MappingProxyType
 from typing import Any, Self
 
 import anyio
 
-from ._config import THREAD_ENV_VARS, did_you_mean
+from ..errors import ConfigError as ConfigError
+from ._config import OPTIONS, THREAD_ENV_VARS, did_you_mean, suggest
 from ._events import PoolStatistics
+from ._lifecycle import Lifecycle, LifecycleOwner
 from ._pool import Pool
 from ._store import SessionStore
 
@@ -50,30 +51,16 @@ __all__ = ["DEFAULT_CONFIG_TOML", "ConfigError", "Supervisor", "SupervisorStatis
 
 _log = logging.getLogger("snakepool.supervisor")
 
-#: Keys a pool's table may hold: every ``Pool`` keyword argument but ``name``
+#: Keys a pool's table may hold: every ``PoolConfig`` option but ``name``
 #: (a pool's name is its table's name).
-POOL_KEYS: tuple[str, ...] = tuple(
-    sorted(
-        name
-        for name, param in inspect.signature(Pool.__init__).parameters.items()
-        if name not in ("self", "name")
-        and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
-    )
-)
+POOL_KEYS: tuple[str, ...] = tuple(sorted(name for name in OPTIONS if name != "name"))
 #: Top-level keys of a config file.
 TOP_LEVEL_KEYS: tuple[str, ...] = ("pools", "session_store")
 
-_INT, _FLOAT, _STR = "an int", "a number", "a string"
-#: ``SNAKEPOOL_<POOL>_<KNOB>`` overrides: knob -> (Pool argument, expected kind, may be "none").
-ENV_OVERRIDES: dict[str, tuple[str, str, bool]] = {
-    "SIZE": ("size", _INT, True),
-    "WORKER_CONCURRENCY": ("worker_concurrency", _INT, False),
-    "CALL_TIMEOUT": ("call_timeout", _FLOAT, True),
-    "MAX_MEMORY_MB": ("max_memory_mb", _FLOAT, True),
-    "MAX_REQUESTS": ("max_requests", _INT, True),
-    "PYTHON": ("python", _STR, True),
-    "ADAPTER": ("adapter", _STR, False),
-    "WORKERS_PER_GPU": ("workers_per_gpu", _INT, False),
+#: ``SNAKEPOOL_<POOL>_<KNOB>`` overrides: knob (``CALL_TIMEOUT``) -> option (``call_timeout``);
+#: every option that ``PoolConfig`` lets the environment set (how: ``OPTIONS[option].env``).
+ENV_OVERRIDES: Mapping[str, str] = {
+    name.upper(): name for name, option in OPTIONS.items() if option.env is not None
 }
 #: ``SNAKEPOOL_*`` variables that are not pool overrides: read by other parts of
 #: snakepool (the CLI's socket, the runtime directory) or set for workers.
@@ -89,10 +76,9 @@ OTHER_VARIABLES: frozenset[str] = frozenset(
 
 _DEFAULT_TEMPLATE = """\
 # snakepool's embedded default configuration (what `snakepool up` runs without --config).
-# Every key of a [pools.NAME] table is a Pool keyword argument (name: the table's name).
-# Environment variables SNAKEPOOL_<POOL>_<KEY> override SIZE, WORKER_CONCURRENCY,
-# CALL_TIMEOUT, MAX_MEMORY_MB, MAX_REQUESTS, PYTHON, ADAPTER and WORKERS_PER_GPU,
-# e.g. SNAKEPOOL_GENERAL_SIZE=4.
+# Every key of a [pools.NAME] table is a Pool option (name: the table's name); the
+# environment variable SNAKEPOOL_<POOL>_<OPTION> overrides any of them, e.g.
+# SNAKEPOOL_GENERAL_SIZE=4 or SNAKEPOOL_OPTIMIZER_CALL_TIMEOUT=none.
 
 # Where sessions live, for pools that set none: "memory" or a redis:// URL.
 session_store = "memory"
@@ -128,31 +114,6 @@ def _render_default(cpus: int) -> str:
 #: The default config as TOML (CPU counts filled in for this machine);
 #: ``Supervisor.default()`` loads exactly this text.
 DEFAULT_CONFIG_TOML: str = _render_default(os.cpu_count() or 1)
-
-
-class ConfigError(ValueError):
-    """A bad supervisor config; the message names the file, line, pool and key.
-
-    ``path``, ``line``, ``pool``, ``key`` and ``variable`` (an environment
-    override) say where, each ``None`` when it does not apply or is unknown.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        path: str | None = None,
-        line: int | None = None,
-        pool: str | None = None,
-        key: str | None = None,
-        variable: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.path = path
-        self.line = line
-        self.pool = pool
-        self.key = key
-        self.variable = variable
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,21 +197,6 @@ def _env_prefix(pool: str) -> str:
     return "SNAKEPOOL_" + re.sub(r"[^A-Za-z0-9]", "_", pool).upper() + "_"
 
 
-def _parse_override(raw: str, kind: str, nullable: bool) -> object:
-    """The value of an override; ``ValueError`` if it is not of ``kind``."""
-    value = raw.strip()
-    if nullable and value.lower() == "none":
-        return None
-    if kind == _INT:
-        return int(value)
-    if kind == _FLOAT:
-        number = float(value)
-        if not math.isfinite(number):
-            raise ValueError(value)
-        return number
-    return value
-
-
 def _offending_key(message: str, keys: tuple[str, ...]) -> str | None:
     """The argument a Pool/PoolConfig error is about (their messages start with it)."""
     candidates = set(keys)
@@ -265,7 +211,7 @@ def _offending_key(message: str, keys: tuple[str, ...]) -> str | None:
     return min(positions, key=positions.__getitem__) if positions else None
 
 
-class Supervisor:
+class Supervisor(LifecycleOwner):
     """Named pools started and closed together.
 
     ``Supervisor({"general": {"adapter": "generic", "size": 4}})``, or
@@ -346,7 +292,7 @@ class Supervisor:
         source: _Source,
     ) -> None:
         self.source: str | None = source.path
-        self._state = "new"  # new | starting | running | closing | closed
+        self._lifecycle = Lifecycle("the supervisor", "Supervisor")
         if not isinstance(pools, Mapping):
             raise ConfigError(f"pools must be a mapping of name -> Pool arguments, got {pools!r}")
         if not pools:
@@ -414,11 +360,8 @@ class Supervisor:
 
     async def start(self) -> None:
         """Start every pool in parallel; if one fails, close the others and raise its error."""
-        if self._state != "new":
-            raise RuntimeError(f"cannot start: the supervisor was already started ({self._state})")
-        self._state = "starting"
-        self._start_finished = anyio.Event()
-        self._close_finished = anyio.Event()
+        lifecycle = self._lifecycle
+        lifecycle.begin_start()  # (PoolClosed once closed: it runs once)
         errors: list[BaseException] = []
         try:
             async with anyio.create_task_group() as tg:
@@ -428,7 +371,11 @@ class Supervisor:
                         await pool.start()
                     except Exception as exc:
                         if not errors:
-                            _log.error("pool %s failed to start: %s", pool.name, exc)
+                            _log.error(
+                                "pool %s failed to start: %s",
+                                pool.name,
+                                (str(exc).splitlines() or [repr(exc)])[0],
+                            )
                         errors.append(exc)
                         tg.cancel_scope.cancel()  # the others stop starting; closed below
 
@@ -436,36 +383,25 @@ class Supervisor:
                     tg.start_soon(start_one, pool)
             if errors:
                 raise errors[0]
-            self._state = "running"
+            lifecycle.started()
         except BaseException:
-            self._state = "closing"
-            with anyio.CancelScope(shield=True):
-                await self._close_pools()
-            self._state = "closed"
-            self._close_finished.set()
+            lifecycle.start_failed()
+            try:
+                with anyio.CancelScope(shield=True):
+                    await self._close_pools()
+            finally:
+                lifecycle.closed(broken=True)
             raise
-        finally:
-            self._start_finished.set()
 
     async def aclose(self) -> None:
         """Close every pool in parallel (draining in-flight calls); idempotent."""
-        if self._state == "new":
-            self._state = "closed"
-            for pool in self._pools.values():
-                await pool.aclose()  # never started: nothing to stop
-            return
         with anyio.CancelScope(shield=True):
-            if self._state == "starting":  # closed from another task while starting
-                await self._start_finished.wait()
-            if self._state in ("closing", "closed"):  # someone else is closing it
-                await self._close_finished.wait()
+            if await self._lifecycle.begin_close() is None:  # closed already, or by another task
                 return
-            self._state = "closing"
             try:
-                await self._close_pools()
+                await self._close_pools()  # (never started: each pool closes its store)
             finally:
-                self._state = "closed"
-                self._close_finished.set()
+                self._lifecycle.closed()
 
     async def _close_pools(self) -> None:
         errors: list[Exception] = []
@@ -482,22 +418,6 @@ class Supervisor:
                 tg.start_soon(close_one, pool)
         if errors:
             raise errors[0]
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    @property
-    def closed(self) -> bool:
-        return self._state in ("closing", "closed")
 
     # --- the pools -------------------------------------------------------------------
 
@@ -530,25 +450,26 @@ class Supervisor:
         )
 
     def __repr__(self) -> str:
-        return f"<Supervisor {self._state} pools={list(self._pools)}>"
+        return f"<Supervisor {self._lifecycle} pools={list(self._pools)}>"
 
 
 def _apply_env_overrides(pool: str, kwargs: dict[str, Any]) -> dict[str, str]:
     """Apply ``SNAKEPOOL_<POOL>_<KNOB>`` to ``kwargs``; returns key -> variable applied."""
     prefix = _env_prefix(pool)
     applied: dict[str, str] = {}
-    for knob, (key, kind, nullable) in ENV_OVERRIDES.items():
+    for knob, key in ENV_OVERRIDES.items():
         variable = prefix + knob
         raw = os.environ.get(variable)
         if raw is None or not raw.strip():
             continue
+        how = OPTIONS[key].env
+        assert how is not None
         try:
-            kwargs[key] = _parse_override(raw, kind, nullable)
+            kwargs[key] = how.parse(raw.strip())
         except ValueError:
-            expected = f"{kind} or 'none'" if nullable else kind
             raise ConfigError(
                 f"environment variable {variable}={raw!r} (pool {pool!r}, key {key!r}): "
-                f"expected {expected}",
+                f"expected {how.expected}",
                 pool=pool,
                 key=key,
                 variable=variable,
@@ -568,7 +489,6 @@ def _check_env_variables(pools: list[str], environ: Mapping[str, str]) -> None:
     is only logged.
     """
     prefixes = {_env_prefix(pool): pool for pool in pools}
-    knobs = ", ".join(ENV_OVERRIDES)
     for variable in sorted(environ):
         if not variable.startswith("SNAKEPOOL_") or variable in OTHER_VARIABLES:
             continue
@@ -582,14 +502,20 @@ def _check_env_variables(pools: list[str], environ: Mapping[str, str]) -> None:
             prefix = max(ours, key=len)
             pool, rest = prefixes[prefix], variable[len(prefix) :]
             why = None
-            if rest.lower() in POOL_KEYS:
-                why = f"{rest.lower()!r} cannot be set from the environment (set it in the config)"
+            if rest.lower() in OPTIONS:  # (one the environment cannot set)
+                why = f"{rest.lower()!r} cannot be set from the environment" + (
+                    " (a pool's name is its table's name)" if rest == "NAME" else ""
+                )
             elif not shaped:  # (SNAKEPOOL_MY_POOL_SIZE may be pool my-pool's, not my's)
-                why = f"unknown knob {rest!r}{did_you_mean(rest, tuple(ENV_OVERRIDES))}"
+                meant = suggest(rest.lower(), tuple(ENV_OVERRIDES.values()))
+                why = f"unknown knob {rest!r}" + (
+                    f" (did you mean {meant.upper()!r}?)" if meant is not None else ""
+                )
             if why is not None:
                 raise ConfigError(
                     f"environment variable {variable} (pool {pool!r}): {why}; "
-                    f"{prefix}<KNOB> overrides {knobs}",
+                    f"{prefix}<OPTION> overrides any option of the pool but NAME "
+                    f"({prefix}SIZE, {prefix}CALL_TIMEOUT, ...: see PoolConfig)",
                     pool=pool,
                     variable=variable,
                 )

@@ -46,6 +46,8 @@ import anyio
 import anyio.abc
 
 from .. import protocol as p
+from ..errors import TemplateStartError as TemplateStartError
+from ..errors import TemplateUnavailable as TemplateUnavailable
 from ._backend import running_on_asyncio
 from ._lines import LineSplitter
 
@@ -57,19 +59,6 @@ _STDERR_TAIL_LINES = 20
 _EXIT_GRACE = 5.0  # seconds the template gets to kill and reap its workers at close
 _ORPHAN_GRACE = 2.0  # seconds orphaned workers get to vanish after the template died
 _RECV_BYTES = 1 << 16
-
-
-class TemplateUnavailable(Exception):
-    """Forking workers is not possible or not safe here; ``str()`` says why."""
-
-
-class TemplateStartError(Exception):
-    """A preload module failed to import; the message names it and quotes the error."""
-
-    def __init__(self, message: str, *, module: str | None = None, traceback: str = "") -> None:
-        super().__init__(message)
-        self.module = module
-        self.traceback = traceback
 
 
 class ForkedProcess:

@@ -26,7 +26,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +45,9 @@ from ..errors import (
 )
 from ._backend import running_on_asyncio
 from ._calls import PendingCall, failure_to_exception
+from ._launch import WorkerLaunch as WorkerLaunch
 from ._lines import LineSplitter
+from ._pacing import Pacing
 from ._template import ForkedProcess, TemplateUnavailable, WorkerTemplate
 
 __all__ = ["READY_STATES", "ExitInfo", "WorkerHandle", "WorkerLaunch", "WorkerState"]
@@ -67,18 +69,6 @@ class WorkerState(enum.StrEnum):
 
 #: States of a worker that takes calls.
 READY_STATES = frozenset({WorkerState.IDLE, WorkerState.BUSY})
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerLaunch:
-    """Everything needed to start one worker process."""
-
-    argv: Sequence[str]
-    env: dict[str, str]
-    cwd: str | None
-    init: p.Init
-    max_frame_bytes: int
-    startup_timeout: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,19 +99,21 @@ class WorkerHandle:
         on_unstarted: Callable[[PendingCall], None] | None = None,
         template: WorkerTemplate | None = None,
         ahead: int = 0,
+        pacing: Pacing | None = None,
     ) -> None:
         self.pool = pool
         self.slot = slot
         self.restarts = restarts
         self.concurrency = concurrency
+        #: How deep this worker's pipeline of calls sent ahead is (see Pacing).
+        self.pacing = pacing if pacing is not None else Pacing(concurrency, ahead)
         #: Calls that may wait in the worker beyond the ``concurrency`` it
         #: runs (sent ahead, so it never idles between calls); see Dispatcher.
-        #: It adapts between ``concurrency`` and ``ahead_limit`` (see ``_take``).
-        self.ahead_limit = ahead
-        self.ahead = min(ahead, max(concurrency, _FIRST_AHEAD))
-        self._answered_at = 0.0  # (perf_counter) when the last answer arrived
-        self._saturated = False  # it had ``concurrency`` calls or more after that answer
-        self._answer_gap = 0.0  # moving average of the time between answers while saturated
+        #: ``pacing.ahead``, copied by ``_answered`` whenever it changes: a plain
+        #: attribute because the dispatcher reads it for every worker it
+        #: considers on the fast path (a property reading ``pacing.ahead``
+        #: costs a call per read there: 45 ns against 14 ns, CPython 3.11).
+        self.ahead = self.pacing.ahead
         self.gpu = gpu
         self.state = WorkerState.STARTING
         self.pid: int | None = None
@@ -148,6 +140,7 @@ class WorkerHandle:
         self._startup_failure: p.StartupFailed | None = None
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
         self._stderr_done = anyio.Event()
+        self._early_lines: list[str] = []  # its output before hello (see _stderr_line)
         self._stdout_ended = anyio.Event()  # the stdout pump is done (EOF, or made to end)
         self._kill_reason: str | None = None
         self._planned_reason: str | None = None
@@ -497,10 +490,8 @@ class WorkerHandle:
     def holds_briefly(self) -> bool:
         """The calls it holds beyond those it runs should all start within
         ``AHEAD_HORIZON``, judging by how quickly it answers and how long ago
-        it last did: taking one back would not make it start sooner."""
-        waiting = len(self.pending) - self.concurrency
-        stalled = _clock() - self._answered_at >= AHEAD_HORIZON
-        return not stalled and waiting * self._answer_gap < AHEAD_HORIZON
+        it last did: taking one back would not make it start sooner (Pacing)."""
+        return self.pacing.holds_briefly(len(self.pending))
 
     def waits_here(self, call: PendingCall) -> bool:
         """``call`` has surely not started: the worker starts calls in the order
@@ -609,6 +600,15 @@ class WorkerHandle:
     def _stderr_line(self, raw: bytes) -> None:
         line = raw.decode("utf-8", "replace").rstrip("\r")
         self._stderr_tail.append(line)
+        if self.hello is None and self.exit_info is None:
+            # Held until the worker is up: a worker that fails to start reports
+            # its output once, in WorkerStartError's stderr tail, not once per
+            # line per attempt. (Flushed by _on_hello.)
+            self._early_lines.append(line)
+        else:
+            self._show_output(line)
+
+    def _show_output(self, line: str) -> None:
         if echoes_output(self.log):  # logging would drop it: as print() in the host would
             echo_to_stderr(f"[{self.pool}/{self.slot}] {line}")
         else:
@@ -742,6 +742,9 @@ class WorkerHandle:
             self.hello = hello
             if self.state is WorkerState.STARTING:
                 self.state = WorkerState.IDLE
+            early, self._early_lines = self._early_lines, []
+            for line in early:
+                self._show_output(line)
         self._ready.set()
 
     def _take(self, call_id: int) -> PendingCall | None:
@@ -757,23 +760,9 @@ class WorkerHandle:
         reading and one hand-off for them all (the hand-off fills every slot
         it can).
         """
-        if self.ahead_limit:
-            # Pace sending ahead: hold about as many calls as the worker answers
-            # in AHEAD_HORIZON, which covers the round trip to the next frame
-            # without parking more than needed behind a slow call. The gap
-            # between answers counts only while the worker had work queued;
-            # answers read together share the time since the last read.
-            now = _clock()
-            if self._saturated:
-                gap = self._answer_gap
-                gap += ((now - self._answered_at) / count - gap) * min(1.0, count * _GAP_WEIGHT)
-                self._answer_gap = gap
-                if gap * self.ahead_limit <= AHEAD_HORIZON:  # (quick calls: the usual case)
-                    self.ahead = self.ahead_limit
-                else:
-                    self.ahead = max(self.concurrency, int(AHEAD_HORIZON / gap))
-            self._answered_at = now
-            self._saturated = len(self.pending) >= self.concurrency
+        pacing = self.pacing
+        if pacing.limit:  # pace sending ahead (see Pacing.answered)
+            self.ahead = pacing.answered(count, len(self.pending))
         if not self.pending:
             if self.state is WorkerState.BUSY:
                 self.state = WorkerState.IDLE
@@ -907,25 +896,6 @@ def format_exit(info: ExitInfo | None) -> dict[str, Any]:
         "lifetime": info.lifetime,
     }
 
-
-#: How many calls a busy worker holds beyond those it runs (sent ahead): about
-#: as many as it answers in this many seconds, between ``concurrency`` and the
-#: pool's ``send_ahead``. Quick calls get a deep pipeline (no idle gap while
-#: the next frame travels); slow ones wait in the pool's queue, where any
-#: worker can take them. It is also about the longest a call sent ahead
-#: behind quick calls waits to start. Why 2 ms: the answer gap is timed by
-#: the host, so a host slowed by load (the usual bottleneck with quick
-#: calls) sees every worker answer more slowly. With 1 ms it then held fewer
-#: calls and queued the rest in the pool: more host work per call, a slower
-#: host. Under one CPU hog, 64 callers: 1 ms queued 39-45% of calls and made
-#: 34-45k calls/s; 2 ms queued 2% and made 41-48k; 4 ms 0% and 44-49k.
-#: Deeper costs the other way: calls parked behind a call that turns out
-#: slow wait for it (p99 of quick calls mixed with 2% slow ones: 1 ms 537,
-#: 2 ms 571, 4 ms 604 ms). 2 ms is the knee.
-AHEAD_HORIZON = 0.002
-_FIRST_AHEAD = 4  # (until answers have been timed)
-_GAP_WEIGHT = 1 / 16  # of each new gap in the moving average
-_clock = time.perf_counter  # (tests pace answers with a fake one)
 
 #: Protocol pipes get this much kernel buffer (Linux; the default is 64 KiB):
 #: a 1 MiB frame then crosses in one write instead of sixteen hand-offs.

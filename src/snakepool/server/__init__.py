@@ -1,13 +1,34 @@
-"""The local socket server (``snakepool up``) and its Python client (``snakepool.connect``)."""
+"""The local socket server (``snakepool up``) and its Python client (``snakepool.connect``).
 
+The client side (``connect``, ``Client``, ...) is thin: importing it loads no
+pool machinery. ``SocketServer`` (which serves pools) is imported on first use.
+"""
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .._paths import default_socket_path as default_socket_path
+from .._paths import default_token_path as default_token_path
 from ._client import Client as Client
 from ._client import RemotePool as RemotePool
 from ._client import RemoteSession as RemoteSession
 from ._client import connect as connect
-from ._client import default_socket_path as default_socket_path
-from ._client import default_token_path as default_token_path
-from ._server import ServerStatistics as ServerStatistics
-from ._server import SocketServer as SocketServer
+
+if TYPE_CHECKING:
+    from ._server import ServerStatistics as ServerStatistics
+    from ._server import SocketServer as SocketServer
+
+_LAZY = {"ServerStatistics": "._server", "SocketServer": "._server"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Client",

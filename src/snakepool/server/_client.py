@@ -18,22 +18,20 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from .._paths import default_socket_path, default_token_path
 from ..errors import ProtocolError
-from ..pool._registry import runtime_dir
 from ..protocol import NEED_DATA, Sentinel
 from ._wire import CLIENT_PROTOCOL_VERSION, error_from_wire, new_decoder, new_encoder
 
-__all__ = ["Client", "RemotePool", "RemoteSession", "connect", "default_socket_path"]
-
-
-def default_socket_path() -> Path:
-    """``$SNAKEPOOL_SOCKET``, else ``snakepool.sock`` in the per-user runtime directory."""
-    explicit = os.environ.get("SNAKEPOOL_SOCKET")
-    return Path(explicit) if explicit else runtime_dir() / "snakepool.sock"
-
-
-def default_token_path() -> Path:
-    return runtime_dir() / "token"
+# (thin: this module imports no pool machinery, nor tenacity or psutil)
+__all__ = [
+    "Client",
+    "RemotePool",
+    "RemoteSession",
+    "connect",
+    "default_socket_path",
+    "default_token_path",
+]
 
 
 def connect(

@@ -9,6 +9,11 @@ into too much memory, a flood beyond its in-flight limit, a missing token, no
 in the pools; other clients and the pools carry on. An unexpected exception
 while serving one connection (a bug) closes that connection alone; it is
 logged with its traceback and counted in :meth:`SocketServer.statistics`.
+
+Shutting down gracefully: :meth:`SocketServer.drain` makes every new call
+and session operation fail with ``PoolClosed`` (the requests in flight carry
+on); close the pools (they drain their calls), wait for
+:meth:`SocketServer.wait_idle` (every answer sent), then cancel ``serve``.
 """
 
 from __future__ import annotations
@@ -30,12 +35,13 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from ..errors import PoolOverloaded, ProtocolError, SessionExpired, SessionNotFound
+from ..errors import PoolClosed, PoolOverloaded, ProtocolError, SessionExpired, SessionNotFound
 from ..pool import Pool
 from ..protocol import NEED_DATA, Sentinel
 from ._wire import (
     CLIENT_PROTOCOL_VERSION,
     DECODE_FACTOR,
+    HELLO_TIMEOUT,
     MAX_CLIENT_FRAME,
     error_to_wire,
     jsonable,
@@ -43,14 +49,12 @@ from ._wire import (
     new_encoder,
 )
 
-__all__ = ["ServerStatistics", "SocketServer"]
+__all__ = ["HELLO_TIMEOUT", "ServerStatistics", "SocketServer"]
 
 _log = logging.getLogger("snakepool.server")
 _READ_CHUNK = 256 * 1024
 _SEND_TIMEOUT = 30.0  # a client that does not read for this long is dropped
 _HELLO_FRAME_BYTES = 64 * 1024
-#: A connection that has not said ``hello`` within this many seconds is closed.
-HELLO_TIMEOUT = 5.0
 _ACCEPT_BACKOFF = 0.1  # after a failed accept (out of file descriptors, ...)
 #: Frames this large are measured and decoded in a worker thread, so that one
 #: client's big frame (about 0.1 s a MiB of small values) holds up nobody else.
@@ -120,6 +124,10 @@ class SocketServer:
         self.accept_errors = 0
         self.tcp_port: int | None = None
         self._socket_id: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket
+        self._listeners: list[tuple[anyio.abc.Listener[Any], bool]] | None = None
+        self._draining = False
+        self._connections: set[_Client] = set()
+        self._changed: anyio.Event | None = None  # set when a request or connection ends
 
     def statistics(self) -> ServerStatistics:
         return ServerStatistics(
@@ -130,30 +138,89 @@ class SocketServer:
             accept_errors=self.accept_errors,
         )
 
-    async def serve(
-        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Listen until cancelled; ``task_status.started()`` once every listener is bound."""
+    @property
+    def draining(self) -> bool:
+        """Whether :meth:`drain` was called: new calls fail with ``PoolClosed``."""
+        return self._draining
+
+    @property
+    def requests_in_flight(self) -> int:
+        """Requests (calls, streams, session operations) not yet answered, all clients."""
+        return sum(len(client.inflight) for client in self._connections)
+
+    def drain(self) -> None:
+        """From now on, answer every new call and session operation with ``PoolClosed``.
+
+        Requests already in flight carry on (their pools decide how long:
+        ``Pool.aclose`` drains running calls up to ``drain_grace``); ``status``
+        and ``cancel`` still work, and new connections are still accepted (so
+        a client learns why instead of finding no socket).
+        """
+        self._draining = True
+
+    async def wait_idle(self) -> None:
+        """Return once no request of any client is in flight (answers sent)."""
+        while self.requests_in_flight:
+            self._changed = anyio.Event()
+            await self._changed.wait()
+
+    def _request_finished(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    async def bind(self) -> None:
+        """Create the listeners (the socket file appears), without accepting yet.
+
+        Connections made before :meth:`serve` runs wait in the backlog. Raises
+        ``OSError`` naming the socket path or the TCP address when it cannot
+        listen there (another server holds it, the port is taken, ...).
+        Idempotent; :meth:`serve` binds first if this was not called.
+        """
+        if self._listeners is not None:
+            return
         listeners: list[tuple[anyio.abc.Listener[Any], bool]] = []  # (listener, needs a token)
         try:
             if self.socket_path is not None:
                 listeners.append((await self._unix_listener(self.socket_path), False))
             if self.tcp is not None:
-                tcp_listener = await anyio.create_tcp_listener(
-                    local_host=self.tcp[0], local_port=self.tcp[1]
-                )
+                host, port = self.tcp
+                try:
+                    tcp_listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+                except OSError as exc:
+                    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                    raise _named(exc, f"cannot listen on TCP {where}") from exc
                 listeners.append((tcp_listener, True))
                 self.tcp_port = int(tcp_listener.extra(anyio.abc.SocketAttribute.local_port))
-            async with anyio.create_task_group() as tg:
-                for listener, needs_token in listeners:
-                    for single in getattr(listener, "listeners", [listener]):  # (MultiListener)
-                        tg.start_soon(self._accept_loop, single, self._handler(needs_token), tg)
-                task_status.started()
-        finally:
+        except BaseException:
             with anyio.CancelScope(shield=True):
                 for listener, _ in listeners:
                     await listener.aclose()
                 self._remove_our_socket()
+            raise
+        self._listeners = listeners
+
+    async def aclose(self) -> None:
+        """Close the listeners and remove our socket (``serve`` does this when it ends)."""
+        listeners, self._listeners = self._listeners or [], None
+        with anyio.CancelScope(shield=True):
+            for listener, _ in listeners:
+                await listener.aclose()
+            self._remove_our_socket()
+
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen until cancelled; ``task_status.started()`` once every listener is bound."""
+        try:
+            await self.bind()
+            assert self._listeners is not None
+            async with anyio.create_task_group() as tg:
+                for listener, needs_token in self._listeners:
+                    for single in getattr(listener, "listeners", [listener]):  # (MultiListener)
+                        tg.start_soon(self._accept_loop, single, self._handler(needs_token), tg)
+                task_status.started()
+        finally:
+            await self.aclose()
 
     def _remove_our_socket(self) -> None:
         """Unlink the socket path if it is still the socket this server bound."""
@@ -187,8 +254,13 @@ class SocketServer:
             tg.start_soon(handler, stream)
 
     async def _unix_listener(self, path: Path) -> anyio.abc.Listener[Any]:
-        await _prepare_socket_path(path)
-        listener = await _private_unix_listener(path)
+        try:
+            await _prepare_socket_path(path)
+            listener = await _private_unix_listener(path)
+        except OSError as exc:
+            if str(path) in str(exc):
+                raise
+            raise _named(exc, f"cannot listen on {path}") from exc
         with contextlib.suppress(OSError):
             bound = os.lstat(path)
             self._socket_id = (bound.st_dev, bound.st_ino)
@@ -197,8 +269,10 @@ class SocketServer:
     def _handler(self, needs_token: bool) -> Any:
         async def handle(stream: anyio.abc.ByteStream) -> None:
             self.clients += 1
+            client = _Client(self, stream, needs_token)
+            self._connections.add(client)
             try:
-                await _Client(self, stream, needs_token).run()
+                await client.run()
             except Exception:  # a bug: this connection alone ends (_Client.run closed it)
                 self.connection_errors += 1
                 _log.exception(
@@ -207,8 +281,17 @@ class SocketServer:
                 )
             finally:
                 self.clients -= 1
+                self._connections.discard(client)
+                self._request_finished()
 
         return handle
+
+
+def _named(exc: OSError, what: str) -> OSError:
+    """``exc`` again, its message saying where: ``cannot listen on X: Address in use``."""
+    named = OSError(f"{what}: {exc.strerror or exc}")
+    named.errno = exc.errno
+    return named
 
 
 async def _prepare_socket_path(path: Path) -> None:
@@ -234,20 +317,19 @@ async def _prepare_socket_path(path: Path) -> None:
         path.unlink()  # a stale socket of a server that died
 
 
+#: What may sit at a socket path instead of a socket, in words.
+_FILE_KINDS = (
+    (stat.S_ISREG, "a regular file"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
 def _what_is(mode: int) -> str:
-    if stat.S_ISREG(mode):
-        return "a regular file"
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO (named pipe)"
-    if stat.S_ISCHR(mode):
-        return "a character device"
-    if stat.S_ISBLK(mode):
-        return "a block device"
-    return "something that is not a file"
+    return next((name for test, name in _FILE_KINDS if test(mode)), "something that is not a file")
 
 
 def _make_private_parents(directory: Path) -> None:
@@ -415,6 +497,9 @@ class _Client:
             raise _Drop(f"unknown message type {kind!r}")
         if request_id in self.inflight:
             raise _Drop(f"request id {request_id} is already in flight")
+        if self.server.draining and kind != "status":
+            await self._send(error_to_wire(request_id, PoolClosed(_draining_message(frame))))
+            return
         if len(self.inflight) >= self.server.max_inflight_per_client:
             await self._send(
                 error_to_wire(
@@ -479,6 +564,7 @@ class _Client:
                                       "e": "cancelled by the client"})  # fmt: skip
         finally:
             self.inflight.pop(request_id, None)
+            self.server._request_finished()
 
     def _pool(self, frame: dict[str, Any]) -> Pool:
         name = frame.get("p")
@@ -560,6 +646,12 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _draining_message(frame: dict[str, Any]) -> str:
+    name = frame.get("p")
+    pool = f"pool {name!r}" if isinstance(name, str) else "every pool"
+    return f"{pool} is closed: the server is shutting down (draining the calls in flight)"
 
 
 def _shown(value: Any) -> str:

@@ -19,6 +19,7 @@ __all__ = [
     "CLIENT_MESSAGE_TYPES",
     "CLIENT_PROTOCOL_VERSION",
     "DECODE_FACTOR",
+    "HELLO_TIMEOUT",
     "MAX_CLIENT_FRAME",
     "error_from_wire",
     "error_to_wire",
@@ -36,6 +37,8 @@ CLIENT_MESSAGE_TYPES: Final = ("hello", "call", "cancel", "status", "session")
 #: objects (plus 1 MiB). Ordinary data stays well below it: small records take
 #: about 18 times their size, short strings about 23 times; empty maps take 73.
 DECODE_FACTOR: Final = 32
+#: A connection that has not said ``hello`` within this many seconds is closed.
+HELLO_TIMEOUT: Final = 5.0
 
 
 def new_decoder(
@@ -55,34 +58,43 @@ def new_encoder(max_frame_bytes: int = MAX_CLIENT_FRAME) -> FrameEncoder:
 
 
 def error_to_wire(request_id: int, exc: BaseException) -> dict[str, Any]:
-    """A ``failure`` frame for ``exc``: class name, category, message, remote details."""
+    """A ``failure`` frame for ``exc``: class name, kind, category, message, remote details."""
+    # (RemoteError's class: not the one also made an instance of, say,
+    # ValueError for the host; ``rt`` names that type)
+    cls = getattr(type(exc), "_remote_base", type(exc))
     wire: dict[str, Any] = {
         "t": "failure",
         "i": request_id,
-        "y": type(exc).__name__,
+        "y": cls.__name__,
         "g": exc.category.value
         if isinstance(exc, SnakepoolError)
         else ErrorCategory.APPLICATION.value,
         "e": str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc),
     }
+    if isinstance(exc, SnakepoolError):
+        wire["k"] = exc.kind  # (what clients match: never the message)
     if isinstance(exc, RemoteError):
         wire.update(rt=exc.remote_type, rm=exc.remote_message, rb=exc.remote_traceback)
     return wire
 
 
 def error_from_wire(wire: dict[str, Any]) -> Exception:
-    """The exception a ``failure`` frame stands for, as the same class where snakepool has it."""
+    """The exception a ``failure`` frame stands for, as the same class where snakepool
+    has it: found by its kind ``k``, else (an older server) by its class name ``y``."""
     from .. import errors
 
     name = str(wire.get("y", "SnakepoolError"))
     message = str(wire.get("e", ""))
-    if "rt" in wire:
-        cls = errors.UnknownCommand if name == "UnknownCommand" else errors.RemoteError
-        return cls(str(wire["rt"]), str(wire.get("rm", "")), str(wire.get("rb", "")))
-    cls_obj = getattr(errors, name, None)
-    if isinstance(cls_obj, type) and issubclass(cls_obj, errors.SnakepoolError):
-        if cls_obj in (errors.WorkerStartError, errors.WorkerCrashed):
-            return cls_obj(message)
+    cls_obj = errors.error_class(wire.get("k"))
+    if cls_obj is None:
+        by_name = getattr(errors, name, None)
+        if isinstance(by_name, type) and issubclass(by_name, errors.SnakepoolError):
+            cls_obj = by_name
+    if "rt" in wire or (cls_obj is not None and issubclass(cls_obj, errors.RemoteError)):
+        remote = errors.UnknownCommand if cls_obj is errors.UnknownCommand else errors.RemoteError
+        remote_type = str(wire.get("rt", name))
+        return remote(remote_type, str(wire.get("rm", message)), str(wire.get("rb", "")))
+    if cls_obj is not None:
         return cls_obj(message)
     builtin = {
         "ValueError": ValueError,

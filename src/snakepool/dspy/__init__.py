@@ -1,4 +1,6 @@
-"""Host-side helpers for the ``dspy`` adapter: programs as Python objects.
+"""DSPy in snakepool: the host-side helpers and the worker-side adapter, together.
+
+The host helpers (here) treat programs living in the workers as Python objects:
 
 ```python
 async with snakepool.Pool("dspy", size=2) as pool, pool.session() as session:
@@ -9,15 +11,62 @@ async with snakepool.Pool("dspy", size=2) as pool, pool.session() as session:
     better = await qa.optimize(trainset, optimizer="LabeledFewShot")
 ```
 
-Nothing here imports DSPy: the programs live in the workers.
+Nothing here imports DSPy: the programs live in the workers. The adapter the
+workers run is :class:`DSPyAdapter` (in ``_adapter``, imported on first use;
+``Pool("dspy")`` names it); it imports DSPy in ``setup`` only
+(``pip install 'snakepool[dspy]'``). Its errors are below: they reach the host
+as a ``RemoteError`` whose ``remote_kind`` is their ``kind``.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-__all__ = ["Program", "SessionLike", "configure_lm"]
+from ..errors import ErrorCategory, SnakepoolError
+
+if TYPE_CHECKING:
+    from ._adapter import DSPyAdapter as DSPyAdapter
+
+__all__ = [
+    "DSPyAdapter",
+    "LMCallError",
+    "NoLMConfigured",
+    "Program",
+    "SessionLike",
+    "UnknownProgram",
+    "configure_lm",
+]
+
+
+class UnknownProgram(SnakepoolError, LookupError):
+    """No program with that id in this session (or worker, outside sessions)."""
+
+    category = ErrorCategory.APPLICATION
+    kind = "dspy_unknown_program"
+
+
+class NoLMConfigured(SnakepoolError, RuntimeError):
+    """A program ran before any LM was configured."""
+
+    category = ErrorCategory.APPLICATION
+    kind = "dspy_no_lm"
+
+
+class LMCallError(SnakepoolError, RuntimeError):
+    """The language model could not be reached or answered with an error."""
+
+    category = ErrorCategory.APPLICATION
+    kind = "dspy_lm_call_failed"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DSPyAdapter":  # (the worker side: imported when asked for)
+        value = importlib.import_module("._adapter", __name__).DSPyAdapter
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class SessionLike(Protocol):
