@@ -163,6 +163,7 @@ class WorkerHandle:
         self.ttl_limit: float | None = None
         self._memory_checked_at = 0.0
         self._pings: dict[int, anyio.Event] = {}
+        self._answered_in_read = 0  # calls the read being handled answered (see _take)
         self._ping_ids = itertools.count(1)
 
     # --- facts -----------------------------------------------------------------
@@ -658,26 +659,24 @@ class WorkerHandle:
         return not data
 
     def _on_messages(self, messages: list[p.Message]) -> None:
-        # Results, the usual message, are handled inline, and the calls they
-        # answered are counted once per read (one clock reading and one
-        # hand-off for them all: see _answered).
-        pending, answered = self.pending, 0
+        """One read's messages, in order; the calls they answered are accounted
+        once for the read (one clock reading and one hand-off: see _answered)."""
+        self._answered_in_read = 0
         for message in messages:
-            if type(message) is p.Result:
-                call = pending.pop(message.id, None)
-                if call is not None:
-                    answered += 1
-                    call.resolve(message.value)
-            else:
-                self._on_message(message)
-        if answered:
-            self._answered(answered)
+            self._on_message(message)
+        if self._answered_in_read:
+            self._answered(self._answered_in_read)
 
     # --- messages from the worker ------------------------------------------------
 
     def _on_message(self, message: p.Message) -> None:
         kind = type(message)
-        if kind is p.Item:
+        if kind is p.Result:
+            assert isinstance(message, p.Result)
+            call = self._take(message.id)
+            if call is not None:
+                call.resolve(message.value)
+        elif kind is p.Item:
             assert isinstance(message, p.Item)
             stream = self.pending.get(message.id)
             if stream is not None:
@@ -748,17 +747,17 @@ class WorkerHandle:
         self._ready.set()
 
     def _take(self, call_id: int) -> PendingCall | None:
+        """Take call ``call_id`` off ``pending`` (answered: accounted at the end of the read)."""
         call = self.pending.pop(call_id, None)
         if call is not None:
-            self._answered(1)
+            self._answered_in_read += 1
         return call
 
     def _answered(self, count: int) -> None:
         """``count`` calls were just answered (taken off ``pending``): pace, free their slots.
 
-        Once per read for the results ``feed_stdout`` handles inline: one clock
-        reading and one hand-off for them all (the hand-off fills every slot
-        it can).
+        Once per read (``_on_messages``): one clock reading and one hand-off
+        for every call the read answered (the hand-off fills every slot it can).
         """
         pacing = self.pacing
         if pacing.limit:  # pace sending ahead (see Pacing.answered)

@@ -138,10 +138,7 @@ class Worker:
 
     def dispatch(self, messages: list[p.Message]) -> None:
         for message in messages:
-            if type(message) is _CALL_MESSAGE:  # most messages: no on_message hop
-                self.start_call(message)
-            else:
-                self.on_message(message)
+            self.on_message(message)
 
     def plain_calls(self, messages: list[p.Message]) -> list[PlainCall] | None:
         """The calls of ``messages``, if they are all plain calls.
