@@ -109,6 +109,12 @@ METRICS = (
     Metric("plain_calls_s", f"plain calls/s, {CALLERS} callers (generic echo)", "calls/s"),
     Metric("plain_p50_us", "sequential p50 (generic echo)", "us", higher_is_better=False),
     Metric(
+        "plain_cpu_us",
+        f"CPU per plain call, host and workers, {CALLERS} callers (less noisy than calls/s)",
+        "us",
+        higher_is_better=False,
+    ),
+    Metric(
         "session_calls_s",
         f"session calls/s, {SESSIONS} sessions, one caller each (read ctx.variables)",
         "calls/s",
@@ -172,10 +178,31 @@ async def _plain(workers: int, calls: int) -> dict[str, float]:
 
         await _burst(echo, min(calls, 2000))  # warm-up
         await _sequential_p50_us(echo, 200)
+        workers = [w.pid for w in pool.statistics().workers if w.pid is not None]
+        cpu_before = _cpu_seconds(workers)
+        calls_s = await _plain_burst(echo, calls)
+        made = PLAIN_BURSTS * CALLERS * max(1, calls // CALLERS)  # (as _burst rounds them)
+        cpu_per_call = (_cpu_seconds(workers) - cpu_before) / made
         return {
-            "plain_calls_s": await _plain_burst(echo, calls),
+            "plain_calls_s": calls_s,
             "plain_p50_us": await _sequential_p50_us(echo, min(calls, SEQUENTIAL_CALLS)),
+            "plain_cpu_us": cpu_per_call * 1e6,
         }
+
+
+def _cpu_seconds(worker_pids: list[int]) -> float:
+    """CPU time (user + system) of this host process and the given workers.
+
+    What a call costs, rather than how fast it went: a VM whose speed drifts
+    between rounds moves calls/s far more than it moves CPU per call.
+    """
+    import psutil
+
+    total = time.process_time()
+    for pid in worker_pids:
+        times = psutil.Process(pid).cpu_times()
+        total += times.user + times.system
+    return total
 
 
 class _SessionCaller:

@@ -20,6 +20,7 @@ AB = REPO / "stress" / "ab.py"
 TITLES = (
     "plain calls/s, 64 callers",
     "sequential p50",
+    "CPU per plain call",
     "session calls/s, 64 sessions",
     "sequential p50, one session",
     "plain calls/s on the session pool",
@@ -64,6 +65,7 @@ def test_ab_runs_both_scenarios_and_removes_its_worktrees(tmp_path: Path) -> Non
     assert set(result["metrics"]) == {
         "plain_calls_s",
         "plain_p50_us",
+        "plain_cpu_us",
         "session_calls_s",
         "session_p50_us",
         "session_pool_plain_calls_s",
