@@ -79,14 +79,17 @@ def init_frame(conn: p.Connection, case: Case) -> bytes:
 
 def expect_hello(conn: p.Connection, data: bytes) -> bool:
     """Feed bytes; True once Hello arrived (raises if the worker failed)."""
-    for event in conn.receive_data(data):
+    conn.receive_data(data)
+    while True:
+        event = conn.next_event()
         if isinstance(event, p.Hello):
             return True
         if isinstance(event, p.StartupFailed):
             raise RuntimeError(f"worker failed to start: {event.type}: {event.message}")
-    if not data:
-        raise RuntimeError("worker exited before Hello")
-    return False
+        if event is p.CLOSED or (not data and event is p.NEED_DATA):
+            raise RuntimeError("worker exited before Hello")
+        if event is p.NEED_DATA:
+            return False
 
 
 async def spawn_once(case: Case, env: Mapping[str, str]) -> float:

@@ -50,9 +50,9 @@ def fail(how: str) -> None:
         frame = (
             b"\x00\x00\x00\x08NOTMSGPK"
             if how == "garbage"
-            else p.Connection(p.Role.HOST).send(p.Call(1, "echo", {}))
+            else p.FrameEncoder().encode(p.call_to_wire(1, "echo", {}, "call", None, None))
         )
-        if threading.get_ident() == worker.bridge._loop_thread:  # in setup(): on the loop
+        if threading.get_ident() == worker._loop_thread:  # in setup(): on the loop itself
             worker.writer.write(frame)
             return
         done = threading.Event()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import os
@@ -73,7 +72,6 @@ class Driver:
         self.conn = p.Connection(p.Role.HOST)
         self.process: ForkedProcess | None = None
         self._ids = iter(range(1, 1_000_000))
-        self._inbox: collections.deque[p.Message] = collections.deque()
 
     async def spawn(self, template: WorkerTemplate, env: dict[str, str]) -> ForkedProcess:
         try:
@@ -112,18 +110,17 @@ class Driver:
     async def receive(self) -> p.Message:
         with anyio.fail_after(30):
             while True:
-                while self._inbox:
-                    message = self._inbox.popleft()
-                    if not isinstance(message, p.Log):
-                        return message
-                await anyio.wait_readable(self.stdout_r)
-                try:
-                    data = os.read(self.stdout_r, 65536)
-                except BlockingIOError:
-                    continue
-                self._inbox.extend(self.conn.receive_data(data))
-                if not data:
+                event = self.conn.next_event()
+                if isinstance(event, p.Message) and not isinstance(event, p.Log):
+                    return event
+                if event is p.CLOSED:
                     raise EOFError("the worker closed its stdout")
+                if event is p.NEED_DATA:
+                    await anyio.wait_readable(self.stdout_r)
+                    try:
+                        self.conn.receive_data(os.read(self.stdout_r, 65536))
+                    except BlockingIOError:
+                        continue
 
     async def call(self, command: str, **args: Any) -> Any:
         self.send(p.Call(id=next(self._ids), command=command, args=args))
