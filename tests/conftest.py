@@ -68,6 +68,24 @@ def no_leftover_processes() -> Iterator[None]:
     assert not leftover, f"test left processes behind: {leftover}"
 
 
+# --- a clock moved by hand (the breaker's and the pacing's unit tests) --------------------
+
+
+class FakeClock:
+    """A monotonic clock that moves only when a test sets ``now``."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
 # --- a private directory, and the environment of a CLI run in it -----------------------------
 
 

@@ -4,22 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import FakeClock
 from snakepool import CircuitOpen, ErrorCategory
 from snakepool.pool._breaker import BreakerState, CircuitBreaker
 from snakepool.pool._recovery import DEFAULT_RECOVERY, Recovery, recovery_table
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture

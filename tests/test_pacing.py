@@ -5,23 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import FakeClock
 from snakepool.pool._pacing import _FIRST_AHEAD, AHEAD_HORIZON, Pacing
 
 #: The answer gap of a quick worker: 50 answers in the pacing horizon.
 QUICK = AHEAD_HORIZON / 50
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 def answer_at_pace(pacing: Pacing, clock: FakeClock, gap: float, answers: int) -> None:

@@ -17,6 +17,7 @@ import anyio
 import pytest
 
 import snakepool
+from conftest import FakeClock
 from snakepool import CallTimeout, WorkerCrashed
 from snakepool.pool._calls import PendingCall
 from snakepool.pool._dispatch import Dispatcher
@@ -295,14 +296,6 @@ async def test_closing_the_pool_fails_a_call_given_back_by_a_dead_worker(
 # --- how many calls a worker holds adapts to how quickly it answers ---------------
 # (the pacing itself, with a fake clock: test_pacing.py; here, the handle and the
 # dispatcher that use it)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 #: The answer gap of a quick worker: 50 answers in the pacing horizon.
