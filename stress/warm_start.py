@@ -79,17 +79,14 @@ def init_frame(conn: p.Connection, case: Case) -> bytes:
 
 def expect_hello(conn: p.Connection, data: bytes) -> bool:
     """Feed bytes; True once Hello arrived (raises if the worker failed)."""
-    conn.receive_data(data)
-    while True:
-        event = conn.next_event()
+    for event in conn.receive_data(data):
         if isinstance(event, p.Hello):
             return True
         if isinstance(event, p.StartupFailed):
             raise RuntimeError(f"worker failed to start: {event.type}: {event.message}")
-        if event is p.CLOSED or (not data and event is p.NEED_DATA):
-            raise RuntimeError("worker exited before Hello")
-        if event is p.NEED_DATA:
-            return False
+    if not data:
+        raise RuntimeError("worker exited before Hello")
+    return False
 
 
 async def spawn_once(case: Case, env: Mapping[str, str]) -> float:

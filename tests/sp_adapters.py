@@ -50,9 +50,9 @@ def fail(how: str) -> None:
         frame = (
             b"\x00\x00\x00\x08NOTMSGPK"
             if how == "garbage"
-            else p.FrameEncoder().encode(p.call_to_wire(1, "echo", {}, "call", None, None))
+            else p.Connection(p.Role.HOST).send(p.Call(1, "echo", {}))
         )
-        if threading.get_ident() == worker._loop_thread:  # in setup(): on the loop itself
+        if threading.get_ident() == worker.bridge._loop_thread:  # in setup(): on the loop
             worker.writer.write(frame)
             return
         done = threading.Event()

@@ -1,8 +1,7 @@
 """The worker's plain lane: reads of plain calls run by the reader itself.
 
-A read that holds nothing but whole frames of plain calls (sync, no session,
-no ``ctx``, arguments that fit) skips the ``Call`` message, the queue and the
-``_Running`` record (``_Threads._run_plain``). Everything a caller can see must
+A read whose messages are all plain calls (sync, no session, no ``ctx``,
+arguments that fit) skips the queue and the ``_Running`` record (``_Threads._run_plain``). Everything a caller can see must
 stay as on the general path: answers, errors, order, and a worker that keeps
 reading (pings, later calls) while a plain call blocks.
 
@@ -13,6 +12,7 @@ with one ``os.write`` so that the worker reads them together.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import select
 import subprocess
@@ -23,7 +23,8 @@ import pytest
 
 from conftest import TESTS_DIR
 from snakepool import protocol as p
-from snakepool.workers import _runtime
+from snakepool.errors import ProtocolError
+from snakepool.workers import _runtime, _stdio
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,6 +40,7 @@ class WorkerPipe:
         )
         self.conn = p.Connection(p.Role.HOST, max_frame_bytes=max_frame_bytes)
         self.ids = iter(range(1, 10**6))
+        self.inbox: collections.deque[p.Message] = collections.deque()
         self.write(
             p.Init(
                 version=p.PROTOCOL_VERSION,
@@ -69,15 +71,13 @@ class WorkerPipe:
         assert self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
         while True:
-            event = self.conn.next_event()
-            if isinstance(event, p.Log):
-                continue
-            if event is not p.NEED_DATA:
-                assert isinstance(event, p.Message), event
-                return event
+            while self.inbox:
+                message = self.inbox.popleft()
+                if not isinstance(message, p.Log):
+                    return message
             ready, _, _ = select.select([fd], [], [], timeout)
             assert ready, f"no message from the worker within {timeout}s"
-            self.conn.receive_data(os.read(fd, 65536))
+            self.inbox.extend(self.conn.receive_data(os.read(fd, 65536)))
 
     def answers(self, n: int) -> list[p.Message]:
         return [self.next() for _ in range(n)]
@@ -227,13 +227,16 @@ LEFT: list[tuple[str, bytes]] = [
     ("unknown command", _frame(c="nope")),
     ("missing argument", _frame(a={"a": 1})),
     ("extra argument", _frame(a={"a": 1, "b": 2, "c": 3})),
+    ("half a frame", _frame()[:-3]),
+    ("a ping after a call", _frame() + p.Connection(p.Role.HOST).send(p.Ping(id=1))),
+]
+#: Not messages at all: the connection refuses them before any lane sees them.
+REFUSED: list[tuple[str, bytes]] = [
     ("float id", _frame(i=1.0)),
     ("bool id", _frame(i=True)),
     ("list args", _frame(a=[1, 2])),
     ("list command", _frame(c=["add"])),
     ("string timeout", _frame(o="soon")),
-    ("half a frame", _frame()[:-3]),
-    ("a ping after a call", _frame() + p.Connection(p.Role.HOST).send(p.Ping(id=1))),
     ("a bad frame after a call", _frame() + b"\x00\x00\x00\x02\xc1\xc1"),
 ]
 
@@ -247,9 +250,8 @@ async def _started_worker() -> _runtime.Worker:
         adapter="sp_adapters:Basic",
         sys_path=[str(TESTS_DIR)],
     )
-    worker.conn.receive_data(p.Connection(p.Role.HOST).send(init))
-    assert worker.conn.next_event() == init
-    worker.writer = _runtime._FrameWriter(os.open(os.devnull, os.O_WRONLY))
+    assert worker.conn.receive_data(p.Connection(p.Role.HOST).send(init)) == [init]
+    worker.writer = _stdio.FrameWriter(os.open(os.devnull, os.O_WRONLY))
     await worker.start(init)
     return worker
 
@@ -258,7 +260,7 @@ async def _started_worker() -> _runtime.Worker:
 @pytest.mark.parametrize(("what", "data"), TAKEN, ids=[t[0] for t in TAKEN])
 async def test_the_lane_takes_reads_of_plain_calls(what: str, data: bytes) -> None:
     worker = await _started_worker()
-    calls = worker.plain_calls(data)
+    calls = worker.plain_calls(worker.conn.receive_data(data))
     assert calls is not None and len(calls) == data.count(b"\xa1t\xa4call")
 
 
@@ -266,17 +268,21 @@ async def test_the_lane_takes_reads_of_plain_calls(what: str, data: bytes) -> No
 @pytest.mark.parametrize(("what", "data"), LEFT, ids=[t[0] for t in LEFT])
 async def test_the_lane_leaves_everything_else_to_the_general_path(what: str, data: bytes) -> None:
     worker = await _started_worker()
-    assert worker.plain_calls(data) is None
-    assert worker.conn.missing_bytes == 0 and worker.conn.next_event() is p.NEED_DATA  # untouched
+    assert worker.plain_calls(worker.conn.receive_data(data)) is None
 
 
 @pytest.mark.anyio
-async def test_the_lane_is_closed_before_the_handshake_and_with_bytes_pending() -> None:
-    fresh = _runtime.Worker(asyncio.get_running_loop())
-    assert fresh.plain_calls(_frame()) is None
+@pytest.mark.parametrize(("what", "data"), REFUSED, ids=[t[0] for t in REFUSED])
+async def test_what_is_not_a_message_never_reaches_the_lane(what: str, data: bytes) -> None:
     worker = await _started_worker()
-    worker.conn.receive_data(b"\x00\x00")  # half a header pending: not "whole frames"
-    assert worker.plain_calls(_frame()) is None
+    with pytest.raises(ProtocolError):
+        worker.conn.receive_data(data)
+
+
+@pytest.mark.anyio
+async def test_the_lane_is_closed_before_the_handshake() -> None:
+    fresh = _runtime.Worker(asyncio.get_running_loop())
+    assert fresh.plain_calls([p.Call(id=1, command="add", args={"a": 1, "b": 2})]) is None
 
 
 def test_calls_read_with_a_long_one_can_still_be_cancelled_before_they_start(

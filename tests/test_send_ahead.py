@@ -19,6 +19,7 @@ import pytest
 import snakepool
 from conftest import FakeClock
 from snakepool import CallTimeout, WorkerCrashed
+from snakepool import protocol as p
 from snakepool.pool._calls import PendingCall
 from snakepool.pool._dispatch import Dispatcher
 from snakepool.pool._pacing import AHEAD_HORIZON, Pacing
@@ -323,7 +324,7 @@ def _answer_at_pace(handle: WorkerHandle, clock: FakeClock, gap: float, answers:
         call_id = next(ids)
         handle.pending[call_id] = PendingCall(call_id, "echo", "call")  # the next one
         clock.now += gap
-        handle._take(min(handle.pending))
+        handle._on_messages([p.Result(id=min(handle.pending), value=None)])  # alone in its read
 
 
 @pytest.mark.parametrize("concurrency", [1, 8])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -72,6 +73,7 @@ class Driver:
         self.conn = p.Connection(p.Role.HOST)
         self.process: ForkedProcess | None = None
         self._ids = iter(range(1, 1_000_000))
+        self._inbox: collections.deque[p.Message] = collections.deque()
 
     async def spawn(self, template: WorkerTemplate, env: dict[str, str]) -> ForkedProcess:
         try:
@@ -110,17 +112,18 @@ class Driver:
     async def receive(self) -> p.Message:
         with anyio.fail_after(30):
             while True:
-                event = self.conn.next_event()
-                if isinstance(event, p.Message) and not isinstance(event, p.Log):
-                    return event
-                if event is p.CLOSED:
+                while self._inbox:
+                    message = self._inbox.popleft()
+                    if not isinstance(message, p.Log):
+                        return message
+                await anyio.wait_readable(self.stdout_r)
+                try:
+                    data = os.read(self.stdout_r, 65536)
+                except BlockingIOError:
+                    continue
+                self._inbox.extend(self.conn.receive_data(data))
+                if not data:
                     raise EOFError("the worker closed its stdout")
-                if event is p.NEED_DATA:
-                    await anyio.wait_readable(self.stdout_r)
-                    try:
-                        self.conn.receive_data(os.read(self.stdout_r, 65536))
-                    except BlockingIOError:
-                        continue
 
     async def call(self, command: str, **args: Any) -> Any:
         self.send(p.Call(id=next(self._ids), command=command, args=args))

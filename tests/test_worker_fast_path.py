@@ -17,7 +17,7 @@ import pytest
 
 from snakepool import protocol as p
 from snakepool.adapters import Adapter, CallContext, command
-from snakepool.workers import _runtime
+from snakepool.workers import _runtime, _scheduler, _stdio
 from waiting import wait_until
 
 pytestmark = pytest.mark.anyio
@@ -120,8 +120,7 @@ async def _worker() -> tuple[_runtime.Worker, _Capture, _Inline]:
     init = p.Init(version=p.PROTOCOL_VERSION, pool="t", worker_id=7, adapter=f"{__name__}:Probe")
     # The Init goes through the connection (its handshake), then start() runs
     # here: on_message would wait for the loop this test is running on.
-    worker.conn.receive_data(p.Connection(p.Role.HOST).send(init))
-    assert worker.conn.next_event() == init
+    assert worker.conn.receive_data(p.Connection(p.Role.HOST).send(init)) == [init]
     await worker.start(init)
     assert isinstance(_decode(capture.frames)[0], p.Hello)
     capture.frames.clear()
@@ -129,10 +128,7 @@ async def _worker() -> tuple[_runtime.Worker, _Capture, _Inline]:
 
 
 def _call(worker: _runtime.Worker, call: p.Call) -> None:
-    frame = p.FrameEncoder().encode(
-        p.call_to_wire(call.id, call.command, call.args, call.mode, call.timeout, call.session_id)
-    )
-    worker.receive(frame)
+    worker.receive(p.Connection(p.Role.HOST).send(call))
 
 
 VALUES = [
@@ -150,13 +146,13 @@ VALUES = [
     b"\x00\xff" * 30,
     [1, [2, [3]]],
     {"a": {"b": [1, "c"]}, 1: None},
-    b"x" * (_runtime._JOIN_BELOW + 1),  # a frame written with writev
+    b"x" * (_stdio._JOIN_BELOW + 1),  # a frame written with writev
     "y" * 100_000,
 ]
 
 
 @pytest.mark.parametrize("value", VALUES, ids=lambda v: type(v).__name__)
-async def test_a_result_frame_is_byte_identical_to_to_wire(value: Any) -> None:
+async def test_a_result_is_written_as_its_frame(value: Any) -> None:
     worker, capture, inline = await _worker()
     _call(worker, p.Call(id=41, command="echo", args={"value": value}))
     inline.run_all()
@@ -291,20 +287,20 @@ def _read_all(fd: int, into: bytearray) -> None:
         into += chunk
 
 
-@pytest.mark.parametrize("size", [10, _runtime._JOIN_BELOW, _runtime._JOIN_BELOW + 1, 300_000])
+@pytest.mark.parametrize("size", [10, _stdio._JOIN_BELOW, _stdio._JOIN_BELOW + 1, 300_000])
 @pytest.mark.parametrize("step", [None, 3, 1000])
 def test_the_frame_writer_writes_whole_frames(
     monkeypatch: pytest.MonkeyPatch, size: int, step: int | None
 ) -> None:
     dribble = _Dribble(step) if step else None
     if dribble is not None:
-        monkeypatch.setattr(_runtime, "os", dribble)
+        monkeypatch.setattr(_stdio, "os", dribble)
     read_fd, write_fd = os.pipe()
     received = bytearray()
     reader = threading.Thread(target=_read_all, args=(read_fd, received))
     reader.start()
     try:
-        writer = _runtime._FrameWriter(write_fd)
+        writer = _stdio.FrameWriter(write_fd)
         header, body = p.FrameEncoder().encode_parts({"t": "result", "i": 1, "r": b"z" * size})
         writer.write(header, body)
         writer.write(b"\x00\x00\x00\x01\xc0")  # one part: written as it is
@@ -314,14 +310,14 @@ def test_the_frame_writer_writes_whole_frames(
         os.close(read_fd)
     assert bytes(received) == header + body + b"\x00\x00\x00\x01\xc0"
     if dribble is not None:
-        first = "write" if len(body) <= _runtime._JOIN_BELOW else "writev"
+        first = "write" if len(body) <= _stdio._JOIN_BELOW else "writev"
         assert dribble.calls[0] == first
 
 
 def test_the_frame_writer_goes_quiet_once_the_host_is_gone() -> None:
     read_fd, write_fd = os.pipe()
     os.close(read_fd)
-    writer = _runtime._FrameWriter(write_fd)
+    writer = _stdio.FrameWriter(write_fd)
     try:
         writer.write(b"\x00\x00\x00\x01", b"\xc0")  # EPIPE: no exception
         assert writer.is_closing()
@@ -330,23 +326,20 @@ def test_the_frame_writer_goes_quiet_once_the_host_is_gone() -> None:
         os.close(write_fd)
 
 
-# --- _Threads: the leader loop over a real pipe ------------------------------
+# --- Scheduler: the leader loop over a real pipe ------------------------------
 
 
 async def test_the_leader_answers_pipelined_calls_in_order_and_hands_over_when_stuck() -> None:
     worker, _, _ = await _worker()
     to_worker_r, to_worker_w = os.pipe()
     from_worker_r, from_worker_w = os.pipe()
-    worker.writer = _runtime._FrameWriter(from_worker_w)
-    threads = worker.threads = _runtime._Threads(worker, to_worker_r)
-    encoder = p.FrameEncoder()
+    worker.writer = _stdio.FrameWriter(from_worker_w)
+    threads = worker.threads = _scheduler.Scheduler(worker, to_worker_r)
+    out = p.Connection(p.Role.HOST)
     host = p.FrameDecoder()
 
     def frames(*calls: p.Call) -> bytes:
-        return b"".join(
-            encoder.encode(p.call_to_wire(c.id, c.command, c.args, c.mode, c.timeout, None))
-            for c in calls
-        )
+        return b"".join(out.send(c) for c in calls)
 
     def waiting(call_id: int) -> bool:
         with threads._lock:
@@ -381,7 +374,7 @@ async def test_the_leader_answers_pipelined_calls_in_order_and_hands_over_when_s
         await wait_until(lambda: started(60))
         os.write(to_worker_w, frames(p.Call(id=61, command="echo", args={"value": 61})))
         await wait_until(lambda: waiting(61))  # read while 60 runs: queued behind it
-        os.write(to_worker_w, encoder.encode(p.to_wire(p.Cancel(id=60))))
+        os.write(to_worker_w, out.send(p.Cancel(id=60)))
         got = await asyncio.to_thread(answers, 2)
         assert got == [p.Result(id=60, value=True), p.Result(id=61, value=61)]
     finally:
@@ -389,5 +382,5 @@ async def test_the_leader_answers_pipelined_calls_in_order_and_hands_over_when_s
         code = await asyncio.wait_for(worker.finished, 5)
         for fd in (to_worker_r, from_worker_r, from_worker_w):
             os.close(fd)
-    assert code == _runtime.EXIT_OK
+    assert code == _stdio.EXIT_OK
     assert not threads._reading

@@ -8,10 +8,10 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
+from ..protocol import SAVE_STATE_TOOL
+
 __all__ = ["CallContext", "HostBridge", "SessionVariables"]
 
-#: The host tool behind ``ctx.save_state`` (reserved: users cannot register it).
-SAVE_STATE_TOOL = "__snakepool_save_state__"
 _EVENT_LOCK = threading.Lock()  # makes a context's cancel event at most once
 
 

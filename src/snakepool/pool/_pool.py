@@ -50,7 +50,6 @@ import tenacity
 
 from .. import protocol as p
 from ..adapters import Adapter
-from ..adapters._context import SAVE_STATE_TOOL
 from ..adapters._loading import adapter_imports, check_importable
 from ..errors import (
     CallTimeout,
@@ -233,7 +232,9 @@ class Pool(LifecycleOwner):
         )
         self._registry = RunRegistry(name)
         self._random = random.Random()
-        self._encoder = p.FrameEncoder(max_frame_bytes)
+        # Calls are framed once, before a worker is chosen (so they need no
+        # copy of args): by a connection of their own, which only sends.
+        self._calls_out = p.Connection(p.Role.HOST, max_frame_bytes=max_frame_bytes)
         self._ids = itertools.count(1)
         self._workers: list[WorkerHandle] = []
         self._dispatcher = Dispatcher(name, queue_size, self._workers, self._check_open)
@@ -442,9 +443,10 @@ class Pool(LifecycleOwner):
         ``fn`` may be sync (it runs in a thread) or async. Registering a name
         again replaces the tool.
         """
-        if not isinstance(name, str) or not name or name.startswith("__snakepool"):
+        if not isinstance(name, str) or not name or name.startswith(p.RESERVED_TOOL_PREFIX):
             raise ValueError(
-                f"tool name must be a non-empty str not starting with '__snakepool', got {name!r}"
+                "tool name must be a non-empty str not starting with "
+                f"{p.RESERVED_TOOL_PREFIX!r}, got {name!r}"
             )
         if not callable(fn):
             raise TypeError(f"tool {name!r} must be callable, got {type(fn).__name__}")
@@ -730,10 +732,8 @@ class Pool(LifecycleOwner):
         limit: float | None,
         session: str | None,
     ) -> bytes:
-        wire = p.call_to_wire(call_id, command, args, mode, limit, session)
         try:
-            header, body = self._encoder.encode_parts(wire)  # (= encode, one call less)
-            return header + body
+            return self._calls_out.send(p.Call(call_id, command, args, mode, limit, session))
         except TypeError as exc:
             raise TypeError(f"args of {command!r} are {exc}") from None
         except ProtocolError as exc:
@@ -1136,7 +1136,7 @@ class Pool(LifecycleOwner):
         )
 
     async def _call_tool(self, worker: WorkerHandle, message: p.HostCall) -> Any:
-        if message.tool == SAVE_STATE_TOOL:
+        if message.tool == p.SAVE_STATE_TOOL:
             call = worker.pending.get(message.call_id)
             if call is None or call.session_id is None:
                 raise LookupError("save_state() outside a session call")

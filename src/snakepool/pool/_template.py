@@ -41,14 +41,13 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
 import anyio.abc
 
+from .. import protocol as p
 from ..errors import TemplateStartError as TemplateStartError
 from ..errors import TemplateUnavailable as TemplateUnavailable
-from ..protocol._framing import CLOSED, NEED_DATA, FrameDecoder, FrameEncoder
 from ._backend import running_on_asyncio
 from ._lines import LineSplitter
 
@@ -113,13 +112,12 @@ class WorkerTemplate:
         self.modules: list[str] = []
         self.import_seconds: float = 0.0
         self.warm = True  # workers fork from it; False: it execs them (a keeper only)
-        self._decoder = FrameDecoder()
-        self._encoder = FrameEncoder()
+        self._conn = p.TemplateConnection(p.Role.HOST)
         self._send_lock = anyio.Lock()
         self._ids = itertools.count(1)
         self._pending: dict[int, _PendingSpawn] = {}
         self._children: dict[int, ForkedProcess] = {}
-        self._init_reply: dict[str, Any] | None = None
+        self._init_reply: p.Ready | p.Unsafe | p.ImportFailed | None = None
         self._init_done = anyio.Event()
         self._importing: str | None = None
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
@@ -165,12 +163,11 @@ class WorkerTemplate:
         except BaseException:
             await template._abort()
             raise
-        error = template._init_error(reply)
-        if error is not None:
+        if not isinstance(reply, p.Ready):
             await template._abort()
-            raise error
-        template.modules = [str(m) for m in reply.get("modules", [])]
-        template.import_seconds = float(reply.get("import_seconds", 0.0))
+            raise template._init_error(reply)
+        template.modules = [str(m) for m in reply.modules]
+        template.import_seconds = float(reply.import_seconds)
         return template
 
     @classmethod
@@ -199,27 +196,21 @@ class WorkerTemplate:
 
     async def _initialise(
         self, preload: Sequence[str], sys_path: Sequence[str], cwd: str | None
-    ) -> dict[str, Any]:
-        init = {"op": "init", "preload": list(preload), "sys_path": list(sys_path), "cwd": cwd}
-        await self._send(self._encoder.encode(init), fds=())
+    ) -> p.Ready | p.Unsafe | p.ImportFailed | None:
+        """The template's answer to init (None: it died before answering)."""
+        init = p.TemplateInit(preload=list(preload), sys_path=list(sys_path), cwd=cwd)
+        await self._send(self._conn.send(init), fds=())
         await self._init_done.wait()
-        if self._init_reply is None:  # died before answering
-            return {"op": "died"}
         return self._init_reply
 
-    def _init_error(self, reply: dict[str, Any]) -> Exception | None:
-        op = reply.get("op")
-        if op == "ready":
-            return None
-        if op == "unsafe":
-            return TemplateUnavailable(str(reply.get("reason")))
-        if op == "failed":
-            module = str(reply.get("module"))
+    def _init_error(self, reply: p.Unsafe | p.ImportFailed | None) -> Exception:
+        if isinstance(reply, p.Unsafe):
+            return TemplateUnavailable(reply.reason)
+        if isinstance(reply, p.ImportFailed):
             return TemplateStartError(
-                f"preload module {module!r} failed to import: "
-                f"{reply.get('type')}: {reply.get('message')}",
-                module=module,
-                traceback=str(reply.get("traceback", "")),
+                f"preload module {reply.module!r} failed to import: {reply.type}: {reply.message}",
+                module=reply.module,
+                traceback=reply.traceback,
             )
         reason = self._dead_reason or "it exited"
         if self._importing is not None:
@@ -262,10 +253,10 @@ class WorkerTemplate:
             raise TemplateUnavailable(f"the template is gone ({self._dead_reason or 'closed'})")
         spawn_id = next(self._ids)
         pending = self._pending[spawn_id] = _PendingSpawn()
-        request: dict[str, Any] = {"op": "spawn", "id": spawn_id, "env": dict(env)}
+        request = p.Spawn(id=spawn_id, env=dict(env))
         if argv is not None:
-            request.update(argv=list(argv), cwd=cwd)
-        frame = self._encoder.encode(request)
+            request.argv, request.cwd = list(argv), cwd
+        frame = self._conn.send(request)
         try:
             # Shielded: a frame cut off half-way would garble every later one.
             with anyio.CancelScope(shield=True):
@@ -337,41 +328,36 @@ class WorkerTemplate:
                 data = await loop.sock_recv(self._control, _RECV_BYTES)
             except OSError:
                 data = b""
-            self._decoder.feed(data)
-            while True:
-                try:
-                    message = self._decoder.next_frame()
-                except Exception as exc:
-                    _log.error("template %d sent garbage (%s); killing it", self.pid, exc)
-                    self._kill_template()
-                    return
-                if message is CLOSED:
-                    return
-                if message is NEED_DATA:
-                    break
-                assert isinstance(message, dict)
+            try:
+                messages = self._conn.receive_data(data)
+            except p.ReceiveError as exc:
+                for message in exc.received:
+                    self._dispatch(message)
+                _log.error("template %d sent garbage (%s); killing it", self.pid, exc)
+                self._kill_template()
+                return
+            for message in messages:
                 self._dispatch(message)
             if not data:
                 return
 
-    def _dispatch(self, message: dict[str, Any]) -> None:
-        op = message.get("op")
-        if op == "importing":
-            self._importing = str(message.get("module"))
-        elif op in ("ready", "unsafe", "failed"):
+    def _dispatch(self, message: p.Message) -> None:
+        if isinstance(message, p.Importing):
+            self._importing = message.module
+        elif isinstance(message, p.Ready | p.Unsafe | p.ImportFailed):
             self._init_reply = message
             self._init_done.set()
-        elif op == "spawned":
-            self._on_spawned(int(message["id"]), int(message["pid"]))
-        elif op == "spawn_failed":
-            pending = self._pending.pop(int(message["id"]), None)
+        elif isinstance(message, p.Spawned):
+            self._on_spawned(message.id, message.pid)
+        elif isinstance(message, p.SpawnFailed):
+            pending = self._pending.pop(message.id, None)
             if pending is not None:
-                pending.error = f"the template could not fork: {message.get('message')}"
+                pending.error = f"the template could not fork: {message.message}"
                 pending.done.set()
-        elif op == "exited":
-            child = self._children.pop(int(message["pid"]), None)
+        elif isinstance(message, p.Exited):
+            child = self._children.pop(message.pid, None)
             if child is not None:
-                child._set_exited(int(message["code"]))
+                child._set_exited(message.code)
 
     def _on_spawned(self, spawn_id: int, pid: int) -> None:
         child = self._children[pid] = ForkedProcess(pid)

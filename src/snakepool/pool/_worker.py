@@ -163,6 +163,7 @@ class WorkerHandle:
         self.ttl_limit: float | None = None
         self._memory_checked_at = 0.0
         self._pings: dict[int, anyio.Event] = {}
+        self._answered_in_read = 0  # calls the read being handled answered (see _take)
         self._ping_ids = itertools.count(1)
 
     # --- facts -----------------------------------------------------------------
@@ -646,41 +647,25 @@ class WorkerHandle:
 
     def feed_stdout(self, data: bytes) -> bool:
         """Handle bytes from the worker's stdout; true once it ended or broke the protocol."""
-        conn = self._conn
         try:
-            frames = conn.whole_frames(data) if data else None
-            if frames is not None:  # (the usual read: whole frames, results inline)
-                pending, answered = self.pending, 0
-                for wire in frames:
-                    call_id = wire.get("i")
-                    if wire.get("t") == "result" and type(call_id) is int and "r" in wire:
-                        call = pending.pop(call_id, None)
-                        if call is not None:
-                            answered += 1
-                            call.resolve(wire["r"])
-                    else:
-                        self._on_message(conn.message_from(wire))
-                if answered:
-                    self._answered(answered)
-                return False
-            conn.receive_data(data)
-            while True:
-                event = conn.next_event()
-                if type(event) is p.Result:  # the usual message, handled inline
-                    call = self._take(event.id)
-                    if call is not None:
-                        call.resolve(event.value)
-                    continue
-                if event is p.NEED_DATA:
-                    return False
-                if event is p.CLOSED:
-                    return True
-                assert isinstance(event, p.Message)
-                self._on_message(event)
-        except ProtocolError as exc:
+            messages = self._conn.receive_data(data)
+        except p.ReceiveError as exc:
+            self._on_messages(exc.received)  # (what came before the bad frame)
             self._protocol_error = ProtocolError(f"{self.describe()} broke the protocol: {exc}")
             self.kill(f"protocol error: {exc}")
             return True
+        if messages:
+            self._on_messages(messages)
+        return not data
+
+    def _on_messages(self, messages: list[p.Message]) -> None:
+        """One read's messages, in order; the calls they answered are accounted
+        once for the read (one clock reading and one hand-off: see _answered)."""
+        self._answered_in_read = 0
+        for message in messages:
+            self._on_message(message)
+        if self._answered_in_read:
+            self._answered(self._answered_in_read)
 
     # --- messages from the worker ------------------------------------------------
 
@@ -762,17 +747,17 @@ class WorkerHandle:
         self._ready.set()
 
     def _take(self, call_id: int) -> PendingCall | None:
+        """Take call ``call_id`` off ``pending`` (answered: accounted at the end of the read)."""
         call = self.pending.pop(call_id, None)
         if call is not None:
-            self._answered(1)
+            self._answered_in_read += 1
         return call
 
     def _answered(self, count: int) -> None:
         """``count`` calls were just answered (taken off ``pending``): pace, free their slots.
 
-        Once per read for the results ``feed_stdout`` handles inline: one clock
-        reading and one hand-off for them all (the hand-off fills every slot
-        it can).
+        Once per read (``_on_messages``): one clock reading and one hand-off
+        for every call the read answered (the hand-off fills every slot it can).
         """
         pacing = self.pacing
         if pacing.limit:  # pace sending ahead (see Pacing.answered)

@@ -1,20 +1,25 @@
 """One end of a host<->worker pipe, as a sans-IO state machine (like h11).
 
-``receive_data(bytes)`` buffers, ``next_event()`` returns a message,
-``NEED_DATA`` or ``CLOSED``; ``send(message)`` returns the bytes to write.
-The connection checks direction (a worker never receives ``Hello``) and, on
+``receive_data(bytes)`` takes whatever was read (one byte works; ``b""`` means
+the peer closed the stream) and returns the validated messages it completed;
+``send(message)`` (or ``send_parts``) returns the bytes to write. The
+connection checks direction (a worker never receives ``Hello``) and, on
 receipt, the handshake order (the host speaks ``Init`` first; the worker
-answers ``Hello`` or ``StartupFailed`` before anything but ``Log``). It never touches a socket or a pipe.
+answers ``Hello`` or ``StartupFailed`` before anything but ``Log``). It never
+touches a socket or a pipe. Every frame between a host and a worker goes
+through one: the host's handle and the worker runtime use nothing else.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import ProtocolError
-from ._framing import DEFAULT_MAX_FRAME_BYTES, NEED_DATA, FrameDecoder, FrameEncoder, Sentinel
+from ._framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameEncoder, Sentinel
 from ._messages import (
+    BY_TAG,
     HOST_MESSAGES,
     WORKER_MESSAGES,
     Hello,
@@ -22,11 +27,10 @@ from ._messages import (
     Log,
     Message,
     StartupFailed,
-    from_wire,
-    to_wire,
+    _shown,
 )
 
-__all__ = ["Connection", "Role"]
+__all__ = ["Connection", "ReceiveError", "Role"]
 
 
 class Role(enum.Enum):
@@ -40,8 +44,22 @@ _FIRST_FROM: dict[Role, tuple[type[Message], ...]] = {
 }
 
 
+class ReceiveError(ProtocolError):
+    """The peer broke the protocol; ``received`` holds the good messages that
+    came before the bad frame in the same read, in order (handle them first)."""
+
+    def __init__(self, message: str, received: list[Message]) -> None:
+        super().__init__(message)
+        self.received = received
+
+
 class Connection:
-    """Protocol state for one end of the pipe."""
+    """Protocol state for one end of the pipe.
+
+    Receiving is for one thread at a time; sending is safe from any thread
+    (and needs no handshake state, so a host may frame a call before it
+    knows which worker takes it).
+    """
 
     def __init__(self, role: Role, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self.role = role
@@ -50,7 +68,16 @@ class Connection:
         self._encoder = FrameEncoder(max_frame_bytes)
         self._may_send = HOST_MESSAGES if role is Role.HOST else WORKER_MESSAGES
         self._may_receive = WORKER_MESSAGES if role is Role.HOST else HOST_MESSAGES
+        #: tag -> decoder, for the messages this end may receive (nothing else)
+        self._decoders: dict[str, Callable[[dict[str, Any]], Message]] = {
+            cls.TAG: cls.from_wire for cls in self._may_receive
+        }
+        #: class -> encoder, for the messages this end may send (nothing else)
+        self._to_wire: dict[type[Message], Callable[[Message], dict[str, Any]]] = {
+            cls: cls.to_wire for cls in self._may_send
+        }
         self._received_first = False
+        self._broken: ReceiveError | None = None
 
     @property
     def max_frame_bytes(self) -> int:
@@ -68,48 +95,70 @@ class Connection:
 
     # --- receiving ---------------------------------------------------------
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Feed bytes read from the peer; ``b""`` means end of stream."""
-        self._decoder.feed(data)
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Message]:
+        """The messages completed by ``data`` (bytes read from the peer), in order.
 
-    def whole_frames(self, data: bytes) -> list[dict[str, Any]] | None:
-        """The raw maps in ``data``, for a reader that handles the usual messages itself.
-
-        Only after the handshake, and only when ``data`` is whole, valid frames
-        with nothing pending (see :meth:`FrameDecoder.whole_frames`); nothing
-        is buffered either way. The caller applies ``next_event``'s rules to
-        each map itself, and feeds ``data`` to :meth:`receive_data` instead
-        when any map is not one it handles.
+        ``b""`` means the peer closed the stream: an empty list if it did so
+        between frames. Raises :class:`ReceiveError` (a :class:`ProtocolError`
+        naming what is wrong, down to the field) when the peer broke the
+        protocol; the connection then stays broken. Keeps no reference to
+        ``data`` (a reused read buffer is fine).
         """
-        return self._decoder.whole_frames(data) if self._received_first else None
-
-    def next_event(self) -> Message | Sentinel:
-        """The next message from the peer, or ``NEED_DATA`` / ``CLOSED``."""
+        if self._broken is not None:
+            raise self._broken
         decoder = self._decoder
-        if decoder._ready:  # (the usual case, checked here: this runs per message)
-            frame: dict[str, Any] | Sentinel = decoder._ready.popleft()
-        elif not decoder._buffer and not decoder._eof and decoder._error is None:
-            return NEED_DATA  # (the usual end of a read)
-        else:
-            frame = decoder.next_frame()
-            if isinstance(frame, Sentinel):
-                return frame
-        return self.message_from(frame)  # type: ignore[arg-type]
+        if self._received_first:
+            frames = decoder.whole_frames(data) if data else None
+            if frames is not None:  # the usual read: whole frames, nothing pending
+                decoders = self._decoders
+                messages: list[Message] = []
+                append = messages.append
+                try:
+                    for wire in frames:  # (a loop: cheaper than a comprehension for one)
+                        append(decoders[wire["t"]](wire))
+                except (KeyError, TypeError, ProtocolError):
+                    return self._messages(frames, None)  # (says which one, and why)
+                return messages
+        decoder.feed(data)
+        frames = []
+        error: ProtocolError | None = None
+        try:
+            while not isinstance(frame := decoder.next_frame(), Sentinel):
+                frames.append(frame)
+        except ProtocolError as exc:
+            error = exc
+        return self._messages(frames, error)
 
-    def message_from(self, frame: dict[str, Any]) -> Message:
-        """The message a decoded map holds, checked as ``next_event`` checks it
-        (for maps from :meth:`whole_frames`); :class:`ProtocolError` if it is bad."""
-        message = from_wire(frame)
-        kind = type(message)
-        if kind not in self._may_receive:
+    def _messages(self, frames: list[dict[str, Any]], error: ProtocolError | None) -> list[Message]:
+        """``frames`` as messages, one at a time with every check; a bad one (or
+        ``error``, after them all) raises ReceiveError with the good ones before it."""
+        messages: list[Message] = []
+        for frame in frames:
+            try:
+                messages.append(self._message(frame))
+            except ProtocolError as exc:
+                error = exc
+                break
+        if error is None:
+            return messages
+        self._broken = ReceiveError(str(error), [])  # (what a later read raises)
+        raise ReceiveError(str(error), messages) from None
+
+    def _message(self, frame: dict[str, Any]) -> Message:
+        tag = frame.get("t")
+        cls = BY_TAG.get(tag) if isinstance(tag, str) else None
+        if cls is None:
+            raise ProtocolError(f"unknown message type {_shown(tag)}")
+        if cls not in self._may_receive:
             raise ProtocolError(
-                f"{self.peer.value} sent {message.TAG!r}, which only a {self.role.value} may send"
+                f"{self.peer.value} sent {cls.TAG!r}, which only a {self.role.value} may send"
             )
-        if not self._received_first and kind is not Log:  # setup() may log before Hello
-            if not isinstance(message, _FIRST_FROM[self.peer]):
+        message = cls.from_wire(frame)
+        if not self._received_first and cls is not Log:  # setup() may log before Hello
+            if cls not in _FIRST_FROM[self.peer]:
                 expected = " or ".join(repr(m.TAG) for m in _FIRST_FROM[self.peer])
                 raise ProtocolError(
-                    f"{self.peer.value}'s first message must be {expected}, got {message.TAG!r}"
+                    f"{self.peer.value}'s first message must be {expected}, got {cls.TAG!r}"
                 )
             self._received_first = True
         return message
@@ -119,13 +168,24 @@ class Connection:
     def send(self, message: Message) -> bytes:
         """The frame for ``message``.
 
-        ``TypeError`` if a value is not MessagePack-able, :class:`ProtocolError`
-        if the frame is over ``max_frame_bytes``; nothing is sent in either case.
+        ``TypeError`` if a value is not MessagePack-able (or nests deeper than
+        the peer's decoder accepts), :class:`ProtocolError` if the frame is
+        over ``max_frame_bytes``; nothing is sent in either case.
         """
-        if type(message) not in self._may_send:
-            raise ProtocolError(f"a {self.role.value} may not send {message.TAG!r}")
+        try:
+            to_wire = self._to_wire[type(message)]
+        except KeyError:
+            raise self._may_not_send(message) from None
         return self._encoder.encode(to_wire(message))
 
-    def encode_raw(self, wire: dict[str, Any]) -> bytes:
-        """Frame an already-built map (for tests and tools)."""
-        return self._encoder.encode(wire)
+    def send_parts(self, message: Message) -> tuple[bytes, bytes]:
+        """``send`` as (header, body), for a vectored write of a large frame
+        (its body is not copied into a frame)."""
+        try:
+            to_wire = self._to_wire[type(message)]
+        except KeyError:
+            raise self._may_not_send(message) from None
+        return self._encoder.encode_parts(to_wire(message))
+
+    def _may_not_send(self, message: Message) -> ProtocolError:
+        return ProtocolError(f"a {self.role.value} may not send {message.TAG!r}")

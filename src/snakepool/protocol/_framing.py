@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import threading
 from collections.abc import Callable, Collection
 from typing import Any, Final
 
@@ -29,6 +30,7 @@ __all__ = [
     "DECODE_FLOOR_BYTES",
     "DEFAULT_MAX_FRAME_BYTES",
     "HEADER_BYTES",
+    "MAX_NESTING",
     "NEED_DATA",
     "FrameDecoder",
     "FrameEncoder",
@@ -49,6 +51,9 @@ _UNMEASURED_UP_TO: Final = DECODE_FLOOR_BYTES // WORST_RATIO
 #: Every extension value is refused by msgpack itself (timestamps included, which
 #: bypass ``ext_hook``); :func:`._measure.measure` then names its type code.
 _NO_EXT: Final = 0
+#: Containers a frame may nest, its map included: msgpack's decoder stack. The
+#: encoder refuses a deeper map (msgpack's packer alone would pack one level more).
+MAX_NESTING: Final = 1024
 _EXT_REFUSED: Final = "exceeds max_ext_len"
 
 
@@ -66,34 +71,104 @@ NEED_DATA: Final = Sentinel.NEED_DATA
 CLOSED: Final = Sentinel.CLOSED
 
 
+#: A body this short cannot nest MAX_NESTING levels (each level takes a byte at least).
+_SHALLOW_UP_TO: Final = MAX_NESTING
+_CONTAINERS: Final = (dict, list, tuple)
+#: Keys and items :func:`_few_containers` looks at before it gives up.
+_LOOK_AT: Final = 64
+
+
+def _few_containers(payload: dict[str, Any]) -> bool:
+    """True when the map holds few containers (so it cannot nest deep), seen
+    from at most ``_LOOK_AT`` of its keys and items; False: not sure."""
+    todo: list[Any] = [payload]
+    budget = _LOOK_AT
+    while todo:
+        container = todo.pop()
+        if isinstance(container, dict):
+            budget -= len(container) * 2
+            items = [*container.keys(), *container.values()] if budget >= 0 else ()
+        else:
+            budget -= len(container)
+            items = container if budget >= 0 else ()
+        if budget < 0:
+            return False
+        todo.extend(item for item in items if isinstance(item, _CONTAINERS))
+    return True
+
+
 class FrameEncoder:
-    """Turns one MessagePack-able map into one frame's bytes."""
+    """Turns one MessagePack-able map into one frame's bytes; safe to share
+    between threads (each thread packs with a packer of its own)."""
 
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         if not 0 < max_frame_bytes <= _MAX_HEADER_VALUE:
             raise ValueError(f"max_frame_bytes must be in 1..{_MAX_HEADER_VALUE}")
         self.max_frame_bytes = max_frame_bytes
-        # One reusable Packer: it resets itself when packing raises.
-        self._packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+        self._check_from = min(max_frame_bytes, _SHALLOW_UP_TO)
+        self._local = threading.local()
 
     def encode(self, payload: dict[str, Any]) -> bytes:
         """Frame ``payload``.
 
-        Raises ``TypeError`` naming the type that MessagePack cannot encode and
+        Raises ``TypeError`` naming the type that MessagePack cannot encode (or
+        saying the map nests deeper than a decoder accepts) and
         :class:`ProtocolError` when the frame would exceed ``max_frame_bytes``.
         """
-        header, body = self.encode_parts(payload)
-        return header + body
+        try:
+            body: bytes = self._local.packer.pack(payload)
+        except Exception as exc:
+            body = self._pack_again(payload, exc)
+        size = len(body)
+        if size > self._check_from:
+            self._check_large(payload, size)
+        return size.to_bytes(HEADER_BYTES, "big") + body
 
     def encode_parts(self, payload: dict[str, Any]) -> tuple[bytes, bytes]:
         """``encode`` as (header, body), for a vectored write of a large frame."""
         try:
-            body: bytes = self._packer.pack(payload)
-        except (TypeError, ValueError, OverflowError) as exc:
+            body: bytes = self._local.packer.pack(payload)
+        except Exception as exc:
+            body = self._pack_again(payload, exc)
+        size = len(body)
+        if size > self._check_from:  # (one comparison for the usual small frame)
+            self._check_large(payload, size)
+        return size.to_bytes(HEADER_BYTES, "big"), body
+
+    def _check_large(self, payload: dict[str, Any], size: int) -> None:
+        if size > self.max_frame_bytes:
+            self._refuse(size)
+        if size > _SHALLOW_UP_TO and not _few_containers(payload):
+            self._check_nesting(payload)
+
+    def _check_nesting(self, payload: dict[str, Any]) -> None:
+        """Refuse a map nested deeper than MAX_NESTING levels (for a large frame
+        with many containers, the only kind that can): msgpack packs one level
+        more than it unpacks, so the map is packed again one level down, as the
+        only item of an array, which then reaches the packer's limit."""
+        try:
+            self._local.packer.pack((payload,))
+        except ValueError:
+            raise TypeError(
+                f"not MessagePack-serializable: nests deeper than {MAX_NESTING} levels"
+            ) from None
+
+    def _pack_again(self, payload: dict[str, Any], exc: Exception) -> bytes:
+        """A packer for this thread (its first frame), or the error, explained."""
+        if isinstance(exc, AttributeError) and not hasattr(self._local, "packer"):
+            # One reusable Packer per thread (it resets itself, even when packing raises).
+            self._local.packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+            try:
+                return self._local.packer.pack(payload)  # type: ignore[no-any-return]
+            except Exception as again:
+                exc = again
+        if isinstance(exc, ValueError) and "recursion" in str(exc):
+            raise TypeError(
+                f"not MessagePack-serializable: nests deeper than {MAX_NESTING} levels"
+            ) from None
+        if isinstance(exc, TypeError | ValueError | OverflowError):
             raise TypeError(f"not MessagePack-serializable: {exc}") from None
-        if len(body) > self.max_frame_bytes:
-            self._refuse(len(body))
-        return len(body).to_bytes(HEADER_BYTES, "big"), body
+        raise exc
 
     def _refuse(self, size: int) -> None:
         raise ProtocolError(
@@ -207,7 +282,7 @@ class FrameDecoder:
                 return _split(view, end, self._unmeasured, types, keep)
         return _split(data, end, self._unmeasured, types, keep)
 
-    def whole_frames(self, data: bytes) -> list[dict[str, Any]] | None:
+    def whole_frames(self, data: bytes | bytearray | memoryview) -> list[dict[str, Any]] | None:
         """The maps of ``data`` when it is whole, valid frames and nothing is pending.
 
         A shortcut for a reader that handles the usual frames itself: nothing

@@ -1,20 +1,29 @@
-"""The messages of the worker protocol: small frozen dataclasses.
+"""The messages of the worker protocol: small slots dataclasses.
 
 Each message travels as one MessagePack map whose ``"t"`` key names its type
-(see ``docs/protocol.md``). :func:`to_wire` and :func:`from_wire` convert; the
-latter validates every field and raises :class:`ProtocolError` naming it.
+(see ``docs/protocol.md``). A message class declares each field's wire key
+(and the types it accepts) once, with :func:`wire`; :func:`message` derives
+the class's codec from those declarations when the class is created: a
+``to_wire`` method and a ``from_wire`` function, both generated as straight-line
+code (no loop over a table per message). ``from_wire`` validates every field
+and raises :class:`ProtocolError` naming it. :class:`._connection.Connection`
+is what turns messages into frames and back.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Final
+import dataclasses
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass
+from typing import Any, ClassVar, Final, TypeVar
 
 from ..errors import ProtocolError
 
 __all__ = [
     "HOST_MESSAGES",
     "PROTOCOL_VERSION",
+    "RESERVED_TOOL_PREFIX",
+    "SAVE_STATE_TOOL",
     "STREAM_WINDOW",
     "WORKER_MESSAGES",
     "Call",
@@ -40,15 +49,22 @@ __all__ = [
     "SessionSync",
     "StartupFailed",
     "Withdraw",
-    "call_to_wire",
     "from_wire",
+    "message",
     "to_wire",
+    "wire",
 ]
 
 #: Bumped on any incompatible change; host and worker must agree exactly.
 PROTOCOL_VERSION: Final = 2  # 2: calls wait in the worker; ``withdraw``
 #: Items a worker may send on a stream before the host grants more with ``Credit``.
 STREAM_WINDOW: Final = 64
+#: The host tool behind ``ctx.save_state``: a ``HostCall`` of this tool stores
+#: ``{"key", "value"}`` in the session's state. Reserved (like every tool name
+#: starting with :data:`RESERVED_TOOL_PREFIX`): users cannot register it.
+SAVE_STATE_TOOL: Final = "__snakepool_save_state__"
+#: Tool names starting with this are the protocol's own.
+RESERVED_TOOL_PREFIX: Final = "__snakepool"
 
 
 class CallMode:
@@ -73,87 +89,207 @@ class FailureKind:
     WRONG_MODE: Final = "wrong_mode"  # call() of a stream command or vice versa
 
 
-#: (attribute, wire key, accepted types) for every field of a message.
+_NONE = type(None)
+#: (attribute, wire key, accepted types) for every field of a message; derived.
 WireSpec = tuple[tuple[str, str, tuple[type, ...]], ...]
 
 
+def wire(key: str, *types: type, default: Any = MISSING, default_factory: Any = MISSING) -> Any:
+    """Declare a message field: its wire ``key`` and the exact types it accepts
+    (none: any MessagePack value; ``type(None)``: nil), with an optional default."""
+    metadata = {"wire": key, "types": types}
+    if default_factory is not MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    if default is not MISSING:
+        return dataclasses.field(default=default, metadata=metadata)
+    return dataclasses.field(metadata=metadata)
+
+
 class Message:
-    """Base of every protocol message."""
+    """Base of every protocol message (made with :func:`message`)."""
 
     __slots__ = ()
     TAG: ClassVar[str]
+    #: The map key that holds ``TAG`` (``"t"``; the fork server's messages: ``"op"``).
+    TAG_KEY: ClassVar[str]
+    #: Derived from the fields' :func:`wire` declarations, for introspection.
     WIRE: ClassVar[WireSpec]
+    #: The generated decoder: a map with this class's tag -> the message.
+    from_wire: ClassVar[Callable[[dict[str, Any]], Message]]
+
+    def to_wire(self) -> dict[str, Any]:
+        """The MessagePack map for this message (generated per class)."""
+        raise NotImplementedError
 
 
-_STR = (str,)
-_INT = (int,)
-_OPT_STR = (str, type(None))
-_OPT_FLOAT = (float, int, type(None))
-_ANY: tuple[type, ...] = ()  # any MessagePack value
+_M = TypeVar("_M", bound=type[Message])
+
+
+def message(tag: str, *, tag_key: str = "t") -> Callable[[_M], _M]:
+    """Class decorator (on top of ``@dataclass(slots=True)``): tag the class and
+    generate its codec from its fields' :func:`wire` declarations. The map
+    holds ``tag`` under ``tag_key``."""
+
+    def decorate(cls: _M) -> _M:
+        spec: list[tuple[str, str, tuple[type, ...]]] = []
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if "wire" not in f.metadata:
+                raise TypeError(f"{cls.__name__}.{f.name} has no wire key (declare it with wire())")
+            spec.append((f.name, f.metadata["wire"], f.metadata["types"]))
+        keys = [key for _, key, _ in spec]
+        if tag_key in keys or len(set(keys)) != len(keys):
+            raise TypeError(f"{cls.__name__}: wire keys must be unique and not {tag_key!r}")
+        cls.TAG = tag
+        cls.TAG_KEY = tag_key
+        cls.WIRE = tuple(spec)
+        cls.to_wire = _make_to_wire(cls, tag_key, tag, spec)  # type: ignore[method-assign,assignment]
+        cls.from_wire = staticmethod(_make_from_wire(cls, tag, spec))
+        return cls
+
+    return decorate
+
+
+def _check(var: str, types: tuple[type, ...], names: dict[str, Any]) -> str | None:
+    """A Python expression true when ``var`` has one of ``types`` exactly."""
+    if not types:
+        return None
+    tests = []
+    for t in sorted(types, key=lambda t: t is not _NONE):  # (None first: the usual default)
+        if t is _NONE:
+            tests.append(f"{var} is None")
+        else:
+            name = f"_{t.__name__}"
+            names[name] = t
+            tests.append(f"type({var}) is {name}")
+    return "(" + " or ".join(tests) + ")"
+
+
+def _make_to_wire(
+    cls: type[Message], tag_key: str, tag: str, spec: list[tuple[str, str, tuple[type, ...]]]
+) -> Callable[[Message], dict[str, Any]]:
+    items = ", ".join(
+        [f"{tag_key!r}: {tag!r}", *(f"{key!r}: self.{attr}" for attr, key, _ in spec)]
+    )
+    source = f"def to_wire(self):\n    return {{{items}}}\n"
+    namespace: dict[str, Any] = {}
+    exec(source, namespace)
+    function: Callable[[Message], dict[str, Any]] = namespace["to_wire"]
+    function.__qualname__ = f"{cls.__name__}.to_wire"
+    function.__doc__ = Message.to_wire.__doc__
+    return function
+
+
+def _make_from_wire(
+    cls: type[Message], tag: str, spec: list[tuple[str, str, tuple[type, ...]]]
+) -> Callable[[dict[str, Any]], Message]:
+    """``from_wire`` for ``cls``: straight-line code for a well-formed map, and
+    :func:`_explain` (which names the bad field) for anything else.
+
+    Every key is read by subscription first (the encoder writes them all);
+    a map that lacks an optional key takes a second function that fills in
+    the defaults.
+    """
+    by_name = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    names: dict[str, Any] = {"_cls": cls, "_explain": _explain, "_MISSING": MISSING}
+    every, required, optional, checks = [], [], [], []
+    for index, (attr, key, types) in enumerate(spec):
+        var = f"v{index}"
+        f = by_name[attr]
+        every.append(f"        {var} = w[{key!r}]")
+        if f.default is MISSING and f.default_factory is MISSING:
+            required.append(f"        {var} = w[{key!r}]")
+        elif f.default_factory is not MISSING:
+            names[f"_f{index}"] = f.default_factory
+            optional.append(f"    {var} = w.get({key!r}, _MISSING)")
+            optional.append(f"    if {var} is _MISSING:\n        {var} = _f{index}()")
+        else:
+            names[f"_d{index}"] = f.default
+            optional.append(f"    {var} = w.get({key!r}, _d{index})")
+        check = _check(var, types, names)
+        if check is not None:
+            checks.append(check)
+    args = ", ".join(f"v{index}" for index in range(len(spec)))
+    tail = [f"    return _cls({args})"]
+    if checks:
+        tail = [f"    if {' and '.join(checks)}:", f"        return _cls({args})"]
+        tail += ["    return _explain(_cls, w)"]
+    lines = ["def _with_defaults(w):"]
+    if required:
+        lines += ["    try:", *required, "    except KeyError:", "        return _explain(_cls, w)"]
+    lines += [*optional, *tail]
+    if optional:
+        lines += ["def from_wire(w):", "    try:", *every, "    except KeyError:"]
+        lines += ["        return _with_defaults(w)", *tail]
+    else:
+        lines += ["from_wire = _with_defaults"]
+    exec("\n".join(lines) + "\n", names)
+    function: Callable[[dict[str, Any]], Message] = names["from_wire"]
+    function.__qualname__ = f"{cls.__name__}.from_wire"
+    function.__doc__ = f"The {tag!r} message a decoded map holds; ProtocolError if malformed."
+    return function
+
+
+def _explain(cls: type[Message], wire: dict[str, Any]) -> Message:
+    """The general (slow) decoder: says which field is missing or of the wrong type."""
+    kwargs: dict[str, Any] = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for attr, key, types in cls.WIRE:
+        if key not in wire:
+            f = fields[attr]
+            if f.default is not MISSING or f.default_factory is not MISSING:
+                continue
+            raise ProtocolError(f"{cls.TAG!r} message lacks field {attr!r}")
+        value = wire[key]
+        if types and type(value) not in types:
+            raise ProtocolError(
+                f"{cls.TAG!r} message field {attr!r} is {type(value).__name__}, "
+                f"expected {' or '.join(t.__name__ for t in types)}"
+            )
+        kwargs[attr] = value
+    return cls(**kwargs)
 
 
 # --- host -> worker ----------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@message("init")
+@dataclass(slots=True)
 class Init(Message):
     """First frame the host sends: who the worker is and what to load."""
 
-    version: int
-    worker_id: int
-    pool: str
-    adapter: str
-    config: dict[str, Any] = field(default_factory=dict)
-    concurrency: int = 1
-    max_frame_bytes: int = 64 * 2**20
-    sys_path: list[str] = field(default_factory=list)
-
-    TAG: ClassVar[str] = "init"
-    WIRE: ClassVar[WireSpec] = (
-        ("version", "v", _INT),
-        ("worker_id", "w", _INT),
-        ("pool", "p", _STR),
-        ("adapter", "a", _STR),
-        ("config", "c", (dict,)),
-        ("concurrency", "n", _INT),
-        ("max_frame_bytes", "m", _INT),
-        ("sys_path", "s", (list,)),
-    )
+    version: int = wire("v", int)
+    worker_id: int = wire("w", int)
+    pool: str = wire("p", str)
+    adapter: str = wire("a", str)
+    config: dict[str, Any] = wire("c", dict, default_factory=dict)
+    concurrency: int = wire("n", int, default=1)
+    max_frame_bytes: int = wire("m", int, default=64 * 2**20)
+    sys_path: list[str] = wire("s", list, default_factory=list)
 
 
-@dataclass(frozen=True, slots=True)
+@message("call")
+@dataclass(slots=True)
 class Call(Message):
     """Run ``command(**args)``."""
 
-    id: int
-    command: str
-    args: dict[str, Any]
-    mode: str = CallMode.CALL
-    timeout: float | None = None
-    session_id: str | None = None
-
-    TAG: ClassVar[str] = "call"
-    WIRE: ClassVar[WireSpec] = (
-        ("id", "i", _INT),
-        ("command", "c", _STR),
-        ("args", "a", (dict,)),
-        ("mode", "m", _STR),
-        ("timeout", "o", _OPT_FLOAT),
-        ("session_id", "s", _OPT_STR),
-    )
+    id: int = wire("i", int)
+    command: str = wire("c", str)
+    args: dict[str, Any] = wire("a", dict)
+    mode: str = wire("m", str, default=CallMode.CALL)
+    timeout: float | None = wire("o", float, int, _NONE, default=None)
+    session_id: str | None = wire("s", str, _NONE, default=None)
 
 
-@dataclass(frozen=True, slots=True)
+@message("cancel")
+@dataclass(slots=True)
 class Cancel(Message):
     """Stop call ``id`` (cooperatively); the worker still answers it."""
 
-    id: int
-
-    TAG: ClassVar[str] = "cancel"
-    WIRE: ClassVar[WireSpec] = (("id", "i", _INT),)
+    id: int = wire("i", int)
 
 
-@dataclass(frozen=True, slots=True)
+@message("withdraw")
+@dataclass(slots=True)
 class Withdraw(Message):
     """Give call ``id`` back if it has not started; one that has is left to finish.
 
@@ -162,24 +298,20 @@ class Withdraw(Message):
     other call the message is ignored.
     """
 
-    id: int
-
-    TAG: ClassVar[str] = "withdraw"
-    WIRE: ClassVar[WireSpec] = (("id", "i", _INT),)
+    id: int = wire("i", int)
 
 
-@dataclass(frozen=True, slots=True)
+@message("credit")
+@dataclass(slots=True)
 class Credit(Message):
     """Stream ``id`` may send ``n`` more items (the host consumed that many)."""
 
-    id: int
-    n: int
-
-    TAG: ClassVar[str] = "credit"
-    WIRE: ClassVar[WireSpec] = (("id", "i", _INT), ("n", "n", _INT))
+    id: int = wire("i", int)
+    n: int = wire("n", int)
 
 
-@dataclass(frozen=True, slots=True)
+@message("session")
+@dataclass(slots=True)
 class SessionSync(Message):
     """Open or refresh session ``session_id`` in the worker.
 
@@ -188,212 +320,145 @@ class SessionSync(Message):
     ``restore_session`` must rebuild from before the session's next call runs.
     """
 
-    session_id: str
-    version: int
-    variables: dict[str, Any]
-    restore: dict[str, Any] | None = None
-
-    TAG: ClassVar[str] = "session"
-    WIRE: ClassVar[WireSpec] = (
-        ("session_id", "s", _STR),
-        ("version", "v", _INT),
-        ("variables", "a", (dict,)),
-        ("restore", "r", (dict, type(None))),
-    )
+    session_id: str = wire("s", str)
+    version: int = wire("v", int)
+    variables: dict[str, Any] = wire("a", dict)
+    restore: dict[str, Any] | None = wire("r", dict, _NONE, default=None)
 
 
-@dataclass(frozen=True, slots=True)
+@message("session_drop")
+@dataclass(slots=True)
 class SessionDrop(Message):
     """Session ``session_id`` ended (closed or expired): forget it."""
 
-    session_id: str
-
-    TAG: ClassVar[str] = "session_drop"
-    WIRE: ClassVar[WireSpec] = (("session_id", "s", _STR),)
+    session_id: str = wire("s", str)
 
 
-@dataclass(frozen=True, slots=True)
+@message("host_reply")
+@dataclass(slots=True)
 class HostReply(Message):
     """Host tool call ``id`` returned ``value``."""
 
-    id: int
-    value: Any
-
-    TAG: ClassVar[str] = "host_reply"
-    WIRE: ClassVar[WireSpec] = (("id", "i", _INT), ("value", "r", _ANY))
+    id: int = wire("i", int)
+    value: Any = wire("r")
 
 
-@dataclass(frozen=True, slots=True)
+@message("host_failure")
+@dataclass(slots=True)
 class HostFailure(Message):
     """Host tool call ``id`` failed (or no such tool is registered)."""
 
-    id: int
-    type: str
-    message: str
-
-    TAG: ClassVar[str] = "host_failure"
-    WIRE: ClassVar[WireSpec] = (("id", "i", _INT), ("type", "y", _STR), ("message", "e", _STR))
+    id: int = wire("i", int)
+    type: str = wire("y", str)
+    message: str = wire("e", str)
 
 
-@dataclass(frozen=True, slots=True)
+@message("ping")
+@dataclass(slots=True)
 class Ping(Message):
     """Health check: the worker's event loop answers ``Pong`` at once, even when busy."""
 
-    id: int
-
-    TAG: ClassVar[str] = "ping"
-    WIRE: ClassVar[WireSpec] = (("id", "i", _INT),)
+    id: int = wire("i", int)
 
 
 # --- worker -> host ----------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@message("hello")
+@dataclass(slots=True)
 class Hello(Message):
     """The worker is ready: its version, pid, adapter and commands."""
 
-    version: int
-    pid: int
-    worker_id: int
-    adapter: str
-    commands: list[str]
-
-    TAG: ClassVar[str] = "hello"
-    WIRE: ClassVar[WireSpec] = (
-        ("version", "v", _INT),
-        ("pid", "p", _INT),
-        ("worker_id", "w", _INT),
-        ("adapter", "a", _STR),
-        ("commands", "c", (list,)),
-    )
+    version: int = wire("v", int)
+    pid: int = wire("p", int)
+    worker_id: int = wire("w", int)
+    adapter: str = wire("a", str)
+    commands: list[str] = wire("c", list)
 
 
-@dataclass(frozen=True, slots=True)
+@message("startup_failed")
+@dataclass(slots=True)
 class StartupFailed(Message):
     """The worker could not start (import, ``setup``); it exits next."""
 
-    type: str
-    message: str
-    traceback: str = ""
-
-    TAG: ClassVar[str] = "startup_failed"
-    WIRE: ClassVar[WireSpec] = (
-        ("type", "y", _STR),
-        ("message", "e", _STR),
-        ("traceback", "b", _STR),
-    )
+    type: str = wire("y", str)
+    message: str = wire("e", str)
+    traceback: str = wire("b", str, default="")
 
 
-@dataclass(frozen=True, slots=True)
+@message("result")
+@dataclass(slots=True)
 class Result(Message):
     """Call ``id`` returned ``value``."""
 
-    id: int
-    value: Any
-
-    TAG: ClassVar[str] = "result"
-    WIRE: ClassVar[WireSpec] = (
-        ("id", "i", _INT),
-        ("value", "r", _ANY),
-    )
+    id: int = wire("i", int)
+    value: Any = wire("r")
 
 
-@dataclass(frozen=True, slots=True)
+@message("failure")
+@dataclass(slots=True)
 class Failure(Message):
     """Call ``id`` failed in the worker."""
 
-    id: int
-    kind: str
-    type: str
-    message: str
-    traceback: str = ""
-
-    TAG: ClassVar[str] = "failure"
-    WIRE: ClassVar[WireSpec] = (
-        ("id", "i", _INT),
-        ("kind", "k", _STR),
-        ("type", "y", _STR),
-        ("message", "e", _STR),
-        ("traceback", "b", _STR),
-    )
+    id: int = wire("i", int)
+    kind: str = wire("k", str)
+    type: str = wire("y", str)
+    message: str = wire("e", str)
+    traceback: str = wire("b", str, default="")
 
 
-@dataclass(frozen=True, slots=True)
+@message("item")
+@dataclass(slots=True)
 class Item(Message):
     """One item of stream ``id``."""
 
-    id: int
-    value: Any
-
-    TAG: ClassVar[str] = "item"
-    WIRE: ClassVar[WireSpec] = (
-        ("id", "i", _INT),
-        ("value", "r", _ANY),
-    )
+    id: int = wire("i", int)
+    value: Any = wire("r")
 
 
-@dataclass(frozen=True, slots=True)
+@message("end")
+@dataclass(slots=True)
 class End(Message):
     """Stream ``id`` is exhausted."""
 
-    id: int
-
-    TAG: ClassVar[str] = "end"
-    WIRE: ClassVar[WireSpec] = (("id", "i", _INT),)
+    id: int = wire("i", int)
 
 
-@dataclass(frozen=True, slots=True)
+@message("log")
+@dataclass(slots=True)
 class Log(Message):
     """A ``logging`` record from worker code, forwarded to the host's logging."""
 
-    level: int
-    logger: str
-    message: str
-
-    TAG: ClassVar[str] = "log"
-    WIRE: ClassVar[WireSpec] = (
-        ("level", "l", _INT),
-        ("logger", "n", _STR),
-        ("message", "e", _STR),
-    )
+    level: int = wire("l", int)
+    logger: str = wire("n", str)
+    message: str = wire("e", str)
 
 
-@dataclass(frozen=True, slots=True)
+@message("host_call")
+@dataclass(slots=True)
 class HostCall(Message):
     """Worker code calls host tool ``tool(**args)`` during call ``call_id``."""
 
-    id: int
-    call_id: int
-    tool: str
-    args: dict[str, Any]
-
-    TAG: ClassVar[str] = "host_call"
-    WIRE: ClassVar[WireSpec] = (
-        ("id", "i", _INT),
-        ("call_id", "c", _INT),
-        ("tool", "n", _STR),
-        ("args", "a", (dict,)),
-    )
+    id: int = wire("i", int)
+    call_id: int = wire("c", int)
+    tool: str = wire("n", str)
+    args: dict[str, Any] = wire("a", dict)
 
 
-@dataclass(frozen=True, slots=True)
+@message("pong")
+@dataclass(slots=True)
 class Pong(Message):
     """The answer to ``Ping`` ``id``."""
 
-    id: int
-
-    TAG: ClassVar[str] = "pong"
-    WIRE: ClassVar[WireSpec] = (("id", "i", _INT),)
+    id: int = wire("i", int)
 
 
-@dataclass(frozen=True, slots=True)
+@message("bye")
+@dataclass(slots=True)
 class Goodbye(Message):
     """A planned exit is coming (announced, so it is not taken for a crash)."""
 
-    reason: str
-
-    TAG: ClassVar[str] = "bye"
-    WIRE: ClassVar[WireSpec] = (("reason", "e", _STR),)
+    reason: str = wire("e", str)
 
 
 HOST_MESSAGES: Final[frozenset[type[Message]]] = frozenset(
@@ -402,123 +467,22 @@ HOST_MESSAGES: Final[frozenset[type[Message]]] = frozenset(
 WORKER_MESSAGES: Final[frozenset[type[Message]]] = frozenset(
     {Hello, StartupFailed, Result, Failure, Item, End, Log, Pong, Goodbye, HostCall}
 )
-_BY_TAG: Final[dict[str, type[Message]]] = {m.TAG: m for m in HOST_MESSAGES | WORKER_MESSAGES}
-_OPTIONAL: Final[dict[type[Message], frozenset[str]]] = {
-    cls: frozenset(
-        f.name
-        for f in fields(cls)  # type: ignore[arg-type]
-        if f.default is not f.default_factory  # has a default of either kind
-    )
-    for cls in _BY_TAG.values()
-}
-
-
-# The two messages of every call are built without the dataclass ``__init__``
-# (a frozen dataclass sets each field through ``object.__setattr__``, about
-# 0.15 us a field): the slots are set through their descriptors. Same object,
-# same validation (done by the callers below); tests pin the equality.
-_new_message = object.__new__
-_set_result_id, _set_result_value = (getattr(Result, name).__set__ for name in ("id", "value"))
-_CALL_SETTERS = tuple(
-    getattr(Call, name).__set__
-    for name in ("id", "command", "args", "mode", "timeout", "session_id")
-)
-
-
-#: A well-formed call map's fields: id, command, args, mode, timeout, session.
-CallFields = tuple[int, str, dict[str, Any], str, float | int | None, str | None]
-
-
-def call_fields(wire: dict[str, Any]) -> CallFields | None:
-    """The fields of a ``call`` map (its tag aside) when they have the types
-    ``Call`` requires, else None (``from_wire`` then says what is wrong).
-
-    For readers that handle a usual call without making the message object.
-    """
-    call_id, command, args = wire.get("i"), wire.get("c"), wire.get("a")
-    mode = wire.get("m", CallMode.CALL)
-    timeout, session = wire.get("o"), wire.get("s")
-    if (
-        type(call_id) is int
-        and type(command) is str
-        and type(args) is dict
-        and type(mode) is str
-        and (timeout is None or type(timeout) is float or type(timeout) is int)
-        and (session is None or type(session) is str)
-    ):
-        return call_id, command, args, mode, timeout, session
-    return None
-
-
-def _plain_call(wire: dict[str, Any]) -> Call | None:
-    fields = call_fields(wire)
-    if fields is None:
-        return None
-    call: Call = _new_message(Call)  # (see _CALL_SETTERS)
-    for set_field, value in zip(_CALL_SETTERS, fields, strict=True):
-        set_field(call, value)
-    return call
-
-
-def call_to_wire(
-    call_id: int,
-    command: str,
-    args: dict[str, Any],
-    mode: str,
-    timeout: float | None,
-    session_id: str | None,
-) -> dict[str, Any]:
-    """``to_wire(Call(...))`` without making the message object (the host's hot path)."""
-    return {
-        "t": Call.TAG,
-        "i": call_id,
-        "c": command,
-        "a": args,
-        "m": mode,
-        "o": timeout,
-        "s": session_id,
-    }
+BY_TAG: Final[dict[str, type[Message]]] = {m.TAG: m for m in HOST_MESSAGES | WORKER_MESSAGES}
 
 
 def to_wire(message: Message) -> dict[str, Any]:
     """The MessagePack map for ``message``."""
-    wire: dict[str, Any] = {"t": message.TAG}
-    for attr, key, _ in message.WIRE:
-        wire[key] = getattr(message, attr)
-    return wire
+    return message.to_wire()
 
 
 def from_wire(wire: dict[str, Any]) -> Message:
     """The message a decoded map holds; :class:`ProtocolError` if malformed."""
     tag = wire.get("t")
-    # The two messages of every call, checked by hand (same rules, a few
-    # microseconds less per call); anything unusual takes the general path.
-    if tag == "result":
-        call_id = wire.get("i")
-        if type(call_id) is int and "r" in wire:
-            result: Result = _new_message(Result)  # (see _CALL_SETTERS)
-            _set_result_id(result, call_id)
-            _set_result_value(result, wire["r"])
-            return result
-    elif tag == "call":
-        call = _plain_call(wire)
-        if call is not None:
-            return call
-    cls = _BY_TAG.get(tag) if isinstance(tag, str) else None
+    cls = BY_TAG.get(tag) if isinstance(tag, str) else None
     if cls is None:
-        raise ProtocolError(f"unknown message type {tag!r}")
-    kwargs: dict[str, Any] = {}
-    optional = _OPTIONAL[cls]
-    for attr, key, types in cls.WIRE:
-        if key not in wire:
-            if attr in optional:
-                continue
-            raise ProtocolError(f"{cls.TAG!r} message lacks field {attr!r}")
-        value = wire[key]
-        if types and (not isinstance(value, types) or isinstance(value, bool)):
-            raise ProtocolError(
-                f"{cls.TAG!r} message field {attr!r} is {type(value).__name__}, "
-                f"expected {' or '.join(t.__name__ for t in types)}"
-            )
-        kwargs[attr] = value
-    return cls(**kwargs)
+        raise ProtocolError(f"unknown message type {_shown(tag)}")
+    return cls.from_wire(wire)
+
+
+def _shown(tag: object) -> str:
+    return repr(tag) if not isinstance(tag, str | bytes) or len(tag) <= 40 else "(long)"

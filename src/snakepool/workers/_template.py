@@ -5,21 +5,11 @@ heavy modules once, then forks a worker each time the host asks, so a
 replacement worker skips the imports (tens of milliseconds instead of
 seconds). The host side is :mod:`snakepool.pool._template`.
 
-Control channel: fd 0 is one end of a Unix stream socket; both ways carry
-length-prefixed MessagePack maps (the snakepool framing)::
-
-    host -> template  {"op": "init", "preload": [...], "sys_path": [...], "cwd": str|None}
-    template -> host  {"op": "importing", "module": name}          (before each import)
-                      {"op": "ready", "pid", "modules", "import_seconds"}
-                    | {"op": "unsafe", "reason"} | {"op": "failed", "module", "type",
-                      "message", "traceback"}   (then the template exits)
-    host -> template  {"op": "spawn", "id", "env", "argv"?, "cwd"?} + 3 fds by
-                      SCM_RIGHTS: the worker's stdin, stdout and stderr. With
-                      "argv" the child execs it (a fresh interpreter: the
-                      pool's start method is "spawn"); without, it becomes a
-                      worker in-process (forked warm)
-    template -> host  {"op": "spawned", "id", "pid"} | {"op": "spawn_failed", "id", "message"}
-                      {"op": "exited", "pid", "code"}   (code < 0: killed by that signal)
+Control channel: fd 0 is one end of a Unix stream socket carrying the
+messages of :mod:`snakepool.protocol._template` (``TemplateInit``, then
+``Importing``... ``Ready``/``Unsafe``/``ImportFailed``; ``Spawn``, with the
+worker's stdin, stdout and stderr passed by SCM_RIGHTS, answered by
+``Spawned``/``SpawnFailed``; ``Exited``), through a ``TemplateConnection``.
 
 The template is also the *keeper* of every process its workers start: it is
 a child subreaper (``PR_SET_CHILD_SUBREAPER``), and so is each worker, so a
@@ -59,6 +49,7 @@ Caveats, inherent to forking from a warm template:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib
 import os
@@ -68,11 +59,11 @@ import socket
 import sys
 import time
 import traceback
-from typing import Any
 
-from ..protocol._framing import CLOSED, NEED_DATA, FrameDecoder, FrameEncoder
+from .. import protocol as p
+from ..errors import ProtocolError
 from ._descendants import become_subreaper, kill_descendants, reap_children
-from ._runtime import (  # (already loaded: python -m snakepool.workers)
+from ._stdio import (  # (already loaded: python -m snakepool.workers)
     EXIT_OK,
     EXIT_PROTOCOL_ERROR,
     die_with_parent,
@@ -141,8 +132,9 @@ class Template:
         self.host = host  # the host's pidfd, if the kernel has them
         self.host_pid = os.getppid()
         self.control_fd = control.fileno()
-        self.decoder = FrameDecoder()
-        self.encoder = FrameEncoder()
+        self.conn = p.TemplateConnection(p.Role.WORKER)
+        self.inbox: collections.deque[p.Message] = collections.deque()
+        self.broken = False  # the host's stream broke the protocol
         self.fds: list[int] = []  # received by SCM_RIGHTS, not yet claimed by a spawn
         self.children: set[int] = set()
         self.wakeup_r, self.wakeup_w = os.pipe()
@@ -153,8 +145,8 @@ class Template:
     def run(self) -> int:
         init = self._next_message()
         if init is None:
-            return EXIT_OK
-        if init.get("op") != "init":
+            return EXIT_PROTOCOL_ERROR if self.broken else EXIT_OK
+        if not isinstance(init, p.TemplateInit):
             return EXIT_PROTOCOL_ERROR
         if not self._initialise(init):
             return EXIT_OK
@@ -183,20 +175,14 @@ class Template:
                     return EXIT_OK
 
     def _handle_control(self) -> bool:
-        """Read what the host sent and act on every whole message; False at EOF."""
+        """Read what the host sent and act on every whole message; False at EOF
+        (or when our own host broke the protocol: nothing sane is left to do)."""
         self._receive()
-        while True:
-            try:
-                message = self.decoder.next_frame()
-            except Exception:
-                return False  # a broken stream from our own host: nothing sane to do
-            if message is CLOSED:
-                return False
-            if message is NEED_DATA:
-                return not self.eof
-            assert isinstance(message, dict)
-            if message.get("op") == "spawn":
+        while self.inbox:
+            message = self.inbox.popleft()
+            if isinstance(message, p.Spawn):
                 self._spawn(message)
+        return not (self.eof or self.broken)
 
     def _receive(self) -> None:
         try:
@@ -208,38 +194,38 @@ class Template:
         self.fds.extend(fds)
         if not data:
             self.eof = True
-        self.decoder.feed(data)
+        try:
+            self.inbox.extend(self.conn.receive_data(data))
+        except ProtocolError as exc:
+            print(f"snakepool template: protocol error from host: {exc}", file=sys.stderr)
+            self.broken = True
 
-    def _next_message(self) -> dict[str, Any] | None:
+    def _next_message(self) -> p.Message | None:
         """Block until one whole message arrives (used for init)."""
-        while True:
-            message = self.decoder.next_frame()
-            if isinstance(message, dict):
-                return message
-            if message is CLOSED or self.eof:
+        while not self.inbox:
+            if self.eof or self.broken:
                 return None
             self._receive()
+        return self.inbox.popleft()
 
-    def _send(self, message: dict[str, Any]) -> None:
+    def _send(self, message: p.Message) -> None:
         # OSError: the host is gone; EOF on the next read ends us.
         with contextlib.suppress(OSError):
-            self.control.sendall(self.encoder.encode(message))
+            self.control.sendall(self.conn.send(message))
 
     # --- init ------------------------------------------------------------------------
 
-    def _initialise(self, init: dict[str, Any]) -> bool:
+    def _initialise(self, init: p.TemplateInit) -> bool:
         """Apply the host's paths, import, check fork safety; tell the host."""
         if not sys.platform.startswith("linux"):
-            self._send(
-                {"op": "unsafe", "reason": f"fork server needs Linux; this is {sys.platform}"}
-            )
+            self._send(p.Unsafe(reason=f"fork server needs Linux; this is {sys.platform}"))
             return False
-        for entry in reversed(init.get("sys_path") or []):
+        for entry in reversed(init.sys_path):
             if entry not in sys.path:
-                sys.path.insert(0, entry)
-        if init.get("cwd"):
-            os.chdir(init["cwd"])
-        preload = [str(name) for name in init.get("preload") or []]
+                sys.path.insert(0, str(entry))
+        if init.cwd:
+            os.chdir(init.cwd)
+        preload = [str(name) for name in init.preload]
         started = time.perf_counter()
         # Every worker imports the runtime and the adapters base: most of the
         # saving when nothing is preloaded. (The pool adds importlib.metadata
@@ -248,38 +234,31 @@ class Template:
             if not self._import(name):
                 return False
         self._send(
-            {
-                "op": "ready",
-                "pid": os.getpid(),
-                "modules": preload,
-                "import_seconds": time.perf_counter() - started,
-            }
+            p.Ready(pid=os.getpid(), modules=preload, import_seconds=time.perf_counter() - started)
         )
         return True
 
     def _import(self, name: str) -> bool:
-        self._send({"op": "importing", "module": name})
+        self._send(p.Importing(module=name))
         try:
             importlib.import_module(name)
         except BaseException as exc:
             self._send(
-                {
-                    "op": "failed",
-                    "module": name,
-                    "type": type(exc).__name__,
-                    "message": str(exc),
-                    "traceback": traceback.format_exc(),
-                }
+                p.ImportFailed(
+                    module=name,
+                    type=type(exc).__name__,
+                    message=str(exc),
+                    traceback=traceback.format_exc(),
+                )
             )
             return False
         threads = _other_threads()
         if threads:
             self._send(
-                {
-                    "op": "unsafe",
-                    "reason": f"threads were started while importing {name}: {threads}; "
-                    "forking a process with threads can deadlock the workers",
-                }
+                p.Unsafe(
+                    reason=f"threads were started while importing {name}: {threads}; "
+                    "forking a process with threads can deadlock the workers"
+                )
             )
             return False
         return True
@@ -306,7 +285,7 @@ class Template:
             workers = [(pid, code) for pid, code in exited if pid in self.children]
             for pid, code in workers:
                 self.children.discard(pid)
-                self._send({"op": "exited", "pid": pid, "code": code})
+                self._send(p.Exited(pid=pid, code=code))
             if workers:
                 # What the dead workers started came to us (we are their
                 # subreaper): all below us that no living worker leads goes.
@@ -321,29 +300,28 @@ class Template:
         for pid, code in reap_children(block_for=self.children):
             if pid in self.children:
                 # The host may only have shut down its sending side: tell it.
-                self._send({"op": "exited", "pid": pid, "code": code})
+                self._send(p.Exited(pid=pid, code=code))
         self.children.clear()
 
-    def _spawn(self, message: dict[str, Any]) -> None:
-        spawn_id = message.get("id")
+    def _spawn(self, message: p.Spawn) -> None:
+        spawn_id = message.id
         if len(self.fds) < 3:
-            self._send({"op": "spawn_failed", "id": spawn_id, "message": "no fds came with spawn"})
+            self._send(p.SpawnFailed(id=spawn_id, message="no fds came with spawn"))
             return
         stdio, self.fds = self.fds[:3], self.fds[3:]
-        env = {str(k): str(v) for k, v in (message.get("env") or {}).items()}
+        env = {str(k): str(v) for k, v in message.env.items()}
         flush_std_streams()  # or the child would write our buffered output again
         try:
             pid = os.fork()
         except OSError as exc:
-            self._send({"op": "spawn_failed", "id": spawn_id, "message": f"fork failed: {exc}"})
+            self._send(p.SpawnFailed(id=spawn_id, message=f"fork failed: {exc}"))
         else:
             if pid == 0:
-                argv = message.get("argv")
-                if argv:
-                    self._exec_worker(stdio, env, [str(a) for a in argv], message.get("cwd"))
+                if message.argv:
+                    self._exec_worker(stdio, env, [str(a) for a in message.argv], message.cwd)
                 self._become_worker(stdio, env)  # never returns
             self.children.add(pid)
-            self._send({"op": "spawned", "id": spawn_id, "pid": pid})
+            self._send(p.Spawned(id=spawn_id, pid=pid))
         finally:
             for fd in stdio:
                 with contextlib.suppress(OSError):
