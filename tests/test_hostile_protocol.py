@@ -112,7 +112,14 @@ def test_extension_types_are_refused_naming_their_code(
         decoder.next_frame()
 
 
-@pytest.mark.parametrize("ext", EXTENSIONS.values(), ids=list(EXTENSIONS))
+#: The worker protocol decodes the types it defines (timestamps, 1-4: see
+#: protocol/_values.py and tests/test_values.py); every other code is refused.
+UNDEFINED = {
+    name: ext for name, ext in EXTENSIONS.items() if ext[1] not in ("1",) and "-1" not in ext[1]
+}
+
+
+@pytest.mark.parametrize("ext", UNDEFINED.values(), ids=list(UNDEFINED))
 def test_a_worker_frame_with_an_extension_type_is_a_protocol_error(ext: tuple[bytes, str]) -> None:
     body, code = ext
     host = Connection(Role.HOST)

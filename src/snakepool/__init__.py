@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # imported on first use (see __getattr__), so a worker stays 
     from .pool import SupervisorStatistics as SupervisorStatistics
     from .pool import WorkerStatistics as WorkerStatistics
     from .pool._variables import VariableUpdate as VariableUpdate
+    from .protocol._values import register_value_type as register_value_type
     from .server import connect as connect
 
 __version__ = "0.1.0"
@@ -63,6 +64,7 @@ _LAZY = {
     "WorkerStatistics": ".pool",
     "VariableUpdate": ".pool._variables",
     "connect": ".server",
+    "register_value_type": ".protocol._values",
 }
 
 
@@ -110,4 +112,5 @@ __all__ = [
     "WorkerStatistics",
     "__version__",
     "connect",
+    "register_value_type",
 ]

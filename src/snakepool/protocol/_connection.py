@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import ProtocolError
+from . import _values
 from ._framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, FrameEncoder, Sentinel
 from ._messages import (
     BY_TAG,
@@ -64,8 +65,9 @@ class Connection:
     def __init__(self, role: Role, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self.role = role
         self.peer = Role.WORKER if role is Role.HOST else Role.HOST
-        self._decoder = FrameDecoder(max_frame_bytes)
-        self._encoder = FrameEncoder(max_frame_bytes)
+        # (values beyond MessagePack's own, both ways: see _values)
+        self._decoder = FrameDecoder(max_frame_bytes, ext_hook=_values.ext_hook)
+        self._encoder = FrameEncoder(max_frame_bytes, default=_values.default)
         self._may_send = HOST_MESSAGES if role is Role.HOST else WORKER_MESSAGES
         self._may_receive = WORKER_MESSAGES if role is Role.HOST else HOST_MESSAGES
         #: tag -> decoder, for the messages this end may receive (nothing else)
@@ -86,7 +88,7 @@ class Connection:
     def set_max_frame_bytes(self, max_frame_bytes: int) -> None:
         """Change the frame limit both ways (a worker learns it from ``Init``)."""
         self._decoder = self._decoder.with_limit(max_frame_bytes)
-        self._encoder = FrameEncoder(max_frame_bytes)
+        self._encoder = FrameEncoder(max_frame_bytes, default=_values.default)
 
     @property
     def missing_bytes(self) -> int:

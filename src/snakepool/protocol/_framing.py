@@ -55,6 +55,11 @@ _NO_EXT: Final = 0
 #: encoder refuses a deeper map (msgpack's packer alone would pack one level more).
 MAX_NESTING: Final = 1024
 _EXT_REFUSED: Final = "exceeds max_ext_len"
+#: (max_ext_len, ext_hook, timestamp) for msgpack.unpackb: refuse every extension
+#: value (msgpack's defaults otherwise), or decode them (see FrameDecoder's ext_hook).
+_ExtOptions = tuple[int, Callable[[int, bytes], Any], int]
+_NO_EXTENSIONS: Final[_ExtOptions] = (_NO_EXT, msgpack.ExtType, 0)
+_ANY_EXT: Final = _MAX_HEADER_VALUE
 
 
 class Sentinel(enum.Enum):
@@ -101,10 +106,17 @@ class FrameEncoder:
     """Turns one MessagePack-able map into one frame's bytes; safe to share
     between threads (each thread packs with a packer of its own)."""
 
-    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+    def __init__(
+        self,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        *,
+        default: Callable[[Any], Any] | None = None,
+    ) -> None:
+        """``default``: msgpack's hook for values it cannot pack (extension types)."""
         if not 0 < max_frame_bytes <= _MAX_HEADER_VALUE:
             raise ValueError(f"max_frame_bytes must be in 1..{_MAX_HEADER_VALUE}")
         self.max_frame_bytes = max_frame_bytes
+        self.default = default
         self._check_from = min(max_frame_bytes, _SHALLOW_UP_TO)
         self._local = threading.local()
 
@@ -157,7 +169,9 @@ class FrameEncoder:
         """A packer for this thread (its first frame), or the error, explained."""
         if isinstance(exc, AttributeError) and not hasattr(self._local, "packer"):
             # One reusable Packer per thread (it resets itself, even when packing raises).
-            self._local.packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+            self._local.packer = msgpack.Packer(
+                use_bin_type=True, autoreset=True, default=self.default
+            )
             try:
                 return self._local.packer.pack(payload)  # type: ignore[no-any-return]
             except Exception as again:
@@ -189,11 +203,14 @@ class FrameDecoder:
         *,
         decode_factor: int | None = None,
         message_types: Collection[str] | None = None,
+        ext_hook: Callable[[int, bytes], Any] | None = None,
     ) -> None:
         """``decode_factor`` (for a peer trusted with nothing): a frame of n bytes
         may decode into at most ``decode_factor * n + DECODE_FLOOR_BYTES`` bytes
         of objects, measured before it is decoded. ``message_types``: the only
         top-level ``"t"`` values accepted (checked before decoding when measured).
+        ``ext_hook`` (for a trusted peer): decodes extension values (timestamps
+        become aware datetimes); without it every extension value is refused.
         """
         if not 0 < max_frame_bytes <= _MAX_HEADER_VALUE:
             raise ValueError(f"max_frame_bytes must be in 1..{_MAX_HEADER_VALUE}")
@@ -202,6 +219,9 @@ class FrameDecoder:
         self.max_frame_bytes = max_frame_bytes
         self.decode_factor = decode_factor
         self.message_types = tuple(message_types) if message_types is not None else None
+        self.ext_hook = ext_hook
+        #: msgpack's max_ext_len, ext_hook and timestamp options (the defaults refuse them all)
+        self._ext: _ExtOptions = _NO_EXTENSIONS if ext_hook is None else (_ANY_EXT, ext_hook, 3)
         #: Frames up to this size are decoded without being measured first.
         self._unmeasured = (
             max_frame_bytes if decode_factor is None else min(max_frame_bytes, _UNMEASURED_UP_TO)
@@ -215,7 +235,10 @@ class FrameDecoder:
     def with_limit(self, max_frame_bytes: int) -> FrameDecoder:
         """This decoder's state (buffered bytes included) under another limit."""
         fresh = FrameDecoder(
-            max_frame_bytes, decode_factor=self.decode_factor, message_types=self.message_types
+            max_frame_bytes,
+            decode_factor=self.decode_factor,
+            message_types=self.message_types,
+            ext_hook=self.ext_hook,
         )
         fresh._buffer, fresh._body_length = self._buffer, self._body_length
         fresh._ready = self._ready
@@ -279,8 +302,8 @@ class FrameDecoder:
         types = self.message_types
         if end > _COPY_SLICES_UP_TO:  # large: slices of a view, not copies
             with memoryview(data) as view:
-                return _split(view, end, self._unmeasured, types, keep)
-        return _split(data, end, self._unmeasured, types, keep)
+                return _split(view, end, self._unmeasured, types, keep, self._ext)
+        return _split(data, end, self._unmeasured, types, keep, self._ext)
 
     def whole_frames(self, data: bytes | bytearray | memoryview) -> list[dict[str, Any]] | None:
         """The maps of ``data`` when it is whole, valid frames and nothing is pending.
@@ -355,11 +378,11 @@ class FrameDecoder:
                     body = bytes(view)
                 tag = measure(body, 0, length, self.decode_factor * length + DECODE_FLOOR_BYTES)
                 self._check_type(tag)
-                payload = _unpackb(body, raw=False, strict_map_key=False, max_ext_len=_NO_EXT)
+                payload = _unpack(body, self._ext)
                 del body
             else:
                 with memoryview(buffer) as whole, whole[:length] as view:
-                    payload = _unpackb(view, raw=False, strict_map_key=False, max_ext_len=_NO_EXT)
+                    payload = _unpack(view, self._ext)
         except ProtocolError as exc:
             self._fail(str(exc))
             raise self._error from None  # type: ignore[misc]
@@ -401,9 +424,11 @@ def _split(
     limit: int,
     types: tuple[str, ...] | None,
     keep: Callable[[dict[str, Any]], None],
+    ext: _ExtOptions,
 ) -> int:
     """Decode whole, valid frames (of at most ``limit`` bytes, with a ``"t"`` in
     ``types`` unless that is None) from the start of ``data`` into ``keep``; the bytes used."""
+    max_ext_len, ext_hook, timestamp = ext
     position = 0
     while end - position > HEADER_BYTES:
         body_start = position + HEADER_BYTES
@@ -413,7 +438,12 @@ def _split(
             break
         try:
             payload = _unpackb(
-                data[body_start:body_end], raw=False, strict_map_key=False, max_ext_len=_NO_EXT
+                data[body_start:body_end],
+                raw=False,
+                strict_map_key=False,
+                max_ext_len=max_ext_len,
+                ext_hook=ext_hook,
+                timestamp=timestamp,
             )
         except Exception:
             break
@@ -426,3 +456,15 @@ def _split(
         keep(payload)
         position = body_end
     return position
+
+
+def _unpack(body: bytes | memoryview, ext: _ExtOptions) -> Any:
+    max_ext_len, ext_hook, timestamp = ext
+    return _unpackb(
+        body,
+        raw=False,
+        strict_map_key=False,
+        max_ext_len=max_ext_len,
+        ext_hook=ext_hook,
+        timestamp=timestamp,
+    )
