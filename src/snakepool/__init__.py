@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import CallTimeout as CallTimeout
 from .errors import CircuitOpen as CircuitOpen
 from .errors import ErrorCategory as ErrorCategory
+from .errors import ExecutorBroken as ExecutorBroken
 from .errors import InvalidSessionId as InvalidSessionId
 from .errors import PoolClosed as PoolClosed
 from .errors import PoolDisabled as PoolDisabled
@@ -27,6 +28,7 @@ from .errors import WorkerCrashed as WorkerCrashed
 from .errors import WorkerStartError as WorkerStartError
 
 if TYPE_CHECKING:  # imported on first use (see __getattr__), so a worker stays light
+    from ._executor import Executor as Executor
     from .pool import BlockingPool as BlockingPool
     from .pool import CallStream as CallStream
     from .pool import ConfigError as ConfigError
@@ -49,6 +51,7 @@ __version__ = "0.1.0"
 # The host side (anyio, the pool, the server) is imported when first used:
 # worker processes import this package too, and start-up time is theirs.
 _LAZY = {
+    "Executor": "._executor",
     "BlockingPool": ".pool",
     "CallStream": ".pool",
     "ConfigError": ".pool",
@@ -85,6 +88,8 @@ __all__ = [
     "ConfigError",
     "ErrorCategory",
     "Event",
+    "Executor",
+    "ExecutorBroken",
     "InvalidSessionId",
     "Pool",
     "PoolClosed",

@@ -32,6 +32,7 @@ PoolDisabled             ``pool_disabled``              closed
 ConfigError              ``config``                     initialization
 TemplateUnavailable      ``template_unavailable``       initialization
 TemplateStartError       ``template_start_failed``      initialization
+ExecutorBroken           ``executor_broken``            initialization
 ======================== ============================== ==============
 
 The DSPy adapter's errors (in :mod:`snakepool.dspy`) derive from
@@ -47,6 +48,7 @@ A broken worker never breaks the pool.
 from __future__ import annotations
 
 import builtins
+import concurrent.futures
 import enum
 import signal
 import sys
@@ -61,6 +63,7 @@ __all__ = [
     "CircuitOpen",
     "ConfigError",
     "ErrorCategory",
+    "ExecutorBroken",
     "InvalidSessionId",
     "PoolClosed",
     "PoolDisabled",
@@ -457,6 +460,15 @@ class TemplateStartError(SnakepoolError):
         super().__init__(message)
         self.module = module
         self.traceback = traceback
+
+
+class ExecutorBroken(SnakepoolError, concurrent.futures.BrokenExecutor):
+    """A :class:`snakepool.Executor` could not start its workers (its initializer
+    failed, say): its calls fail, as ``ProcessPoolExecutor``'s do once broken.
+    The cause is chained (``__cause__``). A crashed worker never breaks it."""
+
+    category = ErrorCategory.INITIALIZATION
+    kind = "executor_broken"
 
 
 def _signal_name(exit_code: int | None) -> str | None:

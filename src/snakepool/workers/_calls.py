@@ -301,6 +301,8 @@ def mode_problem(spec: CommandSpec, mode: str) -> str | None:
 
 def type_name(exc: BaseException) -> str:
     cls = type(exc)
-    if cls.__module__ in ("builtins", "__main__"):
+    if cls.__module__ == "builtins":
         return cls.__qualname__
+    # (a class of __main__ came from the host's script, pickled by value for
+    # snakepool.Executor: "__main__.Name" is what the host resolves it as)
     return f"{cls.__module__}.{cls.__qualname__}"
