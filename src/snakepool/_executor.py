@@ -39,6 +39,7 @@ import math
 import os
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, TypeVar
@@ -199,8 +200,8 @@ class Executor(concurrent.futures.Executor):
         """
         with self._lock:
             self._shutdown = True
-            if cancel_futures:
-                self._cancel_queued()
+        if cancel_futures:
+            self._cancel_queued()
         self._wake_threadsafe()
         if wait and threading.current_thread() is not self._thread:
             self._thread.join()
@@ -299,6 +300,23 @@ class Executor(concurrent.futures.Executor):
         return self._submit(fn, args, {}, timeout)
 
     def _cancel_queued(self) -> None:
+        """Cancel the calls in the FIFO, once the runners took what they would take
+        now (as ProcessPoolExecutor's shutdown leaves the calls it already queued
+        for its workers to run)."""
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            with contextlib.suppress(RuntimeError):  # (the loop closed meanwhile)
+                ran = asyncio.run_coroutine_threadsafe(self._cancel_on_loop(), self._loop)
+                ran.result()
+                return
+        self._cancel_now()
+
+    async def _cancel_on_loop(self) -> None:
+        self._wake()
+        for _ in range(2):  # (a woken runner takes a call in its next step)
+            await asyncio.sleep(0)
+        self._cancel_now()
+
+    def _cancel_now(self) -> None:
         queue = self._queue
         while True:
             try:
@@ -322,15 +340,21 @@ class Executor(concurrent.futures.Executor):
             self._loop.close()
 
     async def _main(self) -> None:
-        try:
-            await self._pool.start()
-        except BaseException as exc:
-            self._break(exc)
-            return
+        # The runners take calls at once (those futures are running: as with
+        # ProcessPoolExecutor, a few calls are committed before any worker is
+        # up); their calls wait for the pool to start.
+        #: None once the pool started; the error if it could not start
+        self._started: asyncio.Future[BaseException | None] = self._loop.create_future()
         try:
             async with asyncio.TaskGroup() as self._tasks:
                 self._rate_since = time.monotonic()
                 self._add_runners()
+                try:
+                    await self._pool.start()
+                except Exception as exc:  # (the pool closed itself)
+                    self._break(exc)  # (and the runners end)
+                else:
+                    self._started.set_result(None)
         finally:
             await self._pool.aclose()
 
@@ -343,12 +367,20 @@ class Executor(concurrent.futures.Executor):
         )
         with self._lock:
             self._broken = f"the Executor's workers could not start: {exc}"
-            queue, self._queue = self._queue, collections.deque()
-        for work in queue:
+        exc = _detached(exc)
+        self._started.set_result(exc)  # (the runners' calls fail)
+        queue = self._queue
+        while queue:
+            work = queue.popleft()
             if work.future.set_running_or_notify_cancel():
-                error = ExecutorBroken(str(self._broken))
-                error.__cause__ = exc
-                work.future.set_exception(error)
+                work.future.set_exception(self._broken_error(exc))
+        self._wake()
+
+    def _broken_error(self, cause: BaseException) -> ExecutorBroken:
+        """A fresh error for each call (a shared one would gather each raiser's frames)."""
+        error = ExecutorBroken(str(self._broken))
+        error.__cause__ = cause
+        return error
 
     def _wake(self) -> None:
         wakeup, self._wakeup = self._wakeup, None
@@ -374,15 +406,18 @@ class Executor(concurrent.futures.Executor):
             self._add_runners()
 
     async def _runner(self) -> None:
+        try:
+            await self._run_calls()
+        finally:
+            self._runners -= 1
+
+    async def _run_calls(self) -> None:
         queue, call = self._queue, self._pool.call
-        while True:
-            if self._runners > self._window:  # (the window shrank: this one retires)
-                self._runners -= 1
-                return
+        while self._runners <= self._window:  # (else the window shrank: this one retires)
             try:
                 work = queue.popleft()
             except IndexError:
-                if self._shutdown:
+                if self._shutdown or self._broken:
                     return
                 await self._idle()
                 continue
@@ -392,7 +427,7 @@ class Executor(concurrent.futures.Executor):
             try:
                 result = loads(await self._call(call, work))
             except BaseException as exc:
-                future.set_exception(exc)
+                future.set_exception(_detached(exc))
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 del exc
@@ -404,6 +439,8 @@ class Executor(concurrent.futures.Executor):
             self._measure()
 
     async def _call(self, call: Callable[..., Any], work: _Work) -> Any:
+        if (broken := await self._started) is not None:  # (at once once the workers started)
+            raise self._broken_error(broken)
         while True:
             try:
                 return await call("run", {"call": work.payload}, timeout=work.timeout)
@@ -413,7 +450,7 @@ class Executor(concurrent.futures.Executor):
     async def _idle(self) -> None:
         """Wait for a submit (or shutdown) to wake the runners."""
         self._asleep = True
-        if self._queue or self._shutdown:  # (came in between: see _submit)
+        if self._queue or self._shutdown or self._broken:  # (came in between: see _submit)
             self._asleep = False
             return
         if self._wakeup is None:
@@ -479,3 +516,30 @@ def _yield_in_order(futures: list[concurrent.futures.Future[R]], end: float | No
     finally:
         for future in futures:
             future.cancel()
+
+
+def _detached(exc: BaseException) -> BaseException:
+    """``exc`` without the frames of runner tasks in its traceback.
+
+    A future's exception reaches user code, which may clear its traceback's
+    frames (``unittest``'s ``assertRaises`` does): clearing the frame of a
+    suspended coroutine closes it, which would end a runner.
+    """
+    tb = exc.__traceback__
+    if tb is None:
+        return exc
+    kept = []
+    while tb is not None:
+        if tb.tb_frame.f_code not in _RUNNER_CODE:
+            kept.append(tb)
+        tb = tb.tb_next
+    rebuilt = None
+    for entry in reversed(kept):
+        rebuilt = types.TracebackType(rebuilt, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    return exc.with_traceback(rebuilt)
+
+
+#: The code of the coroutines that live as long as the Executor (see _detached).
+_RUNNER_CODE: Final = frozenset(
+    {Executor._runner.__code__, Executor._run_calls.__code__, Executor._main.__code__}
+)
