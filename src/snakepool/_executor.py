@@ -54,8 +54,10 @@ _ADAPTER: Final = "snakepool.adapters._executor:ExecutorAdapter"
 #: Beyond the calls its workers run, the pool holds (sent ahead to a worker, or
 #: queued) about as many as they answer in this long, at least one per worker:
 #: short calls are pipelined deeply, long ones stay in the Executor's FIFO,
-#: where they can still be cancelled (the pool's send-ahead adapts the same way).
-_AHEAD_SECONDS: Final = 0.002
+#: where they can still be cancelled. (Long enough to cover the host's own
+#: delays: a window of calls answered in less than a round trip would shrink
+#: itself, as its rate is what it lets through.)
+_AHEAD_SECONDS: Final = 0.02
 #: How often the answer rate behind that is measured.
 _RATE_PERIOD: Final = 0.02
 #: A call the pool refused for load (a pool set up with a small ``queue_size``,
@@ -147,9 +149,12 @@ class Executor(concurrent.futures.Executor):
         self._capacity = self._max_workers * pool_config.worker_concurrency
         most = min(pool_config.queue_size, self._max_workers * max(1, pool_config.send_ahead))
         self._ahead = (min(self._max_workers, most), most)
-        #: Calls in the pool at once (a runner task each), and the runners alive.
+        #: Calls in the pool at most (each awaited by a runner task), calls in the
+        #: pool now, and runner tasks (made as the window grows; they park, never end).
         self._window = max(1, self._capacity + self._ahead[0])
+        self._in_pool = 0
         self._runners = 0
+        self._parked: collections.deque[asyncio.Future[None]] = collections.deque()
         self._answered = 0  # since _rate_since
         self._rate_since = 0.0
         self._queue: collections.deque[_Work] = collections.deque()
@@ -157,8 +162,8 @@ class Executor(concurrent.futures.Executor):
         self._shutdown = False
         #: False, or why the Executor is broken (the name ProcessPoolExecutor uses).
         self._broken: str | bool = False
-        self._asleep = False  # every runner waits for work: a submit wakes them
-        self._wakeup: asyncio.Future[None] | None = None
+        #: A runner parked for want of calls: the next submit wakes the runners.
+        self._wanting = False
         self._forked = False  # (set in a forked child: its loop thread is not there)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -258,8 +263,8 @@ class Executor(concurrent.futures.Executor):
         with self._lock:
             self._check_open()
             self._queue.append(_Work(future, payload, timeout))
-            wake = self._asleep
-            self._asleep = False
+            wake = self._wanting
+            self._wanting = False
         if wake:
             self._loop.call_soon_threadsafe(self._wake)
         return future
@@ -311,7 +316,7 @@ class Executor(concurrent.futures.Executor):
         self._cancel_now()
 
     async def _cancel_on_loop(self) -> None:
-        self._wake()
+        self._wake()  # (the calls the window has room for)
         for _ in range(2):  # (a woken runner takes a call in its next step)
             await asyncio.sleep(0)
         self._cancel_now()
@@ -328,7 +333,7 @@ class Executor(concurrent.futures.Executor):
 
     def _wake_threadsafe(self) -> None:
         with contextlib.suppress(RuntimeError):  # (the loop is closed: nothing waits)
-            self._loop.call_soon_threadsafe(self._wake)
+            self._loop.call_soon_threadsafe(self._wake_all)
 
     # --- the loop thread ------------------------------------------------------------------
 
@@ -374,7 +379,7 @@ class Executor(concurrent.futures.Executor):
             work = queue.popleft()
             if work.future.set_running_or_notify_cancel():
                 work.future.set_exception(self._broken_error(exc))
-        self._wake()
+        self._wake_all()
 
     def _broken_error(self, cause: BaseException) -> ExecutorBroken:
         """A fresh error for each call (a shared one would gather each raiser's frames)."""
@@ -382,10 +387,78 @@ class Executor(concurrent.futures.Executor):
         error.__cause__ = cause
         return error
 
+    # Runners: each takes a call from the FIFO into the pool and awaits it, while
+    # the pool holds fewer than the window's calls; else it parks. A runner whose
+    # call ended goes on by itself, and wakes parked ones for the calls it finds
+    # beyond its own: while every worker is busy, the calls' ends drive the rest
+    # on the loop, with no wake-up from other threads. Only a runner that parks
+    # with a worker free sets _wanting: the next submit then wakes the loop.
+
+    async def _runner(self) -> None:
+        queue, call = self._queue, self._pool.call
+        while True:
+            if not queue or self._in_pool >= self._window:
+                if self._broken or (self._shutdown and not queue):
+                    self._wake_all()  # (the others end too)
+                    return
+                await self._park()
+                continue
+            work = queue.popleft()
+            future = work.future
+            if not future.set_running_or_notify_cancel():
+                continue
+            self._in_pool += 1
+            if queue and self._parked and self._in_pool < self._window:
+                self._wake()  # (more calls, and room for them)
+            try:
+                result = loads(await self._call(call, work))
+            except BaseException as exc:
+                future.set_exception(_detached(exc))
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                del exc
+            else:
+                future.set_result(result)
+                del result  # (a runner keeps no result alive while it parks)
+            finally:
+                self._in_pool -= 1
+            del work, future
+            self._answered += 1
+            self._measure()
+
+    async def _park(self) -> None:
+        parked = self._loop.create_future()
+        self._parked.append(parked)
+        if not self._queue and self._in_pool < self._capacity:
+            self._wanting = True
+            if self._queue or self._shutdown or self._broken:  # (came in between: see _submit)
+                self._wake_all()
+        await parked
+
     def _wake(self) -> None:
-        wakeup, self._wakeup = self._wakeup, None
-        if wakeup is not None and not wakeup.done():
-            wakeup.set_result(None)
+        """Wake a parked runner for each call in the FIFO the window has room for."""
+        parked, queue = self._parked, self._queue
+        woken = 0
+        while True:
+            room = self._window - self._in_pool - woken
+            calls = len(queue) - woken
+            while parked and room > 0 and calls > 0:
+                waiter = parked.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    woken, room, calls = woken + 1, room - 1, calls - 1
+            if not parked or room <= 0 or self._in_pool + woken >= self._capacity:
+                return  # (the calls' ends drive the rest)
+            self._wanting = True  # (out of calls, a worker free: the next submit wakes runners)
+            if len(queue) <= woken:
+                return
+            self._wanting = False  # (a call came in between: wake for it here)
+
+    def _wake_all(self) -> None:
+        parked, self._parked = self._parked, collections.deque()
+        for waiter in parked:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _add_runners(self) -> None:
         for _ in range(self._window - self._runners):
@@ -400,43 +473,12 @@ class Executor(concurrent.futures.Executor):
             return
         least, most = self._ahead
         ahead = math.ceil(self._answered / elapsed * _AHEAD_SECONDS)
-        self._window = max(1, self._capacity + min(max(ahead, least), most))
+        grew = self._capacity + min(max(ahead, least), most) - self._window
+        self._window += grew
         self._answered, self._rate_since = 0, now
-        if self._runners < self._window and self._queue:
+        if grew > 0 and self._queue:
             self._add_runners()
-
-    async def _runner(self) -> None:
-        try:
-            await self._run_calls()
-        finally:
-            self._runners -= 1
-
-    async def _run_calls(self) -> None:
-        queue, call = self._queue, self._pool.call
-        while self._runners <= self._window:  # (else the window shrank: this one retires)
-            try:
-                work = queue.popleft()
-            except IndexError:
-                if self._shutdown or self._broken:
-                    return
-                await self._idle()
-                continue
-            future = work.future
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                result = loads(await self._call(call, work))
-            except BaseException as exc:
-                future.set_exception(_detached(exc))
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                del exc
-            else:
-                future.set_result(result)
-                del result  # (a runner keeps no result alive while it waits)
-            del work, future
-            self._answered += 1
-            self._measure()
+            self._wake()
 
     async def _call(self, call: Callable[..., Any], work: _Work) -> Any:
         if (broken := await self._started) is not None:  # (at once once the workers started)
@@ -446,16 +488,6 @@ class Executor(concurrent.futures.Executor):
                 return await call("run", {"call": work.payload}, timeout=work.timeout)
             except PoolOverloaded:  # (submit never refuses for load: it waits)
                 await asyncio.sleep(_RETRY_OVERLOADED)
-
-    async def _idle(self) -> None:
-        """Wait for a submit (or shutdown) to wake the runners."""
-        self._asleep = True
-        if self._queue or self._shutdown or self._broken:  # (came in between: see _submit)
-            self._asleep = False
-            return
-        if self._wakeup is None:
-            self._wakeup = self._loop.create_future()
-        await self._wakeup
 
     async def _statistics(self) -> PoolStatistics:
         return self._pool.statistics()
@@ -540,6 +572,4 @@ def _detached(exc: BaseException) -> BaseException:
 
 
 #: The code of the coroutines that live as long as the Executor (see _detached).
-_RUNNER_CODE: Final = frozenset(
-    {Executor._runner.__code__, Executor._run_calls.__code__, Executor._main.__code__}
-)
+_RUNNER_CODE: Final = frozenset({Executor._runner.__code__, Executor._main.__code__})
