@@ -424,7 +424,10 @@ class Executor(concurrent.futures.Executor):
                 self._in_pool -= 1
             del work, future
             self._answered += 1
-            self._measure()
+            if self._in_pool or queue:
+                self._measure()
+            else:  # (idle now: the rate is measured again from the next call on)
+                self._answered, self._rate_since = 0, time.monotonic()
 
     async def _park(self) -> None:
         parked = self._loop.create_future()
@@ -466,7 +469,8 @@ class Executor(concurrent.futures.Executor):
         self._runners = max(self._runners, self._window)
 
     def _measure(self) -> None:
-        """Every _RATE_PERIOD: the window from the rate at which calls are answered."""
+        """Every _RATE_PERIOD: the window from the rate at which calls are answered
+        (while there are calls: idle time does not shrink it)."""
         now = time.monotonic()
         elapsed = now - self._rate_since
         if elapsed < _RATE_PERIOD:
