@@ -13,11 +13,11 @@ from typing import Any
 import snakepool
 from snakepool.adapters import Adapter, command
 
-POINT_CODE = 42
+POINT_CODE = 64  # (not a code tests/test_hostile_protocol.py sends as unknown)
 
 
 class Point:
-    """A user type that travels as extension type 42 (two float64s)."""
+    """A user type that travels as extension type 64 (two float64s)."""
 
     __slots__ = ("x", "y")
 

@@ -4,15 +4,17 @@ How it works: a :class:`~snakepool.pool.Pool` of the built-in executor adapter
 (``snakepool.adapters._executor``) lives on an asyncio loop in a background
 thread that the Executor owns. ``submit`` pickles the call at once (so later
 changes to its arguments do not travel, and nothing keeps them alive), puts
-it in the Executor's own FIFO and returns its future; a fixed number of
-runner tasks on the loop take calls from that FIFO into the pool, each
-awaiting one ``pool.call`` at a time. So:
+it in the Executor's own FIFO and returns its future; runner tasks on the
+loop take calls from that FIFO into the pool, each awaiting one
+``pool.call`` at a time. So:
 
 * ``submit`` never refuses for load: what waits, waits in the Executor's
   FIFO, which has no bound (as ``ProcessPoolExecutor``'s pending work has
-  none); the pool holds at most ``size * (worker_concurrency + 2)`` of the
-  Executor's calls at once (never more than its ``queue_size``), enough to
-  keep every worker busy and pipelined. A future is ``running`` from the
+  none). The pool holds a window of the Executor's calls: those its workers
+  run, and beyond them about as many as they answer in 20 ms (at least one
+  per worker, at most ``send_ahead`` per worker and never more than its
+  ``queue_size``, so it never refuses them): quick calls are pipelined
+  deeply, slow ones stay in the FIFO. A future is ``running`` from the
   moment its call goes to the pool; until then ``cancel()`` takes it back
   (and ``shutdown(cancel_futures=True)`` cancels them all).
 * A call is one ``pool.call``, so it gets the pool's failure semantics: a
@@ -45,7 +47,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, TypeVar
 
 from .adapters._executor import dumps, loads, run_chunk
-from .errors import ExecutorBroken, PoolOverloaded
+from .errors import ExecutorBroken, PoolClosed, PoolOverloaded
 from .pool import Pool, PoolStatistics
 
 __all__ = ["Executor"]
@@ -66,6 +68,7 @@ _RETRY_OVERLOADED: Final = 0.01
 #: ``ProcessPoolExecutor`` logs an initializer's failure on this logger; so does
 #: the Executor (code that watches for it keeps working).
 _futures_log = logging.getLogger("concurrent.futures")
+_log = logging.getLogger("snakepool.executor")
 
 R = TypeVar("R")
 
@@ -229,7 +232,7 @@ class Executor(concurrent.futures.Executor):
 
     def statistics(self) -> PoolStatistics:
         """The pool's statistics (workers, their pids and requests, failures by category)."""
-        if not self._thread.is_alive():
+        if not self._thread.is_alive() or threading.current_thread() is self._thread:
             return self._pool.statistics()
         return asyncio.run_coroutine_threadsafe(self._statistics(), self._loop).result()
 
@@ -341,6 +344,11 @@ class Executor(concurrent.futures.Executor):
         asyncio.set_event_loop(self._loop)
         try:
             self._loop.run_until_complete(self._main())
+        except BaseException as exc:  # (a bug: say so, and fail what waits, not hang it)
+            _log.exception("snakepool.Executor %r stopped", self._pool.name)
+            with self._lock:
+                self._broken = f"the Executor stopped: {exc!r}"
+            self._fail_queued(exc)
         finally:
             self._loop.close()
 
@@ -374,12 +382,15 @@ class Executor(concurrent.futures.Executor):
             self._broken = f"the Executor's workers could not start: {exc}"
         exc = _detached(exc)
         self._started.set_result(exc)  # (the runners' calls fail)
+        self._fail_queued(exc)
+        self._wake_all()
+
+    def _fail_queued(self, cause: BaseException) -> None:
         queue = self._queue
         while queue:
             work = queue.popleft()
             if work.future.set_running_or_notify_cancel():
-                work.future.set_exception(self._broken_error(exc))
-        self._wake_all()
+                work.future.set_exception(self._broken_error(cause))
 
     def _broken_error(self, cause: BaseException) -> ExecutorBroken:
         """A fresh error for each call (a shared one would gather each raiser's frames)."""
@@ -413,9 +424,10 @@ class Executor(concurrent.futures.Executor):
             try:
                 result = loads(await self._call(call, work))
             except BaseException as exc:
-                future.set_exception(_detached(exc))
-                if isinstance(exc, asyncio.CancelledError):
+                if isinstance(exc, asyncio.CancelledError):  # (the loop stops: a bug)
+                    future.set_exception(PoolClosed("the Executor stopped"))
                     raise
+                future.set_exception(_detached(exc))
                 del exc
             else:
                 future.set_result(result)
