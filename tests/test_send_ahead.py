@@ -20,6 +20,7 @@ import snakepool
 from conftest import FakeClock
 from snakepool import CallTimeout, WorkerCrashed
 from snakepool import protocol as p
+from snakepool.pool._backend import current_loop
 from snakepool.pool._calls import PendingCall
 from snakepool.pool._dispatch import Dispatcher
 from snakepool.pool._pacing import AHEAD_HORIZON, Pacing
@@ -248,9 +249,10 @@ async def test_a_strict_session_waiting_for_one_worker_does_not_stop_withdrawals
                 for i in range(4):  # sent ahead to both workers
                     tg.start_soon(call, f"quick{i}", "doze", {"seconds": 0.01})
                 await wait_for_count(lambda: inflight(pool, 0) + inflight(pool, 1), 6)
-                # waits for worker 0 only
+                # waits for worker 0 only: sent ahead to it (never taken back)
                 tg.start_soon(call, "session", "doze", {"seconds": 0.01}, session.id)
-                await wait_for_count(lambda: pool.statistics().queued, 1)
+                await wait_for_count(lambda: inflight(pool, 0) + inflight(pool, 1), 7)
+                assert any(c.session_id == session.id for c in first.pending.values())
                 release_short.touch()  # worker 1 frees up; worker 0 stays busy
                 # worker 1 takes back the quick calls held behind worker 0's long call
                 quick = {f"quick{i}" for i in range(4)}
@@ -383,6 +385,7 @@ async def test_a_free_worker_takes_calls_back_only_from_one_that_stalls(
     withdrawn: list[int] = []
     monkeypatch.setattr(busy, "withdraw", lambda call: withdrawn.append(call.id))
     dispatcher = Dispatcher("p", 10, [free, busy], lambda: None)
+    dispatcher.loop = current_loop(lambda: pytest.fail("asyncio timers need no task group"))
     dispatcher._sent_ahead = True
     dispatcher._withdraw_for(free)
     assert withdrawn == []  # it would start within the horizon anyway
