@@ -57,6 +57,11 @@ SAMPLES: dict[str, tuple[Any, str]] = {
     "drain_grace": (1.5, "1.5"),
     "stop_grace": (0.5, "0.5"),
     "cancel_grace": (0.25, "0.25"),
+    "limits": ({"memory_mb": 512, "open_files": 64}, '{"memory_mb": 512, "open_files": 64}'),
+    "user": ("nobody", "nobody"),
+    "network": (False, "false"),
+    "writable_paths": (["/tmp/a", "/tmp/b"], os.pathsep.join(["/tmp/a", "/tmp/b"])),
+    "sandbox": (True, "true"),
 }
 SETTABLE = [name for name in OPTIONS if name != "name"]
 

@@ -72,6 +72,7 @@ from ._config import OPTIONS, PoolConfig, did_you_mean, options_docstring
 from ._deadlines import Deadlines
 from ._dispatch import Dispatcher
 from ._events import Event, Listeners, PoolStatistics, WorkerStatistics
+from ._isolation import prepare as prepare_isolation
 from ._lifecycle import Lifecycle, LifecycleOwner, State
 from ._recovery import Recovery, recovery_table
 from ._registry import RunRegistry, runtime_dir
@@ -197,6 +198,11 @@ class Pool(LifecycleOwner):
         drain_grace: float = 10.0,
         stop_grace: float = 3.0,
         cancel_grace: float = 2.0,
+        limits: Mapping[str, float | None] | None = None,
+        user: str | int | None = None,
+        network: bool = True,
+        writable_paths: Sequence[str | os.PathLike[str]] | None = None,
+        sandbox: bool = False,
         **unknown: Never,  # (a clear TypeError: "did you mean 'size'?")
     ) -> None:
         if unknown:
@@ -282,6 +288,7 @@ class Pool(LifecycleOwner):
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._registry.reap_leftovers)
             await self._background.start()
+            await anyio.to_thread.run_sync(prepare_isolation, self.config)  # or refuse
             await self._start_template()
             async with anyio.create_task_group() as starters:
                 for slot in range(count):
