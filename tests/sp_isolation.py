@@ -11,6 +11,7 @@ else imports, so everything these need is imported here, at the top.
 from __future__ import annotations
 
 import encodings.idna  # noqa: F401 - socket's name lookup needs it; imported while readable
+import mmap
 import os
 import resource
 import socket
@@ -121,25 +122,41 @@ class Limits(Adapter):
 
     @command
     def children_allocate(self, n: int, mb: float) -> list[int]:
-        """``n`` child interpreters, each holding ``mb`` MiB until killed."""
+        """``n`` child interpreters holding ``mb`` MiB each, all at once; their exit codes.
+
+        ``ChildProcessError`` if one was killed (the OOM killer) on the way.
+        """
         code = (
-            "import sys, time\n"
+            "import sys\n"
             f"b = bytearray({int(mb * _MIB)})\n"
             "b[::4096] = b'x' * len(b[::4096])\n"
             "print('ready', flush=True)\n"
-            "time.sleep(60)\n"
+            "sys.stdin.read()\n"  # (held until the parent lets go)
         )
+        pipe = subprocess.PIPE
         children = [
-            subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE) for _ in range(n)
+            subprocess.Popen([sys.executable, "-c", code], stdin=pipe, stdout=pipe)
+            for _ in range(n)
         ]
-        _kept.extend(children)
-        for child in children:
+        for child in children:  # all of them hold their memory at once...
             assert child.stdout is not None
-            child.stdout.readline()  # ready, or EOF: killed on the way
-        codes = [child.poll() for child in children]
-        if any(code is not None and code < 0 for code in codes):
-            raise ChildProcessError(f"a child was killed: {codes}")
-        return [child.pid for child in children]
+            child.stdout.readline()  # ("ready", or EOF: killed)
+        for child in children:  # ...then they may go
+            assert child.stdin is not None
+            child.stdin.close()
+        codes = [child.wait(timeout=60) for child in children]
+        if any(code != 0 for code in codes):
+            raise ChildProcessError(f"children ended with {codes}")
+        return codes
+
+    @command
+    def share(self, mb: float) -> int:
+        """Touch ``mb`` MiB of shared memory: not RLIMIT_DATA's, only a memory cgroup's."""
+        block = mmap.mmap(-1, int(mb * _MIB))  # (anonymous and shared: shmem)
+        for offset in range(0, len(block), 4096):
+            block[offset] = 1
+        _kept.append(block)
+        return len(block)
 
     @command
     def connect(self, port: int) -> str:

@@ -32,7 +32,7 @@ import sysconfig
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from ..errors import ConfigError, IsolationUnavailable
 from ..workers._isolation import ENV_VAR, LIMIT_EXIT_CODES, LIMITS, cgroup_events
@@ -465,24 +465,30 @@ def _enable(directory: str, controller: str) -> None:
         file.write(f"+{controller}")
 
 
-def _resolve_user(user: str | int) -> pwd.struct_passwd | tuple[int, int]:
-    """The passwd entry of ``user`` (or ``(uid, gid)`` of a uid no entry names)."""
+class _User(NamedTuple):
+    uid: int
+    gid: int
+    name: str | None  # (None: a uid no passwd entry names)
+    home: str | None
+
+
+def _resolve_user(user: str | int) -> _User:
+    """Who ``user`` is on this machine (a uid without a passwd entry: its own gid)."""
+    numeric = isinstance(user, int) or user.isdigit()
     try:
-        if isinstance(user, int) or user.isdigit():
-            return pwd.getpwuid(int(user))
-        return pwd.getpwnam(user)
+        entry = pwd.getpwuid(int(user)) if numeric else pwd.getpwnam(str(user))
     except KeyError:
-        if isinstance(user, int) or user.isdigit():
-            return (int(user), int(user))
+        if numeric:
+            return _User(int(user), int(user), None, None)
         raise IsolationUnavailable(
             f"user={user!r}: no such user on this machine", feature="user"
         ) from None
+    return _User(entry.pw_uid, entry.pw_gid, entry.pw_name, entry.pw_dir)
 
 
 def _warn_if_unreadable(user: str | int) -> None:
     """A user that cannot read the standard library fails every import not made before."""
-    entry = _resolve_user(user)
-    uid, gid = (entry.pw_uid, entry.pw_gid) if isinstance(entry, pwd.struct_passwd) else entry
+    uid, gid, _, _ = _resolve_user(user)
     stdlib = sysconfig.get_paths()["stdlib"]
     if not _readable(stdlib, uid, gid):
         _log.warning(
@@ -571,6 +577,14 @@ def describe_support() -> dict[str, str]:
     limits += "; processes: " + (
         f"only with user=... ({as_root[0][1]})" if as_root else "yes (pids cgroup)"
     )
+    sandbox = Isolation(
+        limits=SANDBOX_LIMITS,
+        user="nobody" if machine.euid == 0 else None,
+        network=False,
+        writable_paths=(),
+        scratch=True,
+    )
+    lacking = refusals(sandbox, machine, euid=machine.euid)
     return {
         "limits": limits,
         "user": "yes (the host runs as root)"
@@ -582,6 +596,7 @@ def describe_support() -> dict[str, str]:
         "writable_paths": f"yes (Landlock ABI {machine.landlock_abi})"
         if machine.landlock_problem is None
         else f"no ({machine.landlock_problem})",
+        "sandbox": "yes" if not lacking else "no: " + "; ".join(why for _, why in lacking),
     }
 
 
@@ -609,11 +624,8 @@ def worker_env(config: _Options) -> dict[str, str]:
     if isolation.scratch:
         spec["scratch"] = _scratch_base()
     if isolation.user is not None:
-        entry = _resolve_user(isolation.user)
-        if isinstance(entry, pwd.struct_passwd):
-            spec.update(uid=entry.pw_uid, gid=entry.pw_gid, user=entry.pw_name, home=entry.pw_dir)
-        else:
-            spec.update(uid=entry[0], gid=entry[1])
+        uid, gid, name, home = _resolve_user(isolation.user)
+        spec.update(uid=uid, gid=gid, user=name, home=home)
     return {ENV_VAR: json.dumps(spec)}
 
 

@@ -1,0 +1,337 @@
+"""Isolation and kernel-enforced limits (issue 23): each setting is crossed by a real
+worker. A crossed limit fails the call with ``ResourceExceeded`` naming it, the worker
+is replaced and the pool carries on; what the machine cannot enforce is refused at
+``start()`` with ``IsolationUnavailable`` (kind ``isolation_unavailable``).
+
+Tests skip only where this kernel or host lacks the feature, and say which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import snakepool
+from snakepool import IsolationUnavailable, Pool, RemoteError, ResourceExceeded
+from snakepool.cli import main as cli_main
+from snakepool.errors import ConfigError
+from snakepool.pool import _isolation
+from snakepool.pool._isolation import Isolation, isolation_of, refusals, support
+from waiting import wait_until
+
+pytestmark = pytest.mark.anyio
+
+LIMITS = "sp_isolation:Limits"
+MACHINE = support()
+ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not ROOT, reason="needs a root host (switching users)")
+needs_netns = pytest.mark.skipif(
+    MACHINE.netns_problem is not None, reason=f"no network namespaces: {MACHINE.netns_problem}"
+)
+needs_landlock = pytest.mark.skipif(
+    MACHINE.landlock_problem is not None, reason=f"no Landlock: {MACHINE.landlock_problem}"
+)
+
+
+def _cgroup(controller: str) -> str | None:
+    """Why this host cannot give workers a ``controller`` cgroup, or None."""
+    _isolation._prepare_cgroup(controller, MACHINE.cgroups)
+    if controller in _isolation._cgroups.ready:
+        return None
+    return _isolation._cgroups.problems.get(controller) or MACHINE.cgroups.missing.get(
+        controller, "?"
+    )
+
+
+@pytest.fixture
+def tcp_server() -> Iterator[int]:
+    """A listening TCP socket on the host's 127.0.0.1 (connects complete in the backlog)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    try:
+        yield server.getsockname()[1]
+    finally:
+        server.close()
+
+
+async def _crossed(pool: Pool, command: str, args: dict[str, Any], limit: str) -> None:
+    """``command`` crosses ``limit``: ResourceExceeded naming it, then a fresh worker serves."""
+    before = await pool.call("ping_pid")
+    with pytest.raises(ResourceExceeded) as info:
+        await pool.call(command, args, timeout=60)
+    assert info.value.limit == limit
+    assert info.value.kind == "resource_exceeded"
+    assert f"limits[{limit!r}]" in str(info.value)
+    after = await pool.call("ping_pid", timeout=60)  # the pool carries on
+    assert after != before
+    assert pool.statistics().workers[0].restarts >= 1
+    assert pool.statistics().failed.get("resource", 0) >= 1
+
+
+# --- the limits ------------------------------------------------------------------------------
+
+
+async def test_memory_mb_refuses_an_allocation_beyond_it() -> None:
+    async with Pool(LIMITS, size=1, limits={"memory_mb": 256}) as pool:
+        limits = await pool.call("rlimits")
+        assert limits["RLIMIT_DATA"][0] == 256 * 2**20
+        assert await pool.call("allocate", {"mb": 32}) == 32 * 2**20  # under it: fine
+        await _crossed(pool, "allocate", {"mb": 1024}, "memory_mb")
+
+
+async def test_memory_mb_covers_the_workers_children() -> None:
+    """With a memory cgroup, the worker and its children share the one budget:
+    four children of 80 MiB each stay under their own limit but not under the tree's."""
+    problem = _cgroup("memory")
+    if problem is not None:
+        pytest.skip(f"this host cannot give workers a memory cgroup: {problem}")
+    async with Pool(LIMITS, size=1, limits={"memory_mb": 200}) as pool:
+        assert await pool.call("children_allocate", {"n": 1, "mb": 40}) == [0]  # under it
+        await _crossed(pool, "children_allocate", {"n": 4, "mb": 80}, "memory_mb")
+
+
+async def test_memory_mb_oom_kill_of_the_worker_itself() -> None:
+    """Memory RLIMIT_DATA does not count (shared) is the cgroup's: its OOM killer ends the
+    worker, and the host reads the kill in the cgroup's events."""
+    problem = _cgroup("memory")
+    if problem is not None:
+        pytest.skip(f"this host cannot give workers a memory cgroup: {problem}")
+    async with Pool(LIMITS, size=1, limits={"memory_mb": 128}) as pool:
+        await _crossed(pool, "share", {"mb": 512}, "memory_mb")
+
+
+async def test_cpu_seconds_ends_a_worker_that_burns_more() -> None:
+    async with Pool(LIMITS, size=1, limits={"cpu_seconds": 1}) as pool:
+        assert (await pool.call("rlimits"))["RLIMIT_CPU"][0] == 1
+        await _crossed(pool, "spin", {"seconds": 60}, "cpu_seconds")
+
+
+async def test_open_files() -> None:
+    async with Pool(LIMITS, size=1, limits={"open_files": 64}) as pool:
+        assert await pool.call("open_files", {"n": 8}) == 8
+        await _crossed(pool, "open_files", {"n": 200}, "open_files")
+
+
+async def test_processes_with_a_pids_cgroup() -> None:
+    problem = _cgroup("pids")
+    if problem is not None:
+        pytest.skip(f"this host cannot give workers a pids cgroup: {problem}")
+    async with Pool(LIMITS, size=1, limits={"processes": 16}) as pool:
+        assert await pool.call("fork", {"n": 3}) == 3
+        await _crossed(pool, "fork", {"n": 40}, "processes")
+
+
+@needs_root
+async def test_processes_without_cgroups_binds_a_user_by_rlimit_nproc(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No pids cgroup: workers that are not root get RLIMIT_NPROC (per user)."""
+    monkeypatch.setattr(_isolation, "_cgroups", _isolation._Prepared())
+    monkeypatch.setattr(_isolation, "_prepare_cgroup", lambda controller, groups: None)
+    async with Pool(
+        LIMITS, size=1, user="nobody", limits={"processes": 24}, start_method="forkserver"
+    ) as pool:
+        assert (await pool.call("rlimits"))["RLIMIT_NPROC"][0] == 24
+        await _crossed(pool, "fork", {"n": 60}, "processes")
+
+
+async def test_processes_for_root_workers_without_cgroups_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_isolation, "_cgroups", _isolation._Prepared())
+    monkeypatch.setattr(_isolation, "_prepare_cgroup", lambda controller, groups: None)
+    pool = Pool(LIMITS, size=1, limits={"processes": 8})
+    with pytest.raises(IsolationUnavailable) as info:
+        if ROOT:
+            await pool.start()
+        else:  # (not root: RLIMIT_NPROC binds these workers; check the root host's answer)
+            _isolation.prepare(pool.config, euid=0)
+    await pool.aclose()
+    assert info.value.feature == "limits.processes"
+    assert info.value.kind == "isolation_unavailable"
+    assert "pids cgroup" in str(info.value)
+
+
+async def test_file_size_mb(tmp_path: Path) -> None:
+    async with Pool(LIMITS, size=1, limits={"file_size_mb": 2}) as pool:
+        assert await pool.call("write_mb", {"path": str(tmp_path / "small"), "mb": 1}) == 1
+        await _crossed(pool, "write_mb", {"path": str(tmp_path / "big"), "mb": 8}, "file_size_mb")
+    assert (tmp_path / "big").stat().st_size == 2 * 2**20  # the kernel stopped it there
+
+
+# --- user, network, filesystem -----------------------------------------------------------------
+
+
+@needs_root
+async def test_user_nobody() -> None:
+    async with Pool(LIMITS, size=1, user="nobody") as pool:
+        who = await pool.call("whoami")
+    nobody = _isolation._resolve_user("nobody")
+    assert (who["uid"], who["euid"], who["gid"]) == (nobody.uid, nobody.uid, nobody.gid)
+    assert 0 not in who["groups"]
+
+
+def test_user_is_refused_unless_the_host_is_root() -> None:
+    isolation = Isolation(user="nobody")
+    problems = refusals(isolation, MACHINE, euid=1000)
+    assert [feature for feature, _ in problems] == ["user"]
+    assert "needs a host running as root (this one is uid 1000)" in problems[0][1]
+    config = Pool(LIMITS, user="nobody").config
+    with pytest.raises(IsolationUnavailable) as info:
+        _isolation.prepare(config, euid=1000)
+    assert info.value.feature == "user"
+    assert refusals(isolation, MACHINE, euid=0) == []
+
+
+async def test_an_unknown_user_is_refused_at_start() -> None:
+    pool = Pool(LIMITS, size=1, user="no-such-user-here")
+    with pytest.raises(IsolationUnavailable, match="no such user") as info:
+        await pool.start()
+    await pool.aclose()
+    assert info.value.feature == "user"
+
+
+@needs_netns
+@pytest.mark.parametrize("start_method", ["auto", "spawn"])
+async def test_network_false(tcp_server: int, start_method: str) -> None:
+    async with Pool(LIMITS, size=1, start_method=start_method) as pool:
+        assert await pool.call("connect", {"port": tcp_server}) == "connected"  # (the control)
+    async with Pool(LIMITS, size=1, network=False, start_method=start_method) as pool:
+        with pytest.raises(RemoteError) as info:
+            await pool.call("connect", {"port": tcp_server})
+        # Refused: its 127.0.0.1 is a loopback of its own, where nobody listens.
+        assert isinstance(info.value, ConnectionRefusedError)
+        assert await pool.call("ping_pid") > 0  # while the protocol to the host works
+
+
+@needs_landlock
+@pytest.mark.parametrize("start_method", ["auto", "spawn"])
+async def test_writable_paths(tmp_path: Path, start_method: str) -> None:
+    inside, outside = tmp_path / "inside", tmp_path / "outside"
+    inside.mkdir()
+    outside.mkdir()
+    async with Pool(
+        LIMITS, size=1, writable_paths=[str(inside)], start_method=start_method
+    ) as pool:
+        assert await pool.call("write", {"path": str(inside / "a")}) == str(inside / "a")
+        with pytest.raises(PermissionError):
+            await pool.call("write", {"path": str(outside / "b")})
+        with pytest.raises(PermissionError):
+            await pool.call("write", {"path": str(tmp_path / "c")})
+    assert (inside / "a").read_text() == "hi"
+    assert not (outside / "b").exists() and not (tmp_path / "c").exists()
+
+
+async def test_a_writable_path_that_does_not_exist_is_a_config_error(tmp_path: Path) -> None:
+    pool = Pool(LIMITS, size=1, writable_paths=[str(tmp_path / "missing")])
+    with pytest.raises(ConfigError, match="does not exist") as info:
+        await pool.start()
+    await pool.aclose()
+    assert info.value.key == "writable_paths"
+
+
+# --- the sandbox -----------------------------------------------------------------------------
+
+
+@needs_netns
+@needs_landlock
+async def test_sandbox_with_the_generic_adapters_call(tcp_server: int, tmp_path: Path) -> None:
+    if not ROOT:
+        pytest.skip("the sandbox as the host's own user: this test checks the switch to nobody")
+
+    def call(function: str, **args: Any) -> Any:
+        return pool.call("call", {"target": f"sp_isolation:{function}", "args": args})
+
+    async with Pool(
+        "generic",
+        size=1,
+        sandbox=True,
+        preload=["sp_isolation"],
+        adapter_config={"allow": ["sp_isolation"]},
+    ) as pool:
+        who = await call("whoami")
+        assert who["uid"] != 0 and who["euid"] != 0
+        scratch = Path(who["tmp"])
+        assert who["home"] == str(scratch) and scratch.name == f"w{who['pid']}"
+        assert await call("write", path=str(scratch / "mine")) == str(scratch / "mine")
+        with pytest.raises(PermissionError):
+            await call("write", path=str(tmp_path / "escape"))
+        with pytest.raises(ConnectionRefusedError):  # (a loopback of its own: nobody listens)
+            await call("connect", port=tcp_server)
+        limits = await call("rlimits")
+        assert limits["RLIMIT_NOFILE"][0] == _isolation.SANDBOX_LIMITS["open_files"]
+        with pytest.raises(ResourceExceeded) as info:
+            await call("allocate", mb=4096)
+        assert info.value.limit == "memory_mb"
+        again = await call("whoami")  # a fresh worker, just as isolated
+        assert again["pid"] != who["pid"] and again["uid"] == who["uid"]
+        await wait_until(lambda: not scratch.exists())  # the dead worker's scratch is gone
+    assert not (tmp_path / "escape").exists()
+
+
+def test_sandbox_profile_and_what_overrides_it() -> None:
+    config = Pool("generic", sandbox=True, limits={"processes": None, "memory_mb": 64}).config
+    isolation = isolation_of(config, euid=0)
+    assert isolation.user == "nobody" and not isolation.network and isolation.scratch
+    assert isolation.writable_paths == ()
+    assert "processes" not in isolation.limits and isolation.limits["memory_mb"] == 64
+    assert isolation.limits["open_files"] == _isolation.SANDBOX_LIMITS["open_files"]
+    assert isolation_of(config, euid=1000).user is None  # the host's own, unprivileged, user
+    assert not isolation_of(Pool("generic").config).active
+
+
+# --- refusals and bad options -------------------------------------------------------------------
+
+
+async def test_what_the_machine_cannot_do_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lacking = dataclasses.replace(
+        MACHINE, netns_problem="unshare(CLONE_NEWNET) failed: EPERM", landlock_problem="no"
+    )
+    monkeypatch.setattr(_isolation, "support", lambda: lacking)
+    for options, feature in (({"network": False}, "network"), ({"writable_paths": []}, None)):
+        pool = Pool(LIMITS, size=1, **options)
+        with pytest.raises(IsolationUnavailable) as info:
+            await pool.start()
+        await pool.aclose()
+        assert info.value.feature == (feature or "writable_paths")
+        assert isinstance(info.value, snakepool.WorkerStartError)
+        assert pool.statistics().workers[0].pid is None  # no worker ran less isolated
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"limits": {"memory": 5}}, ValueError, "did you mean 'memory_mb'"),
+        ({"limits": {"open_files": 0}}, ValueError, r"limits\['open_files'\] must be a number > 0"),
+        ({"limits": {"processes": 1.5}}, ValueError, "whole number"),
+        ({"limits": {"cpu_seconds": True}}, ValueError, "cpu_seconds"),
+        ({"limits": [1]}, TypeError, "limits must be a dict"),
+        ({"user": "root"}, ValueError, "unprivileged user"),
+        ({"user": 1.5}, TypeError, "user name or a uid"),
+        ({"network": "no"}, TypeError, "network must be True or False"),
+        ({"writable_paths": "/tmp"}, TypeError, "list of paths"),
+        ({"sandbox": 1}, TypeError, "sandbox must be True or False"),
+    ],
+)
+def test_bad_options_are_named(options: dict[str, Any], error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        Pool("generic", **options)
+
+
+def test_doctor_reports_isolation(capsys: pytest.CaptureFixture[str]) -> None:
+    cli_main(["doctor"])
+    out = capsys.readouterr().out
+    lines = {line.split(":", 1)[0] for line in out.splitlines() if line.startswith("isolation")}
+    for feature in ("limits", "user", "network", "writable_paths", "sandbox"):
+        assert f"isolation   {feature}" in lines
+    expected = "yes (Landlock" if MACHINE.landlock_problem is None else "no ("
+    assert f"isolation   writable_paths: {expected}" in out
