@@ -789,8 +789,10 @@ class WorkerHandle:
             self.kill("closed its stdout but did not exit")
         self.signal_group(signal.SIGKILL)  # children of a dead worker go too
         exit_code = await process.wait()
-        if self._limits is not None:  # (and its cgroups and scratch go)
-            self.limit_crossed = self._limits.crossed(self.pid, exit_code)
+        if self._limits is not None:  # (and its cgroups and scratch directory go: a thread)
+            self.limit_crossed = await anyio.to_thread.run_sync(
+                self._limits.crossed, self.pid, exit_code
+            )
         with anyio.move_on_after(_STDERR_SETTLE):
             await self._stderr_done.wait()
         with contextlib.suppress(Exception):
