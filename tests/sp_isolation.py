@@ -60,6 +60,18 @@ def write(path: str, text: str = "hi") -> str:
     return path
 
 
+def environ() -> dict[str, str]:
+    return dict(os.environ)
+
+
+def signal_others(pids: list[int]) -> list[int]:
+    """Signal 0 (a permission check) to each of ``pids`` but this worker."""
+    others = [pid for pid in pids if pid != os.getpid()]
+    for pid in others:
+        os.kill(pid, 0)
+    return others
+
+
 def rlimits() -> dict[str, list[int]]:
     names = ("RLIMIT_DATA", "RLIMIT_CPU", "RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_FSIZE")
     return {name: list(resource.getrlimit(getattr(resource, name))) for name in names}

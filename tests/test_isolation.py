@@ -276,6 +276,36 @@ async def test_sandbox_with_the_generic_adapters_call(tcp_server: int, tmp_path:
     assert not (tmp_path / "escape").exists()
 
 
+@needs_landlock
+async def test_sandbox_hides_the_hosts_environment_and_other_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if not ROOT:
+        pytest.skip("checks two sandboxed workers of one user (nobody): needs a root host")
+    if MACHINE.landlock_abi < 6:
+        pytest.skip(f"Landlock ABI {MACHINE.landlock_abi} cannot scope signals (needs 6)")
+    monkeypatch.setenv("SP_TEST_SECRET_TOKEN", "hunter2")
+    options: dict[str, Any] = {
+        "size": 2,
+        "preload": ["sp_isolation"],
+        "adapter_config": {"allow": ["sp_isolation"]},
+        "env": {"SP_TEST_GIVEN": "1"},
+    }
+    # (the control: two workers of one user may signal each other)
+    async with Pool("generic", user="nobody", **options) as pool:
+        pids = [worker.pid for worker in pool.statistics().workers]
+        others = await pool.call("call", {"target": "sp_isolation:signal_others", "args": [pids]})
+        assert len(others) == 1
+        assert "SP_TEST_SECRET_TOKEN" in await pool.call("call", {"target": "sp_isolation:environ"})
+    async with Pool("generic", sandbox=True, **options) as pool:
+        pids = [worker.pid for worker in pool.statistics().workers]
+        with pytest.raises(PermissionError):
+            await pool.call("call", {"target": "sp_isolation:signal_others", "args": [pids]})
+        seen = await pool.call("call", {"target": "sp_isolation:environ"})
+    assert "SP_TEST_SECRET_TOKEN" not in seen
+    assert seen["SP_TEST_GIVEN"] == "1" and "PATH" in seen
+
+
 def test_sandbox_profile_and_what_overrides_it() -> None:
     config = Pool("generic", sandbox=True, limits={"processes": None, "memory_mb": 64}).config
     isolation = isolation_of(config, euid=0)

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from .. import protocol as p
 from ..errors import ErrorCategory
 from ._isolation import check_options as check_isolation_options
+from ._isolation import inherited_env
 from ._isolation import worker_env as isolation_env
 from ._launch import WorkerLaunch
 from ._recovery import Recovery, recovery_table
@@ -495,7 +496,7 @@ class PoolConfig:
         """How to start the worker for ``slot``."""
         interpreter = self.interpreter
         same_python = os.path.realpath(interpreter) == os.path.realpath(sys.executable)
-        env = dict(os.environ)
+        env = inherited_env(self)  # (the host's; a sandbox's: only what is safe to show)
         for var in THREAD_ENV_VARS:
             env.setdefault(var, "1")
         env.update(self.env or {})

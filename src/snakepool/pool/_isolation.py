@@ -46,6 +46,7 @@ __all__ = [
     "Support",
     "check_options",
     "describe_support",
+    "inherited_env",
     "isolation_of",
     "limit_watch",
     "prepare",
@@ -603,6 +604,25 @@ def describe_support() -> dict[str, str]:
 # --- the worker's side of it ---------------------------------------------------------------
 
 
+#: What a sandbox's workers (and their template) inherit of the host's environment:
+#: what finding programs, libraries and the locale takes. Secrets the host holds in
+#: its environment (API keys, tokens) stay out: the sandbox's code could read them.
+_SANDBOX_ENV = ("PATH", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH", "VIRTUAL_ENV")
+_SANDBOX_ENV_PREFIXES = ("LC_", "PYTHON", "SNAKEPOOL_")
+
+
+def inherited_env(config: _Options) -> dict[str, str]:
+    """The host's environment as ``config``'s workers inherit it (the pool's ``env``
+    is added after): all of it, but for a sandbox only ``_SANDBOX_ENV``."""
+    if not config.sandbox:
+        return dict(os.environ)
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if name in _SANDBOX_ENV or name.startswith(_SANDBOX_ENV_PREFIXES)
+    }
+
+
 def worker_env(config: _Options) -> dict[str, str]:
     """``{SNAKEPOOL_ISOLATION: spec}`` for a worker of ``config`` (``{}``: none asked)."""
     isolation = isolation_of(config)
@@ -623,6 +643,7 @@ def worker_env(config: _Options) -> dict[str, str]:
         spec["landlock_abi"] = support().landlock_abi
     if isolation.scratch:
         spec["scratch"] = _scratch_base()
+        spec["landlock_scope"] = True  # (signals, abstract sockets: this worker's own only)
     if isolation.user is not None:
         uid, gid, name, home = _resolve_user(isolation.user)
         spec.update(uid=uid, gid=gid, user=name, home=home)

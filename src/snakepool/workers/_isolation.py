@@ -73,6 +73,8 @@ _FS_REMOVE_FILE = 1 << 5
 _FS_MAKE_ALL = sum(1 << bit for bit in range(6, 13))  # char, dir, reg, sock, fifo, block, sym
 _FS_REFER = 1 << 13  # ABI 2
 _FS_TRUNCATE = 1 << 14  # ABI 3
+_SCOPE_ABSTRACT_UNIX_SOCKET = 1 << 0  # ABI 6
+_SCOPE_SIGNAL = 1 << 1  # ABI 6
 #: Always writable under Landlock: what "discard this output" needs.
 _ALWAYS_WRITABLE = ("/dev/null",)
 
@@ -188,7 +190,8 @@ def _apply(spec: dict[str, Any]) -> _Watch:
     if spec.get("network") is False:
         _leave_network()
     if writable is not None:
-        _restrict_writes([str(path) for path in writable], int(spec["landlock_abi"]))
+        abi, scope = int(spec["landlock_abi"]), bool(spec.get("landlock_scope"))
+        _restrict_writes([str(path) for path in writable], abi, scope=scope)
     if scratch is not None:
         import tempfile  # (now: the user may not be able to read the standard library)
 
@@ -272,8 +275,13 @@ def _loopback_up() -> None:
         fcntl.ioctl(sock.fileno(), _SIOCSIFFLAGS, struct.pack("16sh22x", b"lo", flags | _IFF_UP))
 
 
-def _restrict_writes(paths: list[str], abi: int) -> None:
-    """Landlock: every kind of write is refused except beneath ``paths``."""
+def _restrict_writes(paths: list[str], abi: int, *, scope: bool = False) -> None:
+    """Landlock: every kind of write is refused except beneath ``paths``.
+
+    ``scope`` (ABI >= 6) also confines signals and abstract Unix sockets to
+    this worker's own Landlock domain (itself and what it starts): the
+    sandbox's code cannot signal another pool's workers of the same user.
+    """
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
@@ -285,14 +293,20 @@ def _restrict_writes(paths: list[str], abi: int) -> None:
     file_rights = handled & (_FS_WRITE_FILE | _FS_TRUNCATE)  # (all a non-directory may get)
 
     class RulesetAttr(ctypes.Structure):
-        _fields_ = [("handled_access_fs", ctypes.c_uint64)]
+        _fields_ = [
+            ("handled_access_fs", ctypes.c_uint64),
+            ("handled_access_net", ctypes.c_uint64),  # (ABI 4)
+            ("scoped", ctypes.c_uint64),  # (ABI 6)
+        ]
 
     class PathBeneath(ctypes.Structure):
         _pack_ = 1
         _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
 
-    attr = RulesetAttr(handled)
-    ruleset = _syscall(libc, _SYS_CREATE_RULESET, ctypes.byref(attr), ctypes.sizeof(attr), 0)
+    scoped = _SCOPE_ABSTRACT_UNIX_SOCKET | _SCOPE_SIGNAL if scope and abi >= 6 else 0
+    attr = RulesetAttr(handled, 0, scoped)
+    size = ctypes.sizeof(attr) if scoped else 8  # (older kernels know the first field only)
+    ruleset = _syscall(libc, _SYS_CREATE_RULESET, ctypes.byref(attr), size, 0)
     try:
         for path in [*paths, *_ALWAYS_WRITABLE]:
             fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
