@@ -179,9 +179,10 @@ def isolation_of(config: _Options, *, euid: int | None = None) -> Isolation:
     user = config.user
     if sandbox and user is None and (os.geteuid() if euid is None else euid) == 0:
         user = "nobody"
-    base = os.fspath(config.cwd) if config.cwd is not None else os.getcwd()
-    writable = config.writable_paths
-    paths = None if writable is None else tuple(os.path.join(base, os.fspath(p)) for p in writable)
+    writable, paths = config.writable_paths, None
+    if writable is not None:  # (relative: to the workers' cwd)
+        base = os.fspath(config.cwd) if config.cwd is not None else os.getcwd()
+        paths = tuple(os.path.join(base, os.fspath(path)) for path in writable)
     return Isolation(
         limits={key: float(value) for key, value in limits.items() if value is not None},
         user=user,

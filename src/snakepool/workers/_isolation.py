@@ -35,7 +35,6 @@ import contextlib
 import errno
 import os
 import resource
-import shutil
 from typing import Any
 
 __all__ = [
@@ -242,6 +241,8 @@ def _make_scratch(base: object, uid: object, gid: object) -> str | None:
     """This worker's private directory under ``base`` (stale ones of its pid removed)."""
     if not isinstance(base, str):
         return None
+    import shutil
+
     path = os.path.join(base, f"w{os.getpid()}")
     shutil.rmtree(path, ignore_errors=True)
     os.mkdir(path, 0o700)
