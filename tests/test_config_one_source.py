@@ -200,7 +200,7 @@ def test_new_environment_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_bool_overrides_parse() -> None:
-    # (no option is a bool yet: network=, a later issue, will be)
+    # (network= and sandbox= read these)
     assert [BOOL.parse(t) for t in ("1", "true", "Yes", "off", "0", "False")] == [
         True,
         True,
@@ -211,6 +211,7 @@ def test_bool_overrides_parse() -> None:
     ]
     with pytest.raises(ValueError, match="maybe"):
         BOOL.parse("maybe")
+    assert OPTIONS["network"].env is BOOL and OPTIONS["sandbox"].env is BOOL
 
 
 def test_readme_table_is_pool_configs() -> None:
