@@ -22,7 +22,7 @@ from snakepool import IsolationUnavailable, Pool, RemoteError, ResourceExceeded
 from snakepool.cli import main as cli_main
 from snakepool.errors import ConfigError
 from snakepool.pool import _isolation
-from snakepool.pool._isolation import Isolation, isolation_of, refusals, support
+from snakepool.pool._isolation import Isolation, isolation_of, parse_cgroups, refusals, support
 from waiting import wait_until
 
 pytestmark = pytest.mark.anyio
@@ -355,6 +355,35 @@ async def test_what_the_machine_cannot_do_is_refused_at_start(
 def test_bad_options_are_named(options: dict[str, Any], error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         Pool("generic", **options)
+
+
+_V2_MOUNTINFO = "35 24 0:30 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
+_HYBRID_MOUNTINFO = (
+    "31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"
+    "35 31 0:32 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
+    "39 31 0:36 / /sys/fs/cgroup/pids rw - cgroup cgroup rw,pids\n"
+    "41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n"
+)
+
+
+def test_cgroup_parents_are_found_below_the_hosts_cgroup() -> None:
+    """(Parsing only: v2 is what hosts mostly have; this test machine may not.)"""
+    v2 = parse_cgroups(
+        "0::/system.slice/app.service\n", _V2_MOUNTINFO, lambda path: {"cpu", "memory", "pids"}
+    )
+    parent = "/sys/fs/cgroup/system.slice/app.service/snakepool"
+    assert v2.parents == {"memory": parent, "pids": parent}
+    assert v2.versions == {"memory": 2, "pids": 2} and not v2.missing
+    no_controllers = parse_cgroups("0::/\n", _V2_MOUNTINFO, lambda path: {"cpu"})
+    assert set(no_controllers.missing) == {"memory", "pids"} and not no_controllers.parents
+    hybrid = parse_cgroups(
+        "8:pids:/\n4:memory:/box/a1\n0::/\n", _HYBRID_MOUNTINFO, lambda path: {"hugetlb"}
+    )
+    assert hybrid.parents == {
+        "memory": "/sys/fs/cgroup/memory/box/a1/snakepool",
+        "pids": "/sys/fs/cgroup/pids/snakepool",
+    }
+    assert hybrid.versions == {"memory": 1, "pids": 1}
 
 
 def test_doctor_reports_isolation(capsys: pytest.CaptureFixture[str]) -> None:

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -49,6 +49,7 @@ __all__ = [
     "inherited_env",
     "isolation_of",
     "limit_watch",
+    "parse_cgroups",
     "prepare",
     "refusals",
     "support",
@@ -280,15 +281,26 @@ def _discover_cgroups() -> Cgroups:
     """Per controller: the parent directory of worker cgroups under the host's own."""
     try:
         with open("/proc/self/cgroup") as file:
-            memberships = [line.rstrip("\n").split(":", 2) for line in file if line.strip()]
+            memberships = file.read()
         with open("/proc/self/mountinfo") as file:
-            mounts = [line.split() for line in file]
+            mounts = file.read()
     except OSError as exc:
         reason = f"cannot read /proc/self/cgroup or mountinfo: {exc}"
         return Cgroups({}, {}, dict.fromkeys(("memory", "pids"), reason))
+    return parse_cgroups(memberships, mounts, _read_words)
+
+
+def parse_cgroups(
+    memberships: str, mountinfo: str, words: Callable[[str], set[str]] = lambda path: set()
+) -> Cgroups:
+    """:func:`_discover_cgroups` from the text of ``/proc/self/cgroup`` and
+    ``/proc/self/mountinfo``; ``words(path)`` reads a v2 ``cgroup.controllers``."""
     v1_mounts: dict[str, tuple[str, str]] = {}
     v2_mount: tuple[str, str] | None = None
-    for fields in mounts:
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if "-" not in fields:
+            continue
         dash = fields.index("-")
         fstype, root, point = fields[dash + 1], fields[3], fields[4]
         if fstype == "cgroup2":
@@ -296,17 +308,14 @@ def _discover_cgroups() -> Cgroups:
         elif fstype == "cgroup":
             for option in fields[dash + 3].split(","):
                 v1_mounts[option] = (root, point)
+    groups = [line.split(":", 2) for line in memberships.splitlines() if line.count(":") >= 2]
+    v2_dir = next((_under(v2_mount, p) for h, _, p in groups if h == "0" and v2_mount), None)
+    v2_controllers = words(os.path.join(v2_dir, "cgroup.controllers")) if v2_dir else set()
     parents: dict[str, str] = {}
     versions: dict[str, int] = {}
     missing: dict[str, str] = {}
-    v2_dir = next(
-        (_under(v2_mount, path) for h, names, path in memberships if h == "0" and v2_mount), None
-    )
-    v2_controllers = _read_words(os.path.join(v2_dir, "cgroup.controllers")) if v2_dir else set()
     for controller in ("memory", "pids"):
-        v1_path = next(
-            (path for _, names, path in memberships if controller in names.split(",")), None
-        )
+        v1_path = next((p for _, names, p in groups if controller in names.split(",")), None)
         if v2_dir is not None and controller in v2_controllers:
             parents[controller] = os.path.join(v2_dir, _CGROUP_DIR)
             versions[controller] = 2
