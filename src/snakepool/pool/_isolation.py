@@ -374,25 +374,33 @@ def refusals(isolation: Isolation, machine: Support, *, euid: int) -> list[tuple
         found.append(
             ("writable_paths", f"restricting writes needs Landlock: {machine.landlock_problem}")
         )
-    if (
-        "processes" in isolation.limits
-        and "pids" not in _cgroups.ready
-        and not _drops_root(isolation, euid)
-    ):
-        why = _cgroups.problems.get("pids") or machine.cgroups.missing.get("pids", "?")
-        found.append(
-            (
-                "limits.processes",
-                f"limits['processes'] needs a pids cgroup ({why}), or workers that are not "
-                "root (user=..., where RLIMIT_NPROC then counts every process of that user)",
+    if "processes" in isolation.limits and "pids" not in _cgroups.ready:
+        problem = _nproc_problem(isolation, machine, euid)
+        if problem is not None:
+            why = _cgroups.problems.get("pids") or machine.cgroups.missing.get("pids", "?")
+            found.append(
+                (
+                    "limits.processes",
+                    f"limits['processes'] needs a pids cgroup ({why}), or {problem}",
+                )
             )
-        )
     return found
 
 
-def _drops_root(isolation: Isolation, euid: int) -> bool:
-    """The workers will not run as root (RLIMIT_NPROC binds them)."""
-    return isolation.user is not None or euid != 0
+def _nproc_problem(isolation: Isolation, machine: Support, euid: int) -> str | None:
+    """Why RLIMIT_NPROC cannot stand in for a pids cgroup here (None: it can).
+
+    It binds no root process. A host that is not root gives each worker a user
+    namespace of its own, where it counts that worker's processes; a root host's
+    ``user=`` workers share their user's count.
+    """
+    if euid != 0:
+        if machine.netns_problem is None:  # (the probe made a user namespace too)
+            return None
+        return f"unprivileged user namespaces ({machine.netns_problem})"
+    if isolation.user is not None:
+        return None
+    return "user=... (RLIMIT_NPROC then counts every process of that user; root is exempt)"
 
 
 class _Prepared:
@@ -648,6 +656,7 @@ def worker_env(config: _Options) -> dict[str, str]:
         },
     }
     spec["nproc"] = "processes" in isolation.limits and "pids" not in spec["cgroups"]
+    spec["userns"] = spec["nproc"] and os.geteuid() != 0  # (so that it counts per worker)
     if isolation.writable_paths is not None or isolation.scratch:
         spec["writable"] = list(isolation.writable_paths or ())
         spec["landlock_abi"] = support().landlock_abi

@@ -12,7 +12,8 @@ is the one place isolation happens. In order:
    ``memory``/``pids`` limits written, then the worker moves itself in (its
    children follow it);
 2. a private scratch directory (the sandbox's ``TMPDIR`` and ``HOME``);
-3. a network namespace with only a loopback of its own (``network=False``);
+3. a network namespace with only a loopback of its own (``network=False``),
+   owned by a user namespace of its own where the host is not root;
 4. Landlock: writes only beneath ``writable_paths`` (and ``/dev/null``);
 5. the user: supplementary groups, gid, uid (``PR_SET_NO_NEW_PRIVS`` first);
 6. ``setrlimit``: lowering a limit needs no privilege, so this comes last.
@@ -105,6 +106,7 @@ class _Watch:
         for limit, count in events.items():
             if count > self.seen.get(limit, 0):
                 return limit
+        self.seen = events  # (a kill a handler took in its stride is not the next call's)
         if (
             self.nproc
             and "processes" in limits
@@ -186,8 +188,7 @@ def _apply(spec: dict[str, Any]) -> _Watch:
     scratch = _make_scratch(spec.get("scratch"), spec.get("uid"), spec.get("gid"))
     if scratch is not None:
         writable = [*(writable or ()), scratch]
-    if spec.get("network") is False:
-        _leave_network()
+    _enter_namespaces(network=spec.get("network") is not False, own_user=bool(spec.get("userns")))
     if writable is not None:
         abi, scope = int(spec["landlock_abi"]), bool(spec.get("landlock_scope"))
         _restrict_writes([str(path) for path in writable], abi, scope=scope)
@@ -251,17 +252,26 @@ def _make_scratch(base: object, uid: object, gid: object) -> str | None:
     return path
 
 
-def _leave_network() -> None:
-    """A network namespace of our own: no interfaces but a private loopback."""
-    if os.geteuid() == 0:
-        _unshare(_CLONE_NEWNET)
-    else:  # an unprivileged host: a user namespace owns the new network namespace
-        uid, gid = os.geteuid(), os.getegid()
-        _unshare(_CLONE_NEWUSER | _CLONE_NEWNET)
+def _enter_namespaces(*, network: bool, own_user: bool) -> None:
+    """Without ``network``: a network namespace of our own (a private loopback only).
+
+    A host that is not root needs a user namespace to own it; ``own_user``
+    asks for one anyway: ``RLIMIT_NPROC`` then counts this worker's processes,
+    not every process of its user.
+    """
+    flags = 0 if network else _CLONE_NEWNET
+    if os.geteuid() != 0 and (flags or own_user):
+        flags |= _CLONE_NEWUSER
+    if not flags:
+        return
+    uid, gid = os.geteuid(), os.getegid()
+    _unshare(flags)
+    if flags & _CLONE_NEWUSER:  # the same uid and gid inside as outside
         _write("/proc/self/setgroups", "deny")
         _write("/proc/self/uid_map", f"{uid} {uid} 1")
         _write("/proc/self/gid_map", f"{gid} {gid} 1")
-    _loopback_up()
+    if flags & _CLONE_NEWNET:
+        _loopback_up()
 
 
 def _loopback_up() -> None:
@@ -309,7 +319,7 @@ def _restrict_writes(paths: list[str], abi: int, *, scope: bool = False) -> None
     size = ctypes.sizeof(attr) if scoped else 8  # (older kernels know the first field only)
     ruleset = _syscall(libc, _SYS_CREATE_RULESET, ctypes.byref(attr), size, 0)
     try:
-        for path in [*paths, *_ALWAYS_WRITABLE]:
+        for path in [*paths, *filter(os.path.exists, _ALWAYS_WRITABLE)]:
             fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
             try:
                 rights = handled if os.path.isdir(path) else file_rights
