@@ -9,8 +9,12 @@ Tests skip only where this kernel or host lacks the feature, and say which.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import json
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -140,6 +144,72 @@ async def test_processes_without_cgroups_binds_a_user_by_rlimit_nproc(
     ) as pool:
         assert (await pool.call("rlimits"))["RLIMIT_NPROC"][0] == 24
         await _crossed(pool, "fork", {"n": 60}, "processes")
+
+
+#: A worker's isolation as a host that is not root applies it: imports first, then
+#: it becomes an ordinary process of uid 4242 (dumpable, as one exec'd so would be).
+_UNPRIVILEGED_WORKER = """
+import ctypes, encodings.idna, json, os, socket, sys, time
+from snakepool.workers import _isolation
+os.setgroups([]); os.setgid(4242); os.setuid(4242)
+ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
+try:
+    _isolation._apply(json.loads(sys.argv[1]))
+except OSError as exc:
+    print(json.dumps({"unsupported": str(exc)})); sys.exit()
+started = []
+try:
+    for _ in range(20):
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(30); os._exit(0)
+        started.append(pid)
+except OSError as exc:
+    refused = exc.errno
+for pid in started:
+    os.kill(pid, 9); os.waitpid(pid, 0)
+try:
+    socket.create_connection(("127.0.0.1", int(sys.argv[2])), timeout=5).close()
+    network = "connected"
+except OSError as exc:
+    network = type(exc).__name__
+print(json.dumps({"forks": len(started), "refused": refused, "network": network,
+                  "uid": os.getuid(), "nproc": _isolation.resource.getrlimit(6)[0]}))
+"""
+
+
+@needs_root
+def test_a_host_that_is_not_root_gives_each_worker_a_user_namespace(tcp_server: int) -> None:
+    """``processes`` without a pids cgroup, and ``network=False``, as a host that is not
+    root has its workers apply them: RLIMIT_NPROC in a user namespace of the worker's
+    own counts the worker's processes only (its user has 5 more outside)."""
+    spec = {"limits": {"processes": 6}, "nproc": True, "userns": True, "network": False}
+    outside = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import os, time; os.setgid(4242); os.setuid(4242); time.sleep(30)",
+            ]
+        )
+        for _ in range(5)
+    ]
+    try:
+        run = subprocess.run(
+            [sys.executable, "-c", _UNPRIVILEGED_WORKER, json.dumps(spec), str(tcp_server)],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+    finally:
+        for process in outside:
+            process.kill()
+            process.wait()
+    found = json.loads(run.stdout)
+    if "unsupported" in found:
+        pytest.skip(f"no unprivileged user namespaces here: {found['unsupported']}")
+    assert found["uid"] == 4242 and found["nproc"] == 6
+    assert found["forks"] == 5  # 6 tasks: the worker and five children, in its namespace
+    assert found["refused"] == errno.EAGAIN
+    assert found["network"] == "ConnectionRefusedError"  # its own loopback
 
 
 async def test_processes_for_root_workers_without_cgroups_is_refused(
