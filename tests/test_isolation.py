@@ -413,6 +413,7 @@ async def test_what_the_machine_cannot_do_is_refused_at_start(
         ({"limits": {"memory": 5}}, ValueError, "did you mean 'memory_mb'"),
         ({"limits": {"open_files": 0}}, ValueError, r"limits\['open_files'\] must be a number > 0"),
         ({"limits": {"processes": 1.5}}, ValueError, "whole number"),
+        ({"limits": {"processes": float("inf")}}, ValueError, "finite"),
         ({"limits": {"cpu_seconds": True}}, ValueError, "cpu_seconds"),
         ({"limits": [1]}, TypeError, "limits must be a dict"),
         ({"user": "root"}, ValueError, "unprivileged user"),

@@ -137,10 +137,10 @@ def _check_limit(key: object, value: object) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise ValueError(f"limits[{key!r}] must be a number > 0 or None, got {value!r}")
-    if key in _INTEGER_LIMITS and value != int(value):
-        raise ValueError(f"limits[{key!r}] must be a whole number, got {value!r}")
     if value == float("inf"):
         raise ValueError(f"limits[{key!r}] must be finite (None: no limit), got {value!r}")
+    if key in _INTEGER_LIMITS and value != int(value):
+        raise ValueError(f"limits[{key!r}] must be a whole number, got {value!r}")
 
 
 @dataclass(frozen=True)
