@@ -11,6 +11,7 @@ from .errors import CallTimeout as CallTimeout
 from .errors import CircuitOpen as CircuitOpen
 from .errors import ErrorCategory as ErrorCategory
 from .errors import InvalidSessionId as InvalidSessionId
+from .errors import IsolationUnavailable as IsolationUnavailable
 from .errors import PoolClosed as PoolClosed
 from .errors import PoolDisabled as PoolDisabled
 from .errors import PoolOverloaded as PoolOverloaded
@@ -84,6 +85,7 @@ __all__ = [
     "ErrorCategory",
     "Event",
     "InvalidSessionId",
+    "IsolationUnavailable",
     "Pool",
     "PoolClosed",
     "PoolConfig",

@@ -32,6 +32,7 @@ PoolDisabled             ``pool_disabled``              closed
 ConfigError              ``config``                     initialization
 TemplateUnavailable      ``template_unavailable``       initialization
 TemplateStartError       ``template_start_failed``      initialization
+IsolationUnavailable     ``isolation_unavailable``      initialization
 ======================== ============================== ==============
 
 The DSPy adapter's errors (in :mod:`snakepool.dspy`) derive from
@@ -62,6 +63,7 @@ __all__ = [
     "ConfigError",
     "ErrorCategory",
     "InvalidSessionId",
+    "IsolationUnavailable",
     "PoolClosed",
     "PoolDisabled",
     "PoolOverloaded",
@@ -172,10 +174,16 @@ class ProtocolError(SnakepoolError):
 
 
 class ResourceExceeded(SnakepoolError):
-    """The worker went over a resource limit (``max_memory_mb``)."""
+    """The worker went over a resource limit; ``limit`` names it when known: a key of
+    the pool's ``limits`` (``"memory_mb"``, ``"cpu_seconds"``, ``"open_files"``,
+    ``"processes"``, ``"file_size_mb"``), or ``"max_memory_mb"`` (a recycled worker)."""
 
     category = ErrorCategory.RESOURCE
     kind = "resource_exceeded"
+
+    def __init__(self, message: str, *, limit: str | None = None) -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 class RemoteError(SnakepoolError):
@@ -457,6 +465,19 @@ class TemplateStartError(SnakepoolError):
         super().__init__(message)
         self.module = module
         self.traceback = traceback
+
+
+class IsolationUnavailable(WorkerStartError):
+    """The pool asked for isolation this machine cannot give (``pool.start()`` refuses
+    rather than run workers less isolated than asked). ``feature`` names the option:
+    ``"limits.processes"``, ``"user"``, ``"network"``, ``"writable_paths"``, or
+    ``"platform"``; the message says why and what would make it possible."""
+
+    kind = "isolation_unavailable"
+
+    def __init__(self, message: str, *, feature: str | None = None) -> None:
+        super().__init__(message)
+        self.feature = feature
 
 
 def _signal_name(exit_code: int | None) -> str | None:

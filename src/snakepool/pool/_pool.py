@@ -140,6 +140,11 @@ class Pool(LifecycleOwner):
         drain_grace: float = 10.0,
         stop_grace: float = 3.0,
         cancel_grace: float = 2.0,
+        limits: Mapping[str, float | None] | None = None,
+        user: str | int | None = None,
+        network: bool = True,
+        writable_paths: Sequence[str | os.PathLike[str]] | None = None,
+        sandbox: bool = False,
         **unknown: Never,  # (a clear TypeError: "did you mean 'size'?")
     ) -> None:
         if unknown:

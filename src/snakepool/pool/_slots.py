@@ -29,6 +29,7 @@ from ._breaker import CircuitBreaker
 from ._calls import PendingCall
 from ._config import PoolConfig
 from ._events import Listeners
+from ._isolation import prepare as prepare_isolation
 from ._registry import RunRegistry, runtime_dir
 from ._runner import BackgroundTasks
 from ._template import TemplateStartError, TemplateUnavailable, WorkerTemplate
@@ -103,6 +104,7 @@ class WorkerSlots:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(self._registry.reap_leftovers)
         await background.start()
+        await anyio.to_thread.run_sync(prepare_isolation, self.config)  # (or refuse)
         await self.start_template()
         errors: list[WorkerStartError] = []
         async with anyio.create_task_group() as starters:
