@@ -1,0 +1,275 @@
+"""Evaluating a program over a devset, fanned out over the pool's workers.
+
+``concurrency`` tasks pull examples from the devset one at a time through an
+unbuffered channel: the devset (a list, any iterable, or an async iterable)
+is read only as fast as examples finish, so at most ``concurrency`` examples
+are in flight and a lazy devset of any length keeps host memory flat (with
+``keep_results=False``, nothing per example is kept). Each example is one
+``evaluate_example`` call of the program's session: with affinity ``"hint"``
+(the default) calls beyond what the session's worker takes run on the
+others, which rebuild the session's programs from its persisted state once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from . import _monitor
+
+if TYPE_CHECKING:
+    from ._program import Program
+
+__all__ = ["DEFAULT_CONCURRENCY", "Evaluation", "EvaluationProgress", "ExampleResult", "evaluate"]
+
+#: In flight when the pool's size cannot be read (a socket client's session, say).
+DEFAULT_CONCURRENCY = 8
+
+
+@dataclass(frozen=True, slots=True)
+class ExampleResult:
+    """One example: its prediction and score, or the error it failed with (score 0)."""
+
+    index: int
+    example: Mapping[str, Any]
+    prediction: Mapping[str, Any] | None
+    score: float
+    error: str | None = None
+    error_kind: str | None = None  # the error's kind (or its remote kind), when it has one
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluationProgress:
+    """Where an evaluation stands: examples done (failed ones included) and the mean so far."""
+
+    done: int
+    failed: int
+    score: float
+    elapsed: float
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    """The aggregate ``score`` (the mean, in 0..1, a failed example counting 0) and details."""
+
+    score: float
+    count: int
+    failed: int
+    elapsed: float
+    results: tuple[ExampleResult, ...]  # by index; empty with keep_results=False
+
+
+class _Tally:
+    """Counts as examples finish; stops the evaluation past ``max_errors``."""
+
+    def __init__(self, program: Program, keep: bool, max_errors: int | None) -> None:
+        self.program = program
+        self.keep = keep
+        self.max_errors = max_errors
+        self.started = time.monotonic()
+        self.done = self.failed = 0
+        self.total = 0.0
+        self.results: list[ExampleResult] = []
+        self.fatal: BaseException | None = None
+
+    def add(self, result: ExampleResult, error: BaseException | None) -> EvaluationProgress:
+        self.done += 1
+        self.total += result.score
+        if self.keep:
+            self.results.append(result)
+        if error is not None:
+            self.failed += 1
+            if self.max_errors is not None and self.failed > self.max_errors and self.fatal is None:
+                self.fatal = error
+        return EvaluationProgress(
+            done=self.done,
+            failed=self.failed,
+            score=self.total / self.done,
+            elapsed=time.monotonic() - self.started,
+        )
+
+    def outcome(self) -> Evaluation:
+        return Evaluation(
+            score=self.total / self.done if self.done else 0.0,
+            count=self.done,
+            failed=self.failed,
+            elapsed=time.monotonic() - self.started,
+            results=tuple(sorted(self.results, key=lambda r: r.index)),
+        )
+
+
+async def evaluate(
+    program: Program,
+    devset: Iterable[Mapping[str, Any]] | AsyncIterable[Mapping[str, Any]],
+    metric: str | Callable[..., Any] = "exact_match",
+    *,
+    concurrency: int | None = None,
+    progress: Callable[[EvaluationProgress], Any] | None = None,
+    keep_results: bool = True,
+    max_errors: int | None = 10,
+    input_keys: Sequence[str] | None = None,
+    timeout: float | None = None,
+) -> Evaluation:
+    """Run ``program`` on every example of ``devset`` and score it with ``metric``.
+
+    ``metric``: ``"exact_match"``, ``"f1"`` or a host tool's name (scored in
+    the worker; a tool is called back on the host), or a function
+    ``metric(example, prediction) -> bool | float`` (sync or async) run on the
+    host. ``concurrency``: examples in flight (default: the pool's workers x
+    ``worker_concurrency``). ``progress(EvaluationProgress)`` after each
+    example. An example that fails (an LM error, a timeout) scores 0 and is
+    counted; past ``max_errors`` failures (``None``: never) the evaluation
+    stops with that error.
+    """
+    if isinstance(metric, str):
+        remote_metric: str | None = metric
+        host_metric = None
+    elif callable(metric):
+        remote_metric, host_metric = None, metric
+    else:
+        raise TypeError(
+            f"metric must be 'exact_match', 'f1', a host tool's name or a function, got {metric!r}"
+        )
+    if max_errors is not None and (isinstance(max_errors, bool) or max_errors < 0):
+        raise ValueError(f"max_errors must be an int >= 0 or None, got {max_errors!r}")
+    width = _concurrency(program.session) if concurrency is None else concurrency
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
+    open_session = getattr(program.session, "session", None)
+    if callable(open_session):  # a pool: its programs live in one worker
+        from ._program import Program as ProgramClass
+
+        data = await program.dump()
+        async with open_session() as session:
+            program = await ProgramClass.load(session, data)
+            return await evaluate(
+                program,
+                devset,
+                metric,
+                concurrency=width,
+                progress=progress,
+                keep_results=keep_results,
+                max_errors=max_errors,
+                input_keys=input_keys,
+                timeout=timeout,
+            )
+
+    tally = _Tally(program, keep_results, max_errors)
+    base: dict[str, Any] = {"program_id": program.id, "metric": remote_metric}
+    if input_keys is not None:
+        base["input_keys"] = list(input_keys)
+
+    async def one(index: int, example: Mapping[str, Any]) -> None:
+        error: BaseException | None = None
+        prediction: Mapping[str, Any] | None = None
+        score = 0.0
+        try:
+            answer = await program.session.call(
+                "evaluate_example", {**base, "example": example}, timeout=timeout
+            )
+            prediction = answer["prediction"]
+            if host_metric is None:
+                score = float(answer["score"])
+        except Exception as exc:
+            error = exc
+        if error is None and host_metric is not None:
+            value = host_metric(example, prediction)
+            score = float(await value if inspect.isawaitable(value) else value)
+        result = ExampleResult(
+            index=index,
+            example=example if keep_results else {},
+            prediction=prediction,
+            score=score,
+            error=None if error is None else f"{type(error).__name__}: {error}",
+            error_kind=_kind(error),
+        )
+        update = tally.add(result, error)
+        _monitor.emit(
+            program.session,
+            "dspy.evaluate.progress",
+            {
+                "program_id": program.id,
+                "done": update.done,
+                "failed": update.failed,
+                "score": update.score,
+                "elapsed": update.elapsed,
+            },
+        )
+        if progress is not None:
+            value = progress(update)
+            if inspect.isawaitable(value):
+                await value
+
+    async def run(examples: MemoryObjectReceiveStream[tuple[int, Mapping[str, Any]]]) -> None:
+        async with examples:
+            async for index, example in examples:
+                await one(index, example)
+                if tally.fatal is not None:
+                    group.cancel_scope.cancel()
+
+    send, receive = anyio.create_memory_object_stream[tuple[int, Mapping[str, Any]]](0)
+    async with anyio.create_task_group() as group:
+        for _ in range(width):
+            group.start_soon(run, receive.clone())
+        receive.close()
+        async with send:
+            index = 0
+            async for example in _examples(devset):
+                await send.send((index, example))  # waits for a free task: back-pressure
+                index += 1
+    if tally.fatal is not None:
+        raise tally.fatal
+    return tally.outcome()
+
+
+def _concurrency(owner: Any) -> int:
+    pool = getattr(owner, "_pool", owner)  # (a Session keeps its pool there)
+    config = getattr(pool, "config", None)
+    workers = getattr(config, "worker_count", None)
+    per_worker = getattr(config, "worker_concurrency", None)
+    if isinstance(workers, int) and isinstance(per_worker, int):
+        return max(1, workers * per_worker)
+    return DEFAULT_CONCURRENCY
+
+
+async def _examples(
+    devset: Iterable[Mapping[str, Any]] | AsyncIterable[Mapping[str, Any]],
+) -> AsyncIterator[dict[str, Any]]:
+    index = 0
+    if isinstance(devset, AsyncIterable):
+        async for row in devset:
+            yield _example(index, row)
+            index += 1
+    elif isinstance(devset, Iterable) and not isinstance(devset, str | bytes | Mapping):
+        for row in devset:
+            yield _example(index, row)
+            index += 1
+    else:
+        raise TypeError(
+            f"devset must be an iterable (or async iterable) of example dicts, "
+            f"got {type(devset).__name__}"
+        )
+
+
+def _example(index: int, row: Any) -> dict[str, Any]:
+    if isinstance(row, Mapping):
+        return dict(row)
+    to_dict = getattr(row, "toDict", None)  # a dspy.Example
+    if callable(to_dict):
+        return dict(to_dict())
+    raise TypeError(
+        f"devset[{index}] must be a dict of inputs and labels, got {type(row).__name__}"
+    )
+
+
+def _kind(error: BaseException | None) -> str | None:
+    if error is None:
+        return None
+    kind = getattr(error, "remote_kind", None) or getattr(error, "kind", None)
+    return kind if isinstance(kind, str) else None
