@@ -138,6 +138,7 @@ async def evaluate(
         )
     if max_errors is not None and (isinstance(max_errors, bool) or max_errors < 0):
         raise ValueError(f"max_errors must be an int >= 0 or None, got {max_errors!r}")
+    rows = _examples(devset)
     width = _concurrency(program.session) if concurrency is None else concurrency
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
@@ -150,7 +151,7 @@ async def evaluate(
             program = await ProgramClass.load(session, data)
             return await evaluate(
                 program,
-                devset,
+                rows,
                 metric,
                 concurrency=width,
                 progress=progress,
@@ -209,20 +210,28 @@ async def evaluate(
     async def run(examples: MemoryObjectReceiveStream[tuple[int, Mapping[str, Any]]]) -> None:
         async with examples:
             async for index, example in examples:
-                await one(index, example)
+                try:
+                    await one(index, example)
+                except Exception as exc:  # the host metric or progress callback raised
+                    tally.fatal = tally.fatal or exc
                 if tally.fatal is not None:
                     group.cancel_scope.cancel()
 
+    # (errors end the task group by cancelling it, and are raised after it, as themselves)
     send, receive = anyio.create_memory_object_stream[tuple[int, Mapping[str, Any]]](0)
     async with anyio.create_task_group() as group:
         for _ in range(width):
             group.start_soon(run, receive.clone())
         receive.close()
         async with send:
-            index = 0
-            async for example in _examples(devset):
-                await send.send((index, example))  # waits for a free task: back-pressure
-                index += 1
+            try:
+                index = 0
+                async for example in rows:
+                    await send.send((index, example))  # waits for a free task: back-pressure
+                    index += 1
+            except Exception as exc:  # reading the devset failed
+                tally.fatal = tally.fatal or exc
+                group.cancel_scope.cancel()
     if tally.fatal is not None:
         raise tally.fatal
     return tally.outcome()
@@ -238,23 +247,30 @@ def _concurrency(owner: Any) -> int:
     return DEFAULT_CONCURRENCY
 
 
-async def _examples(
+def _examples(
     devset: Iterable[Mapping[str, Any]] | AsyncIterable[Mapping[str, Any]],
 ) -> AsyncIterator[dict[str, Any]]:
-    index = 0
+    """The devset's rows as dicts, read lazily; ``TypeError`` now for what is no devset."""
     if isinstance(devset, AsyncIterable):
-        async for row in devset:
-            yield _example(index, row)
-            index += 1
-    elif isinstance(devset, Iterable) and not isinstance(devset, str | bytes | Mapping):
-        for row in devset:
-            yield _example(index, row)
-            index += 1
-    else:
-        raise TypeError(
-            f"devset must be an iterable (or async iterable) of example dicts, "
-            f"got {type(devset).__name__}"
-        )
+
+        async def from_async() -> AsyncIterator[dict[str, Any]]:
+            index = 0
+            async for row in devset:
+                yield _example(index, row)
+                index += 1
+
+        return from_async()
+    if isinstance(devset, Iterable) and not isinstance(devset, str | bytes | Mapping):
+
+        async def from_sync() -> AsyncIterator[dict[str, Any]]:
+            for index, row in enumerate(devset):
+                yield _example(index, row)
+
+        return from_sync()
+    raise TypeError(
+        f"devset must be an iterable (or async iterable) of example dicts, "
+        f"got {type(devset).__name__}"
+    )
 
 
 def _example(index: int, row: Any) -> dict[str, Any]:

@@ -5,7 +5,7 @@ tools, max_iters, bind) and the ``dspy.Module`` built from it. ``bind`` maps
 a setting (``module``, or an LM setting such as ``temperature``) to the
 session variable that holds it; a program whose ``module`` is bound runs,
 per call, as the module the variable names: the other modules are built
-once, on first use, and share the program's learned demos.
+once, on first use, and share what the program learned (demos, instructions).
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class Builder:
                 if name != "ReAct":
                     definition.update(tools=None, max_iters=None)
                 variant, _ = self._module(definition)
-                _share_demos(program.module, variant)
+                _share_learning(program.module, variant)
                 program.variants[name] = variant
             return variant
 
@@ -261,9 +261,10 @@ def _field_info(make: Any, entry: Mapping[str, Any]) -> Any:
     return make(desc=desc) if desc else make()
 
 
-def _share_demos(source: Any, target: Any) -> None:
-    """Give ``target`` the learned demos of ``source``, predictor by predictor."""
+def _share_learning(source: Any, target: Any) -> None:
+    """Give ``target`` what ``source`` learned (demos, instructions), predictor by predictor."""
     sources = [p for _, p in source.named_predictors()]
     targets = [p for _, p in target.named_predictors()]
     for giver, taker in zip(sources, targets, strict=False):
         taker.demos = list(giver.demos)
+        taker.signature = taker.signature.with_instructions(giver.signature.instructions)
