@@ -32,12 +32,14 @@ PoolDisabled             ``pool_disabled``              closed
 ConfigError              ``config``                     initialization
 TemplateUnavailable      ``template_unavailable``       initialization
 TemplateStartError       ``template_start_failed``      initialization
+PipelineStepFailed       ``pipeline_step_failed``       application
 ======================== ============================== ==============
 
 The DSPy adapter's errors (in :mod:`snakepool.dspy`) derive from
 ``SnakepoolError`` too: ``UnknownProgram`` (``dspy_unknown_program``),
-``NoLMConfigured`` (``dspy_no_lm``) and ``LMCallError``
-(``dspy_lm_call_failed``), all ``application``.
+``NoLMConfigured`` (``dspy_no_lm``), ``LMCallError``
+(``dspy_lm_call_failed``) and ``LMFuseOpen`` (``dspy_lm_fuse_open``), all
+``application``.
 
 Like trio, we keep *closed* (you closed the pool: :class:`PoolClosed`) apart
 from a worker that *broke* (something else killed it: :class:`WorkerCrashed`).
@@ -62,6 +64,7 @@ __all__ = [
     "ConfigError",
     "ErrorCategory",
     "InvalidSessionId",
+    "PipelineStepFailed",
     "PoolClosed",
     "PoolDisabled",
     "PoolOverloaded",
@@ -457,6 +460,29 @@ class TemplateStartError(SnakepoolError):
         super().__init__(message)
         self.module = module
         self.traceback = traceback
+
+
+class PipelineStepFailed(SnakepoolError):
+    """A step of a ``snakepool.pipeline.Pipeline`` failed (and was not allowed to).
+
+    ``.step`` names it, ``.error`` is what it raised (also ``__cause__``),
+    ``.error_kind`` that error's kind (its remote kind for a ``RemoteError``),
+    and ``.result`` the ``PipelineResult`` of the steps run so far.
+    """
+
+    category = ErrorCategory.APPLICATION
+    kind = "pipeline_step_failed"
+
+    def __init__(self, step: str, error: BaseException, result: Any = None) -> None:
+        super().__init__(f"pipeline step {step!r} failed: {type(error).__name__}: {error}")
+        self.step = step
+        self.error = error
+        self.result = result
+        kind = getattr(error, "remote_kind", None) or getattr(error, "kind", None)
+        self.error_kind: str | None = kind if isinstance(kind, str) else None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.step, self.error))  # (the partial result stays behind)
 
 
 def _signal_name(exit_code: int | None) -> str | None:
