@@ -473,16 +473,31 @@ class PipelineStepFailed(SnakepoolError):
     category = ErrorCategory.APPLICATION
     kind = "pipeline_step_failed"
 
-    def __init__(self, step: str, error: BaseException, result: Any = None) -> None:
-        super().__init__(f"pipeline step {step!r} failed: {type(error).__name__}: {error}")
+    def __init__(
+        self,
+        message: str,
+        *,
+        step: str | None = None,
+        error: BaseException | None = None,
+        result: Any = None,
+    ) -> None:
+        super().__init__(message)
         self.step = step
         self.error = error
         self.result = result
         kind = getattr(error, "remote_kind", None) or getattr(error, "kind", None)
         self.error_kind: str | None = kind if isinstance(kind, str) else None
 
+    @classmethod
+    def of(cls, step: str, error: BaseException, result: Any = None) -> Self:
+        """The failure of ``step`` with ``error``, worded once."""
+        message = f"pipeline step {step!r} failed: {type(error).__name__}: {error}"
+        return cls(message, step=step, error=error, result=result)
+
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.step, self.error))  # (the partial result stays behind)
+        # (the partial result stays behind: it holds whatever the steps returned)
+        state = {"step": self.step, "error": self.error, "error_kind": self.error_kind}
+        return (type(self), (str(self),), state)
 
 
 def _signal_name(exit_code: int | None) -> str | None:

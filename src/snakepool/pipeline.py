@@ -354,7 +354,7 @@ class _Run:
                 step.name, "ok", output, started=started, duration=duration
             )
             return
-        failed = PipelineStepFailed(step.name, error)
+        failed = PipelineStepFailed.of(step.name, error)
         self.outputs[step.name] = None
         self.results[step.name] = StepResult(
             step.name, "failed", None, error, failed.error_kind, started, duration
