@@ -62,6 +62,8 @@ _PROGRAM_KEY = "program:"  # save_state key prefix, then the program id
 _LM_KEY = "lm"
 #: Where a running call keeps its context in DSPy's settings (they follow DSPy's threads).
 _CALL_SETTING = "snakepool_call"
+#: Seconds a call that finds its session's scope empty waits for a restore to begin.
+_RESTORE_GRACE = 0.1
 
 
 class _Scope:
@@ -73,6 +75,22 @@ class _Scope:
         self.lm_settings: dict[str, Any] | None = None
         self.restore_errors: dict[str, str] = {}
         self.lock = threading.Lock()
+        #: Set once the scope holds what it should: restored, or written to here.
+        self.settled = threading.Event()
+        self.restoring = False
+
+    def wait_settled(self, time_left: float | None) -> None:
+        """Wait for a restore another call of the session is running here.
+
+        The worker runtime hands a moved session's state to the first of its
+        calls to arrive and lets the others run at once, before that call's
+        ``restore_session`` has finished (or started): a call that finds the
+        scope empty waits for it (briefly, when no restore has begun).
+        """
+        if self.settled.wait(_RESTORE_GRACE):  # (a restore under way, or about to begin)
+            return
+        if self.restoring:  # begun, and slow: it has programs to rebuild
+            self.settled.wait(time_left)
 
 
 @dataclass(frozen=True)
@@ -127,7 +145,7 @@ class DSPyAdapter(Adapter):
                     "adapter_config['lm'] must be a dict of configure_lm arguments "
                     f"with at least 'model', got {lm_config!r}"
                 )
-            settings = lm_settings(**dict(lm_config))
+            settings = lm_settings(**{"cache": False, **dict(lm_config)})  # (as configure_lm)
             self._worker.lm = self._make_lm(settings)
             self._worker.lm_settings = settings
 
@@ -135,6 +153,14 @@ class DSPyAdapter(Adapter):
 
     def restore_session(self, ctx: CallContext, state: dict[str, Any]) -> None:
         scope = self._scope(ctx)
+        scope.restoring = True
+        try:
+            self._restore(ctx, scope, state)
+        finally:
+            scope.restoring = False
+            scope.settled.set()
+
+    def _restore(self, ctx: CallContext, scope: _Scope, state: dict[str, Any]) -> None:
         settings = state.get(_LM_KEY)
         if settings:
             try:
@@ -211,6 +237,7 @@ class DSPyAdapter(Adapter):
         lm = self._make_lm(settings)
         scope = self._scope(ctx)
         scope.lm, scope.lm_settings = lm, settings
+        scope.settled.set()
         if ctx.session_id is not None:
             ctx.session_state["lm"] = settings
         self._persist(ctx, _LM_KEY, settings)
@@ -303,6 +330,7 @@ class DSPyAdapter(Adapter):
                 )
             scope.programs[program.program_id] = program
             scope.restore_errors.pop(program.program_id, None)
+        scope.settled.set()
         try:
             self._persist_program(ctx, program)
         except BaseException:
@@ -325,6 +353,9 @@ class DSPyAdapter(Adapter):
             raise TypeError(f"program_id must be a str, got {type(program_id).__name__}")
         scope = self._scope(ctx)
         program = scope.programs.get(program_id)
+        if program is None and ctx.session_id is not None and not scope.settled.is_set():
+            scope.wait_settled(ctx.time_left)
+            program = scope.programs.get(program_id)
         if program is None:
             where = "this session" if ctx.session_id is not None else "this worker (no session)"
             known = ", ".join(sorted(scope.programs)) or "none"
