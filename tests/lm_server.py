@@ -152,6 +152,7 @@ class LMServer:
     fail_count: int | None = None
     latency: float = 0.0  # seconds before each answer
     most_in_flight: int = 0  # the most requests it has had at once
+    connections: int = 0  # TCP connections accepted
     chunk_size: int = 4  # characters per SSE chunk when streaming
     requests: list[dict[str, Any]] = field(default_factory=list)
     model: str = "openai/test-model"
@@ -173,6 +174,11 @@ class LMServer:
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                with server._lock:
+                    server.connections += 1
 
             def do_GET(self) -> None:
                 self._json(200, {"object": "list", "data": [{"id": "test-model"}]})
@@ -278,7 +284,7 @@ class LMServer:
         with self._lock:
             self.requests.clear()
             self.fail_status = self.fail_count = None
-            self.most_in_flight = 0
+            self.most_in_flight = self.connections = 0
         self.latency = 0.0
         self.answer = default_answer
 
