@@ -74,8 +74,10 @@ async def test_evaluation_fans_out_with_bounded_work_in_flight(server: LMServer)
         # DSPy keeps a connection pool per LM timeout, and the adapter's are on a ladder.
         assert server.connections <= 2 * 6
         assert len(ahead) == 30 and max(ahead) <= 6 + 1
+        assert report.elapsed >= 30 * 0.05 / 6  # (the total is unknown for a generator)
         progress_events = [e for e in events if e.name == "dspy.evaluate.progress"]
         assert [e.data["done"] for e in progress_events] == list(range(1, 31))
+        assert {e.data["total"] for e in progress_events} == {None}
         assert progress_events[-1].data["program_id"] == qa.id
 
 
@@ -109,7 +111,9 @@ async def test_metrics_f1_host_tools_and_host_functions(server: LMServer) -> Non
         pool.register_tool("judge", judge)
         async with pool.session() as session:
             qa = await Program.create(session, "question -> answer")
-            f1 = await qa.evaluate(devset, "f1")
+            updates: list[EvaluationProgress] = []
+            f1 = await qa.evaluate(devset, "f1", progress=updates.append)
+            assert [(u.done, u.total) for u in updates] == [(1, 3), (2, 3), (3, 3)]
             assert [round(r.score, 3) for r in f1.results] == [1.0, 0.667, 0.0]
             assert f1.score == pytest.approx((1 + 2 / 3) / 3)
             tool = await qa.evaluate(devset, "judge", concurrency=2)

@@ -142,3 +142,10 @@ async def test_bad_pipelines_are_refused_before_anything_runs(
     inner = Pipeline(call("echo", pools["general"], "echo", {"value": 7}))
     outer = Pipeline(when(yes, inner))
     assert (await outer.run()).outputs["echo"] == 7
+    # A condition that raises names its when(...).
+    broken = Pipeline(
+        task("a", lambda out: 1), when(lambda out: out["nope"], task("b", ran.append))
+    )
+    with pytest.raises(PipelineStepFailed, match="pipeline step 'when:b' failed: KeyError") as info:
+        await broken.run()
+    assert info.value.step == "when:b" and list(info.value.result.steps) == ["a"]

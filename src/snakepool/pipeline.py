@@ -144,6 +144,14 @@ class When:
     condition: Callable[[Outputs], Any]
     then: Any
     otherwise: Any = None
+    name: str | None = None  # names the condition when it raises (default: "when:<then>")
+
+    @property
+    def label(self) -> str:
+        if self.name is not None:
+            return self.name
+        first = next(_leaves(self.then), None)
+        return f"when:{first.name if first is not None else '?'}"
 
 
 def call(
@@ -196,8 +204,14 @@ def parallel(*steps: Any) -> Parallel:
     return Parallel(tuple(steps))
 
 
-def when(condition: Callable[[Outputs], Any], then: Any, otherwise: Any = None) -> When:
-    return When(condition, then, otherwise)
+def when(
+    condition: Callable[[Outputs], Any],
+    then: Any,
+    otherwise: Any = None,
+    *,
+    name: str | None = None,
+) -> When:
+    return When(condition, then, otherwise, name)
 
 
 # --- results ------------------------------------------------------------------------------
@@ -304,7 +318,10 @@ class _Run:
         elif isinstance(node, Parallel):
             await self.parallel(node)
         elif isinstance(node, When):
-            chosen = bool(await _maybe_await(node.condition(self.view())))
+            try:
+                chosen = bool(await _maybe_await(node.condition(self.view())))
+            except Exception as exc:
+                raise PipelineStepFailed.of(node.label, exc, self.result()) from exc
             taken, skipped = (node.then, node.otherwise) if chosen else (node.otherwise, node.then)
             for leaf in _leaves(skipped):
                 self.results[leaf.name] = StepResult(leaf.name, "skipped", started=self.now())

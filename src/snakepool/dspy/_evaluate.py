@@ -12,9 +12,18 @@ others, which rebuild the session's programs from its persisted state once.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+    Sized,
+)
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +61,7 @@ class EvaluationProgress:
     failed: int
     score: float
     elapsed: float
+    total: int | None = None  # the devset's length, when it has one
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,45 +73,6 @@ class Evaluation:
     failed: int
     elapsed: float
     results: tuple[ExampleResult, ...]  # by index; empty with keep_results=False
-
-
-class _Tally:
-    """Counts as examples finish; stops the evaluation past ``max_errors``."""
-
-    def __init__(self, program: Program, keep: bool, max_errors: int | None) -> None:
-        self.program = program
-        self.keep = keep
-        self.max_errors = max_errors
-        self.started = time.monotonic()
-        self.done = self.failed = 0
-        self.total = 0.0
-        self.results: list[ExampleResult] = []
-        self.fatal: BaseException | None = None
-
-    def add(self, result: ExampleResult, error: BaseException | None) -> EvaluationProgress:
-        self.done += 1
-        self.total += result.score
-        if self.keep:
-            self.results.append(result)
-        if error is not None:
-            self.failed += 1
-            if self.max_errors is not None and self.failed > self.max_errors and self.fatal is None:
-                self.fatal = error
-        return EvaluationProgress(
-            done=self.done,
-            failed=self.failed,
-            score=self.total / self.done,
-            elapsed=time.monotonic() - self.started,
-        )
-
-    def outcome(self) -> Evaluation:
-        return Evaluation(
-            score=self.total / self.done if self.done else 0.0,
-            count=self.done,
-            failed=self.failed,
-            elapsed=time.monotonic() - self.started,
-            results=tuple(sorted(self.results, key=lambda r: r.index)),
-        )
 
 
 async def evaluate(
@@ -127,114 +98,157 @@ async def evaluate(
     counted; past ``max_errors`` failures (``None``: never) the evaluation
     stops with that error.
     """
-    if isinstance(metric, str):
-        remote_metric: str | None = metric
-        host_metric = None
-    elif callable(metric):
-        remote_metric, host_metric = None, metric
-    else:
+    if not isinstance(metric, str) and not callable(metric):
         raise TypeError(
             f"metric must be 'exact_match', 'f1', a host tool's name or a function, got {metric!r}"
         )
     if max_errors is not None and (isinstance(max_errors, bool) or max_errors < 0):
         raise ValueError(f"max_errors must be an int >= 0 or None, got {max_errors!r}")
     rows = _examples(devset)
+    total = len(devset) if isinstance(devset, Sized) else None
     width = _concurrency(program.session) if concurrency is None else concurrency
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
+    run = _Run(program, metric, total, keep_results, max_errors, input_keys, timeout, progress)
     open_session = getattr(program.session, "session", None)
-    if callable(open_session):  # a pool: its programs live in one worker
-        from ._program import Program as ProgramClass
+    if not callable(open_session):
+        return await run.fan_out(rows, width)
+    # A pool: a program made without a session lives in one worker; copy it into a
+    # session of its own, which every worker can rebuild it from.
+    from ._program import Program as ProgramClass
 
-        data = await program.dump()
-        async with open_session() as session:
-            program = await ProgramClass.load(session, data)
-            return await evaluate(
-                program,
-                rows,
-                metric,
-                concurrency=width,
-                progress=progress,
-                keep_results=keep_results,
-                max_errors=max_errors,
-                input_keys=input_keys,
-                timeout=timeout,
-            )
+    data = await program.dump()
+    async with open_session() as session:
+        run.program = await ProgramClass.load(session, data)
+        return await run.fan_out(rows, width)
 
-    tally = _Tally(program, keep_results, max_errors)
-    base: dict[str, Any] = {"program_id": program.id, "metric": remote_metric}
-    if input_keys is not None:
-        base["input_keys"] = list(input_keys)
 
-    async def one(index: int, example: Mapping[str, Any]) -> None:
+class _Run:
+    """One evaluation: its settings, its counts, and the calls of its examples."""
+
+    def __init__(
+        self,
+        program: Program,
+        metric: str | Callable[..., Any],
+        total: int | None,
+        keep_results: bool,
+        max_errors: int | None,
+        input_keys: Sequence[str] | None,
+        timeout: float | None,
+        progress: Callable[[EvaluationProgress], Any] | None,
+    ) -> None:
+        self.program = program
+        # (a function scores on the host; a name in the worker)
+        self.host_metric = None if isinstance(metric, str) else metric
+        self.remote_metric = metric if isinstance(metric, str) else None
+        self.total = total
+        self.keep = keep_results
+        self.max_errors = max_errors
+        self.input_keys = list(input_keys) if input_keys is not None else None
+        self.timeout = timeout
+        self.progress = progress
+        self.started = time.monotonic()
+        self.done = self.failed = 0
+        self.sum = 0.0
+        self.results: list[ExampleResult] = []
+        #: What ends the evaluation: too many failures, or the host's own code raising.
+        self.fatal: BaseException | None = None
+
+    async def fan_out(self, rows: AsyncIterator[dict[str, Any]], width: int) -> Evaluation:
+        # Errors end the task group by cancelling it and are raised after it, as themselves.
+        send, receive = anyio.create_memory_object_stream[tuple[int, Mapping[str, Any]]](0)
+        async with anyio.create_task_group() as group:
+            for _ in range(width):
+                group.start_soon(self._take, receive.clone(), group.cancel_scope)
+            receive.close()
+            async with send:
+                try:
+                    index = 0
+                    async for example in rows:
+                        await send.send((index, example))  # waits for a free task: back-pressure
+                        index += 1
+                except Exception as exc:  # reading the devset failed
+                    self.fatal = self.fatal or exc
+                    group.cancel_scope.cancel()
+        if self.fatal is not None:
+            raise self.fatal
+        return Evaluation(
+            score=self.sum / self.done if self.done else 0.0,
+            count=self.done,
+            failed=self.failed,
+            elapsed=time.monotonic() - self.started,
+            results=tuple(sorted(self.results, key=lambda r: r.index)),
+        )
+
+    async def _take(
+        self,
+        examples: MemoryObjectReceiveStream[tuple[int, Mapping[str, Any]]],
+        scope: anyio.CancelScope,
+    ) -> None:
+        async with examples:
+            async for index, example in examples:
+                try:
+                    await self._one(index, example)
+                except Exception as exc:  # the host metric or the progress callback raised
+                    self.fatal = self.fatal or exc
+                if self.fatal is not None:
+                    scope.cancel()
+
+    async def _one(self, index: int, example: Mapping[str, Any]) -> None:
+        program = self.program
+        args: dict[str, Any] = {
+            "program_id": program.id,
+            "example": example,
+            "metric": self.remote_metric,
+        }
+        if self.input_keys is not None:
+            args["input_keys"] = self.input_keys
         error: BaseException | None = None
         prediction: Mapping[str, Any] | None = None
         score = 0.0
         try:
-            answer = await program.session.call(
-                "evaluate_example", {**base, "example": example}, timeout=timeout
-            )
+            answer = await program.session.call("evaluate_example", args, timeout=self.timeout)
             prediction = answer["prediction"]
-            if host_metric is None:
-                score = float(answer["score"])
+            score = 0.0 if answer["score"] is None else float(answer["score"])
         except Exception as exc:
             error = exc
-        if error is None and host_metric is not None:
-            value = host_metric(example, prediction)
+        if error is None and self.host_metric is not None:
+            value = self.host_metric(example, prediction)
             score = float(await value if inspect.isawaitable(value) else value)
-        result = ExampleResult(
-            index=index,
-            example=example if keep_results else {},
-            prediction=prediction,
-            score=score,
-            error=None if error is None else f"{type(error).__name__}: {error}",
-            error_kind=_kind(error),
+        self._count(
+            ExampleResult(
+                index=index,
+                example=example if self.keep else {},
+                prediction=prediction,
+                score=score,
+                error=None if error is None else f"{type(error).__name__}: {error}",
+                error_kind=_kind(error),
+            ),
+            error,
         )
-        update = tally.add(result, error)
-        _monitor.emit(
-            program.session,
-            "dspy.evaluate.progress",
-            {
-                "program_id": program.id,
-                "done": update.done,
-                "failed": update.failed,
-                "score": update.score,
-                "elapsed": update.elapsed,
-            },
+        update = EvaluationProgress(
+            done=self.done,
+            failed=self.failed,
+            score=self.sum / self.done,
+            elapsed=time.monotonic() - self.started,
+            total=self.total,
         )
-        if progress is not None:
-            value = progress(update)
+        data = {"program_id": program.id, **dataclasses.asdict(update)}
+        _monitor.emit(program.session, "dspy.evaluate.progress", data)
+        if self.progress is not None:
+            value = self.progress(update)
             if inspect.isawaitable(value):
                 await value
 
-    async def run(examples: MemoryObjectReceiveStream[tuple[int, Mapping[str, Any]]]) -> None:
-        async with examples:
-            async for index, example in examples:
-                try:
-                    await one(index, example)
-                except Exception as exc:  # the host metric or progress callback raised
-                    tally.fatal = tally.fatal or exc
-                if tally.fatal is not None:
-                    group.cancel_scope.cancel()
-
-    # (errors end the task group by cancelling it, and are raised after it, as themselves)
-    send, receive = anyio.create_memory_object_stream[tuple[int, Mapping[str, Any]]](0)
-    async with anyio.create_task_group() as group:
-        for _ in range(width):
-            group.start_soon(run, receive.clone())
-        receive.close()
-        async with send:
-            try:
-                index = 0
-                async for example in rows:
-                    await send.send((index, example))  # waits for a free task: back-pressure
-                    index += 1
-            except Exception as exc:  # reading the devset failed
-                tally.fatal = tally.fatal or exc
-                group.cancel_scope.cancel()
-    if tally.fatal is not None:
-        raise tally.fatal
-    return tally.outcome()
+    def _count(self, result: ExampleResult, error: BaseException | None) -> None:
+        self.done += 1
+        self.sum += result.score
+        if self.keep:
+            self.results.append(result)
+        if error is not None:
+            self.failed += 1
+            if self.max_errors is not None and self.failed > self.max_errors:
+                self.fatal = self.fatal or error
 
 
 def _concurrency(owner: Any) -> int:
