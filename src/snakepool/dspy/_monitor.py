@@ -7,7 +7,7 @@ it heard of. Listeners get ``snakepool.Event`` objects, like the pool's own:
 - ``dspy.fuse.opened``, ``dspy.fuse.half_open``, ``dspy.fuse.closed``
   (``worker``: the worker's id; ``data``: model, api_base, state,
   consecutive_failures, threshold, reset_timeout, retry_in, last_error, pid),
-- ``dspy.evaluate.progress`` (``data``: program_id, done, failed, score, elapsed),
+- ``dspy.evaluate.progress`` (``data``: program_id, done, failed, score, elapsed, total),
 - ``dspy.optimize.candidate`` (``data``: program_id, candidate, score,
   best_score, instructions).
 
