@@ -12,6 +12,7 @@ import snakepool
 from lm_server import LMServer
 from snakepool import RemoteError
 from snakepool.dspy import LMFuseOpen, Program, configure_lm, monitor
+from snakepool.dspy._lms import fuse_options
 from waiting import wait_until
 
 pytestmark = pytest.mark.anyio
@@ -109,8 +110,12 @@ async def test_fuses_can_be_turned_off_and_bad_settings_are_refused(
             assert info.value.remote_kind == "dspy_lm_call_failed"
         assert len(failing.completions()) == 7
         assert await session.call("fuses") == []
-    with pytest.raises(snakepool.WorkerStartError, match="threshold'\\] must be an int >= 1"):
-        async with snakepool.Pool(
-            "dspy", size=1, startup_timeout=20.0, adapter_config={"fuse": {"threshold": 0}}
-        ):
-            pass
+    for bad, match in (
+        ({"threshold": 0}, "threshold'\\] must be an int >= 1, got 0"),
+        ({"reset_timeout": -1}, "reset_timeout'\\] must be a number > 0, got -1"),
+        ({"treshold": 3}, "unknown keys \\['treshold'\\]"),
+        ("on", "must be a dict"),
+    ):
+        with pytest.raises((TypeError, ValueError), match=match):
+            fuse_options(bad)
+    assert fuse_options(None) == {"threshold": 5, "reset_timeout": 30.0}

@@ -74,7 +74,7 @@ async def test_the_research_agent_switches_module_by_one_set(server: LMServer) -
         }
 
 
-async def test_a_bound_module_survives_the_worker_and_bad_bindings_are_clear(
+async def test_bad_bindings_are_clear_errors(
     server: LMServer,
 ) -> None:
     async with snakepool.Pool("dspy", size=1, call_timeout=20.0) as pool, pool.session() as session:

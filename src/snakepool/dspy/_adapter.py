@@ -45,12 +45,10 @@ from ..errors import RemoteError
 from . import EVENT_TOOL, LMCallError, LMFuseOpen, NoLMConfigured, UnknownProgram
 from ._lms import Fuses, call_lm, fuse_options, fused_lm_class, lm_settings
 from ._optimize import AbortOptimization, Candidates, examples, make_metric, teleprompter
-from ._programs import DUMP_FORMAT, MODULES, Builder, Program
+from ._programs import DUMP_FORMAT, Builder, Program
 from ._values import json_safe, new_id, prediction_dict
 
 __all__ = [
-    "DUMP_FORMAT",
-    "MODULES",
     "DSPyAdapter",
     "LMCallError",
     "LMFuseOpen",
@@ -94,7 +92,7 @@ class _Scope:
 
 
 @dataclass(frozen=True)
-class _Run:
+class _Plan:
     """What one call runs, decided from one snapshot of the session's variables."""
 
     program: Program
@@ -366,13 +364,13 @@ class DSPyAdapter(Adapter):
             )
         return program
 
-    def _run(self, ctx: CallContext, program_id: str) -> _Run:
+    def _run(self, ctx: CallContext, program_id: str) -> _Plan:
         """The module and LM of this call, from one snapshot of the session's variables."""
         program = self._program(ctx, program_id)
         variables = dict(ctx.variables)  # (the worker never changes a call's view: one copy)
         name = program.module_name(variables)
         lm = call_lm(self._configured_lm(ctx), program.bind, variables, ctx.time_left)
-        return _Run(program, name, self.builder.as_module(program, name), lm)
+        return _Plan(program, name, self.builder.as_module(program, name), lm)
 
     def _inputs(self, program: Program, inputs: Any) -> dict[str, Any]:
         if not isinstance(inputs, Mapping):
@@ -392,7 +390,7 @@ class DSPyAdapter(Adapter):
         return dict(inputs)
 
     @contextlib.contextmanager
-    def _running(self, ctx: CallContext, run: _Run) -> Iterator[None]:
+    def _running(self, ctx: CallContext, run: _Plan) -> Iterator[None]:
         """DSPy's settings for this call; an LM failure becomes ``LMCallError``."""
         with self.dspy.context(lm=run.lm, **{_CALL_SETTING: ctx}):
             try:
