@@ -12,6 +12,8 @@ from .errors import CircuitOpen as CircuitOpen
 from .errors import ErrorCategory as ErrorCategory
 from .errors import ExecutorBroken as ExecutorBroken
 from .errors import InvalidSessionId as InvalidSessionId
+from .errors import IsolationUnavailable as IsolationUnavailable
+from .errors import PipelineStepFailed as PipelineStepFailed
 from .errors import PoolClosed as PoolClosed
 from .errors import PoolDisabled as PoolDisabled
 from .errors import PoolOverloaded as PoolOverloaded
@@ -29,6 +31,7 @@ from .errors import WorkerStartError as WorkerStartError
 
 if TYPE_CHECKING:  # imported on first use (see __getattr__), so a worker stays light
     from ._executor import Executor as Executor
+    from .pipeline import Pipeline as Pipeline
     from .pool import BlockingPool as BlockingPool
     from .pool import CallStream as CallStream
     from .pool import ConfigError as ConfigError
@@ -66,6 +69,7 @@ _LAZY = {
     "SupervisorStatistics": ".pool",
     "WorkerStatistics": ".pool",
     "VariableUpdate": ".pool._variables",
+    "Pipeline": ".pipeline",
     "connect": ".server",
     "register_value_type": ".protocol._values",
 }
@@ -91,6 +95,9 @@ __all__ = [
     "Executor",
     "ExecutorBroken",
     "InvalidSessionId",
+    "IsolationUnavailable",
+    "Pipeline",
+    "PipelineStepFailed",
     "Pool",
     "PoolClosed",
     "PoolConfig",

@@ -38,6 +38,7 @@ from .. import protocol as p
 from ..errors import (
     PoolClosed,
     ProtocolError,
+    ResourceExceeded,
     SnakepoolError,
     WorkerCrashed,
     WorkerStartError,
@@ -45,6 +46,7 @@ from ..errors import (
 )
 from ._backend import running_on_asyncio
 from ._calls import PendingCall, failure_to_exception
+from ._isolation import LimitWatch, limit_watch
 from ._launch import WorkerLaunch as WorkerLaunch
 from ._lines import LineSplitter
 from ._pacing import Pacing
@@ -162,6 +164,8 @@ class WorkerHandle:
         self.request_limit: int | None = None
         self.ttl_limit: float | None = None
         self._memory_checked_at = 0.0
+        self._limits: LimitWatch | None = None  # the pool's `limits` (isolation), if any
+        self.limit_crossed: str | None = None  # the one that ended this worker
         self._pings: dict[int, anyio.Event] = {}
         self._answered_in_read = 0  # calls the read being handled answered (see _take)
         self._ping_ids = itertools.count(1)
@@ -258,6 +262,7 @@ class WorkerHandle:
             return
         self._process = process
         self.pid = process.pid
+        self._limits = limit_watch(launch.env)
         with contextlib.suppress(psutil.Error):
             self._psutil = psutil.Process(self.pid)
         self._conn.set_max_frame_bytes(launch.max_frame_bytes)
@@ -784,6 +789,10 @@ class WorkerHandle:
             self.kill("closed its stdout but did not exit")
         self.signal_group(signal.SIGKILL)  # children of a dead worker go too
         exit_code = await process.wait()
+        if self._limits is not None:  # (and its cgroups and scratch directory go: a thread)
+            self.limit_crossed = await anyio.to_thread.run_sync(
+                self._limits.crossed, self.pid, exit_code
+            )
         with anyio.move_on_after(_STDERR_SETTLE):
             await self._stderr_done.wait()
         with contextlib.suppress(Exception):
@@ -804,6 +813,8 @@ class WorkerHandle:
             reason = f"killed by the pool: {self._kill_reason}"
         elif planned:
             reason = f"planned exit: {self._planned_reason}"
+        elif self.limit_crossed is not None:
+            reason = f"crossed limits[{self.limit_crossed!r}]"
         else:
             reason = "crashed"
         return ExitInfo(
@@ -835,6 +846,12 @@ class WorkerHandle:
             elif self._kill_reason is not None and self._kill_error is not WorkerCrashed:
                 error = self._kill_error(
                     f"{self.describe()} was killed during call {call.command!r}: {self._kill_reason}"
+                )
+            elif self.limit_crossed is not None:
+                error = ResourceExceeded(
+                    f"{self.describe()} crossed limits[{self.limit_crossed!r}] during call "
+                    f"{call.command!r}; the pool replaces it",
+                    limit=self.limit_crossed,
                 )
             else:
                 error = WorkerCrashed(
