@@ -156,6 +156,7 @@ class Executor(concurrent.futures.Executor):
         #: pool now, and runner tasks (made as the window grows; they park, never end).
         self._window = max(1, self._capacity + self._ahead[0])
         self._in_pool = 0
+        self._started_ok = False  # (the pool started: calls go to it directly)
         self._runners = 0
         self._parked: collections.deque[asyncio.Future[None]] = collections.deque()
         self._answered = 0  # since _rate_since
@@ -368,6 +369,7 @@ class Executor(concurrent.futures.Executor):
                     self._break(exc)  # (and the runners end)
                 else:
                     self._started.set_result(None)
+                    self._started_ok = True
         finally:
             await self._pool.aclose()
 
@@ -422,7 +424,14 @@ class Executor(concurrent.futures.Executor):
             if queue and self._parked and self._in_pool < self._window:
                 self._wake()  # (more calls, and room for them)
             try:
-                result = loads(await self._call(call, work))
+                try:
+                    if self._started_ok:
+                        answer = await call("run", {"call": work.payload}, timeout=work.timeout)
+                    else:
+                        answer = await self._call(call, work)
+                except PoolOverloaded:
+                    answer = await self._call(call, work)
+                result = loads(answer)
             except BaseException as exc:
                 if isinstance(exc, asyncio.CancelledError):  # (the loop stops: a bug)
                     future.set_exception(PoolClosed("the Executor stopped"))
@@ -437,7 +446,8 @@ class Executor(concurrent.futures.Executor):
             del work, future
             self._answered += 1
             if self._in_pool or queue:
-                self._measure()
+                if not self._answered & 15:  # (a clock reading every 16 answers is enough)
+                    self._measure()
             else:  # (idle now: the rate is measured again from the next call on)
                 self._answered, self._rate_since = 0, time.monotonic()
 
@@ -497,12 +507,14 @@ class Executor(concurrent.futures.Executor):
             self._wake()
 
     async def _call(self, call: Callable[..., Any], work: _Work) -> Any:
-        if (broken := await self._started) is not None:  # (at once once the workers started)
+        """A call the slow way: once the workers started, and offered again while
+        the pool refuses it for load (submit never refuses for load: it waits)."""
+        if (broken := await self._started) is not None:
             raise self._broken_error(broken)
         while True:
             try:
                 return await call("run", {"call": work.payload}, timeout=work.timeout)
-            except PoolOverloaded:  # (submit never refuses for load: it waits)
+            except PoolOverloaded:
                 await asyncio.sleep(_RETRY_OVERLOADED)
 
     async def _statistics(self) -> PoolStatistics:
