@@ -21,7 +21,10 @@ median of the rounds is reported):
    Target: >= 1x.
 
 Both executors get the same worker count (default: ``os.cpu_count()``).
-Nothing here asserts a number: targets print PASS/FAIL with their ratio.
+Calls per second drift with whatever else runs on a shared VM; the CPU each
+call costs (this process, all its threads, plus the workers) drifts far less,
+so the submit rows report it too. Nothing here asserts a number: targets
+print PASS/FAIL with their ratio.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import statistics
 import sys
@@ -38,6 +42,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import psutil
 
 import snakepool
 from snakepool._bench import _RawLoopPeer
@@ -51,6 +56,23 @@ def noop(x: Any = None) -> Any:
 
 
 # --- 1. submit with 64 in flight ---------------------------------------------------------------
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process (every thread) and of all its descendants so far."""
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        with contextlib.suppress(psutil.Error):  # (a worker that just exited)
+            total += sum(child.cpu_times()[:2])
+    return total
+
+
+def with_cpu(measure: Callable[[], float], calls: int) -> tuple[float, float]:
+    """``measure()``'s rate, and the CPU (host and workers) it took per call, in us."""
+    before = _cpu_seconds()
+    rate = measure()
+    return rate, (_cpu_seconds() - before) / calls * 1e6
 
 
 async def _run_in_executor(executor: concurrent.futures.Executor, calls: int) -> float:
@@ -165,8 +187,13 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(rounds):
             for name, executor in executors.items():
                 got = results[name]
-                got.setdefault("run_in_executor", []).append(run_in_executor_rate(executor, calls))
-                got.setdefault("window", []).append(window_rate(executor, calls))
+                for key, measure in (
+                    ("run_in_executor", run_in_executor_rate),
+                    ("window", window_rate),
+                ):
+                    rate, cpu = with_cpu(lambda m=measure, e=executor: m(e, calls), calls)
+                    got.setdefault(key, []).append(rate)
+                    got.setdefault(f"{key} CPU us/call", []).append(cpu)
                 for chunksize in chunk_sizes:
                     rate = map_rate(executor, map_items * (1 if chunksize == 1 else 5), chunksize)
                     got.setdefault(f"map c={chunksize}", []).append(rate)
@@ -179,13 +206,22 @@ def main(argv: list[str] | None = None) -> int:
         for executor in executors.values():
             executor.shutdown()
 
-    print(f"\n1-2. no-op calls per second, median of {rounds} alternating rounds")
-    keys = list(results["snakepool.Executor"])
-    print(f"{'':28}" + "".join(f"{key:>18}" for key in keys))
-    for name, got in results.items():
-        print(f"{name:28}" + "".join(f"{_median(got[key]):>18,.0f}" for key in keys))
     sp, ppe = results["snakepool.Executor"], results["ProcessPoolExecutor"]
-    print(f"{'ratio':28}" + "".join(f"{_median(sp[k]) / _median(ppe[k]):>17.2f}x" for k in keys))
+    rates = [key for key in sp if "CPU" not in key]
+    print(f"\n1-2. no-op calls per second, median of {rounds} alternating rounds")
+    print(f"{'':28}" + "".join(f"{key:>18}" for key in rates))
+    for name, got in results.items():
+        print(f"{name:28}" + "".join(f"{_median(got[key]):>18,.0f}" for key in rates))
+    print(f"{'ratio':28}" + "".join(f"{_median(sp[k]) / _median(ppe[k]):>17.2f}x" for k in rates))
+    cpu = [key for key in sp if "CPU" in key]
+    print(f"\n    CPU per call (us: this process and the workers), median of {rounds} rounds")
+    print(f"{'':28}" + "".join(f"{key:>30}" for key in cpu))
+    for name, got in results.items():
+        print(f"{name:28}" + "".join(f"{_median(got[key]):>30,.1f}" for key in cpu))
+    print(
+        f"{'ProcessPoolExecutor / snakepool':28}"
+        + "".join(f"{_median(ppe[k]) / _median(sp[k]):>29.2f}x" for k in cpu)
+    )
     for key in ("run_in_executor", "window"):
         ratio = _median(sp[key]) / _median(ppe[key])
         print(_verdict(f"submit, {IN_FLIGHT} in flight ({key}) vs ProcessPoolExecutor", ratio, 2))
