@@ -70,6 +70,8 @@ def _load() -> ModuleType:
 
 
 stdlib = _load()
+#: (about 45 s here: most of it the stdlib tests' own sleeps, 1.5 to 6 s each)
+pytestmark = pytest.mark.slow
 LINK_DIR = tempfile.mkdtemp(prefix="sp-stdlib-")
 os.symlink(FILE, os.path.join(LINK_DIR, FILE.name))
 atexit.register(shutil.rmtree, LINK_DIR, True)
