@@ -170,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rounds, calls = (2, 3000) if args.quick else (args.rounds, args.calls)
     workers = args.workers
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {workers} workers each")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(
+        f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs (load average {load}), "
+        f"{workers} workers each"
+    )
 
     makers: dict[str, Callable[[], concurrent.futures.Executor]] = {
         "ProcessPoolExecutor": lambda: concurrent.futures.ProcessPoolExecutor(workers),
@@ -225,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("run_in_executor", "window"):
         ratio = _median(sp[key]) / _median(ppe[key])
         print(_verdict(f"submit, {IN_FLIGHT} in flight ({key}) vs ProcessPoolExecutor", ratio, 2))
+        for name, got in results.items():
+            print(f"    {name} rounds: " + ", ".join(f"{rate:,.0f}" for rate in got[key]))
 
     print("\n3. map over 100,000 items, default settings (chunksize=1)")
     for name, (done, taken) in hundred_k.items():
