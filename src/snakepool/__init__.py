@@ -7,6 +7,7 @@ to the package layout (``pool/``, ``protocol/``, ``adapters/``, ``workers/``).
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .errors import BadArguments as BadArguments
 from .errors import CallTimeout as CallTimeout
 from .errors import CircuitOpen as CircuitOpen
 from .errors import ErrorCategory as ErrorCategory
@@ -25,6 +26,7 @@ from .errors import UnknownCommand as UnknownCommand
 from .errors import UnknownTool as UnknownTool
 from .errors import WorkerCrashed as WorkerCrashed
 from .errors import WorkerStartError as WorkerStartError
+from .errors import WrongMode as WrongMode
 
 if TYPE_CHECKING:  # imported on first use (see __getattr__), so a worker stays light
     from .pool import BlockingPool as BlockingPool
@@ -76,6 +78,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "BadArguments",
     "BlockingPool",
     "CallStream",
     "CallTimeout",
@@ -108,6 +111,7 @@ __all__ = [
     "WorkerCrashed",
     "WorkerStartError",
     "WorkerStatistics",
+    "WrongMode",
     "__version__",
     "connect",
 ]

@@ -232,7 +232,11 @@ def _up(args: argparse.Namespace) -> int:
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)  # (a warning written straight to stderr would tear the table)
     try:
-        return anyio.run(_serve, supervisor, server, console, held)
+        # uvloop when installed ('snakepool[server]'): much of a request's cost is the loop's
+        uvloop = importlib.util.find_spec("uvloop") is not None
+        return anyio.run(
+            _serve, supervisor, server, console, held, backend_options={"use_uvloop": uvloop}
+        )
     except Exception as exc:
         problem = _startup_problem(exc)
         if problem is None:  # a bug: everything there is to see
