@@ -99,6 +99,7 @@ class ConnectionStatistics:
     in_flight: int  #: requests running now (a session cast until it has run)
     held: int  #: requests received and held back now (waiting for room)
     held_back: int  #: requests that had to wait for room, since the connection opened
+    streams_paused: int  #: streams waiting now to send an item (no credit, or not read)
     reading_paused: bool  #: the server stopped reading this socket (too much held)
     writing_paused: bool  #: the client is not taking its answers
     buffered_bytes: int  #: bytes held for it: requests held and running, answers unsent
@@ -169,7 +170,7 @@ class Connection(asyncio.BufferedProtocol):
         self.background: set[_Request] = set()  # session casts acknowledged, still running
         self.held: collections.OrderedDict[int, _Request] = collections.OrderedDict()
         self.lanes: dict[tuple[str, str], _Lane] = {}
-        self.calls = self.bytes_in = self.bytes_out = self.held_back = 0
+        self.calls = self.bytes_in = self.bytes_out = self.held_back = self.streams_paused = 0
         self.held_bytes = self.inflight_bytes = 0
         self._unattributed = 0  # bytes read not yet shared out among requests
         self._unsized: list[_Request] = []  # requests of this read, to share them among
@@ -543,10 +544,19 @@ class Connection(asyncio.BufferedProtocol):
                 self._send({"t": "item", "i": request_id, "r": item})
                 if request.credit is not None:
                     request.credit -= 1
-                while (request.credit == 0 or self.writing_paused) and not self.closing:
-                    request.wakeup = self.loop.create_future()
-                    await request.wakeup
+                if request.credit == 0 or self.writing_paused:
+                    await self._until_sendable(request)
         self._send({"t": "end", "i": request_id})
+
+    async def _until_sendable(self, request: _Request) -> None:
+        """Wait until the stream may send again: credit, and a client that reads."""
+        self.streams_paused += 1
+        try:
+            while (request.credit == 0 or self.writing_paused) and not self.closing:
+                request.wakeup = self.loop.create_future()
+                await request.wakeup
+        finally:
+            self.streams_paused -= 1
 
     async def _session_cast(
         self, request: _Request, pool: Pool, command: Any, args: Any, session: Any
@@ -636,9 +646,11 @@ class Connection(asyncio.BufferedProtocol):
     def _cancel(self, request_id: int) -> None:
         request = self.inflight.get(request_id)
         if request is not None:
-            if request.task is not None and not request.by_client:
+            task = request.task
+            if task is not None and not request.by_client:
                 request.by_client = True
-                request.task.cancel()
+                task.cancel()
+                task.add_done_callback(lambda _: self._after_cancel(request))
             return
         held = self.held.pop(request_id, None)
         if held is not None:
@@ -647,6 +659,11 @@ class Connection(asyncio.BufferedProtocol):
             self._cancelled(request_id, "cancelled by the client before it started")
             self._update_reading()
             self.server._request_finished()
+
+    def _after_cancel(self, request: _Request) -> None:
+        if request.state != _DONE:  # (cancelled before its first step: its code never ran)
+            self._cancelled(request.id, "cancelled by the client")
+            self._finished(request)
 
     def _credit(self, request_id: int, more: Any) -> None:
         if type(more) is not int or more < 1:
@@ -748,6 +765,7 @@ class Connection(asyncio.BufferedProtocol):
             in_flight=len(self.inflight) + len(self.background),
             held=len(self.held),
             held_back=self.held_back,
+            streams_paused=self.streams_paused,
             reading_paused=self.reading_paused,
             writing_paused=self.writing_paused,
             buffered_bytes=self.held_bytes + self.inflight_bytes + self.unsent_bytes,
