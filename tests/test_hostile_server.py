@@ -422,7 +422,9 @@ async def test_hello_needs_the_integer_version(socket_path: Path, version: Any, 
         await raw.send(frame({"t": "hello", "v": version}))
         error = await raw.error_then_closed()
         await raw.aclose()
-        assert error == f"hello 'v' must be an integer client protocol version (1 or 2); got {shown}"
+        assert (
+            error == f"hello 'v' must be an integer client protocol version (1 or 2); got {shown}"
+        )
         async with snakepool.connect(socket_path) as client:  # (v: 2)
             assert await client["general"].call("echo", {"value": 1}) == 1
 

@@ -188,7 +188,7 @@ class Connection(asyncio.BufferedProtocol):
         # (duck-typed: uvloop's transports do not subclass asyncio's)
         self.transport = cast(asyncio.Transport, transport)
         high = max(1, min(_WRITE_HIGH_WATER, self.server.max_bytes_per_client // 4))
-        transport.set_write_buffer_limits(high=high)
+        self.transport.set_write_buffer_limits(high=high)
         self.server._connection_opened(self)
         timeout = self.server.hello_timeout
         if timeout is not None:
