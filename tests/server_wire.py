@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +77,15 @@ class Raw:
         await self.stream.aclose()
 
 
+@dataclass(frozen=True)
+class Up:
+    socket: Path
+    pid: int
+
+
 @contextmanager
-def snakepool_up(workdir: Path, env: dict[str, str], config: str) -> Iterator[Path]:
-    """A real ``snakepool up`` with ``config`` (TOML); yields its socket once it serves."""
+def snakepool_up(workdir: Path, env: dict[str, str], config: str) -> Iterator[Up]:
+    """A real ``snakepool up`` with ``config`` (TOML), once it serves."""
     (workdir / "pools.toml").write_text(config)
     sock = workdir / "s.sock"
     command = [sys.executable, "-m", "snakepool.cli", "up", "--config", str(workdir / "pools.toml")]
@@ -100,7 +107,7 @@ def snakepool_up(workdir: Path, env: dict[str, str], config: str) -> Iterator[Pa
             raise AssertionError(f"snakepool up exited with {up.wait()}")
         # (its later lines must not fill the pipe and block it)
         threading.Thread(target=up.stdout.read, daemon=True).start()
-        yield sock
+        yield Up(sock, up.pid)
     finally:
         if up.poll() is None:
             up.send_signal(signal.SIGTERM)

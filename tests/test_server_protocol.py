@@ -71,7 +71,8 @@ async def test_the_documented_example_runs_against_snakepool_up(
     workdir: Path, env: dict[str, str]
 ) -> None:
     config = '[pools.general]\nadapter = "generic"\nsize = 1\n'
-    with snakepool_up(workdir, env, config) as sock:
+    with snakepool_up(workdir, env, config) as up:
+        sock = up.socket
         raw = await Raw.unix(sock)
         try:
             for number, (direction, message) in enumerate(_worked_example(), 1):

@@ -15,10 +15,15 @@ from ._client import RemoteSession as RemoteSession
 from ._client import connect as connect
 
 if TYPE_CHECKING:
+    from ._server import ConnectionStatistics as ConnectionStatistics
     from ._server import ServerStatistics as ServerStatistics
     from ._server import SocketServer as SocketServer
 
-_LAZY = {"ServerStatistics": "._server", "SocketServer": "._server"}
+_LAZY = {
+    "ConnectionStatistics": "._server",
+    "ServerStatistics": "._server",
+    "SocketServer": "._server",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -32,6 +37,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Client",
+    "ConnectionStatistics",
     "RemotePool",
     "RemoteSession",
     "ServerStatistics",

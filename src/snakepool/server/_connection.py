@@ -541,11 +541,11 @@ class Connection(asyncio.BufferedProtocol):
         async with pool.stream(command, args, timeout=timeout, session=session) as items:
             async for item in items:
                 self._took_effect(request)
+                if request.credit == 0 or self.writing_paused:  # (the end needs no credit)
+                    await self._until_sendable(request)
                 self._send({"t": "item", "i": request_id, "r": item})
                 if request.credit is not None:
                     request.credit -= 1
-                if request.credit == 0 or self.writing_paused:
-                    await self._until_sendable(request)
         self._send({"t": "end", "i": request_id})
 
     async def _until_sendable(self, request: _Request) -> None:
