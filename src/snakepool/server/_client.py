@@ -156,11 +156,10 @@ class _Connection(asyncio.BufferedProtocol):
             self.loop.call_soon(self._flush)
         self._out.append(frame)
 
-    async def send_when_writable(self, message: dict[str, Any]) -> None:
-        """``send``, after waiting while the server reads nothing (it holds us back)."""
+    async def writable(self) -> None:
+        """Return once the server reads again (it holds this client back meanwhile)."""
         while self._writable is not None:
             await asyncio.shield(self._writable)
-        self.send(message)
 
     def _flush(self) -> None:
         self._flush_soon = False
@@ -280,7 +279,9 @@ class Client:
         reply = connection.loop.create_future()
         connection.waiting[request_id] = reply
         try:
-            await connection.send_when_writable(message)
+            if connection._writable is not None:
+                await connection.writable()
+            connection.send(message)
             frame = await reply
         except asyncio.CancelledError:
             if request_id and not reply.done() and connection.broken is None:
@@ -306,7 +307,10 @@ class RemotePool:
         timeout: float | None = None,
         session: str | None = None,
     ) -> Any:
-        message = self._call_message(command, args, "call", timeout, session)
+        if timeout is None and session is None:  # (the usual call, in short)
+            message = {"t": "call", "p": self.name, "c": command, "a": _args(args)}
+        else:
+            message = self._call_message(command, args, "call", timeout, session)
         return (await self.client._exchange(message))["r"]
 
     async def cast(
@@ -340,7 +344,8 @@ class RemotePool:
         finished = False
         taken = 0
         try:
-            await connection.send_when_writable(message)
+            await connection.writable()
+            connection.send(message)
             frames = stream.frames
             while True:
                 while not frames:
@@ -373,7 +378,7 @@ class RemotePool:
             "t": "call",
             "p": self.name,
             "c": command,
-            "a": args if type(args) is dict else dict(args or {}),
+            "a": _args(args),
             "m": mode,
         }
         if timeout is not None:
@@ -388,6 +393,10 @@ class RemotePool:
     async def statistics(self) -> dict[str, Any]:
         result: dict[str, Any] = (await self.client.status())[self.name]
         return result
+
+
+def _args(args: Mapping[str, Any] | None) -> dict[str, Any]:
+    return args if type(args) is dict else dict(args or {})
 
 
 class RemoteSession:

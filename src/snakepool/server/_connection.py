@@ -29,7 +29,7 @@ import asyncio
 import collections
 import hmac
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -142,7 +142,7 @@ class _Request:
         self.by_client = False  # cancelled by the client (not: the connection closed)
         self.lane: tuple[str, str] | None = None
         self.effect: asyncio.Future[None] | None = None  # done once it took effect
-        self.waits: list[asyncio.Future[None]] = []  # the earlier requests of its session
+        self.waits: Sequence[asyncio.Future[None]] = ()  # the earlier requests of its session
         self.credit: int | None = None  # a stream's items it may still send (None: any)
         self.wakeup: asyncio.Future[None] | None = None  # a stream waiting to send
 
@@ -437,23 +437,27 @@ class Connection(asyncio.BufferedProtocol):
         request.lane = key
         request.effect = effect = self.loop.create_future()
         before = lane.last_op
+        waits = [before] if before is not None and not before.done() else []
         if op:
-            request.waits = [f for f in lane.calls if not f.done()]
+            waits += [f for f in lane.calls if not f.done()]
             lane.last_op, lane.calls = effect, []
         else:
             if len(lane.calls) > 64:
                 lane.calls = [f for f in lane.calls if not f.done()]
             lane.calls.append(effect)
-        if before is not None and not before.done():
-            request.waits.append(before)
+        request.waits = waits
 
     async def _plain_call(self, request: _Request) -> None:
         """A call with no session: ``_run`` and ``_call`` in one (the fast path)."""
         frame = request.frame
         try:
-            pool = self._pool(frame)
+            name = frame.get("p")
+            pool = self.server.pools.get(name) if type(name) is str else None
+            if pool is None:
+                pool = self._pool(frame)  # (raises, naming what was wrong)
             command, args, timeout = frame.get("c"), frame.get("a"), frame.get("o")
-            _check_call(command, args, timeout, None)
+            if type(command) is not str or type(args) is not dict or timeout is not None:
+                _check_call(command, args, timeout, None)
             value = await pool.call(command, args, timeout=timeout)  # type: ignore[arg-type]
         except BaseException as exc:
             self._failed(request, exc)
@@ -490,7 +494,7 @@ class Connection(asyncio.BufferedProtocol):
             for earlier in request.waits:
                 if not earlier.done():
                     await asyncio.shield(earlier)
-            request.waits = []
+            request.waits = ()
             kind = request.kind
             if kind == "call":
                 await self._call(request)
