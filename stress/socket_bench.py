@@ -3,12 +3,14 @@
 The same pool (``generic``, ``--workers`` workers, ``echo``) twice: embedded
 in this process (``Pool.call``), and served by a real ``snakepool up`` in a
 subprocess, called through ``snakepool.connect()``. They take turns, round
-after round, so a drift of the machine hits both alike. Each round:
-sequential calls (p50 latency) of each, then ``--callers`` concurrent
-callers (throughput) of each. CPU per call is the CPU time of the process that does the
-pool's host work: this process for the embedded pool, the ``snakepool up``
-process for the socket (the client's own CPU, this process, is shown next to
-it). Medians over the rounds.
+after round, so a drift of the machine hits both alike: each round,
+sequential calls (p50 latency) of each, then ``--callers`` concurrent callers
+(throughput) of each. CPU per call is the scheduler's CPU time (Linux:
+``/proc/<pid>/task/*/schedstat``) of the *host*, the process doing the pool's
+host work (this process for the embedded pool, ``snakepool up`` for the
+socket), and of *all* the processes a call costs (the host, its workers and,
+through the socket, this process as the client). Medians over the rounds;
+the ratios are the medians of each round's own ratio.
 
 Run: python stress/socket_bench.py [--workers 2] [--rounds 10] [--sequential 500]
                                    [--calls 5000] [--callers 64] [--json OUT]
@@ -29,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,17 +44,34 @@ Call = Callable[[Any], Awaitable[Any]]
 POOL_OPTIONS = {"call_timeout": 300.0, "queue_size": 100_000, "startup_timeout": 300.0}
 
 
-def cpu_seconds(process: psutil.Process) -> float:
-    """CPU time of every thread of ``process`` (the scheduler's, in nanoseconds:
-    far finer than the 10 ms ticks of ``cpu_times()``)."""
+def cpu_seconds(*pids: int) -> float:
+    """CPU time of every thread of these processes (the scheduler's, in
+    nanoseconds: far finer than the 10 ms ticks of ``cpu_times()``)."""
     total = 0
-    for path in glob.glob(f"/proc/{process.pid}/task/*/schedstat"):
-        try:
-            with open(path) as stats:
-                total += int(stats.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue  # (a thread that ended meanwhile)
+    for pid in pids:
+        for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+            try:
+                with open(path) as stats:
+                    total += int(stats.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue  # (a thread that ended meanwhile)
     return total / 1e9
+
+
+@dataclass
+class Peer:
+    """One way to make the call, and the processes whose CPU it costs."""
+
+    call: Call
+    host: int  #: the process doing the pool's host work
+    workers: list[int]
+    client: int | None = None  #: this process, when it is not the host
+
+    def cpu(self) -> tuple[float, float]:
+        """(host CPU, every process's CPU) so far."""
+        host = cpu_seconds(self.host)
+        others = cpu_seconds(*self.workers, *([self.client] if self.client else []))
+        return host, host + others
 
 
 def start_up(workdir: Path, workers: int) -> tuple[subprocess.Popen[bytes], Path]:
@@ -132,18 +152,17 @@ async def concurrent(call: Call, callers: int, total: int) -> float:
 
 
 async def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
-    keys = ("p50", "seq_cpu", "rate", "cpu", "client_cpu")
+    keys = ("p50", "seq_cpu", "seq_total", "rate", "cpu", "total")
     found: dict[str, dict[str, list[float]]] = {
         name: {key: [] for key in keys} for name in ("embedded", "socket")
     }
-    me = psutil.Process()
+    me = os.getpid()
     with tempfile.TemporaryDirectory(prefix="sp-bench-") as tmp:
         async with (
             snakepool.Pool("generic", size=args.workers, **POOL_OPTIONS) as pool,  # type: ignore[arg-type]
             snakepool_up(Path(tmp), args.workers) as (sock, up_pid),
             snakepool.connect(sock) as client,
         ):
-            server = psutil.Process(up_pid)
             remote = client["bench"]
 
             async def embedded(value: Any) -> Any:
@@ -152,29 +171,32 @@ async def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]
             async def socket(value: Any) -> Any:
                 return await remote.call("echo", {"value": value})
 
-            peers: dict[str, tuple[Call, psutil.Process]] = {
-                "embedded": (embedded, me),
-                "socket": (socket, server),
+            served = [child.pid for child in psutil.Process(up_pid).children(recursive=True)]
+            peers = {
+                "embedded": Peer(embedded, me, [w.pid for w in pool.statistics().workers if w.pid]),
+                "socket": Peer(socket, up_pid, served, client=me),
             }
-            for call, _ in peers.values():  # warm up
-                await sequential(call, 300)
-                await concurrent(call, args.callers, 2000)
+            for peer in peers.values():  # warm up
+                await sequential(peer.call, 300)
+                await concurrent(peer.call, args.callers, 2000)
             # Short turns, many rounds: each peer sees the same (drifting) machine.
             for _ in range(args.rounds):
-                for name, (call, host) in peers.items():
+                for name, peer in peers.items():
                     row = found[name]
-                    cpu = cpu_seconds(host)
-                    samples = sorted(await sequential(call, args.sequential))
+                    host, total = peer.cpu()
+                    samples = sorted(await sequential(peer.call, args.sequential))
                     row["p50"].append(samples[len(samples) // 2])
-                    row["seq_cpu"].append((cpu_seconds(host) - cpu) / args.sequential)
-                for name, (call, host) in peers.items():
+                    host_after, total_after = peer.cpu()
+                    row["seq_cpu"].append((host_after - host) / args.sequential)
+                    row["seq_total"].append((total_after - total) / args.sequential)
+                for name, peer in peers.items():
                     row = found[name]
-                    cpu, mine = cpu_seconds(host), cpu_seconds(me)
-                    row["rate"].append(
-                        args.calls / await concurrent(call, args.callers, args.calls)
-                    )
-                    row["cpu"].append((cpu_seconds(host) - cpu) / args.calls)
-                    row["client_cpu"].append((cpu_seconds(me) - mine) / args.calls)
+                    host, total = peer.cpu()
+                    elapsed = await concurrent(peer.call, args.callers, args.calls)
+                    row["rate"].append(args.calls / elapsed)
+                    host_after, total_after = peer.cpu()
+                    row["cpu"].append((host_after - host) / args.calls)
+                    row["total"].append((total_after - total) / args.calls)
     return found
 
 
@@ -186,24 +208,24 @@ def report(found: dict[str, dict[str, list[float]]], args: argparse.Namespace) -
         pairs = zip(found["socket"][key], found["embedded"][key], strict=True)
         return statistics.median(s / e for s, e in pairs)
 
-    us = 1e6
+    def row(label: str, key: str, scale: float = 1e6, fmt: str = "12.1f") -> str:
+        return f"{label:34}{emb[key] * scale:{fmt}}{sock[key] * scale:{fmt}}{ratio(key):17.2f}x"
+
+    n = args.callers
     return "\n".join(
         [
             f"socket server vs embedded pool: generic echo, {args.workers} workers, "
             f"median of {args.rounds} rounds",
-            f"{'':30}{'embedded':>12}{'socket':>12}{'socket/embedded':>18}",
-            f"{'sequential p50 (us)':30}{emb['p50'] * us:12.1f}{sock['p50'] * us:12.1f}"
-            f"{ratio('p50'):17.2f}x",
-            f"{f'{args.callers} in flight (calls/s)':30}{emb['rate']:12,.0f}{sock['rate']:12,.0f}"
-            f"{ratio('rate'):17.2f}x",
-            f"{'host CPU per call, seq (us)':30}{emb['seq_cpu'] * us:12.1f}"
-            f"{sock['seq_cpu'] * us:12.1f}{ratio('seq_cpu'):17.2f}x",
-            f"{f'host CPU per call, {args.callers} (us)':30}{emb['cpu'] * us:12.1f}"
-            f"{sock['cpu'] * us:12.1f}{ratio('cpu'):17.2f}x",
-            f"{f'client CPU per call, {args.callers} (us)':30}{'-':>12}"
-            f"{sock['client_cpu'] * us:12.1f}",
-            "(host: this process for the embedded pool, the snakepool up process for the socket;",
-            " client: this process; ratios are the medians of each round's own ratio)",
+            f"{'':34}{'embedded':>12}{'socket':>12}{'socket/embedded':>18}",
+            row("sequential p50 (us)", "p50"),
+            row(f"{n} in flight (calls/s)", "rate", 1, "12,.0f"),
+            row("host CPU per call, sequential (us)", "seq_cpu"),
+            row(f"host CPU per call, {n} in flight (us)", "cpu"),
+            row("all CPU per call, sequential (us)", "seq_total"),
+            row(f"all CPU per call, {n} in flight (us)", "total"),
+            "host: this process for the embedded pool, the snakepool up process for the",
+            "socket; all: the host, its workers and (socket) this process, the client.",
+            "Ratios are the medians of each round's own ratio.",
         ]
     )
 
