@@ -29,21 +29,15 @@ import asyncio
 import collections
 import hmac
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from ..errors import (
-    PoolClosed,
-    ProtocolError,
-    SessionExpired,
-    SessionNotFound,
-    SnakepoolError,
-)
+from ..errors import PoolClosed, ProtocolError, SnakepoolError
+from ._requests import Refused, bad_request, check_call, draining_message, session_operation, shown
 from ._wire import (
     CLIENT_PROTOCOL_VERSIONS,
     HELLO_FRAME_BYTES,
-    SESSION_OPERATIONS,
     error_to_wire,
     jsonable,
     new_decoder,
@@ -72,19 +66,6 @@ _HELD, _RUNNING, _DONE = 1, 2, 3
 
 class _Drop(Exception):
     """This client must go (with ``message`` in an ``error`` frame)."""
-
-
-class _BadRequest(Exception):
-    """A request the server cannot run as sent: a ``failure`` of kind ``bad_request``
-    (``y`` says ``TypeError`` or ``ValueError``, as Python would have raised)."""
-
-    def __init__(self, message: str, python_type: type[Exception] = ValueError) -> None:
-        super().__init__(message)
-        self.python_type = python_type
-
-
-class _UnknownPool(KeyError):
-    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,7 +325,7 @@ class Connection(asyncio.BufferedProtocol):
         request = _Request(request_id, kind, frame)
         self._unsized.append(request)
         if self.server.draining and kind in ("call", "session"):
-            self._fail(request_id, PoolClosed(_draining_message(frame)))
+            self._fail(request_id, PoolClosed(draining_message(frame)))
         elif self.held or not self._room():
             request.state = _HELD
             self.held[request_id] = request
@@ -360,7 +341,7 @@ class Connection(asyncio.BufferedProtocol):
             supported = " or ".join(str(v) for v in CLIENT_PROTOCOL_VERSIONS)
             raise _Drop(
                 f"hello 'v' must be an integer client protocol version ({supported}); "
-                f"got {_shown(version)} ({type(version).__name__})"
+                f"got {shown(version)} ({type(version).__name__})"
             )
         if self.needs_token:
             token = frame.get("k")
@@ -457,7 +438,7 @@ class Connection(asyncio.BufferedProtocol):
                 pool = self._pool(frame)  # (raises, naming what was wrong)
             command, args, timeout = frame.get("c"), frame.get("a"), frame.get("o")
             if type(command) is not str or type(args) is not dict or timeout is not None:
-                _check_call(command, args, timeout, None)
+                check_call(command, args, timeout, None)
             value = await pool.call(command, args, timeout=timeout)  # type: ignore[arg-type]
         except BaseException as exc:
             self._failed(request, exc)
@@ -474,10 +455,8 @@ class Connection(asyncio.BufferedProtocol):
             if not request.by_client:
                 raise exc
             self._cancelled(request_id, "cancelled by the client")
-        elif isinstance(exc, _BadRequest):
-            self._fail(request_id, exc.python_type(str(exc)), "bad_request")
-        elif isinstance(exc, _UnknownPool):
-            self._fail(request_id, KeyError(*exc.args), "unknown_pool")
+        elif isinstance(exc, Refused):
+            self._fail(request_id, exc.error, exc.kind)
         elif isinstance(exc, SnakepoolError):
             self._fail(request_id, exc)
         elif isinstance(exc, TypeError | ValueError):  # (the pool's checks of what was sent)
@@ -515,7 +494,7 @@ class Connection(asyncio.BufferedProtocol):
         pool = self._pool(frame)
         command, args, session = frame.get("c"), frame.get("a"), frame.get("s")
         timeout, mode = frame.get("o"), frame.get("m", "call")
-        _check_call(command, args, timeout, session)
+        check_call(command, args, timeout, session)
         if mode == "call":
             value = await pool.call(command, args, timeout=timeout, session=session)  # type: ignore[arg-type]
             self._result(request.id, value)
@@ -523,23 +502,21 @@ class Connection(asyncio.BufferedProtocol):
             await self._stream(request, pool, command, args, timeout, session)
         elif mode == "cast":
             if timeout is not None:
-                raise _BadRequest("a cast takes no timeout 'o' (it gets the pool's call_timeout)")
+                raise bad_request("a cast takes no timeout 'o' (it gets the pool's call_timeout)")
             if session is None:
                 await pool.cast(command, args)  # type: ignore[arg-type]
                 self._result(request.id, None)
             else:
                 await self._session_cast(request, pool, command, args, session)
         else:
-            raise _BadRequest(f"unknown call mode 'm' {_shown(mode)}; one of call, stream, cast")
+            raise bad_request(f"unknown call mode 'm' {shown(mode)}; one of call, stream, cast")
 
     async def _stream(
         self, request: _Request, pool: Pool, command: Any, args: Any, timeout: Any, session: Any
     ) -> None:
         window = request.frame.get("w")
         if window is not None and (type(window) is not int or window < 1):
-            raise _BadRequest(
-                f"a stream's window 'w' must be an integer >= 1, not {_shown(window)}"
-            )
+            raise bad_request(f"a stream's window 'w' must be an integer >= 1, not {shown(window)}")
         request.credit = window
         request_id = request.id
         async with pool.stream(command, args, timeout=timeout, session=session) as items:
@@ -579,40 +556,7 @@ class Connection(asyncio.BufferedProtocol):
     async def _session(self, request: _Request) -> None:
         frame = request.frame
         pool = self._pool(frame)
-        op, session_id, args = frame.get("op"), frame.get("s"), frame.get("a")
-        args = {} if args is None else args
-        spec = SESSION_OPERATIONS.get(op) if isinstance(op, str) else None
-        if spec is None:
-            raise _BadRequest(
-                f"unknown session operation 'op' {_shown(op)}; "
-                f"one of {', '.join(SESSION_OPERATIONS)}"
-            )
-        assert isinstance(op, str)
-        if not isinstance(args, dict):
-            raise _BadRequest("session operation arguments 'a' must be a map", TypeError)
-        _check_arguments(op, args, *spec)
-        if session_id is not None and not isinstance(session_id, str):
-            raise _BadRequest(f"the session id 's' must be a string, not {_shown(session_id)}")
-        result: Any = None
-        if op == "open":
-            session = pool.session(session_id or None, ttl=args.get("ttl"))
-            await session.open()
-            result = session.id
-        elif session_id is None:
-            raise _BadRequest(f"session operation {op!r} needs a session id 's'")
-        elif op == "close":
-            await pool.session(session_id).close()
-        else:
-            await _require_live(pool, session_id)  # a typo must not create a session
-            variables = pool.session(session_id).variables
-            try:
-                result = await getattr(variables, op)(**args)
-            except KeyError as exc:
-                self._fail(request.id, exc, "undefined_variable")
-                return
-            except ValueError as exc:
-                self._fail(request.id, exc, "invalid_value")
-                return
+        result = await session_operation(pool, frame.get("op"), frame.get("s"), frame.get("a"))
         self._result(request.id, result)
 
     def _pool(self, frame: dict[str, Any]) -> Pool:
@@ -620,7 +564,9 @@ class Connection(asyncio.BufferedProtocol):
         pool = self.server.pools.get(name) if isinstance(name, str) else None
         if pool is None:
             served = ", ".join(sorted(self.server.pools))
-            raise _UnknownPool(f"no pool named {_shown(name)} (pools: {served})")
+            raise Refused(
+                KeyError(f"no pool named {shown(name)} (pools: {served})"), "unknown_pool"
+            )
         return pool
 
     def _took_effect(self, request: _Request) -> None:
@@ -671,7 +617,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _credit(self, request_id: int, more: Any) -> None:
         if type(more) is not int or more < 1:
-            raise _Drop(f"'credit' frame with 'n' {_shown(more)}: it must be an integer >= 1")
+            raise _Drop(f"'credit' frame with 'n' {shown(more)}: it must be an integer >= 1")
         request = self.inflight.get(request_id)
         if request is None or request.credit is None:
             return  # (a stream that ended meanwhile, or one without a window)
@@ -774,87 +720,3 @@ class Connection(asyncio.BufferedProtocol):
             writing_paused=self.writing_paused,
             buffered_bytes=self.held_bytes + self.inflight_bytes + self.unsent_bytes,
         )
-
-
-def _check_call(command: Any, args: Any, timeout: Any, session: Any) -> None:
-    """A call's fields, each of its type (the pool checks the rest: the session id's rule)."""
-    if type(command) is not str or not command:
-        raise _BadRequest(f"'c' (the command) must be a non-empty string, not {_shown(command)}",
-                          TypeError)  # fmt: skip
-    if args is not None and type(args) is not dict:
-        raise _BadRequest(
-            f"'a' (the arguments) must be a map of argument names to values, not {_shown(args)}",
-            TypeError,
-        )
-    if timeout is not None and (type(timeout) not in (int, float) or not timeout > 0):
-        raise _BadRequest(
-            f"'o' (the timeout in seconds) must be a number > 0, not {_shown(timeout)}"
-        )
-    if session is not None and type(session) is not str:
-        raise _BadRequest(
-            f"'s' (the session id) must be a string, not {_shown(session)}", TypeError
-        )
-
-
-#: What each session operation's argument must be (None: any value).
-_ARGUMENT_TYPES: dict[str, tuple[tuple[type, ...], str] | None] = {
-    "name": ((str,), "a string"),
-    "type": ((str,), "a string"),
-    "initial": None,
-    "value": None,
-    "default": None,
-    "constraints": ((dict, type(None)), "a map or nil"),
-    "metadata": ((dict, type(None)), "a map or nil"),
-    "names": ((list,), "an array of strings"),
-    "values": ((dict,), "a map of names to values"),
-    "ttl": ((int, float, type(None)), "a number of seconds > 0, or nil"),
-}
-
-
-def _check_arguments(
-    op: str, args: Mapping[str, Any], required: tuple[str, ...], optional: tuple[str, ...]
-) -> None:
-    allowed = (*required, *optional)
-    unknown = [key for key in args if key not in allowed]
-    if unknown:
-        takes = ", ".join(allowed) if allowed else "no arguments"
-        raise _BadRequest(
-            f"session operation {op!r} got unknown argument(s) "
-            f"{', '.join(_shown(k) for k in unknown)}; it takes: {takes}",
-            TypeError,
-        )
-    missing = [key for key in required if key not in args]
-    if missing:
-        raise _BadRequest(
-            f"session operation {op!r} is missing argument(s) {', '.join(missing)}", TypeError
-        )
-    for key, value in args.items():
-        rule = _ARGUMENT_TYPES[key]
-        if rule is not None and (
-            type(value) not in rule[0]
-            or (key == "names" and not all(type(name) is str for name in value))
-        ):
-            raise _BadRequest(
-                f"session operation {op!r}: argument {key!r} must be {rule[1]}, not {_shown(value)}",
-                TypeError,
-            )
-
-
-async def _require_live(pool: Pool, session_id: str) -> None:
-    status = await pool._sessions_manager().store.status(session_id)
-    if status == "expired":
-        raise SessionExpired(f"session {session_id!r} expired or was closed")
-    if status != "live":
-        raise SessionNotFound(f"no session {session_id!r}; open one first")
-
-
-def _draining_message(frame: dict[str, Any]) -> str:
-    name = frame.get("p")
-    pool = f"pool {name!r}" if isinstance(name, str) else "every pool"
-    return f"{pool} is closed: the server is shutting down (draining the calls in flight)"
-
-
-def _shown(value: Any) -> str:
-    """``repr(value)``, cut short: it goes into a message."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
