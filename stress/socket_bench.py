@@ -13,7 +13,7 @@ through the socket, this process as the client). Medians over the rounds;
 the ratios are the medians of each round's own ratio.
 
 Run: python stress/socket_bench.py [--workers 2] [--rounds 10] [--sequential 500]
-                                   [--calls 5000] [--callers 64] [--json OUT]
+                                   [--calls 5000] [--callers 64] [--uvloop] [--json OUT]
 """
 
 from __future__ import annotations
@@ -67,11 +67,10 @@ class Peer:
     workers: list[int]
     client: int | None = None  #: this process, when it is not the host
 
-    def cpu(self) -> tuple[float, float]:
-        """(host CPU, every process's CPU) so far."""
-        host = cpu_seconds(self.host)
-        others = cpu_seconds(*self.workers, *([self.client] if self.client else []))
-        return host, host + others
+    def cpu(self) -> tuple[float, float, float]:
+        """CPU so far: (host, workers, client)."""
+        client = cpu_seconds(self.client) if self.client else 0.0
+        return cpu_seconds(self.host), cpu_seconds(*self.workers), client
 
 
 def start_up(workdir: Path, workers: int) -> tuple[subprocess.Popen[bytes], Path]:
@@ -152,7 +151,7 @@ async def concurrent(call: Call, callers: int, total: int) -> float:
 
 
 async def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
-    keys = ("p50", "seq_cpu", "seq_total", "rate", "cpu", "total")
+    keys = ("p50", "seq_cpu", "seq_total", "rate", "cpu", "workers", "client", "total")
     found: dict[str, dict[str, list[float]]] = {
         name: {key: [] for key in keys} for name in ("embedded", "socket")
     }
@@ -183,20 +182,23 @@ async def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]
             for _ in range(args.rounds):
                 for name, peer in peers.items():
                     row = found[name]
-                    host, total = peer.cpu()
+                    before = peer.cpu()
                     samples = sorted(await sequential(peer.call, args.sequential))
                     row["p50"].append(samples[len(samples) // 2])
-                    host_after, total_after = peer.cpu()
-                    row["seq_cpu"].append((host_after - host) / args.sequential)
-                    row["seq_total"].append((total_after - total) / args.sequential)
+                    used = [
+                        (b - a) / args.sequential for a, b in zip(before, peer.cpu(), strict=True)
+                    ]
+                    row["seq_cpu"].append(used[0])
+                    row["seq_total"].append(sum(used))
                 for name, peer in peers.items():
                     row = found[name]
-                    host, total = peer.cpu()
+                    before = peer.cpu()
                     elapsed = await concurrent(peer.call, args.callers, args.calls)
                     row["rate"].append(args.calls / elapsed)
-                    host_after, total_after = peer.cpu()
-                    row["cpu"].append((host_after - host) / args.calls)
-                    row["total"].append((total_after - total) / args.calls)
+                    used = [(b - a) / args.calls for a, b in zip(before, peer.cpu(), strict=True)]
+                    for key, value in zip(("cpu", "workers", "client"), used, strict=True):
+                        row[key].append(value)
+                    row["total"].append(sum(used))
     return found
 
 
@@ -204,27 +206,31 @@ def report(found: dict[str, dict[str, list[float]]], args: argparse.Namespace) -
     med = {name: {k: statistics.median(v) for k, v in row.items()} for name, row in found.items()}
     emb, sock = med["embedded"], med["socket"]
 
-    def ratio(key: str) -> float:  # the median of the rounds' own ratios
+    def ratio(key: str) -> str:  # the median of the rounds' own ratios
         pairs = zip(found["socket"][key], found["embedded"][key], strict=True)
-        return statistics.median(s / e for s, e in pairs)
+        ratios = [s / e for s, e in pairs if e]
+        return f"{statistics.median(ratios):17.2f}x" if ratios else ""
 
     def row(label: str, key: str, scale: float = 1e6, fmt: str = "12.1f") -> str:
-        return f"{label:34}{emb[key] * scale:{fmt}}{sock[key] * scale:{fmt}}{ratio(key):17.2f}x"
+        return f"{label:34}{emb[key] * scale:{fmt}}{sock[key] * scale:{fmt}}{ratio(key)}"
 
     n = args.callers
     return "\n".join(
         [
             f"socket server vs embedded pool: generic echo, {args.workers} workers, "
-            f"median of {args.rounds} rounds",
+            f"median of {args.rounds} rounds, this process on "
+            f"{'uvloop' if getattr(args, 'uvloop', False) else 'asyncio'}",
             f"{'':34}{'embedded':>12}{'socket':>12}{'socket/embedded':>18}",
             row("sequential p50 (us)", "p50"),
             row(f"{n} in flight (calls/s)", "rate", 1, "12,.0f"),
             row("host CPU per call, sequential (us)", "seq_cpu"),
             row(f"host CPU per call, {n} in flight (us)", "cpu"),
+            row("  its workers' CPU per call (us)", "workers"),
+            row("  the client's CPU per call (us)", "client"),
             row("all CPU per call, sequential (us)", "seq_total"),
             row(f"all CPU per call, {n} in flight (us)", "total"),
             "host: this process for the embedded pool, the snakepool up process for the",
-            "socket; all: the host, its workers and (socket) this process, the client.",
+            "socket; client: this process, through the socket; all: host, workers, client.",
             "Ratios are the medians of each round's own ratio.",
         ]
     )
@@ -237,9 +243,20 @@ def main() -> int:
     parser.add_argument("--sequential", type=int, default=500)
     parser.add_argument("--calls", type=int, default=5000)
     parser.add_argument("--callers", type=int, default=64)
+    parser.add_argument(
+        "--uvloop",
+        action="store_true",
+        help="run this process (the embedded pool and the client) on uvloop too "
+        "(snakepool up runs on uvloop whenever it is installed)",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw samples here")
     args = parser.parse_args()
-    found = asyncio.run(measure(args))
+    if args.uvloop:
+        import uvloop
+
+        found = uvloop.run(measure(args))
+    else:
+        found = asyncio.run(measure(args))
     print(report(found, args))
     if args.json is not None:
         args.json.write_text(json.dumps(found, indent=2))
