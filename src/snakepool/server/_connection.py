@@ -372,7 +372,7 @@ class Connection(asyncio.BufferedProtocol):
     def _room(self) -> bool:
         """Whether one more request may start now."""
         server = self.server
-        if len(self.inflight) >= server.max_inflight_per_client:
+        if len(self.inflight) + len(self.background) >= server.max_inflight_per_client:
             return False
         unsent = self._out_bytes + self.transport.get_write_buffer_size()  # type: ignore[union-attr]
         if self.inflight_bytes + unsent < server.max_bytes_per_client:
