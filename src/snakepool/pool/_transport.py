@@ -38,6 +38,7 @@ import abc
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 from typing import Protocol
 
 from ._launch import WorkerLaunch
@@ -131,7 +132,5 @@ class Transport(abc.ABC):
         """Resident memory of the worker and its children; None if unknown."""
 
 
-class TransportFactory(Protocol):
-    """Makes the transport of one handle (``WorkerHandle(transport=...)``)."""
-
-    def __call__(self, receiver: Receiver) -> Transport: ...
+#: Makes the transport of one handle, given the handle (``WorkerHandle(transport=...)``).
+TransportFactory = Callable[[Receiver], Transport]

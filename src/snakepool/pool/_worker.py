@@ -1,18 +1,19 @@
 """The host's handle on one worker: the protocol side of the transport seam.
 
-Where a worker's frames travel, and which module owns each step::
+Where one worker's frames travel, and which module owns each step::
 
-    WorkerHandle.submit / post          pending calls, the Connection (encode)   (_worker)
-      |  Transport.write                 frames of one loop turn in one write    (_transport:
-      v                                                                            the seam)
-    CallbackPipes / StreamPipes         stdin pipe -> worker -> stdout pipe       (_pipes: a
-      |                                 spawned process, or forked by the          local process;
-      |                                 template (_template.ForkedProcess)         a Ray actor
-      v                                                                            would be one
-    Receiver.feed_stdout                Connection (decode) -> _on_message,        more module)
-      |                                 one match on the message's type           (_worker)
+    WorkerHandle.submit(call, frame)    register the PendingCall              _worker
+      |  Transport.write(frame, batch)  a loop turn's frames in one write     _transport (the seam)
       v
-    PendingCall resolved / failed; Pacing fed the answers (_pacing), capacity handed on
+    CallbackPipes | StreamPipes         stdin pipe -> the worker process      _pipes: spawned, or
+      |                                 -> its stdout pipe                    forked by _template
+      v
+    WorkerHandle.feed_stdout(data)      the Connection decodes; one match     _worker
+      |                                 on each message's type
+      v
+    PendingCall resolved or failed; Pacing fed the answers (_pacing); freed slots handed on
+
+A worker elsewhere (a Ray actor) is one more module beside ``_pipes``.
 
 The transport owns the bytes and sees the death: it starts the process,
 delivers stdout and stderr, and ends the delivery at EOF, at a protocol
