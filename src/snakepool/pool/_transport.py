@@ -77,7 +77,7 @@ class Transport(abc.ABC):
     The handle drives it in this order::
 
         async with transport.open(launch):   # the process exists (OSError: it could not start)
-            transport.write(...)             # any time, never blocks
+            transport.write(...)             # any time in here, never blocks
             await transport.receive()        # until its output ends
             ... transport.signal(...)        # make sure it is gone
             code = await transport.wait()
@@ -112,7 +112,8 @@ class Transport(abc.ABC):
 
         ``batch``: it may wait until the end of this event-loop turn and go out
         in one write with the turn's other frames (the worker is busy anyway).
-        Frames written after the worker is gone are dropped.
+        Frames written after the worker is gone are dropped (and the handle
+        writes none before ``open``).
         """
 
     @abc.abstractmethod
