@@ -57,6 +57,11 @@ SAMPLES: dict[str, tuple[Any, str]] = {
     "drain_grace": (1.5, "1.5"),
     "stop_grace": (0.5, "0.5"),
     "cancel_grace": (0.25, "0.25"),
+    "limits": ({"memory_mb": 512, "open_files": 64}, '{"memory_mb": 512, "open_files": 64}'),
+    "user": ("nobody", "nobody"),
+    "network": (False, "false"),
+    "writable_paths": (["/tmp/a", "/tmp/b"], os.pathsep.join(["/tmp/a", "/tmp/b"])),
+    "sandbox": (True, "true"),
 }
 SETTABLE = [name for name in OPTIONS if name != "name"]
 
@@ -195,7 +200,7 @@ def test_new_environment_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_bool_overrides_parse() -> None:
-    # (no option is a bool yet: network=, a later issue, will be)
+    # (network= and sandbox= read these)
     assert [BOOL.parse(t) for t in ("1", "true", "Yes", "off", "0", "False")] == [
         True,
         True,
@@ -206,6 +211,7 @@ def test_bool_overrides_parse() -> None:
     ]
     with pytest.raises(ValueError, match="maybe"):
         BOOL.parse("maybe")
+    assert OPTIONS["network"].env is BOOL and OPTIONS["sandbox"].env is BOOL
 
 
 def test_readme_table_is_pool_configs() -> None:

@@ -157,7 +157,10 @@ async def test_strict_queue_first_calls_of_a_session_share_one_worker(tmp_path: 
 
             tg.start_soon(whoami)
             tg.start_soon(whoami)
-            await wait_for_count(lambda: pool.statistics().queued, 2)  # both wait for a worker
+            # the first waits for a worker, the second behind it (a session's calls keep order)
+            await wait_for_count(lambda: pool.statistics().queued, 1)
+            routes = pool._sessions._routes
+            await wait_until(lambda: session.id in routes and routes[session.id].users == 2)
             release.touch()
         assert len(set(pids)) == 1
 
@@ -172,12 +175,13 @@ async def test_a_queued_call_for_one_worker_does_not_block_an_idle_one(tmp_path:
             # a's worker is busy until released (no timer for a slow machine to outlast)
             tg.start_soon(a.call, "hold", {"release": str(release)})
             await wait_for_count(lambda: sum(w.inflight for w in pool.statistics().workers), 1)
-            tg.start_soon(a.call, "nap", {"seconds": 0.1})  # queued for a's worker
-            await wait_for_count(lambda: pool.statistics().queued, 1)
+            tg.start_soon(a.call, "nap", {"seconds": 0.1})  # waits in a's worker (sent ahead)
+            a_worker = pool._sessions.bindings[a.id]
+            await wait_until(lambda: len(a_worker.pending) == 2)
             with anyio.fail_after(5):  # (stuck behind a's call, they would never finish)
                 assert (await b.call("whoami"))["session"] == b.id
                 assert (await pool.call("whoami"))["session"] is None
-            assert pool.statistics().queued == 1  # a's call still waits for a's worker
+            assert len(a_worker.pending) == 2  # a's call still waits for a's worker
             release.touch()
 
 

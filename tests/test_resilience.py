@@ -188,7 +188,7 @@ async def test_recovery_override_can_keep_a_timed_out_worker(
     async def watch(worker: object, call: object) -> None:
         watched.append(repr(call))
 
-    monkeypatch.setattr(pool, "_watch_abandoned", watch)
+    monkeypatch.setattr(pool._route, "_watch_abandoned", watch)
     async with pool:
         with pytest.raises(CallTimeout):
             await pool.call("hang", timeout=0.2)

@@ -20,6 +20,7 @@ import snakepool
 from conftest import FakeClock
 from snakepool import CallTimeout, WorkerCrashed
 from snakepool import protocol as p
+from snakepool.pool._backend import current_loop
 from snakepool.pool._calls import PendingCall
 from snakepool.pool._dispatch import Dispatcher
 from snakepool.pool._pacing import AHEAD_HORIZON, Pacing
@@ -190,8 +191,9 @@ async def test_send_ahead_zero_keeps_waiting_calls_in_the_pools_queue(tmp_path: 
 async def test_a_session_call_first_in_line_is_not_overtaken_by_later_calls(
     tmp_path: Path,
 ) -> None:
-    # A session call handed a slot reserves it while its session is prepared;
-    # plain calls queued after it must not be sent ahead into that worker first.
+    # A session call is held by its (busy) worker beyond the paced depth (it
+    # waits for that worker anyway); plain calls queued after it must not be
+    # sent ahead into that worker before it.
     release = tmp_path / "release"
     async with snakepool.Pool(ADAPTER, size=1) as pool:
         ahead = pool._workers[0].ahead
@@ -212,10 +214,11 @@ async def test_a_session_call_first_in_line_is_not_overtaken_by_later_calls(
                     tg.start_soon(doze, f"held{i}", 0.01)
                 await wait_for_count(lambda: inflight(pool), 1 + ahead)
                 tg.start_soon(doze, "session", 0.01, session.id)
-                await wait_for_count(lambda: pool.statistics().queued, 1)
+                await wait_for_count(lambda: inflight(pool), 2 + ahead)  # held by the worker
+                assert pool.statistics().queued == 0
                 for i in range(3):
                     tg.start_soon(doze, f"later{i}", 0.01)
-                await wait_for_count(lambda: pool.statistics().queued, 4)
+                await wait_for_count(lambda: pool.statistics().queued, 3)
                 release.touch()
         order = sorted(spans, key=lambda name: spans[name]["start"])
         assert order.index("session") < min(order.index(f"later{i}") for i in range(3))
@@ -248,9 +251,10 @@ async def test_a_strict_session_waiting_for_one_worker_does_not_stop_withdrawals
                 for i in range(4):  # sent ahead to both workers
                     tg.start_soon(call, f"quick{i}", "doze", {"seconds": 0.01})
                 await wait_for_count(lambda: inflight(pool, 0) + inflight(pool, 1), 6)
-                # waits for worker 0 only
+                # waits for worker 0 only: sent ahead to it (never taken back)
                 tg.start_soon(call, "session", "doze", {"seconds": 0.01}, session.id)
-                await wait_for_count(lambda: pool.statistics().queued, 1)
+                await wait_for_count(lambda: inflight(pool, 0) + inflight(pool, 1), 7)
+                assert any(c.session_id == session.id for c in first.pending.values())
                 release_short.touch()  # worker 1 frees up; worker 0 stays busy
                 # worker 1 takes back the quick calls held behind worker 0's long call
                 quick = {f"quick{i}" for i in range(4)}
@@ -383,6 +387,7 @@ async def test_a_free_worker_takes_calls_back_only_from_one_that_stalls(
     withdrawn: list[int] = []
     monkeypatch.setattr(busy, "withdraw", lambda call: withdrawn.append(call.id))
     dispatcher = Dispatcher("p", 10, [free, busy], lambda: None)
+    dispatcher.loop = current_loop(lambda: pytest.fail("asyncio timers need no task group"))
     dispatcher._sent_ahead = True
     dispatcher._withdraw_for(free)
     assert withdrawn == []  # it would start within the horizon anyway

@@ -146,7 +146,8 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     doctor = commands.add_parser(
-        "doctor", help="check python, packages, GPUs, the socket and adapters"
+        "doctor",
+        help="check python, packages, GPUs, worker isolation, the socket and adapters",
     )
     doctor.add_argument("--socket", metavar="PATH", help=socket_help)
     doctor.add_argument(
@@ -697,6 +698,7 @@ def _doctor(args: argparse.Namespace) -> int:
     print(
         f"gpus        {', '.join(map(str, gpus)) if gpus else 'none (the gpu pool will be disabled)'}"
     )
+    _doctor_isolation()
     socket_path = _socket(args)
     print(f"socket      {socket_path}: {anyio.run(_probe_socket, socket_path)}")
     for spec in ["generic", *args.adapter]:
@@ -705,6 +707,14 @@ def _doctor(args: argparse.Namespace) -> int:
         print(f"adapter     {spec}: {detail}")
     print("ok" if not problems else f"{problems} problem(s) found")
     return 0 if not problems else 1
+
+
+def _doctor_isolation() -> None:
+    """What the pools' isolation options can have here (optional: never a problem)."""
+    from .pool._isolation import describe_support
+
+    for feature, support in describe_support().items():
+        print(f"isolation   {feature}: {support}")
 
 
 async def _probe_socket(path: Path) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 from typing import Any
 
@@ -11,6 +10,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .. import protocol as p
 from ..errors import RemoteError, SnakepoolError, UnknownCommand
+from ._backend import Waiter
 
 __all__ = ["PendingCall", "failure_to_exception"]
 
@@ -19,15 +19,17 @@ class PendingCall:
     """One call sent to a worker and not yet answered.
 
     The worker handle's reader resolves it (``resolve``/``fail``/``push``/
-    ``end``); the caller waits on ``done`` (plain calls) or reads ``items``
-    (streams). ``abandoned`` means the caller left (timeout, cancellation, a
-    stream closed early): the answer is then dropped when it arrives.
-    ``done`` is made on first use: the asyncio fast path waits on ``waiter``
-    (a bare future) instead, which costs far less per call.
+    ``end``); the caller waits on ``waiter`` (a bare future on asyncio: see
+    ``_backend``) or reads ``items`` (streams). ``done``, an event made on
+    first use, is for background watchers. ``abandoned`` means the caller
+    left (timeout, cancellation, a stream closed early): the answer is then
+    dropped when it arrives.
 
-    A fast-path call keeps its ``frame``: one that a worker never started
-    (it waited behind other calls there, then was withdrawn, or the worker
-    died) is sent again, elsewhere, instead of failing.
+    A call keeps its ``frame``: one that a worker never started (it waited
+    behind other calls there, then was withdrawn, or the worker died) is sent
+    again, elsewhere, instead of failing (a session's call on its session's
+    route: another worker is made current for it first; only a call without
+    a session is ever withdrawn).
     """
 
     __slots__ = (
@@ -41,11 +43,15 @@ class PendingCall:
         "finished",
         "frame",
         "id",
+        "in_store",
         "items",
+        "limit",
         "mode",
         "probe",
         "queued",
+        "sent",
         "session_id",
+        "started",
         "value",
         "waiter",
         "withdrawing",
@@ -61,14 +67,18 @@ class PendingCall:
         self.session_id = session_id
         self.worker: Any = None  # the WorkerHandle it was sent to
         self.finished = False
-        self.expired = False  # the fast path's deadline passed
-        self.frame = b""  # fast path: the Call frame, to send it again if it never started
-        self.deadline = 0.0  # fast path: (event-loop time) when it expires
-        self.queued: Any = None  # fast path: its place in the pool's queue while it has one
+        self.expired = False  # its deadline passed
+        self.frame = b""  # the Call frame, to send it again if it never started
+        self.deadline = 0.0  # (event-loop time) when it expires (inf: never)
+        self.limit: float | None = None  # its time limit in seconds (None: none)
+        self.started = 0.0  # (time.perf_counter()) when its caller made it
+        self.sent = False  # sent to a worker, or queued (the hand-off sends it)
+        self.in_store = False  # its session is being read from the store (for a timeout's message)
+        self.queued: Any = None  # its place in the pool's queue while it has one
         self.withdrawing = False  # asked back from its worker (it may have started already)
         self.probe = False  # the circuit breaker's half-open probe: report its outcome
         self._done: anyio.Event | None = None
-        self.waiter: asyncio.Future[None] | None = None
+        self.waiter: Waiter | None = None
         self.value: Any = None
         self.error: SnakepoolError | None = None
         self.abandoned = False
@@ -91,7 +101,7 @@ class PendingCall:
         self.value = value
         waiter = self.waiter
         if waiter is not None and self._done is None and self._items_in is None:
-            self.finished = True  # (= _finish for a fast-path call: this runs per call)
+            self.finished = True  # (= _finish for a plain call: this runs per call)
             if not waiter.done():
                 waiter.set_result(None)
             return

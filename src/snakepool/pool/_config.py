@@ -16,6 +16,9 @@ from typing import Any, TypeVar
 
 from .. import protocol as p
 from ..errors import ErrorCategory
+from ._isolation import check_options as check_isolation_options
+from ._isolation import inherited_env
+from ._isolation import worker_env as isolation_env
 from ._launch import WorkerLaunch
 from ._recovery import Recovery, recovery_table
 
@@ -172,6 +175,11 @@ PATHS = FromEnv(
     f"directories separated by {os.pathsep!r}, or a JSON list",
     "like `PYTHONPATH`, or JSON list",
     _list(os.pathsep),
+)
+PATHS_OR_NONE = FromEnv(
+    f"'none', or paths separated by {os.pathsep!r}, or a JSON list",
+    "`none`, like `PYTHONPATH`, or JSON list",
+    _or_none(_list(os.pathsep)),
 )
 NAMES = FromEnv("names separated by ',', or a JSON list", "`name,name` or JSON list", _list(","))
 GPUS = FromEnv(
@@ -348,6 +356,29 @@ class PoolConfig:
         env=FLOAT,
         note="s",
     )
+    limits: Mapping[str, float | None] | None = option(
+        None,
+        "per-worker limits the kernel enforces: `memory_mb`, `cpu_seconds`, `open_files`, "
+        "`processes`, `file_size_mb`; crossing one is `ResourceExceeded` (see Isolation)",
+        env=JSON_OBJECT_OR_NONE,
+    )
+    user: str | int | None = option(
+        None, "run the workers as this user, a name or uid (the host must be root)", env=STR_OR_NONE
+    )
+    network: bool = option(
+        True, "`False`: each worker has a network namespace of its own, loopback only", env=BOOL
+    )
+    writable_paths: Sequence[str | os.PathLike[str]] | None = option(
+        None,
+        "workers may write only beneath these paths (Landlock); `None`: anywhere",
+        env=PATHS_OR_NONE,
+    )
+    sandbox: bool = option(
+        False,
+        'for untrusted code: every limit, `user="nobody"` (on a root host), no network, '
+        "writes only to a private scratch directory (see Isolation)",
+        env=BOOL,
+    )
     # (not an option: derived from gpus, workers_per_gpu and size)
     gpu_slots: tuple[int | None, ...] = field(default=(), init=False)
 
@@ -419,6 +450,9 @@ class PoolConfig:
         if self.recovery is not None:
             _check_type("recovery", self.recovery, Mapping)
             recovery_table(self.recovery)
+        check_isolation_options(
+            self.limits, self.user, self.network, self.writable_paths, self.sandbox
+        )
         object.__setattr__(self, "gpu_slots", self._gpu_slots())
 
     @property
@@ -462,7 +496,7 @@ class PoolConfig:
         """How to start the worker for ``slot``."""
         interpreter = self.interpreter
         same_python = os.path.realpath(interpreter) == os.path.realpath(sys.executable)
-        env = dict(os.environ)
+        env = inherited_env(self)  # (the host's; a sandbox's: only what is safe to show)
         for var in THREAD_ENV_VARS:
             env.setdefault(var, "1")
         env.update(self.env or {})
@@ -473,6 +507,7 @@ class PoolConfig:
         gpu = self.gpu_slots[slot]
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        env.update(isolation_env(self))  # (limits, user, network, ...: none asked, none set)
         if not same_python:
             # Another interpreter still needs to find this snakepool (and msgpack there).
             env["PYTHONPATH"] = os.pathsep.join(

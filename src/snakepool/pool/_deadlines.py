@@ -13,9 +13,10 @@ number of buckets a timeout spans (about 1,000), not by the number of calls.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 from collections.abc import Callable
 
+from ._backend import Loop
 from ._calls import PendingCall
 
 __all__ = ["RESOLUTION", "Deadlines"]
@@ -28,11 +29,9 @@ _WIDER_FROM = RESOLUTION / _RELATIVE  # (timeouts up to this get RESOLUTION)
 
 
 class Deadlines:
-    """Per-pool deadlines of calls waiting on the asyncio fast path."""
+    """Per-pool deadlines of the calls in flight (on any event loop: see ``Loop``)."""
 
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, expire: Callable[[PendingCall], None]
-    ) -> None:
+    def __init__(self, loop: Loop, expire: Callable[[PendingCall], None]) -> None:
         self._loop = loop
         self._time = loop.time
         self._expire = expire
@@ -52,7 +51,7 @@ class Deadlines:
                 del self._buckets[newest]  # emptied while it was the newest
             if due not in self._armed:
                 self._armed.add(due)
-                self._loop.call_at(due, self._fire, due)
+                self._loop.call_at(due, functools.partial(self._fire, due))
         bucket.add(call)
         return due
 

@@ -9,12 +9,12 @@ is fetched from its store in between).
 Waiters may want one particular worker (a session with strict affinity); a
 slot that frees goes to the first waiter that can use it.
 
-A waiter that carries its call (the asyncio fast path: ``enqueue_call``) is
+A waiter that carries its call (``enqueue_call``: every call but a session's) is
 *sent* at the hand-off, in the same event-loop turn the slot freed, without
 waking its caller first: a saturated pool's workers then never sit idle while
 a woken caller gets scheduled, and the caller wakes once, for the answer.
 
-Sending ahead (fast-path calls only): a worker runs ``concurrency`` calls and
+Sending ahead: a worker runs ``concurrency`` calls and
 may hold ``ahead`` more, which it starts in arrival order as slots free, so
 a busy worker never waits a round trip for its next call. Least-loaded
 choice keeps calls on free workers first. When a worker has free slots and
@@ -33,7 +33,6 @@ exactly (which resets it): answers cost nothing extra.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
 from collections.abc import Callable, Sequence
@@ -41,9 +40,10 @@ from collections.abc import Callable, Sequence
 import anyio
 
 from ..errors import PoolOverloaded, SnakepoolError
+from ._backend import Loop, NotStarted
 from ._calls import PendingCall
 from ._pacing import AHEAD_HORIZON
-from ._worker import READY_STATES, WorkerHandle
+from ._worker import WorkerHandle
 
 __all__ = ["Dispatcher"]
 
@@ -98,6 +98,7 @@ class Dispatcher:
         self.queue_size = queue_size
         self._workers = workers
         self._check_open = check_open
+        self.loop: Loop = NotStarted()  # (the pool's, once it starts)
         self._waiters: collections.deque[_Waiter] = collections.deque()
         self._sent_ahead = False  # some call may be waiting inside a worker
         self._recheck_armed = False  # a timer will look for calls to take back
@@ -174,6 +175,14 @@ class Dispatcher:
                     break
         return best
 
+    @staticmethod
+    def _fits(worker: WorkerHandle, ahead: bool) -> bool:
+        """``worker`` is ready and has a free slot (``ahead``: or one to wait in; see pick)."""
+        load = worker.load_if_ready
+        if ahead and not worker.reserved:
+            return 0 <= load < worker.concurrency + worker.ahead
+        return 0 <= load < worker.concurrency
+
     def try_reserve(
         self,
         want: WorkerHandle | None = None,
@@ -183,7 +192,7 @@ class Dispatcher:
     ) -> WorkerHandle | None:
         """Reserve a slot now if one is free and no earlier caller could use it.
 
-        ``ahead`` (fast-path calls): a slot to wait in a busy worker will do.
+        ``ahead``: a slot to wait in a busy worker will do.
         """
         waiters = self._waiters
         if waiters and want is None and any(waiter.want is None for waiter in waiters):
@@ -193,7 +202,7 @@ class Dispatcher:
             return any(waiter.can_use(worker) for waiter in waiters)
 
         if want is not None:
-            worker = want if want.has_capacity and not claimed(want) else None
+            worker = want if self._fits(want, ahead) and not claimed(want) else None
         else:
             worker = self.pick(bound_sessions, skip=claimed if waiters else None, ahead=ahead)
         if worker is not None:
@@ -204,44 +213,38 @@ class Dispatcher:
             worker.reserved += 1
         return worker
 
-    def send_ahead(self, call: PendingCall, frame: bytes) -> bool:
-        """Send a fast-path call now if a worker can take or hold it and nobody
-        queued comes first; false if it must queue (``enqueue_call``).
+    def reserve_home(self, home: WorkerHandle) -> WorkerHandle | None:
+        """A slot on ``home`` for a call of a session bound to it: a free one, or
+        one to wait in, up to the worker's send-ahead *limit* (the pool's
+        ``send_ahead``), not its paced depth; none if a queued caller that
+        could use ``home`` comes first.
 
-        ``try_reserve(ahead=True)`` and ``submit`` in one, with the choice
-        written out for the usual case (nobody queued): this runs per call.
+        Why not the paced depth: pacing keeps a quick call from waiting long in
+        a worker when another could take it, but a session's call can only go
+        to its worker (or move, at the price of a restore): it waits for that
+        worker either way. And a slot promised to a caller still preparing
+        (``reserved``) does not stop it: calls of other sessions may go first.
         """
         waiters = self._waiters
-        if waiters:
-            if waiters[0].want is None:
-                return False  # the first in line takes any worker: queue behind it (FIFO)
-            worker = self.try_reserve(ahead=True)
-            if worker is None:
-                return False
-            worker.submit(call, frame)
-            return True
-        best: WorkerHandle | None = None
-        best_load = 0
-        for worker in self._workers:
-            if worker.state not in READY_STATES:
-                continue
-            load = len(worker.pending) + worker.reserved  # (= load_if_ready, written out)
-            if not load:
-                best = worker  # idle: nothing beats it
-                break
-            # (a slot promised to a caller who has not sent yet comes first: see pick)
-            limit = worker.concurrency if worker.reserved else worker.concurrency + worker.ahead
-            if load < limit and (best is None or load < best_load):
-                best, best_load = worker, load
-        if best is None:
-            return False
-        if best_load >= best.concurrency:  # it waits in the worker: a waiting call
-            if self._ahead_bound >= self.queue_size:
-                self._refuse_if_full()
+        if waiters and any(waiter.can_use(home) for waiter in waiters):
+            return None
+        load = home.load_if_ready
+        if not 0 <= load < home.concurrency + home.pacing.limit:
+            return None
+        if load >= home.concurrency:  # it waits in the worker: a waiting call
+            self._refuse_if_full()
             self._sent_ahead = True
             self._ahead_bound += 1
-        best.reserved += 1
-        best.submit(call, frame)
+        home.reserved += 1
+        return home
+
+    def send_ahead(self, call: PendingCall, frame: bytes) -> bool:
+        """Send ``call`` now if a worker can take or hold it and nobody queued
+        comes first; false if it must queue (``enqueue_call``)."""
+        worker = self.try_reserve(ahead=True)
+        if worker is None:
+            return False
+        worker.submit(call, frame)
         return True
 
     def try_reserve_first(self) -> WorkerHandle | None:
@@ -373,7 +376,7 @@ class Dispatcher:
                 waiter.wake()
             else:
                 if now is None:
-                    now = asyncio.get_running_loop().time()
+                    now = self.loop.time()
                 if call.expired or now >= waiter.deadline:
                     continue  # dropped, never sent: its caller raises CallTimeout
                 if load >= worker.concurrency:  # (from the queue into the worker: still waiting)
@@ -413,14 +416,14 @@ class Dispatcher:
                 waiting -= 1
                 if call.withdrawing:  # already on its way back: it fills a free slot
                     free -= 1
-                elif call.frame and not call.abandoned:
+                elif call.frame and not call.abandoned and call.session_id is None:
                     other.withdraw(call)
                     free -= 1
         if not surplus_anywhere and free > 0:
             self._sent_ahead = False  # nothing waits in any worker now
         elif flowing and free > 0 and not self._recheck_armed:
             self._recheck_armed = True
-            asyncio.get_running_loop().call_later(AHEAD_HORIZON, self._recheck)
+            self.loop.call_at(self.loop.time() + AHEAD_HORIZON, self._recheck)
 
     def _recheck(self) -> None:
         self._recheck_armed = False

@@ -238,11 +238,11 @@ class RedisSessionStore(SessionStore):
             return "live"
         return "expired" if seen else "unknown"
 
-    async def touch(self, session_id: str) -> None:
+    async def touch(self, session_id: str) -> float:
         keys = self._data_keys(session_id)
         seen = self._key(session_id, "seen")
 
-        async def body(pipe: aioredis.client.Pipeline) -> None:
+        async def body(pipe: aioredis.client.Pipeline) -> float:
             ttl = await pipe.hget(keys[0], "ttl")
             if ttl is None:
                 raise await self._not_live(session_id, pipe)
@@ -252,8 +252,10 @@ class RedisSessionStore(SessionStore):
                 pipe.pexpire(key, _ms(seconds))
             pipe.pexpire(seen, _ms(seconds) + _TOMBSTONE_EXTRA_MS)
             pipe.zadd(self._live_key, {session_id: time.time() + min(seconds, _MAX_TTL_S)})
+            return seconds
 
-        await self._transaction([keys[0]], body)
+        seconds, _ = await self._transaction([keys[0]], body)
+        return seconds
 
     async def delete(self, session_id: str) -> bool:
         keys = self._data_keys(session_id)

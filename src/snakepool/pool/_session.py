@@ -8,11 +8,21 @@ a ``SessionSync`` frame first, on the same pipe and so strictly before the
 call. That is why a call made after ``set()`` returned sees the new value,
 and why a session outlives its worker: the next worker receives the state
 persisted with ``ctx.save_state`` and runs ``restore_session`` from it.
+
+A session call costs no store access when nothing needs one
+(:meth:`SessionManager.send_now`): the host knows which versions each worker
+holds (``worker.sessions``), a store that can vouch for the current ones
+without I/O says them (``known_versions``: the memory store), and the
+sliding TTL is refreshed at most once per ``TOUCH_EVERY`` of it. Such a call
+is sent, or sent ahead, to its worker like a call without a session. Calls of
+one session keep their order: while one of them is on the slow route (the
+store read, or a wait for its worker), the later ones queue behind it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
@@ -22,13 +32,19 @@ import anyio
 
 from .. import protocol as p
 from ..errors import PoolOverloaded, SessionWorkerUnavailable
+from ._calls import PendingCall
 from ._config import PoolConfig
 from ._dispatch import Dispatcher
 from ._store import SessionStore, check_session_id
 from ._variables import VariableSpec, VariableUpdate
 from ._worker import WorkerHandle
 
-__all__ = ["ItemStream", "Session", "SessionManager", "SessionPool", "Variables"]
+__all__ = ["TOUCH_EVERY", "ItemStream", "Session", "SessionManager", "SessionPool", "Variables"]
+
+#: A session's TTL is refreshed in its store at most once per this fraction
+#: of the TTL (on a call; the reaper refreshes sessions with calls in flight),
+#: so it never expires in use, and a call costs no store write.
+TOUCH_EVERY = 0.1
 
 
 class ItemStream(Protocol):
@@ -110,6 +126,10 @@ class SessionManager:
         # every later one does. (A session made by another host process and
         # reattached here may have landed there: every worker here restores.)
         self._first: dict[str, tuple[int, int | None] | None] = {}
+        # session id -> (time.monotonic()) when its TTL is next refreshed in the store
+        self._touch_due: dict[str, float] = {}
+        # session id -> the route its calls queue on while one takes the slow way
+        self._routes: dict[str, _Route] = {}
 
     def bound_count(self, worker: WorkerHandle) -> int:
         return len(worker.sessions)
@@ -126,6 +146,57 @@ class SessionManager:
         if await self.store.create(session_id, ttl):
             self.count_estimate += 1
             self._first[session_id] = None
+            self._touch_due[session_id] = time.monotonic() + ttl * TOUCH_EVERY
+
+    def send_now(self, call: PendingCall, frame: bytes) -> bool:
+        """Send a session's call to its worker now, if that needs no store access
+        and keeps the session's order; false: :meth:`place` it instead."""
+        session_id = call.session_id
+        assert session_id is not None
+        if session_id in self._routes:
+            return False  # an earlier call of the session is on the slow route
+        worker = self.bindings.get(session_id)
+        if worker is None:
+            return False
+        known = self.store.known_versions(session_id)
+        if known is None or worker.sessions.get(session_id) != known:
+            return False  # the store must be read (or the worker made current)
+        if self._touch_due.get(session_id, 0.0) <= time.monotonic():
+            return False  # its TTL is due for a refresh
+        if self._reserve_home(session_id, worker) is None:
+            return False  # busy: it falls back to another worker, or waits for this one
+        worker.submit(call, frame)
+        return True
+
+    async def place(self, call: PendingCall, frame: bytes) -> None:
+        """Send a session's call once its worker is chosen (by affinity) and
+        current, reading the store as needed; after every earlier call of the
+        session that took this route."""
+        session_id = call.session_id
+        assert session_id is not None
+        route = self._routes.get(session_id)
+        if route is None:
+            route = self._routes[session_id] = _Route()
+        route.users += 1
+        try:
+            async with route.lock:
+                while True:
+                    worker = await self.acquire(session_id)
+                    try:
+                        call.in_store = True
+                        await self.prepare(worker, session_id)
+                        call.in_store = False
+                    except BaseException:
+                        self._dispatcher.release(worker)
+                        raise
+                    if worker.is_ready:
+                        worker.submit(call, frame)
+                        return
+                    self._dispatcher.release(worker)  # it died while the session was prepared
+        finally:
+            route.users -= 1
+            if not route.users:
+                del self._routes[session_id]
 
     async def acquire(self, session_id: str) -> WorkerHandle:
         """A reserved slot on the session's worker, by the pool's affinity mode."""
@@ -133,16 +204,10 @@ class SessionManager:
         dispatcher = self._dispatcher
         bound = self.bindings.get(session_id)
         if bound is not None and bound.is_ready:
-            worker = dispatcher.try_reserve(want=bound)
+            worker = self._reserve_home(session_id, bound)
             if worker is not None:
                 return worker
-            mode = self.config.affinity
-            if mode == "strict_fail_fast":
-                raise SessionWorkerUnavailable(
-                    f"session {session_id!r}: its {bound.describe()} is busy "
-                    f"({bound.load}/{bound.concurrency} calls) and affinity is strict_fail_fast"
-                )
-            if mode == "strict_queue":
+            if self.config.affinity == "strict_queue":
                 worker = await dispatcher.acquire(want=bound)
                 self.bindings[session_id] = worker  # another one if `bound` died meanwhile
                 return worker
@@ -160,6 +225,23 @@ class SessionManager:
         current = self.bindings.get(session_id)
         if self.config.affinity != "hint" or current is None or not current.is_ready:
             self.bindings[session_id] = worker
+        return worker
+
+    def _reserve_home(self, session_id: str, home: WorkerHandle) -> WorkerHandle | None:
+        """A slot for a session's call on ``home``, its worker: a free one, or
+        one to wait in (sent ahead: see ``Dispatcher.reserve_home``); none when
+        it cannot take the call now (then ``hint`` falls back to another
+        worker, ``strict_queue`` waits for this one). ``strict_fail_fast`` takes a free slot only, and
+        raises ``SessionWorkerUnavailable`` when there is none."""
+        dispatcher = self._dispatcher
+        if self.config.affinity != "strict_fail_fast":
+            return dispatcher.reserve_home(home)
+        worker = dispatcher.try_reserve(want=home)
+        if worker is None:
+            raise SessionWorkerUnavailable(
+                f"session {session_id!r}: its {home.describe()} is busy "
+                f"({home.load}/{home.concurrency} calls) and affinity is strict_fail_fast"
+            )
         return worker
 
     def _least_bound(self) -> WorkerHandle | None:
@@ -187,8 +269,8 @@ class SessionManager:
         synced = False
         try:
             store = self.store
-            await store.touch(session_id)
-            versions = await store.versions(session_id)
+            await self._touch_if_due(session_id)
+            versions = store.known_versions(session_id) or await store.versions(session_id)
             known = worker.sessions.get(session_id)
             if known == versions:
                 synced = True
@@ -220,6 +302,13 @@ class SessionManager:
             ):
                 self._first[session_id] = None  # (the store failed: it has not landed yet)
 
+    async def _touch_if_due(self, session_id: str) -> None:
+        now = time.monotonic()
+        if self._touch_due.get(session_id, 0.0) > now:
+            return
+        ttl = await self.store.touch(session_id)  # (SessionExpired / SessionNotFound if not live)
+        self._touch_due[session_id] = now + ttl * TOUCH_EVERY
+
     def saved_state(self, worker: WorkerHandle, session_id: str, state_version: int) -> None:
         """``worker`` itself saved state: it does not need to rebuild from it."""
         known = worker.sessions.get(session_id)
@@ -230,12 +319,25 @@ class SessionManager:
         """The session ended: drop it from every worker that holds it."""
         self.bindings.pop(session_id, None)
         self._first.pop(session_id, None)
+        self._touch_due.pop(session_id, None)
         for worker in self._workers:
             if worker.sessions.pop(session_id, None) is not None and worker.is_ready:
                 worker.post_message(p.SessionDrop(session_id=session_id))
 
     async def reap(self) -> list[str]:
-        """Find expired sessions, drop them from the workers; returns their ids."""
+        """Find expired sessions, drop them from the workers; returns their ids.
+
+        Sessions with calls in flight are refreshed first: one in use never expires.
+        """
+        in_use = {
+            call.session_id
+            for worker in self._workers
+            for call in worker.pending.values()
+            if call.session_id is not None
+        }
+        for session_id in in_use:
+            with contextlib.suppress(Exception):  # (gone already: reported below)
+                await self._touch_if_due(session_id)
         expired = await self.store.expired()
         for session_id in list(self.bindings):
             if session_id not in expired and await self.store.status(session_id) != "live":
@@ -244,6 +346,16 @@ class SessionManager:
             self.forget(session_id)
         self.count_estimate = await self.store.count()
         return expired
+
+
+class _Route:
+    """The slow route of one session's calls: one at a time, in order (a FIFO lock)."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = anyio.Lock()
+        self.users = 0
 
 
 class Variables:

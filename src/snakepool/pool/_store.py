@@ -63,8 +63,9 @@ class SessionStore(abc.ABC):
         """``live``, ``expired`` (or closed), or ``unknown``."""
 
     @abc.abstractmethod
-    async def touch(self, session_id: str) -> None:
-        """Refresh the session's TTL; ``SessionExpired``/``SessionNotFound`` if not live."""
+    async def touch(self, session_id: str) -> float:
+        """Refresh the session's TTL and return it (seconds);
+        ``SessionExpired``/``SessionNotFound`` if not live."""
 
     @abc.abstractmethod
     async def delete(self, session_id: str) -> bool:
@@ -85,6 +86,12 @@ class SessionStore(abc.ABC):
     async def versions(self, session_id: str) -> tuple[int, int]:
         """``(variables version, state version)``; stores may read both at once."""
         return await self.version(session_id), await self.state_version(session_id)
+
+    def known_versions(self, session_id: str) -> tuple[int, int] | None:
+        """``versions()`` without I/O, when this store can vouch that they are
+        current and the session is live (the memory store: it holds them);
+        None: ask ``versions()``."""
+        return None
 
     @abc.abstractmethod
     async def load_state(self, session_id: str) -> dict[str, Any]:
@@ -211,10 +218,17 @@ class MemorySessionStore(SessionStore):
             return "unknown"
         return "live"
 
-    async def touch(self, session_id: str) -> None:
+    async def touch(self, session_id: str) -> float:
         session = self._live(session_id)
         session.expires_at = time.monotonic() + session.ttl
         await anyio.lowlevel.checkpoint()
+        return session.ttl
+
+    def known_versions(self, session_id: str) -> tuple[int, int] | None:
+        session = self._sessions.get(session_id)
+        if session is None or time.monotonic() >= session.expires_at:
+            return None  # (the slow route says why)
+        return session.version, session.state_version
 
     async def delete(self, session_id: str) -> bool:
         await anyio.lowlevel.checkpoint()

@@ -47,12 +47,14 @@ from .. import protocol as p
 from ..errors import (
     PoolClosed,
     ProtocolError,
+    ResourceExceeded,
     SnakepoolError,
     WorkerCrashed,
     WorkerStartError,
     describe_exit_code,
 )
 from ._calls import PendingCall, failure_to_exception
+from ._isolation import LimitWatch, limit_watch
 from ._launch import WorkerLaunch as WorkerLaunch
 from ._pacing import Pacing
 from ._pipes import local_pipes
@@ -160,6 +162,8 @@ class WorkerHandle:
         self.request_limit: int | None = None
         self.ttl_limit: float | None = None
         self._memory_checked_at = 0.0
+        self._limits: LimitWatch | None = None  # the pool's `limits` (isolation), if any
+        self.limit_crossed: str | None = None  # the one that ended this worker
         self._pings: dict[int, anyio.Event] = {}
         self._answered_in_read = 0  # calls the read being handled answered (see _take)
         self._ping_ids = itertools.count(1)
@@ -254,6 +258,7 @@ class WorkerHandle:
     async def _serve(self, launch: WorkerLaunch, task_status: anyio.abc.TaskStatus[None]) -> None:
         """The process exists: greet it, then take its output until that ends."""
         self.pid = self._transport.pid
+        self._limits = limit_watch(launch.env)
         self._conn.set_max_frame_bytes(launch.max_frame_bytes)
         self.post(self._conn.send(launch.init))
         if self._stop_requested:  # stop() came before the process existed
@@ -589,7 +594,12 @@ class WorkerHandle:
         if waited.cancelled_caught:
             self.kill("closed its stdout but did not exit")
         self.signal_group(signal.SIGKILL)  # children of a dead worker go too
-        return await transport.wait()
+        exit_code = await transport.wait()
+        if self._limits is not None:  # (and its cgroups and scratch directory go: a thread)
+            self.limit_crossed = await anyio.to_thread.run_sync(
+                self._limits.crossed, self.pid, exit_code
+            )
+        return exit_code
 
     def _exited(self, exit_code: int | None) -> None:
         """The process is gone and its stderr read: fail what was in flight, tell the pool."""
@@ -606,6 +616,8 @@ class WorkerHandle:
             reason = f"killed by the pool: {self._kill_reason}"
         elif planned:
             reason = f"planned exit: {self._planned_reason}"
+        elif self.limit_crossed is not None:
+            reason = f"crossed limits[{self.limit_crossed!r}]"
         else:
             reason = "crashed"
         return ExitInfo(
@@ -637,6 +649,12 @@ class WorkerHandle:
             elif self._kill_reason is not None and self._kill_error is not WorkerCrashed:
                 error = self._kill_error(
                     f"{self.describe()} was killed during call {call.command!r}: {self._kill_reason}"
+                )
+            elif self.limit_crossed is not None:
+                error = ResourceExceeded(
+                    f"{self.describe()} crossed limits[{self.limit_crossed!r}] during call "
+                    f"{call.command!r}; the pool replaces it",
+                    limit=self.limit_crossed,
                 )
             else:
                 error = WorkerCrashed(

@@ -22,6 +22,7 @@ from typing import Any
 from .. import protocol as p
 from ..adapters import CallContext, CommandSpec
 from ..errors import ProtocolError
+from ._isolation import exit_if_crossed
 
 __all__ = ["Calls", "PlainCall", "Running", "keyword_arguments", "mode_problem", "type_name"]
 
@@ -215,6 +216,7 @@ class Calls:
         self, call_id: int, command: str, exc: BaseException, tb: str, *, cancelled: bool = False
     ) -> None:
         """Answer a call that raised ``exc`` (``cancelled``: the host had cancelled it)."""
+        exit_if_crossed(exc)  # a limit of the pool's `limits`: the worker ends, unanswered
         if isinstance(exc, asyncio.CancelledError) or (
             cancelled and isinstance(exc, GeneratorExit)
         ):

@@ -36,6 +36,7 @@ from ..adapters import Adapter, CallContext, CommandSpec, SessionVariables, load
 from ._bridge import HostBridge
 from ._calls import Calls, PlainCall, Running, keyword_arguments, mode_problem, type_name
 from ._descendants import become_subreaper
+from ._isolation import apply_from_env as apply_isolation
 from ._logging import install_log_forwarding
 from ._scheduler import Scheduler
 from ._sessions import SessionCache
@@ -63,7 +64,8 @@ _log = logging.getLogger("snakepool.worker")
 def main() -> None:
     """Entry point of ``python -m snakepool.workers``."""
     proto_in, proto_out = claim_stdio()
-    die_with_parent()
+    apply_isolation()  # the pool's limits, user, network...: still one thread, no adapter
+    die_with_parent()  # (after it: a change of user clears PR_SET_PDEATHSIG)
     become_subreaper()  # a handler's setsid()/double-forked children stay ours
     faulthandler.enable(file=sys.stderr, all_threads=True)
     try:
