@@ -298,46 +298,37 @@ class CallRoute:
         session: str | None,
         mode: str,
     ) -> bytes:
-        """The Call frame, or a clear error before anything is queued or sent."""
-        if type(args) is dict and type(command) is str and command and session is None:
-            # The usual call, checked in short (same rules as below).
-            for key in args:
-                if type(key) is not str:
-                    break
-            else:
-                if timeout is None:
-                    limit: float | None = None if mode == p.CallMode.STREAM else self._call_timeout
-                    return self._frame(call_id, command, args, mode, limit, None)
+        """The Call frame, or a clear error before anything is queued or sent.
+
+        Encoded at once, so ``args`` need no copy. A stream's timeout bounds
+        each item, not the whole stream: its frame carries no limit.
+        """
         if not isinstance(command, str) or not command:
             raise TypeError(f"command must be a non-empty str, got {command!r}")
-        if args is None:
-            args = {}
-        elif type(args) is not dict:
-            if not isinstance(args, Mapping):
+        if type(args) is not dict:
+            if args is None:
+                args = {}
+            elif isinstance(args, Mapping):
+                args = dict(args)
+            else:
                 raise TypeError(
                     f"args of {command!r} must be a dict of keyword arguments, "
                     f"got {type(args).__name__}"
                 )
-            args = dict(args)
         for key in args:
             if not isinstance(key, str):
                 raise TypeError(
                     f"args of {command!r} must have str keys (they are keyword arguments)"
                 )
-        if timeout is not None and (
-            not isinstance(timeout, _NUMBER) or isinstance(timeout, bool) or not timeout > 0
-        ):
-            raise ValueError(f"timeout must be a number > 0 or None, got {timeout!r}")
-        if session is not None:
-            check_session_id(session)  # (a cast's caller must see it too)
-        # Encoded at once, so args need no copy. A stream's timeout bounds
-        # each item, not the whole stream: no deadline.
+        limit = self._call_timeout  # (None: no limit)
+        if timeout is not None:
+            if not isinstance(timeout, _NUMBER) or isinstance(timeout, bool) or not timeout > 0:
+                raise ValueError(f"timeout must be a number > 0 or None, got {timeout!r}")
+            limit = float(timeout)
         if mode == p.CallMode.STREAM:
             limit = None
-        elif timeout is not None:
-            limit = float(timeout)
-        else:
-            limit = self._call_timeout  # (None: no limit)
+        if session is not None and session not in self._sessions.bindings:
+            check_session_id(session)  # (a bound session's id was checked when it was bound)
         return self._frame(call_id, command, args, mode, limit, session)
 
     def _frame(
