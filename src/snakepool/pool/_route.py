@@ -29,7 +29,7 @@ import logging
 import math
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
@@ -46,16 +46,11 @@ from ..errors import (
     WorkerCrashed,
 )
 from ._backend import Loop, NotStarted
-from ._breaker import CircuitBreaker
 from ._calls import PendingCall
-from ._config import PoolConfig
 from ._deadlines import Deadlines
-from ._dispatch import Dispatcher
-from ._events import Listeners
-from ._lifecycle import Lifecycle, State
+from ._lifecycle import State
+from ._parts import PoolParts
 from ._recovery import Recovery
-from ._runner import BackgroundTasks
-from ._session import SessionManager
 from ._store import check_session_id
 from ._worker import WorkerHandle
 
@@ -83,30 +78,19 @@ class CallRoute:
 
     def __init__(
         self,
+        parts: PoolParts,
         *,
-        name: str,
-        config: PoolConfig,
-        lifecycle: Lifecycle,
         check_open: Callable[[], None],
-        workers: Sequence[WorkerHandle],
-        dispatcher: Dispatcher,
-        sessions: SessionManager,
-        breaker: CircuitBreaker,
-        listeners: Listeners,
-        background: BackgroundTasks,
         recovery: Mapping[ErrorCategory, Recovery],
     ) -> None:
-        self.name = name
-        self.config = config
-        self._lifecycle = lifecycle
+        self.name = parts.name
+        self.config = config = parts.config
         self.check_open = check_open
-        self._workers = workers
-        self._dispatcher = dispatcher
-        self._sessions = sessions
-        self._breaker = breaker
-        self._listeners = listeners
-        self._background = background
         self.recovery = recovery
+        self._parts = parts
+        # (read on every call: attributes of their own)
+        self._dispatcher, self._sessions = parts.dispatcher, parts.sessions
+        self._breaker, self._listeners = parts.breaker, parts.listeners
         timeout = config.call_timeout
         self._call_timeout: float | None = None if timeout is None else float(timeout)
         self.cancel_grace = float(config.cancel_grace)
@@ -134,7 +118,7 @@ class CallRoute:
         started: float,
     ) -> tuple[PendingCall, bytes]:
         """The call and its frame, or a clear error before anything is queued or sent."""
-        if self._lifecycle.state is not _RUNNING or not self._workers:
+        if self._parts.lifecycle.state is not _RUNNING or not self._parts.workers:
             self.check_open()
         call_id = next(self._ids)
         frame = self._encode(call_id, command, args, timeout, session, mode)
@@ -423,8 +407,11 @@ class CallRoute:
         if call.id not in worker.pending:
             return
         worker.cancel(call)
-        if self._background.running and self.recovery[ErrorCategory.TIMEOUT] is not Recovery.NONE:
-            self._background.group.start_soon(self._watch_abandoned, worker, call)
+        if (
+            self._parts.background.running
+            and self.recovery[ErrorCategory.TIMEOUT] is not Recovery.NONE
+        ):
+            self._parts.background.group.start_soon(self._watch_abandoned, worker, call)
 
     async def _watch_abandoned(self, worker: WorkerHandle, call: PendingCall) -> None:
         with anyio.move_on_after(self.cancel_grace):
@@ -457,14 +444,14 @@ class CallRoute:
             return  # its caller has left, or leaves at its deadline
         if self.loop.time() >= call.deadline:
             return  # (its timer runs later in this loop turn: never sent again)
-        if call.session_id is not None and self._lifecycle.state is _RUNNING:
+        if call.session_id is not None and self._parts.lifecycle.state is _RUNNING:
             # (its session's worker died: another one is made current first)
-            self._background.group.start_soon(self._place_again, call)
+            self._parts.background.group.start_soon(self._place_again, call)
             return
         worker = self._dispatcher.try_reserve_first() if call.frame else None
         if worker is not None:
             worker.submit(call, call.frame)
-        elif self._lifecycle.state is _RUNNING and call.frame:
+        elif self._parts.lifecycle.state is _RUNNING and call.frame:
             call.queued = self._dispatcher.enqueue_call(call, call.frame, call.deadline, first=True)
         else:  # closing: nothing would send it any more
             call.fail(PoolClosed(f"pool {self.name!r} closed before call {call.command!r} ran"))
