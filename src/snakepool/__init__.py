@@ -7,6 +7,7 @@ to the package layout (``pool/``, ``protocol/``, ``adapters/``, ``workers/``).
 from typing import TYPE_CHECKING
 
 from ._lazy import lazy_exports
+from .errors import BadArguments as BadArguments
 from .errors import CallTimeout as CallTimeout
 from .errors import CircuitOpen as CircuitOpen
 from .errors import ErrorCategory as ErrorCategory
@@ -28,6 +29,7 @@ from .errors import UnknownCommand as UnknownCommand
 from .errors import UnknownTool as UnknownTool
 from .errors import WorkerCrashed as WorkerCrashed
 from .errors import WorkerStartError as WorkerStartError
+from .errors import WrongMode as WrongMode
 
 if TYPE_CHECKING:  # imported on first use (see __getattr__), so a worker stays light
     from ._executor import Executor as Executor
@@ -79,6 +81,7 @@ __getattr__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [
+    "BadArguments",
     "BlockingPool",
     "CallStream",
     "CallTimeout",
@@ -116,6 +119,7 @@ __all__ = [
     "WorkerCrashed",
     "WorkerStartError",
     "WorkerStatistics",
+    "WrongMode",
     "__version__",
     "connect",
     "register_value_type",
