@@ -45,7 +45,7 @@ import numpy as np
 import psutil
 
 import snakepool
-from snakepool._bench import _RawLoopPeer
+from snakepool._bench._raw import RawLoopPeer
 
 MiB = 2**20
 IN_FLIGHT = 64
@@ -133,7 +133,7 @@ async def array_against_bytes(workers: int, rounds: int, per_round: int) -> dict
     size = 16 * MiB
     array = np.random.default_rng(0).random(size // 4, dtype=np.float32)
     payload = os.urandom(size)
-    raw = _RawLoopPeer(workers)
+    raw = RawLoopPeer(workers)
     await raw.start()
     moved: dict[str, list[float]] = {"array": [], "bytes": []}
     try:
