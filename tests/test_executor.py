@@ -228,6 +228,20 @@ def test_functions_and_classes_from_main_lambdas_and_closures(tmp_path: Path) ->
     assert done.returncode == 0 and done.stdout == "ok\n", done.stderr
 
 
+def test_a_plain_function_is_pickled_once_a_closure_every_time() -> None:
+    from snakepool.adapters._executor import function_bytes
+
+    assert function_bytes(sp_executor.noop) is function_bytes(sp_executor.noop)
+    cells = [1]
+
+    def closure() -> int:
+        return cells[0]
+
+    first = function_bytes(closure)
+    cells[0] = 2  # (a closure's cells may change between calls: pickled again)
+    assert function_bytes(closure) is not first
+
+
 def test_without_cloudpickle_main_functions_fail_naming_the_fix(tmp_path: Path) -> None:
     done = run_script(
         tmp_path,

@@ -46,7 +46,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, TypeVar
 
-from .adapters._executor import dumps, loads, run_chunk
+from .adapters._executor import dumps, function_bytes, loads, run_chunk
 from .errors import ExecutorBroken, PoolClosed, PoolOverloaded
 from .pool import Pool, PoolStatistics
 
@@ -100,10 +100,13 @@ class _Work:
     __slots__ = ("future", "payload", "timeout")
 
     def __init__(
-        self, future: concurrent.futures.Future[Any], payload: bytes, timeout: float | None
+        self,
+        future: concurrent.futures.Future[Any],
+        payload: dict[str, bytes],
+        timeout: float | None,
     ):
         self.future = future
-        self.payload = payload
+        self.payload = payload  # (the arguments of the adapter's run)
         self.timeout = timeout
 
 
@@ -258,7 +261,7 @@ class Executor(concurrent.futures.Executor):
             raise TypeError(f"{fn!r} is not callable")
         future: concurrent.futures.Future[R] = concurrent.futures.Future()
         try:
-            payload = dumps((fn, args, kwargs))
+            payload = _pickled(fn, args, kwargs)
         except TypeError as exc:
             self._check_open()
             future.set_running_or_notify_cancel()
@@ -426,7 +429,7 @@ class Executor(concurrent.futures.Executor):
             try:
                 try:
                     if self._started_ok:
-                        answer = await call("run", {"call": work.payload}, timeout=work.timeout)
+                        answer = await call("run", work.payload, timeout=work.timeout)
                     else:
                         answer = await self._call(call, work)
                 except PoolOverloaded:
@@ -513,7 +516,7 @@ class Executor(concurrent.futures.Executor):
             raise self._broken_error(broken)
         while True:
             try:
-                return await call("run", {"call": work.payload}, timeout=work.timeout)
+                return await call("run", work.payload, timeout=work.timeout)
             except PoolOverloaded:
                 await asyncio.sleep(_RETRY_OVERLOADED)
 
@@ -545,6 +548,19 @@ class ExecutorOptions:
 
     async def asubmit(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
         return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
+
+
+def _pickled(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, bytes]:
+    """The arguments of the executor adapter's ``run`` for ``fn(*args, **kwargs)``;
+    ``TypeError`` naming what cannot be pickled, and the fix."""
+    function = function_bytes(fn)
+    try:
+        arguments = dumps((args, kwargs), "the arguments")
+    except TypeError as exc:
+        raise TypeError(f"calling {getattr(fn, '__qualname__', fn)!r}: {exc}") from exc.__cause__
+    return {"fn": function, "args": arguments}
 
 
 def _chunks(items: Iterator[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:

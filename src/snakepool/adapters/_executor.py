@@ -7,6 +7,14 @@ standard library where that is enough (fast) and with cloudpickle where it is
 not: functions and classes defined in ``__main__`` (a worker has no copy of
 the host's script), lambdas, closures and modules registered with
 ``cloudpickle.register_pickle_by_value``.
+
+A call travels as two pickles, its function and its arguments, so that a
+plain function (no closure) is pickled once in the host and loaded once in
+each worker (:func:`function_bytes`, ``ExecutorAdapter._functions``): one
+from ``__main__`` travels by value, so without that every call would pay to
+rebuild it. Like a ``ProcessPoolExecutor`` worker, which sees the globals
+its module had when it started, a worker sees such a function's globals as
+they were when it was first sent.
 """
 
 from __future__ import annotations
@@ -14,13 +22,15 @@ from __future__ import annotations
 import importlib
 import pickle
 import sys
+import types
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from ._base import Adapter
 from ._command import command
 
-__all__ = ["ExecutorAdapter", "dumps", "loads", "run_chunk"]
+__all__ = ["ExecutorAdapter", "dumps", "function_bytes", "loads", "run_chunk"]
 
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 #: A pickle that names this module refers to the host's script: a worker has another.
@@ -34,17 +44,18 @@ def _cloudpickle() -> Any:
         return None
 
 
-def dumps(value: Any) -> bytes:
+def dumps(value: Any, what: str | None = None) -> bytes:
     """``value`` pickled so that a worker (or the host) can load it.
 
-    Raises ``TypeError`` naming the fix when it cannot be pickled.
+    Raises ``TypeError`` naming ``what`` (by default, the value's type or
+    name) and the fix when it cannot be pickled.
     """
     try:
         data = pickle.dumps(value, _PROTOCOL)
     except Exception as exc:
-        return _dumps_by_value(value, exc)
+        return _dumps_by_value(value, exc, what)
     if _MAIN in data or _by_value_names(data):  # (refers to a module the other side lacks)
-        return _dumps_by_value(value, None)
+        return _dumps_by_value(value, None, what)
     return data
 
 
@@ -55,32 +66,41 @@ def _by_value_names(data: bytes) -> bool:
     return any(name.encode() in data for name in cloudpickle.list_registry_pickle_by_value())
 
 
-def _dumps_by_value(value: Any, error: Exception | None) -> bytes:
+def _dumps_by_value(value: Any, error: Exception | None, what: str | None) -> bytes:
+    what = what or repr(getattr(value, "__qualname__", None) or type(value).__qualname__)
     cloudpickle = _cloudpickle()
     if cloudpickle is None:
         if error is None:  # (plain pickle named __main__: the other side cannot load it)
             error = pickle.PicklingError("it refers to objects defined in __main__")
         raise TypeError(
-            f"cannot pickle {_shown(value)}: {error}. Functions and classes defined in "
+            f"cannot pickle {what}: {error}. Functions and classes defined in "
             "__main__, lambdas and closures need cloudpickle (pip install cloudpickle); "
             "or define them in a module the workers can import"
         ) from error
     try:
         data: bytes = cloudpickle.dumps(value, _PROTOCOL)
     except Exception as exc:
-        raise TypeError(f"cannot pickle {_shown(value)}: {type(exc).__name__}: {exc}") from exc
+        raise TypeError(f"cannot pickle {what}: {type(exc).__name__}: {exc}") from exc
     return data
-
-
-def _shown(value: Any) -> str:
-    if isinstance(value, tuple) and len(value) == 3 and callable(value[0]):
-        value = value[0]  # (a call: name its function)
-    name = getattr(value, "__qualname__", None) or type(value).__qualname__
-    return f"{name!r} or its arguments" if callable(value) else repr(name)
 
 
 def loads(data: bytes) -> Any:
     return pickle.loads(data)
+
+
+#: Plain functions pickled already (a weak key: a lambda made per call does not pile up).
+_sent: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
+
+
+def function_bytes(fn: Any) -> bytes:
+    """``fn`` pickled; a plain function (no closure, whose cells could change)
+    is pickled once."""
+    if type(fn) is not types.FunctionType or fn.__closure__ is not None:
+        return dumps(fn)
+    data = _sent.get(fn)
+    if data is None:
+        data = _sent[fn] = dumps(fn)
+    return data
 
 
 def run_chunk(fn: Callable[..., Any], chunk: Iterable[tuple[Any, ...]]) -> list[Any]:
@@ -88,8 +108,17 @@ def run_chunk(fn: Callable[..., Any], chunk: Iterable[tuple[Any, ...]]) -> list[
     return [fn(*args) for args in chunk]
 
 
+#: Functions loaded by a worker, by their pickle (the host sends a plain one's
+#: same bytes every time); at most this many are kept.
+_KEEP_FUNCTIONS = 256
+
+
 class ExecutorAdapter(Adapter):
     """Runs ``Executor.submit``'s calls; ``setup`` runs the initializer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._functions: dict[bytes, Any] = {}
 
     def setup(self, config: dict[str, Any]) -> None:
         initializer = config.get("initializer")
@@ -98,15 +127,22 @@ class ExecutorAdapter(Adapter):
             fn(*args)
 
     @command
-    def run(self, call: bytes) -> bytes:
-        """``fn(*args, **kwargs)``, pickled both ways."""
-        fn, args, kwargs = _load("the call", call)
-        result = fn(*args, **kwargs)
+    def run(self, fn: bytes, args: bytes) -> bytes:
+        """``fn(*args, **kwargs)``, pickled both ways (``args``: ``(args, kwargs)``)."""
+        function = self._functions.get(fn)
+        if function is None:
+            function = _load("the call's function", fn)
+            if len(self._functions) >= _KEEP_FUNCTIONS:
+                self._functions.clear()
+            self._functions[fn] = function
+        positional, keywords = _load("the call's arguments", args)
+        result = function(*positional, **keywords)
         try:
             return dumps(result)
         except TypeError as exc:
             raise pickle.PicklingError(
-                f"the result of {getattr(fn, '__qualname__', fn)!r} cannot be sent back: {exc}"
+                f"the result of {getattr(function, '__qualname__', function)!r} "
+                f"cannot be sent back: {exc}"
             ) from None
 
 
