@@ -34,6 +34,13 @@ class WorkerStatistics:
     restarts: int
     rss_bytes: int | None
     gpu: int | None = None
+    #: Calls this slot finished per second, and their latency percentiles, over
+    #: about the last minute (the pool's life until a minute was seen).
+    calls_per_s: float = 0.0
+    p50_seconds: float | None = None
+    p99_seconds: float | None = None
+    #: Seconds since this slot's current process was started (None: none runs).
+    uptime_seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,6 +59,7 @@ from ..errors import ErrorCategory, PoolClosed, PoolDisabled, WorkerCrashed
 from ._backend import current_loop
 from ._breaker import BreakerState, CircuitBreaker
 from ._config import OPTIONS, PoolConfig, did_you_mean, options_docstring
+from ._counters import CallCounts, ExitCounts, WorkerRecent, WorkerWindow
 from ._deadlines import Deadlines
 from ._dispatch import Dispatcher
 from ._events import Event, Listeners, PoolStatistics, WorkerStatistics
@@ -215,6 +216,8 @@ class Pool(LifecycleOwner):
             check_memory=self._route.check_memory,
         )
         self._drained: anyio.Event | None = None
+        self._exits = ExitCounts()
+        self._window = WorkerWindow(self._route.counts)
 
     __init__.__doc__ = options_docstring()
 
@@ -404,6 +407,7 @@ class Pool(LifecycleOwner):
 
     def statistics(self) -> PoolStatistics:
         """A frozen snapshot of the pool and its workers."""
+        recent = self._window.recent()
         return PoolStatistics(
             name=self.name,
             size=self.config.worker_count,
@@ -420,6 +424,7 @@ class Pool(LifecycleOwner):
                     restarts=w.restarts,
                     rss_bytes=w.rss_bytes(),
                     gpu=w.gpu,
+                    **_recent_fields(recent.get(w.slot), w),
                 )
                 for w in self._workers
             ),
@@ -457,6 +462,8 @@ class Pool(LifecycleOwner):
 
     def _on_worker_exit(self, worker: WorkerHandle) -> None:
         """A worker exited (its slot starts another): its queued callers take any worker."""
+        if not self.closed:
+            self._exits.add(worker)
         self._dispatcher.on_worker_exit(worker)
         if self._drained is not None and not any(w.pending for w in self._workers):
             self._drained.set()
@@ -485,5 +492,20 @@ class Pool(LifecycleOwner):
             for session_id in expired:
                 self._listeners.emit("session.expired", None, session_id=session_id)
 
+    def _counts(self) -> tuple[CallCounts, ExitCounts]:
+        """The running counts behind metrics (read by ``snakepool.observability``)."""
+        return self._route.counts, self._exits
+
     def __repr__(self) -> str:
         return f"<Pool {self.name!r} adapter={self.config.adapter!r} {self._lifecycle} workers={len(self._workers)}>"
+
+
+def _recent_fields(recent: WorkerRecent | None, worker: WorkerHandle) -> dict[str, Any]:
+    """``WorkerStatistics``' calls/s, percentiles and uptime for ``worker``'s slot."""
+    running = worker.pid is not None and worker.exit_info is None
+    fields: dict[str, Any] = {"uptime_seconds": worker.age if running else None}
+    if recent is not None:
+        fields.update(
+            calls_per_s=recent.calls_per_s, p50_seconds=recent.p50, p99_seconds=recent.p99
+        )
+    return fields

@@ -49,6 +49,7 @@ from ._backend import Loop, NotStarted
 from ._breaker import CircuitBreaker
 from ._calls import PendingCall
 from ._config import PoolConfig
+from ._counters import NO_WORKER, CallCounts
 from ._deadlines import Deadlines
 from ._dispatch import Dispatcher
 from ._events import Listeners
@@ -118,6 +119,8 @@ class CallRoute:
         self.deadlines = Deadlines(self.loop, _expire)
         self.completed = 0
         self.failed: dict[str, int] = collections.defaultdict(int)
+        #: Calls by command, worker and outcome, with latencies (metrics, status).
+        self.counts = CallCounts()
 
     def start(self, loop: Loop) -> None:
         """Calls may come: on ``loop``."""
@@ -213,6 +216,7 @@ class CallRoute:
             quiet = not self._listeners.active and self.config.max_memory_mb is None
             if call.error is None and self._breaker.steady and not call.probe and quiet:
                 self.completed += 1  # (= _record when it has nothing else to do)
+                self.counts.ok(call.command, call.worker.slot, started)
                 return call.value
             self.record(call.command, call.worker, started, call.error, probe=call.probe)
             if call.error is not None:
@@ -364,6 +368,7 @@ class CallRoute:
             return self._breaker.admit()
         except CircuitOpen as exc:
             self.failed[exc.category.value] += 1
+            self.counts.failure(command, NO_WORKER, None, exc.category.value)
             self._listeners.emit("call.failed", None, command=command, category=exc.category.value,
                                  error="CircuitOpen", message=str(exc))  # fmt: skip
             raise
@@ -387,11 +392,14 @@ class CallRoute:
             self._after_call(worker, error)
         if error is None:
             self.completed += 1
+            self.counts.ok(command, NO_WORKER if slot is None else slot, started)
             if self._listeners.active:
                 duration = time.perf_counter() - started
                 self._listeners.emit("call.completed", slot, command=command, duration=duration)
         else:
             self.failed[error.category.value] += 1
+            where = NO_WORKER if slot is None else slot
+            self.counts.failure(command, where, started, error.category.value)
             if self._listeners.active:
                 self._listeners.emit(
                     "call.failed", slot, command=command, category=error.category.value,
