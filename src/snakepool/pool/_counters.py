@@ -160,7 +160,11 @@ class WorkerWindow:
         recent: dict[int, WorkerRecent] = {}
         for slot, cell in current.items():
             old = before.get(slot)
-            delta = cell[:_N] if old is None else [a - b for a, b in zip(cell[:_N], old[:_N])]
+            delta = (
+                cell[:_N]
+                if old is None
+                else [a - b for a, b in zip(cell[:_N], old[:_N], strict=True)]
+            )
             calls = sum(delta)
             recent[slot] = WorkerRecent(
                 calls_per_s=calls / seconds, p50=quantile(0.5, delta), p99=quantile(0.99, delta)

@@ -48,7 +48,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Never
+from typing import TYPE_CHECKING, Any, Never
 
 import anyio
 
@@ -75,6 +75,9 @@ from ._stores import open_store
 from ._stream import CallStream
 from ._tools import HostTools
 from ._worker import WorkerHandle
+
+if TYPE_CHECKING:
+    from ..observability._stream import Subscription
 
 __all__ = ["CallStream", "Pool"]
 
@@ -398,12 +401,30 @@ class Pool(LifecycleOwner):
         self._check_open()
         return self._sessions
 
-    def add_listener(self, fn: Callable[[Event], Any]) -> None:
-        """Call ``fn(event)`` for every telemetry event of this pool."""
-        self._listeners.add(fn)
+    def add_listener(self, fn: Callable[[Event], Any], *, calls: bool = True) -> None:
+        """Call ``fn(event)`` for every telemetry event of this pool.
+
+        ``calls=False``: not the per-call events (``call.completed``,
+        ``call.failed``), which calls then do not even make.
+        """
+        self._listeners.add(fn, calls=calls)
 
     def remove_listener(self, fn: Callable[[Event], Any]) -> None:
         self._listeners.remove(fn)
+
+    def events(
+        self, names: str | Sequence[str] | None = None, *, buffer: int = 1000
+    ) -> Subscription:
+        """``async for event in pool.events(["worker.*"])``: this pool's events.
+
+        ``names``: event names or shell patterns (default: all). At most
+        ``buffer`` events wait for the reader; beyond that the oldest are
+        dropped and counted (``.dropped``): a slow reader never slows the pool.
+        Ends at ``.close()`` (or when ``async with`` exits).
+        """
+        from ..observability._stream import Subscription
+
+        return Subscription([self], names=names, buffer=buffer)
 
     def statistics(self) -> PoolStatistics:
         """A frozen snapshot of the pool and its workers."""

@@ -278,6 +278,9 @@ class Call(Message):
     mode: str = wire("m", str, default=CallMode.CALL)
     timeout: float | None = wire("o", float, int, _NONE, default=None)
     session_id: str | None = wire("s", str, _NONE, default=None)
+    #: The W3C ``traceparent`` of the host's span for this call (OpenTelemetry);
+    #: the worker runs the handler in that context. None: not traced.
+    trace: str | None = wire("x", str, _NONE, default=None)
 
 
 @message("cancel")
