@@ -57,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "doctor": _doctor,
         "new-adapter": _new_adapter,
         "bench": _bench,
+        "logs": _logs,
     }[args.command]
     try:
         return handler(args)
@@ -99,6 +100,14 @@ def _parser() -> argparse.ArgumentParser:
         "--no-live",
         action="store_true",
         help="no live status table, even on a terminal (a status line now and then instead)",
+    )
+    up.add_argument(
+        "--metrics", metavar="HOST:PORT", help="serve Prometheus metrics there (extra: metrics)"
+    )
+    up.add_argument(
+        "--dashboard",
+        metavar="HOST:PORT",
+        help="serve a live web dashboard there (extra: dashboard; loopback unless --allow-remote)",
     )
     up.add_argument(
         "-v",
@@ -144,6 +153,8 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show the pools of a running server")
     status.add_argument("--socket", metavar="PATH", help=socket_help)
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    _add_logs_parser(commands, socket_help)
 
     doctor = commands.add_parser(
         "doctor",
@@ -219,6 +230,7 @@ def _up(args: argparse.Namespace) -> int:
             allow_remote=args.allow_remote,
             hello_timeout=args.hello_timeout,
         )
+        served = _observability(args, supervisor.pools, server)
     except (ConfigError, ValueError, OSError) as exc:
         print(f"snakepool up: {exc}", file=sys.stderr)
         return 2
@@ -233,7 +245,7 @@ def _up(args: argparse.Namespace) -> int:
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)  # (a warning written straight to stderr would tear the table)
     try:
-        return anyio.run(_serve, supervisor, server, console, held)
+        return anyio.run(_serve, supervisor, server, console, held, served)
     except Exception as exc:
         problem = _startup_problem(exc)
         if problem is None:  # a bug: everything there is to see
@@ -302,7 +314,11 @@ _ANSWER_GRACE = 5.0
 
 
 async def _serve(
-    supervisor: Any, server: SocketServer, console: _Console, held: _HeldRecords | None
+    supervisor: Any,
+    server: SocketServer,
+    console: _Console,
+    held: _HeldRecords | None,
+    served: Sequence[Any] = (),
 ) -> int:
     """Bind, start the pools, serve until SIGINT/SIGTERM, then drain and stop.
 
@@ -331,7 +347,7 @@ async def _serve(
                 if held is not None:
                     held.release(console.handler)
                 if started:
-                    await _run(supervisor, server, console, stop, signalled)
+                    await _run(supervisor, server, console, stop, signalled, served)
                 else:
                     console.message(f"snakepool: {signalled[0]}: stopping")
             finally:
@@ -364,9 +380,13 @@ async def _run(
     console: _Console,
     stop: anyio.Event,
     signalled: list[str],
+    served: Sequence[Any] = (),
 ) -> None:
     async with anyio.create_task_group() as tg:
         await tg.start(server.serve)
+        for item in served:  # --metrics, --dashboard
+            await tg.start(item.serve())
+            console.message(f"snakepool: {item.what} on {item.url}")
         if server.tcp is not None and server.token is not None:
             token_path = default_token_path()
             ensure_private_dir(token_path.parent)
@@ -633,6 +653,7 @@ def _status(args: argparse.Namespace) -> int:
             print(json.dumps(stats, indent=2, default=_json_default))
         else:
             print(_table({name: _plain(s) for name, s in stats.items()}))
+            print(_workers_table(stats))
 
     return _run_client(run, "status")
 
@@ -672,6 +693,85 @@ def _from_json_object(obj: dict[str, Any]) -> Any:
         return base64.b64decode(text, validate=True)
     except binascii.Error as exc:
         raise ValueError(f'{{"$bytes": {text[:40]!r}}} is not valid base64: {exc}') from None
+
+
+# --- logs, and what up serves for observability (snakepool.observability) ---------------
+
+
+def _add_logs_parser(commands: Any, socket_help: str) -> None:
+    logs = commands.add_parser(
+        "logs", help="show the recent output of a pool's workers (-f: and follow it)"
+    )
+    logs.add_argument("--socket", metavar="PATH", help=socket_help)
+    logs.add_argument("pool")
+    logs.add_argument("worker", nargs="?", type=_worker_id, help="one worker's id (default: all)")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument(
+        "-n", "--lines", type=_worker_id, default=100, metavar="N", help="lines to show first (100)"
+    )
+
+
+def _worker_id(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return int(text)
+
+
+def _logs(args: argparse.Namespace) -> int:
+    async def run() -> None:
+        dropped = 0
+        async with connect(_socket(args)) as client:
+            lines = client.logs(args.pool, args.worker, last=args.lines, follow=args.follow)
+            async for line in lines:
+                if line["dropped"] > dropped:
+                    print(f"snakepool logs: {line['dropped'] - dropped} line(s) dropped (too slow)",
+                          file=sys.stderr)  # fmt: skip
+                    dropped = line["dropped"]
+                level = "" if line["level"] == "INFO" else f"{line['level']}: "
+                print(f"[{line['pool']}/{line['worker']}] {level}{line['line']}", flush=True)
+
+    return _run_client(run, "logs")
+
+
+def _workers_table(stats: dict[str, Any]) -> str:
+    """``snakepool status``: a line per worker, with its calls/s, p50/p99 and uptime."""
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value * 1000:.2f}ms"
+
+    lines = [
+        f"{'WORKER':<14} {'STATE':>8} {'PID':>8} {'INFLIGHT':>8} {'REQUESTS':>9} "
+        f"{'RESTARTS':>8} {'CALLS/S':>8} {'P50':>9} {'P99':>9} {'UPTIME':>8}"
+    ]
+    for name, pool in stats.items():
+        for w in pool["workers"]:
+            uptime, where = w.get("uptime_seconds"), f"{name}/{w['id']}"
+            lines.append(
+                f"{where:<14} {w['state']:>8} {w['pid'] or '-':>8} "
+                f"{w['inflight']:>8} {w['requests']:>9} {w['restarts']:>8} "
+                f"{w.get('calls_per_s', 0.0):>8.1f} {ms(w.get('p50_seconds')):>9} "
+                f"{ms(w.get('p99_seconds')):>9} {'-' if uptime is None else f'{uptime:.0f}s':>8}"
+            )
+    return "\n".join(lines)
+
+
+def _observability(args: argparse.Namespace, pools: Any, server: SocketServer) -> list[Any]:
+    """Bind ``--metrics`` and ``--dashboard`` (nothing imported without them); keep
+    the workers' output for ``snakepool logs`` from the start."""
+    from .observability._logs import worker_logs
+
+    worker_logs()
+    if args.metrics is None and args.dashboard is None:
+        return []
+    from .observability._up import prepare
+
+    return prepare(
+        metrics=args.metrics,
+        dashboard=args.dashboard,
+        pools=pools,
+        server=server,
+        allow_remote=args.allow_remote,
+    )
 
 
 # --- doctor -------------------------------------------------------------------------------

@@ -18,15 +18,15 @@ for a host that never configured logging).
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import sys
 import threading
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import anyio
 
-__all__ = ["DEFAULT_LINES", "LogLine", "WorkerLogs", "worker_logs"]
+__all__ = ["DEFAULT_LINES", "Follower", "LogLine", "WorkerLogs", "worker_logs"]
 
 #: Lines kept per worker slot.
 DEFAULT_LINES = 1000
@@ -47,25 +47,39 @@ class LogLine:
     seq: int  #: its number among the lines of its worker slot (from 1)
 
 
-class _Follower:
-    """A reader of new lines, with a bounded buffer (oldest dropped, counted)."""
+class Follower:
+    """New lines of a pool (or one worker) as they come: ``await get()``; at most
+    ``limit`` wait, the oldest dropped beyond that (counted in ``dropped``).
+    ``close()`` when done."""
 
-    def __init__(self, pool: str, worker: int | None, limit: int) -> None:
+    def __init__(self, logs: WorkerLogs, pool: str, worker: int | None, limit: int) -> None:
+        self._logs = logs
         self.pool = pool
         self.worker = worker
         self.limit = limit
         self.lines: collections.deque[LogLine] = collections.deque()
         self.dropped = 0
-        self.wakeup: anyio.Event | None = None
+        self._wakeup: anyio.Event | None = None
 
     def add(self, line: LogLine) -> None:
         if len(self.lines) >= self.limit:
             self.lines.popleft()
             self.dropped += 1
         self.lines.append(line)
-        wakeup, self.wakeup = self.wakeup, None
+        wakeup, self._wakeup = self._wakeup, None
         if wakeup is not None:
             wakeup.set()
+
+    async def get(self) -> LogLine:
+        """The next line (waits for one)."""
+        while not self.lines:
+            self._wakeup = wakeup = anyio.Event()
+            await wakeup.wait()
+        return self.lines.popleft()
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError):
+            self._logs._followers.remove(self)
 
 
 class WorkerLogs(logging.Handler):
@@ -78,10 +92,9 @@ class WorkerLogs(logging.Handler):
         self.limit = lines
         self._buffers: dict[tuple[str, int], collections.deque[LogLine]] = {}
         self._counts: collections.Counter[tuple[str, int]] = collections.Counter()
-        self._followers: list[_Follower] = []
-        #: The logger's effective level, propagation and own level before this
-        #: handler took them over.
-        self._took: tuple[int, bool, int] | None = None
+        self._followers: list[Follower] = []
+        #: The logger's own level and propagation before this handler took them over.
+        self._took: tuple[int, bool] | None = None
 
     # --- logging ---------------------------------------------------------------------
 
@@ -111,10 +124,12 @@ class WorkerLogs(logging.Handler):
 
     def _hand_on(self, record: logging.LogRecord, key: tuple[str, int]) -> None:
         """What the logger passed on before this handler took it over."""
-        level, propagate, _ = self._took  # type: ignore[misc]
+        own_level, propagate = self._took  # type: ignore[misc]
         parent = logging.getLogger("snakepool")
         if not propagate:
             return
+        # (the level the logger would have now: the host may configure logging later)
+        level = own_level if own_level != logging.NOTSET else parent.getEffectiveLevel()
         if record.levelno >= level:
             parent.handle(record)
         elif record.levelno == logging.INFO and _echoes(parent):
@@ -124,7 +139,7 @@ class WorkerLogs(logging.Handler):
         """Listen to ``snakepool.worker`` (see the module's notes)."""
         logger = logging.getLogger(_PREFIX[:-1])
         if logger.getEffectiveLevel() > logging.INFO:
-            self._took = (logger.getEffectiveLevel(), logger.propagate, logger.level)
+            self._took = (logger.level, logger.propagate)
             logger.setLevel(logging.INFO)
             logger.propagate = False
         logger.addHandler(self)
@@ -133,7 +148,7 @@ class WorkerLogs(logging.Handler):
         logger = logging.getLogger(_PREFIX[:-1])
         logger.removeHandler(self)
         if self._took is not None:
-            _, propagate, level = self._took
+            level, propagate = self._took
             logger.setLevel(level)
             logger.propagate = propagate
             self._took = None
@@ -156,28 +171,15 @@ class WorkerLogs(logging.Handler):
             )  # fmt: skip
         return found if last is None else found[len(found) - last :] if last else []
 
-    async def follow(
-        self,
-        pool: str,
-        worker: int | None = None,
-        *,
-        last: int = 0,
-        buffer: int = DEFAULT_LINES,
-    ) -> AsyncIterator[tuple[LogLine, int]]:
-        """The ``last`` lines kept, then every new one as it comes, with the count of
-        lines dropped so far because the reader was ``buffer`` lines behind."""
-        follower = _Follower(pool, worker, buffer)
+    def follow(
+        self, pool: str, worker: int | None = None, *, last: int = 0, buffer: int = DEFAULT_LINES
+    ) -> Follower:
+        """A :class:`Follower` holding the ``last`` lines kept, then each new one."""
+        follower = Follower(self, pool, worker, buffer)
+        for line in self.lines(pool, worker, last):
+            follower.add(line)
         self._followers.append(follower)
-        try:
-            for line in self.lines(pool, worker, last):
-                yield line, 0
-            while True:
-                while follower.lines:
-                    yield follower.lines.popleft(), follower.dropped
-                follower.wakeup = wakeup = anyio.Event()
-                await wakeup.wait()
-        finally:
-            self._followers.remove(follower)
+        return follower
 
 
 def _echoes(logger: logging.Logger) -> bool:

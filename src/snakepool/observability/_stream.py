@@ -134,6 +134,10 @@ class Subscription:
         """Events waiting to be read."""
         return len(self._buffer)
 
+    def take_nowait(self) -> tuple[float, Event] | None:
+        """The next event held and when it happened, or None if none is held."""
+        return self._buffer.popleft() if self._buffer else None
+
     async def next_stamped(self) -> tuple[float, Event]:
         """The next event and when it happened (``time.time()``)."""
         while not self._buffer:

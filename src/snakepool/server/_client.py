@@ -121,6 +121,55 @@ class Client:
         result: dict[str, Any] = reply["r"]
         return result
 
+    def logs(
+        self, pool: str, worker: int | None = None, *, last: int = 100, follow: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The last lines of a pool's workers (or one worker), then, with
+        ``follow``, each new one: maps with pool, worker, time, level, line, dropped."""
+        message: dict[str, Any] = {"t": "logs", "p": pool, "n": last, "f": follow}
+        if worker is not None:
+            message["w"] = worker
+        return self._items(message)
+
+    def subscribe(
+        self,
+        names: list[str] | None = None,
+        *,
+        pools: list[str] | None = None,
+        buffer: int = 1000,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Events as they happen (``names``: names or patterns such as ``worker.*``):
+        maps with name, pool, worker, time, data, dropped. Leave the loop to stop."""
+        message: dict[str, Any] = {"t": "subscribe", "b": buffer}
+        if names is not None:
+            message["e"] = names
+        if pools is not None:
+            message["p"] = pools
+        return self._items(message)
+
+    async def _items(self, message: dict[str, Any]) -> AsyncIterator[Any]:
+        """Send a request answered by ``item`` frames (then ``end``); leaving the
+        loop early cancels it on the server."""
+        request_id = next(self._ids)
+        replies = self._open_reply(request_id)
+        message["i"] = request_id
+        finished = False
+        try:
+            await self._send(message)
+            async for reply in replies:
+                if reply.get("t") == "item":
+                    yield reply.get("r")
+                    continue
+                finished = True
+                _unwrap(reply)
+                return
+            raise ConnectionError(str(self._broken or "the server closed the connection"))
+        finally:
+            self._replies.pop(request_id, None)
+            replies.close()
+            if not finished:
+                await self._cancel(request_id)
+
     # --- the wire ------------------------------------------------------------------
 
     async def _send(self, message: dict[str, Any]) -> None:
@@ -240,27 +289,9 @@ class RemotePool:
         session: str | None = None,
     ) -> AsyncIterator[Any]:
         """Items of a stream command; leaving the loop early cancels it on the server."""
-        client = self.client
-        request_id = next(client._ids)
-        replies = client._open_reply(request_id)
         message = self._call_message(command, args, "stream", timeout, session)
-        message["i"] = request_id
-        finished = False
-        try:
-            await client._send(message)
-            async for reply in replies:
-                if reply.get("t") == "item":
-                    yield reply.get("r")
-                    continue
-                finished = True
-                _unwrap(reply)
-                return
-            raise ConnectionError(str(client._broken or "the server closed the connection"))
-        finally:
-            client._replies.pop(request_id, None)
-            replies.close()
-            if not finished:
-                await client._cancel(request_id)
+        async for item in self.client._items(message):
+            yield item
 
     def _call_message(
         self,

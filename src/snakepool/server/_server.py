@@ -36,6 +36,7 @@ import anyio.abc
 import anyio.to_thread
 
 from ..errors import PoolClosed, PoolOverloaded, ProtocolError, SessionExpired, SessionNotFound
+from ..observability._remote import OBSERVE_REQUESTS, observe
 from ..pool import Pool
 from ..protocol import NEED_DATA, Sentinel
 from ._wire import (
@@ -493,7 +494,7 @@ class _Client:
             if scope is not None:
                 scope.cancel()
             return
-        if kind not in ("call", "status", "session"):
+        if kind not in ("call", "status", "session") and kind not in OBSERVE_REQUESTS:
             raise _Drop(f"unknown message type {kind!r}")
         if request_id in self.inflight:
             raise _Drop(f"request id {request_id} is already in flight")
@@ -552,6 +553,8 @@ class _Client:
                             name: jsonable(p.statistics()) for name, p in self.server.pools.items()
                         }
                         await self._send({"t": "result", "i": request_id, "r": stats})
+                    elif kind in OBSERVE_REQUESTS:  # logs, subscribe (snakepool.observability)
+                        await self._observe(request_id, kind, frame)
                     else:
                         await self._session(request_id, frame)
                 except (_Drop, anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -615,6 +618,14 @@ class _Client:
             await _require_live(pool, session_id)  # a typo must not create a session
             result = await getattr(pool.session(session_id).variables, op)(**args)
         await self._send({"t": "result", "i": request_id, "r": result})
+
+    async def _observe(self, request_id: int, kind: str, frame: dict[str, Any]) -> None:
+        """``logs``/``subscribe``: items until done (``end``) or cancelled."""
+        items = observe(kind, frame, self.server.pools, lambda: self.server.draining)
+        async with contextlib.aclosing(items):
+            async for item in items:
+                await self._send({"t": "item", "i": request_id, "r": item})
+        await self._send({"t": "end", "i": request_id})
 
     async def _send(self, message: dict[str, Any]) -> None:
         try:

@@ -32,7 +32,7 @@ CLIENT_PROTOCOL_VERSION: Final = 1
 #: Frames from clients, once greeted (64 KiB before ``hello``).
 MAX_CLIENT_FRAME: Final = 64 * 2**20
 #: What a client may send; a frame of another type is refused before it is decoded.
-CLIENT_MESSAGE_TYPES: Final = ("hello", "call", "cancel", "status", "session")
+CLIENT_MESSAGE_TYPES: Final = ("hello", "call", "cancel", "status", "session", "logs", "subscribe")
 #: A client frame of n bytes may decode into at most this many times n bytes of
 #: objects (plus 1 MiB). Ordinary data stays well below it: small records take
 #: about 18 times their size, short strings about 23 times; empty maps take 73.
