@@ -89,8 +89,9 @@ function drawPools(state) {
         td(rate(last[1]), "rate"),
         td(seconds(last[2]), "p50"),
         td(seconds(last[3]), "p99"),
-        td(pool.start_method, "start"),
+        td(pool.start_method.split(" ")[0], "start"),
       );
+      row.lastChild.title = pool.start_method;
       return row;
     }),
   );
@@ -198,7 +199,10 @@ function drawRuns(state) {
 // --- events and logs -----------------------------------------------------------------
 
 function addEvents(events) {
-  if (!events || !events.length) return;
+  if (!events || !events.length) {
+    if (!view.events.length) $("#events").replaceChildren(el("li", { class: "empty" }, "none yet"));
+    return;
+  }
   view.events = view.events.concat(events).slice(-EVENTS_KEPT);
   const list = $("#events");
   list.replaceChildren(
