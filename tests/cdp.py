@@ -9,6 +9,7 @@ on the page, collect console errors and uncaught exceptions, take a screenshot.
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import os
@@ -96,10 +97,8 @@ class Browser:
                 os.killpg(self.process.pid, 9)
                 self.process.wait()
         # Chromium's helper processes share its session: none may outlive it.
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, 9)
-        except (ProcessLookupError, PermissionError):
-            pass
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
@@ -107,7 +106,10 @@ class Page:
     """One page target: commands, with the events that arrive meanwhile kept."""
 
     def __init__(self, url: str, width: int, height: int) -> None:
-        self._ws: ClientConnection = ws_connect(url, max_size=64 * 2**20, open_timeout=10)
+        self._stack = contextlib.ExitStack()
+        self._ws: ClientConnection = self._stack.enter_context(
+            ws_connect(url, max_size=64 * 2**20, open_timeout=10)
+        )
         self._ids = itertools.count(1)
         #: Console errors and uncaught exceptions, as text.
         self.errors: list[str] = []
@@ -147,7 +149,9 @@ class Page:
             self.errors.append(f"console.{params['type']}: {' '.join(args)}")
         elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
             entry = params["entry"]
-            self.errors.append(f"{entry.get('source')}: {entry.get('text')} ({entry.get('url', '')})")
+            self.errors.append(
+                f"{entry.get('source')}: {entry.get('text')} ({entry.get('url', '')})"
+            )
 
     def goto(self, url: str) -> None:
         self.send("Page.navigate", url=url)
@@ -188,4 +192,4 @@ class Page:
         path.write_bytes(base64.b64decode(shot["data"]))
 
     def close(self) -> None:
-        self._ws.close()
+        self._stack.close()

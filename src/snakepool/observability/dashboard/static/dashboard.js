@@ -212,7 +212,7 @@ function addEvents(events) {
       .map((event) => {
         const data = Object.entries(event.data || {})
           .filter(([, value]) => value !== null && typeof value !== "object")
-          .map(([key, value]) => `${key}=${value}`)
+          .map(([key, value]) => `${key}=${typeof value === "number" && !Number.isInteger(value) ? value.toFixed(3) : value}`)
           .join(" ");
         const where = event.worker === null ? event.pool : `${event.pool}/${event.worker}`;
         return el(
