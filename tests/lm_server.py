@@ -9,7 +9,13 @@ a ``[[ ## name ## ]]`` section, then ``[[ ## completed ## ]]``.
         lm_args = server.lm_args()          # model, api_base, api_key for dspy.LM
         server.answer = lambda req: {...}   # scripted answers (optional)
         server.fail_status = 500            # every request fails with this status
+        server.fail_status, server.fail_count = 500, 3   # ... the next 3 requests only
+        server.latency = 0.2                # seconds each answer waits (concurrently)
         server.requests                      # the JSON bodies received, in order
+
+As a separate process (for benchmarks: its threads then take nothing from
+the host's interpreter): ``python tests/lm_server.py --latency 0.2`` prints
+the api_base on its first line and serves until stdin closes.
 """
 
 from __future__ import annotations
@@ -131,12 +137,22 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # (the default, 5, drops connections when 64 arrive at once)
+
+
 @dataclass
 class LMServer:
     """The server; a context manager that starts and stops it (a daemon thread)."""
 
     answer: Callable[[LMRequest], dict[str, Any] | str] = default_answer
     fail_status: int | None = None
+    #: How many requests fail with ``fail_status`` before it is cleared (None: all of them).
+    fail_count: int | None = None
+    latency: float = 0.0  # seconds before each answer
+    most_in_flight: int = 0  # the most requests it has had at once
+    connections: int = 0  # TCP connections accepted
     chunk_size: int = 4  # characters per SSE chunk when streaming
     requests: list[dict[str, Any]] = field(default_factory=list)
     model: str = "openai/test-model"
@@ -145,6 +161,7 @@ class LMServer:
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._in_flight = 0
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -153,9 +170,15 @@ class LMServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                with server._lock:
+                    server.connections += 1
 
             def do_GET(self) -> None:
                 self._json(200, {"object": "list", "data": [{"id": "test-model"}]})
@@ -168,12 +191,15 @@ class LMServer:
                 except ValueError:
                     self._json(400, {"error": {"message": "body is not JSON"}})
                     return
-                with server._lock:
-                    server.requests.append(body)
-                if server.fail_status is not None:
+                failing = server._take_failure(body)
+                try:
+                    if server.latency > 0:
+                        time.sleep(server.latency)
+                finally:
+                    server._done()
+                if failing is not None:
                     self._json(
-                        server.fail_status,
-                        {"error": {"message": "scripted failure", "type": "server_error"}},
+                        failing, {"error": {"message": "scripted failure", "type": "server_error"}}
                     )
                     return
                 if not self.path.rstrip("/").endswith("chat/completions"):
@@ -216,8 +242,7 @@ class LMServer:
                 self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
                 self.wfile.flush()
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
+        self._httpd = _HTTPServer(("127.0.0.1", 0), Handler)
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="lm-server", daemon=True
         )
@@ -258,8 +283,27 @@ class LMServer:
     def reset(self) -> None:
         with self._lock:
             self.requests.clear()
-        self.fail_status = None
+            self.fail_status = self.fail_count = None
+            self.most_in_flight = self.connections = 0
+        self.latency = 0.0
         self.answer = default_answer
+
+    def _done(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    def _take_failure(self, body: dict[str, Any]) -> int | None:
+        """Record a request; the status it must fail with, if any."""
+        with self._lock:
+            self.requests.append(body)
+            self._in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self._in_flight)
+            status = self.fail_status
+            if status is not None and self.fail_count is not None:
+                self.fail_count -= 1
+                if self.fail_count <= 0:
+                    self.fail_status = self.fail_count = None
+            return status
 
     def completions(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -300,3 +344,19 @@ def _chunk(
     if finish is not None:
         chunk["usage"] = _usage()
     return chunk
+
+
+def main() -> None:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="a loopback OpenAI-compatible server")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds per answer")
+    options = parser.parse_args()
+    with LMServer(latency=options.latency) as server:
+        print(server.api_base, flush=True)
+        sys.stdin.read()  # until the parent closes it (or dies)
+
+
+if __name__ == "__main__":
+    main()

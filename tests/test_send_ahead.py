@@ -191,8 +191,9 @@ async def test_send_ahead_zero_keeps_waiting_calls_in_the_pools_queue(tmp_path: 
 async def test_a_session_call_first_in_line_is_not_overtaken_by_later_calls(
     tmp_path: Path,
 ) -> None:
-    # A session call handed a slot reserves it while its session is prepared;
-    # plain calls queued after it must not be sent ahead into that worker first.
+    # A session call is held by its (busy) worker beyond the paced depth (it
+    # waits for that worker anyway); plain calls queued after it must not be
+    # sent ahead into that worker before it.
     release = tmp_path / "release"
     async with snakepool.Pool(ADAPTER, size=1) as pool:
         ahead = pool._workers[0].ahead
@@ -213,10 +214,11 @@ async def test_a_session_call_first_in_line_is_not_overtaken_by_later_calls(
                     tg.start_soon(doze, f"held{i}", 0.01)
                 await wait_for_count(lambda: inflight(pool), 1 + ahead)
                 tg.start_soon(doze, "session", 0.01, session.id)
-                await wait_for_count(lambda: pool.statistics().queued, 1)
+                await wait_for_count(lambda: inflight(pool), 2 + ahead)  # held by the worker
+                assert pool.statistics().queued == 0
                 for i in range(3):
                     tg.start_soon(doze, f"later{i}", 0.01)
-                await wait_for_count(lambda: pool.statistics().queued, 4)
+                await wait_for_count(lambda: pool.statistics().queued, 3)
                 release.touch()
         order = sorted(spans, key=lambda name: spans[name]["start"])
         assert order.index("session") < min(order.index(f"later{i}") for i in range(3))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +89,36 @@ async def test_session_outlives_its_worker(store: str) -> None:
             assert recalled["value"] == {"v": b"\x01"}  # rebuilt by restore_session
             assert recalled["pid"] != first_pid
             assert recalled["restored_on"] == recalled["pid"]
+
+
+async def test_a_session_call_its_dead_worker_never_started_runs_on_another(
+    store: str, tmp_path: Path
+) -> None:
+    # The session's second call is sent ahead to its busy worker; the worker
+    # dies before starting it: it runs on another worker, restored first.
+    release = tmp_path / "release"
+    outcomes: dict[str, object] = {}
+    async with snakepool.Pool(ADAPTER, size=2, session_store=store) as pool:
+        async with pool.session() as session:
+            home_pid = await session.call("remember", {"key": "k", "value": 7})
+            home = pool._sessions.bindings[session.id]
+
+            async def run(name: str, command: str, args: dict[str, object]) -> None:
+                try:
+                    outcomes[name] = await session.call(command, args)
+                except WorkerCrashed as exc:
+                    outcomes[name] = exc
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run, "started", "hold", {"release": str(release)})
+                await wait_until(lambda: len(home.pending) == 1)
+                tg.start_soon(run, "held", "recall", {"key": "k"})
+                await wait_until(lambda: len(home.pending) == 2)  # sent ahead, not started
+                os.kill(home_pid, signal.SIGKILL)
+    assert isinstance(outcomes["started"], WorkerCrashed)
+    held = outcomes["held"]
+    assert isinstance(held, dict)
+    assert held["value"] == 7 and held["pid"] != home_pid and held["restored_on"] == held["pid"]
 
 
 async def test_variable_updates_are_visible_on_the_very_next_call(store: str) -> None:
@@ -299,7 +330,14 @@ async def test_hint_fallback_never_leaves_a_worker_with_stale_session_state(
     # saves state there; the next call, back on the first worker, must see it.
     # (Busy until released: naps could end before the fallback call is made.)
     release = tmp_path / "release"
-    async with snakepool.Pool(ADAPTER, size=2, worker_concurrency=2, session_store=store) as pool:
+    async with snakepool.Pool(
+        # (send_ahead=0: a busy worker holds no calls, so the fallback happens at once)
+        ADAPTER,
+        size=2,
+        worker_concurrency=2,
+        session_store=store,
+        send_ahead=0,
+    ) as pool:
         async with pool.session() as session:
             home = await session.call("remember", {"key": "k", "value": 1})
             async with anyio.create_task_group() as tg:

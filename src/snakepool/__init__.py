@@ -12,6 +12,7 @@ from .errors import CircuitOpen as CircuitOpen
 from .errors import ErrorCategory as ErrorCategory
 from .errors import InvalidSessionId as InvalidSessionId
 from .errors import IsolationUnavailable as IsolationUnavailable
+from .errors import PipelineStepFailed as PipelineStepFailed
 from .errors import PoolClosed as PoolClosed
 from .errors import PoolDisabled as PoolDisabled
 from .errors import PoolOverloaded as PoolOverloaded
@@ -28,6 +29,7 @@ from .errors import WorkerCrashed as WorkerCrashed
 from .errors import WorkerStartError as WorkerStartError
 
 if TYPE_CHECKING:  # imported on first use (see __getattr__), so a worker stays light
+    from .pipeline import Pipeline as Pipeline
     from .pool import BlockingPool as BlockingPool
     from .pool import CallStream as CallStream
     from .pool import ConfigError as ConfigError
@@ -63,6 +65,7 @@ _LAZY = {
     "SupervisorStatistics": ".pool",
     "WorkerStatistics": ".pool",
     "VariableUpdate": ".pool._variables",
+    "Pipeline": ".pipeline",
     "connect": ".server",
 }
 
@@ -86,6 +89,8 @@ __all__ = [
     "Event",
     "InvalidSessionId",
     "IsolationUnavailable",
+    "Pipeline",
+    "PipelineStepFailed",
     "Pool",
     "PoolClosed",
     "PoolConfig",

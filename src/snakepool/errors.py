@@ -33,12 +33,14 @@ ConfigError              ``config``                     initialization
 TemplateUnavailable      ``template_unavailable``       initialization
 TemplateStartError       ``template_start_failed``      initialization
 IsolationUnavailable     ``isolation_unavailable``      initialization
+PipelineStepFailed       ``pipeline_step_failed``       application
 ======================== ============================== ==============
 
 The DSPy adapter's errors (in :mod:`snakepool.dspy`) derive from
 ``SnakepoolError`` too: ``UnknownProgram`` (``dspy_unknown_program``),
-``NoLMConfigured`` (``dspy_no_lm``) and ``LMCallError``
-(``dspy_lm_call_failed``), all ``application``.
+``NoLMConfigured`` (``dspy_no_lm``), ``LMCallError``
+(``dspy_lm_call_failed``) and ``LMFuseOpen`` (``dspy_lm_fuse_open``), all
+``application``.
 
 Like trio, we keep *closed* (you closed the pool: :class:`PoolClosed`) apart
 from a worker that *broke* (something else killed it: :class:`WorkerCrashed`).
@@ -64,6 +66,7 @@ __all__ = [
     "ErrorCategory",
     "InvalidSessionId",
     "IsolationUnavailable",
+    "PipelineStepFailed",
     "PoolClosed",
     "PoolDisabled",
     "PoolOverloaded",
@@ -478,6 +481,44 @@ class IsolationUnavailable(WorkerStartError):
     def __init__(self, message: str, *, feature: str | None = None) -> None:
         super().__init__(message)
         self.feature = feature
+
+
+class PipelineStepFailed(SnakepoolError):
+    """A step of a ``snakepool.pipeline.Pipeline`` failed (and was not allowed to).
+
+    ``.step`` names it, ``.error`` is what it raised (also ``__cause__``),
+    ``.error_kind`` that error's kind (its remote kind for a ``RemoteError``),
+    and ``.result`` the ``PipelineResult`` of the steps run so far.
+    """
+
+    category = ErrorCategory.APPLICATION
+    kind = "pipeline_step_failed"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        step: str | None = None,
+        error: BaseException | None = None,
+        result: Any = None,
+    ) -> None:
+        super().__init__(message)
+        self.step = step
+        self.error = error
+        self.result = result
+        kind = getattr(error, "remote_kind", None) or getattr(error, "kind", None)
+        self.error_kind: str | None = kind if isinstance(kind, str) else None
+
+    @classmethod
+    def of(cls, step: str, error: BaseException, result: Any = None) -> Self:
+        """The failure of ``step`` with ``error``, worded once."""
+        message = f"pipeline step {step!r} failed: {type(error).__name__}: {error}"
+        return cls(message, step=step, error=error, result=result)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # (the partial result stays behind: it holds whatever the steps returned)
+        state = {"step": self.step, "error": self.error, "error_kind": self.error_kind}
+        return (type(self), (str(self),), state)
 
 
 def _signal_name(exit_code: int | None) -> str | None:

@@ -1,6 +1,6 @@
 """DSPy in snakepool: the host-side helpers and the worker-side adapter, together.
 
-The host helpers (here) treat programs living in the workers as Python objects:
+The host helpers treat programs living in the workers as Python objects:
 
 ```python
 async with snakepool.Pool("dspy", size=2) as pool, pool.session() as session:
@@ -8,36 +8,57 @@ async with snakepool.Pool("dspy", size=2) as pool, pool.session() as session:
     qa = await Program.create(session, "question -> answer", module="ChainOfThought")
     print(await qa(question="Why is the sky blue?"))           # {"reasoning": ..., "answer": ...}
     async for item in qa.stream(question="..."): ...          # {"field", "chunk"} ... {"prediction"}
-    better = await qa.optimize(trainset, optimizer="LabeledFewShot")
+    report = await qa.evaluate(devset, "exact_match")         # fanned out over the workers
+    better = await qa.optimize(trainset, optimizer="COPRO")   # candidates scored as it goes
 ```
 
 Nothing here imports DSPy: the programs live in the workers. The adapter the
 workers run is :class:`DSPyAdapter` (in ``_adapter``, imported on first use;
 ``Pool("dspy")`` names it); it imports DSPy in ``setup`` only
 (``pip install 'snakepool[dspy]'``). Its errors are below: they reach the host
-as a ``RemoteError`` whose ``remote_kind`` is their ``kind``.
+as a ``RemoteError`` whose ``remote_kind`` is their ``kind``. The guide is
+docs/dspy.md.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ErrorCategory, SnakepoolError
 
 if TYPE_CHECKING:
     from ._adapter import DSPyAdapter as DSPyAdapter
+    from ._evaluate import Evaluation as Evaluation
+    from ._evaluate import EvaluationProgress as EvaluationProgress
+    from ._evaluate import ExampleResult as ExampleResult
+    from ._monitor import Monitor as Monitor
+    from ._monitor import monitor as monitor
+    from ._program import OptimizationProgress as OptimizationProgress
+    from ._program import Program as Program
+    from ._program import SessionLike as SessionLike
+    from ._program import configure_lm as configure_lm
 
 __all__ = [
+    "EVENT_TOOL",
     "DSPyAdapter",
+    "Evaluation",
+    "EvaluationProgress",
+    "ExampleResult",
     "LMCallError",
+    "LMFuseOpen",
+    "Monitor",
     "NoLMConfigured",
+    "OptimizationProgress",
     "Program",
     "SessionLike",
     "UnknownProgram",
     "configure_lm",
+    "monitor",
 ]
+
+#: The host tool the workers report DSPy events to (a :func:`monitor` registers it).
+EVENT_TOOL = "snakepool.dspy.event"
 
 
 class UnknownProgram(SnakepoolError, LookupError):
@@ -61,117 +82,32 @@ class LMCallError(SnakepoolError, RuntimeError):
     kind = "dspy_lm_call_failed"
 
 
+class LMFuseOpen(LMCallError):
+    """The LM endpoint's fuse is open: the call failed at once, without a request."""
+
+    category = ErrorCategory.APPLICATION
+    kind = "dspy_lm_fuse_open"
+
+
+# Imported on first use: the host helpers need anyio, the adapter needs DSPy.
+_LAZY = {
+    "DSPyAdapter": "._adapter",
+    "Evaluation": "._evaluate",
+    "EvaluationProgress": "._evaluate",
+    "ExampleResult": "._evaluate",
+    "Monitor": "._monitor",
+    "monitor": "._monitor",
+    "OptimizationProgress": "._program",
+    "Program": "._program",
+    "SessionLike": "._program",
+    "configure_lm": "._program",
+}
+
+
 def __getattr__(name: str) -> Any:
-    if name == "DSPyAdapter":  # (the worker side: imported when asked for)
-        value = importlib.import_module("._adapter", __name__).DSPyAdapter
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-class SessionLike(Protocol):
-    """What the helpers need: a ``snakepool.Session`` (or a pool, for worker-wide calls)."""
-
-    async def call(
-        self, command: str, args: Mapping[str, Any] | None = None, *, timeout: float | None = None
-    ) -> Any: ...
-
-    def stream(
-        self, command: str, args: Mapping[str, Any] | None = None, *, timeout: float | None = None
-    ) -> Any: ...
-
-
-async def configure_lm(session: SessionLike, model: str, **kwargs: Any) -> dict[str, Any]:
-    """Set the session's LM (``dspy.LM`` arguments); returns the settings, without the key."""
-    result: dict[str, Any] = await session.call("configure_lm", {"model": model, **kwargs})
-    return result
-
-
-class Program:
-    """A DSPy program living in the workers of ``session``'s pool."""
-
-    def __init__(self, session: SessionLike, program_id: str) -> None:
-        self.session = session
-        self.id = program_id
-
-    @classmethod
-    async def create(
-        cls,
-        session: SessionLike,
-        signature: str | Mapping[str, Any],
-        module: str = "Predict",
-        **kwargs: Any,
-    ) -> Program:
-        """``create_program``: ``kwargs`` are ``program_id``, ``instructions``, ``tools``..."""
-        args = {"signature": _plain(signature), "module": module, **kwargs}
-        program_id = await session.call("create_program", args)
-        return cls(session, program_id)
-
-    @classmethod
-    async def load(
-        cls, session: SessionLike, data: Mapping[str, Any], program_id: str | None = None
-    ) -> Program:
-        """Rebuild a program from :meth:`dump`'s data."""
-        args: dict[str, Any] = {"data": dict(data)}
-        if program_id is not None:
-            args["program_id"] = program_id
-        return cls(session, await session.call("load_program", args))
-
-    async def __call__(self, *, timeout: float | None = None, **inputs: Any) -> dict[str, Any]:
-        """Run the program; returns its prediction's fields."""
-        result: dict[str, Any] = await self.session.call(
-            "execute_program", {"program_id": self.id, "inputs": inputs}, timeout=timeout
-        )
-        return result
-
-    async def stream(self, **inputs: Any) -> AsyncIterator[dict[str, Any]]:
-        """``{"field", "chunk"}`` items as the LM writes, ``{"status"}``, then ``{"prediction"}``."""
-        items = self.session.stream("stream_program", {"program_id": self.id, "inputs": inputs})
-        try:
-            async for item in items:
-                yield item
-        finally:
-            close = getattr(items, "aclose", None)
-            if close is not None:
-                await close()
-
-    async def optimize(
-        self,
-        trainset: Sequence[Mapping[str, Any]],
-        optimizer: str = "BootstrapFewShot",
-        metric: str = "exact_match",
-        *,
-        input_keys: Sequence[str] | None = None,
-        options: Mapping[str, Any] | None = None,
-        timeout: float | None = None,
-    ) -> Program:
-        """Compile with ``optimizer``; returns the new program (this one is unchanged)."""
-        args: dict[str, Any] = {
-            "program_id": self.id,
-            "trainset": [dict(row) for row in trainset],
-            "optimizer": optimizer,
-            "metric": metric,
-        }
-        if input_keys is not None:
-            args["input_keys"] = list(input_keys)
-        if options is not None:
-            args["options"] = dict(options)
-        new_id = await self.session.call("optimize", args, timeout=timeout)
-        return type(self)(self.session, new_id)
-
-    async def dump(self) -> dict[str, Any]:
-        """Definition and learned state, JSON-safe (:meth:`load` takes it back)."""
-        result: dict[str, Any] = await self.session.call("dump_program", {"program_id": self.id})
-        return result
-
-    async def delete(self) -> None:
-        await self.session.call("delete_program", {"program_id": self.id})
-
-    def __repr__(self) -> str:
-        return f"<Program {self.id!r}>"
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
     return value

@@ -25,10 +25,11 @@ class PendingCall:
     left (timeout, cancellation, a stream closed early): the answer is then
     dropped when it arrives.
 
-    A call without a session keeps its ``frame``: one that a worker never
-    started (it waited behind other calls there, then was withdrawn, or the
-    worker died) is sent again, elsewhere, instead of failing. (A session
-    call is not: its worker was made current for it.)
+    A call keeps its ``frame``: one that a worker never started (it waited
+    behind other calls there, then was withdrawn, or the worker died) is sent
+    again, elsewhere, instead of failing (a session's call on its session's
+    route: another worker is made current for it first; only a call without
+    a session is ever withdrawn).
     """
 
     __slots__ = (
@@ -68,7 +69,7 @@ class PendingCall:
         self.worker: Any = None  # the WorkerHandle it was sent to
         self.finished = False
         self.expired = False  # its deadline passed
-        self.frame = b""  # the Call frame, to send it again if it never started (no session)
+        self.frame = b""  # the Call frame, to send it again if it never started
         self.deadline = 0.0  # (event-loop time) when it expires (inf: never)
         self.limit: float | None = None  # its time limit in seconds (None: none)
         self.started = 0.0  # (time.perf_counter()) when its caller made it

@@ -213,6 +213,31 @@ class Dispatcher:
             worker.reserved += 1
         return worker
 
+    def reserve_home(self, home: WorkerHandle) -> WorkerHandle | None:
+        """A slot on ``home`` for a call of a session bound to it: a free one, or
+        one to wait in, up to the worker's send-ahead *limit* (the pool's
+        ``send_ahead``), not its paced depth; none if a queued caller that
+        could use ``home`` comes first.
+
+        Why not the paced depth: pacing keeps a quick call from waiting long in
+        a worker when another could take it, but a session's call can only go
+        to its worker (or move, at the price of a restore): it waits for that
+        worker either way. And a slot promised to a caller still preparing
+        (``reserved``) does not stop it: calls of other sessions may go first.
+        """
+        waiters = self._waiters
+        if waiters and any(waiter.can_use(home) for waiter in waiters):
+            return None
+        load = home.load_if_ready
+        if not 0 <= load < home.concurrency + home.pacing.limit:
+            return None
+        if load >= home.concurrency:  # it waits in the worker: a waiting call
+            self._refuse_if_full()
+            self._sent_ahead = True
+            self._ahead_bound += 1
+        home.reserved += 1
+        return home
+
     def send_ahead(self, call: PendingCall, frame: bytes) -> bool:
         """Send ``call`` now if a worker can take or hold it and nobody queued
         comes first; false if it must queue (``enqueue_call``)."""
@@ -391,7 +416,7 @@ class Dispatcher:
                 waiting -= 1
                 if call.withdrawing:  # already on its way back: it fills a free slot
                     free -= 1
-                elif call.frame and not call.abandoned:
+                elif call.frame and not call.abandoned and call.session_id is None:
                     other.withdraw(call)
                     free -= 1
         if not surplus_anywhere and free > 0:

@@ -173,8 +173,8 @@ class CallRoute:
             call.probe = self.admit(call.command)
         deadlines = self.deadlines
         try:
+            call.frame = frame  # (sent again if a worker gives it back unstarted)
             if call.session_id is None:
-                call.frame = frame  # (sent again if a worker gives it back unstarted)
                 call.sent = self._dispatcher.send_ahead(call, frame)
             else:
                 call.sent = self._sessions.send_now(call, frame)
@@ -503,6 +503,14 @@ class CallRoute:
 
     # --- choosing a worker (synchronous decisions) ---------------------------------
 
+    async def _place_again(self, call: PendingCall) -> None:
+        """A session's call its dead worker never started, on the session's route
+        again (its caller still waits on it, up to its deadline)."""
+        try:
+            await self._sessions.place(call, call.frame)
+        except SnakepoolError as exc:
+            call.fail(exc)
+
     def send_again(self, call: PendingCall) -> None:
         """``call`` left its worker without starting (withdrawn, or the worker
         died): send it to a free worker, or queue it first in line."""
@@ -512,6 +520,10 @@ class CallRoute:
             return  # its caller has left, or leaves at its deadline
         if self.loop.time() >= call.deadline:
             return  # (its timer runs later in this loop turn: never sent again)
+        if call.session_id is not None and self._lifecycle.state is _RUNNING:
+            # (its session's worker died: another one is made current first)
+            self._background.group.start_soon(self._place_again, call)
+            return
         worker = self._dispatcher.try_reserve_first() if call.frame else None
         if worker is not None:
             worker.submit(call, call.frame)

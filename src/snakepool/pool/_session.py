@@ -228,23 +228,21 @@ class SessionManager:
         return worker
 
     def _reserve_home(self, session_id: str, home: WorkerHandle) -> WorkerHandle | None:
-        """A slot for a session's call on ``home``, its worker, by the affinity
-        mode: a free one; else (``hint``) none when another worker has a free
-        slot (the call falls back there); else one to wait in, sent ahead
-        (``strict_fail_fast``: ``SessionWorkerUnavailable`` instead)."""
+        """A slot for a session's call on ``home``, its worker: a free one, or
+        one to wait in (sent ahead: see ``Dispatcher.reserve_home``); none when
+        it cannot take the call now (then ``hint`` falls back to another
+        worker, ``strict_queue`` waits for this one). ``strict_fail_fast`` takes a free slot only, and
+        raises ``SessionWorkerUnavailable`` when there is none."""
         dispatcher = self._dispatcher
+        if self.config.affinity != "strict_fail_fast":
+            return dispatcher.reserve_home(home)
         worker = dispatcher.try_reserve(want=home)
-        if worker is not None:
-            return worker
-        mode = self.config.affinity
-        if mode == "strict_fail_fast":
+        if worker is None:
             raise SessionWorkerUnavailable(
                 f"session {session_id!r}: its {home.describe()} is busy "
                 f"({home.load}/{home.concurrency} calls) and affinity is strict_fail_fast"
             )
-        if mode == "hint" and dispatcher.pick() is not None:
-            return None
-        return dispatcher.try_reserve(want=home, ahead=True)
+        return worker
 
     def _least_bound(self) -> WorkerHandle | None:
         ready = [w for w in self._workers if w.is_ready]

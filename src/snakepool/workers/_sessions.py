@@ -63,7 +63,12 @@ class SessionCache:
         session = self.sessions.get(ctx.session_id)
         if session is None or session.pending_restore is None:
             return
+        # Cleared only once restore_session returned (or raised): a concurrent
+        # call of the session waits on the lock until the session is rebuilt.
         with session.lock:
-            state, session.pending_restore = session.pending_restore, None
+            state = session.pending_restore
             if state is not None:
-                adapter.restore_session(ctx, state)
+                try:
+                    adapter.restore_session(ctx, state)
+                finally:
+                    session.pending_restore = None

@@ -1,0 +1,120 @@
+"""Session calls against plain calls, side by side in one run (issue 18's target).
+
+The shape: 64 sessions, one caller each, on 2 workers with the memory store
+(``--store redis://...`` for another); each session has two variables, ``set``s
+one of them every 100 of its calls, and calls a handler that reads
+``ctx.variables`` (and checks it saw the value just set). Against it, in the
+same pool and the same run, 64 callers making plain calls of a no-op. Rounds
+alternate plain, session, session, plain, ... and the medians are compared.
+
+Run: python stress/session_calls.py [--rounds 5] [--calls 20000] [--workers 2] [--store memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SESSIONS = 64
+SET_EVERY = 100
+ADAPTER_SOURCE = """\
+from snakepool.adapters import Adapter, CallContext, command
+
+
+class SessionBench(Adapter):
+    @command
+    def noop(self, value: int = 0) -> int:
+        return value
+
+    @command
+    def read(self, ctx: CallContext) -> float:
+        return ctx.variables["temperature"]
+"""
+
+
+class _Caller:
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.calls = 0
+        self.expected = 0.5
+
+    async def run(self, calls: int) -> None:
+        for _ in range(calls):
+            if self.calls and self.calls % SET_EVERY == 0:
+                self.expected = self.calls / 1e6
+                await self.session.variables.set("temperature", self.expected)
+            got = await self.session.call("read")
+            if got != self.expected:
+                raise AssertionError(f"read {got!r} after setting {self.expected!r}")
+            self.calls += 1
+
+
+async def _plain(pool: Any, calls: int) -> float:
+    async def caller(n: int) -> None:
+        for i in range(n):
+            await pool.call("noop", {"value": i})
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller(calls // SESSIONS) for _ in range(SESSIONS)))
+    return (calls // SESSIONS) * SESSIONS / (time.perf_counter() - started)
+
+
+async def _sessions(callers: list[_Caller], calls: int) -> float:
+    started = time.perf_counter()
+    await asyncio.gather(*(caller.run(calls // SESSIONS) for caller in callers))
+    return (calls // SESSIONS) * SESSIONS / (time.perf_counter() - started)
+
+
+async def main(rounds: int, calls: int, workers: int, store: str) -> int:
+    import snakepool
+
+    with tempfile.TemporaryDirectory() as adapters:
+        Path(adapters, "session_bench.py").write_text(ADAPTER_SOURCE)
+        async with snakepool.Pool(
+            "session_bench:SessionBench", size=workers, pythonpath=[adapters], session_store=store
+        ) as pool:
+            callers = []
+            for _ in range(SESSIONS):
+                session = await pool.session().open()
+                await session.variables.define("temperature", "float", 0.5)
+                await session.variables.define("top_k", "int", 40)
+                callers.append(_Caller(session))
+            await _plain(pool, min(calls, 4000))  # warm-up
+            await _sessions(callers, min(calls, 4000))
+            found: dict[str, list[float]] = {"plain": [], "session": []}
+            for index in range(rounds):
+                order = ("plain", "session") if index % 2 == 0 else ("session", "plain")
+                for kind in order:
+                    rate = await (
+                        _plain(pool, calls) if kind == "plain" else _sessions(callers, calls)
+                    )
+                    found[kind].append(rate)
+                ratio = found["session"][-1] / found["plain"][-1]
+                print(
+                    f"round {index + 1}/{rounds}: plain {found['plain'][-1]:9,.0f} calls/s, "
+                    f"session {found['session'][-1]:9,.0f} calls/s, session/plain {ratio:.2f}"
+                )
+    plain, session = statistics.median(found["plain"]), statistics.median(found["session"])
+    ratios = [s / p for s, p in zip(found["session"], found["plain"], strict=True)]
+    print(
+        f"median: plain {plain:,.0f} calls/s, session {session:,.0f} calls/s; "
+        f"session/plain per round, median {statistics.median(ratios):.2f} (target >= 0.7; "
+        f"{workers} workers, {SESSIONS} sessions and callers, store {store})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=20000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--store", default="memory")
+    args = parser.parse_args()
+    sys.exit(asyncio.run(main(args.rounds, args.calls, args.workers, args.store)))
