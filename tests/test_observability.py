@@ -357,3 +357,48 @@ async def test_logs_and_subscribe_over_the_socket(tmp_path: Path) -> None:
                     await anext(client.subscribe(pools=["nope"]))
                 assert await client["s"].call("echo", {"value": 2}) == 2  # the connection lives
             tg.cancel_scope.cancel()
+
+
+# --- the dashboard's data ------------------------------------------------------------------
+
+
+async def test_the_dashboard_hub_samples_calls_and_follows_dspy_runs() -> None:
+    from snakepool.dspy import monitor
+    from snakepool.observability.dashboard._hub import Hub
+
+    async with snakepool.Pool(ADAPTER, size=1, name="h") as pool:
+        hub = Hub(lambda: [pool])
+        start = time.time()
+        assert hub.refresh(start)
+        assert not pool._listeners.active  # (the hub wants no per-call event)
+        for i in range(30):
+            await pool.call("echo", {"value": i})
+        with pytest.raises(snakepool.RemoteError):
+            await pool.call("fail")
+        # What the DSPy layer reports while it evaluates and optimizes:
+        dspy = monitor(pool)
+        dspy.emit("dspy.evaluate.progress", None, {"program_id": "p1", "done": 4, "total": 10})
+        dspy.emit(
+            "dspy.evaluate.progress",
+            None,
+            {"program_id": "p1", "done": 10, "total": 10, "score": 0.8},
+        )
+        for score in (0.5, 0.7, 0.6):
+            dspy.emit(
+                "dspy.optimize.candidate",
+                None,
+                {"program_id": "p1", "score": score, "best_score": 0.7},
+            )
+        assert hub.refresh(start + 2.0)
+        [point] = hub.history["h"]
+        assert point[1] == pytest.approx(31 / 2.0)  # calls/s over the two seconds
+        assert point[2] is not None and point[3] is not None and point[4] == pytest.approx(0.5)
+        state = hub.state()
+        [row] = state["pools"]
+        assert row["completed"] == 30 and row["failed"] == {"application": 1}
+        assert {c["command"]: c["calls"] for c in row["commands"]} == {"echo": 30, "fail": 1}
+        runs = {(run["kind"], run["run"]): run for run in state["runs"]}
+        evaluation = runs[("evaluate", "p1")]
+        assert evaluation["fields"] == {"program_id": "p1", "done": 10, "total": 10, "score": 0.8}
+        assert runs[("optimize", "p1")]["scores"] == [0.5, 0.7, 0.6]
+        assert [e["name"] for e in hub.events_after(0)][-1] == "dspy.optimize.candidate"
