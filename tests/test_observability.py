@@ -402,3 +402,34 @@ async def test_the_dashboard_hub_samples_calls_and_follows_dspy_runs() -> None:
         assert evaluation["fields"] == {"program_id": "p1", "done": 10, "total": 10, "score": 0.8}
         assert runs[("optimize", "p1")]["scores"] == [0.5, 0.7, 0.6]
         assert [e["name"] for e in hub.events_after(0)][-1] == "dspy.optimize.candidate"
+
+
+def test_made_up_command_names_do_not_grow_the_counts_forever() -> None:
+    from snakepool.pool._counters import MAX_COMMANDS, OTHER
+
+    counts = CallCounts()
+    now = time.perf_counter()
+    for i in range(MAX_COMMANDS + 100):
+        counts.failure(f"made-up-{i}", -1, now, "application")
+    assert len(counts.by_command()) == MAX_COMMANDS + 1
+    assert sum(counts.by_command()[OTHER][:-1]) == 100
+    assert counts.failed[(OTHER, "application")] == 100
+
+
+def test_a_host_without_a_tracer_provider_imports_no_opentelemetry(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, anyio, snakepool\n"
+        "async def main():\n"
+        "    async with snakepool.Pool('generic', size=1) as pool:\n"
+        "        assert await pool.call('echo', {'value': 1}) == 1\n"
+        "        assert pool._route.tracer is None\n"
+        "anyio.run(main)\n"
+        "assert not [m for m in sys.modules if m.startswith('opentelemetry')], sys.modules\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr

@@ -38,6 +38,10 @@ _N = len(BUCKETS) + 1  # (the +Inf bucket)
 _SUM = _N
 #: The slot of calls that never reached a worker (queued until their deadline, refused).
 NO_WORKER = -1
+#: Distinct command names counted apart; calls of any other are counted as
+#: ``OTHER`` (a client sending made-up names must not grow the counts forever).
+MAX_COMMANDS = 500
+OTHER = "(other)"
 #: How far back ``snakepool status`` looks for calls/s and percentiles.
 WINDOW_SECONDS = 60.0
 _perf_counter = time.perf_counter
@@ -47,26 +51,41 @@ class CallCounts:
     """Calls of one pool: per (command, worker slot), a latency histogram; per
     (command, outcome category), the failures. Successes are the rest."""
 
-    __slots__ = ("cells", "failed")
+    __slots__ = ("_commands", "cells", "failed")
 
     def __init__(self) -> None:
         #: (command, slot) -> [count per bucket ..., sum of seconds]
         self.cells: dict[tuple[str, int], list[Any]] = {}
         #: (command, category) -> failed calls
         self.failed: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._commands: set[str] = set()
 
     def ok(self, command: str, slot: int, started: float) -> None:
         """A call that succeeded (``started``: its ``time.perf_counter()``)."""
         seconds = _perf_counter() - started
         cell = self.cells.get((command, slot))
         if cell is None:
-            cell = self.cells[(command, slot)] = [0] * _N + [0.0]
+            cell = self._cell(command, slot)
         cell[bisect_left(BUCKETS, seconds)] += 1
         cell[_SUM] += seconds
 
+    def _cell(self, command: str, slot: int) -> list[Any]:
+        command = self._counted_as(command)
+        cell = self.cells.get((command, slot))
+        if cell is None:
+            cell = self.cells[(command, slot)] = [0] * _N + [0.0]
+        return cell
+
+    def _counted_as(self, command: str) -> str:
+        if command not in self._commands:
+            if len(self._commands) >= MAX_COMMANDS:
+                return OTHER
+            self._commands.add(command)
+        return command
+
     def failure(self, command: str, slot: int, started: float | None, category: str) -> None:
         """A call that failed (``started`` None: refused before it began, no duration)."""
-        self.failed[(command, category)] += 1
+        self.failed[(self._counted_as(command), category)] += 1
         self.ok(command, slot, _perf_counter() if started is None else started)
 
     # --- reading (off the call path) ---------------------------------------------------
