@@ -69,7 +69,7 @@ async def test_statistics_give_each_worker_its_rate_latencies_and_uptime() -> No
             for i in range(200):
                 tg.start_soon(pool.call, "echo", {"value": i})
         workers = pool.statistics().workers
-        assert sum(w.requests for w in workers) == 200
+        assert sum(w.requests for w in workers) >= 200  # (and any health check)
         busy = [w for w in workers if w.requests]
         for w in busy:
             assert w.calls_per_s > 0
