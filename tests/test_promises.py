@@ -150,7 +150,7 @@ async def test_concurrent_first_calls_on_the_first_worker_restore_nothing(
 
 async def test_restore_session_runs_when_hint_affinity_falls_back(tmp_path: Path) -> None:
     release = tmp_path / "release"
-    pool = snakepool.Pool(ADAPTER, size=2)
+    pool = snakepool.Pool(ADAPTER, size=2, send_ahead=0)  # (a busy worker holds no calls)
     try:
         await pool.start()
         async with pool.session() as session, anyio.create_task_group() as tg:

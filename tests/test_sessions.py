@@ -94,11 +94,14 @@ async def test_session_outlives_its_worker(store: str) -> None:
 async def test_a_session_call_its_dead_worker_never_started_runs_on_another(
     store: str, tmp_path: Path
 ) -> None:
-    # The session's second call is sent ahead to its busy worker; the worker
-    # dies before starting it: it runs on another worker, restored first.
+    # The session's second call is sent ahead to its busy worker (strict: it
+    # waits for that worker); the worker dies before starting it: it runs on
+    # another worker, restored first.
     release = tmp_path / "release"
     outcomes: dict[str, object] = {}
-    async with snakepool.Pool(ADAPTER, size=2, session_store=store) as pool:
+    async with snakepool.Pool(
+        ADAPTER, size=2, session_store=store, affinity="strict_queue"
+    ) as pool:
         async with pool.session() as session:
             home_pid = await session.call("remember", {"key": "k", "value": 7})
             home = pool._sessions.bindings[session.id]

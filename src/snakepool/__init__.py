@@ -4,9 +4,9 @@ Public names are re-exported here; the modules that define them are private
 to the package layout (``pool/``, ``protocol/``, ``adapters/``, ``workers/``).
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ._lazy import lazy_exports
 from .errors import CallTimeout as CallTimeout
 from .errors import CircuitOpen as CircuitOpen
 from .errors import ErrorCategory as ErrorCategory
@@ -70,13 +70,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'snakepool' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [

@@ -34,15 +34,18 @@ What is checked (each a named line of the report):
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import anyio
 import psutil
 
 from .errors import RemoteError, UnknownCommand
 from .pool import Event, Pool
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 __all__ = [
     "CheckResult",
@@ -209,33 +212,22 @@ async def check_adapter(
     return report
 
 
-def run_conformance(
-    adapter: str,
-    *,
-    adapter_config: Mapping[str, Any] | None = None,
-    pythonpath: Sequence[str] = (),
-    examples: Mapping[str, Mapping[str, Any]] | None = None,
-    session_example: SessionExample
-    | tuple[str, Mapping[str, Any], str, Mapping[str, Any]]
-    | None = None,
-    strict_docs: bool = False,
-    startup_timeout: float = 60.0,
-    call_timeout: float = 30.0,
-) -> ConformanceReport:
-    """:func:`check_adapter` from synchronous code (not from inside an event loop)."""
-    return anyio.run(
-        functools.partial(
-            check_adapter,
-            adapter,
-            adapter_config=adapter_config,
-            pythonpath=pythonpath,
-            examples=examples,
-            session_example=session_example,
-            strict_docs=strict_docs,
-            startup_timeout=startup_timeout,
-            call_timeout=call_timeout,
-        )
-    )
+def _from_sync_code(check: Callable[_P, Awaitable[_T]]) -> Callable[_P, _T]:
+    """``check`` (a coroutine function) for synchronous code: same parameters,
+    run in a fresh event loop (so not from inside one)."""
+
+    @functools.wraps(check)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return anyio.run(functools.partial(check, *args, **kwargs))
+
+    return run
+
+
+run_conformance = _from_sync_code(check_adapter)
+run_conformance.__name__ = run_conformance.__qualname__ = "run_conformance"
+run_conformance.__doc__ = (
+    ":func:`check_adapter` from synchronous code (not from inside an event loop)."
+)
 
 
 def assert_conforms(adapter: str, **options: Any) -> ConformanceReport:

@@ -64,6 +64,7 @@ from ._deadlines import Deadlines
 from ._dispatch import Dispatcher
 from ._events import Event, Listeners, PoolStatistics, WorkerStatistics
 from ._lifecycle import Lifecycle, LifecycleOwner, State
+from ._parts import PoolParts
 from ._recovery import Recovery, recovery_table
 from ._registry import RunRegistry
 from ._route import CallRoute
@@ -189,28 +190,22 @@ class Pool(LifecycleOwner):
             dispatcher=self._dispatcher,
             workers=self._workers,
         )
-        self._route = CallRoute(
+        parts = PoolParts(
             name=name,
             config=config,
             lifecycle=self._lifecycle,
-            check_open=self._check_open,
             workers=self._workers,
             dispatcher=self._dispatcher,
             sessions=self._sessions,
             breaker=self._breaker,
             listeners=self._listeners,
             background=self._background,
-            recovery=self.recovery,
         )
+        self._route = CallRoute(parts, check_open=self._check_open, recovery=self.recovery)
         self._tools = HostTools(self._background, self._sessions)
         self._slots = WorkerSlots(
-            name=name,
-            config=config,
-            workers=self._workers,
-            background=self._background,
+            parts,
             registry=RunRegistry(name),
-            listeners=self._listeners,
-            breaker=self._breaker,
             closed=lambda: self.closed,
             on_capacity=self._on_capacity,
             on_exit=self._on_worker_exit,

@@ -29,7 +29,7 @@ import logging
 import math
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
@@ -47,17 +47,12 @@ from ..errors import (
 )
 from ..observability._tracing import CallTracer, tracer_for
 from ._backend import Loop, NotStarted
-from ._breaker import CircuitBreaker
 from ._calls import PendingCall
-from ._config import PoolConfig
 from ._counters import NO_WORKER, CallCounts
 from ._deadlines import Deadlines
-from ._dispatch import Dispatcher
-from ._events import Listeners
-from ._lifecycle import Lifecycle, State
+from ._lifecycle import State
+from ._parts import PoolParts
 from ._recovery import Recovery
-from ._runner import BackgroundTasks
-from ._session import SessionManager
 from ._store import check_session_id
 from ._worker import WorkerHandle
 
@@ -85,30 +80,19 @@ class CallRoute:
 
     def __init__(
         self,
+        parts: PoolParts,
         *,
-        name: str,
-        config: PoolConfig,
-        lifecycle: Lifecycle,
         check_open: Callable[[], None],
-        workers: Sequence[WorkerHandle],
-        dispatcher: Dispatcher,
-        sessions: SessionManager,
-        breaker: CircuitBreaker,
-        listeners: Listeners,
-        background: BackgroundTasks,
         recovery: Mapping[ErrorCategory, Recovery],
     ) -> None:
-        self.name = name
-        self.config = config
-        self._lifecycle = lifecycle
+        self.name = parts.name
+        self.config = config = parts.config
         self.check_open = check_open
-        self._workers = workers
-        self._dispatcher = dispatcher
-        self._sessions = sessions
-        self._breaker = breaker
-        self._listeners = listeners
-        self._background = background
         self.recovery = recovery
+        self._parts = parts
+        # (read on every call: attributes of their own)
+        self._dispatcher, self._sessions = parts.dispatcher, parts.sessions
+        self._breaker, self._listeners = parts.breaker, parts.listeners
         timeout = config.call_timeout
         self._call_timeout: float | None = None if timeout is None else float(timeout)
         self.cancel_grace = float(config.cancel_grace)
@@ -144,7 +128,7 @@ class CallRoute:
         started: float,
     ) -> tuple[PendingCall, bytes]:
         """The call and its frame, or a clear error before anything is queued or sent."""
-        if self._lifecycle.state is not _RUNNING or not self._workers:
+        if self._parts.lifecycle.state is not _RUNNING or not self._parts.workers:
             self.check_open()
         call_id = next(self._ids)
         if self.tracer is None:
@@ -346,46 +330,37 @@ class CallRoute:
         mode: str,
         trace: str | None = None,
     ) -> bytes:
-        """The Call frame, or a clear error before anything is queued or sent."""
-        if type(args) is dict and type(command) is str and command and session is None:
-            # The usual call, checked in short (same rules as below).
-            for key in args:
-                if type(key) is not str:
-                    break
-            else:
-                if timeout is None:
-                    limit: float | None = None if mode == p.CallMode.STREAM else self._call_timeout
-                    return self._frame(call_id, command, args, mode, limit, None, trace)
+        """The Call frame, or a clear error before anything is queued or sent.
+
+        Encoded at once, so ``args`` need no copy. A stream's timeout bounds
+        each item, not the whole stream: its frame carries no limit.
+        """
         if not isinstance(command, str) or not command:
             raise TypeError(f"command must be a non-empty str, got {command!r}")
-        if args is None:
-            args = {}
-        elif type(args) is not dict:
-            if not isinstance(args, Mapping):
+        if type(args) is not dict:
+            if args is None:
+                args = {}
+            elif isinstance(args, Mapping):
+                args = dict(args)
+            else:
                 raise TypeError(
                     f"args of {command!r} must be a dict of keyword arguments, "
                     f"got {type(args).__name__}"
                 )
-            args = dict(args)
         for key in args:
             if not isinstance(key, str):
                 raise TypeError(
                     f"args of {command!r} must have str keys (they are keyword arguments)"
                 )
-        if timeout is not None and (
-            not isinstance(timeout, _NUMBER) or isinstance(timeout, bool) or not timeout > 0
-        ):
-            raise ValueError(f"timeout must be a number > 0 or None, got {timeout!r}")
-        if session is not None:
-            check_session_id(session)  # (a cast's caller must see it too)
-        # Encoded at once, so args need no copy. A stream's timeout bounds
-        # each item, not the whole stream: no deadline.
+        limit = self._call_timeout  # (None: no limit)
+        if timeout is not None:
+            if not isinstance(timeout, _NUMBER) or isinstance(timeout, bool) or not timeout > 0:
+                raise ValueError(f"timeout must be a number > 0 or None, got {timeout!r}")
+            limit = float(timeout)
         if mode == p.CallMode.STREAM:
             limit = None
-        elif timeout is not None:
-            limit = float(timeout)
-        else:
-            limit = self._call_timeout  # (None: no limit)
+        if session is not None and session not in self._sessions.bindings:
+            check_session_id(session)  # (a bound session's id was checked when it was bound)
         return self._frame(call_id, command, args, mode, limit, session, trace)
 
     def _frame(
@@ -486,8 +461,11 @@ class CallRoute:
         if call.id not in worker.pending:
             return
         worker.cancel(call)
-        if self._background.running and self.recovery[ErrorCategory.TIMEOUT] is not Recovery.NONE:
-            self._background.group.start_soon(self._watch_abandoned, worker, call)
+        if (
+            self._parts.background.running
+            and self.recovery[ErrorCategory.TIMEOUT] is not Recovery.NONE
+        ):
+            self._parts.background.group.start_soon(self._watch_abandoned, worker, call)
 
     async def _watch_abandoned(self, worker: WorkerHandle, call: PendingCall) -> None:
         with anyio.move_on_after(self.cancel_grace):
@@ -520,14 +498,14 @@ class CallRoute:
             return  # its caller has left, or leaves at its deadline
         if self.loop.time() >= call.deadline:
             return  # (its timer runs later in this loop turn: never sent again)
-        if call.session_id is not None and self._lifecycle.state is _RUNNING:
+        if call.session_id is not None and self._parts.lifecycle.state is _RUNNING:
             # (its session's worker died: another one is made current first)
-            self._background.group.start_soon(self._place_again, call)
+            self._parts.background.group.start_soon(self._place_again, call)
             return
         worker = self._dispatcher.try_reserve_first() if call.frame else None
         if worker is not None:
             worker.submit(call, call.frame)
-        elif self._lifecycle.state is _RUNNING and call.frame:
+        elif self._parts.lifecycle.state is _RUNNING and call.frame:
             call.queued = self._dispatcher.enqueue_call(call, call.frame, call.deadline, first=True)
         else:  # closing: nothing would send it any more
             call.fail(PoolClosed(f"pool {self.name!r} closed before call {call.command!r} ran"))

@@ -149,22 +149,38 @@ class SessionManager:
             self._touch_due[session_id] = time.monotonic() + ttl * TOUCH_EVERY
 
     def send_now(self, call: PendingCall, frame: bytes) -> bool:
-        """Send a session's call to its worker now, if that needs no store access
-        and keeps the session's order; false: :meth:`place` it instead."""
+        """Send a session's call now, if that needs no store I/O and keeps the
+        session's order; false: :meth:`place` it instead.
+
+        The worker is chosen by affinity (:meth:`_reserve`); one that is behind
+        on the session is made current first, from what a store holds in this
+        process (the memory store: ``current_now``).
+        """
         session_id = call.session_id
         assert session_id is not None
         if session_id in self._routes:
             return False  # an earlier call of the session is on the slow route
-        worker = self.bindings.get(session_id)
-        if worker is None:
+        home = self.bindings.get(session_id)
+        if home is None:
             return False
-        known = self.store.known_versions(session_id)
-        if known is None or worker.sessions.get(session_id) != known:
-            return False  # the store must be read (or the worker made current)
+        store = self.store
+        versions = store.known_versions(session_id)
+        if versions is None:
+            return False  # the store must be read
         if self._touch_due.get(session_id, 0.0) <= time.monotonic():
             return False  # its TTL is due for a refresh
-        if self._reserve_home(session_id, worker) is None:
-            return False  # busy: it falls back to another worker, or waits for this one
+        worker = self._reserve(session_id, home)
+        if worker is None:
+            return False
+        if worker.sessions.get(session_id) != versions:
+            current = store.current_now(session_id)
+            if current is None:
+                self._dispatcher.release(worker)
+                return False
+            variables, state = current
+            self._sync(
+                worker, session_id, versions, variables, state, self._lands(worker, session_id)
+            )
         worker.submit(call, frame)
         return True
 
@@ -199,12 +215,12 @@ class SessionManager:
                 del self._routes[session_id]
 
     async def acquire(self, session_id: str) -> WorkerHandle:
-        """A reserved slot on the session's worker, by the pool's affinity mode."""
+        """A reserved slot for the session's call, by the pool's affinity mode."""
         check_session_id(session_id)  # `pool.call(..., session=ID)`: before any binding
         dispatcher = self._dispatcher
         bound = self.bindings.get(session_id)
         if bound is not None and bound.is_ready:
-            worker = self._reserve_home(session_id, bound)
+            worker = self._reserve(session_id, bound)
             if worker is not None:
                 return worker
             if self.config.affinity == "strict_queue":
@@ -227,80 +243,111 @@ class SessionManager:
             self.bindings[session_id] = worker
         return worker
 
-    def _reserve_home(self, session_id: str, home: WorkerHandle) -> WorkerHandle | None:
-        """A slot for a session's call on ``home``, its worker: a free one, or
-        one to wait in (sent ahead: see ``Dispatcher.reserve_home``); none when
-        it cannot take the call now (then ``hint`` falls back to another
-        worker, ``strict_queue`` waits for this one). ``strict_fail_fast`` takes a free slot only, and
-        raises ``SessionWorkerUnavailable`` when there is none."""
+    def _reserve(self, session_id: str, home: WorkerHandle) -> WorkerHandle | None:
+        """A slot for a session's call, by the affinity mode; none: it must wait.
+
+        A free slot on ``home``, its worker; else, with ``hint``, a free slot on
+        another worker (the caller makes it current); else a slot to wait in on
+        ``home``, sent ahead (``Dispatcher.reserve_home``: the session waits
+        for that worker anyway). ``strict_fail_fast`` never
+        waits in a busy worker: ``SessionWorkerUnavailable``.
+        """
         dispatcher = self._dispatcher
-        if self.config.affinity != "strict_fail_fast":
-            return dispatcher.reserve_home(home)
         worker = dispatcher.try_reserve(want=home)
-        if worker is None:
+        if worker is not None:
+            return worker
+        mode = self.config.affinity
+        if mode == "hint":
+            free = dispatcher.pick(self.bound_count)
+            if free is not None:
+                return dispatcher.try_reserve(want=free)
+        elif mode == "strict_fail_fast":
             raise SessionWorkerUnavailable(
                 f"session {session_id!r}: its {home.describe()} is busy "
                 f"({home.load}/{home.concurrency} calls) and affinity is strict_fail_fast"
             )
-        return worker
+        return dispatcher.reserve_home(home)
 
     def _least_bound(self) -> WorkerHandle | None:
         ready = [w for w in self._workers if w.is_ready]
         return min(ready, key=lambda w: (len(w.sessions), w.load), default=None)
 
     async def prepare(self, worker: WorkerHandle, session_id: str) -> None:
-        """Refresh the session's TTL and bring ``worker`` up to date with it.
-
-        A worker new to the session gets its variables and, unless it is the
-        session's very first worker, the persisted state to run
-        ``restore_session`` with before the session's next call there (``{}``
-        when nothing was saved: the adapter still learns that the session moved).
-        """
-        known = worker.sessions.get(session_id)
+        """Refresh the session's TTL and bring ``worker`` up to date with it
+        (reading the store: the slow route's half of what ``send_now`` does)."""
         # (decided before any await: of concurrent first calls, those on the
         # worker that claims the session first are on its first worker)
-        first_landing = claimed = False
-        if known is None and session_id in self._first:
-            first = self._first[session_id]
-            if first is None:
-                first = self._first[session_id] = (worker.slot, worker.pid)
-                claimed = True
-            first_landing = first == (worker.slot, worker.pid)
+        claimed = session_id in self._first and self._first[session_id] is None
+        first_landing = self._lands(worker, session_id)
         synced = False
         try:
             store = self.store
             await self._touch_if_due(session_id)
             versions = store.known_versions(session_id) or await store.versions(session_id)
-            known = worker.sessions.get(session_id)
-            if known == versions:
+            if worker.sessions.get(session_id) == versions:
                 synced = True
                 return
             records = await store.variables(session_id)
             variables = {name: record.value for name, record in records.items()}
-            restore: dict[str, Any] | None = None
-            moved_here = known is None and not first_landing
-            if moved_here or (known is not None and known[1] != versions[1]):
-                # Moved here from another worker (its worker died or was recycled,
-                # or affinity "hint" fell back), or another worker saved state
-                # since this one last saw the session: rebuild from what was saved.
-                restore = await store.load_state(session_id)
-            if worker.sessions.get(session_id) == versions:
-                synced = True
-                return  # a concurrent call synced this worker meanwhile
-            sync = p.SessionSync(
-                session_id=session_id, version=versions[0], variables=variables, restore=restore
-            )
-            worker.post_message(sync)
-            worker.sessions[session_id] = versions
+            state = None
+            if self._restores(worker, session_id, versions, first_landing):
+                state = await store.load_state(session_id)
+            if worker.sessions.get(session_id) != versions:  # (or a concurrent call did it)
+                self._sync(worker, session_id, versions, variables, state, first_landing)
             synced = True
         finally:
             if (
                 claimed
+                and first_landing
                 and not synced
                 and session_id in self._first  # (not closed meanwhile)
                 and worker.sessions.get(session_id) is None
             ):
                 self._first[session_id] = None  # (the store failed: it has not landed yet)
+
+    def _lands(self, worker: WorkerHandle, session_id: str) -> bool:
+        """Whether ``worker`` is the session's first worker (it runs no
+        ``restore_session``); a session made here claims the first worker it
+        lands on. (One reattached from elsewhere may have landed before: every
+        worker here restores it.)"""
+        if worker.sessions.get(session_id) is not None or session_id not in self._first:
+            return False
+        first = self._first[session_id]
+        if first is None:
+            first = self._first[session_id] = (worker.slot, worker.pid)
+        return first == (worker.slot, worker.pid)
+
+    @staticmethod
+    def _restores(
+        worker: WorkerHandle, session_id: str, versions: tuple[int, int], first_landing: bool
+    ) -> bool:
+        """Whether ``worker`` must rebuild the session from its saved state: it
+        moved here from another worker (its worker died or was recycled, or
+        affinity "hint" fell back), or another worker saved state since this
+        one last saw the session."""
+        known = worker.sessions.get(session_id)
+        if known is None:
+            return not first_landing
+        return known[1] != versions[1]
+
+    def _sync(
+        self,
+        worker: WorkerHandle,
+        session_id: str,
+        versions: tuple[int, int],
+        variables: dict[str, Any],
+        state: dict[str, Any] | None,
+        first_landing: bool,
+    ) -> None:
+        """Send ``worker`` the session's variables (and, when it must rebuild the
+        session, its saved ``state``: ``{}`` when nothing was saved, the adapter
+        still learns the session moved), on the pipe, before the session's next call."""
+        restore = state if self._restores(worker, session_id, versions, first_landing) else None
+        sync = p.SessionSync(
+            session_id=session_id, version=versions[0], variables=variables, restore=restore
+        )
+        worker.post_message(sync)
+        worker.sessions[session_id] = versions
 
     async def _touch_if_due(self, session_id: str) -> None:
         now = time.monotonic()

@@ -25,11 +25,9 @@ import tenacity
 from .. import protocol as p
 from ..adapters._loading import adapter_imports
 from ..errors import ErrorCategory, WorkerStartError
-from ._breaker import CircuitBreaker
 from ._calls import PendingCall
-from ._config import PoolConfig
-from ._events import Listeners
 from ._isolation import prepare as prepare_isolation
+from ._parts import PoolParts
 from ._registry import RunRegistry, runtime_dir
 from ._runner import BackgroundTasks
 from ._template import TemplateStartError, TemplateUnavailable, WorkerTemplate
@@ -61,14 +59,9 @@ class WorkerSlots:
 
     def __init__(
         self,
+        parts: PoolParts,
         *,
-        name: str,
-        config: PoolConfig,
-        workers: list[WorkerHandle],
-        background: BackgroundTasks,
         registry: RunRegistry,
-        listeners: Listeners,
-        breaker: CircuitBreaker,
         closed: Callable[[], bool],
         on_capacity: Callable[[WorkerHandle], None],
         on_exit: Callable[[WorkerHandle], None],
@@ -76,20 +69,16 @@ class WorkerSlots:
         on_unstarted: Callable[[PendingCall], None],
         check_memory: Callable[[WorkerHandle, float], None],
     ) -> None:
-        """``workers``: the pool's list, filled and changed in place (the
-        dispatcher and the sessions read the same list)."""
-        self.name = name
-        self.config = config
-        self._workers = workers
-        self._background = background
+        """The callbacks are the pool's: what happens when a worker has a free
+        slot, exited, calls a host tool, gives a call back unstarted, or is due
+        a memory check."""
+        self.name = parts.name
+        self.config = config = parts.config
+        self._parts = parts
         self._registry = registry
-        self._listeners = listeners
-        self._breaker = breaker
         self._closed = closed
-        self._on_capacity = on_capacity
-        self._on_exit = on_exit
-        self._on_host_call = on_host_call
-        self._on_unstarted = on_unstarted
+        self._on_capacity, self._on_exit = on_capacity, on_exit
+        self._on_host_call, self._on_unstarted = on_host_call, on_unstarted
         self._check_memory = check_memory
         self.send_ahead = config.send_ahead
         self.stop_grace = float(config.stop_grace)
@@ -108,11 +97,11 @@ class WorkerSlots:
         await self.start_template()
         errors: list[WorkerStartError] = []
         async with anyio.create_task_group() as starters:
-            for slot in range(len(self._workers)):
+            for slot in range(len(self._parts.workers)):
                 starters.start_soon(self.start_first, slot, errors)
         if errors:
             raise errors[0]
-        for slot in range(len(self._workers)):
+        for slot in range(len(self._parts.workers)):
             background.group.start_soon(self.keep_filled, slot)
         background.group.start_soon(self.check_health_forever)
 
@@ -232,13 +221,13 @@ class WorkerSlots:
         except Exception as exc:  # e.g. the host's cwd was deleted
             raise WorkerStartError(f"cannot prepare worker {self.name}/{slot}: {exc!r}") from exc
         worker = self.new_handle(slot, restarts)
-        self._workers[slot] = worker
-        await self._background.group.start(worker.run, launch)
+        self._parts.workers[slot] = worker
+        await self._parts.background.group.start(worker.run, launch)
         if worker.pid is not None:
             self._registry.add(worker.pid)
         await worker.wait_ready(self.config.startup_timeout)
         self._set_recycling_limits(worker)
-        self._listeners.emit("worker.started", slot, pid=worker.pid, restarts=restarts)
+        self._parts.listeners.emit("worker.started", slot, pid=worker.pid, restarts=restarts)
         self._on_capacity(worker)
         return worker
 
@@ -255,7 +244,7 @@ class WorkerSlots:
         while True:
             await anyio.sleep(self.config.health_interval)
             async with anyio.create_task_group() as tg:
-                for worker in self._workers:
+                for worker in self._parts.workers:
                     if worker.is_ready:
                         tg.start_soon(self._check_worker, worker)
 
@@ -298,7 +287,7 @@ class WorkerSlots:
         """
         early_deaths = 0
         while True:
-            worker = self._workers[slot]
+            worker = self._parts.workers[slot]
             await worker.exited.wait()
             if self._closed():
                 return
@@ -341,7 +330,7 @@ class WorkerSlots:
             "pool %s: replacing worker %d failed (attempt %d): %s",
             self.name, slot, state.attempt_number, error,
         )  # fmt: skip
-        self._breaker.failure(ErrorCategory.INITIALIZATION)  # a failed (re)start counts once
+        self._parts.breaker.failure(ErrorCategory.INITIALIZATION)  # a failed (re)start counts once
 
     def _on_worker_exit(self, worker: WorkerHandle) -> None:
         info = worker.exit_info
@@ -352,13 +341,15 @@ class WorkerSlots:
             log = _log.warning if worker.hello is not None else _log.debug
             log("pool %s: %s exited: %s", self.name, worker.describe(), info.reason)
         if worker.retiring is not None:
-            self._listeners.emit(
+            self._parts.listeners.emit(
                 "worker.recycled", worker.slot, pid=worker.pid, reason=worker.retiring
             )
-        self._listeners.emit("worker.exited", worker.slot, pid=worker.pid, **format_exit(info))
+        self._parts.listeners.emit(
+            "worker.exited", worker.slot, pid=worker.pid, **format_exit(info)
+        )
         self._on_exit(worker)
 
     async def stop_all(self) -> None:
         async with anyio.create_task_group() as tg:
-            for worker in self._workers:
+            for worker in self._parts.workers:
                 tg.start_soon(worker.stop, self.stop_grace)

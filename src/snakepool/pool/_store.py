@@ -93,6 +93,11 @@ class SessionStore(abc.ABC):
         None: ask ``versions()``."""
         return None
 
+    def current_now(self, session_id: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """The session's variable values and saved state without I/O, when this
+        store holds them (the memory store); None: read them."""
+        return None
+
     @abc.abstractmethod
     async def load_state(self, session_id: str) -> dict[str, Any]:
         """The session's persisted state (what ``restore_session`` receives)."""
@@ -229,6 +234,13 @@ class MemorySessionStore(SessionStore):
         if session is None or time.monotonic() >= session.expires_at:
             return None  # (the slow route says why)
         return session.version, session.state_version
+
+    def current_now(self, session_id: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        session = self._sessions.get(session_id)
+        if session is None or time.monotonic() >= session.expires_at:
+            return None
+        variables = {name: record.value for name, record in session.variables.items()}
+        return variables, dict(session.state)
 
     async def delete(self, session_id: str) -> bool:
         await anyio.lowlevel.checkpoint()

@@ -4,9 +4,9 @@ The client side (``connect``, ``Client``, ...) is thin: importing it loads no
 pool machinery. ``SocketServer`` (which serves pools) is imported on first use.
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from .._lazy import lazy_exports
 from .._paths import default_socket_path as default_socket_path
 from .._paths import default_token_path as default_token_path
 from ._client import Client as Client
@@ -21,13 +21,7 @@ if TYPE_CHECKING:
 _LAZY = {"ServerStatistics": "._server", "SocketServer": "._server"}
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [
