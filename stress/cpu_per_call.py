@@ -47,7 +47,7 @@ async def start_peers() -> tuple[dict[str, Any], dict[str, list[int]]]:
     pids: dict[str, list[int]] = {}
     for name in PEERS:
         before = {child.pid for child in me.children(recursive=True)}
-        peer = _bench._make_peer(name, 2)
+        peer = _bench.make_peer(name, 2)
         assert not isinstance(peer, str), peer
         await peer.start()
         peers[name] = peer
@@ -73,7 +73,7 @@ async def measure(rounds: int, sequential: int, calls: int) -> dict[str, dict[st
                 row["seq_host"].append((time.process_time_ns() - host) / sequential / 1e3)
                 row["seq_workers"].append((worker_cpu_ns(pids[name]) - workers) / sequential / 1e3)
                 host, workers = time.process_time_ns(), worker_cpu_ns(pids[name])
-                elapsed = await _bench._run_calls(peer, 64, calls)
+                elapsed = await _bench.run_calls(peer, 64, calls)
                 row["throughput"].append(calls / elapsed)
                 row["host"].append((time.process_time_ns() - host) / calls / 1e3)
                 row["workers"].append((worker_cpu_ns(pids[name]) - workers) / calls / 1e3)

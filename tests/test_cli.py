@@ -79,7 +79,10 @@ def test_up_call_status_and_a_clean_stop(workdir: Path, env: dict[str, str]) -> 
 
         status = run("status", "--socket", str(sock), "--json", env=env)
         assert status.returncode == 0, status.stderr
-        assert set(json.loads(status.stdout)) == {"fast", "state"}
+        shown = json.loads(status.stdout)
+        assert set(shown["pools"]) == {"fast", "state"}
+        [own] = shown["server"]["connections"]  # (this status command's own connection)
+        assert own["calls"] == 2 and own["in_flight"] == 1 and own["peer"] == "unix"
         table = run("status", "--socket", str(sock), env=env)
         assert "fast" in table.stdout and "READY" in table.stdout
 

@@ -35,7 +35,7 @@ import snakepool
 from conftest import TESTS_DIR
 from snakepool.protocol import NEED_DATA, FrameDecoder, Sentinel
 from snakepool.server import SocketServer
-from snakepool.server import _server as server_module
+from snakepool.server import _connection as connection_module
 from waiting import wait_until
 
 pytestmark = pytest.mark.anyio
@@ -247,14 +247,14 @@ async def test_an_unexpected_error_closes_that_connection_alone(
 ) -> None:
     """A bug in serving one connection (forced here) closes it, is logged with its
     traceback and counted; another client's call in flight carries on."""
-    greet = server_module._Client._greet
+    greet = connection_module.Connection._greet
 
-    async def greet_or_fail(self: Any, message: dict[str, Any]) -> None:
+    def greet_or_fail(self: Any, message: dict[str, Any]) -> None:
         if "boom" in message:
             raise RuntimeError("a bug while greeting (forced by the test)")
-        await greet(self, message)
+        greet(self, message)
 
-    monkeypatch.setattr(server_module._Client, "_greet", greet_or_fail)
+    monkeypatch.setattr(connection_module.Connection, "_greet", greet_or_fail)
     release = workdir / "release"
     async with (
         snakepool.Pool(ADAPTER, size=2, name="general") as pool,
@@ -409,7 +409,7 @@ def test_hello_timeout_has_a_default_and_is_checked() -> None:
         (1.0, "1.0 (float)"),
         ("1", "'1' (str)"),
         (None, "None (NoneType)"),
-        (2, "2 (int)"),
+        (3, "3 (int)"),
         ([1], "[1] (list)"),
     ],
 )
@@ -422,8 +422,10 @@ async def test_hello_needs_the_integer_version(socket_path: Path, version: Any, 
         await raw.send(frame({"t": "hello", "v": version}))
         error = await raw.error_then_closed()
         await raw.aclose()
-        assert error == (f"hello 'v' must be the integer client protocol version 1; got {shown}")
-        async with snakepool.connect(socket_path) as client:  # (v: 1)
+        assert (
+            error == f"hello 'v' must be an integer client protocol version (1 or 2); got {shown}"
+        )
+        async with snakepool.connect(socket_path) as client:  # (v: 2)
             assert await client["general"].call("echo", {"value": 1}) == 1
 
 

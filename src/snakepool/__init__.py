@@ -7,6 +7,7 @@ to the package layout (``pool/``, ``protocol/``, ``adapters/``, ``workers/``).
 from typing import TYPE_CHECKING
 
 from ._lazy import lazy_exports
+from .errors import BadArguments as BadArguments
 from .errors import CallTimeout as CallTimeout
 from .errors import CircuitOpen as CircuitOpen
 from .errors import ErrorCategory as ErrorCategory
@@ -27,6 +28,7 @@ from .errors import UnknownCommand as UnknownCommand
 from .errors import UnknownTool as UnknownTool
 from .errors import WorkerCrashed as WorkerCrashed
 from .errors import WorkerStartError as WorkerStartError
+from .errors import WrongMode as WrongMode
 
 if TYPE_CHECKING:  # imported on first use (see __getattr__), so a worker stays light
     from .pipeline import Pipeline as Pipeline
@@ -74,6 +76,7 @@ __getattr__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [
+    "BadArguments",
     "BlockingPool",
     "CallStream",
     "CallTimeout",
@@ -109,6 +112,7 @@ __all__ = [
     "WorkerCrashed",
     "WorkerStartError",
     "WorkerStatistics",
+    "WrongMode",
     "__version__",
     "connect",
 ]

@@ -152,7 +152,11 @@ def _parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="show the pools of a running server")
     status.add_argument("--socket", metavar="PATH", help=socket_help)
-    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON instead of a table: the pools, and the server with its connections",
+    )
 
     _add_logs_parser(commands, socket_help)
 
@@ -245,7 +249,17 @@ def _up(args: argparse.Namespace) -> int:
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)  # (a warning written straight to stderr would tear the table)
     try:
-        return anyio.run(_serve, supervisor, server, console, held, served)
+        # uvloop when installed ('snakepool[server]'): much of a request's cost is the loop's
+        uvloop = importlib.util.find_spec("uvloop") is not None
+        return anyio.run(
+            _serve,
+            supervisor,
+            server,
+            console,
+            held,
+            served,
+            backend_options={"use_uvloop": uvloop},
+        )
     except Exception as exc:
         problem = _startup_problem(exc)
         if problem is None:  # a bug: everything there is to see
@@ -649,8 +663,9 @@ def _status(args: argparse.Namespace) -> int:
     async def run() -> None:
         async with connect(_socket(args)) as client:
             stats = await client.status()
-        if args.json:
-            print(json.dumps(stats, indent=2, default=_json_default))
+            server = await client.server_statistics() if args.json else None
+        if args.json:  # the pools, and the server with each connection's statistics
+            print(json.dumps({"pools": stats, "server": server}, indent=2, default=_json_default))
         else:
             print(_table({name: _plain(s) for name, s in stats.items()}))
             print(_workers_table(stats))

@@ -20,6 +20,8 @@ ProtocolError            ``protocol_error``             protocol
 ResourceExceeded         ``resource_exceeded``          resource
 RemoteError              ``remote_error``               application
 UnknownCommand           ``unknown_command``            application
+BadArguments             ``bad_arguments``              application
+WrongMode                ``wrong_mode``                 application
 UnknownTool              ``unknown_tool``               application
 PoolOverloaded           ``pool_overloaded``            overload
 CircuitOpen              ``circuit_open``               overload
@@ -60,6 +62,7 @@ from typing import Any, ClassVar, Self, cast
 __all__ = [
     "INFRASTRUCTURE_CATEGORIES",
     "KINDS",
+    "BadArguments",
     "CallTimeout",
     "CircuitOpen",
     "ConfigError",
@@ -83,6 +86,7 @@ __all__ = [
     "UnknownTool",
     "WorkerCrashed",
     "WorkerStartError",
+    "WrongMode",
     "describe_exit_code",
     "error_class",
     "wire_type_name",
@@ -211,7 +215,7 @@ class RemoteError(SnakepoolError):
     kind = "remote_error"
 
     def __new__(cls, remote_type: str, *args: Any, **kwargs: Any) -> Self:
-        if (cls is RemoteError or cls is UnknownCommand) and type(remote_type) is str:
+        if cls in _COMBINABLE and type(remote_type) is str:
             made = _remote_subclass(cls, remote_type)
             if made is not None:
                 sub, maker = made
@@ -252,7 +256,7 @@ class RemoteError(SnakepoolError):
 
     def __reduce__(self) -> str | tuple[Any, ...]:
         cls = type(self).__dict__.get("_remote_base", type(self))
-        if cls is RemoteError or cls is UnknownCommand:
+        if cls in _COMBINABLE:
             # Rebuilt by calling RemoteError(...) again, which makes (or finds)
             # the combined class on the other side: it is not a module attribute.
             state = {
@@ -269,6 +273,26 @@ class UnknownCommand(RemoteError):
     """The worker's adapter has no command of that name."""
 
     kind = "unknown_command"
+
+
+class BadArguments(RemoteError):
+    """The arguments do not fit the command's signature (``remote_type`` ``TypeError``,
+    so ``except TypeError`` catches it too)."""
+
+    kind = "bad_arguments"
+
+
+class WrongMode(RemoteError):
+    """``call`` of a stream (generator) command, or ``stream`` of a plain one
+    (``remote_type`` ``TypeError``)."""
+
+    kind = "wrong_mode"
+
+
+#: The classes made ``<Class>_<Type>`` for a handler's exception type (see RemoteError).
+_COMBINABLE: frozenset[type[RemoteError]] = frozenset(
+    {RemoteError, UnknownCommand, BadArguments, WrongMode}
+)
 
 
 class UnknownTool(SnakepoolError, LookupError):

@@ -50,9 +50,9 @@ def _logs(
     name = frame.get("p")
     if not isinstance(name, str) or name not in pools:
         raise KeyError(f"no pool named {name!r} (pools: {', '.join(sorted(pools))})")
-    worker = frame.get("w")
+    worker = frame.get("u")
     if worker is not None and (type(worker) is not int or worker < 0):
-        raise ValueError(f"logs: worker 'w' must be a worker id (an int >= 0), got {worker!r}")
+        raise ValueError(f"logs: worker 'u' must be a worker id (an int >= 0), got {worker!r}")
     if worker is not None and worker >= pools[name].config.worker_count:
         raise ValueError(
             f"logs: pool {name!r} has no worker {worker} "

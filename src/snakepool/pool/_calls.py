@@ -9,7 +9,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .. import protocol as p
-from ..errors import RemoteError, SnakepoolError, UnknownCommand
+from ..errors import BadArguments, RemoteError, SnakepoolError, UnknownCommand, WrongMode
 from ._backend import Waiter
 
 __all__ = ["PendingCall", "failure_to_exception"]
@@ -133,5 +133,13 @@ class PendingCall:
 
 def failure_to_exception(failure: p.Failure) -> SnakepoolError:
     """The exception a worker-side ``Failure`` becomes on the host."""
-    cls = UnknownCommand if failure.kind == p.FailureKind.UNKNOWN_COMMAND else RemoteError
+    cls = _FAILURE_CLASSES.get(failure.kind, RemoteError)
     return cls(failure.type, failure.message, failure.traceback)
+
+
+#: The worker's failure kinds that have a class (with a kind) of their own.
+_FAILURE_CLASSES: dict[str, type[RemoteError]] = {
+    p.FailureKind.UNKNOWN_COMMAND: UnknownCommand,
+    p.FailureKind.BAD_ARGUMENTS: BadArguments,
+    p.FailureKind.WRONG_MODE: WrongMode,
+}

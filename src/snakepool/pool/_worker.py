@@ -1,29 +1,39 @@
-"""The host's handle on one worker process.
+"""The host's handle on one worker: the protocol side of the transport seam.
 
-A handle owns the subprocess and three tasks: the *reader* (stdout -> protocol
--> pending calls), the *writer* (outbox -> stdin, batching whatever frames
-queued up meanwhile) and the *stderr pump* (lines -> host logging, and a tail
-kept for crash reports). The reader owns the worker's death: when stdout ends
-or breaks the protocol it makes sure the process is gone, reaps it, fails the
-calls still in flight and tells the pool, exactly once.
+Where one worker's frames travel, and which module owns each step::
+
+    WorkerHandle.submit(call, frame)    register the PendingCall              _worker
+      |  Transport.write(frame, batch)  a loop turn's frames in one write     _transport (the seam)
+      v
+    CallbackPipes | StreamPipes         stdin pipe -> the worker process      _pipes: spawned, or
+      |                                 -> its stdout pipe                    forked by _template
+      v
+    WorkerHandle.feed_stdout(data)      the Connection decodes; one match     _worker
+      |                                 on each message's type
+      v
+    PendingCall resolved or failed; Pacing fed the answers (_pacing); freed slots handed on
+
+A worker elsewhere (a Ray actor) is one more module beside ``_pipes``.
+
+The transport owns the bytes and sees the death: it starts the process,
+delivers stdout and stderr, and ends the delivery at EOF, at a protocol
+break, or shortly after the process exited (even while a child it left holds
+its stdout). The handle owns every decision: whether a call is answered,
+whether an exit was planned (Goodbye, recycling, stop) or a crash, why a
+worker was killed, which calls fail and which go elsewhere, exactly once.
 
 Everything that decides (register a call, free a slot) is synchronous; only
-the pipe I/O awaits.
+the transport's I/O awaits.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
 import enum
-import fcntl
 import itertools
 import logging
-import math
-import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -32,7 +42,6 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import psutil
 
 from .. import protocol as p
 from ..errors import (
@@ -44,21 +53,18 @@ from ..errors import (
     WorkerStartError,
     describe_exit_code,
 )
-from ._backend import running_on_asyncio
 from ._calls import PendingCall, failure_to_exception
 from ._isolation import LimitWatch, limit_watch
 from ._launch import WorkerLaunch as WorkerLaunch
-from ._lines import LineSplitter
 from ._pacing import Pacing
-from ._template import ForkedProcess, TemplateUnavailable, WorkerTemplate
+from ._pipes import local_pipes
+from ._template import WorkerTemplate
+from ._transport import Transport, TransportFactory
 
 __all__ = ["READY_STATES", "ExitInfo", "WorkerHandle", "WorkerLaunch", "WorkerState"]
 
-_READ_CHUNK = 256 * 1024
 _STDERR_TAIL_LINES = 40
-_STDERR_SETTLE = 1.0  # seconds to let stderr finish after the worker died
 _STDOUT_CLOSED_GRACE = 2.0  # a worker that closed stdout but lives on is killed after this
-_STDOUT_AFTER_EXIT = 1.0  # a worker that exited while a child holds its stdout: then EOF is ours
 
 
 class WorkerState(enum.StrEnum):
@@ -102,7 +108,10 @@ class WorkerHandle:
         template: WorkerTemplate | None = None,
         ahead: int = 0,
         pacing: Pacing | None = None,
+        transport: TransportFactory | None = None,
     ) -> None:
+        """``transport`` makes how frames reach the worker (default: local pipes,
+        the worker forked from ``template`` when it is alive, else spawned)."""
         self.pool = pool
         self.slot = slot
         self.restarts = restarts
@@ -130,32 +139,21 @@ class WorkerHandle:
         self._on_exit = on_exit
         self._on_host_call = on_host_call
         self._on_unstarted = on_unstarted
-        self._template = template  # fork from it (start_method), if it is alive
         # session id -> (variables version, state version) this worker has seen
         self.sessions: dict[str, tuple[int, int]] = {}
         self._conn = p.Connection(p.Role.HOST)
-        self._process: anyio.abc.Process | ForkedProcess | None = None
-        self._outbox_in, self._outbox_out = anyio.create_memory_object_stream[bytes | None](
-            math.inf
+        self._transport: Transport = (
+            transport(self) if transport is not None else local_pipes(self, template)
         )
         self._ready = anyio.Event()
         self._startup_failure: p.StartupFailed | None = None
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
-        self._stderr_done = anyio.Event()
-        self._early_lines: list[str] = []  # its output before hello (see _stderr_line)
-        self._stdout_ended = anyio.Event()  # the stdout pump is done (EOF, or made to end)
+        self._early_lines: list[str] = []  # its output before hello (see stderr_line)
         self._kill_reason: str | None = None
         self._planned_reason: str | None = None
         self._protocol_error: ProtocolError | None = None
         self._started_at = time.monotonic()
         self._cancel_scope = anyio.CancelScope()
-        self._psutil: psutil.Process | None = None
-        self._reaping = False
-        self._direct: asyncio.WriteTransport | None = None  # asyncio: the stdin pipe
-        self._stdout_reader: _StdoutReader | None = None  # asyncio: decodes in callbacks
-        self._stdout_transport: asyncio.BaseTransport | None = None
-        self._stderr_transport: asyncio.BaseTransport | None = None
-        self._unsent: list[bytes] = []  # frames of this event-loop turn, written at its end
         self._stop_requested = False
         self._run_started = False
         self._kill_error: type[SnakepoolError] = WorkerCrashed
@@ -193,16 +191,9 @@ class WorkerHandle:
 
     def rss_bytes(self) -> int | None:
         """Resident memory of the worker and its children (psutil)."""
-        if self._psutil is None or self.state is WorkerState.EXITED:
+        if self.state is WorkerState.EXITED:
             return None
-        try:
-            total = int(self._psutil.memory_info().rss)
-            for child in self._psutil.children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    total += int(child.memory_info().rss)
-            return total
-        except psutil.Error:
-            return None
+        return self._transport.rss_bytes()
 
     @property
     def age(self) -> float:
@@ -234,126 +225,46 @@ class WorkerHandle:
             task_status.started()
             return
         self._run_started = True
+        exit_code: int | None = None
+        opened = False
         try:
             with self._cancel_scope:
-                await self._serve(launch, task_status)
-        finally:
-            # However it ended (even cancelled before the process existed),
-            # reap and announce the exit exactly once, so nobody waits forever.
-            with anyio.CancelScope(shield=True):
-                if self._process is not None:
-                    await self._reap()
-                else:
-                    self._never_started()
-
-    async def _serve(self, launch: WorkerLaunch, task_status: anyio.abc.TaskStatus[None]) -> None:
-        try:
-            with anyio.CancelScope(shield=True):  # a half-spawned process would be an orphan
-                if running_on_asyncio():
-                    process = await self._open_with_pipes(launch)
-                else:
-                    pipe = subprocess.PIPE
-                    process = await _spawn(launch, pipe, pipe, pipe)
+                async with self._transport.open(launch):
+                    opened = True
+                    ended = False
+                    try:
+                        await self._serve(launch, task_status)
+                        ended = True
+                    finally:
+                        if not ended:  # torn down from outside: nothing left to wait for
+                            self.kill("the pool stopped serving it")
+                        with anyio.CancelScope(shield=True):
+                            exit_code = await self._until_gone()
         except OSError as exc:
+            if opened:
+                raise
             self._startup_failure = p.StartupFailed(
                 type=type(exc).__name__, message=f"cannot start {launch.argv[0]!r}: {exc}"
             )
             task_status.started()
-            return
-        self._process = process
-        self.pid = process.pid
+        finally:
+            # However it ended (even cancelled before the process existed),
+            # announce the exit exactly once, so nobody waits forever.
+            if opened:
+                self._exited(exit_code)
+            else:
+                self._never_started()
+
+    async def _serve(self, launch: WorkerLaunch, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """The process exists: greet it, then take its output until that ends."""
+        self.pid = self._transport.pid
         self._limits = limit_watch(launch.env)
-        with contextlib.suppress(psutil.Error):
-            self._psutil = psutil.Process(self.pid)
         self._conn.set_max_frame_bytes(launch.max_frame_bytes)
         self.post(self._conn.send(launch.init))
         if self._stop_requested:  # stop() came before the process existed
             self.kill("stopped during start-up")
         task_status.started()
-        async with anyio.create_task_group() as tg:
-            if self._direct is None:  # (on asyncio, callbacks serve stdin and stderr)
-                tg.start_soon(self._pump_stderr)
-                tg.start_soon(self._pump_stdin)
-            tg.start_soon(self._watch_exit, process)
-            await self._pump_stdout()
-            tg.cancel_scope.cancel()
-
-    async def _watch_exit(self, process: anyio.abc.Process | ForkedProcess) -> None:
-        """End the stdout pump once the process has exited, EOF or not.
-
-        A handler's child may hold the worker's stdout open (one forked at C
-        level, which Python's at-fork hook that closes the pipes never sees):
-        the pipe then never reaches EOF, and the worker's death is seen from
-        the process itself. What it wrote before it exited is read first.
-        """
-        await process.wait()
-        with anyio.move_on_after(_STDOUT_AFTER_EXIT):
-            await self._stdout_ended.wait()
-        if self._stdout_ended.is_set():
-            return
-        self.log.warning("%s exited but its stdout is still open (held by a child)", self)
-        if self._stdout_reader is not None:
-            self._stdout_reader.eof_received()
-        elif isinstance(process, anyio.abc.Process) and process.stdout is not None:
-            await process.stdout.aclose()  # the pump reads EOF
-
-    async def _open_with_pipes(self, launch: WorkerLaunch) -> anyio.abc.Process | ForkedProcess:
-        """asyncio fast path: the worker's pipes are ours, served by callbacks.
-
-        Frames go straight into the stdin pipe's transport (buffered, never
-        blocking) and replies are decoded in ``data_received``: no pump task
-        and no stream object in between, which saves event-loop turns per call.
-        The worker is forked from the pool's template when it has one (a
-        preloaded pool), else spawned. Other backends use anyio's process
-        streams and the pump tasks.
-        """
-        loop = asyncio.get_running_loop()
-        child_stdin, to_worker = os.pipe()  # os.pipe fds are not inherited (PEP 446)
-        from_worker, child_stdout = os.pipe()
-        from_stderr, child_stderr = os.pipe()
-        for fd in (to_worker, from_worker):
-            _enlarge_pipe(fd)
-        ours = [to_worker, from_worker, from_stderr]
-        try:
-            try:
-                process = await self._start_process(launch, child_stdin, child_stdout, child_stderr)
-            finally:
-                for fd in (child_stdin, child_stdout, child_stderr):
-                    os.close(fd)
-            reader = self._stdout_reader = _StdoutReader(self)
-            self._stdout_transport, _ = await loop.connect_read_pipe(
-                lambda: reader, os.fdopen(from_worker, "rb", buffering=0)
-            )
-            ours.remove(from_worker)
-            self._stderr_transport, _ = await loop.connect_read_pipe(
-                lambda: _StderrReader(self), os.fdopen(from_stderr, "rb", buffering=0)
-            )
-            ours.remove(from_stderr)
-            transport, _ = await loop.connect_write_pipe(
-                asyncio.Protocol, os.fdopen(to_worker, "wb", buffering=0)
-            )
-            ours.remove(to_worker)
-            # (no isinstance check: uvloop's pipe transports do not subclass asyncio's)
-            self._direct = transport
-            return process
-        finally:
-            for fd in ours:
-                os.close(fd)
-
-    async def _start_process(
-        self, launch: WorkerLaunch, stdin: int, stdout: int, stderr: int
-    ) -> anyio.abc.Process | ForkedProcess:
-        template = self._template
-        if template is not None and template.alive:
-            try:
-                if template.warm:
-                    return await template.spawn(launch.env, stdin, stdout, stderr)
-                return await template.spawn(
-                    launch.env, stdin, stdout, stderr, argv=launch.argv, cwd=launch.cwd
-                )
-            except TemplateUnavailable as exc:
-                self.log.warning("the pool's template cannot fork (%s): spawning instead", exc)
-        return await _spawn(launch, stdin, stdout, stderr)
+        await self._transport.receive()
 
     def _never_started(self) -> None:
         if self.exit_info is not None:
@@ -401,38 +312,11 @@ class WorkerHandle:
     def post(self, frame: bytes, *, batch: bool = False) -> None:
         """Queue one frame for the worker (never blocks).
 
-        On asyncio, ``batch=True`` frames (calls for a worker that is busy
-        anyway) are collected and go out in one write at the end of this
-        event-loop turn: a pipe write that wakes the worker costs more than
-        the call itself, so 64 callers must not make 64 of them. Other frames
-        are written at once, after any collected ones (order is kept).
+        ``batch=True`` frames (calls for a worker that is busy anyway) may be
+        collected and go out in one write at the end of this event-loop turn
+        (see ``Transport.write``); order is kept.
         """
-        direct = self._direct
-        if direct is not None:
-            unsent = self._unsent
-            if batch or unsent:
-                unsent.append(frame)
-                if len(unsent) == 1:
-                    asyncio.get_running_loop().call_soon(self._flush)
-            elif not direct.is_closing():
-                try:  # noqa: SIM105 (not contextlib.suppress: this runs once per call)
-                    direct.write(frame)
-                except (RuntimeError, ConnectionError):  # the worker is gone: its reaper reports
-                    pass
-            return
-        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
-            self._outbox_in.send_nowait(frame)
-
-    def _flush(self) -> None:
-        """Write the frames of this turn (asyncio: into the pipe transport's buffer)."""
-        direct, unsent = self._direct, self._unsent
-        if not unsent or direct is None:
-            return
-        self._unsent = []
-        if direct.is_closing():
-            return
-        with contextlib.suppress(RuntimeError, ConnectionError):
-            direct.write(unsent[0] if len(unsent) == 1 else b"".join(unsent))
+        self._transport.write(frame, batch)
 
     def post_message(self, message: p.Message) -> None:
         """Encode and queue one host message."""
@@ -443,7 +327,7 @@ class WorkerHandle:
         self.reserved -= 1
         call.worker = self
         busy = bool(self.pending)  # then the frame would wait in the pipe anyway
-        self.post(frame, batch=busy)  # (first: the rest is done while the worker reads)
+        self._transport.write(frame, busy)  # (first: the rest is done while the worker reads)
         self.pending[call.id] = call
         self.requests += 1
         self.state = WorkerState.BUSY
@@ -517,13 +401,7 @@ class WorkerHandle:
         """Ask for a graceful exit: the worker sees EOF, tears down and leaves."""
         self._planned_reason = self._planned_reason or "stopped by the pool"
         self.state = WorkerState.STOPPING
-        if self._direct is not None:
-            self._flush()
-            with contextlib.suppress(RuntimeError, ConnectionError):
-                self._direct.close()  # flushes what is buffered, then EOF
-            return
-        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
-            self._outbox_in.send_nowait(None)
+        self._transport.close_stdin()
 
     def kill(self, reason: str, *, error: type[SnakepoolError] = WorkerCrashed) -> None:
         """SIGKILL the worker's whole process group (its children too).
@@ -537,10 +415,10 @@ class WorkerHandle:
         self.signal_group(signal.SIGKILL)
 
     def signal_group(self, sig: signal.Signals) -> None:
+        """Signal the worker and what it started (not once it exited: its id may be reused)."""
         if self.pid is None or self.exit_info is not None:
             return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, sig)  # pid == pgid: the worker leads its own group
+        self._transport.signal(sig)
 
     async def stop(self, grace: float) -> None:
         """Close stdin, then SIGTERM, then SIGKILL, each after ``grace`` seconds.
@@ -553,7 +431,7 @@ class WorkerHandle:
         if not self._run_started:  # never handed to a task: nothing to wait for
             self._never_started()
             return
-        if self._process is None:
+        if self.pid is None:  # the process does not exist yet
             self._cancel_scope.cancel()
         elif self.hello is None:
             self.kill("stopped during start-up")
@@ -566,44 +444,10 @@ class WorkerHandle:
             self.signal_group(sig)
         await self.exited.wait()
 
-    # --- the three pumps ---------------------------------------------------------
+    # --- what the transport delivers (the Receiver) ------------------------------
 
-    async def _pump_stdin(self) -> None:
-        assert isinstance(self._process, anyio.abc.Process) and self._process.stdin is not None
-        stdin = self._process.stdin
-        try:
-            async for frame in self._outbox_out:
-                if frame is None:
-                    break
-                batch = [frame]
-                while True:  # coalesce what queued up meanwhile into one write
-                    try:
-                        more = self._outbox_out.receive_nowait()
-                    except anyio.WouldBlock:
-                        break
-                    if more is None:
-                        await stdin.send(b"".join(batch))
-                        await stdin.aclose()
-                        return
-                    batch.append(more)
-                await stdin.send(batch[0] if len(batch) == 1 else b"".join(batch))
-            await stdin.aclose()
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            pass  # the worker is gone; the reader reports it
-
-    async def _pump_stderr(self) -> None:
-        assert isinstance(self._process, anyio.abc.Process) and self._process.stderr is not None
-        lines = LineSplitter(self._stderr_line)
-        try:
-            async for chunk in self._process.stderr:
-                lines.feed(chunk)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            pass
-        finally:
-            lines.close()
-            self._stderr_done.set()
-
-    def _stderr_line(self, raw: bytes) -> None:
+    def stderr_line(self, raw: bytes) -> None:
+        """One line of the worker's stderr: its output (print, logging, tracebacks)."""
         line = raw.decode("utf-8", "replace").rstrip("\r")
         self._stderr_tail.append(line)
         if self.hello is None and self.exit_info is None:
@@ -619,31 +463,6 @@ class WorkerHandle:
             echo_to_stderr(f"[{self.pool}/{self.slot}] {line}")
         else:
             self.log.info("%s", line)
-
-    async def _pump_stdout(self) -> None:
-        ended = False  # stdout reached its end (or broke the protocol), not cancelled
-        try:
-            if self._stdout_reader is not None:
-                await self._stdout_reader.ended  # data_received does the work
-                ended = True
-                return
-            assert isinstance(self._process, anyio.abc.Process)
-            assert self._process.stdout is not None
-            stdout = self._process.stdout
-            while not ended:
-                try:
-                    data = await stdout.receive(_READ_CHUNK)
-                except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    data = b""
-                ended = self.feed_stdout(data)
-        finally:
-            self._stdout_ended.set()
-            if not ended:  # torn down from outside: nothing left to wait for
-                self.kill("the pool stopped serving it")
-            if self._stdout_transport is not None:
-                self._stdout_transport.close()
-            with anyio.CancelScope(shield=True):
-                await self._reap()
 
     @property
     def missing_bytes(self) -> int:
@@ -675,64 +494,54 @@ class WorkerHandle:
     # --- messages from the worker ------------------------------------------------
 
     def _on_message(self, message: p.Message) -> None:
-        kind = type(message)
-        if kind is p.Result:
-            assert isinstance(message, p.Result)
-            call = self._take(message.id)
-            if call is not None:
-                call.resolve(message.value)
-        elif kind is p.Item:
-            assert isinstance(message, p.Item)
-            stream = self.pending.get(message.id)
-            if stream is not None:
-                stream.push(message.value)
-        elif kind is p.End:
-            assert isinstance(message, p.End)
-            call = self._take(message.id)
-            if call is not None:
-                call.end()
-        elif kind is p.Failure:
-            assert isinstance(message, p.Failure)
-            call = self._take(message.id)
-            if call is not None:
-                if message.kind == p.FailureKind.WITHDRAWN and self._on_unstarted is not None:
-                    self._on_unstarted(call)  # it never started: the pool sends it elsewhere
-                    return
-                if message.kind == p.FailureKind.CANCELLED and not call.abandoned:
-                    # Not cancelled by its caller: the worker is shutting down.
-                    call.fail(
-                        PoolClosed(
-                            f"{self.describe()} stopped before call {call.command!r} finished"
-                        )
-                    )
-                    return
-                if call.mode == p.CallMode.CAST:
-                    self.log.warning(
-                        "cast %r failed: %s: %s", call.command, message.type, message.message
-                    )
-                call.fail(failure_to_exception(message))
-        elif kind is p.Log:
-            assert isinstance(message, p.Log)
-            self.log.log(message.level, "%s", message.message)
-        elif kind is p.Hello:
-            assert isinstance(message, p.Hello)
-            self._on_hello(message)
-        elif kind is p.StartupFailed:
-            assert isinstance(message, p.StartupFailed)
-            self._startup_failure = message
-            self._ready.set()
-        elif kind is p.HostCall:
-            assert isinstance(message, p.HostCall)
-            if self._on_host_call is not None:
-                self._on_host_call(self, message)
-        elif kind is p.Pong:
-            assert isinstance(message, p.Pong)
-            answered = self._pings.get(message.id)
-            if answered is not None:
-                answered.set()
-        elif kind is p.Goodbye:
-            assert isinstance(message, p.Goodbye)
-            self._planned_reason = self._planned_reason or message.reason
+        match message:  # (the usual ones first: each case is an isinstance check)
+            case p.Result():
+                call = self._take(message.id)
+                if call is not None:
+                    call.resolve(message.value)
+            case p.Item():
+                stream = self.pending.get(message.id)
+                if stream is not None:
+                    stream.push(message.value)
+            case p.End():
+                call = self._take(message.id)
+                if call is not None:
+                    call.end()
+            case p.Failure():
+                call = self._take(message.id)
+                if call is not None:
+                    self._on_failure(call, message)
+            case p.Log():
+                self.log.log(message.level, "%s", message.message)
+            case p.HostCall():
+                if self._on_host_call is not None:
+                    self._on_host_call(self, message)
+            case p.Pong():
+                answered = self._pings.get(message.id)
+                if answered is not None:
+                    answered.set()
+            case p.Hello():
+                self._on_hello(message)
+            case p.StartupFailed():
+                self._startup_failure = message
+                self._ready.set()
+            case p.Goodbye():
+                self._planned_reason = self._planned_reason or message.reason
+
+    def _on_failure(self, call: PendingCall, failure: p.Failure) -> None:
+        if failure.kind == p.FailureKind.WITHDRAWN and self._on_unstarted is not None:
+            self._on_unstarted(call)  # it never started: the pool sends it elsewhere
+        elif failure.kind == p.FailureKind.CANCELLED and not call.abandoned:
+            # Not cancelled by its caller: the worker is shutting down.
+            call.fail(
+                PoolClosed(f"{self.describe()} stopped before call {call.command!r} finished")
+            )
+        else:
+            if call.mode == p.CallMode.CAST:
+                self.log.warning(
+                    "cast %r failed: %s: %s", call.command, failure.type, failure.message
+                )
+            call.fail(failure_to_exception(failure))
 
     def _on_hello(self, hello: p.Hello) -> None:
         if hello.version != p.PROTOCOL_VERSION:
@@ -776,32 +585,26 @@ class WorkerHandle:
 
     # --- death -----------------------------------------------------------------
 
-    async def _reap(self) -> None:
-        """Make sure the process is gone, then fail what was in flight (once)."""
-        if self._reaping or self._process is None:
-            return
-        self._reaping = True
+    async def _until_gone(self) -> int:
+        """Its output ended: make sure the process is gone (what it started too); its exit code."""
         self.state = WorkerState.STOPPING  # from now on no call is routed here
-        process = self._process
+        transport = self._transport
         with anyio.move_on_after(_STDOUT_CLOSED_GRACE) as waited:
-            await process.wait()
+            await transport.wait()
         if waited.cancelled_caught:
             self.kill("closed its stdout but did not exit")
         self.signal_group(signal.SIGKILL)  # children of a dead worker go too
-        exit_code = await process.wait()
+        exit_code = await transport.wait()
         if self._limits is not None:  # (and its cgroups and scratch directory go: a thread)
             self.limit_crossed = await anyio.to_thread.run_sync(
                 self._limits.crossed, self.pid, exit_code
             )
-        with anyio.move_on_after(_STDERR_SETTLE):
-            await self._stderr_done.wait()
-        with contextlib.suppress(Exception):
-            await process.aclose()
-        if self._stderr_transport is not None:
-            self._stderr_transport.close()
+        return exit_code
+
+    def _exited(self, exit_code: int | None) -> None:
+        """The process is gone and its stderr read: fail what was in flight, tell the pool."""
         self.exit_info = self._exit_info(exit_code)
         self.state = WorkerState.EXITED
-        self._outbox_in.close()
         self._fail_pending(self.exit_info)
         self._ready.set()
         self.exited.set()
@@ -911,100 +714,3 @@ def format_exit(info: ExitInfo | None) -> dict[str, Any]:
         "reason": info.reason,
         "lifetime": info.lifetime,
     }
-
-
-#: Protocol pipes get this much kernel buffer (Linux; the default is 64 KiB):
-#: a 1 MiB frame then crosses in one write instead of sixteen hand-offs.
-_PIPE_BYTES = 1 << 20
-#: Reads of small answers take up to this much. Not asyncio's 256 KiB: a
-#: buffer over glibc's 128 KiB mmap threshold can be mapped and unmapped on
-#: every read (until glibc raises its threshold), about 15 us each on this
-#: kind of machine, more than a call costs.
-_SMALL_READ = 64 * 1024
-
-
-def _enlarge_pipe(fd: int) -> None:
-    """Best effort: the limit is /proc/sys/fs/pipe-max-size (1 MiB by default)."""
-    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
-    if set_size is not None:
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(fd, set_size, _PIPE_BYTES)
-
-
-async def _spawn(launch: WorkerLaunch, stdin: int, stdout: int, stderr: int) -> anyio.abc.Process:
-    """A fresh interpreter for the worker (not forked from a template)."""
-    return await anyio.open_process(
-        list(launch.argv),
-        stdin=stdin,
-        stdout=stdout,
-        stderr=stderr,
-        env=launch.env,
-        cwd=launch.cwd,
-        start_new_session=True,  # its own process group, killed as one
-    )
-
-
-class _StdoutReader(asyncio.Protocol):
-    """asyncio: decodes the worker's stdout as it arrives (no task in between)."""
-
-    def __init__(self, handle: WorkerHandle) -> None:
-        self.handle = handle
-        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.transport: asyncio.BaseTransport | None = None
-        self._large_reads = False  # max_size was raised for a large frame
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-        if hasattr(transport, "max_size"):  # (asyncio's pipe transport; uvloop has none)
-            transport.max_size = _SMALL_READ
-
-    def data_received(self, data: bytes) -> None:
-        if self.ended.done():
-            return
-        if self.handle.feed_stdout(data):
-            self._end()
-            return
-        if self._large_reads or len(data) >= _SMALL_READ:  # (a full read: maybe a large frame)
-            self._adapt_read_size()
-
-    def _adapt_read_size(self) -> None:
-        """asyncio reads up to max_size bytes (a fresh bytes object each time):
-        large while a large frame is arriving, small otherwise, since a 1 MiB
-        allocation per read costs more than a small call. (Checked only after
-        a large read, or while reads are large: small replies skip it.)
-        """
-        size = min(max(self.handle.missing_bytes, _SMALL_READ), _PIPE_BYTES)
-        self._large_reads = size > _SMALL_READ
-        if getattr(self.transport, "max_size", size) != size:
-            self.transport.max_size = size  # type: ignore[union-attr]
-
-    def eof_received(self) -> bool:
-        if not self.ended.done():
-            self.handle.feed_stdout(b"")
-            self._end()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._end()
-
-    def _end(self) -> None:
-        if not self.ended.done():
-            self.ended.set_result(None)
-
-
-class _StderrReader(asyncio.Protocol):
-    """asyncio: the worker's stderr, line by line, to logging and the crash tail."""
-
-    def __init__(self, handle: WorkerHandle) -> None:
-        self.handle = handle
-        self.lines = LineSplitter(handle._stderr_line)
-
-    def data_received(self, data: bytes) -> None:
-        self.lines.feed(data)
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lines.close()
-        self.handle._stderr_done.set()

@@ -15,10 +15,15 @@ from ._client import RemoteSession as RemoteSession
 from ._client import connect as connect
 
 if TYPE_CHECKING:
+    from ._server import ConnectionStatistics as ConnectionStatistics
     from ._server import ServerStatistics as ServerStatistics
     from ._server import SocketServer as SocketServer
 
-_LAZY = {"ServerStatistics": "._server", "SocketServer": "._server"}
+_LAZY = {
+    "ConnectionStatistics": "._server",
+    "ServerStatistics": "._server",
+    "SocketServer": "._server",
+}
 
 
 __getattr__ = lazy_exports(__name__, _LAZY)
@@ -26,6 +31,7 @@ __getattr__ = lazy_exports(__name__, _LAZY)
 
 __all__ = [
     "Client",
+    "ConnectionStatistics",
     "RemotePool",
     "RemoteSession",
     "ServerStatistics",

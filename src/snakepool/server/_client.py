@@ -1,27 +1,28 @@
 """``snakepool.connect()``: a Python client for the socket server, with the Pool API.
 
 ``async with snakepool.connect() as client: await client["general"].call("echo", {...})``
+
+One connection, shared by every task that uses the client: requests are
+written in one write per event-loop iteration, answers are decoded in
+batches and handed to the waiting task by request id. Streams take at most
+``STREAM_WINDOW`` items ahead of their reader (credit granted as it reads).
+The client runs on asyncio.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
+import collections
 import itertools
-import math
 import os
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
-
-import anyio
-import anyio.abc
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from typing import Any, Self, cast
 
 from .._paths import default_socket_path, default_token_path
 from ..errors import ProtocolError
-from ..protocol import NEED_DATA, Sentinel
-from ._wire import CLIENT_PROTOCOL_VERSION, error_from_wire, new_decoder, new_encoder
+from ._wire import CLIENT_PROTOCOL_VERSION, STREAM_WINDOW, error_from_wire, new_decoder, new_encoder
 
 # (thin: this module imports no pool machinery, nor tenacity or psutil)
 __all__ = [
@@ -33,6 +34,9 @@ __all__ = [
     "default_token_path",
 ]
 
+_CLOSED = "the connection to the server is closed"
+_READ_BUFFER_BYTES = 256 * 1024
+
 
 def connect(
     path: str | os.PathLike[str] | None = None,
@@ -42,6 +46,136 @@ def connect(
 ) -> Client:
     """A client for a ``snakepool up`` server; use it with ``async with``."""
     return Client(path, tcp=tcp, token=token)
+
+
+class _Stream:
+    """The frames of one stream request, as they come (at most its window ahead)."""
+
+    __slots__ = ("frames", "waiter")
+
+    def __init__(self) -> None:
+        self.frames: collections.deque[dict[str, Any]] = collections.deque()
+        self.waiter: asyncio.Future[None] | None = None
+
+    def put(self, frame: dict[str, Any]) -> None:
+        self.frames.append(frame)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """The socket: frames out (batched), frames in (routed by request id)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.encoder = new_encoder()
+        self.decoder = new_decoder()
+        self.waiting: dict[int, asyncio.Future[dict[str, Any]] | _Stream] = {}
+        self.broken: BaseException | None = None
+        self.closed: asyncio.Future[None] = self.loop.create_future()
+        self._out: list[bytes] = []
+        self._flush_soon = False
+        self._writable: asyncio.Future[None] | None = None  # while the server is not reading
+        self._buffer = memoryview(bytearray(_READ_BUFFER_BYTES))  # (none allocated per read)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # (duck-typed: uvloop's transports do not subclass asyncio's)
+        self.transport = cast(asyncio.Transport, transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        decoder = self.decoder
+        try:
+            with self._buffer[:nbytes] as data:
+                decoder.feed(data)
+            while True:
+                frame = decoder.next_frame()
+                if type(frame) is not dict:
+                    break
+                self._route(frame)
+        except ProtocolError as exc:
+            self._break(ConnectionError(f"the server sent something unreadable: {exc}"))
+            if self.transport is not None:
+                self.transport.abort()
+
+    def _route(self, frame: dict[str, Any]) -> None:
+        kind = frame.get("t")
+        if kind == "error":
+            self._break(ConnectionError(f"the server dropped this client: {frame.get('e')}"))
+            return
+        target = self.waiting.get(0 if kind == "welcome" else frame.get("i", -1))
+        if type(target) is _Stream:
+            target.put(frame)
+        elif target is not None:
+            assert isinstance(target, asyncio.Future)
+            if not target.done():
+                target.set_result(frame)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._break(ConnectionError("the server closed the connection"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self.resume_writing()
+
+    def _break(self, why: BaseException) -> None:
+        """Every request waiting learns that no answer will come."""
+        if self.broken is None:
+            self.broken = why
+        for target in self.waiting.values():
+            if type(target) is _Stream:
+                target.put({"t": "broken"})
+            elif isinstance(target, asyncio.Future) and not target.done():
+                target.set_result({"t": "broken"})
+
+    def pause_writing(self) -> None:
+        self._writable = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        writable, self._writable = self._writable, None
+        if writable is not None and not writable.done():
+            writable.set_result(None)
+
+    # --- sending ----------------------------------------------------------------------
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Queue ``message``: everything queued in one loop iteration leaves in one
+        write (at once when it is the only request waiting: nothing to share with)."""
+        transport = self.transport
+        if self.broken is not None or transport is None:
+            raise ConnectionError(str(self.broken or _CLOSED))
+        frame = self.encoder.encode(message)
+        if not self._flush_soon:
+            if len(self.waiting) <= 1:
+                transport.write(frame)
+                return
+            self._flush_soon = True
+            self.loop.call_soon(self._flush)
+        self._out.append(frame)
+
+    async def writable(self) -> None:
+        """Return once the server reads again (it holds this client back meanwhile)."""
+        while self._writable is not None:
+            await asyncio.shield(self._writable)
+
+    def _flush(self) -> None:
+        self._flush_soon = False
+        out, self._out = self._out, []
+        transport = self.transport
+        if out and transport is not None and not transport.is_closing():
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def answer_of(self, reply: dict[str, Any]) -> dict[str, Any]:
+        """``reply`` if it is an answer; raises what a ``failure`` stands for."""
+        kind = reply.get("t")
+        if kind == "failure":
+            raise error_from_wire(reply)
+        if kind == "broken":
+            raise ConnectionError(str(self.broken or _CLOSED))
+        return reply
 
 
 class Client:
@@ -58,42 +192,39 @@ class Client:
         self.tcp = tcp
         self.token = token
         self.pools: list[str] = []
+        #: The client protocol version the server agreed to.
+        self.version: int | None = None
         self._ids = itertools.count(1)
-        self._encoder = new_encoder()
-        self._decoder = new_decoder()
-        self._replies: dict[int, MemoryObjectSendStream[dict[str, Any]]] = {}
-        self._stream: anyio.abc.ByteStream | None = None
-        self._tg: anyio.abc.TaskGroup | None = None
-        self._send_lock = anyio.Lock()
-        self._broken: BaseException | None = None
+        self._connection: _Connection | None = None
 
     async def __aenter__(self) -> Self:
+        loop = asyncio.get_running_loop()
+        connection = _Connection()
         try:
             if self.tcp is not None:
-                self._stream = await anyio.connect_tcp(*self.tcp)
+                await loop.create_connection(lambda: connection, *self.tcp)
             else:
                 assert self.path is not None
-                self._stream = await anyio.connect_unix(self.path)
+                await loop.create_unix_connection(lambda: connection, str(self.path))
         except OSError as exc:
             where = f"{self.tcp[0]}:{self.tcp[1]}" if self.tcp else str(self.path)
             raise ConnectionError(
                 f"no snakepool server at {where} ({exc}); start one with 'snakepool up'"
             ) from None
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
+        self._connection = connection
         try:
-            self._tg.start_soon(self._read_loop)
             hello: dict[str, Any] = {"t": "hello", "v": CLIENT_PROTOCOL_VERSION}
             token = self.token
             if self.tcp is not None and token is None and default_token_path().exists():
                 token = default_token_path().read_text().strip()
             if token is not None:
                 hello["k"] = token
-            welcome = await self._exchange(0, hello)
+            welcome = await self._exchange(hello, request_id=0)
         except BaseException:
-            await self.aclose()  # (not under another scope: the group must exit in order)
+            await self.aclose()
             raise
         self.pools = list(welcome.get("pools", []))
+        self.version = welcome.get("v")
         return self
 
     async def __aexit__(
@@ -105,20 +236,28 @@ class Client:
         await self.aclose()
 
     async def aclose(self) -> None:
-        if self._stream is not None:
-            await self._stream.aclose()
-        if self._tg is not None:
-            self._tg.cancel_scope.cancel()
-            await self._tg.__aexit__(None, None, None)
-            self._tg = None
+        connection = self._connection
+        if connection is None or connection.transport is None:
+            return
+        connection._flush()
+        connection.transport.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(connection.closed), 1.0)
+        except TimeoutError:
+            connection.transport.abort()
 
     def __getitem__(self, pool: str) -> RemotePool:
         return RemotePool(self, pool)
 
     async def status(self) -> dict[str, Any]:
         """Every pool's statistics, as maps."""
-        reply = await self._exchange(next(self._ids), {"t": "status"})
-        result: dict[str, Any] = reply["r"]
+        result: dict[str, Any] = (await self._exchange({"t": "status"}))["r"]
+        return result
+
+    async def server_statistics(self) -> dict[str, Any]:
+        """The server's own statistics, as a map: its counters, and each
+        connection open now (this one included) with its own."""
+        result: dict[str, Any] = (await self._exchange({"t": "connections"}))["r"]
         return result
 
     def logs(
@@ -128,7 +267,7 @@ class Client:
         ``follow``, each new one: maps with pool, worker, time, level, line, dropped."""
         message: dict[str, Any] = {"t": "logs", "p": pool, "n": last, "f": follow}
         if worker is not None:
-            message["w"] = worker
+            message["u"] = worker
         return self._items(message)
 
     def subscribe(
@@ -148,112 +287,69 @@ class Client:
         return self._items(message)
 
     async def _items(self, message: dict[str, Any]) -> AsyncIterator[Any]:
-        """Send a request answered by ``item`` frames (then ``end``); leaving the
-        loop early cancels it on the server."""
+        """Send a request answered by ``item`` frames, then ``end`` (a stream,
+        ``logs``, ``subscribe``); leaving the loop early cancels it on the server.
+        The server sends at most ``STREAM_WINDOW`` items ahead of this loop."""
+        connection = self._open()
         request_id = next(self._ids)
-        replies = self._open_reply(request_id)
-        message["i"] = request_id
+        message["i"], message["w"] = request_id, STREAM_WINDOW
+        stream = _Stream()
+        connection.waiting[request_id] = stream
         finished = False
+        taken = 0
         try:
-            await self._send(message)
-            async for reply in replies:
-                if reply.get("t") == "item":
-                    yield reply.get("r")
-                    continue
-                finished = True
-                _unwrap(reply)
-                return
-            raise ConnectionError(str(self._broken or "the server closed the connection"))
+            await connection.writable()
+            connection.send(message)
+            frames = stream.frames
+            while True:
+                while not frames:
+                    stream.waiter = connection.loop.create_future()
+                    await stream.waiter
+                frame = frames.popleft()
+                if frame.get("t") != "item":
+                    finished = True
+                    connection.answer_of(frame)  # (raises a failure)
+                    return
+                yield frame.get("r")
+                taken += 1
+                if taken >= STREAM_WINDOW // 2:  # the server may send this many more
+                    connection.send({"t": "credit", "i": request_id, "n": taken})
+                    taken = 0
         finally:
-            self._replies.pop(request_id, None)
-            replies.close()
-            if not finished:
-                await self._cancel(request_id)
+            del connection.waiting[request_id]
+            if not finished and connection.broken is None:
+                connection.send({"t": "cancel", "i": request_id})
 
     # --- the wire ------------------------------------------------------------------
 
-    async def _send(self, message: dict[str, Any]) -> None:
-        if self._broken is not None or self._stream is None:
-            raise ConnectionError(str(self._broken or "the connection to the server is closed"))
-        frame = self._encoder.encode(message)
-        async with self._send_lock:
-            await self._stream.send(frame)
+    def _open(self) -> _Connection:
+        connection = self._connection
+        if connection is None:
+            raise ConnectionError("the client is not connected: use 'async with connect(...)'")
+        return connection
 
-    def _open_reply(self, request_id: int) -> MemoryObjectReceiveStream[dict[str, Any]]:
-        send, receive = anyio.create_memory_object_stream[dict[str, Any]](math.inf)
-        self._replies[request_id] = send
-        return receive
-
-    async def _exchange(self, request_id: int, message: dict[str, Any]) -> dict[str, Any]:
-        """Send one request and wait for its one answer (raises a failure as an exception)."""
-        replies = self._open_reply(request_id)
+    async def _exchange(
+        self, message: dict[str, Any], request_id: int | None = None
+    ) -> dict[str, Any]:
+        """Send one request and wait for its one answer (a failure raises);
+        cancelled meanwhile, it is cancelled on the server too."""
+        connection = self._open()
+        if request_id is None:
+            request_id = message["i"] = next(self._ids)
+        reply = connection.loop.create_future()
+        connection.waiting[request_id] = reply
         try:
-            if request_id:
-                message["i"] = request_id
-            await self._send(message)
-            try:
-                reply = await replies.receive()
-            except anyio.EndOfStream:
-                raise ConnectionError(
-                    str(self._broken or "the server closed the connection")
-                ) from None
-        except BaseException:
-            if request_id and request_id in self._replies:
-                await self._cancel(request_id)
+            if connection._writable is not None:
+                await connection.writable()
+            connection.send(message)
+            frame = await reply
+        except asyncio.CancelledError:
+            if request_id and not reply.done() and connection.broken is None:
+                connection.send({"t": "cancel", "i": request_id})
             raise
         finally:
-            self._replies.pop(request_id, None)
-            replies.close()
-        return _unwrap(reply)
-
-    async def _cancel(self, request_id: int) -> None:
-        with (
-            anyio.CancelScope(shield=True),
-            anyio.move_on_after(1.0),
-            contextlib.suppress(Exception),
-        ):
-            await self._send({"t": "cancel", "i": request_id})
-
-    async def _read_loop(self) -> None:
-        assert self._stream is not None
-        try:
-            while True:
-                try:
-                    data = await self._stream.receive(256 * 1024)
-                except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    self._broken = ConnectionError("the server closed the connection")
-                    return
-                self._decoder.feed(data)
-                while True:
-                    frame = self._decoder.next_frame()
-                    if frame is NEED_DATA or isinstance(frame, Sentinel):
-                        break
-                    self._route(frame)
-        except ProtocolError as exc:
-            self._broken = exc
-        finally:
-            for stream in self._replies.values():
-                stream.close()
-
-    def _route(self, frame: dict[str, Any]) -> None:
-        kind = frame.get("t")
-        if kind in ("welcome", "denied"):
-            target = self._replies.get(0)
-        elif kind == "error":
-            self._broken = ConnectionError(f"the server dropped this client: {frame.get('e')}")
-            for stream in self._replies.values():
-                stream.close()
-            return
-        else:
-            target = self._replies.get(frame.get("i", -1))
-        if target is not None:
-            target.send_nowait(frame)
-
-
-def _unwrap(reply: dict[str, Any]) -> dict[str, Any]:
-    if reply.get("t") == "failure":
-        raise error_from_wire(reply)
-    return reply
+            del connection.waiting[request_id]
+        return connection.answer_of(frame)
 
 
 class RemotePool:
@@ -271,14 +367,19 @@ class RemotePool:
         timeout: float | None = None,
         session: str | None = None,
     ) -> Any:
-        message = self._call_message(command, args, "call", timeout, session)
-        return (await self.client._exchange(next(self.client._ids), message))["r"]
+        if timeout is None and session is None:  # (the usual call, in short)
+            message = {"t": "call", "p": self.name, "c": command, "a": _args(args)}
+        else:
+            message = self._call_message(command, args, "call", timeout, session)
+        return (await self.client._exchange(message))["r"]
 
     async def cast(
         self, command: str, args: Mapping[str, Any] | None = None, *, session: str | None = None
     ) -> None:
+        """Returns once the server has the call queued (or, for a session, checked):
+        its failures are logged by the server, never raised here."""
         message = self._call_message(command, args, "cast", None, session)
-        await self.client._exchange(next(self.client._ids), message)
+        await self.client._exchange(message)
 
     async def stream(
         self,
@@ -288,10 +389,16 @@ class RemotePool:
         timeout: float | None = None,
         session: str | None = None,
     ) -> AsyncIterator[Any]:
-        """Items of a stream command; leaving the loop early cancels it on the server."""
+        """Items of a stream command; leaving the loop early cancels it on the server.
+
+        ``timeout`` bounds the wait for each item. The server sends at most
+        ``STREAM_WINDOW`` items ahead of this loop.
+        """
         message = self._call_message(command, args, "stream", timeout, session)
         async for item in self.client._items(message):
             yield item
+
+    # (the rest of a stream's route is Client._items, shared with logs and subscribe)
 
     def _call_message(
         self,
@@ -305,7 +412,7 @@ class RemotePool:
             "t": "call",
             "p": self.name,
             "c": command,
-            "a": dict(args or {}),
+            "a": _args(args),
             "m": mode,
         }
         if timeout is not None:
@@ -322,6 +429,10 @@ class RemotePool:
         return result
 
 
+def _args(args: Mapping[str, Any] | None) -> dict[str, Any]:
+    return args if type(args) is dict else dict(args or {})
+
+
 class RemoteSession:
     """A session of a remote pool; ``async with`` opens and closes it."""
 
@@ -335,7 +446,7 @@ class RemoteSession:
         if self.id is None and op != "open":
             await self.open()
         message = {"t": "session", "p": self.pool.name, "op": op, "s": self.id, "a": args}
-        return (await self.pool.client._exchange(next(self.pool.client._ids), message))["r"]
+        return (await self.pool.client._exchange(message))["r"]
 
     async def open(self) -> Self:
         self.id = await self._op("open", **({"ttl": self.ttl} if self.ttl else {}))
@@ -353,6 +464,11 @@ class RemoteSession:
             await self.open()
         async for item in self.pool.stream(command, args, session=self.id, **kwargs):
             yield item
+
+    async def cast(self, command: str, args: Mapping[str, Any] | None = None) -> None:
+        if self.id is None:
+            await self.open()
+        await self.pool.cast(command, args, session=self.id)
 
     async def close(self) -> None:
         if self.id is not None:
@@ -375,20 +491,31 @@ class _RemoteVariables:
         self._session = session
 
     async def define(
-        self, name: str, type: str, initial: Any, constraints: Mapping[str, Any] | None = None
+        self,
+        name: str,
+        type: str,
+        initial: Any,
+        constraints: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> None:
-        await self._session._op(
-            "define", name=name, type=type, initial=initial, constraints=constraints
-        )
+        args: dict[str, Any] = {"name": name, "type": type, "initial": initial}
+        if constraints is not None:
+            args["constraints"] = dict(constraints)
+        if metadata is not None:
+            args["metadata"] = dict(metadata)
+        await self._session._op("define", **args)
 
     async def get(self, name: str, default: Any = None) -> Any:
         return await self._session._op("get", name=name, default=default)
 
     async def set(self, name: str, value: Any, metadata: Mapping[str, Any] | None = None) -> None:
-        await self._session._op("set", name=name, value=value, metadata=metadata)
+        args: dict[str, Any] = {"name": name, "value": value}
+        if metadata is not None:
+            args["metadata"] = dict(metadata)
+        await self._session._op("set", **args)
 
     async def get_many(self, names: list[str]) -> dict[str, Any]:
-        result: dict[str, Any] = await self._session._op("get_many", names=names)
+        result: dict[str, Any] = await self._session._op("get_many", names=list(names))
         return result
 
     async def set_many(self, values: Mapping[str, Any]) -> None:

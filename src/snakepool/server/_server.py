@@ -1,81 +1,69 @@
 """The local socket server: every pool of a supervisor, for clients in any language.
 
-One task per client connection reads frames and starts one task per request;
-answers go back on the same connection, tagged with the request id. A client
-is trusted with nothing: a garbage or oversized frame, one that would decode
-into too much memory, a flood beyond its in-flight limit, a missing token, no
-``hello`` within ``hello_timeout``, or a client that stops reading gets an
-``error`` frame (when possible) and is dropped alone. Its calls are cancelled
-in the pools; other clients and the pools carry on. An unexpected exception
-while serving one connection (a bug) closes that connection alone; it is
-logged with its traceback and counted in :meth:`SocketServer.statistics`.
+Each client connection is an asyncio protocol (:mod:`._connection`): it
+decodes requests as they arrive, runs each in its pool, and writes the
+answers back, tagged with the request id, in one write per event-loop
+iteration. Requests of one session take effect in the order sent; a
+connection past its bounds (requests running, bytes held) is held back, not
+refused. A client is trusted with nothing: a garbage or oversized frame, one
+that would decode into too much memory, a missing token, no ``hello`` within
+``hello_timeout``, or a client that takes none of its answers for 30 s gets
+an ``error`` frame (when possible) and is dropped alone. Its calls are
+cancelled in the pools; other clients and the pools carry on. An unexpected
+exception while serving one connection (a bug) closes that connection alone;
+it is logged with its traceback and counted in :meth:`SocketServer.statistics`.
 
 Shutting down gracefully: :meth:`SocketServer.drain` makes every new call
 and session operation fail with ``PoolClosed`` (the requests in flight carry
 on); close the pools (they drain their calls), wait for
-:meth:`SocketServer.wait_idle` (every answer sent), then cancel ``serve``.
+:meth:`SocketServer.wait_idle` (every answer handed to its socket), then
+cancel ``serve``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import hmac
 import ipaddress
 import logging
 import os
 import secrets
+import socket
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.abc
-import anyio.to_thread
 
-from ..errors import PoolClosed, PoolOverloaded, ProtocolError, SessionExpired, SessionNotFound
-from ..observability._remote import OBSERVE_REQUESTS, observe
 from ..pool import Pool
-from ..protocol import NEED_DATA, Sentinel
-from ._wire import (
-    CLIENT_PROTOCOL_VERSION,
-    DECODE_FACTOR,
-    HELLO_TIMEOUT,
-    MAX_CLIENT_FRAME,
-    error_to_wire,
-    jsonable,
-    new_decoder,
-    new_encoder,
-)
+from ._connection import Connection, ConnectionStatistics
+from ._wire import DECODE_FACTOR, HELLO_TIMEOUT, MAX_CLIENT_FRAME
 
-__all__ = ["HELLO_TIMEOUT", "ServerStatistics", "SocketServer"]
+__all__ = ["HELLO_TIMEOUT", "ConnectionStatistics", "ServerStatistics", "SocketServer"]
 
 _log = logging.getLogger("snakepool.server")
-_READ_CHUNK = 256 * 1024
-_SEND_TIMEOUT = 30.0  # a client that does not read for this long is dropped
-_HELLO_FRAME_BYTES = 64 * 1024
 _ACCEPT_BACKOFF = 0.1  # after a failed accept (out of file descriptors, ...)
-#: Frames this large are measured and decoded in a worker thread, so that one
-#: client's big frame (about 0.1 s a MiB of small values) holds up nobody else.
-_DECODE_IN_THREAD = 512 * 1024
-_SESSION_OPS = frozenset({"open", "close", "define", "get", "set", "get_many", "set_many"})
-
-
-class _Drop(Exception):
-    """This client must go (with ``message`` in an ``error`` frame)."""
+_READ_BUFFER_BYTES = 256 * 1024
+#: Per connection, by default: requests running at once, and bytes held
+#: (requests held back and running, answers the client has not taken).
+MAX_INFLIGHT_PER_CLIENT = 256
+MAX_BYTES_PER_CLIENT = 16 * 2**20
 
 
 @dataclass(frozen=True, slots=True)
 class ServerStatistics:
-    """A snapshot of a :class:`SocketServer`'s connections."""
+    """A snapshot of a :class:`SocketServer` and its connections."""
 
     clients: int  #: connections open now
     accepted: int  #: connections accepted since the server started
     dropped: int  #: connections closed for breaking the rules (an ``error`` frame, then gone)
     connection_errors: int  #: connections closed by an unexpected error in the server (a bug)
     accept_errors: int  #: failed accepts (e.g. out of file descriptors); the server carried on
+    connections: tuple[ConnectionStatistics, ...] = ()  #: each connection open now
 
 
 class SocketServer:
@@ -84,6 +72,11 @@ class SocketServer:
     ``hello_timeout``: seconds a new connection has to complete its ``hello``
     (None: no limit). ``decode_factor``: a client frame of n bytes may decode
     into at most ``decode_factor * n`` bytes of objects, plus 1 MiB.
+    ``max_inflight_per_client`` and ``max_bytes_per_client`` bound what one
+    connection has running and held; past them it is held back (its requests
+    wait, then the server stops reading it), never refused.
+
+    The server runs on asyncio (each connection is an asyncio protocol).
     """
 
     def __init__(
@@ -94,7 +87,8 @@ class SocketServer:
         tcp: tuple[str, int] | None = None,
         allow_remote: bool = False,
         token: str | None = None,
-        max_inflight_per_client: int = 256,
+        max_inflight_per_client: int = MAX_INFLIGHT_PER_CLIENT,
+        max_bytes_per_client: int = MAX_BYTES_PER_CLIENT,
         max_frame_bytes: int = MAX_CLIENT_FRAME,
         hello_timeout: float | None = HELLO_TIMEOUT,
         decode_factor: int = DECODE_FACTOR,
@@ -110,11 +104,18 @@ class SocketServer:
             raise ValueError(f"hello_timeout must be positive (or None), not {hello_timeout!r}")
         if decode_factor < 1:
             raise ValueError(f"decode_factor must be at least 1, not {decode_factor!r}")
+        for name, bound in (
+            ("max_inflight_per_client", max_inflight_per_client),
+            ("max_bytes_per_client", max_bytes_per_client),
+        ):
+            if type(bound) is not int or bound < 1:
+                raise ValueError(f"{name} must be an integer >= 1, not {bound!r}")
         self.pools = pools
         self.socket_path = Path(socket_path) if socket_path is not None else None
         self.tcp = tcp
         self.token = token or (secrets.token_urlsafe(32) if tcp is not None else None)
         self.max_inflight_per_client = max_inflight_per_client
+        self.max_bytes_per_client = max_bytes_per_client
         self.max_frame_bytes = max_frame_bytes
         self.hello_timeout = hello_timeout
         self.decode_factor = decode_factor
@@ -127,8 +128,10 @@ class SocketServer:
         self._socket_id: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket
         self._listeners: list[tuple[anyio.abc.Listener[Any], bool]] | None = None
         self._draining = False
-        self._connections: set[_Client] = set()
-        self._changed: anyio.Event | None = None  # set when a request or connection ends
+        self._connections: dict[Connection, None] = {}  # (in the order accepted)
+        self._changed: asyncio.Event | None = None  # set when a request or connection ends
+        #: Where every connection reads into (no buffer allocated per read).
+        self._read_buffer = memoryview(bytearray(_READ_BUFFER_BYTES))
 
     def statistics(self) -> ServerStatistics:
         return ServerStatistics(
@@ -137,6 +140,7 @@ class SocketServer:
             dropped=self.dropped,
             connection_errors=self.connection_errors,
             accept_errors=self.accept_errors,
+            connections=tuple(c.statistics() for c in self._connections),
         )
 
     @property
@@ -146,8 +150,9 @@ class SocketServer:
 
     @property
     def requests_in_flight(self) -> int:
-        """Requests (calls, streams, session operations) not yet answered, all clients."""
-        return sum(len(client.inflight) for client in self._connections)
+        """Requests (calls, streams, session operations) not yet answered, of all
+        clients: running, held back, and session casts acknowledged but not yet run."""
+        return sum(len(c.inflight) + len(c.held) + len(c.background) for c in self._connections)
 
     def drain(self) -> None:
         """From now on, answer every new call and session operation with ``PoolClosed``.
@@ -160,14 +165,26 @@ class SocketServer:
         self._draining = True
 
     async def wait_idle(self) -> None:
-        """Return once no request of any client is in flight (answers sent)."""
+        """Return once no request of any client is in flight (every answer handed
+        to its socket)."""
         while self.requests_in_flight:
-            self._changed = anyio.Event()
+            self._changed = asyncio.Event()
             await self._changed.wait()
+        for connection in self._connections:
+            connection.flush()
 
     def _request_finished(self) -> None:
         if self._changed is not None:
             self._changed.set()
+
+    def _connection_opened(self, connection: Connection) -> None:
+        self.clients += 1
+        self._connections[connection] = None
+
+    def _connection_closed(self, connection: Connection) -> None:
+        if self._connections.pop(connection, False) is None:
+            self.clients -= 1
+        self._request_finished()
 
     async def bind(self) -> None:
         """Create the listeners (the socket file appears), without accepting yet.
@@ -218,9 +235,12 @@ class SocketServer:
             async with anyio.create_task_group() as tg:
                 for listener, needs_token in self._listeners:
                     for single in getattr(listener, "listeners", [listener]):  # (MultiListener)
-                        tg.start_soon(self._accept_loop, single, self._handler(needs_token), tg)
+                        acceptor = _Acceptor(single)
+                        tg.start_soon(self._accept_loop, acceptor, self._handler(needs_token), tg)
                 task_status.started()
         finally:
+            for connection in list(self._connections):
+                connection.close()  # (what is queued still leaves; its calls are cancelled)
             await self.aclose()
 
     def _remove_our_socket(self) -> None:
@@ -233,11 +253,9 @@ class SocketServer:
                 self.socket_path.unlink()
         self._socket_id = None
 
-    async def _accept_loop(
-        self, listener: anyio.abc.Listener[Any], handler: Any, tg: anyio.abc.TaskGroup
-    ) -> None:
+    async def _accept_loop(self, listener: Any, handler: Any, tg: anyio.abc.TaskGroup) -> None:
         """Accept connections until the listener closes; a failed accept is not the end."""
-        accept = listener.accept  # type: ignore[attr-defined]
+        accept = listener.accept
         while True:
             try:
                 stream = await accept()
@@ -267,25 +285,46 @@ class SocketServer:
             self._socket_id = (bound.st_dev, bound.st_ino)
         return listener
 
-    def _handler(self, needs_token: bool) -> Any:
-        async def handle(stream: anyio.abc.ByteStream) -> None:
-            self.clients += 1
-            client = _Client(self, stream, needs_token)
-            self._connections.add(client)
+    def _handler(self, needs_token: bool) -> Callable[[socket.socket], Coroutine[Any, Any, None]]:
+        async def handle(sock: socket.socket) -> None:
+            loop = asyncio.get_running_loop()
+            if sock.family != socket.AF_UNIX:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                peer = _peer_name(sock)
+            else:
+                peer = "unix"
+            connection = Connection(self, self.accepted, peer, needs_token)
             try:
-                await client.run()
-            except Exception:  # a bug: this connection alone ends (_Client.run closed it)
-                self.connection_errors += 1
-                _log.exception(
-                    "snakepool server: an unexpected error closed a client connection "
-                    "(the server and its other connections carry on)"
-                )
-            finally:
-                self.clients -= 1
-                self._connections.discard(client)
-                self._request_finished()
+                await loop.connect_accepted_socket(lambda: connection, sock)
+            except OSError as exc:  # (the client left at once)
+                sock.close()
+                _log.debug("snakepool server: a connection ended before it started: %s", exc)
 
         return handle
+
+
+class _Acceptor:
+    """Accepts plain sockets on a bound listener's socket, to be served by an
+    asyncio protocol (far cheaper per request than a byte stream and a task)."""
+
+    def __init__(self, listener: anyio.abc.Listener[Any]) -> None:
+        self._socket: socket.socket = listener.extra(anyio.abc.SocketAttribute.raw_socket)
+
+    async def accept(self) -> socket.socket:
+        if self._socket.fileno() < 0:
+            raise anyio.ClosedResourceError
+        sock, _ = await asyncio.get_running_loop().sock_accept(self._socket)
+        sock.setblocking(False)
+        return sock
+
+
+def _peer_name(sock: socket.socket) -> str:
+    try:
+        host, port, *_ = sock.getpeername()
+    except (OSError, ValueError):
+        return "tcp"
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 def _named(exc: OSError, what: str) -> OSError:
@@ -396,260 +435,6 @@ async def _private_unix_listener(path: Path) -> anyio.abc.Listener[Any]:
             staging.rmdir()
 
 
-class _Client:
-    """One client connection."""
-
-    def __init__(
-        self, server: SocketServer, stream: anyio.abc.ByteStream, needs_token: bool
-    ) -> None:
-        self.server = server
-        self.stream = stream
-        self.needs_token = needs_token
-        # Until it has said hello (with its token), a client gets small frames only.
-        self.decoder = new_decoder(
-            min(_HELLO_FRAME_BYTES, server.max_frame_bytes), decode_factor=server.decode_factor
-        )
-        self.encoder = new_encoder(server.max_frame_bytes)
-        self.send_lock = anyio.Lock()
-        self.inflight: dict[int, anyio.CancelScope] = {}
-        self.greeted = False
-        self.hello_scope = anyio.CancelScope()  # the hello deadline, cancelled at hello
-
-    async def run(self) -> None:
-        """Serve the connection until the client leaves or is dropped.
-
-        An unexpected exception is re-raised once the connection is closed (the
-        server's handler logs and counts it); nothing else escapes.
-        """
-        drop: _Drop | None = None
-        failure: BaseException | None = None
-        async with self.stream:
-            try:
-                async with anyio.create_task_group() as tg:
-                    self.tg = tg
-                    if self.server.hello_timeout is not None:
-                        tg.start_soon(self._hello_deadline, self.server.hello_timeout)
-                    await self._read_loop()
-                    tg.cancel_scope.cancel()  # the client left: cancel its calls
-            except* _Drop as dropped:
-                drop = dropped.exceptions[0]  # type: ignore[assignment]
-            except* (
-                anyio.BrokenResourceError,
-                anyio.ClosedResourceError,
-                anyio.EndOfStream,
-                OSError,
-            ):
-                pass  # the client went away
-            except* Exception as unexpected:
-                failure = unexpected
-            if failure is not None:
-                drop = _Drop("internal server error; the connection is closed (see the server log)")
-            elif drop is not None:
-                self.server.dropped += 1
-                _log.warning("snakepool server: dropping a client: %s", drop)
-            if drop is not None:
-                with anyio.move_on_after(1.0, shield=True), contextlib.suppress(Exception):
-                    await self.stream.send(self.encoder.encode({"t": "error", "e": str(drop)}))
-        if failure is not None:
-            raise failure
-
-    async def _hello_deadline(self, timeout: float) -> None:
-        with self.hello_scope:
-            await anyio.sleep(timeout)
-            if not self.greeted:
-                raise _Drop(f"no hello within {timeout:g}s")
-
-    async def _read_loop(self) -> None:
-        while True:
-            try:
-                data = await self.stream.receive(_READ_CHUNK)
-            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                return
-            self.decoder.feed(data)
-            while True:
-                try:
-                    if self.decoder.whole_frame_bytes >= _DECODE_IN_THREAD:
-                        # Measuring and decoding it takes a while: not on the event loop.
-                        frame = await anyio.to_thread.run_sync(
-                            self.decoder.next_frame, abandon_on_cancel=True
-                        )
-                    else:
-                        frame = self.decoder.next_frame()
-                except ProtocolError as exc:
-                    raise _Drop(f"protocol error: {exc}") from None
-                if frame is NEED_DATA or isinstance(frame, Sentinel):
-                    break
-                await self._on_frame(frame)
-
-    async def _on_frame(self, frame: dict[str, Any]) -> None:
-        kind = frame.get("t")
-        if not self.greeted:
-            await self._greet(frame)
-            return
-        request_id = frame.get("i")
-        if not isinstance(request_id, int) or isinstance(request_id, bool):
-            raise _Drop(f"{kind!r} frame without an integer request id 'i'")
-        if kind == "cancel":
-            scope = self.inflight.get(request_id)
-            if scope is not None:
-                scope.cancel()
-            return
-        if kind not in ("call", "status", "session") and kind not in OBSERVE_REQUESTS:
-            raise _Drop(f"unknown message type {kind!r}")
-        if request_id in self.inflight:
-            raise _Drop(f"request id {request_id} is already in flight")
-        if self.server.draining and kind != "status":
-            await self._send(error_to_wire(request_id, PoolClosed(_draining_message(frame))))
-            return
-        if len(self.inflight) >= self.server.max_inflight_per_client:
-            await self._send(
-                error_to_wire(
-                    request_id,
-                    PoolOverloaded(
-                        f"this connection already has {len(self.inflight)} requests in flight "
-                        f"(limit {self.server.max_inflight_per_client})"
-                    ),
-                )
-            )
-            return
-        scope = anyio.CancelScope()
-        self.inflight[request_id] = scope
-        self.tg.start_soon(self._serve_request, request_id, kind, frame, scope)
-
-    async def _greet(self, frame: dict[str, Any]) -> None:
-        if frame.get("t") != "hello":
-            raise _Drop("the first message must be 'hello'")
-        version = frame.get("v")
-        if type(version) is not int or version != CLIENT_PROTOCOL_VERSION:
-            raise _Drop(
-                f"hello 'v' must be the integer client protocol version "
-                f"{CLIENT_PROTOCOL_VERSION}; got {_shown(version)} ({type(version).__name__})"
-            )
-        if self.needs_token:
-            token = frame.get("k")
-            expected = (self.server.token or "").encode()
-            # Bytes, not str: compare_digest refuses a str that is not ASCII.
-            if not isinstance(token, str) or not hmac.compare_digest(
-                token.encode("utf-8", "surrogatepass"), expected
-            ):
-                raise _Drop("a valid token is required on TCP")
-        self.greeted = True
-        self.hello_scope.cancel()
-        self.decoder = self.decoder.with_limit(self.server.max_frame_bytes)
-        await self._send(
-            {"t": "welcome", "v": CLIENT_PROTOCOL_VERSION, "pools": sorted(self.server.pools)}
-        )
-
-    async def _serve_request(
-        self, request_id: int, kind: str, frame: dict[str, Any], scope: anyio.CancelScope
-    ) -> None:
-        try:
-            with scope:
-                try:
-                    if kind == "call":
-                        await self._call(request_id, frame)
-                    elif kind == "status":
-                        stats = {
-                            name: jsonable(p.statistics()) for name, p in self.server.pools.items()
-                        }
-                        await self._send({"t": "result", "i": request_id, "r": stats})
-                    elif kind in OBSERVE_REQUESTS:  # logs, subscribe (snakepool.observability)
-                        await self._observe(request_id, kind, frame)
-                    else:
-                        await self._session(request_id, frame)
-                except (_Drop, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    raise
-                except Exception as exc:
-                    await self._send(error_to_wire(request_id, exc))
-            if scope.cancelled_caught:  # cancelled by the client: tell it so
-                with contextlib.suppress(Exception):
-                    await self._send({"t": "failure", "i": request_id, "y": "Cancelled", "g": "application",
-                                      "e": "cancelled by the client"})  # fmt: skip
-        finally:
-            self.inflight.pop(request_id, None)
-            self.server._request_finished()
-
-    def _pool(self, frame: dict[str, Any]) -> Pool:
-        name = frame.get("p")
-        pool = self.server.pools.get(name) if isinstance(name, str) else None
-        if pool is None:
-            raise KeyError(
-                f"no pool named {name!r} (pools: {', '.join(sorted(self.server.pools))})"
-            )
-        return pool
-
-    async def _call(self, request_id: int, frame: dict[str, Any]) -> None:
-        pool = self._pool(frame)
-        command, args = frame.get("c"), frame.get("a")
-        timeout, session, mode = frame.get("o"), frame.get("s"), frame.get("m", "call")
-        if mode == "stream":
-            async with pool.stream(command, args, timeout=timeout, session=session) as items:  # type: ignore[arg-type]
-                async for item in items:
-                    await self._send({"t": "item", "i": request_id, "r": item})
-            await self._send({"t": "end", "i": request_id})
-        elif mode == "cast":
-            await pool.cast(command, args, session=session)  # type: ignore[arg-type]
-            await self._send({"t": "result", "i": request_id, "r": None})
-        elif mode == "call":
-            value = await pool.call(command, args, timeout=timeout, session=session)  # type: ignore[arg-type]
-            await self._send({"t": "result", "i": request_id, "r": value})
-        else:
-            raise ValueError(f"unknown call mode {mode!r}; one of call, stream, cast")
-
-    async def _session(self, request_id: int, frame: dict[str, Any]) -> None:
-        pool = self._pool(frame)
-        op, session_id, args = frame.get("op"), frame.get("s"), frame.get("a") or {}
-        if op not in _SESSION_OPS:
-            raise ValueError(
-                f"unknown session operation {op!r}; one of {', '.join(sorted(_SESSION_OPS))}"
-            )
-        if not isinstance(args, dict):
-            raise TypeError("session operation arguments 'a' must be a map")
-        result: Any = None
-        if op == "open":
-            session = pool.session(session_id or None, ttl=args.get("ttl"))
-            await session.open()
-            result = session.id
-        elif not isinstance(session_id, str):
-            raise ValueError(f"session operation {op!r} needs a session id 's'")
-        elif op == "close":
-            await pool.session(session_id).close()
-        else:
-            await _require_live(pool, session_id)  # a typo must not create a session
-            result = await getattr(pool.session(session_id).variables, op)(**args)
-        await self._send({"t": "result", "i": request_id, "r": result})
-
-    async def _observe(self, request_id: int, kind: str, frame: dict[str, Any]) -> None:
-        """``logs``/``subscribe``: items until done (``end``) or cancelled."""
-        items = observe(kind, frame, self.server.pools, lambda: self.server.draining)
-        async with contextlib.aclosing(items):
-            async for item in items:
-                await self._send({"t": "item", "i": request_id, "r": item})
-        await self._send({"t": "end", "i": request_id})
-
-    async def _send(self, message: dict[str, Any]) -> None:
-        try:
-            frame = self.encoder.encode(message)
-        except (TypeError, ProtocolError) as exc:
-            request_id = message.get("i", 0)
-            frame = self.encoder.encode(
-                error_to_wire(request_id, TypeError(f"the answer cannot be sent: {exc}"))
-            )
-        async with self.send_lock:
-            with anyio.move_on_after(_SEND_TIMEOUT) as waited:
-                await self.stream.send(frame)
-            if waited.cancelled_caught:
-                raise _Drop(f"the client did not read for {_SEND_TIMEOUT:g}s")
-
-
-async def _require_live(pool: Pool, session_id: str) -> None:
-    status = await pool._sessions_manager().store.status(session_id)
-    if status == "expired":
-        raise SessionExpired(f"session {session_id!r} expired or was closed")
-    if status != "live":
-        raise SessionNotFound(f"no session {session_id!r}; open one first")
-
-
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -657,18 +442,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _draining_message(frame: dict[str, Any]) -> str:
-    name = frame.get("p")
-    pool = f"pool {name!r}" if isinstance(name, str) else "every pool"
-    return f"{pool} is closed: the server is shutting down (draining the calls in flight)"
-
-
-def _shown(value: Any) -> str:
-    """``repr(value)``, cut short: it goes into a message."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 async def _answers(path: Path) -> bool:

@@ -1,0 +1,267 @@
+"""The socket server against the embedded pool, side by side in one run.
+
+The same pool (``generic``, ``--workers`` workers, ``echo``) twice: embedded
+in this process (``Pool.call``), and served by a real ``snakepool up`` in a
+subprocess, called through ``snakepool.connect()``. They take turns, round
+after round, so a drift of the machine hits both alike: each round,
+sequential calls (p50 latency) of each, then ``--callers`` concurrent callers
+(throughput) of each. CPU per call is the scheduler's CPU time (Linux:
+``/proc/<pid>/task/*/schedstat``) of the *host*, the process doing the pool's
+host work (this process for the embedded pool, ``snakepool up`` for the
+socket), and of *all* the processes a call costs (the host, its workers and,
+through the socket, this process as the client). Medians over the rounds;
+the ratios are the medians of each round's own ratio.
+
+Run: python stress/socket_bench.py [--workers 2] [--rounds 10] [--sequential 500]
+                                   [--calls 5000] [--callers 64] [--uvloop] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import glob
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+import snakepool
+
+Call = Callable[[Any], Awaitable[Any]]
+
+POOL_OPTIONS = {"call_timeout": 300.0, "queue_size": 100_000, "startup_timeout": 300.0}
+
+
+def cpu_seconds(*pids: int) -> float:
+    """CPU time of every thread of these processes (the scheduler's, in
+    nanoseconds: far finer than the 10 ms ticks of ``cpu_times()``)."""
+    total = 0
+    for pid in pids:
+        for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+            try:
+                with open(path) as stats:
+                    total += int(stats.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue  # (a thread that ended meanwhile)
+    return total / 1e9
+
+
+@dataclass
+class Peer:
+    """One way to make the call, and the processes whose CPU it costs."""
+
+    call: Call
+    host: int  #: the process doing the pool's host work
+    workers: list[int]
+    client: int | None = None  #: this process, when it is not the host
+
+    def cpu(self) -> tuple[float, float, float]:
+        """CPU so far: (host, workers, client)."""
+        client = cpu_seconds(self.client) if self.client else 0.0
+        return cpu_seconds(self.host), cpu_seconds(*self.workers), client
+
+
+def start_up(workdir: Path, workers: int) -> tuple[subprocess.Popen[bytes], Path]:
+    """A real ``snakepool up`` serving pool ``bench`` (same options as the embedded one)."""
+    config = workdir / "pools.toml"
+    options = "".join(f"{key} = {value!r}\n" for key, value in POOL_OPTIONS.items())
+    config.write_text(f'[pools.bench]\nadapter = "generic"\nsize = {workers}\n{options}')
+    sock = workdir / "s.sock"
+    env = {**os.environ, "SNAKEPOOL_RUNTIME_DIR": str(workdir / "run")}
+    env.pop("SNAKEPOOL_SOCKET", None)
+    command = [sys.executable, "-m", "snakepool.cli", "up", "--config", str(config)]
+    up = subprocess.Popen(
+        [*command, "--socket", str(sock), "--no-live"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+    return up, sock
+
+
+def stop_up(up: subprocess.Popen[bytes]) -> None:
+    up.send_signal(signal.SIGTERM)
+    try:
+        up.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        up.kill()
+        up.wait()
+
+
+@contextlib.asynccontextmanager
+async def snakepool_up(workdir: Path, workers: int) -> AsyncIterator[tuple[Path, int]]:
+    """A real ``snakepool up`` serving pool ``bench``; yields (socket, pid) once it answers."""
+    up, sock = start_up(workdir, workers)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if up.poll() is not None:
+                raise RuntimeError(f"snakepool up exited with {up.returncode}")
+            try:
+                async with snakepool.connect(sock) as client:
+                    await client["bench"].call("echo", {"value": 0})
+                    break
+            except ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+        yield sock, up.pid
+    finally:
+        stop_up(up)
+
+
+async def sequential(call: Call, n: int) -> list[float]:
+    samples = []
+    for i in range(n):
+        started = time.perf_counter()
+        await call(i)
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+async def concurrent(call: Call, callers: int, total: int) -> float:
+    """Seconds for ``total`` calls from ``callers`` concurrent tasks."""
+    remaining = total
+
+    async def caller() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            if await call(7) != 7:
+                raise AssertionError("echo returned something else")
+
+    started = time.perf_counter()
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(min(callers, total)):
+            tg.create_task(caller())
+    return time.perf_counter() - started
+
+
+async def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
+    keys = ("p50", "seq_cpu", "seq_total", "rate", "cpu", "workers", "client", "total")
+    found: dict[str, dict[str, list[float]]] = {
+        name: {key: [] for key in keys} for name in ("embedded", "socket")
+    }
+    me = os.getpid()
+    with tempfile.TemporaryDirectory(prefix="sp-bench-") as tmp:
+        async with (
+            snakepool.Pool("generic", size=args.workers, **POOL_OPTIONS) as pool,  # type: ignore[arg-type]
+            snakepool_up(Path(tmp), args.workers) as (sock, up_pid),
+            snakepool.connect(sock) as client,
+        ):
+            remote = client["bench"]
+
+            async def embedded(value: Any) -> Any:
+                return await pool.call("echo", {"value": value})
+
+            async def socket(value: Any) -> Any:
+                return await remote.call("echo", {"value": value})
+
+            served = [child.pid for child in psutil.Process(up_pid).children(recursive=True)]
+            peers = {
+                "embedded": Peer(embedded, me, [w.pid for w in pool.statistics().workers if w.pid]),
+                "socket": Peer(socket, up_pid, served, client=me),
+            }
+            for peer in peers.values():  # warm up
+                await sequential(peer.call, 300)
+                await concurrent(peer.call, args.callers, 2000)
+            # Short turns, many rounds: each peer sees the same (drifting) machine.
+            for _ in range(args.rounds):
+                for name, peer in peers.items():
+                    row = found[name]
+                    before = peer.cpu()
+                    samples = sorted(await sequential(peer.call, args.sequential))
+                    row["p50"].append(samples[len(samples) // 2])
+                    used = [
+                        (b - a) / args.sequential for a, b in zip(before, peer.cpu(), strict=True)
+                    ]
+                    row["seq_cpu"].append(used[0])
+                    row["seq_total"].append(sum(used))
+                for name, peer in peers.items():
+                    row = found[name]
+                    before = peer.cpu()
+                    elapsed = await concurrent(peer.call, args.callers, args.calls)
+                    row["rate"].append(args.calls / elapsed)
+                    used = [(b - a) / args.calls for a, b in zip(before, peer.cpu(), strict=True)]
+                    for key, value in zip(("cpu", "workers", "client"), used, strict=True):
+                        row[key].append(value)
+                    row["total"].append(sum(used))
+    return found
+
+
+def report(found: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> str:
+    med = {name: {k: statistics.median(v) for k, v in row.items()} for name, row in found.items()}
+    emb, sock = med["embedded"], med["socket"]
+
+    def ratio(key: str) -> str:  # the median of the rounds' own ratios
+        pairs = zip(found["socket"][key], found["embedded"][key], strict=True)
+        ratios = [s / e for s, e in pairs if e]
+        return f"{statistics.median(ratios):17.2f}x" if ratios else ""
+
+    def row(label: str, key: str, scale: float = 1e6, fmt: str = "12.1f") -> str:
+        return f"{label:34}{emb[key] * scale:{fmt}}{sock[key] * scale:{fmt}}{ratio(key)}"
+
+    n = args.callers
+    return "\n".join(
+        [
+            f"socket server vs embedded pool: generic echo, {args.workers} workers, "
+            f"median of {args.rounds} rounds, this process on "
+            f"{'uvloop' if getattr(args, 'uvloop', False) else 'asyncio'}",
+            f"{'':34}{'embedded':>12}{'socket':>12}{'socket/embedded':>18}",
+            row("sequential p50 (us)", "p50"),
+            row(f"{n} in flight (calls/s)", "rate", 1, "12,.0f"),
+            row("host CPU per call, sequential (us)", "seq_cpu"),
+            row(f"host CPU per call, {n} in flight (us)", "cpu"),
+            row("  its workers' CPU per call (us)", "workers"),
+            row("  the client's CPU per call (us)", "client"),
+            row("all CPU per call, sequential (us)", "seq_total"),
+            row(f"all CPU per call, {n} in flight (us)", "total"),
+            "host: this process for the embedded pool, the snakepool up process for the",
+            "socket; client: this process, through the socket; all: host, workers, client.",
+            "Ratios are the medians of each round's own ratio.",
+        ]
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--sequential", type=int, default=500)
+    parser.add_argument("--calls", type=int, default=5000)
+    parser.add_argument("--callers", type=int, default=64)
+    parser.add_argument(
+        "--uvloop",
+        action="store_true",
+        help="run this process (the embedded pool and the client) on uvloop too "
+        "(snakepool up runs on uvloop whenever it is installed)",
+    )
+    parser.add_argument("--json", type=Path, help="also write the raw samples here")
+    args = parser.parse_args()
+    if args.uvloop:
+        import uvloop
+
+        found = uvloop.run(measure(args))
+    else:
+        found = asyncio.run(measure(args))
+    print(report(found, args))
+    if args.json is not None:
+        args.json.write_text(json.dumps(found, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
