@@ -161,8 +161,8 @@ class SessionManager:
         if session_id in self._routes:
             return False  # an earlier call of the session is on the slow route
         home = self.bindings.get(session_id)
-        if home is None:
-            return False
+        if home is None or not home.is_ready:
+            return False  # (not bound yet, or its worker died: the slow route binds it)
         store = self.store
         versions = store.known_versions(session_id)
         if versions is None:
