@@ -34,6 +34,11 @@ class WorkerStatistics:
     restarts: int
     rss_bytes: int | None
     gpu: int | None = None
+    #: ``backend="ray"``: the Ray node it runs on (its id and address) and the
+    #: GPU ids Ray gave it (``CUDA_VISIBLE_DEVICES`` there); None/empty locally.
+    node_id: str | None = None
+    node_address: str | None = None
+    gpu_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

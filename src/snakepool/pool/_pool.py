@@ -135,6 +135,8 @@ class Pool(LifecycleOwner):
         workers_per_gpu: int = 1,
         preload: Sequence[str] = (),
         session_store: str | SessionStore = "memory",
+        backend: str = "local",
+        ray: Mapping[str, Any] | None = None,
         start_method: str = "auto",
         recovery: Mapping[ErrorCategory | str, Recovery | str] | None = None,
         send_ahead: int = 64,
@@ -415,6 +417,9 @@ class Pool(LifecycleOwner):
                     restarts=w.restarts,
                     rss_bytes=w.rss_bytes(),
                     gpu=w.gpu,
+                    node_id=w.transport.node_id,
+                    node_address=w.transport.node_address,
+                    gpu_ids=w.transport.gpu_ids,
                 )
                 for w in self._workers
             ),
