@@ -11,7 +11,10 @@ leaves no actor behind.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -259,3 +262,28 @@ async def test_removing_a_node_under_load(cluster: Cluster) -> None:
     finally:
         if doomed in cluster.worker_nodes:
             cluster.remove_node(doomed)
+
+
+def test_the_cluster_going_away(tmp_path: Path) -> None:
+    """Calls fail naming the cluster's address, the pool is broken (not closed) and
+    ``aclose()`` returns at once. (In a process of its own: Ray ends a driver whose
+    cluster has been gone for 60 s, and the cluster is that process's own.)"""
+    script = Path(__file__).with_name("sp_ray_gone.py")
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+        check=False,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("REPORT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    report = json.loads(lines[-1].removeprefix("REPORT "))
+    assert report["first"] == 1 and report["state"] == "broken"
+    assert report["broken_after"] < 15
+    for kind, message in report["outcomes"]:
+        assert kind == "pool_closed"
+        assert f"the Ray cluster at {report['address']} is gone" in message
+    assert report["aclose_seconds"] < 5

@@ -440,7 +440,7 @@ class Pool(LifecycleOwner):
                 raise PoolDisabled(f"pool {self.name!r} is disabled: {self.config.disabled_reason}")
             return
         if state is State.BROKEN:
-            raise PoolClosed(f"pool {self.name!r} is closed: its start failed")
+            raise PoolClosed(f"pool {self.name!r} is broken: {self._lifecycle.reason}")
         if self._lifecycle.ended:
             raise PoolClosed(f"pool {self.name!r} is closed")
         raise RuntimeError(

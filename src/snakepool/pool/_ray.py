@@ -29,7 +29,7 @@ import os
 import signal
 import threading
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import anyio
@@ -46,6 +46,11 @@ __all__ = ["ACTOR_PREFIX", "RayCluster", "RayPipes"]
 _log = logging.getLogger("snakepool.ray")
 #: An actor asked to kill its worker that has not reported the exit by then is killed itself.
 _KILL_FALLBACK = 5.0
+#: Seconds the cluster's GCS has to accept a connection when it is checked.
+_GCS_PATIENCE = 2.0
+#: While a read or a start waits, the cluster is checked this often (at most
+#: once per tick for all of a process's workers: see ``RayCluster.check_alive``).
+_TICK = 2.0
 #: Actor options that are snakepool's, not the user's: many reads and writes at
 #: once, and no restart (a dead worker's slot starts a fresh actor instead).
 _ACTOR_OPTIONS: dict[str, Any] = {"max_concurrency": 1000, "max_restarts": 0}
@@ -72,6 +77,11 @@ class RayCluster:
         self.address = "?"
         self._actor_class: Any = None
         self._connected = False
+        #: Why the cluster is gone (its GCS does not answer), once it is.
+        self.gone: str | None = None
+        self._checked_at = -_TICK
+        #: Called once when the cluster is seen gone (the pool breaks).
+        self.on_gone: Callable[[str], None] | None = None
 
     def connect(self) -> None:
         """Connect (blocking: run it in a thread); ``WorkerStartError`` if it cannot."""
@@ -109,6 +119,28 @@ class RayCluster:
         self.address = ray.get_runtime_context().gcs_address
         self._actor_class = ray.remote(WorkerNode)
 
+    async def check_alive(self) -> bool:
+        """After an actor died: is the cluster still there? (Its GCS accepts a
+        connection.) When not, ``gone`` says so and ``on_gone`` is told, once."""
+        if self.gone is not None:
+            return False
+        now = anyio.current_time()
+        if now - self._checked_at < _TICK:
+            return True
+        self._checked_at = now
+        host, _, port = self.address.rpartition(":")
+        try:
+            with anyio.fail_after(_GCS_PATIENCE):
+                stream = await anyio.connect_tcp(host, int(port))
+            await stream.aclose()
+            return True
+        except (OSError, TimeoutError, ValueError) as exc:
+            if self.gone is None:
+                self.gone = f"the Ray cluster at {self.address} is gone ({exc or 'no answer'})"
+                if self.on_gone is not None:
+                    self.on_gone(self.gone)
+            return False
+
     def disconnect(self) -> None:
         """This pool is done with the cluster (blocking)."""
         if not self._connected:
@@ -120,7 +152,8 @@ class RayCluster:
             RayCluster._users -= 1
             if RayCluster._users == 0 and RayCluster._ours:
                 RayCluster._ours = False
-                ray.shutdown()
+                if self.gone is None:  # (a driver whose cluster is gone cannot say goodbye)
+                    ray.shutdown()
 
     def new_actor(self, worker: str) -> Any:
         """A fresh worker actor, placed by Ray with the pool's options; named
@@ -163,6 +196,7 @@ class RayPipes(Transport):
         self._stdout_over = False
         self._exit_code: int | None = None
         self._kill_asked_at: float | None = None
+        self._reading: asyncio.Future[NodeOutput] | None = None  # the read in flight
         self._rss: int | None = None
         self._stderr = LineSplitter(receiver.stderr_line)
         self.actor_id: str | None = None
@@ -187,7 +221,6 @@ class RayPipes(Transport):
         import ray
 
         cluster = self._cluster
-        python = launch.argv[0] if self._receiver_wants_python(launch) else None
         try:
             self._actor = cluster.new_actor(self._receiver.log.name.rpartition("worker.")[2])
         except (ray.exceptions.RayError, ValueError, TypeError) as exc:
@@ -195,10 +228,7 @@ class RayPipes(Transport):
                 f"Ray refused the worker's actor ({cluster.describe_placement()}): {exc}"
             ) from None
         try:
-            with anyio.fail_after(launch.startup_timeout):
-                info = await self._actor.start.remote(
-                    [python, *launch.argv[1:]], _env_to_send(launch), launch.cwd
-                )
+            info = await self._started(launch)
         except TimeoutError:
             self._kill_actor()
             raise OSError(
@@ -211,12 +241,29 @@ class RayPipes(Transport):
             raise OSError(
                 f"the worker's Ray actor failed to start ({cluster.address}): {exc}"
             ) from None
+        if info is None:
+            raise OSError(str(cluster.gone))
         self.pid = info["pid"]
         self.actor_id = info["actor_id"]
         self.node_id = info["node_id"]
         self.node_address = info["node_ip"]
         self.gpu_ids = tuple(info["gpu_ids"])
         self.where = f"Ray actor {self.actor_id} on node {self.node_id} ({self.node_address})"
+
+    async def _started(self, launch: WorkerLaunch) -> dict[str, Any] | None:
+        """The actor's ``start``: where its worker runs; None if the cluster went away."""
+        python = launch.argv[0] if self._receiver_wants_python(launch) else None
+        starting = self._actor.start.remote(
+            [python, *launch.argv[1:]], _env_to_send(launch), launch.cwd
+        ).as_future()
+        with anyio.fail_after(launch.startup_timeout):
+            while not starting.done():
+                await asyncio.wait({starting}, timeout=_TICK)
+                if not starting.done() and not await self._cluster.check_alive():
+                    starting.cancel()
+                    return None
+        info: dict[str, Any] = starting.result()
+        return info
 
     def _receiver_wants_python(self, launch: WorkerLaunch) -> bool:
         """``python=`` was set: run that interpreter on the node; else the node's own."""
@@ -286,22 +333,41 @@ class RayPipes(Transport):
         return self._exit_code
 
     async def _read(self) -> bytes:
-        """One long poll: the worker's stdout since the last (stderr and exit noted)."""
+        """One long poll: the worker's stdout since the last (stderr and exit noted).
+
+        The poll is not cancelled while it waits (what it brings would be lost):
+        every ``_TICK`` the cluster is checked, and a kill the actor did not
+        carry out is escalated to the actor itself.
+        """
         import ray
 
+        reading = self._reading
+        if reading is None:
+            reading = self._reading = self._actor.read.remote().as_future()
+        while not reading.done():
+            await asyncio.wait({reading}, timeout=_TICK)
+            if reading.done():
+                break
+            if self._kill_asked_at is not None and (
+                anyio.current_time() - self._kill_asked_at > _KILL_FALLBACK
+            ):
+                self._receiver.log.warning(
+                    "%s: its actor did not kill it within %gs: killing the actor",
+                    self._receiver.describe(),
+                    _KILL_FALLBACK,
+                )
+                self._kill_asked_at = None
+                self._kill_actor()
+            elif not await self._cluster.check_alive():
+                self._reading = None
+                self._actor_died(ConnectionError(self._cluster.gone))
+                return b""
+        self._reading = None
         try:
-            with anyio.move_on_after(self._read_patience()) as waited:
-                output: NodeOutput = await self._actor.read.remote()
+            output: NodeOutput = reading.result()
         except ray.exceptions.RayError as exc:
+            await self._cluster.check_alive()
             self._actor_died(exc)
-            return b""
-        if waited.cancelled_caught:  # asked to die and did not: the actor goes too
-            self._receiver.log.warning(
-                "%s: its actor did not kill it within %gs: killing the actor",
-                self._receiver.describe(),
-                _KILL_FALLBACK,
-            )
-            self._kill_actor()
             return b""
         out, err, exit_code, rss = output
         if rss is not None:
@@ -312,11 +378,6 @@ class RayPipes(Transport):
             self._exit_code = exit_code
         return out
 
-    def _read_patience(self) -> float:
-        if self._kill_asked_at is None:
-            return float("inf")
-        return max(0.0, self._kill_asked_at + _KILL_FALLBACK - anyio.current_time())
-
     def _actor_died(self, exc: BaseException) -> None:
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         self._stderr.close()
@@ -325,7 +386,11 @@ class RayPipes(Transport):
             f"({self.node_address}) died: {type(exc).__name__}: {why}".encode()
         )
         self._exit_code = -signal.SIGKILL
-        self._kill_actor()
+        gone = self._cluster.gone
+        if gone is not None:
+            self._receiver.stderr_line(f"[snakepool] {gone}".encode())
+        else:
+            self._kill_actor()
 
     def rss_bytes(self) -> int | None:
         return self._rss

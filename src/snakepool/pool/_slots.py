@@ -24,7 +24,7 @@ import tenacity
 
 from .. import protocol as p
 from ..adapters._loading import adapter_imports
-from ..errors import ErrorCategory, WorkerStartError
+from ..errors import ErrorCategory, PoolClosed, WorkerStartError
 from ._calls import PendingCall
 from ._isolation import prepare as prepare_isolation
 from ._parts import PoolParts
@@ -114,7 +114,18 @@ class WorkerSlots:
         """Workers are Ray actors: no template, no local processes to register."""
         self.ray = cluster = RayCluster(self.config.ray or {})
         await anyio.to_thread.run_sync(cluster.connect)
+        cluster.on_gone = self._cluster_gone
         self.start_method = f"ray ({cluster.describe_placement()})"
+
+    def _cluster_gone(self, why: str) -> None:
+        """The workers' Ray cluster went away: no worker can be replaced, so the
+        pool is broken (not closed: its owner did not close it)."""
+        if self._closed():
+            return
+        reason = f"{why}; aclose() it and start a new pool once the cluster is back"
+        _log.error("pool %s is broken: %s", self.name, reason)
+        self._parts.lifecycle.broke(reason)
+        self._parts.dispatcher.fail_all(PoolClosed(f"pool {self.name!r} is broken: {reason}"))
 
     def new_handle(self, slot: int, restarts: int) -> WorkerHandle:
         return WorkerHandle(
