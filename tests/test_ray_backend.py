@@ -121,6 +121,22 @@ def test_ray_options_are_checked() -> None:
         snakepool.Pool("generic", backend="ray", limits={"memory_mb": 100})
 
 
+def test_status_shows_where_ray_workers_run() -> None:
+    """``snakepool status`` prints each Ray worker's node and GPUs (from statistics)."""
+    from snakepool.cli import _plain, _table
+    from snakepool.pool import PoolStatistics, WorkerStatistics
+
+    worker = WorkerStatistics(
+        id=0, pid=7, state="idle", inflight=0, requests=0, restarts=0, rss_bytes=None,
+        node_id="abcdef0123456789", node_address="10.0.0.2", gpu_ids=("1",),
+    )  # fmt: skip
+    stats = PoolStatistics(
+        name="gpu", size=1, queued=0, sessions=0, breaker_state="closed",
+        workers=(worker,), completed=0, failed={},
+    )  # fmt: skip
+    assert "ray workers: 0@10.0.0.2/abcdef01 gpu=1" in _table({"gpu": _plain(stats)})
+
+
 # --- the same API ------------------------------------------------------------------------
 
 
