@@ -41,7 +41,20 @@ def _plain(stats: Any) -> dict[str, Any]:
         "breaker": get("breaker_state"),
         "completed": get("completed"),
         "failed": sum(failed.values()),
+        "nodes": _nodes(workers),
     }
+
+
+def _nodes(workers: Any) -> list[str]:
+    """Where each worker of a Ray-backed pool runs: ``0@ADDRESS/NODE8 gpu=ID``."""
+    shown = []
+    for w in workers:
+        get = w.get if isinstance(w, dict) else lambda key, w=w: getattr(w, key, None)
+        if get("node_id"):
+            gpus = ",".join(get("gpu_ids") or ())
+            gpu = f" gpu={gpus}" if gpus else ""
+            shown.append(f"{get('id')}@{get('node_address')}/{str(get('node_id'))[:8]}{gpu}")
+    return shown
 
 
 def _table(rows: dict[str, dict[str, Any]]) -> str:
@@ -56,6 +69,8 @@ def _table(rows: dict[str, dict[str, Any]]) -> str:
             f"{name:<12} {ready:>9} {row['queued']:>7} {row['sessions']:>9} "
             f"{row['breaker']:>10} {row['completed']:>9} {row['failed']:>7}"
         )
+        if row.get("nodes"):  # (a Ray-backed pool: the node and GPUs of each worker)
+            lines.append(f"{'':<12} ray workers: {'  '.join(row['nodes'])}")
     return "\n".join(lines)
 
 

@@ -41,6 +41,11 @@ class WorkerStatistics:
     p99_seconds: float | None = None
     #: Seconds since this slot's current process was started (None: none runs).
     uptime_seconds: float | None = None
+    #: ``backend="ray"``: the Ray node it runs on (its id and address) and the
+    #: GPU ids Ray gave it (``CUDA_VISIBLE_DEVICES`` there); None/empty locally.
+    node_id: str | None = None
+    node_address: str | None = None
+    gpu_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -139,6 +139,8 @@ class Pool(LifecycleOwner):
         workers_per_gpu: int = 1,
         preload: Sequence[str] = (),
         session_store: str | SessionStore = "memory",
+        backend: str = "local",
+        ray: Mapping[str, Any] | None = None,
         start_method: str = "auto",
         recovery: Mapping[ErrorCategory | str, Recovery | str] | None = None,
         send_ahead: int = 64,
@@ -441,6 +443,9 @@ class Pool(LifecycleOwner):
                     rss_bytes=w.rss_bytes(),
                     gpu=w.gpu,
                     **_recent_fields(recent.get(w.slot), w),
+                    node_id=w.transport.node_id,
+                    node_address=w.transport.node_address,
+                    gpu_ids=w.transport.gpu_ids,
                 )
                 for w in self._workers
             ),
@@ -461,7 +466,7 @@ class Pool(LifecycleOwner):
                 raise PoolDisabled(f"pool {self.name!r} is disabled: {self.config.disabled_reason}")
             return
         if state is State.BROKEN:
-            raise PoolClosed(f"pool {self.name!r} is closed: its start failed")
+            raise PoolClosed(f"pool {self.name!r} is broken: {self._lifecycle.reason}")
         if self._lifecycle.ended:
             raise PoolClosed(f"pool {self.name!r} is closed")
         raise RuntimeError(
