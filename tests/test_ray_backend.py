@@ -123,7 +123,7 @@ def test_ray_options_are_checked() -> None:
 
 def test_status_shows_where_ray_workers_run() -> None:
     """``snakepool status`` prints each Ray worker's node and GPUs (from statistics)."""
-    from snakepool.cli import _plain, _table
+    from snakepool.cli._client import _plain, _table
     from snakepool.pool import PoolStatistics, WorkerStatistics
 
     worker = WorkerStatistics(
