@@ -52,6 +52,8 @@ SAMPLES: dict[str, tuple[Any, str]] = {
     "preload": (["json", "math"], "json,math"),
     "start_method": ("spawn", "spawn"),
     "session_store": ("redis://localhost:6379/0", "redis://localhost:6379/0"),
+    "backend": ("ray", "ray"),
+    "ray": ({"address": "local", "num_cpus": 0.5}, '{"address": "local", "num_cpus": 0.5}'),
     "recovery": ({"application": "recycle"}, '{"application": "recycle"}'),
     "send_ahead": (0, "0"),
     "drain_grace": (1.5, "1.5"),
@@ -64,6 +66,8 @@ SAMPLES: dict[str, tuple[Any, str]] = {
     "sandbox": (True, "true"),
 }
 SETTABLE = [name for name in OPTIONS if name != "name"]
+#: Options that only apply beside another one (``ray={...}`` needs ``backend="ray"``).
+COMPANIONS: dict[str, tuple[str, Any, str]] = {"ray": ("backend", "ray", "ray")}
 
 
 @pytest.fixture(autouse=True)
@@ -113,6 +117,9 @@ def test_every_option_has_a_sample_and_a_doc() -> None:
 def test_pool_accepts_every_option(option: str) -> None:
     value, _ = SAMPLES[option]
     kwargs = {"adapter": "generic", option: value}
+    if option in COMPANIONS:
+        other, other_value, _ = COMPANIONS[option]
+        kwargs[other] = other_value
     pool = Pool(**kwargs)
     assert plain(getattr(pool.config, option)) == plain(value)
 
@@ -123,6 +130,9 @@ def test_pools_toml_accepts_every_option(option: str, tmp_path: Path) -> None:
     lines = ["[pools.general]"]
     if option != "adapter":
         lines.append('adapter = "generic"')
+    if option in COMPANIONS:
+        other, other_value, _ = COMPANIONS[option]
+        lines.append(f"{other} = {toml_value(other_value)}")
     lines.append(f"{option} = {toml_value(value)}")
     path = tmp_path / "pools.toml"
     path.write_text("\n".join(lines) + "\n")
@@ -134,6 +144,9 @@ def test_pools_toml_accepts_every_option(option: str, tmp_path: Path) -> None:
 def test_environment_overrides_every_option(option: str, monkeypatch: pytest.MonkeyPatch) -> None:
     value, text = SAMPLES[option]
     monkeypatch.setenv(f"SNAKEPOOL_GENERAL_{option.upper()}", text)
+    if option in COMPANIONS:
+        other, _, other_text = COMPANIONS[option]
+        monkeypatch.setenv(f"SNAKEPOOL_GENERAL_{other.upper()}", other_text)
     config = Supervisor({"general": {"adapter": "generic"}})["general"].config
     assert plain(getattr(config, option)) == plain(value)
 

@@ -177,9 +177,9 @@ class BlockingPool:
         stats: PoolStatistics = self._run(self._pool.statistics)
         return stats
 
-    def add_listener(self, fn: Callable[[Event], Any]) -> None:
-        """``fn`` runs on the pool's background thread."""
-        self._pool.add_listener(fn)
+    def add_listener(self, fn: Callable[[Event], Any], *, calls: bool = True) -> None:
+        """``fn`` runs on the pool's background thread (``calls``: as ``Pool.add_listener``)."""
+        self._pool.add_listener(fn, calls=calls)
 
     def remove_listener(self, fn: Callable[[Event], Any]) -> None:
         self._pool.remove_listener(fn)

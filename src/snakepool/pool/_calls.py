@@ -51,6 +51,7 @@ class PendingCall:
         "queued",
         "sent",
         "session_id",
+        "span",
         "started",
         "value",
         "waiter",
@@ -79,6 +80,7 @@ class PendingCall:
         self.probe = False  # the circuit breaker's half-open probe: report its outcome
         self._done: anyio.Event | None = None
         self.waiter: Waiter | None = None
+        self.span: Any = None  # its OpenTelemetry span, when the pool traces calls
         self.value: Any = None
         self.error: SnakepoolError | None = None
         self.abandoned = False

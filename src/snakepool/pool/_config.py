@@ -20,10 +20,12 @@ from ._isolation import check_options as check_isolation_options
 from ._isolation import inherited_env
 from ._isolation import worker_env as isolation_env
 from ._launch import WorkerLaunch
+from ._ray_options import check_ray_options
 from ._recovery import Recovery, recovery_table
 
 __all__ = [
     "AFFINITY_MODES",
+    "BACKENDS",
     "OPTIONS",
     "OPTION_ALIASES",
     "START_METHODS",
@@ -43,6 +45,8 @@ AFFINITY_MODES = ("hint", "strict_queue", "strict_fail_fast")
 #: imported the adapter (and ``preload``) once; "spawn" starts a fresh
 #: interpreter each; "auto" is forkserver where that is possible and safe.
 START_METHODS = ("auto", "forkserver", "spawn")
+#: Where the workers run: subprocesses of this host, or Ray actors (``_ray``).
+BACKENDS = ("local", "ray")
 #: Set to 1 in every worker unless the pool's env says otherwise:
 #: N workers x N BLAS threads each would overload the machine.
 THREAD_ENV_VARS = (
@@ -329,6 +333,18 @@ class PoolConfig:
     session_store: str = option(
         "memory", '`"memory"` or a `redis://` URL (or a `SessionStore`)', env=STR
     )
+    backend: str = option(
+        "local",
+        '`"local"`: worker subprocesses on this machine; `"ray"`: each worker a Ray actor '
+        "placed across a cluster (see docs/scaling.md)",
+        env=STR,
+    )
+    ray: Mapping[str, Any] | None = option(
+        None,
+        'with `backend="ray"`: `address`, `num_cpus`, `num_gpus`, `resources`, '
+        "`runtime_env`, `scheduling_strategy`, `namespace` (see docs/scaling.md)",
+        env=JSON_OBJECT_OR_NONE,
+    )
     start_method: str = option(
         "auto", '`"auto"`, `"forkserver"` or `"spawn"` (see Warm starts)', env=STR
     )
@@ -453,7 +469,32 @@ class PoolConfig:
         check_isolation_options(
             self.limits, self.user, self.network, self.writable_paths, self.sandbox
         )
+        self._check_backend()
         object.__setattr__(self, "gpu_slots", self._gpu_slots())
+
+    def _check_backend(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        if self.backend == "local":
+            if self.ray is not None:
+                raise ValueError('ray={...} is for backend="ray"; this pool\'s backend is "local"')
+            return
+        check_ray_options(self.ray or {})
+        if self.gpus is not None:
+            raise ValueError(
+                'gpus lists local device indices; with backend="ray", GPUs come from Ray: '
+                'set ray={"num_gpus": 1} (fractions allowed) and Ray sets CUDA_VISIBLE_DEVICES'
+            )
+        local_only = [
+            name for name in ("limits", "user", "writable_paths", "preload") if getattr(self, name)
+        ]
+        local_only += [name for name in ("sandbox",) if self.sandbox]
+        local_only += [] if self.network else ["network"]
+        if local_only:
+            raise ValueError(
+                f'{", ".join(local_only)} cannot be used with backend="ray" (they apply to '
+                "worker processes this host starts; a Ray worker's node starts it)"
+            )
 
     @property
     def disabled_reason(self) -> str | None:

@@ -34,6 +34,18 @@ class WorkerStatistics:
     restarts: int
     rss_bytes: int | None
     gpu: int | None = None
+    #: Calls this slot finished per second, and their latency percentiles, over
+    #: about the last minute (the pool's life until a minute was seen).
+    calls_per_s: float = 0.0
+    p50_seconds: float | None = None
+    p99_seconds: float | None = None
+    #: Seconds since this slot's current process was started (None: none runs).
+    uptime_seconds: float | None = None
+    #: ``backend="ray"``: the Ray node it runs on (its id and address) and the
+    #: GPU ids Ray gave it (``CUDA_VISIBLE_DEVICES`` there); None/empty locally.
+    node_id: str | None = None
+    node_address: str | None = None
+    gpu_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,26 +80,34 @@ class Listeners:
 
     def __init__(self, pool: str) -> None:
         self.pool = pool
-        self._listeners: list[Callable[[Event], Any]] = []
-        #: Any listener registered (checked per call, so a plain attribute).
+        self._listeners: list[tuple[Callable[[Event], Any], bool]] = []  # (fn, wants calls)
+        #: A listener of the per-call events is registered (checked per call, so a
+        #: plain attribute): calls report ``call.*`` events only while it is true.
         self.active = False
 
     def __bool__(self) -> bool:
         return self.active
 
-    def add(self, fn: Callable[[Event], Any]) -> None:
-        self._listeners.append(fn)
-        self.active = True
+    def add(self, fn: Callable[[Event], Any], *, calls: bool = True) -> None:
+        """``calls=False``: every event but ``call.*`` (calls keep their fast path)."""
+        self._listeners.append((fn, calls))
+        self.active = self.active or calls
 
     def remove(self, fn: Callable[[Event], Any]) -> None:
-        self._listeners.remove(fn)
-        self.active = bool(self._listeners)
+        index = next((i for i, (f, _) in enumerate(self._listeners) if f == fn), None)
+        if index is None:
+            raise ValueError(f"{fn!r} is not a listener of pool {self.pool!r}")
+        del self._listeners[index]
+        self.active = any(calls for _, calls in self._listeners)
 
     def emit(self, name: str, worker: int | None = None, **data: Any) -> None:
         if not self._listeners:
             return
         event = Event(name=name, pool=self.pool, worker=worker, data=data)
-        for fn in tuple(self._listeners):
+        per_call = name.startswith("call.")
+        for fn, calls in tuple(self._listeners):
+            if per_call and not calls:
+                continue
             try:
                 fn(event)
             except Exception:

@@ -6,13 +6,15 @@
      |                       |                                                  ^
      |                       +--start_failed--> closing --closed(broken)--> broken
      +--begin_close (never started: nothing to stop) ---------------------------+
+    running --broke--> broken --begin_close--> closing --closed--> closed
 
 Runs once: start, use, close. ``begin_start`` on a closed (or broken) one
 raises ``PoolClosed``, on a started one ``RuntimeError``. Closing is
 idempotent and waits: a close while starting waits for the start to end,
 and a close while another task closes waits for that close to finish.
 *Closed* (someone closed it) is kept apart from *broken* (something else
-ended it: so far, a start that failed).
+ended it: a start that failed, or, once running, the loss of what its workers
+run on: a Ray cluster gone; ``reason`` says which).
 
 Only the states and who waits for what live here; what starting and closing
 do is the owner's. The events are made by ``begin_start``/``begin_close``
@@ -51,12 +53,14 @@ class Lifecycle:
     its class (``"Pool"``).
     """
 
-    __slots__ = ("_close_done", "_start_done", "kind", "state", "what")
+    __slots__ = ("_close_done", "_running_broke", "_start_done", "kind", "reason", "state", "what")
 
     def __init__(self, what: str, kind: str) -> None:
         self.what = what
         self.kind = kind
         self.state = State.NEW
+        self.reason = "its start failed"  # (why it is broken, if it is)
+        self._running_broke = False  # broken while running: still to be closed
         self._start_done: anyio.Event | None = None
         self._close_done: anyio.Event | None = None
 
@@ -94,6 +98,13 @@ class Lifecycle:
         assert self.state is State.STARTING
         self.state = State.CLOSING
 
+    def broke(self, reason: str) -> None:
+        """running -> broken: it can no longer work (``reason``); ``aclose()`` still cleans up."""
+        if self.state is State.RUNNING:
+            self.state = State.BROKEN
+            self.reason = reason
+            self._running_broke = True
+
     # --- closing -------------------------------------------------------------------
 
     async def begin_close(self) -> State | None:
@@ -115,6 +126,10 @@ class Lifecycle:
         assert self._start_done is not None and self._close_done is not None
         if state is State.STARTING:  # closed from another task while starting
             await self._start_done.wait()
+        if self.state is State.BROKEN and self._running_broke:  # broken, not yet closed
+            self._running_broke = False
+            self.state = State.CLOSING
+            return State.RUNNING
         if self.state is not State.RUNNING:  # someone else closes it (or did)
             await self._close_done.wait()
             return None

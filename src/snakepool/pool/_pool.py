@@ -48,7 +48,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Never
+from typing import TYPE_CHECKING, Any, Never
 
 import anyio
 
@@ -59,6 +59,7 @@ from ..errors import ErrorCategory, PoolClosed, PoolDisabled, WorkerCrashed
 from ._backend import current_loop
 from ._breaker import BreakerState, CircuitBreaker
 from ._config import OPTIONS, PoolConfig, did_you_mean, options_docstring
+from ._counters import CallCounts, ExitCounts, WorkerRecent, WorkerWindow
 from ._deadlines import Deadlines
 from ._dispatch import Dispatcher
 from ._events import Event, Listeners, PoolStatistics, WorkerStatistics
@@ -75,6 +76,9 @@ from ._stores import open_store
 from ._stream import CallStream
 from ._tools import HostTools
 from ._worker import WorkerHandle
+
+if TYPE_CHECKING:
+    from ..observability._stream import Subscription
 
 __all__ = ["CallStream", "Pool"]
 
@@ -135,6 +139,8 @@ class Pool(LifecycleOwner):
         workers_per_gpu: int = 1,
         preload: Sequence[str] = (),
         session_store: str | SessionStore = "memory",
+        backend: str = "local",
+        ray: Mapping[str, Any] | None = None,
         start_method: str = "auto",
         recovery: Mapping[ErrorCategory | str, Recovery | str] | None = None,
         send_ahead: int = 64,
@@ -210,6 +216,8 @@ class Pool(LifecycleOwner):
             check_memory=self._route.check_memory,
         )
         self._drained: anyio.Event | None = None
+        self._exits = ExitCounts()
+        self._window = WorkerWindow(self._route.counts)
 
     __init__.__doc__ = options_docstring()
 
@@ -390,15 +398,34 @@ class Pool(LifecycleOwner):
         self._check_open()
         return self._sessions
 
-    def add_listener(self, fn: Callable[[Event], Any]) -> None:
-        """Call ``fn(event)`` for every telemetry event of this pool."""
-        self._listeners.add(fn)
+    def add_listener(self, fn: Callable[[Event], Any], *, calls: bool = True) -> None:
+        """Call ``fn(event)`` for every telemetry event of this pool.
+
+        ``calls=False``: not the per-call events (``call.completed``,
+        ``call.failed``), which calls then do not even make.
+        """
+        self._listeners.add(fn, calls=calls)
 
     def remove_listener(self, fn: Callable[[Event], Any]) -> None:
         self._listeners.remove(fn)
 
+    def events(
+        self, names: str | Sequence[str] | None = None, *, buffer: int = 1000
+    ) -> Subscription:
+        """``async for event in pool.events(["worker.*"])``: this pool's events.
+
+        ``names``: event names or shell patterns (default: all). At most
+        ``buffer`` events wait for the reader; beyond that the oldest are
+        dropped and counted (``.dropped``): a slow reader never slows the pool.
+        Ends at ``.close()`` (or when ``async with`` exits).
+        """
+        from ..observability._stream import Subscription
+
+        return Subscription([self], names=names, buffer=buffer)
+
     def statistics(self) -> PoolStatistics:
         """A frozen snapshot of the pool and its workers."""
+        recent = self._window.recent()
         return PoolStatistics(
             name=self.name,
             size=self.config.worker_count,
@@ -415,6 +442,10 @@ class Pool(LifecycleOwner):
                     restarts=w.restarts,
                     rss_bytes=w.rss_bytes(),
                     gpu=w.gpu,
+                    **_recent_fields(recent.get(w.slot), w),
+                    node_id=w.transport.node_id,
+                    node_address=w.transport.node_address,
+                    gpu_ids=w.transport.gpu_ids,
                 )
                 for w in self._workers
             ),
@@ -435,7 +466,7 @@ class Pool(LifecycleOwner):
                 raise PoolDisabled(f"pool {self.name!r} is disabled: {self.config.disabled_reason}")
             return
         if state is State.BROKEN:
-            raise PoolClosed(f"pool {self.name!r} is closed: its start failed")
+            raise PoolClosed(f"pool {self.name!r} is broken: {self._lifecycle.reason}")
         if self._lifecycle.ended:
             raise PoolClosed(f"pool {self.name!r} is closed")
         raise RuntimeError(
@@ -452,6 +483,8 @@ class Pool(LifecycleOwner):
 
     def _on_worker_exit(self, worker: WorkerHandle) -> None:
         """A worker exited (its slot starts another): its queued callers take any worker."""
+        if not self.closed:
+            self._exits.add(worker)
         self._dispatcher.on_worker_exit(worker)
         if self._drained is not None and not any(w.pending for w in self._workers):
             self._drained.set()
@@ -480,5 +513,20 @@ class Pool(LifecycleOwner):
             for session_id in expired:
                 self._listeners.emit("session.expired", None, session_id=session_id)
 
+    def _counts(self) -> tuple[CallCounts, ExitCounts]:
+        """The running counts behind metrics (read by ``snakepool.observability``)."""
+        return self._route.counts, self._exits
+
     def __repr__(self) -> str:
         return f"<Pool {self.name!r} adapter={self.config.adapter!r} {self._lifecycle} workers={len(self._workers)}>"
+
+
+def _recent_fields(recent: WorkerRecent | None, worker: WorkerHandle) -> dict[str, Any]:
+    """``WorkerStatistics``' calls/s, percentiles and uptime for ``worker``'s slot."""
+    running = worker.pid is not None and worker.exit_info is None
+    fields: dict[str, Any] = {"uptime_seconds": worker.age if running else None}
+    if recent is not None:
+        fields.update(
+            calls_per_s=recent.calls_per_s, p50_seconds=recent.p50, p99_seconds=recent.p99
+        )
+    return fields

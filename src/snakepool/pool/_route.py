@@ -45,8 +45,10 @@ from ..errors import (
     SnakepoolError,
     WorkerCrashed,
 )
+from ..observability._tracing import CallTracer, tracer_for
 from ._backend import Loop, NotStarted
 from ._calls import PendingCall
+from ._counters import NO_WORKER, CallCounts
 from ._deadlines import Deadlines
 from ._lifecycle import State
 from ._parts import PoolParts
@@ -102,11 +104,19 @@ class CallRoute:
         self.deadlines = Deadlines(self.loop, _expire)
         self.completed = 0
         self.failed: dict[str, int] = collections.defaultdict(int)
+        #: Calls by command, worker and outcome, with latencies (metrics, status).
+        self.counts = CallCounts()
+        #: Spans for calls (snakepool.observability._tracing), when the host traces.
+        self.tracer: CallTracer | None = None
+        #: Nothing but counting to do after a plain call's success (see outcome).
+        self._plain = config.max_memory_mb is None
 
     def start(self, loop: Loop) -> None:
         """Calls may come: on ``loop``."""
         self.loop = loop
         self.deadlines = Deadlines(loop, _expire)
+        self.tracer = tracer_for(self.name)
+        self._plain = self.config.max_memory_mb is None and self.tracer is None
 
     def new_call(
         self,
@@ -121,8 +131,18 @@ class CallRoute:
         if self._parts.lifecycle.state is not _RUNNING or not self._parts.workers:
             self.check_open()
         call_id = next(self._ids)
-        frame = self._encode(call_id, command, args, timeout, session, mode)
-        call = PendingCall(call_id, command, mode, session)
+        if self.tracer is None:
+            frame = self._encode(call_id, command, args, timeout, session, mode)
+            call = PendingCall(call_id, command, mode, session)
+        else:
+            span, trace = self.tracer.start(command, mode, session)
+            try:
+                frame = self._encode(call_id, command, args, timeout, session, mode, trace)
+            except BaseException as exc:
+                self.tracer.end(span, None, "refused", exc)
+                raise
+            call = PendingCall(call_id, command, mode, session)
+            call.span = span
         call.started = started
         if mode == p.CallMode.STREAM:
             call.limit = None  # (a stream's timeout bounds each item: see CallStream)
@@ -152,7 +172,9 @@ class CallRoute:
             if not call.sent and call.session_id is None:
                 call.queued = self._dispatcher.enqueue_call(call, frame, call.deadline)
                 call.sent = True  # (the hand-off sends it)
-        except BaseException:  # (full: PoolOverloaded)
+        except BaseException as exc:  # (full: PoolOverloaded)
+            if call.span is not None:
+                self.trace_end(call, exc)
             self.left(call)
             raise
 
@@ -194,15 +216,21 @@ class CallRoute:
         """The value of a call its caller woke for, or the error to raise."""
         self.deadlines.remove(call, call.deadline)
         if call.finished:
-            quiet = not self._listeners.active and self.config.max_memory_mb is None
+            quiet = not self._listeners.active and self._plain
             if call.error is None and self._breaker.steady and not call.probe and quiet:
                 self.completed += 1  # (= _record when it has nothing else to do)
+                self.counts.ok(call.command, call.worker.slot, started)
                 return call.value
             self.record(call.command, call.worker, started, call.error, probe=call.probe)
+            if call.span is not None:
+                self.trace_end(call, call.error)
             if call.error is not None:
                 raise call.error
             return call.value
-        raise self._unfinished(call, started)
+        error = self._unfinished(call, started)
+        if call.span is not None:
+            self.trace_end(call, error)
+        raise error
 
     def left(self, call: PendingCall) -> None:
         """The caller left (cancelled, or the call could not be sent) before the answer."""
@@ -214,6 +242,25 @@ class CallRoute:
         if call.probe:
             call.probe = False
             self._breaker.release_probe()
+        if call.span is not None:
+            self.trace_end(call, call.error if call.finished else None, cancelled=not call.finished)
+
+    def trace_end(
+        self, call: PendingCall, error: BaseException | None, *, cancelled: bool = False
+    ) -> None:
+        """End ``call``'s span (once) with its outcome."""
+        span, call.span = call.span, None
+        if span is None or self.tracer is None:
+            return
+        if cancelled:
+            outcome = "cancelled"
+        elif error is None:
+            outcome = "ok"
+        else:
+            category = getattr(error, "category", None)
+            outcome = category.value if isinstance(category, ErrorCategory) else "error"
+        worker = call.worker.slot if call.worker is not None else None
+        self.tracer.end(span, worker, outcome, error)
 
     def _unfinished(self, call: PendingCall, started: float) -> SnakepoolError:
         """A call woke unanswered: the pool closed while it was queued, or its
@@ -281,6 +328,7 @@ class CallRoute:
         timeout: float | None,
         session: str | None,
         mode: str,
+        trace: str | None = None,
     ) -> bytes:
         """The Call frame, or a clear error before anything is queued or sent.
 
@@ -313,7 +361,7 @@ class CallRoute:
             limit = None
         if session is not None and session not in self._sessions.bindings:
             check_session_id(session)  # (a bound session's id was checked when it was bound)
-        return self._frame(call_id, command, args, mode, limit, session)
+        return self._frame(call_id, command, args, mode, limit, session, trace)
 
     def _frame(
         self,
@@ -323,9 +371,11 @@ class CallRoute:
         mode: str,
         limit: float | None,
         session: str | None,
+        trace: str | None,
     ) -> bytes:
         try:
-            return self._calls_out.send(p.Call(call_id, command, args, mode, limit, session))
+            call = p.Call(call_id, command, args, mode, limit, session, trace)
+            return self._calls_out.send(call)
         except TypeError as exc:
             raise TypeError(f"args of {command!r} are {exc}") from None
         except ProtocolError as exc:
@@ -339,6 +389,7 @@ class CallRoute:
             return self._breaker.admit()
         except CircuitOpen as exc:
             self.failed[exc.category.value] += 1
+            self.counts.failure(command, NO_WORKER, None, exc.category.value)
             self._listeners.emit("call.failed", None, command=command, category=exc.category.value,
                                  error="CircuitOpen", message=str(exc))  # fmt: skip
             raise
@@ -362,11 +413,14 @@ class CallRoute:
             self._after_call(worker, error)
         if error is None:
             self.completed += 1
+            self.counts.ok(command, NO_WORKER if slot is None else slot, started)
             if self._listeners.active:
                 duration = time.perf_counter() - started
                 self._listeners.emit("call.completed", slot, command=command, duration=duration)
         else:
             self.failed[error.category.value] += 1
+            where = NO_WORKER if slot is None else slot
+            self.counts.failure(command, where, started, error.category.value)
             if self._listeners.active:
                 self._listeners.emit(
                     "call.failed", slot, command=command, category=error.category.value,

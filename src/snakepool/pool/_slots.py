@@ -24,10 +24,11 @@ import tenacity
 
 from .. import protocol as p
 from ..adapters._loading import adapter_imports
-from ..errors import ErrorCategory, WorkerStartError
+from ..errors import ErrorCategory, PoolClosed, WorkerStartError
 from ._calls import PendingCall
 from ._isolation import prepare as prepare_isolation
 from ._parts import PoolParts
+from ._ray import RayCluster
 from ._registry import RunRegistry, runtime_dir
 from ._runner import BackgroundTasks
 from ._template import TemplateStartError, TemplateUnavailable, WorkerTemplate
@@ -84,6 +85,7 @@ class WorkerSlots:
         self.stop_grace = float(config.stop_grace)
         self.template: WorkerTemplate | None = None  # forks (or execs) the workers
         self.start_method = "spawn"  # what start() chose, and why (statistics)
+        self.ray: RayCluster | None = None  # backend="ray": the cluster the workers run on
         self._random = random.Random()
 
     async def start_all(self, background: BackgroundTasks) -> None:
@@ -94,7 +96,10 @@ class WorkerSlots:
             await anyio.to_thread.run_sync(self._registry.reap_leftovers)
         await background.start()
         await anyio.to_thread.run_sync(prepare_isolation, self.config)  # (or refuse)
-        await self.start_template()
+        if self.config.backend == "ray":
+            await self._connect_ray()
+        else:
+            await self.start_template()
         errors: list[WorkerStartError] = []
         async with anyio.create_task_group() as starters:
             for slot in range(len(self._parts.workers)):
@@ -104,6 +109,23 @@ class WorkerSlots:
         for slot in range(len(self._parts.workers)):
             background.group.start_soon(self.keep_filled, slot)
         background.group.start_soon(self.check_health_forever)
+
+    async def _connect_ray(self) -> None:
+        """Workers are Ray actors: no template, no local processes to register."""
+        self.ray = cluster = RayCluster(self.config.ray or {})
+        await anyio.to_thread.run_sync(cluster.connect)
+        cluster.on_gone = self._cluster_gone
+        self.start_method = f"ray ({cluster.describe_placement()})"
+
+    def _cluster_gone(self, why: str) -> None:
+        """The workers' Ray cluster went away: no worker can be replaced, so the
+        pool is broken (not closed: its owner did not close it)."""
+        if self._closed():
+            return
+        reason = f"{why}; aclose() it and start a new pool once the cluster is back"
+        _log.error("pool %s is broken: %s", self.name, reason)
+        self._parts.lifecycle.broke(reason)
+        self._parts.dispatcher.fail_all(PoolClosed(f"pool {self.name!r} is broken: {reason}"))
 
     def new_handle(self, slot: int, restarts: int) -> WorkerHandle:
         return WorkerHandle(
@@ -118,6 +140,7 @@ class WorkerSlots:
             on_unstarted=self._on_unstarted,
             template=self.template,
             ahead=max(self.config.worker_concurrency, self.send_ahead) if self.send_ahead else 0,
+            transport=self.ray.transport if self.ray is not None else None,
         )
 
     async def start_template(self) -> None:
@@ -210,9 +233,13 @@ class WorkerSlots:
         log("pool %s: %s", self.name, self.start_method)
 
     async def close_template(self) -> None:
+        """The template (or the Ray connection) goes, once the workers have."""
         template, self.template = self.template, None
         if template is not None:
             await template.aclose()
+        cluster, self.ray = self.ray, None
+        if cluster is not None:
+            await anyio.to_thread.run_sync(cluster.disconnect)
 
     async def _spawn(self, slot: int, restarts: int) -> WorkerHandle:
         """Start a worker in ``slot`` and wait for its handshake."""
@@ -223,7 +250,7 @@ class WorkerSlots:
         worker = self.new_handle(slot, restarts)
         self._parts.workers[slot] = worker
         await self._parts.background.group.start(worker.run, launch)
-        if worker.pid is not None:
+        if worker.pid is not None and self.ray is None:  # (a Ray worker's pid is its node's)
             self._registry.add(worker.pid)
         await worker.wait_ready(self.config.startup_timeout)
         self._set_recycling_limits(worker)
@@ -334,7 +361,7 @@ class WorkerSlots:
 
     def _on_worker_exit(self, worker: WorkerHandle) -> None:
         info = worker.exit_info
-        if worker.pid is not None:
+        if worker.pid is not None and self.ray is None:
             self._registry.remove(worker.pid)
         if info is not None and not info.planned and not self._closed():
             # (one that never said hello is reported by its start's error instead)

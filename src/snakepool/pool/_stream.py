@@ -68,10 +68,11 @@ class CallStream:
                 call.worker.grant(call, self._consumed)  # the worker may run ahead again
                 self._consumed = 0
             return item
-        self._abandon()
         error = CallTimeout(
             f"stream {self.command!r} produced no item within {self._timeout:g}s; cancelled"
         )
+        self._route.trace_end(call, error)
+        self._abandon()
         self._route.record(self.command, call.worker, self._started, error)
         raise error
 
@@ -105,6 +106,7 @@ class CallStream:
         assert call is not None
         self._route.record(self.command, call.worker, self._started, error, probe=call.probe)
         call.probe = False
+        self._route.trace_end(call, error)
 
     async def aclose(self) -> None:
         """Stop the stream; cancels the generator in the worker if it still runs."""

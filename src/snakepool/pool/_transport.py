@@ -8,12 +8,13 @@ event-loop turn where it can), delivers what the worker sends to the handle's
 it ended. The handle owns every decision (why a worker was killed, what an
 exit means for the calls it held); the transport only reports facts.
 
-Today's transports are local pipes (:mod:`._pipes`): a subprocess spawned by
+The transports are local pipes (:mod:`._pipes`): a subprocess spawned by
 the host or forked by the pool's template, its stdin/stdout/stderr pipes
-served by asyncio callbacks or, on other backends, by anyio streams.
+served by asyncio callbacks or, on other backends, by anyio streams; and
+Ray (:mod:`._ray`, ``backend="ray"``): a worker subprocess supervised by a
+Ray actor on some node of a cluster, its pipes relayed in batches.
 
-A worker that is a Ray actor on another machine is one more implementation,
-with dispatch, sessions and recovery untouched. It would implement:
+What the Ray transport implements (dispatch, sessions and recovery untouched):
 
 - ``open(launch)``: create the actor (``launch.argv``/``env`` become its
   runtime environment), set ``pid`` to an identity worth printing in
@@ -86,6 +87,14 @@ class Transport(abc.ABC):
 
     #: The worker's process id (its process group's too), once ``open`` started it.
     pid: int | None = None
+    #: Where it runs, when that is not this machine ("Ray actor ... on node ..."):
+    #: part of the worker's ``describe()``, hence of every error naming it.
+    where: str = ""
+    #: The node it runs on (Ray's node id, and its address) and the GPUs it was
+    #: given there (Ray's ids); None and empty for a local worker.
+    node_id: str | None = None
+    node_address: str | None = None
+    gpu_ids: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def open(self, launch: WorkerLaunch) -> contextlib.AbstractAsyncContextManager[None]:

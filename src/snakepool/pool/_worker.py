@@ -211,7 +211,13 @@ class WorkerHandle:
         return "\n".join(self._stderr_tail)
 
     def describe(self) -> str:
-        return f"worker {self.pool}/{self.slot} (pid {self.pid})"
+        where = self._transport.where
+        return f"worker {self.pool}/{self.slot} (pid {self.pid}{', ' + where if where else ''})"
+
+    @property
+    def transport(self) -> Transport:
+        """How its frames travel, and where it runs (``node_id``, ``gpu_ids``)."""
+        return self._transport
 
     # --- start-up --------------------------------------------------------------
 

@@ -94,10 +94,17 @@ _NONE = type(None)
 WireSpec = tuple[tuple[str, str, tuple[type, ...]], ...]
 
 
-def wire(key: str, *types: type, default: Any = MISSING, default_factory: Any = MISSING) -> Any:
+def wire(
+    key: str,
+    *types: type,
+    default: Any = MISSING,
+    default_factory: Any = MISSING,
+    omit_none: bool = False,
+) -> Any:
     """Declare a message field: its wire ``key`` and the exact types it accepts
-    (none: any MessagePack value; ``type(None)``: nil), with an optional default."""
-    metadata = {"wire": key, "types": types}
+    (none: any MessagePack value; ``type(None)``: nil), with an optional default.
+    ``omit_none``: the key is left out of the map while the value is None."""
+    metadata = {"wire": key, "types": types, "omit_none": omit_none}
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     if default is not MISSING:
@@ -167,10 +174,21 @@ def _check(var: str, types: tuple[type, ...], names: dict[str, Any]) -> str | No
 def _make_to_wire(
     cls: type[Message], tag_key: str, tag: str, spec: list[tuple[str, str, tuple[type, ...]]]
 ) -> Callable[[Message], dict[str, Any]]:
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    omitted = [(attr, key) for attr, key, _ in spec if fields[attr].metadata.get("omit_none")]
     items = ", ".join(
-        [f"{tag_key!r}: {tag!r}", *(f"{key!r}: self.{attr}" for attr, key, _ in spec)]
+        [
+            f"{tag_key!r}: {tag!r}",
+            *(f"{key!r}: self.{attr}" for attr, key, _ in spec if (attr, key) not in omitted),
+        ]
     )
-    source = f"def to_wire(self):\n    return {{{items}}}\n"
+    if not omitted:
+        source = f"def to_wire(self):\n    return {{{items}}}\n"
+    else:
+        source = f"def to_wire(self):\n    w = {{{items}}}\n"
+        for attr, key in omitted:
+            source += f"    if self.{attr} is not None:\n        w[{key!r}] = self.{attr}\n"
+        source += "    return w\n"
     namespace: dict[str, Any] = {}
     exec(source, namespace)
     function: Callable[[Message], dict[str, Any]] = namespace["to_wire"]
@@ -195,7 +213,10 @@ def _make_from_wire(
     for index, (attr, key, types) in enumerate(spec):
         var = f"v{index}"
         f = by_name[attr]
-        every.append(f"        {var} = w[{key!r}]")
+        if f.metadata.get("omit_none"):  # (usually absent: no slow path for that)
+            every.append(f"        {var} = w.get({key!r})")
+        else:
+            every.append(f"        {var} = w[{key!r}]")
         if f.default is MISSING and f.default_factory is MISSING:
             required.append(f"        {var} = w[{key!r}]")
         elif f.default_factory is not MISSING:
@@ -278,6 +299,9 @@ class Call(Message):
     mode: str = wire("m", str, default=CallMode.CALL)
     timeout: float | None = wire("o", float, int, _NONE, default=None)
     session_id: str | None = wire("s", str, _NONE, default=None)
+    #: The W3C ``traceparent`` of the host's span for this call (OpenTelemetry);
+    #: the worker runs the handler in that context. None: not traced.
+    trace: str | None = wire("x", str, _NONE, default=None, omit_none=True)
 
 
 @message("cancel")

@@ -260,6 +260,66 @@ class Client:
         result: dict[str, Any] = (await self._exchange({"t": "connections"}))["r"]
         return result
 
+    def logs(
+        self, pool: str, worker: int | None = None, *, last: int = 100, follow: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The last lines of a pool's workers (or one worker), then, with
+        ``follow``, each new one: maps with pool, worker, time, level, line, dropped."""
+        message: dict[str, Any] = {"t": "logs", "p": pool, "n": last, "f": follow}
+        if worker is not None:
+            message["u"] = worker
+        return self._items(message)
+
+    def subscribe(
+        self,
+        names: list[str] | None = None,
+        *,
+        pools: list[str] | None = None,
+        buffer: int = 1000,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Events as they happen (``names``: names or patterns such as ``worker.*``):
+        maps with name, pool, worker, time, data, dropped. Leave the loop to stop."""
+        message: dict[str, Any] = {"t": "subscribe", "b": buffer}
+        if names is not None:
+            message["e"] = names
+        if pools is not None:
+            message["p"] = pools
+        return self._items(message)
+
+    async def _items(self, message: dict[str, Any]) -> AsyncIterator[Any]:
+        """Send a request answered by ``item`` frames, then ``end`` (a stream,
+        ``logs``, ``subscribe``); leaving the loop early cancels it on the server.
+        The server sends at most ``STREAM_WINDOW`` items ahead of this loop."""
+        connection = self._open()
+        request_id = next(self._ids)
+        message["i"], message["w"] = request_id, STREAM_WINDOW
+        stream = _Stream()
+        connection.waiting[request_id] = stream
+        finished = False
+        taken = 0
+        try:
+            await connection.writable()
+            connection.send(message)
+            frames = stream.frames
+            while True:
+                while not frames:
+                    stream.waiter = connection.loop.create_future()
+                    await stream.waiter
+                frame = frames.popleft()
+                if frame.get("t") != "item":
+                    finished = True
+                    connection.answer_of(frame)  # (raises a failure)
+                    return
+                yield frame.get("r")
+                taken += 1
+                if taken >= STREAM_WINDOW // 2:  # the server may send this many more
+                    connection.send({"t": "credit", "i": request_id, "n": taken})
+                    taken = 0
+        finally:
+            del connection.waiting[request_id]
+            if not finished and connection.broken is None:
+                connection.send({"t": "cancel", "i": request_id})
+
     # --- the wire ------------------------------------------------------------------
 
     def _open(self) -> _Connection:
@@ -334,37 +394,11 @@ class RemotePool:
         ``timeout`` bounds the wait for each item. The server sends at most
         ``STREAM_WINDOW`` items ahead of this loop.
         """
-        client = self.client
-        connection = client._open()
-        request_id = next(client._ids)
         message = self._call_message(command, args, "stream", timeout, session)
-        message["i"], message["w"] = request_id, STREAM_WINDOW
-        stream = _Stream()
-        connection.waiting[request_id] = stream
-        finished = False
-        taken = 0
-        try:
-            await connection.writable()
-            connection.send(message)
-            frames = stream.frames
-            while True:
-                while not frames:
-                    stream.waiter = connection.loop.create_future()
-                    await stream.waiter
-                frame = frames.popleft()
-                if frame.get("t") != "item":
-                    finished = True
-                    connection.answer_of(frame)  # (raises a failure)
-                    return
-                yield frame.get("r")
-                taken += 1
-                if taken >= STREAM_WINDOW // 2:  # the server may send this many more
-                    connection.send({"t": "credit", "i": request_id, "n": taken})
-                    taken = 0
-        finally:
-            del connection.waiting[request_id]
-            if not finished and connection.broken is None:
-                connection.send({"t": "cancel", "i": request_id})
+        async for item in self.client._items(message):
+            yield item
+
+    # (the rest of a stream's route is Client._items, shared with logs and subscribe)
 
     def _call_message(
         self,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hmac
 import logging
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import PoolClosed, ProtocolError, SnakepoolError
+from ..observability._remote import OBSERVE_REQUESTS, observe
 from ._requests import Refused, bad_request, check_call, draining_message, session_operation, shown
 from ._wire import (
     CLIENT_PROTOCOL_VERSIONS,
@@ -60,7 +62,7 @@ _DECODE_IN_THREAD = 512 * 1024
 _WRITE_HIGH_WATER = 256 * 1024
 #: How long a dropped client's ``error`` frame may take to leave.
 _ERROR_GRACE = 1.0
-_REQUESTS = frozenset({"call", "session", "status", "connections"})
+_REQUESTS = frozenset({"call", "session", "status", "connections", *OBSERVE_REQUESTS})
 _HELD, _RUNNING, _DONE = 1, 2, 3
 
 
@@ -479,6 +481,8 @@ class Connection(asyncio.BufferedProtocol):
                 await self._call(request)
             elif kind == "session":
                 await self._session(request)
+            elif kind in OBSERVE_REQUESTS:  # logs, subscribe (snakepool.observability)
+                await self._observe(request)
             elif kind == "status":
                 pools = self.server.pools.items()
                 self._result(request_id, {name: jsonable(p.statistics()) for name, p in pools})
@@ -528,6 +532,30 @@ class Connection(asyncio.BufferedProtocol):
                 if request.credit is not None:
                     request.credit -= 1
         self._send({"t": "end", "i": request_id})
+
+    async def _observe(self, request: _Request) -> None:
+        """``logs``/``subscribe``: items, with a stream's credit, until done
+        (``end``), cancelled, or the server stops."""
+        frame = request.frame
+        window = frame.get("w")
+        if window is not None and (type(window) is not int or window < 1):
+            raise bad_request(f"a window 'w' must be an integer >= 1, not {shown(window)}")
+        request.credit = window
+        try:
+            items = observe(request.kind, frame, self.server.pools, self._observing_ends)
+        except KeyError as exc:
+            raise Refused(exc, "unknown_pool") from None
+        async with contextlib.aclosing(items):
+            async for item in items:
+                if request.credit == 0 or self.writing_paused:
+                    await self._until_sendable(request)
+                self._send({"t": "item", "i": request.id, "r": item})
+                if request.credit is not None:
+                    request.credit -= 1
+        self._send({"t": "end", "i": request.id})
+
+    def _observing_ends(self) -> bool:
+        return self.server.draining or self.closing
 
     async def _until_sendable(self, request: _Request) -> None:
         """Wait until the stream may send again: credit, and a client that reads."""

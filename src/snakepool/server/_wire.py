@@ -53,6 +53,8 @@ CLIENT_MESSAGE_TYPES: Final = (
     "status",
     "connections",
     "session",
+    "logs",  # snakepool.observability (docs/protocol.md, "Observing")
+    "subscribe",
 )
 #: A client frame of n bytes may decode into at most this many times n bytes of
 #: objects (plus 1 MiB). Ordinary data stays well below it: small records take

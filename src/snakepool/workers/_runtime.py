@@ -55,6 +55,7 @@ from ._stdio import (
 from ._stdio import (
     flush_std_streams as flush_std_streams,
 )
+from ._tracing import in_trace
 
 __all__ = ["current_worker", "main"]
 
@@ -159,7 +160,7 @@ class Worker:
             if type(call) is not _CALL_MESSAGE:
                 return None
             entry = plain.get(call.command)
-            if entry is None or call.mode != _CALL or call.session_id is not None:
+            if entry is None or call.mode != _CALL or call.session_id is not None or call.trace:
                 return None
             handler, spec = entry
             kwargs = spec.keyword_arguments(call.args)
@@ -306,6 +307,10 @@ class Worker:
             if spec.wants_context:
                 kwargs["ctx"] = ctx
         handler = getattr(self.adapter, spec.attribute)
+        if call.trace is not None:  # (OpenTelemetry: the host's span is the parent)
+            handler = in_trace(
+                handler, call.trace, is_async=spec.is_async, is_stream=spec.is_stream
+            )
         # A stream may run STREAM_WINDOW items ahead of what the host consumed.
         if spec.is_async:
             # Async calls queue like sync ones (same order, same limit); taking

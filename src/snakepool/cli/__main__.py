@@ -1,0 +1,7 @@
+"""``python -m snakepool.cli``: the ``snakepool`` command."""
+
+import sys
+
+from ._main import main
+
+sys.exit(main())

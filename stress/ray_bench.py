@@ -1,0 +1,147 @@
+"""A Ray-backed pool against plain Ray actors, side by side on one local Ray cluster.
+
+Three measurements (issue 21), each with the pool and its baseline in the same run:
+
+- throughput: a pool of 2 Ray-backed workers with 64 callers making no-op calls,
+  against 2 Ray async actors called directly with 64 calls in flight
+  (target: the pool >= 3x);
+- start: 16 Ray-backed workers ready, against 16 plain actors answering a
+  first call (target: <= 2x);
+- sequential p50: one no-op call at a time, pool against a direct actor call
+  (target: <= 1.5x).
+
+Run: ``PYTHONPATH=src:tests python stress/ray_bench.py [--seconds 5]``
+(it starts a 2-node cluster with ``ray.cluster_utils.Cluster`` and shuts it down).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # sp_adapters
+
+import ray
+from ray.cluster_utils import Cluster
+
+import snakepool
+
+ADAPTER = "sp_adapters:Basic"
+RAY_OPTIONS: dict[str, Any] = {"num_cpus": 0}
+
+
+@ray.remote
+class Direct:
+    """The baseline: an async actor whose method does nothing."""
+
+    async def echo(self, value: Any = None) -> Any:
+        return value
+
+
+async def pool_throughput(pool: snakepool.Pool, callers: int, seconds: float) -> float:
+    done = 0
+    end = time.perf_counter() + seconds
+
+    async def caller() -> None:
+        nonlocal done
+        while time.perf_counter() < end:
+            await pool.call("echo", {"value": 1})
+            done += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(callers)))
+    return done / (time.perf_counter() - start)
+
+
+async def direct_throughput(actors: list[Any], in_flight: int, seconds: float) -> float:
+    done = 0
+    end = time.perf_counter() + seconds
+
+    async def caller(n: int) -> None:
+        nonlocal done
+        actor = actors[n % len(actors)]
+        while time.perf_counter() < end:
+            await actor.echo.remote(1)
+            done += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(caller(n) for n in range(in_flight)))
+    return done / (time.perf_counter() - start)
+
+
+async def p50(call: Any, count: int) -> float:
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        await call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+async def start_pool(size: int) -> tuple[float, snakepool.Pool]:
+    start = time.perf_counter()
+    pool = snakepool.Pool(ADAPTER, size=size, backend="ray", ray=RAY_OPTIONS)
+    await pool.start()
+    return time.perf_counter() - start, pool
+
+
+async def start_actors(count: int) -> tuple[float, list[Any]]:
+    start = time.perf_counter()
+    actors = [Direct.options(**RAY_OPTIONS).remote() for _ in range(count)]  # type: ignore[attr-defined]
+    await asyncio.gather(*(actor.echo.remote() for actor in actors))
+    return time.perf_counter() - start, actors
+
+
+async def main(seconds: float, callers: int, workers: int) -> None:
+    rows: list[tuple[str, float, float, str]] = []
+    # start: plain actors first, then the pool (both warm Ray's worker pool equally little)
+    actors_s, plain = await start_actors(workers)
+    for actor in plain:
+        ray.kill(actor)
+    pool_s, big = await start_pool(workers)
+    await big.aclose()
+    rows.append((f"{workers} workers ready (s)", pool_s, actors_s, "<= 2x"))
+
+    pool = snakepool.Pool(ADAPTER, size=2, backend="ray", ray=RAY_OPTIONS)
+    await pool.start()
+    try:
+        _, direct = await start_actors(2)
+        await pool_throughput(pool, callers, 0.5)  # warm both
+        await direct_throughput(direct, callers, 0.5)
+        pool_rate = await pool_throughput(pool, callers, seconds)
+        direct_rate = await direct_throughput(direct, callers, seconds)
+        rows.append((f"calls/s, 2 workers, {callers} in flight", pool_rate, direct_rate, ">= 3x"))
+        pool_p50 = await p50(lambda: pool.call("echo", {"value": 1}), 300)
+        direct_p50 = await p50(lambda: direct[0].echo.remote(1), 300)
+        rows.append(("sequential p50 (ms)", pool_p50 * 1e3, direct_p50 * 1e3, "<= 1.5x"))
+    finally:
+        await pool.aclose()
+    print(f"{'measure':<34} {'ray pool':>10} {'actors':>10} {'ratio':>7}  target")
+    for name, ours, theirs, target in rows:
+        print(f"{name:<34} {ours:>10.3f} {theirs:>10.3f} {ours / theirs:>7.2f}  {target}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="per throughput run")
+    parser.add_argument("--callers", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=16, help="for the start-time row")
+    args = parser.parse_args()
+    node = {"num_cpus": 8, "object_store_memory": 100 * 2**20}
+    cluster = Cluster(
+        initialize_head=True, connect=True, head_node_args={**node, "include_dashboard": False}
+    )
+    try:
+        cluster.add_node(**node)
+        cluster.wait_for_nodes()
+        asyncio.run(main(args.seconds, args.callers, args.workers))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
