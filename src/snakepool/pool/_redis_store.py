@@ -81,6 +81,7 @@ _MAX_TTL_S = 100 * 365 * 24 * 3600.0  # a TTL of math.inf: a hundred years
 # Default timeouts (a URL's query overrides them: redis://host/0?socket_timeout=1).
 _CONNECT_TIMEOUT_S = 2.0
 _COMMAND_TIMEOUT_S = 5.0
+_CONNECTIONS = 32  # the most connections a host's commands use at once
 
 # --- scripts (KEYS are every key a script touches, as Redis asks) --------------------------
 
@@ -349,15 +350,22 @@ class RedisSessionStore(SessionStore):
         self._url = url
         self._prefix = f"snakepool:{namespace}:"
         self._live_key = f"{self._prefix}live"
-        # One connection pool for the host: reads are batched, so calls need few
-        # connections (watchers hold one each). Every command has a timeout.
-        self._redis = aioredis.Redis.from_url(
-            url,
-            socket_connect_timeout=_CONNECT_TIMEOUT_S,
-            socket_timeout=_COMMAND_TIMEOUT_S,
-            health_check_interval=30,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+        # One bounded pool of connections for the host's commands: a burst waits
+        # for a free connection rather than opening more. Reads are batched, so
+        # calls need few. Every command has a timeout; so does the wait.
+        options: dict[str, Any] = {
+            "socket_connect_timeout": _CONNECT_TIMEOUT_S,
+            "socket_timeout": _COMMAND_TIMEOUT_S,
+            "health_check_interval": 30,
+            "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+        }
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=_CONNECTIONS, timeout=_COMMAND_TIMEOUT_S, **options
         )
+        self._redis = aioredis.Redis.from_pool(pool)
+        # A watch holds a connection while it lasts (subscribed): from a pool of
+        # their own, so that watchers never take the commands' connections.
+        self._watches = aioredis.Redis.from_url(url, **options)
         scripts = (_CREATE, _TOUCH, _DELETE, _EXPIRED, _READ, _CAS)
         self._create, self._touch, self._delete, self._expired, self._read_script, self._cas = (
             self._redis.register_script(script) for script in scripts
@@ -553,6 +561,7 @@ class RedisSessionStore(SessionStore):
             await self._heads.aclose()
             await self._touches.aclose()
             await self._redis.aclose()
+            await self._watches.aclose()
 
     # --- state --------------------------------------------------------------------------
 
@@ -642,7 +651,7 @@ class RedisSessionStore(SessionStore):
         self, session_id: str, names: Iterable[str]
     ) -> AsyncIterator[AsyncIterator[VariableUpdate]]:
         wanted = frozenset(names)
-        pubsub = self._redis.pubsub()
+        pubsub = self._watches.pubsub()
         try:
             with self._errors():
                 await pubsub.subscribe(self._key(session_id, "updates"))
