@@ -222,10 +222,6 @@ class _Head:
             self.incarnation, self.ttl_ms,
         )  # fmt: skip
 
-    def versions(self) -> tuple[int, int]:
-        # The incarnation goes in the high bits: equal only within one life of the session.
-        return self.incarnation << 32 | self.version, self.state_version
-
 
 def _record(data: Any) -> VariableRecord:
     raw = _unpack(data)
@@ -270,11 +266,13 @@ class _Batcher(Generic[_K, _V]):
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def get(self, key: _K) -> _V:
-        if self._closed:
-            raise ConnectionError("the session store was closed")
+    def get(self, key: _K) -> asyncio.Future[_V]:
+        """The value of ``key``, from the next batch (a future: no coroutine per call)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[_V] = loop.create_future()
+        if self._closed:
+            future.set_exception(_closed())
+            return future
         waiting = self._waiting.get(key)
         if waiting is None:
             self._waiting[key] = [future]
@@ -283,7 +281,7 @@ class _Batcher(Generic[_K, _V]):
         if not self._busy:
             self._busy = True
             loop.call_soon(self._send)  # (after this loop turn's other requests)
-        return await future
+        return future
 
     def _send(self) -> None:
         if not self._waiting or self._closed:
@@ -370,7 +368,8 @@ class RedisSessionStore(SessionStore):
         self._create, self._touch, self._delete, self._expired, self._read_script, self._cas = (
             self._redis.register_script(script) for script in scripts
         )
-        self._heads: _Batcher[str, bytes | None] = _Batcher(self._mget)
+        self._reader: aioredis.connection.AbstractConnection | None = None
+        self._heads: _Batcher[str, bytes | None] = _Batcher(self._read_heads)
         self._touches: _Batcher[str, int] = _Batcher(self._touch_many)
 
     # --- plumbing ---------------------------------------------------------------------
@@ -402,6 +401,33 @@ class RedisSessionStore(SessionStore):
                     pipe.mget(chunk)
                 return [head for heads in await pipe.execute() for head in heads]
 
+    async def _read_heads(self, keys: list[str]) -> list[bytes | None]:
+        """The batched reads' ``MGET``: on a connection of their own, taken from the
+        pool once (not checked out per batch), and retried like any command."""
+        conn = self._reader
+        if conn is None:
+            with self._errors():
+                take = cast(
+                    "Callable[[], Awaitable[aioredis.connection.AbstractConnection]]",
+                    self._redis.connection_pool.get_connection,  # (untyped)
+                )
+                conn = self._reader = await take()
+        chunks = [("MGET", *chunk) for chunk in _chunks(keys)]
+
+        async def read() -> list[bytes | None]:
+            try:
+                await conn.send_packed_command(conn.pack_commands(chunks))
+                found: list[bytes | None] = []
+                for _ in chunks:
+                    found += await conn.read_response()
+                return found
+            except BaseException:
+                await conn.disconnect(nowait=True)  # (a reply may be left unread: afresh)
+                raise
+
+        with self._errors():
+            return await conn.retry.call_with_retry(read, lambda _: conn.disconnect())
+
     async def _touch_many(self, session_ids: list[str]) -> list[int]:
         """Refresh the TTL of every key of each session; their TTLs in ms (-1: not live)."""
         found: list[int] = []
@@ -416,7 +442,7 @@ class RedisSessionStore(SessionStore):
 
     async def _head(self, session_id: str) -> _Head:
         """The live session's head, read with every other read of this moment."""
-        raw = await self._heads.get(self._key(session_id, "head"))
+        raw = await self._heads.get(self._key(session_id, "head"))  # (see versions)
         if raw is None:
             raise await self._not_live(session_id)
         return _Head(raw)
@@ -578,7 +604,13 @@ class RedisSessionStore(SessionStore):
         return (await self._head(session_id)).state_version
 
     async def versions(self, session_id: str) -> tuple[int, int]:
-        return (await self._head(session_id)).versions()
+        # (every session call of a Redis-store session comes here: kept short)
+        raw = await self._heads.get(f"{self._prefix}s:{check_session_id(session_id)}:head")
+        if raw is None:
+            raise await self._not_live(session_id)
+        version, state_version, incarnation, _ = raw.split(b":")
+        # The incarnation in the high bits: equal only within one life of the session.
+        return int(incarnation) << 32 | int(version), int(state_version)
 
     async def load_state(self, session_id: str) -> dict[str, Any]:
         _, raw = await self._read(session_id, "state", "HGETALL")
