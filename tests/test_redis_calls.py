@@ -22,9 +22,9 @@ import pytest
 
 import snakepool
 from conftest import free_port
-from snakepool import CallTimeout, SessionNotFound
+from snakepool import CallTimeout, SessionNotFound, SessionStoreUnavailable
 from snakepool.pool._redis_store import RedisSessionStore
-from waiting import wait_for
+from waiting import wait_for, wait_until
 
 pytestmark = pytest.mark.anyio
 redis = pytest.importorskip("redis", reason="redis-py is not installed: pip install -e '.[dev]'")
@@ -173,6 +173,29 @@ async def test_a_frozen_redis_reads_as_the_store_not_as_a_busy_pool(tmp_path: Pa
             finally:
                 os.kill(server.pid, signal.SIGCONT)
             assert await session.call("var", {"name": "x"}) == 1  # back, nothing lost
+
+
+async def test_a_call_its_dead_worker_never_started_fails_clearly_while_redis_is_frozen() -> None:
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0?socket_timeout=0.5"
+    with redis_process("--port", str(port), ready=lambda: _pings(url)) as server:
+        async with snakepool.Pool(ADAPTER, size=1, session_store=url) as pool:
+            session = await pool.session().open()
+            worker = (await session.call("whoami"))["pid"]
+            running = asyncio.ensure_future(session.call("nap", {"seconds": 30}))
+            waiting = asyncio.ensure_future(session.call("whoami"))  # behind it, in the worker
+            await wait_until(lambda: pool.statistics().workers[0].inflight == 2)
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                os.kill(worker, signal.SIGKILL)
+                with pytest.raises(snakepool.WorkerCrashed):
+                    await running
+                # Never started: placed again, on a store that does not answer.
+                with pytest.raises(SessionStoreUnavailable, match="session store redis at"):
+                    await waiting
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+            assert (await session.call("whoami"))["session"] == session.id  # the pool serves
 
 
 async def test_back_with_its_data_redis_serves_what_was_written_meanwhile(tmp_path: Path) -> None:

@@ -55,7 +55,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "a redis:// session store needs redis-py: pip install 'snakepool[redis]'"
     ) from exc
 
-from ..errors import InvalidSessionId, SessionExpired, SessionNotFound
+from ..errors import InvalidSessionId, SessionExpired, SessionNotFound, SessionStoreUnavailable
 from ._store import (
     SessionStatus,
     SessionStore,
@@ -318,8 +318,8 @@ class _Batcher(Generic[_K, _V]):
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def _closed() -> ConnectionError:
-    return ConnectionError("the session store was closed")
+def _closed() -> SessionStoreUnavailable:
+    return SessionStoreUnavailable("the session store was closed")
 
 
 def _fail(batch: Mapping[Any, list[asyncio.Future[_V]]], error: Exception) -> None:
@@ -387,7 +387,7 @@ class RedisSessionStore(SessionStore):
         try:
             yield
         except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise ConnectionError(
+            raise SessionStoreUnavailable(
                 f"session store redis at {_redact(self._url)} is unavailable: {exc}"
             ) from exc
 
@@ -754,7 +754,7 @@ class _Watcher:
                 continue  # committed before the watch began
             if version != self._last + 1:
                 self._done = True
-                raise ConnectionError(
+                raise SessionStoreUnavailable(
                     f"watch on session {self._session_id!r} missed updates "
                     f"{self._last + 1}..{version - 1} (the redis connection was interrupted)"
                 )
