@@ -426,7 +426,10 @@ class RedisSessionStore(SessionStore):
                 raise
 
         with self._errors():
-            return await conn.retry.call_with_retry(read, lambda _: conn.disconnect())
+            values: list[bytes | None] = await conn.retry.call_with_retry(
+                read, lambda _: conn.disconnect()
+            )
+        return values
 
     async def _touch_many(self, session_ids: list[str]) -> list[int]:
         """Refresh the TTL of every key of each session; their TTLs in ms (-1: not live)."""
