@@ -255,16 +255,18 @@ class _Batcher(Generic[_K, _V]):
 
     ``run`` gets the distinct keys and returns a value for each, in order. A request
     waits for a batch sent after it was made (never one already in flight), so its
-    answer is as new as a request of its own would have been. (Two batches in flight
-    cost more per call and were no faster: the batches shrink.)
+    answer is as new as a request of its own would have been. One task sends the
+    batches: woken by the first request of a turn, it sends at the next turn, with
+    every request made by then. (Two batches in flight cost more per call and were
+    no faster: the batches shrink.)
     """
 
     def __init__(self, run: Callable[[list[_K]], Awaitable[list[_V]]]) -> None:
         self._run = run
         self._waiting: dict[_K, list[asyncio.Future[_V]]] = {}
-        self._busy = False  # a batch is on its way, or due at the next loop turn
+        self._wakeup: asyncio.Future[None] | None = None  # the sender waits on it when idle
+        self._sender: asyncio.Task[None] | None = None
         self._closed = False
-        self._tasks: set[asyncio.Task[None]] = set()
 
     def get(self, key: _K) -> asyncio.Future[_V]:
         """The value of ``key``, from the next batch (a future: no coroutine per call)."""
@@ -278,44 +280,50 @@ class _Batcher(Generic[_K, _V]):
             self._waiting[key] = [future]
         else:
             waiting.append(future)
-        if not self._busy:
-            self._busy = True
-            loop.call_soon(self._send)  # (after this loop turn's other requests)
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+        elif self._sender is None or self._sender.done():
+            self._sender = loop.create_task(self._send_forever())
         return future
 
-    def _send(self) -> None:
-        if not self._waiting or self._closed:
-            self._busy = False
-            return
-        batch, self._waiting = self._waiting, {}
-        task = asyncio.get_running_loop().create_task(self._batch(batch))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    async def _send_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if not self._waiting:
+                    self._wakeup = loop.create_future()
+                    await self._wakeup
+                batch, self._waiting = self._waiting, {}
+                await self._batch(batch)
+        except BaseException:  # (cancelled: the store is closing)
+            _fail(self._waiting, _closed())
+            self._waiting = {}
+            raise
 
     async def _batch(self, batch: dict[_K, list[asyncio.Future[_V]]]) -> None:
         keys = list(batch)
         try:
             values = await self._run(keys)
-        except BaseException as exc:  # (cancelled: the store is closing)
-            error = exc if isinstance(exc, Exception) else _closed()
-            _fail(batch, error)
-            if error is not exc:
-                raise
-        else:
-            for key, value in zip(keys, values, strict=True):
-                for future in batch[key]:
-                    if not future.done():
-                        future.set_result(value)
-        finally:
-            self._send()  # those that came while this batch was on its way
+        except Exception as exc:
+            _fail(batch, exc)
+            return
+        except BaseException:
+            _fail(batch, _closed())
+            raise
+        for key, value in zip(keys, values, strict=True):
+            for future in batch[key]:
+                if not future.done():
+                    future.set_result(value)
 
     async def aclose(self) -> None:
         self._closed = True
-        for task in list(self._tasks):
-            task.cancel()
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
         _fail(self._waiting, _closed())
         self._waiting = {}
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 def _closed() -> SessionStoreUnavailable:
