@@ -151,7 +151,7 @@ def test_hosts_calling_while_one_sets_lose_nothing_and_never_go_back(redis_url: 
 @pytest.mark.slow
 def test_sessions_made_and_expired_through_one_host_leave_its_memory(redis_url: str) -> None:
     out = _stress(
-        "rss", "--url", redis_url, "--sessions", "2000", "--ttl", "3", "--call-every", "20",
+        "rss", "--url", redis_url, "--sessions", "1500", "--ttl", "2", "--call-every", "20",
         "--rss-limit", "20", timeout=100,
     )  # fmt: skip
     assert "all expired and forgotten" in out, out
