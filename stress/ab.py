@@ -33,7 +33,10 @@ Scenarios (each child, after a warm-up):
 Run::
 
     python stress/ab.py OLD_REF [NEW_REF] [--rounds 5] [--calls 20000] [--workers 2]
-                        [--scenario plain|session|both] [--json OUT]
+                        [--scenario plain|session|both] [--store memory|redis] [--json OUT]
+
+``--store redis`` runs the session scenario against a ``redis-server`` this run
+starts on loopback (``stress/redis_sessions.py``), shared by both sides.
 
 ``python stress/ab.py HEAD HEAD`` compares a commit with itself: the spread it
 shows is the noise floor (here the sequential p50 flips between about 35 and
@@ -237,12 +240,16 @@ async def _session_burst(callers: list[_SessionCaller], total: int) -> float:
     return len(callers) * per_session / (time.perf_counter() - started)
 
 
-async def _session(workers: int, calls: int, adapter_dir: str) -> tuple[dict[str, float], str]:
+async def _session(
+    workers: int, calls: int, adapter_dir: str, store: str
+) -> tuple[dict[str, float], str]:
     import snakepool
 
     adapter = f"{ADAPTER_MODULE}:ABAdapter"
     async with (
-        snakepool.Pool(adapter, size=workers, pythonpath=[adapter_dir]) as pool,
+        snakepool.Pool(
+            adapter, size=workers, pythonpath=[adapter_dir], session_store=store
+        ) as pool,
         contextlib.AsyncExitStack() as stack,
     ):
         where = await pool.call("where")
@@ -284,7 +291,7 @@ async def _worker_file(adapter_dir: str) -> str:
 
 
 async def _child(
-    tree: str, scenario: str, workers: int, calls: int, adapter_dir: str
+    tree: str, scenario: str, workers: int, calls: int, adapter_dir: str, store: str
 ) -> dict[str, Any]:
     import snakepool
 
@@ -296,7 +303,7 @@ async def _child(
     if scenario in ("plain", "both"):
         metrics.update(await _plain(workers, calls))
     if scenario in ("session", "both"):
-        found, worker_file = await _session(workers, calls, adapter_dir)
+        found, worker_file = await _session(workers, calls, adapter_dir, store)
         metrics.update(found)
     else:
         worker_file = await _worker_file(adapter_dir)
@@ -307,8 +314,8 @@ async def _child(
 
 
 def child_main(argv: Sequence[str]) -> int:
-    tree, scenario, workers, calls, adapter_dir = argv
-    result = asyncio.run(_child(tree, scenario, int(workers), int(calls), adapter_dir))
+    tree, scenario, workers, calls, adapter_dir, store = argv
+    result = asyncio.run(_child(tree, scenario, int(workers), int(calls), adapter_dir, store))
     print(json.dumps(result))
     return 0
 
@@ -389,7 +396,7 @@ def _run_child(side: Side, args: argparse.Namespace, workdir: Path) -> dict[str,
         filter(None, [str(side.tree / "src"), env.get("PYTHONPATH")])
     )
     command = [sys.executable, __file__, "_child", str(side.tree), args.scenario]
-    command += [str(args.workers), str(args.calls), str(workdir)]
+    command += [str(args.workers), str(args.calls), str(workdir), args.store_url]
     child = subprocess.Popen(
         command,
         env=env,
@@ -507,9 +514,27 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--calls", type=int, default=20000, help="calls per measurement (20000)")
     parser.add_argument("--workers", type=int, default=2, help="pool size (default 2)")
     parser.add_argument("--scenario", choices=("plain", "session", "both"), default="both")
+    parser.add_argument(
+        "--store",
+        choices=("memory", "redis"),
+        default="memory",
+        help="the session scenario's store; redis: a redis-server started on loopback",
+    )
     parser.add_argument("--tolerance", type=float, default=0.10, help="verdict band (0.10)")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     return parser
+
+
+@contextlib.contextmanager
+def _store(args: argparse.Namespace) -> Iterator[str]:
+    """The session store's URL: ``memory``, or a ``redis-server`` of this run's own."""
+    if args.store == "memory":
+        yield "memory"
+        return
+    from redis_sessions import redis_server  # (stress/: this script's directory)
+
+    with redis_server() as url:
+        yield url
 
 
 def _sigterm(signum: int, frame: object) -> None:
@@ -526,11 +551,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _sigterm)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # (progress: stderr)
     machine = _machine()
-    with _sides(args.old_ref, args.new_ref) as (workdir, sides):
+    with _store(args) as args.store_url, _sides(args.old_ref, args.new_ref) as (workdir, sides):
         labels = {side.name: side.label for side in sides}
         print(f"old: {labels['old']}\nnew: {labels['new']}")
         print(
-            f"{args.rounds} rounds (ABBA), scenario {args.scenario}, {args.workers} workers, "
+            f"{args.rounds} rounds (ABBA), scenario {args.scenario} (store {args.store}), "
+            f"{args.workers} workers, "
             f"{args.calls} calls per measurement, {machine['cpus']} CPUs, "
             f"load {machine['load_average']}"
         )
@@ -551,6 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "calls": args.calls,
             "workers": args.workers,
             "scenario": args.scenario,
+            "store": args.store,
             "tolerance": args.tolerance,
             "machine": {**machine, "load_average_after": _machine()["load_average"]},
             "metrics": metrics,

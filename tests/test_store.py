@@ -450,7 +450,7 @@ async def test_redis_session_keys_all_expire(redis_url: str) -> None:
         keys = sorted(k.decode() for k in await raw.keys(f"snakepool:{namespace}:*"))
         prefix = f"snakepool:{namespace}:s:s:"
         assert keys == [f"snakepool:{namespace}:live"] + [
-            prefix + part for part in ("meta", "seen", "state", "vars", "version")
+            prefix + part for part in ("head", "seen", "state", "vars")
         ]
         for key in keys:
             if key.startswith(prefix):

@@ -23,6 +23,7 @@ from .errors import RemoteError as RemoteError
 from .errors import ResourceExceeded as ResourceExceeded
 from .errors import SessionExpired as SessionExpired
 from .errors import SessionNotFound as SessionNotFound
+from .errors import SessionStoreUnavailable as SessionStoreUnavailable
 from .errors import SessionWorkerUnavailable as SessionWorkerUnavailable
 from .errors import SnakepoolError as SnakepoolError
 from .errors import UnknownCommand as UnknownCommand
@@ -109,6 +110,7 @@ __all__ = [
     "SessionExpired",
     "SessionNotFound",
     "SessionStore",
+    "SessionStoreUnavailable",
     "SessionWorkerUnavailable",
     "SnakepoolError",
     "Supervisor",

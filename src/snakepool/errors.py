@@ -29,6 +29,7 @@ SessionNotFound          ``session_not_found``          session
 SessionExpired           ``session_expired``            session
 InvalidSessionId         ``invalid_session_id``         session
 SessionWorkerUnavailable ``session_worker_unavailable`` session
+SessionStoreUnavailable  ``session_store_unavailable``  session
 PoolClosed               ``pool_closed``                closed
 PoolDisabled             ``pool_disabled``              closed
 ConfigError              ``config``                     initialization
@@ -81,6 +82,7 @@ __all__ = [
     "ResourceExceeded",
     "SessionExpired",
     "SessionNotFound",
+    "SessionStoreUnavailable",
     "SessionWorkerUnavailable",
     "SnakepoolError",
     "TemplateStartError",
@@ -433,6 +435,14 @@ class SessionWorkerUnavailable(SnakepoolError):
 
     category = ErrorCategory.SESSION
     kind = "session_worker_unavailable"
+
+
+class SessionStoreUnavailable(SnakepoolError, ConnectionError):
+    """The session store (Redis) cannot be reached, or did not answer in time;
+    its message names the store (a URL without its password)."""
+
+    category = ErrorCategory.SESSION
+    kind = "session_store_unavailable"
 
 
 class PoolClosed(SnakepoolError):

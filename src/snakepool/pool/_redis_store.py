@@ -3,30 +3,43 @@
 Keys (``P`` is ``snakepool:{namespace}:``, ``S`` is ``P s:{session_id}:``; session ids
 follow ``check_session_id``'s rule, so a key is never a glob pattern nor unbounded)::
 
-    S meta      hash   {ttl}: the session is live exactly while this key exists
+    S head      str    "version:state_version:incarnation:ttl_ms"; the session is live
+                       exactly while this key exists
     S state     hash   key -> msgpack(value)              (``save_state``)
     S vars      hash   name -> msgpack({spec, value, version, metadata})
-    S version   int    grows with every define/update of the session
     S seen      str    tombstone, outlives the session by a day: "expired" vs "unknown"
     S updates   pub/sub channel: msgpack({"v": version, "u": [[name, value, version, metadata]]})
     P live      zset   session id -> expiry (unix seconds), for ``count`` and ``expired``
 
-Every key of a session carries the same expiry: ``create`` and ``touch`` set it on all of
-them, and a write copies the ``meta`` key's remaining TTL onto the key it writes. Writes run
-in WATCH/MULTI/EXEC transactions (retried when another host got there first), and an update
-is published in the same transaction as the write, so watchers on every host see updates in
-commit order. Works with the asyncio backend only (redis-py's ``redis.asyncio``).
+What a session call costs: ``versions()`` joins the reads asked for while the previous
+one was in flight, and they go as one ``MGET`` of ``head`` keys: one round trip shared by
+every session call starting at that moment on this host, and no write (the TTL is
+refreshed by ``touch``, which the pool calls at most once per tenth of the TTL, batched
+the same way). A read that starts after a call started sees every write acknowledged
+before it: that is the cross-host guarantee (see docs/sessions.md).
+
+Every write is one Lua script, atomic in Redis: ``create``, ``delete``, ``touch``,
+``expired``, and a compare-and-set (``_CAS``) for ``save_state``, ``define`` and
+``update``, which read first and apply only if ``head`` has not changed meanwhile (else
+they read again); an update is published by the script that applies it, so watchers on
+every host see updates in commit order. Every key of a session carries the session's
+expiry: Redis expires them, nothing scans for them. ``incarnation`` is drawn at
+``create``: the versions a pool compares change when a session is created anew under
+the same id (after Redis lost its data), so no worker's older copy ever matches.
+Works with the asyncio backend only (redis-py's ``redis.asyncio``); needs Redis >= 6.0.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import math
+import secrets
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import anyio
 import msgpack
@@ -37,13 +50,12 @@ try:
     from redis.backoff import ExponentialBackoff
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
-    from redis.exceptions import WatchError
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "a redis:// session store needs redis-py: pip install 'snakepool[redis]'"
     ) from exc
 
-from ..errors import InvalidSessionId, SessionExpired, SessionNotFound
+from ..errors import InvalidSessionId, SessionExpired, SessionNotFound, SessionStoreUnavailable
 from ._store import (
     SessionStatus,
     SessionStore,
@@ -55,11 +67,109 @@ from ._variables import VariableSpec, VariableUpdate
 
 __all__ = ["RedisSessionStore"]
 
-_T = TypeVar("_T")
+_Args = list[bytes | str | int | float]  # a script's ARGV
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 _TOMBSTONE_EXTRA_MS = 24 * 3600 * 1000  # the tombstone outlives the session by a day
 _LIVE_GRACE_S = 3600.0  # count() forgets expired ids after this; expired() reports them before
 _WATCH_IDLE_S = 2.0  # a watcher checks that its session still lives after this much silence
 _SUBSCRIBE_TIMEOUT_S = 5.0
+_CHUNK = 1000  # keys per command: a big batch goes as several commands in one round trip
+_EXPIRED_PER_CALL = 100_000  # expired() reports at most this many at a time
+_MAX_TTL_S = 100 * 365 * 24 * 3600.0  # a TTL of math.inf: a hundred years
+
+# Default timeouts (a URL's query overrides them: redis://host/0?socket_timeout=1).
+_CONNECT_TIMEOUT_S = 2.0
+_COMMAND_TIMEOUT_S = 5.0
+_CONNECTIONS = 32  # the most connections a host's commands use at once
+
+# --- scripts (KEYS are every key a script touches, as Redis asks) --------------------------
+
+#: KEYS head, seen, state, vars, live; ARGV head, ttl_ms, tombstone_ms, expiry, id.
+#: 1: created; 0: already live; -1: the id was used before (expired or closed).
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+redis.call('DEL', KEYS[3], KEYS[4])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[2], 1, 'PX', ARGV[3])
+redis.call('ZADD', KEYS[5], ARGV[4], ARGV[5])
+return 1
+"""
+
+#: KEYS live, then head, state, vars, seen of each session; ARGV now, tombstone extra ms,
+#: then the session ids. Per session: its TTL in ms, or -1 if it is not live.
+_TOUCH = """
+local now, extra, out = tonumber(ARGV[1]), tonumber(ARGV[2]), {}
+for i = 3, #ARGV do
+  local k = 2 + (i - 3) * 4
+  local head = redis.call('GET', KEYS[k])
+  if head then
+    local ttl = tonumber(string.match(head, ':(%d+)$'))
+    redis.call('PEXPIRE', KEYS[k], ttl)
+    redis.call('PEXPIRE', KEYS[k + 1], ttl)
+    redis.call('PEXPIRE', KEYS[k + 2], ttl)
+    redis.call('PEXPIRE', KEYS[k + 3], ttl + extra)
+    redis.call('ZADD', KEYS[1], now + ttl / 1000, ARGV[i])
+    out[#out + 1] = ttl
+  else
+    out[#out + 1] = -1
+  end
+end
+return out
+"""
+
+#: KEYS head, state, vars, seen, live; ARGV id, channel, closed message, tombstone extra ms.
+#: 1 if the session was live.
+_DELETE = """
+local head = redis.call('GET', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('ZREM', KEYS[5], ARGV[1])
+if head then
+  local ttl = tonumber(string.match(head, ':(%d+)$'))
+  redis.call('SET', KEYS[4], 1, 'PX', ttl + tonumber(ARGV[4]))
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  return 1
+end
+if redis.call('EXISTS', KEYS[4]) == 0 then redis.call('SET', KEYS[4], 1, 'PX', ARGV[4]) end
+return 0
+"""
+
+#: KEYS live, then the head of each candidate; ARGV the candidates' ids. Those whose head
+#: is gone, taken out of ``live`` by this call (so only one host reports each).
+_EXPIRED = """
+local gone = {}
+for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 and redis.call('ZREM', KEYS[1], ARGV[i - 1]) == 1 then
+    gone[#gone + 1] = ARGV[i - 1]
+  end
+end
+return gone
+"""
+
+#: KEYS head, a hash; ARGV a read of the hash (HGETALL, or HMGET and fields; none: no read).
+#: {head, what the read returns}, atomically; {} if the session is not live.
+_READ = """
+local head = redis.call('GET', KEYS[1])
+if not head then return {} end
+if #ARGV == 0 then return {head} end
+return {head, redis.call(ARGV[1], KEYS[2], unpack(ARGV, 2))}
+"""
+
+#: Compare-and-set. KEYS head, a hash; ARGV the head as read, the new head, a channel and a
+#: message to publish ('' for none), then field, value pairs for the hash (which gets the
+#: session's remaining TTL). 0 if head changed since it was read (or the session ended).
+_CAS = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local pttl = redis.call('PTTL', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+if #ARGV > 4 then
+  redis.call('HSET', KEYS[2], unpack(ARGV, 5))
+  if pttl > 0 then redis.call('PEXPIRE', KEYS[2], pttl) end
+end
+if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
+return 1
+"""
 
 
 def _pack(value: Any) -> bytes:
@@ -69,9 +179,6 @@ def _pack(value: Any) -> bytes:
 
 def _unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
-
-
-_MAX_TTL_S = 100 * 365 * 24 * 3600.0  # a TTL of math.inf: a hundred years
 
 
 def _ms(seconds: float) -> int:
@@ -91,6 +198,31 @@ def _redact(url: str) -> str:
         return "<redis url>"
 
 
+class _Head:
+    """A session's ``head`` key: its versions, incarnation and TTL."""
+
+    __slots__ = ("incarnation", "raw", "state_version", "ttl_ms", "version")
+
+    def __init__(self, raw: bytes) -> None:
+        version, state_version, incarnation, ttl_ms = raw.split(b":")
+        self.raw = raw
+        self.version = int(version)
+        self.state_version = int(state_version)
+        self.incarnation = int(incarnation)
+        self.ttl_ms = int(ttl_ms)
+
+    @staticmethod
+    def encode(version: int, state_version: int, incarnation: int, ttl_ms: int) -> bytes:
+        return b"%d:%d:%d:%d" % (version, state_version, incarnation, ttl_ms)
+
+    def changed(self, *, version: int = 0, state_version: int = 0) -> bytes:
+        """This head with its versions moved on."""
+        return self.encode(
+            self.version + version, self.state_version + state_version,
+            self.incarnation, self.ttl_ms,
+        )  # fmt: skip
+
+
 def _record(data: Any) -> VariableRecord:
     raw = _unpack(data)
     return VariableRecord(
@@ -99,12 +231,6 @@ def _record(data: Any) -> VariableRecord:
         version=int(raw["version"]),
         metadata=dict(raw["metadata"] or {}),
     )
-
-
-def _multi(pipe: aioredis.client.Pipeline) -> None:
-    """Start the write phase of a WATCH transaction (``Pipeline.multi`` is untyped)."""
-    multi: Callable[[], None] = pipe.multi
-    multi()
 
 
 def _pack_record(record: VariableRecord) -> bytes:
@@ -118,6 +244,109 @@ def _pack_record(record: VariableRecord) -> bytes:
     )
 
 
+def _chunks(items: list[_K]) -> Iterator[list[_K]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+class _Batcher(Generic[_K, _V]):
+    """Requests made in one event-loop turn go together, as one batch; those made
+    while a batch is on its way wait for it, then go together as the next one.
+
+    ``run`` gets the distinct keys and returns a value for each, in order. A request
+    waits for a batch sent after it was made (never one already in flight), so its
+    answer is as new as a request of its own would have been. One task sends the
+    batches: woken by the first request of a turn, it sends at the next turn, with
+    every request made by then. (Two batches in flight cost more per call and were
+    no faster: the batches shrink.)
+    """
+
+    def __init__(self, run: Callable[[list[_K]], Awaitable[list[_V]]]) -> None:
+        self._run = run
+        self._waiting: dict[_K, list[asyncio.Future[_V]]] = {}
+        self._wakeup: asyncio.Future[None] | None = None  # the sender waits on it when idle
+        self._sender: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def get(self, key: _K) -> asyncio.Future[_V]:
+        """The value of ``key``, from the next batch (a future: no coroutine per call)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_V] = loop.create_future()
+        if self._closed:
+            future.set_exception(_closed())
+            return future
+        waiting = self._waiting.get(key)
+        if waiting is None:
+            self._waiting[key] = [future]
+        else:
+            waiting.append(future)
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+        elif self._sender is None or self._sender.done():
+            self._sender = loop.create_task(self._send_forever())
+        return future
+
+    async def _send_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if not self._waiting:
+                    self._wakeup = loop.create_future()
+                    await self._wakeup
+                batch, self._waiting = self._waiting, {}
+                await self._batch(batch)
+        except BaseException:  # (cancelled: the store is closing)
+            _fail(self._waiting, _closed())
+            self._waiting = {}
+            raise
+
+    async def _batch(self, batch: dict[_K, list[asyncio.Future[_V]]]) -> None:
+        keys = list(batch)
+        try:
+            values = await self._run(keys)
+        except Exception as exc:
+            _fail(batch, exc)
+            return
+        except BaseException:
+            _fail(batch, _closed())
+            raise
+        for key, value in zip(keys, values, strict=True):
+            for future in batch[key]:
+                if not future.done():
+                    future.set_result(value)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+        _fail(self._waiting, _closed())
+        self._waiting = {}
+
+
+def _closed() -> SessionStoreUnavailable:
+    return SessionStoreUnavailable("the session store was closed")
+
+
+def _fail(batch: Mapping[Any, list[asyncio.Future[_V]]], error: Exception) -> None:
+    for futures in batch.values():
+        for future in futures:
+            if not future.done():
+                future.set_exception(_copy(error))
+
+
+def _copy(exc: Exception) -> Exception:
+    """A fresh exception like ``exc`` for each waiter (each raise adds to a traceback)."""
+    try:
+        copy = type(exc)(*exc.args)
+    except Exception:
+        return exc
+    copy.__cause__ = exc.__cause__
+    return copy
+
+
 class RedisSessionStore(SessionStore):
     """Sessions in Redis: several host processes (or machines) share them."""
 
@@ -127,13 +356,29 @@ class RedisSessionStore(SessionStore):
         self._url = url
         self._prefix = f"snakepool:{namespace}:"
         self._live_key = f"{self._prefix}live"
-        self._redis = aioredis.Redis.from_url(
-            url,
-            socket_connect_timeout=2,
-            socket_timeout=5,
-            health_check_interval=30,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+        # One bounded pool of connections for the host's commands: a burst waits
+        # for a free connection rather than opening more. Reads are batched, so
+        # calls need few. Every command has a timeout; so does the wait.
+        options: dict[str, Any] = {
+            "socket_connect_timeout": _CONNECT_TIMEOUT_S,
+            "socket_timeout": _COMMAND_TIMEOUT_S,
+            "health_check_interval": 30,
+            "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+        }
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=_CONNECTIONS, timeout=_COMMAND_TIMEOUT_S, **options
         )
+        self._redis = aioredis.Redis.from_pool(pool)
+        # A watch holds a connection while it lasts (subscribed): from a pool of
+        # their own, so that watchers never take the commands' connections.
+        self._watches = aioredis.Redis.from_url(url, **options)
+        scripts = (_CREATE, _TOUCH, _DELETE, _EXPIRED, _READ, _CAS)
+        self._create, self._touch, self._delete, self._expired, self._read_script, self._cas = (
+            self._redis.register_script(script) for script in scripts
+        )
+        self._reader: aioredis.connection.AbstractConnection | None = None
+        self._heads: _Batcher[str, bytes | None] = _Batcher(self._read_heads)
+        self._touches: _Batcher[str, int] = _Batcher(self._touch_many)
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -143,138 +388,168 @@ class RedisSessionStore(SessionStore):
         return f"{self._prefix}s:{check_session_id(session_id)}:{part}"
 
     def _data_keys(self, session_id: str) -> list[str]:
-        return [self._key(session_id, part) for part in ("meta", "state", "vars", "version")]
+        return [self._key(session_id, part) for part in ("head", "state", "vars", "seen")]
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
         try:
             yield
         except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise ConnectionError(
+            raise SessionStoreUnavailable(
                 f"session store redis at {_redact(self._url)} is unavailable: {exc}"
             ) from exc
 
-    async def _transaction(
-        self, watch: list[str], body: Callable[[aioredis.client.Pipeline], Awaitable[_T]]
-    ) -> tuple[_T, list[Any]]:
-        """Run ``body`` (reads, then ``multi()`` and queued writes) until EXEC succeeds.
-
-        Returns what ``body`` returned and what EXEC did (empty if ``body`` queued nothing).
-        """
+    async def _mget(self, keys: list[str]) -> list[bytes | None]:
+        """The string keys' values, in one round trip (whatever their number)."""
         with self._errors():
-            async with self._redis.pipeline(transaction=True) as pipe:
-                while True:
-                    try:
-                        await pipe.watch(*watch)
-                        result = await body(pipe)
-                        if not pipe.explicit_transaction:
-                            return result, []
-                        return result, await pipe.execute()
-                    except WatchError:
-                        await anyio.lowlevel.checkpoint()  # another host wrote first: again
+            if len(keys) <= _CHUNK:
+                return cast("list[bytes | None]", await self._redis.mget(keys))
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for chunk in _chunks(keys):
+                    pipe.mget(chunk)
+                return [head for heads in await pipe.execute() for head in heads]
 
-    async def _not_live(self, session_id: str, client: aioredis.Redis) -> Exception:
-        if await client.exists(self._key(session_id, "seen")):
+    async def _read_heads(self, keys: list[str]) -> list[bytes | None]:
+        """The batched reads' ``MGET``: on a connection of their own, taken from the
+        pool once (not checked out per batch), and retried like any command."""
+        conn = self._reader
+        if conn is None:
+            with self._errors():
+                take = cast(
+                    "Callable[[], Awaitable[aioredis.connection.AbstractConnection]]",
+                    self._redis.connection_pool.get_connection,  # (untyped)
+                )
+                conn = self._reader = await take()
+        chunks = [("MGET", *chunk) for chunk in _chunks(keys)]
+
+        async def read() -> list[bytes | None]:
+            try:
+                await conn.send_packed_command(conn.pack_commands(chunks))
+                found: list[bytes | None] = []
+                for _ in chunks:
+                    found += await conn.read_response()
+                return found
+            except BaseException:
+                await conn.disconnect(nowait=True)  # (a reply may be left unread: afresh)
+                raise
+
+        with self._errors():
+            values: list[bytes | None] = await conn.retry.call_with_retry(
+                read, lambda _: conn.disconnect()
+            )
+        return values
+
+    async def _touch_many(self, session_ids: list[str]) -> list[int]:
+        """Refresh the TTL of every key of each session; their TTLs in ms (-1: not live)."""
+        found: list[int] = []
+        for chunk in _chunks(session_ids):
+            keys = [self._live_key]
+            for session_id in chunk:
+                keys += self._data_keys(session_id)
+            args: _Args = [repr(time.time()), _TOMBSTONE_EXTRA_MS, *chunk]
+            with self._errors():
+                found += [int(ttl) for ttl in await self._touch(keys=keys, args=args)]
+        return found
+
+    async def _head(self, session_id: str) -> _Head:
+        """The live session's head, read with every other read of this moment."""
+        raw = await self._heads.get(self._key(session_id, "head"))  # (see versions)
+        if raw is None:
+            raise await self._not_live(session_id)
+        return _Head(raw)
+
+    async def _not_live(self, session_id: str) -> Exception:
+        with self._errors():
+            seen = await self._redis.exists(self._key(session_id, "seen"))
+        if seen:
             return SessionExpired(f"session {session_id!r} expired or was closed")
         return SessionNotFound(f"no session {session_id!r}")
 
-    async def _pttl(self, pipe: aioredis.client.Pipeline, session_id: str) -> int:
-        """The live session's remaining TTL in ms (in a transaction's read phase)."""
-        meta = self._key(session_id, "meta")
-        pttl = int(await pipe.pttl(meta))
-        if pttl == -2:
-            raise await self._not_live(session_id, pipe)
-        if pttl < 0:  # no expiry (should not happen): use the session's own TTL
-            pttl = _ms(float(await pipe.hget(meta, "ttl") or 1.0))
-        return pttl
-
-    async def _read(self, session_id: str, command: str, key: str) -> Any:
-        """``command key`` on a live session (atomic with the liveness check)."""
+    async def _read(self, session_id: str, part: str, *command: str) -> tuple[_Head, Any]:
+        """The session's head and what ``command`` (HGETALL, HMGET fields...; none:
+        nothing) returns of its ``part`` hash, atomically (one script: one round trip)."""
+        keys = [self._key(session_id, "head"), self._key(session_id, part)]
         with self._errors():
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.exists(self._key(session_id, "meta"))
-                pipe.execute_command(command, key)
-                live, result = await pipe.execute()
-            if not live:
-                raise await self._not_live(session_id, self._redis)
-            return result
+            found = await self._read_script(keys=keys, args=list(command))
+        if not found:
+            raise await self._not_live(session_id)
+        return _Head(found[0]), found[1] if len(found) > 1 else None
+
+    async def _write(
+        self,
+        session_id: str,
+        part: str,
+        prepare: Callable[[_Head, Any], tuple[bytes, list[Any], bytes | None] | None],
+        field_names: list[str],
+    ) -> _Head:
+        """Read the head and ``field_names`` of the ``part`` hash; apply what ``prepare``
+        makes of them (the new head, field/value pairs, a message to publish or None;
+        None: nothing to write) if the head has not changed meanwhile, else read again.
+        Returns the head the write was made against."""
+        channel = self._key(session_id, "updates")
+        keys = [self._key(session_id, "head"), self._key(session_id, part)]
+        while True:
+            read = ("HMGET", *field_names) if field_names else ()
+            head, fields = await self._read(session_id, part, *read)
+            change = prepare(head, fields)
+            if change is None:
+                return head
+            new_head, pairs, message = change
+            args = [head.raw, new_head, channel if message else "", message or b"", *pairs]
+            with self._errors():
+                if await self._cas(keys=keys, args=args):
+                    return head
+            await anyio.lowlevel.checkpoint()  # another host wrote first (or it ended): again
 
     # --- lifecycle --------------------------------------------------------------------
 
     async def create(self, session_id: str, ttl: float) -> bool:
         if not ttl > 0:
             raise ValueError(f"session ttl must be > 0, got {ttl!r}")
-        meta, state, variables, version = self._data_keys(session_id)
-        seen = self._key(session_id, "seen")
+        head, state, variables, seen = self._data_keys(session_id)
         ttl_ms = _ms(ttl)
-
-        async def body(pipe: aioredis.client.Pipeline) -> bool:
-            if await pipe.exists(meta):
-                return False
-            if await pipe.exists(seen):
-                # The reads are not atomic: a concurrent create may have committed
-                # (meta and seen together) between them. Then the session is live.
-                if await pipe.exists(meta):
-                    return False
-                raise SessionExpired(f"session {session_id!r} expired or was closed; use a new id")
-            _multi(pipe)
-            pipe.delete(state, variables)
-            pipe.hset(meta, "ttl", repr(float(ttl)))
-            pipe.pexpire(meta, ttl_ms)
-            pipe.set(version, 0, px=ttl_ms)
-            pipe.set(seen, 1, px=ttl_ms + _TOMBSTONE_EXTRA_MS)
-            pipe.zadd(self._live_key, {session_id: time.time() + min(ttl, _MAX_TTL_S)})
-            return True
-
-        return (await self._transaction([meta, seen], body))[0]
+        incarnation = secrets.randbits(31)
+        args: _Args = [
+            _Head.encode(0, 0, incarnation, ttl_ms), ttl_ms, ttl_ms + _TOMBSTONE_EXTRA_MS,
+            repr(time.time() + min(ttl, _MAX_TTL_S)), session_id,
+        ]  # fmt: skip
+        with self._errors():
+            done = int(
+                await self._create(keys=[head, seen, state, variables, self._live_key], args=args)
+            )
+        if done < 0:
+            raise SessionExpired(f"session {session_id!r} expired or was closed; use a new id")
+        return done == 1
 
     async def status(self, session_id: str) -> SessionStatus:
+        return (await self.statuses([session_id]))[0]
+
+    async def statuses(self, session_ids: Iterable[str]) -> list[SessionStatus]:
+        ids = list(session_ids)
         with self._errors():
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.exists(self._key(session_id, "meta"))
-                pipe.exists(self._key(session_id, "seen"))
-                live, seen = await pipe.execute()
-        if live:
-            return "live"
-        return "expired" if seen else "unknown"
+            heads = await self._mget([self._key(s, "head") for s in ids])
+            gone = [s for s, head in zip(ids, heads, strict=True) if head is None]
+            seen = set()
+            if gone:
+                found = await self._mget([self._key(s, "seen") for s in gone])
+                seen = {s for s, mark in zip(gone, found, strict=True) if mark is not None}
+        return [
+            "live" if head is not None else "expired" if s in seen else "unknown"
+            for s, head in zip(ids, heads, strict=True)
+        ]
 
     async def touch(self, session_id: str) -> float:
-        keys = self._data_keys(session_id)
-        seen = self._key(session_id, "seen")
-
-        async def body(pipe: aioredis.client.Pipeline) -> float:
-            ttl = await pipe.hget(keys[0], "ttl")
-            if ttl is None:
-                raise await self._not_live(session_id, pipe)
-            seconds = float(ttl)
-            _multi(pipe)
-            for key in keys:
-                pipe.pexpire(key, _ms(seconds))
-            pipe.pexpire(seen, _ms(seconds) + _TOMBSTONE_EXTRA_MS)
-            pipe.zadd(self._live_key, {session_id: time.time() + min(seconds, _MAX_TTL_S)})
-            return seconds
-
-        seconds, _ = await self._transaction([keys[0]], body)
-        return seconds
+        ttl_ms = await self._touches.get(check_session_id(session_id))
+        if ttl_ms < 0:
+            raise await self._not_live(session_id)
+        return ttl_ms / 1000
 
     async def delete(self, session_id: str) -> bool:
-        keys = self._data_keys(session_id)
-        seen = self._key(session_id, "seen")
-
-        async def body(pipe: aioredis.client.Pipeline) -> bool:
-            ttl = await pipe.hget(keys[0], "ttl")
-            had_tombstone = bool(await pipe.exists(seen))
-            _multi(pipe)
-            pipe.delete(*keys)
-            pipe.zrem(self._live_key, session_id)
-            if ttl is not None:
-                pipe.set(seen, 1, px=_ms(float(ttl)) + _TOMBSTONE_EXTRA_MS)
-                pipe.publish(self._key(session_id, "updates"), _pack({"closed": True}))
-            elif not had_tombstone:
-                pipe.set(seen, 1, px=_TOMBSTONE_EXTRA_MS)
-            return ttl is not None
-
-        return (await self._transaction([keys[0], seen], body))[0]
+        keys = [*self._data_keys(session_id), self._live_key]
+        args: _Args = [session_id, self._key(session_id, "updates"), _pack({"closed": True}),
+                _TOMBSTONE_EXTRA_MS]  # fmt: skip
+        with self._errors():
+            return bool(await self._delete(keys=keys, args=args))
 
     async def count(self) -> int:
         now = time.time()
@@ -287,154 +562,139 @@ class RedisSessionStore(SessionStore):
 
     async def expired(self) -> list[str]:
         """Sessions that expired since the last call, each reported by one host only."""
-        with self._errors():
-            candidates = await self._redis.zrangebyscore(self._live_key, "-inf", time.time())
         found: list[str] = []
-        for raw in candidates:
-            member: bytes | str = raw if isinstance(raw, bytes) else str(raw)
-            session_id = member.decode(errors="replace") if isinstance(member, bytes) else member
-            try:
-                meta = self._key(session_id, "meta")
-            except InvalidSessionId:  # written by something else (an older version): drop it
+        offset = 0  # past candidates still live (their score is behind: another host's clock)
+        now = time.time()
+        while len(found) < _EXPIRED_PER_CALL:
+            with self._errors():
+                raw = cast(
+                    "list[bytes]",
+                    await self._redis.zrangebyscore(
+                        self._live_key, "-inf", now, start=offset, num=_CHUNK
+                    ),
+                )
+            candidates: list[str] = []
+            for member in raw:
+                session_id = member.decode(errors="replace")
+                try:
+                    check_session_id(session_id)
+                except InvalidSessionId:  # written by something else: drop it
+                    with self._errors():
+                        await self._redis.zrem(self._live_key, member)
+                    continue
+                candidates.append(session_id)
+            if candidates:
+                keys = [self._live_key, *(self._key(s, "head") for s in candidates)]
                 with self._errors():
-                    await self._redis.zrem(self._live_key, member)
-                continue
-
-            async def body(
-                pipe: aioredis.client.Pipeline, meta: str = meta, sid: str = session_id
-            ) -> None:
-                if await pipe.exists(meta):
-                    return  # touched meanwhile: still live
-                _multi(pipe)
-                pipe.zrem(self._live_key, sid)
-
-            _, done = await self._transaction([meta], body)
-            if done and done[0]:  # this host removed it: this host reports it
-                found.append(session_id)
+                    gone = [g.decode() for g in await self._expired(keys=keys, args=candidates)]
+                found += gone
+                offset += len(candidates) - len(gone)
+            if len(raw) < _CHUNK:
+                break
         return found
 
     async def aclose(self) -> None:
         with anyio.CancelScope(shield=True):
+            await self._heads.aclose()
+            await self._touches.aclose()
             await self._redis.aclose()
+            await self._watches.aclose()
 
     # --- state --------------------------------------------------------------------------
 
     async def save_state(self, session_id: str, key: str, value: Any) -> int:
-        meta, state = self._key(session_id, "meta"), self._key(session_id, "state")
         packed = _pack(value)
 
-        async def body(pipe: aioredis.client.Pipeline) -> None:
-            pttl = await self._pttl(pipe, session_id)
-            _multi(pipe)
-            pipe.hset(state, key, packed)
-            pipe.pexpire(state, pttl)
-            pipe.hincrby(meta, "state_version", 1)
+        def prepare(head: _Head, fields: Any) -> tuple[bytes, list[Any], None]:
+            return head.changed(state_version=1), [key, packed], None
 
-        _, results = await self._transaction([meta], body)
-        return int(results[-1])
+        head = await self._write(session_id, "state", prepare, [key])
+        return head.state_version + 1
 
     async def state_version(self, session_id: str) -> int:
-        return (await self.versions(session_id))[1]
+        return (await self._head(session_id)).state_version
 
     async def versions(self, session_id: str) -> tuple[int, int]:
-        with self._errors():
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.exists(self._key(session_id, "meta"))
-                pipe.get(self._key(session_id, "version"))
-                pipe.hget(self._key(session_id, "meta"), "state_version")
-                live, version, state_version = await pipe.execute()
-            if not live:
-                raise await self._not_live(session_id, self._redis)
-        return int(version or 0), int(state_version or 0)
+        # (every session call of a Redis-store session comes here: kept short)
+        raw = await self._heads.get(f"{self._prefix}s:{check_session_id(session_id)}:head")
+        if raw is None:
+            raise await self._not_live(session_id)
+        version, state_version, incarnation, _ = raw.split(b":")
+        # The incarnation in the high bits: equal only within one life of the session.
+        return int(incarnation) << 32 | int(version), int(state_version)
 
     async def load_state(self, session_id: str) -> dict[str, Any]:
-        raw: dict[bytes, bytes] = await self._read(
-            session_id, "HGETALL", self._key(session_id, "state")
-        )
+        _, raw = await self._read(session_id, "state", "HGETALL")
         return {k.decode(): _unpack(v) for k, v in _pairs(raw)}
 
     # --- variables ----------------------------------------------------------------------
 
     async def variables(self, session_id: str) -> dict[str, VariableRecord]:
-        raw = await self._read(session_id, "HGETALL", self._key(session_id, "vars"))
+        _, raw = await self._read(session_id, "vars", "HGETALL")
         return {k.decode(): _record(v) for k, v in _pairs(raw)}
 
     async def version(self, session_id: str) -> int:
-        raw = await self._read(session_id, "GET", self._key(session_id, "version"))
-        return int(raw or 0)
+        return (await self._head(session_id)).version
 
     async def define(
         self, session_id: str, spec: VariableSpec, value: Any, metadata: Mapping[str, Any]
     ) -> VariableRecord:
-        meta, variables, version = (self._key(session_id, p) for p in ("meta", "vars", "version"))
-        channel = self._key(session_id, "updates")
+        defined: list[VariableRecord] = []
 
-        async def body(pipe: aioredis.client.Pipeline) -> VariableRecord:
-            pttl = await self._pttl(pipe, session_id)
-            existing = await pipe.hget(variables, spec.name)
-            if existing is not None:
-                record = _record(existing)
+        def prepare(head: _Head, fields: Any) -> tuple[bytes, list[Any], bytes] | None:
+            defined.clear()
+            if fields[0] is not None:
+                record = _record(fields[0])
                 if record.spec.to_dict() != _unpack(_pack(spec.to_dict())):  # as msgpack keeps it
                     raise ValueError(
                         f"variable {spec.name!r} is already defined as {record.spec.type} "
                         f"{dict(record.spec.constraints)}; it cannot be redefined differently"
                     )
-                return record
+                defined.append(record)
+                return None
             record = VariableRecord(
                 spec=spec, value=spec.validate(value), version=1, metadata=dict(metadata)
             )
-            session_version = int(await pipe.get(version) or 0) + 1
-            message = {"v": session_version, "u": [[spec.name, record.value, 1, record.metadata]]}
-            _multi(pipe)
-            pipe.hset(variables, spec.name, _pack_record(record))
-            pipe.pexpire(variables, pttl)
-            pipe.incr(version)
-            pipe.pexpire(version, pttl)
-            pipe.publish(channel, _pack(message))
-            return record
+            defined.append(record)
+            update = [spec.name, record.value, 1, record.metadata]
+            message = _pack({"v": head.version + 1, "u": [update]})
+            return head.changed(version=1), [spec.name, _pack_record(record)], message
 
-        return (await self._transaction([meta, variables, version], body))[0]
+        await self._write(session_id, "vars", prepare, [spec.name])
+        return defined[0]
 
     async def update(
         self, session_id: str, changes: Mapping[str, tuple[Any, Mapping[str, Any] | None]]
     ) -> list[VariableUpdate]:
-        meta, variables, version = (self._key(session_id, p) for p in ("meta", "vars", "version"))
-        channel = self._key(session_id, "updates")
         names = list(changes)
+        updates: list[VariableUpdate] = []
 
-        async def body(pipe: aioredis.client.Pipeline) -> list[VariableUpdate]:
-            pttl = await self._pttl(pipe, session_id)
-            current: dict[str, VariableRecord] = {}
-            if names:
-                for name, data in zip(names, await pipe.hmget(variables, names), strict=True):
-                    if data is not None:
-                        current[name] = _record(data)
+        def prepare(head: _Head, fields: Any) -> tuple[bytes, list[Any], bytes]:
+            current = {n: _record(d) for n, d in zip(names, fields, strict=True) if d is not None}
             updated = check_changes(current, changes, session_id)
-            session_version = int(await pipe.get(version) or 0) + 1
-            updates = [
+            updates[:] = [
                 VariableUpdate(n, r.value, r.version, r.metadata) for n, r in updated.items()
             ]
-            message = {
-                "v": session_version,
-                "u": [[u.name, u.value, u.version, dict(u.metadata)] for u in updates],
-            }
-            _multi(pipe)
-            if updated:
-                pipe.hset(variables, mapping={n: _pack_record(r) for n, r in updated.items()})
-                pipe.pexpire(variables, pttl)
-            pipe.incr(version)
-            pipe.pexpire(version, pttl)
-            pipe.publish(channel, _pack(message))
-            return updates
+            pairs: list[Any] = []
+            for name, record in updated.items():
+                pairs += [name, _pack_record(record)]
+            message = _pack(
+                {
+                    "v": head.version + 1,
+                    "u": [[u.name, u.value, u.version, dict(u.metadata)] for u in updates],
+                }
+            )
+            return head.changed(version=1), pairs, message
 
-        return (await self._transaction([meta, variables, version], body))[0]
+        await self._write(session_id, "vars", prepare, names)
+        return updates
 
     @contextlib.asynccontextmanager
     async def watch(
         self, session_id: str, names: Iterable[str]
     ) -> AsyncIterator[AsyncIterator[VariableUpdate]]:
         wanted = frozenset(names)
-        pubsub = self._redis.pubsub()
+        pubsub = self._watches.pubsub()
         try:
             with self._errors():
                 await pubsub.subscribe(self._key(session_id, "updates"))
@@ -444,9 +704,9 @@ class RedisSessionStore(SessionStore):
                         message = await pubsub.get_message(timeout=_SUBSCRIBE_TIMEOUT_S)
                         if message is not None and message["type"] == "subscribe":
                             break
-                # Updates up to this version happened before the watch began.
-                base = await self._read(session_id, "GET", self._key(session_id, "version"))
-            yield _Watcher(self, pubsub, session_id, wanted, int(base or 0))
+            # Updates up to this version happened before the watch began.
+            base = await self.version(session_id)
+            yield _Watcher(self, pubsub, session_id, wanted, base)
         finally:
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 close: Callable[[], Awaitable[None]] = pubsub.aclose
@@ -505,7 +765,7 @@ class _Watcher:
                 continue  # committed before the watch began
             if version != self._last + 1:
                 self._done = True
-                raise ConnectionError(
+                raise SessionStoreUnavailable(
                     f"watch on session {self._session_id!r} missed updates "
                     f"{self._last + 1}..{version - 1} (the redis connection was interrupted)"
                 )

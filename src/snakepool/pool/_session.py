@@ -158,22 +158,26 @@ class SessionManager:
         """
         session_id = call.session_id
         assert session_id is not None
+        known = self.store.known_versions(session_id)
+        return known is not None and self._send_if_current(session_id, call, frame, known)
+
+    def _send_if_current(
+        self, session_id: str, call: PendingCall, frame: bytes, versions: tuple[int, int]
+    ) -> bool:
+        """Send ``call`` now if ``versions`` (the session's current ones) are what
+        its worker holds, or what the store can bring it to without I/O."""
         if session_id in self._routes:
             return False  # an earlier call of the session is on the slow route
         home = self.bindings.get(session_id)
         if home is None or not home.is_ready:
             return False  # (not bound yet, or its worker died: the slow route binds it)
-        store = self.store
-        versions = store.known_versions(session_id)
-        if versions is None:
-            return False  # the store must be read
         if self._touch_due.get(session_id, 0.0) <= time.monotonic():
             return False  # its TTL is due for a refresh
         worker = self._reserve(session_id, home)
         if worker is None:
             return False
         if worker.sessions.get(session_id) != versions:
-            current = store.current_now(session_id)
+            current = self.store.current_now(session_id)
             if current is None:
                 self._dispatcher.release(worker)
                 return False
@@ -190,6 +194,20 @@ class SessionManager:
         session that took this route."""
         session_id = call.session_id
         assert session_id is not None
+        store = self.store
+        if (
+            session_id not in self._routes
+            and session_id in self.bindings
+            and store.known_versions(session_id) is None
+        ):
+            # A store that must be asked (Redis) is asked first, holding no worker
+            # slot: the reads of this moment go together (one round trip), and a
+            # worker that holds what it says gets the call as in send_now.
+            call.in_store = True
+            versions = await store.versions(session_id)
+            call.in_store = False
+            if self._send_if_current(session_id, call, frame, versions):
+                return
         route = self._routes.get(session_id)
         if route is None:
             route = self._routes[session_id] = _Route()
@@ -386,8 +404,10 @@ class SessionManager:
             with contextlib.suppress(Exception):  # (gone already: reported below)
                 await self._touch_if_due(session_id)
         expired = await self.store.expired()
-        for session_id in list(self.bindings):
-            if session_id not in expired and await self.store.status(session_id) != "live":
+        found = set(expired)
+        bound = [session_id for session_id in self.bindings if session_id not in found]
+        for session_id, status in zip(bound, await self.store.statuses(bound), strict=True):
+            if status != "live":
                 expired.append(session_id)
         for session_id in expired:
             self.forget(session_id)

@@ -62,6 +62,10 @@ class SessionStore(abc.ABC):
     async def status(self, session_id: str) -> SessionStatus:
         """``live``, ``expired`` (or closed), or ``unknown``."""
 
+    async def statuses(self, session_ids: Iterable[str]) -> list[SessionStatus]:
+        """``status`` of each (stores may read them all at once)."""
+        return [await self.status(session_id) for session_id in session_ids]
+
     @abc.abstractmethod
     async def touch(self, session_id: str) -> float:
         """Refresh the session's TTL and return it (seconds);
@@ -84,7 +88,11 @@ class SessionStore(abc.ABC):
         """A counter that grows with every ``save_state`` of the session."""
 
     async def versions(self, session_id: str) -> tuple[int, int]:
-        """``(variables version, state version)``; stores may read both at once."""
+        """``(variables version, state version)``; stores may read both at once.
+
+        Compared for equality only: a store may fold more into them (the Redis
+        store: the session's incarnation, so that a session created anew under
+        the same id never matches a worker's copy of the old one)."""
         return await self.version(session_id), await self.state_version(session_id)
 
     def known_versions(self, session_id: str) -> tuple[int, int] | None:
