@@ -247,6 +247,10 @@ def _walk(data: bytes, start: int, end: int, limit: int) -> tuple[str | None, in
             elif _NON_ASCII.search(data, a, z) is None:
                 size = _ASCII_STR + n
             else:
+                try:  # (msgpack refuses a str that is not UTF-8: so does this)
+                    data[a:z].decode()
+                except UnicodeDecodeError:
+                    raise _undecodable("a str that is not UTF-8") from None
                 size = _WIDE_STR + 4 * n
             if is_key:
                 if n <= _DEDUPE_KEYS_UP_TO:
