@@ -81,7 +81,9 @@ async def test_evaluation_fans_out_with_bounded_work_in_flight(server: LMServer)
         assert progress_events[-1].data["program_id"] == qa.id
 
 
-async def test_metrics_f1_host_tools_and_host_functions(server: LMServer) -> None:
+async def test_metrics_f1_host_tools_and_host_functions(
+    server: LMServer, capfd: pytest.CaptureFixture[str]
+) -> None:
     def answer(request: LMRequest) -> dict[str, str]:
         return {"answer": "the quick brown fox"}
 
@@ -116,6 +118,10 @@ async def test_metrics_f1_host_tools_and_host_functions(server: LMServer) -> Non
             assert [(u.done, u.total) for u in updates] == [(1, 3), (2, 3), (3, 3)]
             assert [round(r.score, 3) for r in f1.results] == [1.0, 0.667, 0.0]
             assert f1.score == pytest.approx((1 + 2 / 3) / 3)
+            bar = await qa.evaluate(devset, "f1", progress=True)  # a bar on the terminal
+            assert bar.score == f1.score
+            printed = capfd.readouterr().err
+            assert "evaluate" in printed and "3/3" in printed, printed
             tool = await qa.evaluate(devset, "judge", concurrency=2)
             assert tool.score == pytest.approx(2.25 / 3)
             assert sorted(e["question"] for e in judged) == ["a", "b", "c"]

@@ -45,7 +45,7 @@ async def pools(server: LMServer) -> AsyncIterator[snakepool.Supervisor]:
 
 
 async def test_copro_in_the_optimizer_pool_reports_each_candidate(
-    server: LMServer, pools: snakepool.Supervisor
+    server: LMServer, pools: snakepool.Supervisor, capfd: pytest.CaptureFixture[str]
 ) -> None:
     async with pools["general"].session() as session, pools["optimizer"].session() as tuning:
         await configure_lm(session, **server.lm_args(**FAST))
@@ -74,6 +74,11 @@ async def test_copro_in_the_optimizer_pool_reports_each_candidate(
         assert (await tuned.evaluate(TRAINSET)).score == 1.0
         assert await qa(question="abc") == {"answer": "answer: abc"}
         assert await tuning.call("list_programs") == []
+
+        # progress=True: a bar on the terminal, a tick per candidate.
+        await qa.optimize(TRAINSET, "COPRO", progress=True)
+        printed = capfd.readouterr().err
+        assert "optimize" in printed and "2candidate" in printed.replace(" ", ""), printed
 
         # The plain command does the same, answering the new id only.
         new_id = await session.call(

@@ -31,6 +31,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from . import _monitor
+from ._progress import EvaluationBar
 
 if TYPE_CHECKING:
     from ._program import Program
@@ -81,7 +82,7 @@ async def evaluate(
     metric: str | Callable[..., Any] = "exact_match",
     *,
     concurrency: int | None = None,
-    progress: Callable[[EvaluationProgress], Any] | None = None,
+    progress: Callable[[EvaluationProgress], Any] | bool | None = None,
     keep_results: bool = True,
     max_errors: int | None = 10,
     input_keys: Sequence[str] | None = None,
@@ -94,7 +95,7 @@ async def evaluate(
     ``metric(example, prediction) -> bool | float`` (sync or async) run on the
     host. ``concurrency``: examples in flight (default: the pool's workers x
     ``worker_concurrency``). ``progress(EvaluationProgress)`` after each
-    example. An example that fails (an LM error, a timeout) scores 0 and is
+    example (``progress=True``: a progress bar on the terminal). An example that fails (an LM error, a timeout) scores 0 and is
     counted; past ``max_errors`` failures (``None``: never) the evaluation
     stops with that error.
     """
@@ -109,18 +110,26 @@ async def evaluate(
     width = _concurrency(program.session) if concurrency is None else concurrency
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise ValueError(f"concurrency must be an int >= 1, got {concurrency!r}")
-    run = _Run(program, metric, total, keep_results, max_errors, input_keys, timeout, progress)
-    open_session = getattr(program.session, "session", None)
-    if not callable(open_session):
-        return await run.fan_out(rows, width)
-    # A pool: a program made without a session lives in one worker; copy it into a
-    # session of its own, which every worker can rebuild it from.
-    from ._program import Program as ProgramClass
+    bar = EvaluationBar() if progress is True else None
+    hear: Callable[[EvaluationProgress], Any] | None = bar
+    if bar is None and callable(progress):
+        hear = progress
+    run = _Run(program, metric, total, keep_results, max_errors, input_keys, timeout, hear)
+    try:
+        open_session = getattr(program.session, "session", None)
+        if not callable(open_session):
+            return await run.fan_out(rows, width)
+        # A pool: a program made without a session lives in one worker; copy it into a
+        # session of its own, which every worker can rebuild it from.
+        from ._program import Program as ProgramClass
 
-    data = await program.dump()
-    async with open_session() as session:
-        run.program = await ProgramClass.load(session, data)
-        return await run.fan_out(rows, width)
+        data = await program.dump()
+        async with open_session() as session:
+            run.program = await ProgramClass.load(session, data)
+            return await run.fan_out(rows, width)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 class _Run:

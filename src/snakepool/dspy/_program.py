@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _monitor
+from ._progress import OptimizationBar
 
 if TYPE_CHECKING:
     from ._evaluate import Evaluation, EvaluationProgress
@@ -139,13 +140,14 @@ class Program:
         input_keys: Sequence[str] | None = None,
         options: Mapping[str, Any] | None = None,
         timeout: float | None = None,
-        progress: Callable[[OptimizationProgress], Any] | None = None,
+        progress: Callable[[OptimizationProgress], Any] | bool | None = None,
         session: SessionLike | None = None,
     ) -> Program:
         """Compile with ``optimizer``; returns the new program (this one is unchanged).
 
         ``progress(OptimizationProgress)`` hears of each candidate an optimizer
-        scores (COPRO), as it is scored. ``session``: run the optimization
+        scores (COPRO), as it is scored (``progress=True``: a progress bar on
+        the terminal). ``session``: run the optimization
         there (a session of another pool, e.g. the ``optimizer`` pool, with its
         own LM); the result is loaded back into this program's session.
         """
@@ -163,7 +165,15 @@ class Program:
             assert session is not None
             _monitor.attach(session)
             where = await Program.load(session, await self.dump())
-        new_id = await where._optimize(args, timeout, progress)
+        bar = OptimizationBar() if progress is True else None
+        hear: Callable[[OptimizationProgress], Any] | None = bar
+        if bar is None and callable(progress):
+            hear = progress
+        try:
+            new_id = await where._optimize(args, timeout, hear)
+        finally:
+            if bar is not None:
+                bar.close()
         if where is self:
             return type(self)(self.session, new_id)
         try:
