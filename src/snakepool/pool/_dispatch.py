@@ -43,7 +43,7 @@ from ..errors import PoolOverloaded, SnakepoolError
 from ._backend import Loop, NotStarted
 from ._calls import PendingCall
 from ._pacing import AHEAD_HORIZON
-from ._worker import WorkerHandle
+from ._worker import READY_STATES, WorkerHandle
 
 __all__ = ["Dispatcher"]
 
@@ -157,21 +157,28 @@ class Dispatcher:
         call being prepared): later calls must not get in before it.
         """
         best: WorkerHandle | None = None
-        best_key: tuple[int, int] = (0, 0)
-        for worker in self._workers:
-            load = worker.load_if_ready  # (one property per worker: this runs per call)
-            if ahead and not worker.reserved:
+        best_load = best_bound = 0
+        for worker in self._workers:  # (this runs per call: plain reads, no properties)
+            if worker.state not in READY_STATES:
+                continue
+            reserved = worker.reserved
+            load = len(worker.pending) + reserved
+            if ahead and not reserved:
                 limit = worker.concurrency + worker.ahead
             else:
                 limit = worker.concurrency
-            if load < 0 or load >= limit or (skip is not None and skip(worker)):
+            if load >= limit or (skip is not None and skip(worker)):
                 continue
-            if not load and bound_sessions is None:
-                return worker  # idle: nothing beats it
-            key = (load, bound_sessions(worker) if bound_sessions else 0)
-            if best is None or key < best_key:
-                best, best_key = worker, key
-                if key == (0, 0):
+            if bound_sessions is None:
+                if not load:
+                    return worker  # idle: nothing beats it
+                if best is None or load < best_load:
+                    best, best_load = worker, load
+                continue
+            bound = bound_sessions(worker)
+            if best is None or (load, bound) < (best_load, best_bound):
+                best, best_load, best_bound = worker, load, bound
+                if not load and not bound:
                     break
         return best
 
@@ -206,8 +213,11 @@ class Dispatcher:
         else:
             worker = self.pick(bound_sessions, skip=claimed if waiters else None, ahead=ahead)
         if worker is not None:
-            if ahead and worker.load >= worker.concurrency:
-                self._refuse_if_full()  # (it would wait in the worker)
+            if ahead and len(worker.pending) + worker.reserved >= worker.concurrency:
+                # It would wait in the worker. (The bound is checked first: the
+                # exact count runs only when it says the pool may be full.)
+                if len(waiters) + self._ahead_bound >= self.queue_size:
+                    self._refuse_if_full()
                 self._sent_ahead = True
                 self._ahead_bound += 1
             worker.reserved += 1

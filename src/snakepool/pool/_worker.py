@@ -501,9 +501,10 @@ class WorkerHandle:
 
     def _on_message(self, message: p.Message) -> None:
         match message:  # (the usual ones first: each case is an isinstance check)
-            case p.Result():
-                call = self._take(message.id)
+            case p.Result():  # (the usual message: _take written out)
+                call = self.pending.pop(message.id, None)
                 if call is not None:
+                    self._answered_in_read += 1
                     call.resolve(message.value)
             case p.Item():
                 stream = self.pending.get(message.id)
