@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-SESSIONS = 64
-SET_EVERY = 100
+from ab import SESSIONS, _SessionCaller  # (the same caller as stress/ab.py's session scenario)
+
 ADAPTER_SOURCE = """\
 from snakepool.adapters import Adapter, CallContext, command
 
@@ -40,23 +40,6 @@ class SessionBench(Adapter):
 """
 
 
-class _Caller:
-    def __init__(self, session: Any) -> None:
-        self.session = session
-        self.calls = 0
-        self.expected = 0.5
-
-    async def run(self, calls: int) -> None:
-        for _ in range(calls):
-            if self.calls and self.calls % SET_EVERY == 0:
-                self.expected = self.calls / 1e6
-                await self.session.variables.set("temperature", self.expected)
-            got = await self.session.call("read")
-            if got != self.expected:
-                raise AssertionError(f"read {got!r} after setting {self.expected!r}")
-            self.calls += 1
-
-
 async def _plain(pool: Any, calls: int) -> float:
     async def caller(n: int) -> None:
         for i in range(n):
@@ -67,7 +50,7 @@ async def _plain(pool: Any, calls: int) -> float:
     return (calls // SESSIONS) * SESSIONS / (time.perf_counter() - started)
 
 
-async def _sessions(callers: list[_Caller], calls: int) -> float:
+async def _sessions(callers: list[_SessionCaller], calls: int) -> float:
     started = time.perf_counter()
     await asyncio.gather(*(caller.run(calls // SESSIONS) for caller in callers))
     return (calls // SESSIONS) * SESSIONS / (time.perf_counter() - started)
@@ -84,9 +67,9 @@ async def main(rounds: int, calls: int, workers: int, store: str) -> int:
             callers = []
             for _ in range(SESSIONS):
                 session = await pool.session().open()
-                await session.variables.define("temperature", "float", 0.5)
-                await session.variables.define("top_k", "int", 40)
-                callers.append(_Caller(session))
+                caller = _SessionCaller(session)
+                await caller.define()
+                callers.append(caller)
             await _plain(pool, min(calls, 4000))  # warm-up
             await _sessions(callers, min(calls, 4000))
             found: dict[str, list[float]] = {"plain": [], "session": []}

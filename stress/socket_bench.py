@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import glob
 import json
 import os
 import signal
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from cpu_per_call import worker_cpu_ns  # (the same per-thread CPU reading)
 
 import snakepool
 
@@ -47,15 +47,7 @@ POOL_OPTIONS = {"call_timeout": 300.0, "queue_size": 100_000, "startup_timeout":
 def cpu_seconds(*pids: int) -> float:
     """CPU time of every thread of these processes (the scheduler's, in
     nanoseconds: far finer than the 10 ms ticks of ``cpu_times()``)."""
-    total = 0
-    for pid in pids:
-        for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
-            try:
-                with open(path) as stats:
-                    total += int(stats.read().split()[0])
-            except (OSError, ValueError, IndexError):
-                continue  # (a thread that ended meanwhile)
-    return total / 1e9
+    return worker_cpu_ns(list(pids)) / 1e9
 
 
 @dataclass

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Generator, MutableMapping
 from typing import Any
@@ -19,6 +18,8 @@ from typing import Any
 import anyio
 import anyio.abc
 import uvicorn
+
+from ..server._server import is_loopback
 
 __all__ = ["TokenGate", "is_loopback", "parse_address", "serve_app"]
 
@@ -34,15 +35,6 @@ def parse_address(text: str, what: str) -> tuple[str, int]:
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{what} must look like HOST:PORT, got {text!r}")
     return host.strip("[]"), int(port)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class _Server(uvicorn.Server):

@@ -95,7 +95,7 @@ class SocketServer:
     ) -> None:
         if socket_path is None and tcp is None:
             raise ValueError("give a socket path, a TCP address, or both")
-        if tcp is not None and not allow_remote and not _is_loopback(tcp[0]):
+        if tcp is not None and not allow_remote and not is_loopback(tcp[0]):
             raise ValueError(
                 f"TCP address {tcp[0]!r} is not a loopback address; pass allow_remote=True "
                 "(--allow-remote) to listen beyond this machine"
@@ -435,7 +435,8 @@ async def _private_unix_listener(path: Path) -> anyio.abc.Listener[Any]:
             staging.rmdir()
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """``host`` names this machine only (``localhost`` or a loopback address)."""
     if host == "localhost":
         return True
     try:
