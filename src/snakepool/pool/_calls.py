@@ -32,32 +32,29 @@ class PendingCall:
     a session is ever withdrawn).
     """
 
-    __slots__ = (
-        "_done",
-        "_items_in",
-        "abandoned",
-        "command",
-        "deadline",
-        "error",
-        "expired",
-        "finished",
-        "frame",
-        "id",
-        "in_store",
-        "items",
-        "limit",
-        "mode",
-        "probe",
-        "queued",
-        "sent",
-        "session_id",
-        "span",
-        "started",
-        "value",
-        "waiter",
-        "withdrawing",
-        "worker",
-    )
+    # No __slots__: a call sets only what differs from these class-level
+    # defaults (a slots class must set every field in __init__, which costs
+    # more than the rest of making a call).
+    worker: Any = None  # the WorkerHandle it was sent to
+    finished = False
+    expired = False  # its deadline passed
+    frame = b""  # the Call frame, to send it again if it never started
+    deadline = 0.0  # (event-loop time) when it expires (inf: never)
+    limit: float | None = None  # its time limit in seconds (None: none)
+    started = 0.0  # (time.perf_counter()) when its caller made it
+    sent = False  # sent to a worker, or queued (the hand-off sends it)
+    in_store = False  # its session is being read from the store (for a timeout's message)
+    queued: Any = None  # its place in the pool's queue while it has one
+    withdrawing = False  # asked back from its worker (it may have started already)
+    probe = False  # the circuit breaker's half-open probe: report its outcome
+    _done: anyio.Event | None = None
+    waiter: Waiter | None = None
+    span: Any = None  # its OpenTelemetry span, when the pool traces calls
+    value: Any = None
+    error: SnakepoolError | None = None
+    abandoned = False
+    _items_in: MemoryObjectSendStream[Any] | None = None
+    items: MemoryObjectReceiveStream[Any] | None = None
 
     def __init__(
         self, call_id: int, command: str, mode: str, session_id: str | None = None
@@ -66,26 +63,6 @@ class PendingCall:
         self.command = command
         self.mode = mode
         self.session_id = session_id
-        self.worker: Any = None  # the WorkerHandle it was sent to
-        self.finished = False
-        self.expired = False  # its deadline passed
-        self.frame = b""  # the Call frame, to send it again if it never started
-        self.deadline = 0.0  # (event-loop time) when it expires (inf: never)
-        self.limit: float | None = None  # its time limit in seconds (None: none)
-        self.started = 0.0  # (time.perf_counter()) when its caller made it
-        self.sent = False  # sent to a worker, or queued (the hand-off sends it)
-        self.in_store = False  # its session is being read from the store (for a timeout's message)
-        self.queued: Any = None  # its place in the pool's queue while it has one
-        self.withdrawing = False  # asked back from its worker (it may have started already)
-        self.probe = False  # the circuit breaker's half-open probe: report its outcome
-        self._done: anyio.Event | None = None
-        self.waiter: Waiter | None = None
-        self.span: Any = None  # its OpenTelemetry span, when the pool traces calls
-        self.value: Any = None
-        self.error: SnakepoolError | None = None
-        self.abandoned = False
-        self._items_in: MemoryObjectSendStream[Any] | None = None
-        self.items: MemoryObjectReceiveStream[Any] | None = None
         if mode == p.CallMode.STREAM:
             self._items_in, self.items = anyio.create_memory_object_stream[Any](math.inf)
 

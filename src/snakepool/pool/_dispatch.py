@@ -202,16 +202,16 @@ class Dispatcher:
         ``ahead``: a slot to wait in a busy worker will do.
         """
         waiters = self._waiters
-        if waiters and want is None and any(waiter.want is None for waiter in waiters):
+        if (
+            waiters
+            and want is None
+            and (waiters[0].want is None or any(waiter.want is None for waiter in waiters))
+        ):
             return None  # a queued caller takes any worker, so it comes first (FIFO)
-
-        def claimed(worker: WorkerHandle) -> bool:  # a queued caller comes first
-            return any(waiter.can_use(worker) for waiter in waiters)
-
         if want is not None:
-            worker = want if self._fits(want, ahead) and not claimed(want) else None
+            worker = want if self._fits(want, ahead) and not self._claimed(want) else None
         else:
-            worker = self.pick(bound_sessions, skip=claimed if waiters else None, ahead=ahead)
+            worker = self.pick(bound_sessions, skip=self._claimed if waiters else None, ahead=ahead)
         if worker is not None:
             if ahead and len(worker.pending) + worker.reserved >= worker.concurrency:
                 # It would wait in the worker. (The bound is checked first: the
@@ -222,6 +222,10 @@ class Dispatcher:
                 self._ahead_bound += 1
             worker.reserved += 1
         return worker
+
+    def _claimed(self, worker: WorkerHandle) -> bool:
+        """A queued caller could use ``worker``: it comes first."""
+        return any(waiter.can_use(worker) for waiter in self._waiters)
 
     def reserve_home(self, home: WorkerHandle) -> WorkerHandle | None:
         """A slot on ``home`` for a call of a session bound to it: a free one, or

@@ -218,7 +218,8 @@ class CallRoute:
 
     def outcome(self, call: PendingCall, started: float) -> Any:
         """The value of a call its caller woke for, or the error to raise."""
-        self.deadlines.remove(call, call.deadline)
+        if call.deadline != _NO_DEADLINE:
+            self.deadlines.remove(call, call.deadline)
         if call.finished:
             quiet = not self._listeners.active and self._plain
             if call.error is None and self._breaker.steady and not call.probe and quiet:
@@ -365,18 +366,6 @@ class CallRoute:
             limit = None
         if session is not None and session not in self._sessions.bindings:
             check_session_id(session)  # (a bound session's id was checked when it was bound)
-        return self._frame(call_id, command, args, mode, limit, session, trace)
-
-    def _frame(
-        self,
-        call_id: int,
-        command: str,
-        args: dict[str, Any],
-        mode: str,
-        limit: float | None,
-        session: str | None,
-        trace: str | None,
-    ) -> bytes:
         try:
             call = p.Call(call_id, command, args, mode, limit, session, trace)
             return self._calls_out.send(call)

@@ -165,7 +165,6 @@ class WorkerHandle:
         self._limits: LimitWatch | None = None  # the pool's `limits` (isolation), if any
         self.limit_crossed: str | None = None  # the one that ended this worker
         self._pings: dict[int, anyio.Event] = {}
-        self._answered_in_read = 0  # calls the read being handled answered (see _take)
         self._ping_ids = itertools.count(1)
 
     # --- facts -----------------------------------------------------------------
@@ -491,33 +490,36 @@ class WorkerHandle:
     def _on_messages(self, messages: list[p.Message]) -> None:
         """One read's messages, in order; the calls they answered are accounted
         once for the read (one clock reading and one hand-off: see _answered)."""
-        self._answered_in_read = 0
+        answered = 0
         for message in messages:
-            self._on_message(message)
-        if self._answered_in_read:
-            self._answered(self._answered_in_read)
+            match message:  # (the usual ones first: each case is an isinstance check)
+                case p.Result():
+                    call = self.pending.pop(message.id, None)
+                    if call is not None:
+                        answered += 1
+                        call.resolve(message.value)
+                case p.Item():
+                    stream = self.pending.get(message.id)
+                    if stream is not None:
+                        stream.push(message.value)
+                case p.End():
+                    call = self.pending.pop(message.id, None)
+                    if call is not None:
+                        answered += 1
+                        call.end()
+                case p.Failure():
+                    call = self.pending.pop(message.id, None)
+                    if call is not None:
+                        answered += 1
+                        self._on_failure(call, message)
+                case _:
+                    self._on_control(message)
+        if answered:
+            self._answered(answered)
 
-    # --- messages from the worker ------------------------------------------------
-
-    def _on_message(self, message: p.Message) -> None:
-        match message:  # (the usual ones first: each case is an isinstance check)
-            case p.Result():  # (the usual message: _take written out)
-                call = self.pending.pop(message.id, None)
-                if call is not None:
-                    self._answered_in_read += 1
-                    call.resolve(message.value)
-            case p.Item():
-                stream = self.pending.get(message.id)
-                if stream is not None:
-                    stream.push(message.value)
-            case p.End():
-                call = self._take(message.id)
-                if call is not None:
-                    call.end()
-            case p.Failure():
-                call = self._take(message.id)
-                if call is not None:
-                    self._on_failure(call, message)
+    def _on_control(self, message: p.Message) -> None:
+        """A message that answers no call: logs, host tools, pongs, the handshake."""
+        match message:
             case p.Log():
                 self.log.log(message.level, "%s", message.message)
             case p.HostCall():
@@ -566,13 +568,6 @@ class WorkerHandle:
             for line in early:
                 self._show_output(line)
         self._ready.set()
-
-    def _take(self, call_id: int) -> PendingCall | None:
-        """Take call ``call_id`` off ``pending`` (answered: accounted at the end of the read)."""
-        call = self.pending.pop(call_id, None)
-        if call is not None:
-            self._answered_in_read += 1
-        return call
 
     def _answered(self, count: int) -> None:
         """``count`` calls were just answered (taken off ``pending``): pace, free their slots.

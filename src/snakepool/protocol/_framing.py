@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import struct
 import threading
 from collections.abc import Callable, Collection
 from typing import Any, Final
@@ -41,6 +42,7 @@ HEADER_BYTES: Final = 4
 DEFAULT_MAX_FRAME_BYTES: Final = 64 * 2**20
 _MAX_HEADER_VALUE: Final = 2**32 - 1
 _unpackb = msgpack.unpackb
+_read_header = struct.Struct(">I").unpack_from
 #: Reads up to this size are split with plain slices (a copy is cheaper than a view).
 _COPY_SLICES_UP_TO: Final = 4096
 #: What any frame may decode into on top of ``decode_factor`` times its size.
@@ -432,7 +434,7 @@ def _split(
     position = 0
     while end - position > HEADER_BYTES:
         body_start = position + HEADER_BYTES
-        length = int.from_bytes(data[position:body_start], "big")
+        (length,) = _read_header(data, position)  # (a third of int.from_bytes of a slice)
         body_end = body_start + length
         if not 0 < length <= limit or body_end > end:
             break
