@@ -298,3 +298,45 @@ def test_calls_read_with_a_long_one_can_still_be_cancelled_before_they_start(
     assert cancelled.kind == p.FailureKind.CANCELLED
     done = worker.next()
     assert isinstance(done, p.Result) and done.id == slow.id
+
+
+def _write_syscalls(pid: int) -> int:
+    """Write system calls ``pid`` made so far (Linux's per-process I/O counters)."""
+    with open(f"/proc/{pid}/io") as io:
+        fields = dict(line.split(": ") for line in io.read().splitlines())
+    return int(fields["syscw"])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux's /proc/PID/io")
+def test_results_of_quick_calls_read_together_go_out_in_few_writes(worker: WorkerPipe) -> None:
+    worker.write(worker.call("echo", value=0))  # (now echo is known to be quick)
+    worker.next()
+    before = _write_syscalls(worker.proc.pid)
+    calls = [worker.call("echo", value=i) for i in range(50)]
+    worker.write(*calls)
+    assert worker.answers(50) == [p.Result(id=c.id, value=i) for i, c in enumerate(calls)]
+    # One write per read of calls, not one per result (a few reads at most).
+    assert _write_syscalls(worker.proc.pid) - before <= 5
+
+
+@pytest.mark.parametrize("looked_quick", [False, True])
+def test_a_quick_result_is_not_held_back_behind_a_call_that_blocks(
+    worker: WorkerPipe, tmp_path: Any, looked_quick: bool
+) -> None:
+    # The result of a quick call waits for the next call of its read only
+    # when that one is known to be quick; one that was quick before and now
+    # blocks is caught by the watchdog, which writes what the lane held.
+    if looked_quick:
+        (tmp_path / "open").touch()
+        worker.write(worker.call("hold_sync", release=str(tmp_path / "open")))
+        worker.next()
+    release = tmp_path / "release"
+    quick, blocking = (
+        worker.call("echo", value="quick"),
+        worker.call("hold_sync", release=str(release)),
+    )
+    worker.write(quick, blocking)
+    assert worker.next() == p.Result(id=quick.id, value="quick")  # while the other still blocks
+    release.touch()
+    answer = worker.next()
+    assert isinstance(answer, p.Result) and answer.id == blocking.id
