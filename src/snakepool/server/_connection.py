@@ -292,8 +292,19 @@ class Connection(asyncio.BufferedProtocol):
                       counted=False)  # fmt: skip
 
     def _read(self, data: memoryview) -> None:
-        self.decoder.feed(data)
-        self._handle_frames()
+        frames = self.decoder.whole_frames(data)  # (the usual: whole small frames, at once)
+        if frames is None:
+            self.decoder.feed(data)
+            self._handle_frames()
+            return
+        try:
+            for frame in frames:
+                if self.closing:
+                    break
+                self._on_frame(frame)
+        finally:
+            self._attribute_bytes()
+        self._update_reading()
 
     def _handle_frames(self) -> None:
         """Handle every whole frame read, in order, until a large one needs a thread."""
@@ -382,7 +393,7 @@ class Connection(asyncio.BufferedProtocol):
         self.calls += 1
         request = _Request(request_id, kind, frame)
         self._unsized.append(request)
-        if self.server.draining and kind in ("call", "session"):
+        if self.server._draining and kind in ("call", "session"):
             self._fail(request_id, PoolClosed(draining_message(frame)))
         elif self.held or not self._room():
             request.state = _HELD
