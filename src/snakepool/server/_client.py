@@ -99,10 +99,10 @@ class _Connection(asyncio.BufferedProtocol):
                     self._route(frame)
                 return
             while True:
-                frame = decoder.next_frame()
-                if type(frame) is not dict:
+                buffered = decoder.next_frame()
+                if type(buffered) is not dict:
                     break
-                self._route(frame)
+                self._route(buffered)
         except ProtocolError as exc:
             self._break(ConnectionError(f"the server sent something unreadable: {exc}"))
             if self.transport is not None:
@@ -115,7 +115,7 @@ class _Connection(asyncio.BufferedProtocol):
             target.put(frame)
         elif frame.get("t") == "error":
             self._break(ConnectionError(f"the server dropped this client: {frame.get('e')}"))
-        elif target is not None and not target.done():
+        elif isinstance(target, asyncio.Future) and not target.done():
             target.set_result(frame)
 
     def connection_lost(self, exc: Exception | None) -> None:

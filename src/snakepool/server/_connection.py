@@ -1,11 +1,16 @@
 """One client connection of the socket server, as an asyncio protocol.
 
-Speed. Bytes are decoded in batches as they arrive; each request is a task
-running the pool's own call; answers are encoded into a list that is written
-once per event-loop iteration, so 64 answers ready together cost one write.
+Speed. Bytes are decoded in batches as they arrive (whole frames of a read
+at once). A plain call or cast runs the pool's own ``call``/``cast`` without
+a task (:class:`_Eager`): it reaches its worker within the read that brought
+it; other requests are tasks. Answers are encoded into a list that is
+written once per event-loop iteration, so 64 answers ready together cost
+one write.
 
-Order. Requests start in the order received, so plain calls and casts enter
-their pool's queue in that order (they may finish in any order). Requests
+Order. Requests start in the order received (a plain call runs at once
+only while no earlier request's task is still to take its first step), so
+plain calls and casts enter their pool's queue in that order (they may
+finish in any order). Requests
 that name the same session of the same pool also *take effect* in that order
 (a lane per session): a session operation waits until every earlier request
 of that session on this connection has taken effect, and a call waits for
@@ -707,7 +712,7 @@ class Connection(asyncio.BufferedProtocol):
             if task is not None and not request.by_client:
                 request.by_client = True
                 task.cancel()
-                if type(task) is not _Eager:  # (an eager call's first step has run)
+                if not isinstance(task, _Eager):  # (an eager call's first step has run)
                     task.add_done_callback(lambda _: self._after_cancel(request))
             return
         held = self.held.pop(request_id, None)
