@@ -12,6 +12,11 @@ socket), and of *all* the processes a call costs (the host, its workers and,
 through the socket, this process as the client). Medians over the rounds;
 the ratios are the medians of each round's own ratio.
 
+A bare round trip over a Unix socket (an echo server on uvloop in a
+subprocess, no snakepool at either end) is timed each round too: the least
+a hop through any local server adds to a sequential call on this machine,
+so ``embedded p50 + bare round trip`` is the floor of the socket's p50.
+
 Run: python stress/socket_bench.py [--workers 2] [--rounds 10] [--sequential 500]
                                    [--calls 5000] [--callers 64] [--uvloop] [--json OUT]
 """
@@ -115,6 +120,65 @@ async def snakepool_up(workdir: Path, workers: int) -> AsyncIterator[tuple[Path,
         stop_up(up)
 
 
+_ECHO_SERVER = """
+import asyncio, sys
+class Echo(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport = transport
+    def data_received(self, data):
+        self.transport.write(data)
+async def main(path):
+    await asyncio.get_running_loop().create_unix_server(Echo, path)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+try:
+    import uvloop
+    run = uvloop.run
+except ImportError:
+    run = asyncio.run
+run(main(sys.argv[1]))
+"""
+
+
+class _Echoed(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.answered: asyncio.Future[None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.answered is not None and not self.answered.done():
+            self.answered.set_result(None)
+
+
+def start_echo(path: Path) -> subprocess.Popen[bytes]:
+    """The echo server, listening on ``path`` once it prints a line."""
+    return subprocess.Popen([sys.executable, "-c", _ECHO_SERVER, str(path)], stdout=subprocess.PIPE)
+
+
+@contextlib.asynccontextmanager
+async def bare_echo(workdir: Path) -> AsyncIterator[Call]:
+    """A call that is one bare round trip through a Unix socket echo server."""
+    path = workdir / "echo.sock"
+    echo = start_echo(path)
+    try:
+        assert echo.stdout is not None
+        await asyncio.to_thread(echo.stdout.readline)
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.create_unix_connection(_Echoed, str(path))
+        request = b"\x00" * 40  # (about an echo call's request)
+
+        async def round_trip(value: Any) -> Any:
+            protocol.answered = loop.create_future()
+            transport.write(request)
+            await protocol.answered
+            return value
+
+        yield round_trip
+        transport.close()
+    finally:
+        echo.kill()
+        echo.wait()
+
+
 async def sequential(call: Call, n: int) -> list[float]:
     samples = []
     for i in range(n):
@@ -147,12 +211,14 @@ async def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]
     found: dict[str, dict[str, list[float]]] = {
         name: {key: [] for key in keys} for name in ("embedded", "socket")
     }
+    found["bare"] = {"p50": []}
     me = os.getpid()
     with tempfile.TemporaryDirectory(prefix="sp-bench-") as tmp:
         async with (
             snakepool.Pool("generic", size=args.workers, **POOL_OPTIONS) as pool,  # type: ignore[arg-type]
             snakepool_up(Path(tmp), args.workers) as (sock, up_pid),
             snakepool.connect(sock) as client,
+            bare_echo(Path(tmp)) as bare,
         ):
             remote = client["bench"]
 
@@ -170,6 +236,7 @@ async def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]
             for peer in peers.values():  # warm up
                 await sequential(peer.call, 300)
                 await concurrent(peer.call, args.callers, 2000)
+            await sequential(bare, 300)
             # Short turns, many rounds: each peer sees the same (drifting) machine.
             for _ in range(args.rounds):
                 for name, peer in peers.items():
@@ -182,6 +249,8 @@ async def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]
                     ]
                     row["seq_cpu"].append(used[0])
                     row["seq_total"].append(sum(used))
+                samples = sorted(await sequential(bare, args.sequential))
+                found["bare"]["p50"].append(samples[len(samples) // 2])
                 for name, peer in peers.items():
                     row = found[name]
                     before = peer.cpu()
@@ -197,6 +266,9 @@ async def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]
 def report(found: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> str:
     med = {name: {k: statistics.median(v) for k, v in row.items()} for name, row in found.items()}
     emb, sock = med["embedded"], med["socket"]
+    floors = [
+        (e + b) / e for e, b in zip(found["embedded"]["p50"], found["bare"]["p50"], strict=True)
+    ]
 
     def ratio(key: str) -> str:  # the median of the rounds' own ratios
         pairs = zip(found["socket"][key], found["embedded"][key], strict=True)
@@ -214,6 +286,9 @@ def report(found: dict[str, dict[str, list[float]]], args: argparse.Namespace) -
             f"{'uvloop' if getattr(args, 'uvloop', False) else 'asyncio'}",
             f"{'':34}{'embedded':>12}{'socket':>12}{'socket/embedded':>18}",
             row("sequential p50 (us)", "p50"),
+            f"{'  bare socket round trip p50 (us)':34}{'':12}{med['bare']['p50'] * 1e6:12.1f}",
+            f"{'  floor: embedded p50 + bare':34}{'':12}"
+            f"{(emb['p50'] + med['bare']['p50']) * 1e6:12.1f}{statistics.median(floors):17.2f}x",
             row(f"{n} in flight (calls/s)", "rate", 1, "12,.0f"),
             row("host CPU per call, sequential (us)", "seq_cpu"),
             row(f"host CPU per call, {n} in flight (us)", "cpu"),
@@ -223,7 +298,8 @@ def report(found: dict[str, dict[str, list[float]]], args: argparse.Namespace) -
             row(f"all CPU per call, {n} in flight (us)", "total"),
             "host: this process for the embedded pool, the snakepool up process for the",
             "socket; client: this process, through the socket; all: host, workers, client.",
-            "Ratios are the medians of each round's own ratio.",
+            "Ratios are the medians of each round's own ratio. Bare: a round trip through a",
+            "Unix socket echo server (uvloop, no snakepool): what any local server's hop costs.",
         ]
     )
 

@@ -91,29 +91,32 @@ class _Connection(asyncio.BufferedProtocol):
         decoder = self.decoder
         try:
             with self._buffer[:nbytes] as data:
-                decoder.feed(data)
+                frames = decoder.whole_frames(data)  # (the usual: whole frames, at once)
+                if frames is None:
+                    decoder.feed(data)
+            if frames is not None:
+                for frame in frames:
+                    self._route(frame)
+                return
             while True:
-                frame = decoder.next_frame()
-                if type(frame) is not dict:
+                buffered = decoder.next_frame()
+                if type(buffered) is not dict:
                     break
-                self._route(frame)
+                self._route(buffered)
         except ProtocolError as exc:
             self._break(ConnectionError(f"the server sent something unreadable: {exc}"))
             if self.transport is not None:
                 self.transport.abort()
 
     def _route(self, frame: dict[str, Any]) -> None:
-        kind = frame.get("t")
-        if kind == "error":
-            self._break(ConnectionError(f"the server dropped this client: {frame.get('e')}"))
-            return
-        target = self.waiting.get(0 if kind == "welcome" else frame.get("i", -1))
+        # (welcome and error carry no request id: 0 is hello's)
+        target = self.waiting.get(frame.get("i", 0))
         if type(target) is _Stream:
             target.put(frame)
-        elif target is not None:
-            assert isinstance(target, asyncio.Future)
-            if not target.done():
-                target.set_result(frame)
+        elif frame.get("t") == "error":
+            self._break(ConnectionError(f"the server dropped this client: {frame.get('e')}"))
+        elif isinstance(target, asyncio.Future) and not target.done():
+            target.set_result(frame)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._break(ConnectionError("the server closed the connection"))

@@ -1,11 +1,16 @@
 """One client connection of the socket server, as an asyncio protocol.
 
-Speed. Bytes are decoded in batches as they arrive; each request is a task
-running the pool's own call; answers are encoded into a list that is written
-once per event-loop iteration, so 64 answers ready together cost one write.
+Speed. Bytes are decoded in batches as they arrive (whole frames of a read
+at once). A plain call or cast runs the pool's own ``call``/``cast`` without
+a task (:class:`_Eager`): it reaches its worker within the read that brought
+it; other requests are tasks. Answers are encoded into a list that is
+written once per event-loop iteration, so 64 answers ready together cost
+one write.
 
-Order. Requests start in the order received, so plain calls and casts enter
-their pool's queue in that order (they may finish in any order). Requests
+Order. Requests start in the order received (a plain call runs at once
+only while no earlier request's task is still to take its first step), so
+plain calls and casts enter their pool's queue in that order (they may
+finish in any order). Requests
 that name the same session of the same pool also *take effect* in that order
 (a lane per session): a session operation waits until every earlier request
 of that session on this connection has taken effect, and a call waits for
@@ -64,6 +69,7 @@ _WRITE_HIGH_WATER = 256 * 1024
 _ERROR_GRACE = 1.0
 _REQUESTS = frozenset({"call", "session", "status", "connections", *OBSERVE_REQUESTS})
 _HELD, _RUNNING, _DONE = 1, 2, 3
+_CAST_TIMEOUT = "a cast takes no timeout 'o' (it gets the pool's call_timeout)"
 
 
 class _Drop(Exception):
@@ -111,6 +117,7 @@ class _Request:
         "size",
         "state",
         "task",
+        "unstarted",
         "waits",
         "wakeup",
     )
@@ -121,13 +128,66 @@ class _Request:
         self.frame = frame
         self.size = 0  # its share of the bytes read (known at the end of the read)
         self.state = 0
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | _Eager | None = None
         self.by_client = False  # cancelled by the client (not: the connection closed)
+        self.unstarted = False  # a task that has not taken its first step yet
         self.lane: tuple[str, str] | None = None
         self.effect: asyncio.Future[None] | None = None  # done once it took effect
         self.waits: Sequence[asyncio.Future[None]] = ()  # the earlier requests of its session
         self.credit: int | None = None  # a stream's items it may still send (None: any)
         self.wakeup: asyncio.Future[None] | None = None  # a stream waiting to send
+
+
+class _Eager:
+    """Runs a plain call's ``pool.call`` coroutine without a task: its first
+    step at once, in the read that brought the request (the call reaches its
+    worker in the same loop turn), each later step when the future it waits
+    on is done. A task per request would add an object, a registration and
+    a loop turn before the call is even sent; ``pool.call`` of a call without
+    a session awaits only futures, so it needs none (no cancel scope, no
+    current task). Cancelling it cancels that future, as a task would.
+    """
+
+    __slots__ = ("connection", "coro", "must_cancel", "request", "waiting")
+
+    def __init__(self, connection: Connection, request: _Request, coro: Any) -> None:
+        self.connection = connection
+        self.request = request
+        self.coro = coro
+        self.waiting: asyncio.Future[Any] | None = None
+        self.must_cancel = False
+
+    def step(self, _: object = None) -> None:
+        self.waiting = None
+        connection, request = self.connection, self.request
+        try:
+            if self.must_cancel:
+                self.must_cancel = False
+                awaited = self.coro.throw(asyncio.CancelledError())
+            else:
+                awaited = self.coro.send(None)
+        except StopIteration as stop:
+            connection._send({"t": "result", "i": request.id, "r": stop.value})
+            connection._finished(request)
+        except BaseException as exc:
+            try:
+                connection._failed(request, exc)
+            except asyncio.CancelledError:
+                pass  # (the connection closed: nobody to answer)
+            finally:
+                connection._finished(request)
+        else:
+            if awaited is None:  # (a bare yield: sleep(0))
+                connection.loop.call_soon(self.step)
+            else:
+                awaited._asyncio_future_blocking = False
+                awaited.add_done_callback(self.step)
+                self.waiting = awaited
+
+    def cancel(self) -> None:
+        waiting = self.waiting
+        if waiting is None or not waiting.cancel():  # (else: step throws, as a task does)
+            self.must_cancel = True
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -155,6 +215,7 @@ class Connection(asyncio.BufferedProtocol):
         self.lanes: dict[tuple[str, str], _Lane] = {}
         self.calls = self.bytes_in = self.bytes_out = self.held_back = self.streams_paused = 0
         self.held_bytes = self.inflight_bytes = 0
+        self._unstarted = 0  # requests whose task has not taken its first step
         self._unattributed = 0  # bytes read not yet shared out among requests
         self._unsized: list[_Request] = []  # requests of this read, to share them among
         self._out: list[bytes] = []
@@ -236,8 +297,19 @@ class Connection(asyncio.BufferedProtocol):
                       counted=False)  # fmt: skip
 
     def _read(self, data: memoryview) -> None:
-        self.decoder.feed(data)
-        self._handle_frames()
+        frames = self.decoder.whole_frames(data)  # (the usual: whole small frames, at once)
+        if frames is None:
+            self.decoder.feed(data)
+            self._handle_frames()
+            return
+        try:
+            for frame in frames:
+                if self.closing:
+                    break
+                self._on_frame(frame)
+        finally:
+            self._attribute_bytes()
+        self._update_reading()
 
     def _handle_frames(self) -> None:
         """Handle every whole frame read, in order, until a large one needs a thread."""
@@ -326,7 +398,7 @@ class Connection(asyncio.BufferedProtocol):
         self.calls += 1
         request = _Request(request_id, kind, frame)
         self._unsized.append(request)
-        if self.server.draining and kind in ("call", "session"):
+        if self.server._draining and kind in ("call", "session"):
             self._fail(request_id, PoolClosed(draining_message(frame)))
         elif self.held or not self._room():
             request.state = _HELD
@@ -402,14 +474,19 @@ class Connection(asyncio.BufferedProtocol):
         self.inflight[request.id] = request
         frame = request.frame
         kind = request.kind
-        if kind == "call" and frame.get("s") is None and frame.get("m", "call") == "call":
-            request.task = self.loop.create_task(self._plain_call(request))  # (the usual)
-            return
+        if kind == "call" and frame.get("s") is None and not self._unstarted:
+            mode = frame.get("m", "call")
+            if mode == "call" or mode == "cast":
+                self._plain_call(request, mode)  # (the usual)
+                return
         if kind == "call" or kind == "session":
             session = frame.get("s")
             name = frame.get("p")
             if type(session) is str and type(name) is str:
                 self._enter_lane(request, (name, session), op=kind == "session")
+        # (a request after this one starts only once this task has: they start in order)
+        self._unstarted += 1
+        request.unstarted = True
         request.task = self.loop.create_task(self._run(request))
 
     def _enter_lane(self, request: _Request, key: tuple[str, str], *, op: bool) -> None:
@@ -430,8 +507,9 @@ class Connection(asyncio.BufferedProtocol):
             lane.calls.append(effect)
         request.waits = waits
 
-    async def _plain_call(self, request: _Request) -> None:
-        """A call with no session: ``_run`` and ``_call`` in one (the fast path)."""
+    def _plain_call(self, request: _Request, mode: str) -> None:
+        """A call or cast with no session: ``pool.call`` or ``pool.cast``, run by
+        :class:`_Eager` (the fast path; a cast's value is None)."""
         frame = request.frame
         try:
             name = frame.get("p")
@@ -441,13 +519,18 @@ class Connection(asyncio.BufferedProtocol):
             command, args, timeout = frame.get("c"), frame.get("a"), frame.get("o")
             if type(command) is not str or type(args) is not dict or timeout is not None:
                 check_call(command, args, timeout, None)
-            value = await pool.call(command, args, timeout=timeout)  # type: ignore[arg-type]
-        except BaseException as exc:
+                if mode == "cast" and timeout is not None:
+                    raise bad_request(_CAST_TIMEOUT)
+        except Exception as exc:
             self._failed(request, exc)
-        else:
-            self._send({"t": "result", "i": request.id, "r": value})
-        finally:
             self._finished(request)
+            return
+        if mode == "call":
+            running = pool.call(command, args, timeout=timeout)  # type: ignore[arg-type]
+        else:
+            running = pool.cast(command, args)  # type: ignore[arg-type]
+        request.task = run = _Eager(self, request, running)
+        run.step()
 
     def _failed(self, request: _Request, exc: BaseException) -> None:
         """Answer ``request`` with the failure ``exc`` stands for; re-raises a
@@ -470,6 +553,7 @@ class Connection(asyncio.BufferedProtocol):
             raise exc
 
     async def _run(self, request: _Request) -> None:
+        self._started(request)
         request_id = request.id
         try:
             for earlier in request.waits:
@@ -506,7 +590,7 @@ class Connection(asyncio.BufferedProtocol):
             await self._stream(request, pool, command, args, timeout, session)
         elif mode == "cast":
             if timeout is not None:
-                raise bad_request("a cast takes no timeout 'o' (it gets the pool's call_timeout)")
+                raise bad_request(_CAST_TIMEOUT)
             if session is None:
                 await pool.cast(command, args)  # type: ignore[arg-type]
                 self._result(request.id, None)
@@ -628,7 +712,8 @@ class Connection(asyncio.BufferedProtocol):
             if task is not None and not request.by_client:
                 request.by_client = True
                 task.cancel()
-                task.add_done_callback(lambda _: self._after_cancel(request))
+                if not isinstance(task, _Eager):  # (an eager call's first step has run)
+                    task.add_done_callback(lambda _: self._after_cancel(request))
             return
         held = self.held.pop(request_id, None)
         if held is not None:
@@ -638,7 +723,13 @@ class Connection(asyncio.BufferedProtocol):
             self._update_reading()
             self.server._request_finished()
 
+    def _started(self, request: _Request) -> None:
+        if request.unstarted:
+            request.unstarted = False
+            self._unstarted -= 1
+
     def _after_cancel(self, request: _Request) -> None:
+        self._started(request)
         if request.state != _DONE:  # (cancelled before its first step: its code never ran)
             self._cancelled(request.id, "cancelled by the client")
             self._finished(request)
