@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import hmac
 import logging
 from collections.abc import Sequence
@@ -145,15 +146,19 @@ class _Eager:
     on is done. A task per request would add an object, a registration and
     a loop turn before the call is even sent; ``pool.call`` of a call without
     a session awaits only futures, so it needs none (no cancel scope, no
-    current task). Cancelling it cancels that future, as a task would.
+    current task). Cancelling it cancels that future, as a task would; and
+    like a task it runs in a context of its own (what a call sets in a
+    context variable, a span for one, stays with it). Python 3.12's eager
+    tasks (``asyncio.eager_task_factory``) are the same idea, with a task.
     """
 
-    __slots__ = ("connection", "coro", "must_cancel", "request", "waiting")
+    __slots__ = ("connection", "context", "coro", "must_cancel", "request", "waiting")
 
     def __init__(self, connection: Connection, request: _Request, coro: Any) -> None:
         self.connection = connection
         self.request = request
         self.coro = coro
+        self.context = contextvars.copy_context()
         self.waiting: asyncio.Future[Any] | None = None
         self.must_cancel = False
 
@@ -163,9 +168,9 @@ class _Eager:
         try:
             if self.must_cancel:
                 self.must_cancel = False
-                awaited = self.coro.throw(asyncio.CancelledError())
+                awaited = self.context.run(self.coro.throw, asyncio.CancelledError())
             else:
-                awaited = self.coro.send(None)
+                awaited = self.context.run(self.coro.send, None)
         except StopIteration as stop:
             connection._send({"t": "result", "i": request.id, "r": stop.value})
             connection._finished(request)
