@@ -567,7 +567,8 @@ class Session:
         timeout: float | None = None,
         idempotent: bool = False,
     ) -> Any:
-        await self._store()
+        if not self._created:  # (then the pool's call checks that it is open)
+            await self._store()
         return await self._pool.call(
             command, args, timeout=timeout, session=self.id, idempotent=idempotent
         )
@@ -580,7 +581,8 @@ class Session:
         return stream
 
     async def cast(self, command: str, args: Mapping[str, Any] | None = None) -> None:
-        await self._store()
+        if not self._created:
+            await self._store()
         await self._pool.cast(command, args, session=self.id)
 
     async def close(self) -> None:
