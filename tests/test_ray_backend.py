@@ -31,7 +31,7 @@ from waiting import wait_until
 ray = pytest.importorskip("ray", reason="backend='ray' needs Ray: pip install 'snakepool[ray]'")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from snakepool.pool._ray import ACTOR_PREFIX  # noqa: E402
+from snakepool.pool._ray import ACTOR_CLASS  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 
@@ -90,11 +90,11 @@ def no_leftover_processes() -> Iterator[None]:
 
 
 def _actors() -> list[str]:
-    """The names of this pool's live worker actors (Ray's GCS, no dashboard needed)."""
+    """The ids of the live worker actors (Ray's state, from its GCS: no dashboard needed)."""
     return [
-        entry["name"]
-        for entry in ray.util.list_named_actors(all_namespaces=True)
-        if entry["name"].startswith(ACTOR_PREFIX)
+        actor_id
+        for actor_id, actor in ray._private.state.actors().items()
+        if actor["ActorClassName"] == ACTOR_CLASS and actor["State"] != "DEAD"
     ]
 
 
@@ -207,7 +207,7 @@ async def test_a_killed_actor_fails_only_its_started_calls(
                 tg.start_soon(hold)
             await wait_until(lambda: all(w.inflight for w in pool.statistics().workers))
             victim = pool.statistics().workers[0]
-            ray.kill(_actor_of(victim.id), no_restart=True)
+            _actor_process(victim.pid).kill()  # (as the OOM killer would)
             await wait_until(lambda: len(outcomes) == 1)
             release.touch()
         crashed = [o for o in outcomes if isinstance(o, WorkerCrashed)]
@@ -225,12 +225,12 @@ def _restarted(pool: snakepool.Pool, restarts: int) -> bool:
     return stats.ready_workers == stats.size and sum(w.restarts for w in stats.workers) == restarts
 
 
-def _actor_of(slot: int) -> Any:
-    """The live actor of the default pool's worker ``slot``."""
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry["name"].startswith(f"{ACTOR_PREFIX}default.{slot}:"):
-            return ray.get_actor(entry["name"], namespace=entry["namespace"])
-    raise AssertionError(f"no actor for slot {slot}")
+def _actor_process(worker_pid: int | None) -> psutil.Process:
+    """The process of the actor that runs the worker ``worker_pid`` (its parent)."""
+    assert worker_pid is not None
+    actor = psutil.Process(worker_pid).parent()
+    assert actor is not None and ACTOR_CLASS in " ".join(actor.cmdline())
+    return actor
 
 
 async def test_removing_a_node_under_load(cluster: Cluster) -> None:
