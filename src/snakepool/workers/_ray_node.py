@@ -122,8 +122,7 @@ class WorkerNode:
         await asyncio.wait(pipes, timeout=_STDOUT_AFTER_EXIT)  # what it wrote before
         self._exit_code = code
         for waiting in (*self._writes_waiting, *self._reads_waiting):
-            if not waiting.done():
-                waiting.set_result(None)
+            _settle(waiting)
 
     def _wake(self) -> None:
         """Output arrived: wake one waiter (a write if one waits)."""
@@ -169,13 +168,16 @@ class WorkerNode:
     async def _wait(
         self, queue: collections.deque[asyncio.Future[None]], timeout: float | None
     ) -> None:
-        waiting = asyncio.get_running_loop().create_future()
+        """Wait in ``queue`` until woken (output arrived, or the worker exited) or ``timeout``."""
+        loop = asyncio.get_running_loop()
+        waiting: asyncio.Future[None] = loop.create_future()
         queue.append(waiting)
+        timer = None if timeout is None else loop.call_later(timeout, _settle, waiting)
         try:
-            await asyncio.wait_for(waiting, timeout)
-        except TimeoutError:
-            pass
+            await waiting
         finally:
+            if timer is not None:
+                timer.cancel()
             with contextlib.suppress(ValueError):
                 queue.remove(waiting)
 
@@ -229,6 +231,11 @@ class WorkerNode:
         if process is not None and process.returncode is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signal.SIGKILL)
+
+
+def _settle(waiting: asyncio.Future[None]) -> None:
+    if not waiting.done():
+        waiting.set_result(None)
 
 
 class _Collect(asyncio.Protocol):
