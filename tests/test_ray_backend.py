@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -278,6 +280,57 @@ async def test_removing_a_node_under_load(cluster: Cluster) -> None:
     finally:
         if doomed in cluster.worker_nodes:
             cluster.remove_node(doomed)
+
+
+async def test_snakepool_up_serves_a_ray_backed_pool(
+    cluster: Cluster, workdir: Path, env: dict[str, str]
+) -> None:
+    """``snakepool up`` reads ``backend = "ray"`` and a ``[pools.NAME.ray]`` table,
+    serves the pool to ``snakepool.connect()``, and ``snakepool status`` shows the
+    node each worker runs on; stopping it leaves no actor behind."""
+    config = workdir / "pools.toml"
+    config.write_text(
+        textwrap.dedent(f"""\
+            [pools.far]
+            adapter = "{ADAPTER}"
+            size = 2
+            backend = "ray"
+
+            [pools.far.ray]
+            address = "{cluster.address}"
+            num_cpus = 0
+            scheduling_strategy = "SPREAD"
+            """)
+    )
+    sock, log = workdir / "s.sock", workdir / "up.log"
+    cli = [sys.executable, "-m", "snakepool.cli"]
+    env = {**env, "RAY_USAGE_STATS_ENABLED": "0"}
+    with log.open("w") as output:
+        up = await anyio.open_process(
+            [*cli, "up", "--config", str(config), "--socket", str(sock)],
+            stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+        )  # fmt: skip
+    try:
+        await wait_until(lambda: sock.exists() or up.returncode is not None, timeout=90)
+        assert up.returncode is None, log.read_text()
+        async with snakepool.connect(sock) as client:
+            assert await client["far"].call("echo", {"value": {"a": [1, 2]}}) == {"a": [1, 2]}
+            workers = (await client.status())["far"]["workers"]
+        nodes = {node.node_id for node in cluster.list_all_nodes()}
+        assert len(workers) == 2 and all(w["node_id"] in nodes for w in workers)
+        assert len({w["node_id"] for w in workers}) == 2  # SPREAD: one per node
+        status = await anyio.run_process([*cli, "status", "--socket", str(sock)], env=env)
+        shown = {f"{w['id']}@{w['node_address']}/{w['node_id'][:8]}" for w in workers}
+        [row] = [line for line in status.stdout.decode().splitlines() if "ray workers:" in line]
+        assert set(row.split("ray workers:")[1].split()) == shown
+        up.send_signal(signal.SIGTERM)
+        with anyio.fail_after(60):
+            assert await up.wait() == 0, log.read_text()
+        await wait_until(lambda: _actors() == [], timeout=15)
+    finally:
+        if up.returncode is None:
+            up.kill()
+            await up.wait()
 
 
 def test_the_cluster_going_away(tmp_path: Path) -> None:
