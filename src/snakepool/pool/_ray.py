@@ -5,14 +5,19 @@ placed by Ray (``num_cpus``, ``num_gpus``, ``resources``,
 ``scheduling_strategy``, ``runtime_env``), that runs the usual worker
 subprocess on its node and relays its pipes. Ray's cost per message is
 paid per *batch*, not per call: the frames of one event-loop turn go to the
-actor as one ``write`` (numbered: the actor keeps the host's order), and
-one long-polling ``read`` brings back everything the worker wrote since
-the last one (answers, stderr, and at the end its exit code). The handle
+actor as one ``write`` (numbered: the actor keeps the host's order), whose
+reply brings back what the worker wrote by then (a quick call: one Ray
+round trip, as many messages as calling an actor directly); one long poll,
+always in flight, brings back what no write did (a slow call's answer,
+stderr, and at the end the exit code). The worker's output is numbered in
+batches and delivered in that order whichever reply carries it. Under load
+the pipeline is paced over Ray's round trip (``_ROUND_TRIP``), so one write
+carries some twenty calls and one reply their answers. The handle
 (:mod:`._worker`), dispatch and sessions do not know the difference.
 
 Deaths: the worker's own (a crash, a kill on timeout) comes back as its exit
 code and stderr, as locally; the actor's (``ray.kill``, its node removed or
-lost) is Ray's ``RayActorError`` on the next read, reported as a kill
+lost) is Ray's ``RayActorError`` on the next reply, reported as a kill
 (``-SIGKILL``) with a stderr line naming the actor, its node and Ray's
 reason. Either way the handle fails the calls the worker had started and
 the slot starts another actor, wherever Ray places it.
