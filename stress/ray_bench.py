@@ -155,13 +155,17 @@ async def start_actors(count: int) -> tuple[float, list[Any]]:
 async def main(seconds: float, callers: int, workers: int, rounds: int) -> None:
     rows: list[tuple[str, float, float, str]] = []
     messages = Messages()
-    for _ in range(rounds):
-        # plain actors first, then the pool (both warm Ray's worker pool equally little)
+    for round_ in range(rounds):
+        # which starts first takes turns (the first may find Ray's idle workers warm)
+        if round_ % 2:
+            pool_s, big = await start_pool(workers)
+            await big.aclose()
         actors_s, plain = await start_actors(workers)
         for actor in plain:
             ray.kill(actor)
-        pool_s, big = await start_pool(workers)
-        await big.aclose()
+        if not round_ % 2:
+            pool_s, big = await start_pool(workers)
+            await big.aclose()
         rows.append((f"{workers} workers ready (s)", pool_s, actors_s, "<= 2x"))
 
     pool = snakepool.Pool(ADAPTER, size=2, backend="ray", ray=RAY_OPTIONS)
