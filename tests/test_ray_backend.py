@@ -298,8 +298,7 @@ async def test_snakepool_up_serves_a_ray_backed_pool(
 
             [pools.far.ray]
             address = "{cluster.address}"
-            num_cpus = 0
-            scheduling_strategy = "SPREAD"
+            num_cpus = 2  # (a node's CPUs each: one worker per node; SPREAD only tries)
             """)
     )
     sock, log = workdir / "s.sock", workdir / "up.log"
@@ -318,7 +317,7 @@ async def test_snakepool_up_serves_a_ray_backed_pool(
             workers = (await client.status())["far"]["workers"]
         nodes = {node.node_id for node in cluster.list_all_nodes()}
         assert len(workers) == 2 and all(w["node_id"] in nodes for w in workers)
-        assert len({w["node_id"] for w in workers}) == 2  # SPREAD: one per node
+        assert len({w["node_id"] for w in workers}) == 2
         status = await anyio.run_process([*cli, "status", "--socket", str(sock)], env=env)
         shown = {f"{w['id']}@{w['node_address']}/{w['node_id'][:8]}" for w in workers}
         [row] = [line for line in status.stdout.decode().splitlines() if "ray workers:" in line]
