@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +33,7 @@ from waiting import wait_until
 ray = pytest.importorskip("ray", reason="backend='ray' needs Ray: pip install 'snakepool[ray]'")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from snakepool.pool._ray import ACTOR_PREFIX  # noqa: E402
+from snakepool.pool._ray import ACTOR_CLASS  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 
@@ -90,11 +92,11 @@ def no_leftover_processes() -> Iterator[None]:
 
 
 def _actors() -> list[str]:
-    """The names of this pool's live worker actors (Ray's GCS, no dashboard needed)."""
+    """The ids of the live worker actors (Ray's state, from its GCS: no dashboard needed)."""
     return [
-        entry["name"]
-        for entry in ray.util.list_named_actors(all_namespaces=True)
-        if entry["name"].startswith(ACTOR_PREFIX)
+        actor_id
+        for actor_id, actor in ray._private.state.actors().items()
+        if actor["ActorClassName"] == ACTOR_CLASS and actor["State"] != "DEAD"
     ]
 
 
@@ -207,7 +209,7 @@ async def test_a_killed_actor_fails_only_its_started_calls(
                 tg.start_soon(hold)
             await wait_until(lambda: all(w.inflight for w in pool.statistics().workers))
             victim = pool.statistics().workers[0]
-            ray.kill(_actor_of(victim.id), no_restart=True)
+            _actor_process(victim.pid).kill()  # (as the OOM killer would)
             await wait_until(lambda: len(outcomes) == 1)
             release.touch()
         crashed = [o for o in outcomes if isinstance(o, WorkerCrashed)]
@@ -225,12 +227,12 @@ def _restarted(pool: snakepool.Pool, restarts: int) -> bool:
     return stats.ready_workers == stats.size and sum(w.restarts for w in stats.workers) == restarts
 
 
-def _actor_of(slot: int) -> Any:
-    """The live actor of the default pool's worker ``slot``."""
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry["name"].startswith(f"{ACTOR_PREFIX}default.{slot}:"):
-            return ray.get_actor(entry["name"], namespace=entry["namespace"])
-    raise AssertionError(f"no actor for slot {slot}")
+def _actor_process(worker_pid: int | None) -> psutil.Process:
+    """The process of the actor that runs the worker ``worker_pid`` (its parent)."""
+    assert worker_pid is not None
+    actor = psutil.Process(worker_pid).parent()
+    assert actor is not None and ACTOR_CLASS in " ".join(actor.cmdline())
+    return actor
 
 
 async def test_removing_a_node_under_load(cluster: Cluster) -> None:
@@ -278,6 +280,56 @@ async def test_removing_a_node_under_load(cluster: Cluster) -> None:
     finally:
         if doomed in cluster.worker_nodes:
             cluster.remove_node(doomed)
+
+
+async def test_snakepool_up_serves_a_ray_backed_pool(
+    cluster: Cluster, workdir: Path, env: dict[str, str]
+) -> None:
+    """``snakepool up`` reads ``backend = "ray"`` and a ``[pools.NAME.ray]`` table,
+    serves the pool to ``snakepool.connect()``, and ``snakepool status`` shows the
+    node each worker runs on; stopping it leaves no actor behind."""
+    config = workdir / "pools.toml"
+    config.write_text(
+        textwrap.dedent(f"""\
+            [pools.far]
+            adapter = "{ADAPTER}"
+            size = 2
+            backend = "ray"
+
+            [pools.far.ray]
+            address = "{cluster.address}"
+            num_cpus = 2  # (a node's CPUs each: one worker per node; SPREAD only tries)
+            """)
+    )
+    sock, log = workdir / "s.sock", workdir / "up.log"
+    cli = [sys.executable, "-m", "snakepool.cli"]
+    env = {**env, "RAY_USAGE_STATS_ENABLED": "0"}
+    with log.open("w") as output:
+        up = await anyio.open_process(
+            [*cli, "up", "--config", str(config), "--socket", str(sock)],
+            stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+        )  # fmt: skip
+    try:
+        await wait_until(lambda: sock.exists() or up.returncode is not None, timeout=90)
+        assert up.returncode is None, log.read_text()
+        async with snakepool.connect(sock) as client:
+            assert await client["far"].call("echo", {"value": {"a": [1, 2]}}) == {"a": [1, 2]}
+            workers = (await client.status())["far"]["workers"]
+        nodes = {node.node_id for node in cluster.list_all_nodes()}
+        assert len(workers) == 2 and all(w["node_id"] in nodes for w in workers)
+        assert len({w["node_id"] for w in workers}) == 2
+        status = await anyio.run_process([*cli, "status", "--socket", str(sock)], env=env)
+        shown = {f"{w['id']}@{w['node_address']}/{w['node_id'][:8]}" for w in workers}
+        [row] = [line for line in status.stdout.decode().splitlines() if "ray workers:" in line]
+        assert set(row.split("ray workers:")[1].split()) == shown
+        up.send_signal(signal.SIGTERM)
+        with anyio.fail_after(60):
+            assert await up.wait() == 0, log.read_text()
+        await wait_until(lambda: _actors() == [], timeout=15)
+    finally:
+        if up.returncode is None:
+            up.kill()
+            await up.wait()
 
 
 def test_the_cluster_going_away(tmp_path: Path) -> None:

@@ -48,13 +48,23 @@ class Pacing:
     start soon.
     """
 
-    __slots__ = ("_answered_at", "_clock", "_gap", "_saturated", "ahead", "concurrency", "limit")
+    __slots__ = (
+        "_answered_at",
+        "_clock",
+        "_gap",
+        "_saturated",
+        "ahead",
+        "concurrency",
+        "latency",
+        "limit",
+    )
 
     def __init__(
         self,
         concurrency: int,
         limit: int,
         clock: Callable[[], float] = time.perf_counter,
+        latency: float = 0.0,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -62,6 +72,9 @@ class Pacing:
             raise ValueError(f"limit must be >= 0, got {limit}")
         self.concurrency = concurrency
         self.limit = limit
+        #: Seconds the transport adds to each round trip, added to the horizon
+        #: (a worker far away needs more calls in its pipeline to never idle).
+        self.latency = latency
         #: Calls the worker may hold beyond the ``concurrency`` it runs.
         self.ahead = min(limit, max(concurrency, _FIRST_AHEAD))
         self._clock = clock
@@ -92,10 +105,11 @@ class Pacing:
             gap = self._gap
             gap += ((now - self._answered_at) / count - gap) * min(1.0, count * _GAP_WEIGHT)
             self._gap = gap
-            if gap * limit <= AHEAD_HORIZON:  # (quick calls: the usual case)
+            horizon = AHEAD_HORIZON + self.latency
+            if gap * limit <= horizon:  # (quick calls: the usual case)
                 self.ahead = limit
             else:
-                self.ahead = max(self.concurrency, int(AHEAD_HORIZON / gap))
+                self.ahead = max(self.concurrency, int(horizon / gap))
         self._answered_at = now
         self._saturated = pending >= self.concurrency
         return self.ahead
@@ -106,5 +120,6 @@ class Pacing:
         it answers and how long ago it last did: taking one back would not
         make it start sooner."""
         waiting = pending - self.concurrency
-        stalled = self._clock() - self._answered_at >= AHEAD_HORIZON
-        return not stalled and waiting * self._gap < AHEAD_HORIZON
+        horizon = AHEAD_HORIZON + self.latency
+        stalled = self._clock() - self._answered_at >= horizon
+        return not stalled and waiting * self._gap < horizon

@@ -128,18 +128,21 @@ class WorkerSlots:
         self._parts.dispatcher.fail_all(PoolClosed(f"pool {self.name!r} is broken: {reason}"))
 
     def new_handle(self, slot: int, restarts: int) -> WorkerHandle:
+        concurrency = self.config.worker_concurrency
+        ahead = max(concurrency, self.send_ahead) if self.send_ahead else 0
         return WorkerHandle(
             pool=self.name,
             slot=slot,
             restarts=restarts,
-            concurrency=self.config.worker_concurrency,
+            concurrency=concurrency,
             gpu=self.config.gpu_slots[slot],
             on_capacity=self._on_capacity,
             on_host_call=self._on_host_call,
             on_exit=self._on_worker_exit,
             on_unstarted=self._on_unstarted,
             template=self.template,
-            ahead=max(self.config.worker_concurrency, self.send_ahead) if self.send_ahead else 0,
+            ahead=ahead,
+            pacing=self.ray.pacing(concurrency, ahead) if self.ray is not None else None,
             transport=self.ray.transport if self.ray is not None else None,
         )
 

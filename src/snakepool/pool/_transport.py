@@ -18,11 +18,12 @@ What the Ray transport implements (dispatch, sessions and recovery untouched):
 
 - ``open(launch)``: create the actor (``launch.argv``/``env`` become its
   runtime environment), set ``pid`` to an identity worth printing in
-  ``describe()`` (the actor's pid on its node), and run a task that pulls the
-  actor's output (frames, log lines) for the life of the context;
+  ``describe()`` (the worker's pid on its node), and keep one long poll of
+  the actor's output (frames, log lines) in flight for the life of the context;
 - ``write``: append frames to a buffer flushed once per loop turn as one
-  remote call (the actor feeds them to the worker's stdin);
-- ``receive``: hand each chunk the actor returns to ``receiver.feed_stdout``
+  remote call (the actor feeds them to the worker's stdin; its reply brings
+  back what the worker answered by then);
+- ``receive``: hand the worker's output, in order, to ``receiver.feed_stdout``
   until it returns true, the stream ends, or the actor is seen dead (Ray's
   ``ActorDiedError``: its death seen from the actor itself, not only from its
   stream, like ``_watch_exit`` does for a local process);

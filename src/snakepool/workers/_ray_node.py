@@ -4,9 +4,13 @@ The host's :class:`~snakepool.pool._ray.RayPipes` makes this class a Ray
 actor (an async actor; Ray itself is imported only on the node, in
 :meth:`WorkerNode.start`). The actor starts ``python -m snakepool.workers``
 on its node, the same runtime a local pool runs, on pipes, and relays bytes
-in batches: ``write`` feeds what the host sent to the worker's stdin,
-``read`` (a long poll) returns everything the worker wrote since the last
-one. So a hung handler is still killed (``signal``: the actor signals its
+in batches. ``write`` feeds what the host sent to the worker's stdin and
+returns what the worker wrote by then, waiting up to ``_WRITE_WAIT`` for
+it: a quick call's answer rides back on the reply to the write that carried
+it (one Ray round trip per call, like calling an actor directly). ``read``
+(a long poll, always one in flight) returns what no write is waiting for.
+Each batch of output is numbered, so the host reads it in order whichever
+call brought it. So a hung handler is still killed (``signal``: the actor signals its
 worker's process group), a crash still reports its exit code and stderr,
 and ``print()`` goes to stderr, never into the protocol, exactly as locally.
 The worker dies with its actor (``PR_SET_PDEATHSIG``: the actor is its
@@ -16,21 +20,29 @@ parent and ``SNAKEPOOL_HOST_PID`` names it).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 __all__ = ["NodeOutput", "WorkerNode"]
 
 _STDOUT_AFTER_EXIT = 1.0  # a child may hold the worker's stdout open: its exit decides then
 _RSS_EVERY = 1.0  # seconds between memory readings (a walk of /proc: not once per read)
+#: How long a write waits for the worker's output before it returns without
+#: any (the long poll brings it then): longer than a quick call takes, so its
+#: answer comes back with the write; short, so a write's reply is never long
+#: held (a write waiting costs the actor only a parked coroutine).
+_WRITE_WAIT = 0.05
 
-#: What ``read`` returns: (stdout bytes, stderr bytes, exit code or None, rss bytes or None).
-NodeOutput = tuple[bytes, bytes, int | None, int | None]
+#: What ``write`` and ``read`` return: (batch number or None when there is
+#: nothing, stdout bytes, stderr bytes, exit code or None, rss bytes or None).
+#: Batches are numbered 0, 1, 2, ... in the order the worker wrote them.
+NodeOutput = tuple[int | None, bytes, bytes, int | None, int | None]
 
 
 class WorkerNode:
@@ -41,7 +53,12 @@ class WorkerNode:
         self._stdout = bytearray()
         self._stderr = bytearray()
         self._exit_code: int | None = None
-        self._changed = asyncio.Event()
+        self._exit_sent = False
+        self._batches = 0  # batches of output handed out so far
+        #: Who waits for output: writes first (their replies go back anyway),
+        #: the long poll only when no write waits.
+        self._writes_waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._reads_waiting: collections.deque[asyncio.Future[None]] = collections.deque()
         self._next_write = 0  # the sequence number of the write that goes next
         self._early: dict[int, tuple[bytes, bool]] = {}  # writes that overtook one
         self._stdin: asyncio.WriteTransport | None = None
@@ -78,11 +95,11 @@ class WorkerNode:
         loop = asyncio.get_running_loop()
         stdout_done, stderr_done = loop.create_future(), loop.create_future()
         await loop.connect_read_pipe(
-            lambda: _Collect(self._stdout, self._changed, stdout_done),
+            lambda: _Collect(self._stdout, self._wake, stdout_done),
             os.fdopen(from_worker, "rb", buffering=0),
         )
         await loop.connect_read_pipe(
-            lambda: _Collect(self._stderr, self._changed, stderr_done),
+            lambda: _Collect(self._stderr, self._wake, stderr_done),
             os.fdopen(from_stderr, "rb", buffering=0),
         )
         self._stdin, _ = await loop.connect_write_pipe(
@@ -104,12 +121,23 @@ class WorkerNode:
         code = await self._process.wait()
         await asyncio.wait(pipes, timeout=_STDOUT_AFTER_EXIT)  # what it wrote before
         self._exit_code = code
-        self._changed.set()
+        for waiting in (*self._writes_waiting, *self._reads_waiting):
+            _settle(waiting)
 
-    async def write(self, seq: int, data: bytes, close: bool = False) -> None:
+    def _wake(self) -> None:
+        """Output arrived: wake one waiter (a write if one waits)."""
+        waiters = self._writes_waiting or self._reads_waiting
+        while waiters:
+            waiting = waiters.popleft()
+            if not waiting.done():
+                waiting.set_result(None)
+                return
+
+    async def write(self, seq: int, data: bytes, close: bool = False) -> NodeOutput:
         """Frames for the worker, in the host's order (``seq``: Ray does not
         promise an async actor's calls run in the order they were sent);
-        ``close``: then end its stdin."""
+        ``close``: then end its stdin. Returns the worker's output, waiting up
+        to ``_WRITE_WAIT`` for some."""
         self._early[seq] = (data, close)
         while self._next_write in self._early:
             chunk, closing = self._early.pop(self._next_write)
@@ -122,16 +150,49 @@ class WorkerNode:
                     stdin.write(chunk)
                 if closing:
                     stdin.close()
+        if not self._pending_output():
+            await self._wait(self._writes_waiting, _WRITE_WAIT)
+        return self._take()
 
     async def read(self) -> NodeOutput:
-        """Wait for output, then return all of it; the exit code once the worker exited."""
-        while not self._stdout and not self._stderr and self._exit_code is None:
-            self._changed.clear()
-            await self._changed.wait()
+        """The long poll: wait for output no write took, then return all there is."""
+        while not self._pending_output():
+            await self._wait(self._reads_waiting, None)
+        return self._take()
+
+    def _pending_output(self) -> bool:
+        return bool(self._stdout or self._stderr) or (
+            self._exit_code is not None and not self._exit_sent
+        )
+
+    async def _wait(
+        self, queue: collections.deque[asyncio.Future[None]], timeout: float | None
+    ) -> None:
+        """Wait in ``queue`` until woken (output arrived, or the worker exited) or ``timeout``."""
+        loop = asyncio.get_running_loop()
+        waiting: asyncio.Future[None] = loop.create_future()
+        queue.append(waiting)
+        timer = None if timeout is None else loop.call_later(timeout, _settle, waiting)
+        try:
+            await waiting
+        finally:
+            if timer is not None:
+                timer.cancel()
+            with contextlib.suppress(ValueError):
+                queue.remove(waiting)
+
+    def _take(self) -> NodeOutput:
+        """All the output there is, as the next numbered batch (None: none)."""
+        if not self._pending_output():
+            return None, b"", b"", self._exit_code, self._rss()
         out, err = bytes(self._stdout), bytes(self._stderr)
         self._stdout.clear()  # (in place: the pipes' protocols append to these)
         self._stderr.clear()
-        return out, err, self._exit_code, self._rss()
+        number = self._batches
+        self._batches += 1
+        if self._exit_code is not None:
+            self._exit_sent = True
+        return number, out, err, self._exit_code, self._rss()
 
     async def signal(self, sig: int) -> None:
         """Signal the worker's process group (not once it exited: its id may be reused)."""
@@ -172,17 +233,24 @@ class WorkerNode:
                 os.killpg(process.pid, signal.SIGKILL)
 
 
+def _settle(waiting: asyncio.Future[None]) -> None:
+    if not waiting.done():
+        waiting.set_result(None)
+
+
 class _Collect(asyncio.Protocol):
     """One of the worker's output pipes, gathered for the next ``read``."""
 
-    def __init__(self, into: bytearray, changed: asyncio.Event, done: asyncio.Future[None]) -> None:
+    def __init__(
+        self, into: bytearray, wake: Callable[[], None], done: asyncio.Future[None]
+    ) -> None:
         self.into = into
-        self.changed = changed
+        self.wake = wake
         self.done = done
 
     def data_received(self, data: bytes) -> None:
         self.into += data
-        self.changed.set()
+        self.wake()
 
     def eof_received(self) -> bool:
         return False
