@@ -203,12 +203,17 @@ class SessionManager:
         ):
             # A store that must be asked (Redis) is asked first, holding no worker
             # slot: the reads of this moment go together (one round trip), and a
-            # worker that holds what it says gets the call as in send_now. Else
-            # the slow route uses what was read (it was read after the call began).
+            # worker that holds what it says gets the call as in send_now (sent by
+            # the read's completion, with the other calls of the read). Else the
+            # slow route uses what was read (it was read after the call began).
+            def send(found: tuple[int, int]) -> bool:
+                call.in_store = False
+                return self._send_if_current(session_id, call, frame, found)
+
             call.in_store = True
-            versions = await store.versions(session_id)
+            versions, sent = await store.versions_then(session_id, send)
             call.in_store = False
-            if self._send_if_current(session_id, call, frame, versions):
+            if sent:
                 return
         route = self._routes.get(session_id)
         if route is None:
