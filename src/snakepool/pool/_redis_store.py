@@ -404,6 +404,7 @@ class RedisSessionStore(SessionStore):
             self._redis.register_script(script) for script in scripts
         )
         self._reader: aioredis.connection.AbstractConnection | None = None
+        self._read_timeout = _COMMAND_TIMEOUT_S
         self._heads: _Batcher[str, bytes | None] = _Batcher(self._read_heads)
         self._touches: _Batcher[str, int] = _Batcher(self._touch_many)
 
@@ -438,7 +439,10 @@ class RedisSessionStore(SessionStore):
 
     async def _read_heads(self, keys: list[str]) -> list[bytes | None]:
         """The batched reads' ``MGET``: on a connection of their own, taken from the
-        pool once (not checked out per batch), and retried like any command."""
+        pool once (not checked out per batch), and retried like any command.
+
+        One timeout covers the write and the read (the connection's own would wrap
+        the write in a task per batch: ``asyncio.wait_for``)."""
         conn = self._reader
         if conn is None:
             with self._errors():
@@ -446,7 +450,12 @@ class RedisSessionStore(SessionStore):
                     "Callable[[], Awaitable[aioredis.connection.AbstractConnection]]",
                     self._redis.connection_pool.get_connection,  # (untyped)
                 )
-                conn = self._reader = await take()
+                conn = await take()
+            # (never given back to the pool: its timeout is ours to move)
+            self._read_timeout = conn.socket_timeout or _COMMAND_TIMEOUT_S
+            conn.socket_timeout = None
+            self._reader = conn
+        limit = self._read_timeout
         chunks = [("MGET", *chunk) for chunk in _chunks(keys)]
         packed = (
             conn.pack_commands(chunks)
@@ -456,11 +465,15 @@ class RedisSessionStore(SessionStore):
 
         async def read() -> list[bytes | None]:
             try:
-                await conn.send_packed_command(packed)
-                found: list[bytes | None] = []
-                for _ in chunks:
-                    found += await conn.read_response()
+                async with asyncio.timeout(limit):
+                    await conn.send_packed_command(packed)
+                    found: list[bytes | None] = []
+                    for _ in chunks:
+                        found += await conn.read_response()
                 return found
+            except TimeoutError as exc:
+                await conn.disconnect(nowait=True)
+                raise RedisTimeoutError(f"no answer within {limit:g}s") from exc
             except BaseException:
                 await conn.disconnect(nowait=True)  # (a reply may be left unread: afresh)
                 raise
