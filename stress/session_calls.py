@@ -40,20 +40,25 @@ class SessionBench(Adapter):
 """
 
 
-async def _plain(pool: Any, calls: int) -> float:
+async def _plain(pool: Any, calls: int) -> tuple[float, float]:
     async def caller(n: int) -> None:
         for i in range(n):
             await pool.call("noop", {"value": i})
 
-    started = time.perf_counter()
-    await asyncio.gather(*(caller(calls // SESSIONS) for _ in range(SESSIONS)))
-    return (calls // SESSIONS) * SESSIONS / (time.perf_counter() - started)
+    return await _timed(calls, [caller(calls // SESSIONS) for _ in range(SESSIONS)])
 
 
-async def _sessions(callers: list[_SessionCaller], calls: int) -> float:
-    started = time.perf_counter()
-    await asyncio.gather(*(caller.run(calls // SESSIONS) for caller in callers))
-    return (calls // SESSIONS) * SESSIONS / (time.perf_counter() - started)
+async def _sessions(callers: list[_SessionCaller], calls: int) -> tuple[float, float]:
+    return await _timed(calls, [caller.run(calls // SESSIONS) for caller in callers])
+
+
+async def _timed(calls: int, runs: list[Any]) -> tuple[float, float]:
+    """Calls/s, and the host process's CPU time per call in us (its own share of the
+    cost, less noisy than wall time on a shared machine)."""
+    done = (calls // SESSIONS) * SESSIONS
+    started, cpu = time.perf_counter(), time.process_time()
+    await asyncio.gather(*runs)
+    return done / (time.perf_counter() - started), (time.process_time() - cpu) / done * 1e6
 
 
 async def main(rounds: int, calls: int, workers: int, store: str) -> int:
@@ -73,24 +78,30 @@ async def main(rounds: int, calls: int, workers: int, store: str) -> int:
             await _plain(pool, min(calls, 4000))  # warm-up
             await _sessions(callers, min(calls, 4000))
             found: dict[str, list[float]] = {"plain": [], "session": []}
+            cpu: dict[str, list[float]] = {"plain": [], "session": []}
             for index in range(rounds):
                 order = ("plain", "session") if index % 2 == 0 else ("session", "plain")
                 for kind in order:
-                    rate = await (
+                    rate, us = await (
                         _plain(pool, calls) if kind == "plain" else _sessions(callers, calls)
                     )
                     found[kind].append(rate)
+                    cpu[kind].append(us)
                 ratio = found["session"][-1] / found["plain"][-1]
                 print(
                     f"round {index + 1}/{rounds}: plain {found['plain'][-1]:9,.0f} calls/s, "
-                    f"session {found['session'][-1]:9,.0f} calls/s, session/plain {ratio:.2f}"
+                    f"session {found['session'][-1]:9,.0f} calls/s, session/plain {ratio:.2f}; "
+                    f"host CPU per call: plain {cpu['plain'][-1]:.1f} us, "
+                    f"session {cpu['session'][-1]:.1f} us"
                 )
     plain, session = statistics.median(found["plain"]), statistics.median(found["session"])
     ratios = [s / p for s, p in zip(found["session"], found["plain"], strict=True)]
     print(
         f"median: plain {plain:,.0f} calls/s, session {session:,.0f} calls/s; "
         f"session/plain per round, median {statistics.median(ratios):.2f} "
-        f"(target >= {0.7 if store == 'memory' else 0.3}; "
+        f"(target >= {0.7 if store == 'memory' else 0.3}); host CPU per call, median: "
+        f"plain {statistics.median(cpu['plain']):.1f} us, "
+        f"session {statistics.median(cpu['session']):.1f} us ("
         f"{workers} workers, {SESSIONS} sessions and callers, store {store})"
     )
     return 0

@@ -65,11 +65,24 @@ from ._store import (
 )
 from ._variables import VariableSpec, VariableUpdate
 
+# A command packed in C (~1 us, not redis-py's ~10 for a batch's MGET); the redis
+# extra installs hiredis. (Its stub takes a one-item tuple: hence the cast.)
+_pack_command: Callable[[tuple[str, ...]], bytes] | None
+try:
+    import hiredis  # type: ignore[import-not-found,unused-ignore]  # (core-only check)
+
+    _pack_command = cast("Callable[[tuple[str, ...]], bytes]", hiredis.pack_command)
+except ImportError:  # pragma: no cover - depends on the environment
+    _pack_command = None
+
 __all__ = ["RedisSessionStore"]
 
 _Args = list[bytes | str | int | float]  # a script's ARGV
 _K = TypeVar("_K")
 _V = TypeVar("_V")
+_T = TypeVar("_T")
+#: A request of a ``_Batcher``: its future, and what makes its result of the value read.
+_Waiter = tuple["asyncio.Future[Any]", Callable[[_V], Any]]
 _TOMBSTONE_EXTRA_MS = 24 * 3600 * 1000  # the tombstone outlives the session by a day
 _LIVE_GRACE_S = 3600.0  # count() forgets expired ids after this; expired() reports them before
 _WATCH_IDLE_S = 2.0  # a watcher checks that its session still lives after this much silence
@@ -263,23 +276,29 @@ class _Batcher(Generic[_K, _V]):
 
     def __init__(self, run: Callable[[list[_K]], Awaitable[list[_V]]]) -> None:
         self._run = run
-        self._waiting: dict[_K, list[asyncio.Future[_V]]] = {}
+        self._waiting: dict[_K, list[_Waiter[_V]]] = {}
         self._wakeup: asyncio.Future[None] | None = None  # the sender waits on it when idle
         self._sender: asyncio.Task[None] | None = None
         self._closed = False
 
     def get(self, key: _K) -> asyncio.Future[_V]:
         """The value of ``key``, from the next batch (a future: no coroutine per call)."""
+        return self.then(key, _same)
+
+    def then(self, key: _K, then: Callable[[_V], _T]) -> asyncio.Future[_T]:
+        """What ``then`` makes of the value of ``key`` from the next batch, called in
+        the batch's completion (not if the future was cancelled meanwhile)."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[_V] = loop.create_future()
+        future: asyncio.Future[_T] = loop.create_future()
         if self._closed:
             future.set_exception(_closed())
             return future
+        waiter = (future, then)
         waiting = self._waiting.get(key)
         if waiting is None:
-            self._waiting[key] = [future]
+            self._waiting[key] = [waiter]
         else:
-            waiting.append(future)
+            waiting.append(waiter)
         wakeup = self._wakeup
         if wakeup is not None and not wakeup.done():
             wakeup.set_result(None)
@@ -301,7 +320,7 @@ class _Batcher(Generic[_K, _V]):
             self._waiting = {}
             raise
 
-    async def _batch(self, batch: dict[_K, list[asyncio.Future[_V]]]) -> None:
+    async def _batch(self, batch: dict[_K, list[_Waiter[_V]]]) -> None:
         keys = list(batch)
         try:
             values = await self._run(keys)
@@ -312,9 +331,13 @@ class _Batcher(Generic[_K, _V]):
             _fail(batch, _closed())
             raise
         for key, value in zip(keys, values, strict=True):
-            for future in batch[key]:
-                if not future.done():
-                    future.set_result(value)
+            for future, then in batch[key]:
+                if future.done():
+                    continue  # (its caller left)
+                try:
+                    future.set_result(then(value))
+                except Exception as exc:
+                    future.set_exception(exc)
 
     async def aclose(self) -> None:
         self._closed = True
@@ -330,9 +353,13 @@ def _closed() -> SessionStoreUnavailable:
     return SessionStoreUnavailable("the session store was closed")
 
 
-def _fail(batch: Mapping[Any, list[asyncio.Future[_V]]], error: Exception) -> None:
-    for futures in batch.values():
-        for future in futures:
+def _same(value: _V) -> _V:
+    return value
+
+
+def _fail(batch: Mapping[Any, list[_Waiter[Any]]], error: Exception) -> None:
+    for waiters in batch.values():
+        for future, _ in waiters:
             if not future.done():
                 future.set_exception(_copy(error))
 
@@ -377,6 +404,7 @@ class RedisSessionStore(SessionStore):
             self._redis.register_script(script) for script in scripts
         )
         self._reader: aioredis.connection.AbstractConnection | None = None
+        self._read_timeout = _COMMAND_TIMEOUT_S
         self._heads: _Batcher[str, bytes | None] = _Batcher(self._read_heads)
         self._touches: _Batcher[str, int] = _Batcher(self._touch_many)
 
@@ -411,7 +439,10 @@ class RedisSessionStore(SessionStore):
 
     async def _read_heads(self, keys: list[str]) -> list[bytes | None]:
         """The batched reads' ``MGET``: on a connection of their own, taken from the
-        pool once (not checked out per batch), and retried like any command."""
+        pool once (not checked out per batch), and retried like any command.
+
+        One timeout covers the write and the read (the connection's own would wrap
+        the write in a task per batch: ``asyncio.wait_for``)."""
         conn = self._reader
         if conn is None:
             with self._errors():
@@ -419,16 +450,30 @@ class RedisSessionStore(SessionStore):
                     "Callable[[], Awaitable[aioredis.connection.AbstractConnection]]",
                     self._redis.connection_pool.get_connection,  # (untyped)
                 )
-                conn = self._reader = await take()
+                conn = await take()
+            # (never given back to the pool: its timeout is ours to move)
+            self._read_timeout = conn.socket_timeout or _COMMAND_TIMEOUT_S
+            conn.socket_timeout = None
+            self._reader = conn
+        limit = self._read_timeout
         chunks = [("MGET", *chunk) for chunk in _chunks(keys)]
+        packed = (
+            conn.pack_commands(chunks)
+            if _pack_command is None
+            else b"".join([_pack_command(chunk) for chunk in chunks])
+        )
 
         async def read() -> list[bytes | None]:
             try:
-                await conn.send_packed_command(conn.pack_commands(chunks))
-                found: list[bytes | None] = []
-                for _ in chunks:
-                    found += await conn.read_response()
+                async with asyncio.timeout(limit):
+                    await conn.send_packed_command(packed)
+                    found: list[bytes | None] = []
+                    for _ in chunks:
+                        found += await conn.read_response()
                 return found
+            except TimeoutError as exc:
+                await conn.disconnect(nowait=True)
+                raise RedisTimeoutError(f"no answer within {limit:g}s") from exc
             except BaseException:
                 await conn.disconnect(nowait=True)  # (a reply may be left unread: afresh)
                 raise
@@ -615,13 +660,25 @@ class RedisSessionStore(SessionStore):
         return (await self._head(session_id)).state_version
 
     async def versions(self, session_id: str) -> tuple[int, int]:
+        return (await self.versions_then(session_id, _same))[0]
+
+    async def versions_then(
+        self, session_id: str, then: Callable[[tuple[int, int]], _T]
+    ) -> tuple[tuple[int, int], _T]:
         # (every session call of a Redis-store session comes here: kept short)
-        raw = await self._heads.get(f"{self._prefix}s:{check_session_id(session_id)}:head")
-        if raw is None:
+        def done(raw: bytes | None) -> tuple[tuple[int, int], _T] | None:
+            if raw is None:
+                return None
+            version, state_version, incarnation, _ = raw.split(b":")
+            # The incarnation in the high bits: equal only within one life of the session.
+            versions = int(incarnation) << 32 | int(version), int(state_version)
+            return versions, then(versions)
+
+        key = f"{self._prefix}s:{check_session_id(session_id)}:head"
+        found = await self._heads.then(key, done)
+        if found is None:
             raise await self._not_live(session_id)
-        version, state_version, incarnation, _ = raw.split(b":")
-        # The incarnation in the high bits: equal only within one life of the session.
-        return int(incarnation) << 32 | int(version), int(state_version)
+        return found
 
     async def load_state(self, session_id: str) -> dict[str, Any]:
         _, raw = await self._read(session_id, "state", "HGETALL")

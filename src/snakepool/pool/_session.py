@@ -195,6 +195,7 @@ class SessionManager:
         session_id = call.session_id
         assert session_id is not None
         store = self.store
+        versions = None
         if (
             session_id not in self._routes
             and session_id in self.bindings
@@ -202,11 +203,17 @@ class SessionManager:
         ):
             # A store that must be asked (Redis) is asked first, holding no worker
             # slot: the reads of this moment go together (one round trip), and a
-            # worker that holds what it says gets the call as in send_now.
+            # worker that holds what it says gets the call as in send_now (sent by
+            # the read's completion, with the other calls of the read). Else the
+            # slow route uses what was read (it was read after the call began).
+            def send(found: tuple[int, int]) -> bool:
+                call.in_store = False
+                return self._send_if_current(session_id, call, frame, found)
+
             call.in_store = True
-            versions = await store.versions(session_id)
+            versions, sent = await store.versions_then(session_id, send)
             call.in_store = False
-            if self._send_if_current(session_id, call, frame, versions):
+            if sent:
                 return
         route = self._routes.get(session_id)
         if route is None:
@@ -218,7 +225,7 @@ class SessionManager:
                     worker = await self.acquire(session_id)
                     try:
                         call.in_store = True
-                        await self.prepare(worker, session_id)
+                        await self.prepare(worker, session_id, versions)
                         call.in_store = False
                     except BaseException:
                         self._dispatcher.release(worker)
@@ -290,9 +297,12 @@ class SessionManager:
         ready = [w for w in self._workers if w.is_ready]
         return min(ready, key=lambda w: (len(w.sessions), w.load), default=None)
 
-    async def prepare(self, worker: WorkerHandle, session_id: str) -> None:
+    async def prepare(
+        self, worker: WorkerHandle, session_id: str, versions: tuple[int, int] | None = None
+    ) -> None:
         """Refresh the session's TTL and bring ``worker`` up to date with it
-        (reading the store: the slow route's half of what ``send_now`` does)."""
+        (reading the store: the slow route's half of what ``send_now`` does).
+        ``versions``: the session's, as read since the call began (none: read them)."""
         # (decided before any await: of concurrent first calls, those on the
         # worker that claims the session first are on its first worker)
         claimed = session_id in self._first and self._first[session_id] is None
@@ -301,7 +311,8 @@ class SessionManager:
         try:
             store = self.store
             await self._touch_if_due(session_id)
-            versions = store.known_versions(session_id) or await store.versions(session_id)
+            if versions is None:
+                versions = store.known_versions(session_id) or await store.versions(session_id)
             if worker.sessions.get(session_id) == versions:
                 synced = True
                 return
