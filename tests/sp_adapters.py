@@ -80,9 +80,14 @@ class Holding(Adapter):
     """
 
     @command
-    async def hold(self, release: str, limit: float = 60.0) -> dict[str, float]:
-        """``nap`` until released: an async handler (its task awaits)."""
+    async def hold(
+        self, release: str, limit: float = 60.0, started: str | None = None
+    ) -> dict[str, float]:
+        """``nap`` until released: an async handler (its task awaits). ``started``:
+        a folder where it leaves a file once it runs (tests count them)."""
         start = time.monotonic()
+        if started is not None:
+            (Path(started) / f"{os.getpid()}-{id(asyncio.current_task())}").touch()
         path = Path(release)
         while not path.exists():
             if time.monotonic() - start > limit:

@@ -85,18 +85,21 @@ async def test_a_busy_worker_holds_calls_and_runs_them_one_at_a_time_in_order(
 
 
 async def test_async_calls_waiting_in_the_worker_respect_its_concurrency(tmp_path: Path) -> None:
-    release = tmp_path / "release"
+    release, started = tmp_path / "release", tmp_path / "started"
+    started.mkdir()
     async with snakepool.Pool(ADAPTER, size=1, worker_concurrency=2) as pool:
         held = pool._workers[0].concurrency + pool._workers[0].ahead
         async with anyio.create_task_group() as tg:
             spans: list[dict[str, float]] = []
 
             async def hold() -> None:  # (async, until released: no nap ends before all are in)
-                spans.append(await pool.call("hold", {"release": str(release)}))
+                args = {"release": str(release), "started": str(started)}
+                spans.append(await pool.call("hold", args))
 
             for _ in range(held):  # 2 run, the others wait in the worker
                 tg.start_soon(hold)
             await wait_for_count(lambda: inflight(pool), held)
+            await wait_for_count(lambda: len(list(started.iterdir())), 2)  # (both slots taken)
             release.touch()
         assert len(spans) == held
         assert most_at_once(spans) == 2
