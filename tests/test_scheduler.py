@@ -23,10 +23,7 @@ from snakepool.workers._calls import Calls, PlainCall, Running
 from snakepool.workers._scheduler import Scheduler
 from snakepool.workers._stdio import FrameWriter
 
-HOST = p.Connection(p.Role.HOST)
-_DEV_NULL = os.open(
-    os.devnull, os.O_WRONLY
-)  # (one for the module; closed at exit)  # (encodes what the host sends; keeps no state that matters)
+HOST = p.Connection(p.Role.HOST)  # (encodes what the host sends; keeps no state that matters)
 
 
 class FakeWorker:
@@ -37,8 +34,7 @@ class FakeWorker:
         self.conn = p.Connection(p.Role.WORKER)
         init = p.Init(version=p.PROTOCOL_VERSION, worker_id=0, pool="t", adapter="x:Y")
         assert self.conn.receive_data(HOST.send(init)) == [init]  # (the handshake first)
-        # (answers go nowhere here: the fake's calls are judged by what they do)
-        self.writer: FrameWriter | None = FrameWriter(_DEV_NULL)
+        self.writer: FrameWriter | None = None
         self.calls = Calls(lambda message: None, lambda ctx: None)
         self.scheduler: Scheduler | None = None
         self.started: list[int] = []

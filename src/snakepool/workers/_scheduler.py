@@ -84,13 +84,14 @@ _READ_BYTES = 1024 * 1024
 _HELP_AFTER = 0.002
 #: The watchdog keeps watching this long after the last call started.
 _WATCH_FOR = 1.0
-#: A thread running the calls of one read one after another holds their
-#: answers back, to write them together (``FrameWriter.hold``: a pipe write
-#: costs more than a quick call), only while the next call is of a command
-#: that last ran in less than this; otherwise, and when it runs out of calls,
-#: it writes what it holds. A call that runs long anyway is caught by the
-#: watchdog, which writes them.
+#: The plain lane holds a call's result back, to write it with the next ones
+#: in one write (a pipe write costs more than a quick call), only while the
+#: next call of the same read is of a command that last ran in less than
+#: this; otherwise, and when the lane empties, it writes what it holds. A
+#: call that runs long anyway is caught by the watchdog, which writes them.
 _HOLD_BEHIND = 0.0001
+#: Results larger than this are never held (they are written with writev, uncopied).
+_HOLD_UP_TO = 4096
 
 
 class Scheduler:
@@ -121,7 +122,8 @@ class Scheduler:
         self._jobs: collections.deque[tuple[Running, float]] = collections.deque()
         # The plain lane's calls not started yet (see _run_plain).
         self._lane: collections.deque[PlainCall] = collections.deque()
-        # Which commands are quick (see _HOLD_BEHIND).
+        # Result frames the lane holds back, and which commands are quick (see _HOLD_BEHIND).
+        self._held: list[bytes] = []
         self._quick: dict[str, bool] = {}
         self._running = 0
         self._leader_taken = False
@@ -257,14 +259,11 @@ class Scheduler:
                 while self._reading and jobs and self._running < self.limit:
                     self._leader_busy_since = now = time.monotonic()
                     job = self._take_locked(now)
-                    command = job.call.command
-                    self._hold_if_quick(command)
                     lock.release()
                     try:
                         job()
                     finally:
                         lock.acquire()
-                        self._quick[command] = time.monotonic() - now < _HOLD_BEHIND
                         if not job.is_async:  # (it holds its slot until its task ends)
                             self._running -= 1
                     if role != self._role:
@@ -273,7 +272,6 @@ class Scheduler:
                 if not self._reading:
                     return False
             finally:
-                self._writer.flush()
                 lock.release()
 
     def _next_locked(self) -> tuple[Action, Running | None, int | None]:
@@ -306,7 +304,7 @@ class Scheduler:
                 and now - self._jobs[0][1] >= _HELP_AFTER
             )
             if stuck is not None and now - stuck >= _HELP_AFTER:
-                self._writer.flush()  # (answers the busy leader held back)
+                self._write_held_locked()  # (results the busy leader held back)
                 self._watchdog = _NOBODY
                 self._role += 1  # the busy leader finds out when its call ends
                 self._leader_busy_since = None
@@ -347,8 +345,8 @@ class Scheduler:
         Results of quick calls go out together (see ``_HOLD_BEHIND``).
         """
         worker, lock, lane = self.worker, self._lock, self._lane
-        send_parts, writer, result = worker.conn.send_parts, self._writer, p.Result
-        quick = self._quick
+        send_parts, result = worker.conn.send_parts, p.Result
+        held, quick = self._held, self._quick
         leading = True
         lock.acquire()  # (held except while a call runs: one round trip per call)
         try:
@@ -356,10 +354,8 @@ class Scheduler:
             self._running += 1
             while lane:
                 call_id, command, handler, kwargs = lane.popleft()
-                if quick.get(command, False):  # (_hold_if_quick, written out: per call)
-                    writer.hold()
-                else:
-                    writer.flush()
+                if held and not quick.get(command, False):
+                    self._write_held_locked()  # this call may take long
                 now = time.monotonic()
                 if leading:
                     leading = role == self._role
@@ -367,6 +363,7 @@ class Scheduler:
                         self._leader_busy_since = now
                 self._started_locked(now)
                 lock.release()
+                parts = None
                 try:
                     value = handler(**kwargs)
                 except BaseException as exc:
@@ -376,14 +373,14 @@ class Scheduler:
                         parts = send_parts(result(call_id, value))
                     except (TypeError, ProtocolError):  # the general way says what is wrong
                         worker.calls.answer_value(call_id, command, value)
-                    else:
-                        writer.write(*parts)
                 finally:
                     lock.acquire()
                 quick[command] = time.monotonic() - now < _HOLD_BEHIND
+                if parts is not None:
+                    self._hold_locked(parts, more=bool(lane))
         finally:
             lane.clear()  # (only after an exception: a bug)
-            writer.flush()
+            self._write_held_locked()
             self._running -= 1
             if role == self._role:
                 self._leader_busy_since = None
@@ -392,19 +389,29 @@ class Scheduler:
             lock.release()
         return leading
 
-    def _hold_if_quick(self, command: str) -> None:
-        """Before a call of the read being run: hold answers while calls are
-        quick; write what is held before one that may take long (_HOLD_BEHIND)."""
-        if self._quick.get(command, False):
-            self._writer.hold()
-        else:
-            self._writer.flush()
-
-    @property
-    def _writer(self) -> FrameWriter:
+    def _hold_locked(self, parts: tuple[bytes, bytes], *, more: bool) -> None:
+        """A lane call's result frame: held while more calls follow, else
+        written (with what was held, in one write)."""
+        held = self._held
+        if len(parts[1]) <= _HOLD_UP_TO and (more or held):
+            held += parts
+            if not more:
+                self._write_held_locked()
+            return
+        self._write_held_locked()  # (a large one goes after what was held, uncopied)
         writer = self.worker.writer
-        assert writer is not None  # (set before the scheduler starts)
-        return writer
+        assert writer is not None
+        writer.write(*parts)
+
+    def _write_held_locked(self) -> None:
+        """Write the result frames the lane held back, in one write."""
+        held = self._held
+        if held:
+            data = b"".join(held)
+            held.clear()
+            writer = self.worker.writer
+            assert writer is not None
+            writer.write(data)
 
     def _take_locked(self, now: float) -> Running:
         job, _ = self._jobs.popleft()

@@ -100,68 +100,36 @@ class FrameWriter:
     the event loop (one thread hop less per call). A write blocks only while
     the pipe is full, which is the backpressure we want: the host reads all
     the time, and a generator must not run ahead of it.
-
-    A thread that runs quick calls one after another may :meth:`hold` its
-    frames, to write them together with one :meth:`flush` (a pipe write, and
-    the host's wake-up for it, cost more than a quick call). Any thread may
-    flush: the scheduler's watchdog does when the holder got stuck in a call.
     """
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._lock = threading.Lock()
         self._closed = False
-        self._holder: int | None = None  # the thread whose small frames are held
-        self._held: list[bytes] = []
-
-    def hold(self) -> None:
-        """Hold this thread's small frames from now on, until :meth:`flush`."""
-        self._holder = threading.get_ident()
-
-    def flush(self) -> None:
-        """Write the frames held, in one write, and stop holding."""
-        with self._lock:
-            self._holder = None
-            self._write_held_locked()
-
-    def _write_held_locked(self) -> None:
-        held, self._held = self._held, []
-        if held and not self._closed:
-            self._write_locked(b"".join(held))
 
     def write(self, *parts: bytes) -> None:
         """One frame, whole or from its parts (header, body).
 
         A small frame is joined and written with one ``os.write`` (cheaper than
-        building a ``writev`` vector), or held (see :meth:`hold`); a large one
-        goes out with ``writev``, after what was held, so its body is never copied.
+        building a ``writev`` vector); a large one goes out with ``writev``, so
+        its body is never copied.
         """
-        small = len(parts[-1]) <= _JOIN_BELOW
-        if self._holder is not None and self._holder == (me := threading.get_ident()):
-            with self._lock:
-                if self._holder == me:  # (else the watchdog flushed meanwhile)
-                    if small:
-                        self._held += parts
-                        return
-                    self._write_held_locked()  # (this thread's frames keep their order)
         if len(parts) == 1:
             data = parts[0]
-        elif small:
+        elif len(parts[-1]) <= _JOIN_BELOW:
             data = b"".join(parts)
         else:
             self._write_vector(parts)
             return
         with self._lock:
-            if not self._closed:
-                self._write_locked(data)
-
-    def _write_locked(self, data: bytes) -> None:
-        try:
-            written = os.write(self._fd, data)
-            if written < len(data):  # (a signal interrupted a large write)
-                self._write_rest([memoryview(data)[written:]])
-        except OSError:  # EPIPE: the host is gone; we exit on stdin EOF
-            self._closed = True
+            if self._closed:
+                return
+            try:
+                written = os.write(self._fd, data)
+                if written < len(data):  # (a signal interrupted a large write)
+                    self._write_rest([memoryview(data)[written:]])
+            except OSError:  # EPIPE: the host is gone; we exit on stdin EOF
+                self._closed = True
 
     def _write_vector(self, parts: tuple[bytes, ...]) -> None:
         with self._lock:
