@@ -390,18 +390,17 @@ class Scheduler:
         return leading
 
     def _hold_locked(self, parts: tuple[bytes, bytes], *, more: bool) -> None:
-        """A lane call's result frame: held while more calls follow, else
-        written (with what was held, in one write)."""
+        """A lane call's result frame: held while more calls follow, else written."""
         held = self._held
-        if len(parts[1]) <= _HOLD_UP_TO and (more or held):
-            held += parts
-            if not more:
-                self._write_held_locked()
+        if len(parts[1]) > _HOLD_UP_TO:
+            self._write_held_locked()
+            writer = self.worker.writer
+            assert writer is not None
+            writer.write(*parts)
             return
-        self._write_held_locked()  # (a large one goes after what was held, uncopied)
-        writer = self.worker.writer
-        assert writer is not None
-        writer.write(*parts)
+        held += parts
+        if not more:
+            self._write_held_locked()
 
     def _write_held_locked(self) -> None:
         """Write the result frames the lane held back, in one write."""
