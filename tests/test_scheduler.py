@@ -8,9 +8,7 @@ the reader role over); shutting down hands back what never started.
 
 from __future__ import annotations
 
-import functools
 import os
-import select
 import threading
 from collections.abc import Iterator
 
@@ -18,7 +16,6 @@ import pytest
 
 from conftest import wait_for
 from snakepool import protocol as p
-from snakepool.workers import _scheduler
 from snakepool.workers._calls import Calls, PlainCall, Running
 from snakepool.workers._scheduler import Scheduler
 from snakepool.workers._stdio import FrameWriter
@@ -150,67 +147,3 @@ def test_draining_hands_back_the_calls_that_never_started(
     worker.releases[1].set()
     worker.releases[2].set()
     assert scheduler.take_back(3) is None  # nothing waits any more
-
-
-class LaneWorker(FakeWorker):
-    """Sends every read of calls down the plain lane; a call's handler waits
-    for its release; results go to a pipe the test reads."""
-
-    def __init__(self, out_fd: int) -> None:
-        super().__init__()
-        self.writer = FrameWriter(out_fd)
-
-    def plain_calls(self, messages: list[p.Message]) -> list[PlainCall] | None:
-        if not messages or not all(isinstance(message, p.Call) for message in messages):
-            return None  # (as the worker's: EOF and other messages go the general way)
-        lane: list[PlainCall] = []
-        for call in messages:
-            assert isinstance(call, p.Call)
-            release = self.releases.setdefault(call.id, threading.Event())
-            lane.append((call.id, call.command, functools.partial(self._wait, release), {}))
-        return lane
-
-    @staticmethod
-    def _wait(release: threading.Event) -> str:
-        assert release.wait(30), "never released"
-        return "done"
-
-
-def test_the_watchdog_writes_results_the_lane_held_behind_a_call_that_blocks(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Every call counts as quick here, so the lane holds each result for the
-    # next call's: when that one blocks, the watchdog must write it.
-    monkeypatch.setattr(_scheduler, "_HOLD_BEHIND", 3600.0)
-    read_fd, write_fd = os.pipe()
-    out_read, out_write = os.pipe()
-    worker = LaneWorker(out_write)
-    scheduler = worker.scheduler = Scheduler(worker, read_fd)
-    host = p.Connection(p.Role.HOST)
-    host.receive_data(worker.conn.send(p.Hello(p.PROTOCOL_VERSION, os.getpid(), 0, "x:Y", [])))
-
-    def next_result() -> p.Message:
-        ready, _, _ = select.select([out_read], [], [], 20)
-        assert ready, "no result within 20s"
-        (message,) = host.receive_data(os.read(out_read, 65536))
-        return message
-
-    scheduler.start()
-    try:
-        worker.releases[1] = threading.Event()
-        worker.releases[1].set()
-        send(write_fd, p.Call(id=1, command="blocks", args={}))  # (now known to be quick)
-        assert next_result() == p.Result(id=1, value="done")
-        worker.releases[2] = threading.Event()
-        worker.releases[2].set()
-        send(write_fd, p.Call(id=2, command="quick", args={}), p.Call(3, "blocks", {}))
-        assert next_result() == p.Result(id=2, value="done")  # while call 3 blocks
-        worker.releases[3].set()
-        assert next_result() == p.Result(id=3, value="done")
-    finally:
-        for release in worker.releases.values():
-            release.set()
-        os.close(write_fd)
-        wait_for(lambda: not scheduler._reading, 10)
-        for fd in (read_fd, out_read, out_write):
-            os.close(fd)
