@@ -84,14 +84,6 @@ _READ_BYTES = 1024 * 1024
 _HELP_AFTER = 0.002
 #: The watchdog keeps watching this long after the last call started.
 _WATCH_FOR = 1.0
-#: The plain lane holds a call's result back, to write it with the next ones
-#: in one write (a pipe write costs more than a quick call), only while the
-#: next call of the same read is of a command that last ran in less than
-#: this; otherwise, and when the lane empties, it writes what it holds. A
-#: call that runs long anyway is caught by the watchdog, which writes them.
-_HOLD_BEHIND = 0.0001
-#: Results larger than this are never held (they are written with writev, uncopied).
-_HOLD_UP_TO = 4096
 
 
 class Scheduler:
@@ -122,9 +114,6 @@ class Scheduler:
         self._jobs: collections.deque[tuple[Running, float]] = collections.deque()
         # The plain lane's calls not started yet (see _run_plain).
         self._lane: collections.deque[PlainCall] = collections.deque()
-        # Result frames the lane holds back, and which commands are quick (see _HOLD_BEHIND).
-        self._held: list[bytes] = []
-        self._quick: dict[str, bool] = {}
         self._running = 0
         self._leader_taken = False
         self._leader_busy_since: float | None = None  # the leader is inside a call
@@ -304,7 +293,6 @@ class Scheduler:
                 and now - self._jobs[0][1] >= _HELP_AFTER
             )
             if stuck is not None and now - stuck >= _HELP_AFTER:
-                self._write_held_locked()  # (results the busy leader held back)
                 self._watchdog = _NOBODY
                 self._role += 1  # the busy leader finds out when its call ends
                 self._leader_busy_since = None
@@ -342,11 +330,10 @@ class Scheduler:
         takes long, the watchdog takes the reader role over and moves the
         calls not started yet to the front of the queue (``_watch_locked``):
         from there they can run side by side, be cancelled or withdrawn.
-        Results of quick calls go out together (see ``_HOLD_BEHIND``).
         """
         worker, lock, lane = self.worker, self._lock, self._lane
-        send_parts, result = worker.conn.send_parts, p.Result
-        held, quick = self._held, self._quick
+        send_parts, writer, result = worker.conn.send_parts, worker.writer, p.Result
+        assert writer is not None
         leading = True
         lock.acquire()  # (held except while a call runs: one round trip per call)
         try:
@@ -354,8 +341,6 @@ class Scheduler:
             self._running += 1
             while lane:
                 call_id, command, handler, kwargs = lane.popleft()
-                if held and not quick.get(command, False):
-                    self._write_held_locked()  # this call may take long
                 now = time.monotonic()
                 if leading:
                     leading = role == self._role
@@ -363,7 +348,6 @@ class Scheduler:
                         self._leader_busy_since = now
                 self._started_locked(now)
                 lock.release()
-                parts = None
                 try:
                     value = handler(**kwargs)
                 except BaseException as exc:
@@ -373,14 +357,12 @@ class Scheduler:
                         parts = send_parts(result(call_id, value))
                     except (TypeError, ProtocolError):  # the general way says what is wrong
                         worker.calls.answer_value(call_id, command, value)
+                    else:
+                        writer.write(*parts)
                 finally:
                     lock.acquire()
-                quick[command] = time.monotonic() - now < _HOLD_BEHIND
-                if parts is not None:
-                    self._hold_locked(parts, more=bool(lane))
         finally:
             lane.clear()  # (only after an exception: a bug)
-            self._write_held_locked()
             self._running -= 1
             if role == self._role:
                 self._leader_busy_since = None
@@ -388,29 +370,6 @@ class Scheduler:
                 leading = False
             lock.release()
         return leading
-
-    def _hold_locked(self, parts: tuple[bytes, bytes], *, more: bool) -> None:
-        """A lane call's result frame: held while more calls follow, else written."""
-        held = self._held
-        if len(parts[1]) > _HOLD_UP_TO:
-            self._write_held_locked()
-            writer = self.worker.writer
-            assert writer is not None
-            writer.write(*parts)
-            return
-        held += parts
-        if not more:
-            self._write_held_locked()
-
-    def _write_held_locked(self) -> None:
-        """Write the result frames the lane held back, in one write."""
-        held = self._held
-        if held:
-            data = b"".join(held)
-            held.clear()
-            writer = self.worker.writer
-            assert writer is not None
-            writer.write(data)
 
     def _take_locked(self, now: float) -> Running:
         job, _ = self._jobs.popleft()
