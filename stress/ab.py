@@ -33,10 +33,19 @@ Scenarios (each child, after a warm-up):
 Run::
 
     python stress/ab.py OLD_REF [NEW_REF] [--rounds 5] [--calls 20000] [--workers 2]
-                        [--scenario plain|session|both] [--store memory|redis] [--json OUT]
+                        [--scenario plain|session|both] [--store memory|redis] [--paired]
+                        [--json OUT]
 
 ``--store redis`` runs the session scenario against a ``redis-server`` this run
 starts on loopback (``stress/redis_sessions.py``), shared by both sides.
+
+``--paired`` (plain scenario) keeps one child per version alive for the whole
+run and takes turns in slices of a few milliseconds instead of whole children:
+a burst of ``--calls / 4`` calls from 64 callers by one side, then by the
+other (ABBA), and sequential calls 20 at a time, alternating. A drift of the
+machine over seconds (this VM's sequential p50 moves between ~35 and ~120 us
+from one minute to the next) then hits both sides alike. A round is a quarter
+of each side's bursts and sequential calls.
 
 ``python stress/ab.py HEAD HEAD`` compares a commit with itself: the spread it
 shows is the noise floor (here the sequential p50 flips between about 35 and
@@ -320,6 +329,40 @@ def child_main(argv: Sequence[str]) -> int:
     return 0
 
 
+async def _paired_child(tree: str, workers: int) -> None:
+    """``--paired``: one pool for the whole run; commands on stdin, one JSON line each.
+
+    ``burst N`` -> {"calls_s", "cpu_us"}; ``seq N`` -> {"latencies_us": [...]}.
+    """
+    import snakepool
+
+    loop = asyncio.get_running_loop()
+    async with snakepool.Pool("generic", size=workers) as pool:
+
+        async def echo(i: int) -> Any:
+            return await pool.call("echo", {"value": i})
+
+        await _burst(echo, 2000)  # warm-up
+        pids = [w.pid for w in pool.statistics().workers if w.pid is not None]
+        # (its workers run this interpreter with this PYTHONPATH: the same snakepool)
+        print(json.dumps({"host_file": snakepool.__file__}), flush=True)
+        while line := await loop.run_in_executor(None, sys.stdin.readline):
+            what, count = line.split()
+            if what == "burst":
+                before = _cpu_seconds(pids)
+                calls_s = await _burst(echo, int(count))
+                made = CALLERS * max(1, int(count) // CALLERS)
+                found = {"calls_s": calls_s, "cpu_us": (_cpu_seconds(pids) - before) / made * 1e6}
+            else:
+                latencies = []
+                for i in range(int(count)):
+                    started = time.perf_counter()
+                    await echo(i)
+                    latencies.append((time.perf_counter() - started) * 1e6)
+                found = {"latencies_us": latencies}
+            print(json.dumps(found), flush=True)
+
+
 # --- the parent: trees, rounds, tables ----------------------------------------------------
 
 
@@ -444,6 +487,71 @@ def _rounds(sides: list[Side], args: argparse.Namespace, workdir: Path) -> dict[
     return {"values": values, "files": files}
 
 
+def _paired_rounds(sides: list[Side], args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """``--paired``: both children at once, taking turns in short slices (see above)."""
+    children: dict[str, subprocess.Popen[str]] = {}
+    files: dict[str, dict[str, str]] = {}
+
+    def ask(side: Side, command: str) -> dict[str, Any]:
+        child = children[side.name]
+        assert child.stdin is not None and child.stdout is not None
+        child.stdin.write(command + "\n")
+        child.stdin.flush()
+        line = child.stdout.readline()
+        if not line:
+            raise RuntimeError(
+                f"the {side.name} child ended: {child.stderr.read() if child.stderr else ''}"
+            )
+        found: dict[str, Any] = json.loads(line)
+        return found
+
+    try:
+        for side in sides:
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [str(side.tree / "src"), env.get("PYTHONPATH")])
+            )
+            command = [sys.executable, __file__, "_paired", str(side.tree), str(args.workers)]
+            children[side.name] = child = subprocess.Popen(
+                command, env=env, cwd=workdir, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True, start_new_session=True,
+            )  # fmt: skip
+            assert child.stdout is not None
+            files[side.name] = json.loads(child.stdout.readline() or "{}")
+            print(f"{side.name}: snakepool from {files[side.name].get('host_file')}")
+        values: dict[str, dict[str, list[float]]] = {side.name: {} for side in sides}
+        burst, slices = max(CALLERS, args.calls // 4), max(1, SEQUENTIAL_CALLS // 20 // 4)
+        for r in range(args.rounds):
+            rates: dict[str, list[float]] = {side.name: [] for side in sides}
+            cpus: dict[str, list[float]] = {side.name: [] for side in sides}
+            latencies: dict[str, list[float]] = {side.name: [] for side in sides}
+            for turn in range(4):
+                for side in _order(sides, r * 4 + turn):
+                    found = ask(side, f"burst {burst}")
+                    rates[side.name].append(found["calls_s"])
+                    cpus[side.name].append(found["cpu_us"])
+            for turn in range(slices * 4):
+                for side in _order(sides, turn):
+                    latencies[side.name] += ask(side, "seq 20")["latencies_us"]
+            for side in sides:
+                got = values[side.name]
+                got.setdefault("plain_calls_s", []).append(statistics.median(rates[side.name]))
+                got.setdefault("plain_cpu_us", []).append(statistics.median(cpus[side.name]))
+                got.setdefault("plain_p50_us", []).append(statistics.median(latencies[side.name]))
+            shown = "; ".join(
+                f"{name}: {v['plain_calls_s'][-1]:,.0f} calls/s, p50 {v['plain_p50_us'][-1]:.1f} us, "
+                f"{v['plain_cpu_us'][-1]:.1f} us CPU"
+                for name, v in values.items()
+            )
+            _progress(f"round {r + 1}/{args.rounds}: {shown}")
+        return {"values": values, "files": files}
+    finally:
+        for child in children.values():
+            with contextlib.suppress(OSError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.communicate()
+
+
 def _summaries(values: dict[str, dict[str, list[float]]], tolerance: float) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     for metric in METRICS:
@@ -520,6 +628,11 @@ def _parser() -> argparse.ArgumentParser:
         default="memory",
         help="the session scenario's store; redis: a redis-server started on loopback",
     )
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="plain scenario: both versions alive at once, taking turns in short slices",
+    )
     parser.add_argument("--tolerance", type=float, default=0.10, help="verdict band (0.10)")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     return parser
@@ -545,9 +658,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_child"]:
         return child_main(argv[1:])
+    if argv[:1] == ["_paired"]:
+        asyncio.run(_paired_child(argv[1], int(argv[2])))
+        return 0
     args = _parser().parse_args(argv)
     if args.rounds < 1 or args.calls < CALLERS or args.workers < 1:
         raise SystemExit(f"need --rounds >= 1, --calls >= {CALLERS}, --workers >= 1")
+    if args.paired:
+        args.scenario = "plain"  # (the only one measured in slices)
     signal.signal(signal.SIGTERM, _sigterm)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # (progress: stderr)
     machine = _machine()
@@ -561,7 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"load {machine['load_average']}"
         )
         try:
-            measured = _rounds(sides, args, workdir)
+            measured = (_paired_rounds if args.paired else _rounds)(sides, args, workdir)
         except RuntimeError as error:
             print(error, file=sys.stderr)
             return 1

@@ -81,3 +81,23 @@ def test_ab_runs_both_scenarios_and_removes_its_worktrees(tmp_path: Path) -> Non
         assert result[side]["worker_file"] == result[side]["host_file"], result[side]
     assert not Path(workdir).exists()
     assert _worktrees() == before
+
+
+@pytest.mark.slow
+def test_ab_paired_runs_both_versions_side_by_side_and_cleans_up(tmp_path: Path) -> None:
+    before = _worktrees()
+    out = tmp_path / "ab.json"
+    command = [sys.executable, str(AB), "HEAD", "--rounds", "1", "--calls", "256", "--paired"]
+    ab = subprocess.run(
+        [*command, "--json", str(out)], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert ab.returncode == 0, ab.stdout + ab.stderr
+    result: dict[str, Any] = json.loads(out.read_text())
+    assert set(result["metrics"]) == {"plain_calls_s", "plain_p50_us", "plain_cpu_us"}
+    for name, metric in result["metrics"].items():
+        assert len(metric["old"]) == len(metric["new"]) == 1, name
+        assert metric["old_median"] > 0 and metric["new_median"] > 0, name
+    for side in ("old", "new"):  # each side imported its own tree
+        assert result[side]["host_file"].startswith(f"{result['workdir']}/{side}/src/")
+    assert not Path(result["workdir"]).exists()
+    assert _worktrees() == before

@@ -14,6 +14,8 @@ from ._backend import Waiter
 
 __all__ = ["PendingCall", "failure_to_exception"]
 
+_STREAM = p.CallMode.STREAM
+
 
 class PendingCall:
     """One call sent to a worker and not yet answered.
@@ -63,7 +65,7 @@ class PendingCall:
         self.command = command
         self.mode = mode
         self.session_id = session_id
-        if mode == p.CallMode.STREAM:
+        if mode == _STREAM:
             self._items_in, self.items = anyio.create_memory_object_stream[Any](math.inf)
 
     @property

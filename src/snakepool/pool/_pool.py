@@ -83,6 +83,7 @@ if TYPE_CHECKING:
 __all__ = ["CallStream", "Pool"]
 
 _log = logging.getLogger("snakepool.pool")
+_CALL = p.CallMode.CALL  # (a module global: read on every call)
 
 
 def _refuse_unknown_options(unknown: Mapping[str, Any]) -> None:
@@ -325,7 +326,7 @@ class Pool(LifecycleOwner):
         route = self._route
         started = time.perf_counter()
         try:
-            call, frame = route.new_call(command, args, timeout, session, p.CallMode.CALL, started)
+            call, frame = route.new_call(command, args, timeout, session, _CALL, started)
             route.send(call, frame)
             try:
                 if not call.sent:  # (a session call whose worker must be made current first)

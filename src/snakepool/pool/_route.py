@@ -62,7 +62,10 @@ _log = logging.getLogger("snakepool.pool")
 #: Seconds between RSS checks after calls (psutil walks the process tree).
 _MEMORY_CHECK_INTERVAL = 0.05
 _NUMBER = (int, float)
-_RUNNING = State.RUNNING  # (a module global: read on every call)
+# (module globals: read on every call, cheaper than attribute lookups)
+_RUNNING = State.RUNNING
+_STREAM = p.CallMode.STREAM
+_Call = p.Call
 #: The deadline of a call without a time limit (``call_timeout=None``, the default).
 _NO_DEADLINE = math.inf
 
@@ -144,7 +147,7 @@ class CallRoute:
             call = PendingCall(call_id, command, mode, session)
             call.span = span
         call.started = started
-        if mode == p.CallMode.STREAM:
+        if mode == _STREAM:
             call.limit = None  # (a stream's timeout bounds each item: see CallStream)
         else:
             call.limit = self._call_timeout if timeout is None else float(timeout)
@@ -362,12 +365,12 @@ class CallRoute:
             if not isinstance(timeout, _NUMBER) or isinstance(timeout, bool) or not timeout > 0:
                 raise ValueError(f"timeout must be a number > 0 or None, got {timeout!r}")
             limit = float(timeout)
-        if mode == p.CallMode.STREAM:
+        if mode == _STREAM:
             limit = None
         if session is not None and session not in self._sessions.bindings:
             check_session_id(session)  # (a bound session's id was checked when it was bound)
         try:
-            call = p.Call(call_id, command, args, mode, limit, session, trace)
+            call = _Call(call_id, command, args, mode, limit, session, trace)
             return self._calls_out.send(call)
         except TypeError as exc:
             raise TypeError(f"args of {command!r} are {exc}") from None

@@ -77,6 +77,9 @@ class WorkerState(enum.StrEnum):
 
 #: States of a worker that takes calls.
 READY_STATES = frozenset({WorkerState.IDLE, WorkerState.BUSY})
+# (module globals for the per-call code: an Enum member lookup costs ~70 ns)
+_BUSY, _IDLE = WorkerState.BUSY, WorkerState.IDLE
+_Result = p.Result
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,7 +338,7 @@ class WorkerHandle:
         self._transport.write(frame, busy)  # (first: the rest is done while the worker reads)
         self.pending[call.id] = call
         self.requests += 1
-        self.state = WorkerState.BUSY
+        self.state = _BUSY
         if self.request_limit is not None and self.requests >= self.request_limit:
             self.retire(f"served max_requests ({self.requests} calls)")
 
@@ -493,7 +496,7 @@ class WorkerHandle:
         answered = 0
         for message in messages:
             match message:  # (the usual ones first: each case is an isinstance check)
-                case p.Result():
+                case _Result():  # (module globals: a lookup in p costs per message)
                     call = self.pending.pop(message.id, None)
                     if call is not None:
                         answered += 1
@@ -579,8 +582,8 @@ class WorkerHandle:
         if pacing.limit:  # pace sending ahead (see Pacing.answered)
             self.ahead = pacing.answered(count, len(self.pending))
         if not self.pending:
-            if self.state is WorkerState.BUSY:
-                self.state = WorkerState.IDLE
+            if self.state is _BUSY:
+                self.state = _IDLE
             elif self._retiring is not None:
                 self.close_stdin()
         self._on_capacity(self)
