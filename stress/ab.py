@@ -127,6 +127,12 @@ METRICS = (
         higher_is_better=False,
     ),
     Metric(
+        "plain_host_cpu_us",
+        f"CPU per plain call, the host alone, {CALLERS} callers (--paired)",
+        "us",
+        higher_is_better=False,
+    ),
+    Metric(
         "session_calls_s",
         f"session calls/s, {SESSIONS} sessions, one caller each (read ctx.variables)",
         "calls/s",
@@ -349,10 +355,14 @@ async def _paired_child(tree: str, workers: int) -> None:
         while line := await loop.run_in_executor(None, sys.stdin.readline):
             what, count = line.split()
             if what == "burst":
-                before = _cpu_seconds(pids)
+                before, host_before = _cpu_seconds(pids), time.process_time()
                 calls_s = await _burst(echo, int(count))
                 made = CALLERS * max(1, int(count) // CALLERS)
-                found = {"calls_s": calls_s, "cpu_us": (_cpu_seconds(pids) - before) / made * 1e6}
+                found = {
+                    "calls_s": calls_s,
+                    "cpu_us": (_cpu_seconds(pids) - before) / made * 1e6,
+                    "host_cpu_us": (time.process_time() - host_before) / made * 1e6,
+                }
             else:
                 latencies = []
                 for i in range(int(count)):
@@ -524,12 +534,14 @@ def _paired_rounds(sides: list[Side], args: argparse.Namespace, workdir: Path) -
         for r in range(args.rounds):
             rates: dict[str, list[float]] = {side.name: [] for side in sides}
             cpus: dict[str, list[float]] = {side.name: [] for side in sides}
+            host_cpus: dict[str, list[float]] = {side.name: [] for side in sides}
             latencies: dict[str, list[float]] = {side.name: [] for side in sides}
             for turn in range(4):
                 for side in _order(sides, r * 4 + turn):
                     found = ask(side, f"burst {burst}")
                     rates[side.name].append(found["calls_s"])
                     cpus[side.name].append(found["cpu_us"])
+                    host_cpus[side.name].append(found["host_cpu_us"])
             for turn in range(slices * 4):
                 for side in _order(sides, turn):
                     latencies[side.name] += ask(side, "seq 20")["latencies_us"]
@@ -537,6 +549,8 @@ def _paired_rounds(sides: list[Side], args: argparse.Namespace, workdir: Path) -
                 got = values[side.name]
                 got.setdefault("plain_calls_s", []).append(statistics.median(rates[side.name]))
                 got.setdefault("plain_cpu_us", []).append(statistics.median(cpus[side.name]))
+                host_cpu = statistics.median(host_cpus[side.name])
+                got.setdefault("plain_host_cpu_us", []).append(host_cpu)
                 got.setdefault("plain_p50_us", []).append(statistics.median(latencies[side.name]))
             shown = "; ".join(
                 f"{name}: {v['plain_calls_s'][-1]:,.0f} calls/s, p50 {v['plain_p50_us'][-1]:.1f} us, "

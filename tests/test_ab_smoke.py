@@ -93,7 +93,12 @@ def test_ab_paired_runs_both_versions_side_by_side_and_cleans_up(tmp_path: Path)
     )
     assert ab.returncode == 0, ab.stdout + ab.stderr
     result: dict[str, Any] = json.loads(out.read_text())
-    assert set(result["metrics"]) == {"plain_calls_s", "plain_p50_us", "plain_cpu_us"}
+    assert set(result["metrics"]) == {
+        "plain_calls_s",
+        "plain_p50_us",
+        "plain_cpu_us",
+        "plain_host_cpu_us",
+    }
     for name, metric in result["metrics"].items():
         assert len(metric["old"]) == len(metric["new"]) == 1, name
         assert metric["old_median"] > 0 and metric["new_median"] > 0, name
