@@ -52,7 +52,8 @@ class Direct:
         return value
 
 
-async def pool_throughput(pool: snakepool.Pool, callers: int, seconds: float) -> float:
+async def pool_calls(pool: snakepool.Pool, callers: int, seconds: float) -> tuple[int, float]:
+    """No-op calls from ``callers`` callers for ``seconds``: (calls made, seconds taken)."""
     done = 0
     end = time.perf_counter() + seconds
 
@@ -64,7 +65,12 @@ async def pool_throughput(pool: snakepool.Pool, callers: int, seconds: float) ->
 
     start = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(callers)))
-    return done / (time.perf_counter() - start)
+    return done, time.perf_counter() - start
+
+
+async def pool_throughput(pool: snakepool.Pool, callers: int, seconds: float) -> float:
+    done, taken = await pool_calls(pool, callers, seconds)
+    return done / taken
 
 
 async def direct_throughput(actors: list[Any], in_flight: int, seconds: float) -> float:
@@ -121,16 +127,7 @@ async def pool_calls_counted(
 ) -> str:
     """Messages per call at ``callers`` in flight and one at a time."""
     messages.writes = messages.polls = 0
-    done = 0
-    end = time.perf_counter() + seconds
-
-    async def caller() -> None:
-        nonlocal done
-        while time.perf_counter() < end:
-            await pool.call("echo", {"value": 1})
-            done += 1
-
-    await asyncio.gather(*(caller() for _ in range(callers)))
+    done, _ = await pool_calls(pool, callers, seconds)
     loaded = messages.per_call(done)
     messages.writes = messages.polls = 0
     for _ in range(200):
