@@ -262,6 +262,7 @@ class Pool(LifecycleOwner):
         try:
             await slots.start_all(self._background)
             self._background.group.start_soon(self._reap_sessions_forever)
+            self._sessions.spawn = self._background.group.start_soon
             lifecycle.started()
         except BaseException:
             lifecycle.start_failed()
@@ -291,6 +292,7 @@ class Pool(LifecycleOwner):
 
     async def _drain_and_stop(self) -> None:
         """Fail queued calls, wait for in-flight ones (up to drain_grace), stop workers."""
+        self._sessions.spawn = None  # (a session call read from its store now fails)
         self._dispatcher.fail_all(
             PoolClosed(f"pool {self.name!r} closed while the call was queued")
         )

@@ -81,8 +81,9 @@ _Args = list[bytes | str | int | float]  # a script's ARGV
 _K = TypeVar("_K")
 _V = TypeVar("_V")
 _T = TypeVar("_T")
-#: A request of a ``_Batcher``: its future, and what makes its result of the value read.
-_Waiter = tuple["asyncio.Future[Any]", Callable[[_V], Any]]
+#: A request of a ``_Batcher``: its future, and what makes its result of the value
+#: read; or no future, and a callback given the value or the error (``_Batcher.soon``).
+_Waiter = tuple["asyncio.Future[Any] | None", Callable[..., Any]]
 _TOMBSTONE_EXTRA_MS = 24 * 3600 * 1000  # the tombstone outlives the session by a day
 _LIVE_GRACE_S = 3600.0  # count() forgets expired ids after this; expired() reports them before
 _WATCH_IDLE_S = 2.0  # a watcher checks that its session still lives after this much silence
@@ -276,24 +277,30 @@ class _Batcher(Generic[_K, _V]):
 
     def __init__(self, run: Callable[[list[_K]], Awaitable[list[_V]]]) -> None:
         self._run = run
-        self._waiting: dict[_K, list[_Waiter[_V]]] = {}
+        self._waiting: dict[_K, list[_Waiter]] = {}
         self._wakeup: asyncio.Future[None] | None = None  # the sender waits on it when idle
         self._sender: asyncio.Task[None] | None = None
         self._closed = False
 
     def get(self, key: _K) -> asyncio.Future[_V]:
         """The value of ``key``, from the next batch (a future: no coroutine per call)."""
-        return self.then(key, _same)
-
-    def then(self, key: _K, then: Callable[[_V], _T]) -> asyncio.Future[_T]:
-        """What ``then`` makes of the value of ``key`` from the next batch, called in
-        the batch's completion (not if the future was cancelled meanwhile)."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[_T] = loop.create_future()
+        future: asyncio.Future[_V] = loop.create_future()
         if self._closed:
             future.set_exception(_closed())
-            return future
-        waiter = (future, then)
+        else:
+            self._add(key, (future, _same))
+        return future
+
+    def soon(self, key: _K, done: Callable[[_V | None, Exception | None], None]) -> bool:
+        """Call ``done(value, None)``, or ``done(None, error)``, in the completion of the
+        next batch (never before this returns); false if closed (nothing is called)."""
+        if self._closed:
+            return False
+        self._add(key, (None, done))
+        return True
+
+    def _add(self, key: _K, waiter: _Waiter) -> None:
         waiting = self._waiting.get(key)
         if waiting is None:
             self._waiting[key] = [waiter]
@@ -303,8 +310,7 @@ class _Batcher(Generic[_K, _V]):
         if wakeup is not None and not wakeup.done():
             wakeup.set_result(None)
         elif self._sender is None or self._sender.done():
-            self._sender = loop.create_task(self._send_forever())
-        return future
+            self._sender = asyncio.get_running_loop().create_task(self._send_forever())
 
     async def _send_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -320,7 +326,7 @@ class _Batcher(Generic[_K, _V]):
             self._waiting = {}
             raise
 
-    async def _batch(self, batch: dict[_K, list[_Waiter[_V]]]) -> None:
+    async def _batch(self, batch: dict[_K, list[_Waiter]]) -> None:
         keys = list(batch)
         try:
             values = await self._run(keys)
@@ -332,12 +338,10 @@ class _Batcher(Generic[_K, _V]):
             raise
         for key, value in zip(keys, values, strict=True):
             for future, then in batch[key]:
-                if future.done():
-                    continue  # (its caller left)
-                try:
+                if future is None:
+                    then(value, None)
+                elif not future.done():  # (else its caller left)
                     future.set_result(then(value))
-                except Exception as exc:
-                    future.set_exception(exc)
 
     async def aclose(self) -> None:
         self._closed = True
@@ -357,10 +361,19 @@ def _same(value: _V) -> _V:
     return value
 
 
-def _fail(batch: Mapping[Any, list[_Waiter[Any]]], error: Exception) -> None:
+def _versions(raw: bytes) -> tuple[int, int]:
+    """A session head's (variables version, state version)."""
+    version, state_version, incarnation, _ = raw.split(b":")
+    # The incarnation in the high bits: equal only within one life of the session.
+    return int(incarnation) << 32 | int(version), int(state_version)
+
+
+def _fail(batch: Mapping[Any, list[_Waiter]], error: Exception) -> None:
     for waiters in batch.values():
-        for future, _ in waiters:
-            if not future.done():
+        for future, then in waiters:
+            if future is None:
+                then(None, _copy(error))
+            elif not future.done():
                 future.set_exception(_copy(error))
 
 
@@ -660,25 +673,25 @@ class RedisSessionStore(SessionStore):
         return (await self._head(session_id)).state_version
 
     async def versions(self, session_id: str) -> tuple[int, int]:
-        return (await self.versions_then(session_id, _same))[0]
-
-    async def versions_then(
-        self, session_id: str, then: Callable[[tuple[int, int]], _T]
-    ) -> tuple[tuple[int, int], _T]:
-        # (every session call of a Redis-store session comes here: kept short)
-        def done(raw: bytes | None) -> tuple[tuple[int, int], _T] | None:
-            if raw is None:
-                return None
-            version, state_version, incarnation, _ = raw.split(b":")
-            # The incarnation in the high bits: equal only within one life of the session.
-            versions = int(incarnation) << 32 | int(version), int(state_version)
-            return versions, then(versions)
-
-        key = f"{self._prefix}s:{check_session_id(session_id)}:head"
-        found = await self._heads.then(key, done)
-        if found is None:
+        raw = await self._heads.get(self._head_key(session_id))
+        if raw is None:
             raise await self._not_live(session_id)
-        return found
+        return _versions(raw)
+
+    def versions_soon(
+        self,
+        session_id: str,
+        then: Callable[[tuple[int, int] | None, Exception | None], None],
+    ) -> bool:
+        # (every session call of a Redis-store session comes here: kept short; the id
+        # is a bound session's, checked when it was bound)
+        def done(raw: bytes | None, error: Exception | None) -> None:
+            then(None if raw is None else _versions(raw), error)
+
+        return self._heads.soon(f"{self._prefix}s:{session_id}:head", done)
+
+    def _head_key(self, session_id: str) -> str:
+        return f"{self._prefix}s:{check_session_id(session_id)}:head"
 
     async def load_state(self, session_id: str) -> dict[str, Any]:
         _, raw = await self._read(session_id, "state", "HGETALL")

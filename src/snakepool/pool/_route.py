@@ -243,8 +243,10 @@ class CallRoute:
     def left(self, call: PendingCall) -> None:
         """The caller left (cancelled, or the call could not be sent) before the answer."""
         self.deadlines.remove(call, call.deadline)
-        if call.worker is None and call.queued is not None:
-            self._dispatcher.leave(call.queued)
+        if call.worker is None:
+            call.abandoned = True  # (a session call its store is reading is then not sent)
+            if call.queued is not None:
+                self._dispatcher.leave(call.queued)
         if call.worker is not None and not call.finished:
             self.abandon(call.worker, call)
         if call.probe:

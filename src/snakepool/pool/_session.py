@@ -22,6 +22,7 @@ store read, or a wait for its worker), the later ones queue behind it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -31,7 +32,13 @@ from typing import Any, Protocol, Self
 import anyio
 
 from .. import protocol as p
-from ..errors import PoolOverloaded, SessionWorkerUnavailable
+from ..errors import (
+    PoolClosed,
+    PoolOverloaded,
+    SessionStoreUnavailable,
+    SessionWorkerUnavailable,
+    SnakepoolError,
+)
 from ._calls import PendingCall
 from ._config import PoolConfig
 from ._dispatch import Dispatcher
@@ -130,6 +137,9 @@ class SessionManager:
         self._touch_due: dict[str, float] = {}
         # session id -> the route its calls queue on while one takes the slow way
         self._routes: dict[str, _Route] = {}
+        #: Starts a task in the pool's background (set while the pool runs): the
+        #: slow route of a call whose store read came back without the caller.
+        self.spawn: Callable[..., object] | None = None
 
     def bound_count(self, worker: WorkerHandle) -> int:
         return len(worker.sessions)
@@ -150,7 +160,9 @@ class SessionManager:
 
     def send_now(self, call: PendingCall, frame: bytes) -> bool:
         """Send a session's call now, if that needs no store I/O and keeps the
-        session's order; false: :meth:`place` it instead.
+        session's order, or hand it to a store that reads versions for many
+        calls at once (Redis): the read's answer sends it (:meth:`_read`).
+        False: :meth:`place` it instead.
 
         The worker is chosen by affinity (:meth:`_reserve`); one that is behind
         on the session is made current first, from what a store holds in this
@@ -159,7 +171,58 @@ class SessionManager:
         session_id = call.session_id
         assert session_id is not None
         known = self.store.known_versions(session_id)
-        return known is not None and self._send_if_current(session_id, call, frame, known)
+        if known is not None:
+            return self._send_if_current(session_id, call, frame, known)
+        if session_id in self._routes or session_id not in self.bindings or self.spawn is None:
+            return False  # (an earlier call is on the slow route; or the session is new here)
+        call.in_store = True  # (a timeout while it is read blames the store)
+        read = functools.partial(self._read, call, frame)
+        if self.store.versions_soon(session_id, read):
+            return True
+        call.in_store = False
+        return False
+
+    def _read(
+        self,
+        call: PendingCall,
+        frame: bytes,
+        versions: tuple[int, int] | None,
+        error: Exception | None,
+    ) -> None:
+        """The store's answer for a call ``send_now`` handed to it: send the call
+        if its worker holds these versions, else continue on the slow route
+        (a task); fail it if the store failed. Nothing if its caller left."""
+        session_id = call.session_id
+        assert session_id is not None
+        if call.abandoned or call.expired or call.finished:
+            return  # (its caller left, or raises CallTimeout at its deadline)
+        if error is not None:
+            call.fail(error if isinstance(error, SnakepoolError) else _unavailable(error))
+            return
+        try:
+            if versions is not None and self._send_if_current(session_id, call, frame, versions):
+                call.in_store = False
+                return
+        except SnakepoolError as exc:  # (affinity refused it: strict_fail_fast, overloaded)
+            call.fail(exc)
+            return
+        # (not live: the slow route's read says whether it expired or never was)
+        if self.spawn is None:
+            call.fail(PoolClosed(f"pool {self.name!r} closed before call {call.command!r} ran"))
+            return
+        self.spawn(self._place_on_route, call, frame, self._enter_route(session_id), versions)
+
+    async def _place_on_route(
+        self,
+        call: PendingCall,
+        frame: bytes,
+        route: _Route,
+        versions: tuple[int, int] | None,
+    ) -> None:
+        try:
+            await self._on_route(call, frame, route, versions)
+        except SnakepoolError as exc:
+            call.fail(exc)
 
     def _send_if_current(
         self, session_id: str, call: PendingCall, frame: bytes, versions: tuple[int, int]
@@ -194,31 +257,28 @@ class SessionManager:
         session that took this route."""
         session_id = call.session_id
         assert session_id is not None
-        store = self.store
-        versions = None
-        if (
-            session_id not in self._routes
-            and session_id in self.bindings
-            and store.known_versions(session_id) is None
-        ):
-            # A store that must be asked (Redis) is asked first, holding no worker
-            # slot: the reads of this moment go together (one round trip), and a
-            # worker that holds what it says gets the call as in send_now (sent by
-            # the read's completion, with the other calls of the read). Else the
-            # slow route uses what was read (it was read after the call began).
-            def send(found: tuple[int, int]) -> bool:
-                call.in_store = False
-                return self._send_if_current(session_id, call, frame, found)
+        await self._on_route(call, frame, self._enter_route(session_id), None)
 
-            call.in_store = True
-            versions, sent = await store.versions_then(session_id, send)
-            call.in_store = False
-            if sent:
-                return
+    def _enter_route(self, session_id: str) -> _Route:
+        """A place on the session's slow route, taken now (calls keep their order)."""
         route = self._routes.get(session_id)
         if route is None:
             route = self._routes[session_id] = _Route()
         route.users += 1
+        return route
+
+    async def _on_route(
+        self,
+        call: PendingCall,
+        frame: bytes,
+        route: _Route,
+        versions: tuple[int, int] | None,
+    ) -> None:
+        """The slow route, from a place taken on it: after the session's earlier
+        calls, a worker by affinity, made current (``versions``: as read since
+        the call began; none: read them), then the call is sent."""
+        session_id = call.session_id
+        assert session_id is not None
         try:
             async with route.lock:
                 while True:
@@ -230,6 +290,9 @@ class SessionManager:
                     except BaseException:
                         self._dispatcher.release(worker)
                         raise
+                    if call.abandoned or call.expired or call.finished:
+                        self._dispatcher.release(worker)  # (its caller left meanwhile)
+                        return
                     if worker.is_ready:
                         worker.submit(call, frame)
                         return
@@ -424,6 +487,13 @@ class SessionManager:
             self.forget(session_id)
         self.count_estimate = await self.store.count()
         return expired
+
+
+def _unavailable(error: Exception) -> SessionStoreUnavailable:
+    """A store failure that is not one of ours (a store's own errors are mapped)."""
+    unavailable = SessionStoreUnavailable(f"the session store failed: {error!r}")
+    unavailable.__cause__ = error
+    return unavailable
 
 
 class _Route:

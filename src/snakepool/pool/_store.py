@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
@@ -26,8 +26,6 @@ from .._session_ids import SESSION_ID_RULE as SESSION_ID_RULE
 from .._session_ids import check_session_id as check_session_id
 from ..errors import SessionExpired, SessionNotFound
 from ._variables import VariableSpec, VariableUpdate
-
-_T = TypeVar("_T")
 
 __all__ = [
     "SESSION_ID_MAX_LENGTH",
@@ -97,15 +95,19 @@ class SessionStore(abc.ABC):
         the same id never matches a worker's copy of the old one)."""
         return await self.version(session_id), await self.state_version(session_id)
 
-    async def versions_then(
-        self, session_id: str, then: Callable[[tuple[int, int]], _T]
-    ) -> tuple[tuple[int, int], _T]:
-        """``versions()``, and what ``then`` makes of them, called as soon as they
-        are read (the Redis store: in the completion of the read every session
-        call of the moment shares, so all of them are sent before any caller
-        wakes). ``then`` is not called if the caller left meanwhile."""
-        versions = await self.versions(session_id)
-        return versions, then(versions)
+    def versions_soon(
+        self,
+        session_id: str,
+        then: Callable[[tuple[int, int] | None, Exception | None], None],
+    ) -> bool:
+        """Read ``versions()`` in the background and call ``then(versions, None)``
+        with them, ``then(None, None)`` if the session is not live, or
+        ``then(None, error)``; never before this returns (``session_id``: a bound
+        session's, checked when it was bound). False: this store does
+        not (the caller awaits ``versions()``). The Redis store does: the reads of
+        one moment go together, and ``then`` runs in their shared completion, so
+        that every session call of the moment is sent before any caller wakes."""
+        return False
 
     def known_versions(self, session_id: str) -> tuple[int, int] | None:
         """``versions()`` without I/O, when this store can vouch that they are
