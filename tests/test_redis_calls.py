@@ -175,6 +175,24 @@ async def test_a_frozen_redis_reads_as_the_store_not_as_a_busy_pool(tmp_path: Pa
             assert await session.call("var", {"name": "x"}) == 1  # back, nothing lost
 
 
+async def test_a_session_call_whose_caller_left_while_its_store_was_read_never_runs() -> None:
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0?socket_timeout=5"
+    with redis_process("--port", str(port), ready=lambda: _pings(url)) as server:
+        async with snakepool.Pool(ADAPTER, size=1, session_store=url) as pool:
+            session = await pool.session().open()
+            await session.call("remember", {"key": "k", "value": "before"})
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(CallTimeout, match=r"reading the session from its store"):
+                    await session.call("remember", {"key": "k", "value": "left"}, timeout=0.3)
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+            # The read it waited on answers now; had that sent the call, it would
+            # have run before this one (one worker, in order) and changed "k".
+            assert (await session.call("recall", {"key": "k"}))["value"] == "before"
+
+
 async def test_a_call_its_dead_worker_never_started_fails_clearly_while_redis_is_frozen() -> None:
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0?socket_timeout=0.5"
