@@ -129,6 +129,26 @@ async def test_concurrent_session_calls_share_one_read_and_write_nothing(redis_u
         assert commands.get("mget", 0) <= 2 and commands.get("evalsha") == 1, commands
 
 
+async def test_a_session_call_waits_in_its_current_worker_rather_than_read_the_store(
+    redis_url: str, tmp_path: Path
+) -> None:
+    # hint affinity, its worker busy, the other free: moving the call there would
+    # first read the session from Redis, so it waits in its own (current) worker.
+    # (With the memory store it moves: that worker is made current without I/O.)
+    release = tmp_path / "release"
+    async with snakepool.Pool(ADAPTER, size=2, session_store=redis_url) as pool:
+        async with pool.session() as session:
+            home = (await session.call("whoami"))["pid"]
+            slot = [w.pid for w in pool.statistics().workers].index(home)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(session.call, "hold", {"release": str(release)})
+                await wait_until(lambda: pool.statistics().workers[slot].inflight == 1)
+                answer = asyncio.ensure_future(session.call("whoami"))
+                await wait_until(lambda: pool.statistics().workers[slot].inflight == 2)
+                release.touch()
+            assert (await answer)["pid"] == home
+
+
 async def test_a_host_uses_one_small_pool_of_connections(redis_url: str) -> None:
     async with (
         snakepool.Pool(ADAPTER, size=2, session_store=redis_url, name="conns") as pool,

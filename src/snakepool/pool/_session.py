@@ -241,9 +241,18 @@ class SessionManager:
             return False
         if worker.sessions.get(session_id) != versions:
             current = self.store.current_now(session_id)
-            if current is None:
+            if current is None:  # (it would be read from the store first: the slow route)
                 self._dispatcher.release(worker)
-                return False
+                if worker is home or home.sessions.get(session_id) != versions:
+                    return False
+                # A free worker that is not current (hint's fallback) would first
+                # need a store read, which costs more than waiting in the session's
+                # own current worker: wait there, if it can hold the call.
+                worker = self._dispatcher.reserve_home(home)
+                if worker is None:
+                    return False
+                worker.submit(call, frame)
+                return True
             variables, state = current
             self._sync(
                 worker, session_id, versions, variables, state, self._lands(worker, session_id)
