@@ -20,10 +20,10 @@ import importlib
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from types import TracebackType
 from typing import Any, Self
 
 import anyio
+import anyio.abc
 
 from ..pool import Event, Pool
 
@@ -58,7 +58,7 @@ def check_buffer(buffer: Any) -> int:
     return buffer
 
 
-class Subscription:
+class Subscription(anyio.abc.AsyncResource):
     """The events of some pools, newest last; iterate it with ``async for``.
 
     ``names``: event names or shell patterns (``["worker.*", "breaker.*"]``;
@@ -165,17 +165,6 @@ class Subscription:
             self._wakeup.set()
 
     async def aclose(self) -> None:
-        self.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
         self.close()
 
     def __repr__(self) -> str:

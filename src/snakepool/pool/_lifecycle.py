@@ -24,10 +24,10 @@ do is the owner's. The events are made by ``begin_start``/``begin_close``
 from __future__ import annotations
 
 import enum
-from types import TracebackType
 from typing import Self
 
 import anyio
+import anyio.abc
 
 from ..errors import PoolClosed
 
@@ -144,30 +144,19 @@ class Lifecycle:
         self._start_done.set()
 
 
-class LifecycleOwner:
+class LifecycleOwner(anyio.abc.AsyncResource):
     """The face a ``Lifecycle`` gives its owner (``Pool``, ``Supervisor``):
-    ``async with``, ``closed`` and ``state``. The owner sets ``_lifecycle``
-    and defines ``start`` and ``aclose``."""
+    ``async with`` (start, then ``aclose``), ``closed`` and ``state``. The owner
+    sets ``_lifecycle`` and defines ``start`` and ``aclose``."""
 
     _lifecycle: Lifecycle
 
     async def start(self) -> None:
         raise NotImplementedError
 
-    async def aclose(self) -> None:
-        raise NotImplementedError
-
     async def __aenter__(self) -> Self:
         await self.start()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     @property
     def closed(self) -> bool:

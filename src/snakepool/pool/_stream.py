@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import anyio
+import anyio.abc
 
 from .. import protocol as p
 from ..errors import CallTimeout, SnakepoolError
@@ -17,8 +17,9 @@ from ._route import CallRoute
 __all__ = ["CallStream"]
 
 
-class CallStream:
-    """The async iterator ``Pool.stream()`` returns; also an async context manager.
+class CallStream(anyio.abc.AsyncResource):
+    """The async iterator ``Pool.stream()`` returns; also an async context manager
+    (``anyio.abc.AsyncResource``: leaving it closes the stream).
 
     Its call takes the pool's one route (``CallRoute``: ``new_call``, ``send``, ``place``)
     when iteration starts; the items arrive on ``call.items``.
@@ -117,17 +118,6 @@ class CallStream:
         self._finished = True
         if self._call is not None:
             self._route.left(self._call)  # (cancels the generator if it still runs)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def __del__(self) -> None:
         # Dropped without closing: cancel in the worker, but only from the
