@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,9 @@ if str(TESTS_DIR) not in sys.path:  # workers import the test adapters from here
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
+from snakepool import testing  # noqa: E402
+from snakepool.testing import free_port as free_port  # noqa: E402
+from snakepool.testing import stop_redis_server as stop_redis_server  # noqa: E402
 from waiting import wait_for as wait_for  # noqa: E402  (re-exported: older tests import it here)
 
 
@@ -113,58 +115,12 @@ def env(workdir: Path) -> dict[str, str]:
 # --- Redis (session store tests) ------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _redis_answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 def start_redis_server(port: int, timeout: float = 10.0) -> subprocess.Popen[bytes]:
-    """A throwaway ``redis-server`` on 127.0.0.1:``port`` (no persistence), once it answers PING."""
-    executable = shutil.which("redis-server")
-    if executable is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server); CI installs it")
-    process = subprocess.Popen(
-        [
-            executable,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + timeout
-    while not _redis_answers(port):
-        if process.poll() is not None or time.monotonic() > deadline:
-            stop_redis_server(process)
-            raise RuntimeError(f"redis-server on port {port} did not start within {timeout}s")
-        time.sleep(0.02)
-    return process
-
-
-def stop_redis_server(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
+    """``snakepool.testing.start_redis_server``; the test is skipped where none is installed."""
     try:
-        process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        return testing.start_redis_server(port, timeout=timeout)
+    except FileNotFoundError as exc:
+        pytest.skip(f"{exc}; CI installs it")
 
 
 @pytest.fixture(scope="session")

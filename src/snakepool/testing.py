@@ -29,12 +29,22 @@ What is checked (each a named line of the report):
 - ``session-restore``: with ``session_example``, state saved by one command
   is still there after the worker is SIGKILLed, rebuilt by
   ``Adapter.restore_session`` on the replacement worker.
+
+For tests of a pool with ``session_store="redis://..."``: ``redis_server()``
+starts a throwaway ``redis-server`` on loopback and yields its URL
+(``start_redis_server``/``stop_redis_server`` for one to stop and restart).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, ParamSpec, TypeVar
 
@@ -53,7 +63,11 @@ __all__ = [
     "SessionExample",
     "assert_conforms",
     "check_adapter",
+    "free_port",
+    "redis_server",
     "run_conformance",
+    "start_redis_server",
+    "stop_redis_server",
 ]
 
 Status = Literal["pass", "fail", "skip"]
@@ -569,3 +583,65 @@ def _signature_text(entry: Mapping[str, Any]) -> str:
         parts.append(text)
     kind = "stream" if entry.get("stream") else "call"
     return f"({', '.join(parts)}) [{kind}]"
+
+
+# --- a redis-server of the test's own ------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _redis_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis_server(
+    port: int, *, timeout: float = 10.0, directory: str | None = None
+) -> subprocess.Popen[bytes]:
+    """A throwaway ``redis-server`` on 127.0.0.1:``port`` (no persistence), once it
+    answers PING. ``FileNotFoundError`` if none is installed, ``RuntimeError`` if it
+    does not start. ``directory``: its working directory (default: the current one)."""
+    executable = shutil.which("redis-server")
+    if executable is None:
+        raise FileNotFoundError("redis-server is not installed (apt-get install redis-server)")
+    command = [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    command += ["--appendonly", "no", *(["--dir", directory] if directory else [])]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not _redis_answers(port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_redis_server(process)
+            raise RuntimeError(f"redis-server on port {port} did not start within {timeout}s")
+        time.sleep(0.02)
+    return process
+
+
+def stop_redis_server(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextlib.contextmanager
+def redis_server(*, timeout: float = 10.0) -> Iterator[str]:
+    """A throwaway ``redis-server`` on loopback, in a directory of its own; yields its URL."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="snakepool-redis-") as directory:
+        process = start_redis_server(port, timeout=timeout, directory=directory)
+        try:
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            stop_redis_server(process)
