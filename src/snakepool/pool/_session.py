@@ -236,23 +236,22 @@ class SessionManager:
             return False  # (not bound yet, or its worker died: the slow route binds it)
         if self._touch_due.get(session_id, 0.0) <= time.monotonic():
             return False  # its TTL is due for a refresh
-        worker = self._reserve(session_id, home)
+        movable = None
+        if not self.store.holds_sessions and home.sessions.get(session_id) == versions:
+            # Hint's fallback to a free worker that is not current would first
+            # need a store read, which costs more than waiting in the session's
+            # own current worker: only a current one will do.
+            def movable(worker: WorkerHandle) -> bool:
+                return worker.sessions.get(session_id) == versions
+
+        worker = self._reserve(session_id, home, movable)
         if worker is None:
             return False
         if worker.sessions.get(session_id) != versions:
             current = self.store.current_now(session_id)
             if current is None:  # (it would be read from the store first: the slow route)
                 self._dispatcher.release(worker)
-                if worker is home or home.sessions.get(session_id) != versions:
-                    return False
-                # A free worker that is not current (hint's fallback) would first
-                # need a store read, which costs more than waiting in the session's
-                # own current worker: wait there, if it can hold the call.
-                worker = self._dispatcher.reserve_home(home)
-                if worker is None:
-                    return False
-                worker.submit(call, frame)
-                return True
+                return False
             variables, state = current
             self._sync(
                 worker, session_id, versions, variables, state, self._lands(worker, session_id)
@@ -340,11 +339,17 @@ class SessionManager:
             self.bindings[session_id] = worker
         return worker
 
-    def _reserve(self, session_id: str, home: WorkerHandle) -> WorkerHandle | None:
+    def _reserve(
+        self,
+        session_id: str,
+        home: WorkerHandle,
+        movable: Callable[[WorkerHandle], bool] | None = None,
+    ) -> WorkerHandle | None:
         """A slot for a session's call, by the affinity mode; none: it must wait.
 
         A free slot on ``home``, its worker; else, with ``hint``, a free slot on
-        another worker (the caller makes it current); else a slot to wait in on
+        another worker (the caller makes it current; ``movable``: only a worker
+        it accepts); else a slot to wait in on
         ``home``, sent ahead (``Dispatcher.reserve_home``: the session waits
         for that worker anyway). ``strict_fail_fast`` never
         waits in a busy worker: ``SessionWorkerUnavailable``.
@@ -356,7 +361,7 @@ class SessionManager:
         mode = self.config.affinity
         if mode == "hint":
             free = dispatcher.pick(self.bound_count)
-            if free is not None:
+            if free is not None and (movable is None or movable(free)):
                 return dispatcher.try_reserve(want=free)
         elif mode == "strict_fail_fast":
             raise SessionWorkerUnavailable(

@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
@@ -109,6 +109,10 @@ class SessionStore(abc.ABC):
         that every session call of the moment is sent before any caller wakes."""
         return False
 
+    #: The store holds its sessions in this process: ``known_versions`` and
+    #: ``current_now`` answer without I/O (a worker is made current for free).
+    holds_sessions: ClassVar[bool] = False
+
     def known_versions(self, session_id: str) -> tuple[int, int] | None:
         """``versions()`` without I/O, when this store can vouch that they are
         current and the session is live (the memory store: it holds them);
@@ -196,6 +200,8 @@ class _MemorySession:
 
 class MemorySessionStore(SessionStore):
     """Sessions in this host process (the default)."""
+
+    holds_sessions = True
 
     def __init__(self) -> None:
         self._sessions: dict[str, _MemorySession] = {}
