@@ -246,7 +246,8 @@ class Dispatcher:
         if not 0 <= load < home.concurrency + home.pacing.limit:
             return None
         if load >= home.concurrency:  # it waits in the worker: a waiting call
-            self._refuse_if_full()
+            if len(waiters) + self._ahead_bound >= self.queue_size:  # (see try_reserve)
+                self._refuse_if_full()
             self._sent_ahead = True
             self._ahead_bound += 1
         home.reserved += 1

@@ -25,7 +25,15 @@ import contextlib
 import functools
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from types import TracebackType
 from typing import Any, Protocol, Self
 
@@ -236,15 +244,11 @@ class SessionManager:
             return False  # (not bound yet, or its worker died: the slow route binds it)
         if self._touch_due.get(session_id, 0.0) <= time.monotonic():
             return False  # its TTL is due for a refresh
-        movable = None
-        if not self.store.holds_sessions and home.sessions.get(session_id) == versions:
-            # Hint's fallback to a free worker that is not current would first
-            # need a store read, which costs more than waiting in the session's
-            # own current worker: only a current one will do.
-            def movable(worker: WorkerHandle) -> bool:
-                return worker.sessions.get(session_id) == versions
-
-        worker = self._reserve(session_id, home, movable)
+        # Hint's fallback to a free worker that is not current would first
+        # need a store read, which costs more than waiting in the session's
+        # own current worker: then only a current one will do.
+        only_current = not self.store.holds_sessions and home.sessions.get(session_id) == versions
+        worker = self._reserve(session_id, home, versions if only_current else None)
         if worker is None:
             return False
         if worker.sessions.get(session_id) != versions:
@@ -343,13 +347,13 @@ class SessionManager:
         self,
         session_id: str,
         home: WorkerHandle,
-        movable: Callable[[WorkerHandle], bool] | None = None,
+        only_at: tuple[int, int] | None = None,
     ) -> WorkerHandle | None:
         """A slot for a session's call, by the affinity mode; none: it must wait.
 
         A free slot on ``home``, its worker; else, with ``hint``, a free slot on
-        another worker (the caller makes it current; ``movable``: only a worker
-        it accepts); else a slot to wait in on
+        another worker (the caller makes it current; ``only_at``: only a worker
+        that holds these versions of the session); else a slot to wait in on
         ``home``, sent ahead (``Dispatcher.reserve_home``: the session waits
         for that worker anyway). ``strict_fail_fast`` never
         waits in a busy worker: ``SessionWorkerUnavailable``.
@@ -361,7 +365,7 @@ class SessionManager:
         mode = self.config.affinity
         if mode == "hint":
             free = dispatcher.pick(self.bound_count)
-            if free is not None and (movable is None or movable(free)):
+            if free is not None and (only_at is None or free.sessions.get(session_id) == only_at):
                 return dispatcher.try_reserve(want=free)
         elif mode == "strict_fail_fast":
             raise SessionWorkerUnavailable(
@@ -654,16 +658,29 @@ class Session:
         await self._store()
         return self
 
-    async def call(
+    def call(
         self,
         command: str,
         args: Mapping[str, Any] | None = None,
         *,
         timeout: float | None = None,
         idempotent: bool = False,
+    ) -> Coroutine[Any, Any, Any]:
+        """``Pool.call`` in this session (``await session.call(...)``).
+
+        Once the session exists this is the pool's own coroutine, not one
+        wrapped in another: a session call costs what a plain call does.
+        """
+        if not self._created:
+            return self._call_once_created(command, args, timeout, idempotent)
+        return self._pool.call(
+            command, args, timeout=timeout, session=self.id, idempotent=idempotent
+        )
+
+    async def _call_once_created(
+        self, command: str, args: Mapping[str, Any] | None, timeout: float | None, idempotent: bool
     ) -> Any:
-        if not self._created:  # (then the pool's call checks that it is open)
-            await self._store()
+        await self._store()  # (then the pool's call checks that it is open)
         return await self._pool.call(
             command, args, timeout=timeout, session=self.id, idempotent=idempotent
         )
