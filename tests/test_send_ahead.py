@@ -326,10 +326,10 @@ def _answer_at_pace(handle: WorkerHandle, clock: FakeClock, gap: float, answers:
     ids = itertools.count(1)
     for _ in range(handle.concurrency + 1):
         call_id = next(ids)
-        handle.pending[call_id] = PendingCall(call_id, "echo", "call")
+        handle.pending[call_id] = PendingCall(call_id, "echo", {}, "call")
     for _ in range(answers):
         call_id = next(ids)
-        handle.pending[call_id] = PendingCall(call_id, "echo", "call")  # the next one
+        handle.pending[call_id] = PendingCall(call_id, "echo", {}, "call")  # the next one
         clock.now += gap
         handle._on_messages([p.Result(id=min(handle.pending), value=None)])  # alone in its read
 
@@ -344,7 +344,7 @@ async def test_a_handle_paces_by_the_answers_it_takes(concurrency: int) -> None:
     _answer_at_pace(handle, clock, gap=0.05, answers=200)
     assert handle.ahead == concurrency
     for call_id in range(10_000, 10_000 + 10):
-        handle.pending[call_id] = PendingCall(call_id, "echo", "call")
+        handle.pending[call_id] = PendingCall(call_id, "echo", {}, "call")
     clock.now += 2 * AHEAD_HORIZON  # no answer since: it may be stuck in a call
     assert not handle.holds_briefly()
 

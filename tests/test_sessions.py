@@ -124,6 +124,76 @@ async def test_a_session_call_its_dead_worker_never_started_runs_on_another(
     assert held["value"] == 7 and held["pid"] != home_pid and held["restored_on"] == held["pid"]
 
 
+async def test_a_session_call_queued_for_its_worker_that_dies_runs_on_another(
+    store: str, tmp_path: Path
+) -> None:
+    # With nothing sent ahead (send_ahead=0), the session's second call waits
+    # in the pool's queue for its busy worker; that worker dies: the call
+    # leaves the queue and runs on another worker, restored first.
+    release = tmp_path / "release"
+    outcomes: dict[str, object] = {}
+    async with snakepool.Pool(
+        ADAPTER, size=2, session_store=store, affinity="strict_queue", send_ahead=0
+    ) as pool:
+        async with pool.session() as session:
+            home_pid = await session.call("remember", {"key": "k", "value": 7})
+            home = pool._sessions.bindings[session.id]
+
+            async def run(name: str, command: str, args: dict[str, object]) -> None:
+                try:
+                    outcomes[name] = await session.call(command, args)
+                except WorkerCrashed as exc:
+                    outcomes[name] = exc
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run, "started", "hold", {"release": str(release)})
+                await wait_until(lambda: len(home.pending) == 1)
+                tg.start_soon(run, "queued", "recall", {"key": "k"})
+                await wait_until(lambda: pool.statistics().queued == 1)  # in the host's queue
+                os.kill(home_pid, signal.SIGKILL)
+    assert isinstance(outcomes["started"], WorkerCrashed)
+    queued = outcomes["queued"]
+    assert isinstance(queued, dict)
+    assert (
+        queued["value"] == 7
+        and queued["pid"] != home_pid
+        and queued["restored_on"] == queued["pid"]
+    )
+
+
+async def test_sessions_made_under_load_send_their_later_calls_directly(
+    store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 64 sessions' first calls at once: they bind their sessions on the slow
+    # route (a store read, a queued slot). The calls after them go straight to
+    # their worker or wait in the queue for it, in order: none takes the slow
+    # route because callers were queued (it used to: every later call then did).
+    from snakepool.pool._session import SessionManager
+
+    placed = 0
+    place = SessionManager.place
+
+    async def counted(self: SessionManager, call: object, frame: bytes) -> None:
+        nonlocal placed
+        placed += 1
+        await place(self, call, frame)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SessionManager, "place", counted)
+    async with snakepool.Pool(ADAPTER, size=2, session_store=store) as pool:
+        sessions = [await pool.session().open() for _ in range(64)]
+
+        async def calls(session: snakepool.Session) -> None:
+            for i in range(20):
+                assert await session.call("echo", {"value": [session.id, i]}) == [session.id, i]
+
+        async with anyio.create_task_group() as tg:
+            for session in sessions:
+                tg.start_soon(calls, session)
+        for session in sessions:
+            await session.close()
+    assert placed <= 2 * len(sessions)  # the first calls (and a few moves), not 64 * 20
+
+
 async def test_variable_updates_are_visible_on_the_very_next_call(store: str) -> None:
     async with snakepool.Pool(ADAPTER, size=2, session_store=store) as pool:
         async with pool.session() as session:

@@ -140,7 +140,7 @@ async def loopback_handle() -> AsyncIterator[tuple[WorkerHandle, list[WorkerHand
 
 
 def _submit(handle: WorkerHandle, call_id: int, command: str, value: Any) -> PendingCall:
-    call = PendingCall(call_id, command, p.CallMode.CALL)
+    call = PendingCall(call_id, command, {"value": value}, p.CallMode.CALL)
     handle.reserved += 1  # (as the dispatcher reserves the slot)
     frame = p.Connection(p.Role.HOST).send(
         p.Call(id=call_id, command=command, args={"value": value})

@@ -17,8 +17,10 @@ __all__ = ["PendingCall", "failure_to_exception"]
 _STREAM = p.CallMode.STREAM
 
 
-class PendingCall:
-    """One call sent to a worker and not yet answered.
+class PendingCall(p.Call):
+    """One call sent to a worker and not yet answered: the ``Call`` message
+    the worker gets (its fields are the wire's), and what the host tracks
+    about it until its answer (one object per call, not two).
 
     The worker handle's reader resolves it (``resolve``/``fail``/``push``/
     ``end``); the caller waits on ``waiter`` (a bare future on asyncio: see
@@ -34,9 +36,9 @@ class PendingCall:
     a session is ever withdrawn).
     """
 
-    # No __slots__: a call sets only what differs from these class-level
-    # defaults (a slots class must set every field in __init__, which costs
-    # more than the rest of making a call).
+    # No __slots__ of its own: a call sets only what differs from these
+    # class-level defaults (a slots class must set every field in __init__,
+    # which costs more than the rest of making a call).
     worker: Any = None  # the WorkerHandle it was sent to
     finished = False
     expired = False  # its deadline passed
@@ -47,6 +49,7 @@ class PendingCall:
     sent = False  # sent to a worker, or queued (the hand-off sends it)
     in_store = False  # its session is being read from the store (for a timeout's message)
     queued: Any = None  # its place in the pool's queue while it has one
+    want: Any = None  # the only worker it may go to (a session's, current for it)
     withdrawing = False  # asked back from its worker (it may have started already)
     probe = False  # the circuit breaker's half-open probe: report its outcome
     _done: anyio.Event | None = None
@@ -58,13 +61,27 @@ class PendingCall:
     _items_in: MemoryObjectSendStream[Any] | None = None
     items: MemoryObjectReceiveStream[Any] | None = None
 
+    # A call is itself, not equal to another with the same fields (sets, dicts).
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
     def __init__(
-        self, call_id: int, command: str, mode: str, session_id: str | None = None
+        self,
+        call_id: int,
+        command: str,
+        args: dict[str, Any],
+        mode: str = p.CallMode.CALL,
+        timeout: float | None = None,
+        session_id: str | None = None,
+        trace: str | None = None,
     ) -> None:
         self.id = call_id
         self.command = command
+        self.args = args
         self.mode = mode
+        self.timeout = timeout  # (on the wire; `limit` is the host's)
         self.session_id = session_id
+        self.trace = trace
         if mode == _STREAM:
             self._items_in, self.items = anyio.create_memory_object_stream[Any](math.inf)
 

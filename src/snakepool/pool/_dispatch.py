@@ -253,15 +253,6 @@ class Dispatcher:
         home.reserved += 1
         return home
 
-    def send_ahead(self, call: PendingCall, frame: bytes) -> bool:
-        """Send ``call`` now if a worker can take or hold it and nobody queued
-        comes first; false if it must queue (``enqueue_call``)."""
-        worker = self.try_reserve(ahead=True)
-        if worker is None:
-            return False
-        worker.submit(call, frame)
-        return True
-
     def try_reserve_first(self) -> WorkerHandle | None:
         """A free slot (not one to wait in) for a call that goes before every queued one."""
         worker = self.pick()
@@ -290,7 +281,13 @@ class Dispatcher:
         return waiter
 
     def enqueue_call(
-        self, call: PendingCall, frame: bytes, deadline: float, *, first: bool = False
+        self,
+        call: PendingCall,
+        frame: bytes,
+        deadline: float,
+        *,
+        first: bool = False,
+        want: WorkerHandle | None = None,
     ) -> _Waiter:
         """Queue ``call`` to be sent by the hand-off (the caller waits on ``call.waiter``).
 
@@ -298,13 +295,14 @@ class Dispatcher:
         time) has passed is dropped from the queue instead, never sent, even
         if its timer has not run yet: the caller raises when it does.
         ``first``: a call sent before, which its worker never started, goes
-        back to the head of the line (and is never refused).
+        back to the head of the line (and is never refused). ``want``: only
+        that worker may take it (a session's call waits for its worker).
         """
         if first:
             waiter = _Waiter(None)
             self._waiters.appendleft(waiter)
         else:
-            waiter = self.enqueue()
+            waiter = self.enqueue(want)
         waiter.call, waiter.frame, waiter.deadline = call, frame, deadline
         return waiter
 
@@ -452,12 +450,18 @@ class Dispatcher:
                 return
             self.on_capacity(worker)
 
-    def on_worker_exit(self, worker: WorkerHandle) -> None:
-        """Waiters that wanted only this worker now take any (their session moves)."""
+    def on_worker_exit(self, worker: WorkerHandle) -> list[PendingCall]:
+        """Waiters that wanted only this worker now take any (their session
+        moves); the queued calls that wanted only it leave the queue and are
+        returned, in order (their session's route sends them again)."""
+        orphans = [w for w in self._waiters if w.want is worker and w.call is not None]
         for waiter in self._waiters:
             if waiter.want is worker:
                 waiter.want = None
+        for waiter in orphans:
+            self._waiters.remove(waiter)
         self.hand_off_any()
+        return [waiter.call for waiter in orphans if waiter.call is not None]
 
     def fail_all(self, error: SnakepoolError) -> None:
         for waiter in self._waiters:

@@ -488,7 +488,9 @@ class Pool(LifecycleOwner):
         """A worker exited (its slot starts another): its queued callers take any worker."""
         if not self.closed:
             self._exits.add(worker)
-        self._dispatcher.on_worker_exit(worker)
+        for call in self._dispatcher.on_worker_exit(worker):
+            call.queued = None
+            self._route.send_again(call)  # (a session's call queued for it: another worker)
         if self._drained is not None and not any(w.pending for w in self._workers):
             self._drained.set()
 

@@ -65,7 +65,6 @@ _NUMBER = (int, float)
 # (module globals: read on every call, cheaper than attribute lookups)
 _RUNNING = State.RUNNING
 _STREAM = p.CallMode.STREAM
-_Call = p.Call
 #: The deadline of a call without a time limit (``call_timeout=None``, the default).
 _NO_DEADLINE = math.inf
 
@@ -135,16 +134,14 @@ class CallRoute:
             self.check_open()
         call_id = next(self._ids)
         if self.tracer is None:
-            frame = self._encode(call_id, command, args, timeout, session, mode)
-            call = PendingCall(call_id, command, mode, session)
+            call, frame = self._encode(call_id, command, args, timeout, session, mode)
         else:
             span, trace = self.tracer.start(command, mode, session)
             try:
-                frame = self._encode(call_id, command, args, timeout, session, mode, trace)
+                call, frame = self._encode(call_id, command, args, timeout, session, mode, trace)
             except BaseException as exc:
                 self.tracer.end(span, None, "refused", exc)
                 raise
-            call = PendingCall(call_id, command, mode, session)
             call.span = span
         call.started = started
         if mode == _STREAM:
@@ -162,7 +159,12 @@ class CallRoute:
         try:
             call.frame = frame  # (sent again if a worker gives it back unstarted)
             if call.session_id is None:
-                call.sent = self._dispatcher.send_ahead(call, frame)
+                # A worker that can take it now, or hold it until a slot frees,
+                # unless someone queued comes first (then it queues, below).
+                worker = self._dispatcher.try_reserve(ahead=True)
+                if worker is not None:
+                    worker.submit(call, frame)
+                    call.sent = True
             else:
                 call.sent = self._sessions.send_now(call, frame)
             # Set up after the write, off the round trip's path: no answer is
@@ -172,8 +174,11 @@ class CallRoute:
             call.waiter = self.loop.new_waiter()
             limit = call.limit
             call.deadline = _NO_DEADLINE if limit is None else deadlines.add(call, limit)
-            if not call.sent and call.session_id is None:
-                call.queued = self._dispatcher.enqueue_call(call, frame, call.deadline)
+            if not call.sent and (call.session_id is None or call.want is not None):
+                # (a session's call waits for its own worker, which is current)
+                call.queued = self._dispatcher.enqueue_call(
+                    call, frame, call.deadline, want=call.want
+                )
                 call.sent = True  # (the hand-off sends it)
         except BaseException as exc:  # (full: PoolOverloaded)
             if call.span is not None:
@@ -339,8 +344,8 @@ class CallRoute:
         session: str | None,
         mode: str,
         trace: str | None = None,
-    ) -> bytes:
-        """The Call frame, or a clear error before anything is queued or sent.
+    ) -> tuple[PendingCall, bytes]:
+        """The call and its frame, or a clear error before anything is queued or sent.
 
         Encoded at once, so ``args`` need no copy. A stream's timeout bounds
         each item, not the whole stream: its frame carries no limit.
@@ -371,9 +376,9 @@ class CallRoute:
             limit = None
         if session is not None and session not in self._sessions.bindings:
             check_session_id(session)  # (a bound session's id was checked when it was bound)
+        call = PendingCall(call_id, command, args, mode, limit, session, trace)
         try:
-            call = _Call(call_id, command, args, mode, limit, session, trace)
-            return self._calls_out.send(call)
+            return call, self._calls_out.send(call)
         except TypeError as exc:
             raise TypeError(f"args of {command!r} are {exc}") from None
         except ProtocolError as exc:
@@ -490,7 +495,7 @@ class CallRoute:
     def send_again(self, call: PendingCall) -> None:
         """``call`` left its worker without starting (withdrawn, or the worker
         died): send it to a free worker, or queue it first in line."""
-        call.worker = None
+        call.worker = call.want = None
         call.withdrawing = False
         if call.finished or call.abandoned or call.expired:
             return  # its caller has left, or leaves at its deadline

@@ -145,6 +145,9 @@ class SessionManager:
         self._touch_due: dict[str, float] = {}
         # session id -> the route its calls queue on while one takes the slow way
         self._routes: dict[str, _Route] = {}
+        # session id -> its latest call queued for its worker (later calls of
+        # the session queue behind it while it waits: they keep their order)
+        self._queued: dict[str, PendingCall] = {}
         #: Starts a task in the pool's background (set while the pool runs): the
         #: slow route of a call whose store read came back without the caller.
         self.spawn: Callable[..., object] | None = None
@@ -170,7 +173,8 @@ class SessionManager:
         """Send a session's call now, if that needs no store I/O and keeps the
         session's order, or hand it to a store that reads versions for many
         calls at once (Redis): the read's answer sends it (:meth:`_read`).
-        False: :meth:`place` it instead.
+        False: queue it for ``call.want`` (its worker, made current, has no
+        slot for it yet) when that is set, else :meth:`place` it.
 
         The worker is chosen by affinity (:meth:`_reserve`); one that is behind
         on the session is made current first, from what a store holds in this
@@ -211,6 +215,12 @@ class SessionManager:
             if versions is not None and self._send_if_current(session_id, call, frame, versions):
                 call.in_store = False
                 return
+            if call.want is not None:  # it waits in the queue for its worker
+                call.in_store = False
+                call.queued = self._dispatcher.enqueue_call(
+                    call, frame, call.deadline, want=call.want
+                )
+                return
         except SnakepoolError as exc:  # (affinity refused it: strict_fail_fast, overloaded)
             call.fail(exc)
             return
@@ -244,24 +254,56 @@ class SessionManager:
             return False  # (not bound yet, or its worker died: the slow route binds it)
         if self._touch_due.get(session_id, 0.0) <= time.monotonic():
             return False  # its TTL is due for a refresh
-        # Hint's fallback to a free worker that is not current would first
-        # need a store read, which costs more than waiting in the session's
-        # own current worker: then only a current one will do.
-        only_current = not self.store.holds_sessions and home.sessions.get(session_id) == versions
-        worker = self._reserve(session_id, home, versions if only_current else None)
-        if worker is None:
-            return False
-        if worker.sessions.get(session_id) != versions:
-            current = self.store.current_now(session_id)
-            if current is None:  # (it would be read from the store first: the slow route)
-                self._dispatcher.release(worker)
+        worker = None
+        if not self._waits_in_queue(session_id):  # (else: behind its earlier call, below)
+            # Hint's fallback to a free worker that is not current would first
+            # need a store read, which costs more than waiting in the session's
+            # own current worker: then only a current one will do.
+            current = home.sessions.get(session_id) == versions
+            only_current = not self.store.holds_sessions and current
+            worker = self._reserve(session_id, home, versions if only_current else None)
+            if worker is None and self._moves(home):
+                return False  # (the slow route moves it)
+        target = home if worker is None else worker
+        if target.sessions.get(session_id) != versions:
+            now = self.store.current_now(session_id)
+            if now is None:  # (it would be read from the store first: the slow route)
+                if worker is not None:
+                    self._dispatcher.release(worker)
                 return False
-            variables, state = current
+            variables, state = now
             self._sync(
-                worker, session_id, versions, variables, state, self._lands(worker, session_id)
+                target, session_id, versions, variables, state, self._lands(target, session_id)
             )
+        if worker is None:
+            # No slot on its worker now (or callers queued first): it waits in
+            # the pool's queue for that worker, as a plain call waits for any
+            # (the hand-off sends it: no task, no store read). The caller queues it.
+            call.want = home
+            self._queued[session_id] = call
+            return False
         worker.submit(call, frame)
         return True
+
+    def _moves(self, home: WorkerHandle) -> bool:
+        """A call with no slot on its worker ``home`` moves to another one
+        instead of waiting for it: with ``hint``, when ``home`` is full (no
+        caller queued first) and another worker has a free slot now."""
+        dispatcher = self._dispatcher
+        if self.config.affinity != "hint" or dispatcher.queued:
+            return False
+        free = dispatcher.pick()
+        return free is not None and free is not home
+
+    def _waits_in_queue(self, session_id: str) -> bool:
+        """An earlier call of the session waits in the pool's queue for its worker."""
+        call = self._queued.get(session_id)
+        if call is None:
+            return False
+        if call.worker is None and not (call.finished or call.abandoned or call.expired):
+            return True
+        del self._queued[session_id]  # (sent, or gone)
+        return False
 
     async def place(self, call: PendingCall, frame: bytes) -> None:
         """Send a session's call once its worker is chosen (by affinity) and
@@ -477,6 +519,7 @@ class SessionManager:
         self.bindings.pop(session_id, None)
         self._first.pop(session_id, None)
         self._touch_due.pop(session_id, None)
+        self._queued.pop(session_id, None)
         for worker in self._workers:
             if worker.sessions.pop(session_id, None) is not None and worker.is_ready:
                 worker.post_message(p.SessionDrop(session_id=session_id))

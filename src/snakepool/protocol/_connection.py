@@ -177,7 +177,7 @@ class Connection:
         try:
             to_wire = self._to_wire[type(message)]
         except KeyError:
-            raise self._may_not_send(message) from None
+            to_wire = self._to_wire_of(message)
         return self._encoder.encode(to_wire(message))
 
     def send_parts(self, message: Message) -> tuple[bytes, bytes]:
@@ -186,8 +186,16 @@ class Connection:
         try:
             to_wire = self._to_wire[type(message)]
         except KeyError:
-            raise self._may_not_send(message) from None
+            to_wire = self._to_wire_of(message)
         return self._encoder.encode_parts(to_wire(message))
 
-    def _may_not_send(self, message: Message) -> ProtocolError:
-        return ProtocolError(f"a {self.role.value} may not send {message.TAG!r}")
+    def _to_wire_of(self, message: Message) -> Callable[[Message], dict[str, Any]]:
+        """The encoder of a subclass of a message this end may send (the host's
+        pending call is its ``Call`` message), learnt once; ProtocolError for
+        any other message."""
+        for cls in type(message).__mro__:
+            to_wire = self._to_wire.get(cls)
+            if to_wire is not None:
+                self._to_wire[type(message)] = to_wire
+                return to_wire
+        raise ProtocolError(f"a {self.role.value} may not send {message.TAG!r}")

@@ -146,6 +146,9 @@ def message(tag: str, *, tag_key: str = "t") -> Callable[[_M], _M]:
         keys = [key for _, key, _ in spec]
         if tag_key in keys or len(set(keys)) != len(keys):
             raise TypeError(f"{cls.__name__}: wire keys must be unique and not {tag_key!r}")
+        params = getattr(cls, "__dataclass_params__", None)
+        if params is None or params.frozen or hasattr(cls, "__post_init__"):
+            raise TypeError(f"{cls.__name__}: a message is a plain, unfrozen slots dataclass")
         cls.TAG = tag
         cls.TAG_KEY = tag_key
         cls.WIRE = tuple(spec)
@@ -229,10 +232,18 @@ def _make_from_wire(
         check = _check(var, types, names)
         if check is not None:
             checks.append(check)
-    args = ", ".join(f"v{index}" for index in range(len(spec)))
-    tail = [f"    return _cls({args})"]
+    # The message is made without calling the class: ``__init__`` (a Python
+    # frame entered through the type's init slot) would cost more than the
+    # rest of decoding a small message; the fields were just checked.
+    names["_new"] = object.__new__
+    made = [
+        "m = _new(_cls)",
+        *(f"m.{attr} = v{i}" for i, (attr, _, _) in enumerate(spec)),
+        "return m",
+    ]
+    tail = [f"    {line}" for line in made]
     if checks:
-        tail = [f"    if {' and '.join(checks)}:", f"        return _cls({args})"]
+        tail = [f"    if {' and '.join(checks)}:", *(f"        {line}" for line in made)]
         tail += ["    return _explain(_cls, w)"]
     lines = ["def _with_defaults(w):"]
     if required:

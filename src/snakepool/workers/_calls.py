@@ -48,6 +48,7 @@ class Running:
         "ctx",
         "handler",
         "is_async",
+        "restore",
         "task",
         "thread_credit",
     )
@@ -68,6 +69,9 @@ class Running:
         self.ctx = ctx
         self.body = body  # runs the call (sync), or starts its task (async)
         self.is_async = is_async
+        #: Its ``ctx`` when its session had a restore pending as it was read:
+        #: ``restore_session`` runs first (once per session: see SessionCache).
+        self.restore: CallContext | None = None
         self.task: asyncio.Task[Any] | None = None
         self._cancelled = False
         self.thread_credit: threading.Semaphore | None = None
@@ -109,8 +113,8 @@ class Calls:
     def sync_call_body(self, running: Running) -> None:
         call = running.call
         try:
-            if running.ctx is not None:
-                self._restore(running.ctx)
+            if running.restore is not None:
+                self._restore(running.restore)
             value = running.handler(**running.args)
         except BaseException as exc:
             self.finish_error(call, exc, traceback.format_exc())
@@ -121,8 +125,8 @@ class Calls:
         call, credit = running.call, running.thread_credit
         assert credit is not None
         try:
-            if running.ctx is not None:
-                self._restore(running.ctx)
+            if running.restore is not None:
+                self._restore(running.restore)
             generator: Generator[Any, None, None] = running.handler(**running.args)
             try:
                 for item in generator:
@@ -148,8 +152,8 @@ class Calls:
     async def run_async(self, running: Running) -> None:
         call = running.call
         try:
-            if running.ctx is not None:
-                self._restore(running.ctx)
+            if running.restore is not None:
+                self._restore(running.restore)
             value = await running.handler(**running.args)
         except BaseException as exc:
             self.finish_error(call, exc, traceback.format_exc())
@@ -160,8 +164,8 @@ class Calls:
         call, credit = running.call, running.async_credit
         assert credit is not None
         try:
-            if running.ctx is not None:
-                self._restore(running.ctx)
+            if running.restore is not None:
+                self._restore(running.restore)
         except BaseException as exc:
             self.finish_error(call, exc, traceback.format_exc())
             return

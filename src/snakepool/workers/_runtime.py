@@ -32,7 +32,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from .. import protocol as p
-from ..adapters import Adapter, CallContext, CommandSpec, SessionVariables, load_adapter_class
+from ..adapters import Adapter, CallContext, CommandSpec, load_adapter_class
 from ._bridge import HostBridge
 from ._calls import Calls, PlainCall, Running, keyword_arguments, mode_problem, type_name
 from ._descendants import become_subreaper
@@ -302,8 +302,9 @@ class Worker:
                 return
             kwargs = keyword_arguments(spec, bound)
         ctx = None
+        restore = False
         if spec.wants_context or call.session_id is not None:
-            ctx = self._context(call)
+            ctx, restore = self._context(call)
             if spec.wants_context:
                 kwargs["ctx"] = ctx
         handler = getattr(self.adapter, spec.attribute)
@@ -323,6 +324,8 @@ class Worker:
             running.thread_credit = threading.Semaphore(p.STREAM_WINDOW)
         else:  # the common case: a plain sync call
             running = Running(call, handler, kwargs, ctx, self.calls.sync_call_body)
+        if restore:
+            running.restore = ctx
         self.running[call.id] = running
         assert self.threads is not None
         self.threads.submit(running)
@@ -335,10 +338,11 @@ class Worker:
         if not self._call_soon(self._start_task, body, running):
             body.close()  # the loop is gone: we are exiting
 
-    def _context(self, call: p.Call) -> CallContext:
+    def _context(self, call: p.Call) -> tuple[CallContext, bool]:
+        """The call's ``ctx``, and whether its session has a restore pending."""
         assert self.init is not None
         session = self.sessions.get(call.session_id) if call.session_id is not None else None
-        return CallContext(
+        ctx = CallContext(
             call_id=call.id,
             command=call.command,
             worker_id=self.init.worker_id,
@@ -346,9 +350,10 @@ class Worker:
             session_state=session.state if session is not None else {},
             deadline=(self.loop.time() + call.timeout) if call.timeout else None,
             log=self.log,
-            variables=SessionVariables(session.variables) if session is not None else None,
+            variables=session.view if session is not None else None,
             bridge=self.bridge,
         )
+        return ctx, session is not None and session.pending_restore is not None
 
     def _start_task(self, body: Coroutine[Any, Any, None], running: Running) -> None:
         running.task = self.loop.create_task(body)

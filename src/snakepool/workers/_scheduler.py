@@ -332,8 +332,12 @@ class Scheduler:
         from there they can run side by side, be cancelled or withdrawn.
         """
         worker, lock, lane = self.worker, self._lock, self._lane
-        send_parts, writer, result = worker.conn.send_parts, worker.writer, p.Result
+        send_parts, writer = worker.conn.send_parts, worker.writer
         assert writer is not None
+        # One Result message for the lane's answers, refilled for each: it is
+        # encoded at once and never kept (making one per call would cost
+        # about as much as the rest of answering it).
+        result = p.Result(0, None)
         leading = True
         lock.acquire()  # (held except while a call runs: one round trip per call)
         try:
@@ -353,8 +357,9 @@ class Scheduler:
                 except BaseException as exc:
                     worker.calls.report_error(call_id, command, exc, traceback.format_exc())
                 else:
+                    result.id, result.value = call_id, value
                     try:
-                        parts = send_parts(result(call_id, value))
+                        parts = send_parts(result)
                     except (TypeError, ProtocolError):  # the general way says what is wrong
                         worker.calls.answer_value(call_id, command, value)
                     else:

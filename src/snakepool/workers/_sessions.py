@@ -13,7 +13,7 @@ import threading
 from typing import Any
 
 from .. import protocol as p
-from ..adapters import Adapter, CallContext
+from ..adapters import Adapter, CallContext, SessionVariables
 
 __all__ = ["SessionCache", "WorkerSession"]
 
@@ -21,11 +21,13 @@ __all__ = ["SessionCache", "WorkerSession"]
 class WorkerSession:
     """What this worker keeps for one session: its local state and variable cache."""
 
-    __slots__ = ("lock", "pending_restore", "state", "variables", "version")
+    __slots__ = ("lock", "pending_restore", "state", "variables", "version", "view")
 
     def __init__(self) -> None:
         self.state: dict[str, Any] = {}
         self.variables: dict[str, Any] = {}
+        #: What calls see as ``ctx.variables``: made once per sync, not per call.
+        self.view = SessionVariables(self.variables)
         self.version = -1
         self.pending_restore: dict[str, Any] | None = None
         self.lock = threading.Lock()  # restore runs once even with concurrent calls
@@ -49,6 +51,7 @@ class SessionCache:
         # Replace the cache wholesale: views held by running calls keep the old
         # dict, calls that start after this message see the new one.
         session.variables = dict(sync.variables)
+        session.view = SessionVariables(session.variables)
         session.version = sync.version
         if sync.restore is not None:
             session.pending_restore = dict(sync.restore)
@@ -57,7 +60,8 @@ class SessionCache:
         self.sessions.pop(session_id, None)
 
     def restore_if_needed(self, ctx: CallContext, adapter: Adapter | None) -> None:
-        """Run ``restore_session`` once, before the first call of a moved session."""
+        """Run ``restore_session`` once, before the first call of a moved session
+        (a call read while its session had a restore pending: ``Running.restore``)."""
         if ctx.session_id is None or adapter is None:
             return
         session = self.sessions.get(ctx.session_id)
