@@ -39,7 +39,7 @@ import secrets
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import anyio
 import msgpack
@@ -56,6 +56,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from ..errors import InvalidSessionId, SessionExpired, SessionNotFound, SessionStoreUnavailable
+from ._batch import Batcher
 from ._store import (
     SessionStatus,
     SessionStore,
@@ -81,9 +82,6 @@ _Args = list[bytes | str | int | float]  # a script's ARGV
 _K = TypeVar("_K")
 _V = TypeVar("_V")
 _T = TypeVar("_T")
-#: A request of a ``_Batcher``: its future, and what makes its result of the value
-#: read; or no future, and a callback given the value or the error (``_Batcher.soon``).
-_Waiter = tuple["asyncio.Future[Any] | None", Callable[..., Any]]
 _TOMBSTONE_EXTRA_MS = 24 * 3600 * 1000  # the tombstone outlives the session by a day
 _LIVE_GRACE_S = 3600.0  # count() forgets expired ids after this; expired() reports them before
 _WATCH_IDLE_S = 2.0  # a watcher checks that its session still lives after this much silence
@@ -263,128 +261,11 @@ def _chunks(items: list[_K]) -> Iterator[list[_K]]:
         yield items[start : start + _CHUNK]
 
 
-class _Batcher(Generic[_K, _V]):
-    """Requests made in one event-loop turn go together, as one batch; those made
-    while a batch is on its way wait for it, then go together as the next one.
-
-    ``run`` gets the distinct keys and returns a value for each, in order. A request
-    waits for a batch sent after it was made (never one already in flight), so its
-    answer is as new as a request of its own would have been. One task sends the
-    batches: woken by the first request of a turn, it sends at the next turn, with
-    every request made by then. (Two batches in flight cost more per call and were
-    no faster: the batches shrink.)
-    """
-
-    def __init__(self, run: Callable[[list[_K]], Awaitable[list[_V]]]) -> None:
-        self._run = run
-        self._waiting: dict[_K, list[_Waiter]] = {}
-        self._wakeup: asyncio.Future[None] | None = None  # the sender waits on it when idle
-        self._sender: asyncio.Task[None] | None = None
-        self._closed = False
-
-    def get(self, key: _K) -> asyncio.Future[_V]:
-        """The value of ``key``, from the next batch (a future: no coroutine per call)."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[_V] = loop.create_future()
-        if self._closed:
-            future.set_exception(_closed())
-        else:
-            self._add(key, (future, _same))
-        return future
-
-    def soon(self, key: _K, done: Callable[[_V | None, Exception | None], None]) -> bool:
-        """Call ``done(value, None)``, or ``done(None, error)``, in the completion of the
-        next batch (never before this returns); false if closed (nothing is called)."""
-        if self._closed:
-            return False
-        self._add(key, (None, done))
-        return True
-
-    def _add(self, key: _K, waiter: _Waiter) -> None:
-        waiting = self._waiting.get(key)
-        if waiting is None:
-            self._waiting[key] = [waiter]
-        else:
-            waiting.append(waiter)
-        wakeup = self._wakeup
-        if wakeup is not None and not wakeup.done():
-            wakeup.set_result(None)
-        elif self._sender is None or self._sender.done():
-            self._sender = asyncio.get_running_loop().create_task(self._send_forever())
-
-    async def _send_forever(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                if not self._waiting:
-                    self._wakeup = loop.create_future()
-                    await self._wakeup
-                batch, self._waiting = self._waiting, {}
-                await self._batch(batch)
-        except BaseException:  # (cancelled: the store is closing)
-            _fail(self._waiting, _closed())
-            self._waiting = {}
-            raise
-
-    async def _batch(self, batch: dict[_K, list[_Waiter]]) -> None:
-        keys = list(batch)
-        try:
-            values = await self._run(keys)
-        except Exception as exc:
-            _fail(batch, exc)
-            return
-        except BaseException:
-            _fail(batch, _closed())
-            raise
-        for key, value in zip(keys, values, strict=True):
-            for future, then in batch[key]:
-                if future is None:
-                    then(value, None)
-                elif not future.done():  # (else its caller left)
-                    future.set_result(then(value))
-
-    async def aclose(self) -> None:
-        self._closed = True
-        sender, self._sender = self._sender, None
-        if sender is not None:
-            sender.cancel()
-            await asyncio.gather(sender, return_exceptions=True)
-        _fail(self._waiting, _closed())
-        self._waiting = {}
-
-
-def _closed() -> SessionStoreUnavailable:
-    return SessionStoreUnavailable("the session store was closed")
-
-
-def _same(value: _V) -> _V:
-    return value
-
-
 def _versions(raw: bytes) -> tuple[int, int]:
     """A session head's (variables version, state version)."""
     version, state_version, incarnation, _ = raw.split(b":")
     # The incarnation in the high bits: equal only within one life of the session.
     return int(incarnation) << 32 | int(version), int(state_version)
-
-
-def _fail(batch: Mapping[Any, list[_Waiter]], error: Exception) -> None:
-    for waiters in batch.values():
-        for future, then in waiters:
-            if future is None:
-                then(None, _copy(error))
-            elif not future.done():
-                future.set_exception(_copy(error))
-
-
-def _copy(exc: Exception) -> Exception:
-    """A fresh exception like ``exc`` for each waiter (each raise adds to a traceback)."""
-    try:
-        copy = type(exc)(*exc.args)
-    except Exception:
-        return exc
-    copy.__cause__ = exc.__cause__
-    return copy
 
 
 class RedisSessionStore(SessionStore):
@@ -418,8 +299,8 @@ class RedisSessionStore(SessionStore):
         )
         self._reader: aioredis.connection.AbstractConnection | None = None
         self._read_timeout = _COMMAND_TIMEOUT_S
-        self._heads: _Batcher[str, bytes | None] = _Batcher(self._read_heads)
-        self._touches: _Batcher[str, int] = _Batcher(self._touch_many)
+        self._heads: Batcher[str, bytes | None] = Batcher(self._read_heads)
+        self._touches: Batcher[str, int] = Batcher(self._touch_many)
 
     # --- plumbing ---------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 Speed. Bytes are decoded in batches as they arrive (whole frames of a read
 at once). A plain call or cast runs the pool's own ``call``/``cast`` without
-a task (:class:`_Eager`): it reaches its worker within the read that brought
+a task (:class:`Eager`): it reaches its worker within the read that brought
 it; other requests are tasks. Answers are encoded into a list that is
 written once per event-loop iteration, so 64 answers ready together cost
 one write.
@@ -33,15 +33,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import contextvars
 import hmac
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import PoolClosed, ProtocolError, SnakepoolError
 from ..observability._remote import OBSERVE_REQUESTS, observe
+from ._inflight import DONE as _DONE
+from ._inflight import HELD as _HELD
+from ._inflight import RUNNING as _RUNNING
+from ._inflight import Eager, Lane, Request
 from ._requests import Refused, bad_request, check_call, draining_message, session_operation, shown
 from ._wire import (
     CLIENT_PROTOCOL_VERSIONS,
@@ -69,7 +71,6 @@ _WRITE_HIGH_WATER = 256 * 1024
 #: How long a dropped client's ``error`` frame may take to leave.
 _ERROR_GRACE = 1.0
 _REQUESTS = frozenset({"call", "session", "status", "connections", *OBSERVE_REQUESTS})
-_HELD, _RUNNING, _DONE = 1, 2, 3
 _CAST_TIMEOUT = "a cast takes no timeout 'o' (it gets the pool's call_timeout)"
 
 
@@ -95,106 +96,6 @@ class ConnectionStatistics:
     buffered_bytes: int  #: bytes held for it: requests held and running, answers unsent
 
 
-class _Lane:
-    """The order of one session's requests on one connection."""
-
-    __slots__ = ("calls", "last_op", "users")
-
-    def __init__(self) -> None:
-        self.last_op: asyncio.Future[None] | None = None  # done: every request before it too
-        self.calls: list[asyncio.Future[None]] = []  # calls since that operation
-        self.users = 0
-
-
-class _Request:
-    __slots__ = (
-        "by_client",
-        "credit",
-        "effect",
-        "frame",
-        "id",
-        "kind",
-        "lane",
-        "size",
-        "state",
-        "task",
-        "unstarted",
-        "waits",
-        "wakeup",
-    )
-
-    def __init__(self, request_id: int, kind: str, frame: dict[str, Any]) -> None:
-        self.id = request_id
-        self.kind = kind
-        self.frame = frame
-        self.size = 0  # its share of the bytes read (known at the end of the read)
-        self.state = 0
-        self.task: asyncio.Task[None] | _Eager | None = None
-        self.by_client = False  # cancelled by the client (not: the connection closed)
-        self.unstarted = False  # a task that has not taken its first step yet
-        self.lane: tuple[str, str] | None = None
-        self.effect: asyncio.Future[None] | None = None  # done once it took effect
-        self.waits: Sequence[asyncio.Future[None]] = ()  # the earlier requests of its session
-        self.credit: int | None = None  # a stream's items it may still send (None: any)
-        self.wakeup: asyncio.Future[None] | None = None  # a stream waiting to send
-
-
-class _Eager:
-    """Runs a plain call's ``pool.call`` coroutine without a task: its first
-    step at once, in the read that brought the request (the call reaches its
-    worker in the same loop turn), each later step when the future it waits
-    on is done. A task per request would add an object, a registration and
-    a loop turn before the call is even sent; ``pool.call`` of a call without
-    a session awaits only futures, so it needs none (no cancel scope, no
-    current task). Cancelling it cancels that future, as a task would; and
-    like a task it runs in a context of its own (what a call sets in a
-    context variable, a span for one, stays with it). Python 3.12's eager
-    tasks (``asyncio.eager_task_factory``) are the same idea, with a task.
-    """
-
-    __slots__ = ("connection", "context", "coro", "must_cancel", "request", "waiting")
-
-    def __init__(self, connection: Connection, request: _Request, coro: Any) -> None:
-        self.connection = connection
-        self.request = request
-        self.coro = coro
-        self.context = contextvars.copy_context()
-        self.waiting: asyncio.Future[Any] | None = None
-        self.must_cancel = False
-
-    def step(self, _: object = None) -> None:
-        self.waiting = None
-        connection, request = self.connection, self.request
-        try:
-            if self.must_cancel:
-                self.must_cancel = False
-                awaited = self.context.run(self.coro.throw, asyncio.CancelledError())
-            else:
-                awaited = self.context.run(self.coro.send, None)
-        except StopIteration as stop:
-            connection._send({"t": "result", "i": request.id, "r": stop.value})
-            connection._finished(request)
-        except BaseException as exc:
-            try:
-                connection._failed(request, exc)
-            except asyncio.CancelledError:
-                pass  # (the connection closed: nobody to answer)
-            finally:
-                connection._finished(request)
-        else:
-            if awaited is None:  # (a bare yield: sleep(0))
-                connection.loop.call_soon(self.step)
-            else:
-                awaited._asyncio_future_blocking = False
-                awaited.add_done_callback(self.step)
-                self.waiting = awaited
-
-    def cancel(self) -> None:
-        waiting = self.waiting
-        if waiting is None or not waiting.cancel():  # (else: step throws, as a task does)
-            self.must_cancel = True
-
-
 class Connection(asyncio.BufferedProtocol):
     """One client: reads requests, runs them in the pools, writes the answers."""
 
@@ -214,15 +115,15 @@ class Connection(asyncio.BufferedProtocol):
         self.encoder = new_encoder(server.max_frame_bytes)
         self.greeted = False
         self.closing = False  # dropped or closed: nothing more is read or started
-        self.inflight: dict[int, _Request] = {}
-        self.background: set[_Request] = set()  # session casts acknowledged, still running
-        self.held: collections.OrderedDict[int, _Request] = collections.OrderedDict()
-        self.lanes: dict[tuple[str, str], _Lane] = {}
+        self.inflight: dict[int, Request] = {}
+        self.background: set[Request] = set()  # session casts acknowledged, still running
+        self.held: collections.OrderedDict[int, Request] = collections.OrderedDict()
+        self.lanes: dict[tuple[str, str], Lane] = {}
         self.calls = self.bytes_in = self.bytes_out = self.held_back = self.streams_paused = 0
         self.held_bytes = self.inflight_bytes = 0
         self._unstarted = 0  # requests whose task has not taken its first step
         self._unattributed = 0  # bytes read not yet shared out among requests
-        self._unsized: list[_Request] = []  # requests of this read, to share them among
+        self._unsized: list[Request] = []  # requests of this read, to share them among
         self._out: list[bytes] = []
         self._out_bytes = 0
         self._flush_soon = False
@@ -401,7 +302,7 @@ class Connection(asyncio.BufferedProtocol):
         if request_id in self.inflight or request_id in self.held:
             raise _Drop(f"request id {request_id} is already in flight")
         self.calls += 1
-        request = _Request(request_id, kind, frame)
+        request = Request(request_id, kind, frame)
         self._unsized.append(request)
         if self.server._draining and kind in ("call", "session"):
             self._fail(request_id, PoolClosed(draining_message(frame)))
@@ -473,7 +374,7 @@ class Connection(asyncio.BufferedProtocol):
             self._start(request)
         self._update_reading()
 
-    def _start(self, request: _Request) -> None:
+    def _start(self, request: Request) -> None:
         request.state = _RUNNING
         self.inflight_bytes += request.size
         self.inflight[request.id] = request
@@ -494,10 +395,10 @@ class Connection(asyncio.BufferedProtocol):
         request.unstarted = True
         request.task = self.loop.create_task(self._run(request))
 
-    def _enter_lane(self, request: _Request, key: tuple[str, str], *, op: bool) -> None:
+    def _enter_lane(self, request: Request, key: tuple[str, str], *, op: bool) -> None:
         lane = self.lanes.get(key)
         if lane is None:
-            lane = self.lanes[key] = _Lane()
+            lane = self.lanes[key] = Lane()
         lane.users += 1
         request.lane = key
         request.effect = effect = self.loop.create_future()
@@ -512,9 +413,9 @@ class Connection(asyncio.BufferedProtocol):
             lane.calls.append(effect)
         request.waits = waits
 
-    def _plain_call(self, request: _Request, mode: str) -> None:
+    def _plain_call(self, request: Request, mode: str) -> None:
         """A call or cast with no session: ``pool.call`` or ``pool.cast``, run by
-        :class:`_Eager` (the fast path; a cast's value is None)."""
+        :class:`Eager` (the fast path; a cast's value is None)."""
         frame = request.frame
         try:
             name = frame.get("p")
@@ -534,10 +435,10 @@ class Connection(asyncio.BufferedProtocol):
             running = pool.call(command, args, timeout=timeout)  # type: ignore[arg-type]
         else:
             running = pool.cast(command, args)  # type: ignore[arg-type]
-        request.task = run = _Eager(self, request, running)
+        request.task = run = Eager(self, request, running)
         run.step()
 
-    def _failed(self, request: _Request, exc: BaseException) -> None:
+    def _failed(self, request: Request, exc: BaseException) -> None:
         """Answer ``request`` with the failure ``exc`` stands for; re-raises a
         cancellation that is not the client's (the connection is closing)."""
         request_id = request.id
@@ -557,7 +458,7 @@ class Connection(asyncio.BufferedProtocol):
         else:
             raise exc
 
-    async def _run(self, request: _Request) -> None:
+    async def _run(self, request: Request) -> None:
         self._started(request)
         request_id = request.id
         try:
@@ -582,7 +483,7 @@ class Connection(asyncio.BufferedProtocol):
         finally:
             self._finished(request)
 
-    async def _call(self, request: _Request) -> None:
+    async def _call(self, request: Request) -> None:
         frame = request.frame
         pool = self._pool(frame)
         command, args, session = frame.get("c"), frame.get("a"), frame.get("s")
@@ -605,7 +506,7 @@ class Connection(asyncio.BufferedProtocol):
             raise bad_request(f"unknown call mode 'm' {shown(mode)}; one of call, stream, cast")
 
     async def _stream(
-        self, request: _Request, pool: Pool, command: Any, args: Any, timeout: Any, session: Any
+        self, request: Request, pool: Pool, command: Any, args: Any, timeout: Any, session: Any
     ) -> None:
         window = request.frame.get("w")
         if window is not None and (type(window) is not int or window < 1):
@@ -622,7 +523,7 @@ class Connection(asyncio.BufferedProtocol):
                     request.credit -= 1
         self._send({"t": "end", "i": request_id})
 
-    async def _observe(self, request: _Request) -> None:
+    async def _observe(self, request: Request) -> None:
         """``logs``/``subscribe``: items, with a stream's credit, until done
         (``end``), cancelled, or the server stops."""
         frame = request.frame
@@ -646,7 +547,7 @@ class Connection(asyncio.BufferedProtocol):
     def _observing_ends(self) -> bool:
         return self.server.draining or self.closing
 
-    async def _until_sendable(self, request: _Request) -> None:
+    async def _until_sendable(self, request: Request) -> None:
         """Wait until the stream may send again: credit, and a client that reads."""
         self.streams_paused += 1
         try:
@@ -657,7 +558,7 @@ class Connection(asyncio.BufferedProtocol):
             self.streams_paused -= 1
 
     async def _session_cast(
-        self, request: _Request, pool: Pool, command: Any, args: Any, session: Any
+        self, request: Request, pool: Pool, command: Any, args: Any, session: Any
     ) -> None:
         """Acknowledged once it is sure to run, and (to keep its session's order)
         run as a call: its effect is known when its answer comes."""
@@ -670,7 +571,7 @@ class Connection(asyncio.BufferedProtocol):
         except Exception as exc:
             _log.warning("snakepool server: a cast of %r failed: %s", command, exc)
 
-    async def _session(self, request: _Request) -> None:
+    async def _session(self, request: Request) -> None:
         frame = request.frame
         pool = self._pool(frame)
         result = await session_operation(pool, frame.get("op"), frame.get("s"), frame.get("a"))
@@ -686,12 +587,12 @@ class Connection(asyncio.BufferedProtocol):
             )
         return pool
 
-    def _took_effect(self, request: _Request) -> None:
+    def _took_effect(self, request: Request) -> None:
         effect = request.effect
         if effect is not None and not effect.done():
             effect.set_result(None)
 
-    def _finished(self, request: _Request) -> None:
+    def _finished(self, request: Request) -> None:
         request.state = _DONE
         inflight = self.inflight
         if inflight.get(request.id) is request:
@@ -717,7 +618,7 @@ class Connection(asyncio.BufferedProtocol):
             if task is not None and not request.by_client:
                 request.by_client = True
                 task.cancel()
-                if not isinstance(task, _Eager):  # (an eager call's first step has run)
+                if not isinstance(task, Eager):  # (an eager call's first step has run)
                     task.add_done_callback(lambda _: self._after_cancel(request))
             return
         held = self.held.pop(request_id, None)
@@ -728,12 +629,12 @@ class Connection(asyncio.BufferedProtocol):
             self._update_reading()
             self.server._request_finished()
 
-    def _started(self, request: _Request) -> None:
+    def _started(self, request: Request) -> None:
         if request.unstarted:
             request.unstarted = False
             self._unstarted -= 1
 
-    def _after_cancel(self, request: _Request) -> None:
+    def _after_cancel(self, request: Request) -> None:
         self._started(request)
         if request.state != _DONE:  # (cancelled before its first step: its code never ran)
             self._cancelled(request.id, "cancelled by the client")
@@ -748,7 +649,7 @@ class Connection(asyncio.BufferedProtocol):
         request.credit += more
         self._wake(request)
 
-    def _wake(self, request: _Request) -> None:
+    def _wake(self, request: Request) -> None:
         wakeup = request.wakeup
         if wakeup is not None and not wakeup.done():
             wakeup.set_result(None)
