@@ -1,7 +1,9 @@
-"""The worker's plain lane: reads of plain calls run by the reader itself.
+"""The worker's lane: reads of sync calls run by the reader itself.
 
-A read whose messages are all plain calls (sync, no session, no ``ctx``,
-arguments that fit) skips the queue and the ``_Running`` record (``_Threads._run_plain``). Everything a caller can see must
+A read whose messages are all calls of sync commands that are not streams,
+with arguments that fit (with a session or a ``ctx`` or without), skips the
+queue (``Scheduler._run_lane``); a call with neither a session nor a ``ctx``
+skips the ``Running`` record too. Everything a caller can see must
 stay as on the general path: answers, errors, order, and a worker that keeps
 reading (pings, later calls) while a plain call blocks.
 
@@ -217,10 +219,11 @@ TAKEN: list[tuple[str, bytes]] = [
     ("no mode", _frame(m=_ABSENT)),
     ("default argument left out", _frame(c="echo", a={})),
     ("several", _frame() + _frame(i=2) + _frame(i=3, c="echo", a={"value": [1]})),
-]
-LEFT: list[tuple[str, bytes]] = [
     ("session", _frame(s="s1")),
     ("ctx command", _frame(c="cooperative", a={})),
+    ("mixed", _frame() + _frame(i=2, s="s1") + _frame(i=3, c="cooperative", a={})),
+]
+LEFT: list[tuple[str, bytes]] = [
     ("async command", _frame(c="nap", a={"seconds": 0.0})),
     ("stream command", _frame(c="count", a={"n": 1}, m="stream")),
     ("stream mode", _frame(m="stream")),
@@ -260,7 +263,7 @@ async def _started_worker() -> _runtime.Worker:
 @pytest.mark.parametrize(("what", "data"), TAKEN, ids=[t[0] for t in TAKEN])
 async def test_the_lane_takes_reads_of_plain_calls(what: str, data: bytes) -> None:
     worker = await _started_worker()
-    calls = worker.plain_calls(worker.conn.receive_data(data))
+    calls = worker.lane_calls(worker.conn.receive_data(data))
     assert calls is not None and len(calls) == data.count(b"\xa1t\xa4call")
 
 
@@ -268,7 +271,7 @@ async def test_the_lane_takes_reads_of_plain_calls(what: str, data: bytes) -> No
 @pytest.mark.parametrize(("what", "data"), LEFT, ids=[t[0] for t in LEFT])
 async def test_the_lane_leaves_everything_else_to_the_general_path(what: str, data: bytes) -> None:
     worker = await _started_worker()
-    assert worker.plain_calls(worker.conn.receive_data(data)) is None
+    assert worker.lane_calls(worker.conn.receive_data(data)) is None
 
 
 @pytest.mark.anyio
@@ -282,7 +285,20 @@ async def test_what_is_not_a_message_never_reaches_the_lane(what: str, data: byt
 @pytest.mark.anyio
 async def test_the_lane_is_closed_before_the_handshake() -> None:
     fresh = _runtime.Worker(asyncio.get_running_loop())
-    assert fresh.plain_calls([p.Call(id=1, command="add", args={"a": 1, "b": 2})]) is None
+    assert fresh.lane_calls([p.Call(id=1, command="add", args={"a": 1, "b": 2})]) is None
+
+
+def test_a_lane_call_with_a_ctx_sees_its_cancel(worker: WorkerPipe) -> None:
+    # Run by the reader itself, then the watchdog reads: a cancel reaches its ctx.
+    # (Written with a quick call and nothing else, so the lane takes them: the
+    # ping goes only once the quick one answered.)
+    quick, call = worker.call("echo", value=1), worker.call("cooperative")
+    worker.write(quick, call)
+    assert worker.next() == p.Result(id=quick.id, value=1)
+    worker.write(p.Ping(id=9))
+    assert worker.next() == p.Pong(id=9)  # a new reader: the call is under way
+    worker.write(p.Cancel(id=call.id))
+    assert worker.next() == p.Result(id=call.id, value="stopped")
 
 
 def test_calls_read_with_a_long_one_can_still_be_cancelled_before_they_start(

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import wait_for
 from snakepool import protocol as p
-from snakepool.workers._calls import Calls, PlainCall, Running
+from snakepool.workers._calls import Calls, LaneCall, Running
 from snakepool.workers._scheduler import Scheduler
 from snakepool.workers._stdio import FrameWriter
 
@@ -54,11 +54,11 @@ class FakeWorker:
             else:
                 self.control.append(message)
 
-    def plain_calls(self, messages: list[p.Message]) -> list[PlainCall] | None:
+    def lane_calls(self, messages: list[p.Message]) -> list[LaneCall] | None:
         return None  # (the general path: every call is queued)
 
-    def queued_plain(self, plain: PlainCall) -> Running:
-        raise AssertionError("no plain lane here")
+    def queued_from_lane(self, plain: LaneCall) -> Running:
+        raise AssertionError("no lane here")
 
     def _body(self, running: Running) -> None:
         with self._lock:

@@ -24,10 +24,12 @@ from ..adapters import CallContext, CommandSpec
 from ..errors import ProtocolError
 from ._isolation import exit_if_crossed
 
-__all__ = ["Calls", "PlainCall", "Running", "keyword_arguments", "mode_problem", "type_name"]
+__all__ = ["Calls", "LaneCall", "Running", "keyword_arguments", "mode_problem", "type_name"]
 
-#: A call of the plain lane: id, command, handler, keyword arguments.
-PlainCall = tuple[int, str, Callable[..., Any], dict[str, Any]]
+#: A call the reader runs itself (the scheduler's lane): its id, command, handler
+#: and keyword arguments; and, for a call with a ``ctx`` or a session, its
+#: ``Running`` (registered, so a cancel reaches its ``ctx``), else None.
+LaneCall = tuple[int, str, Callable[..., Any], dict[str, Any], "Running | None"]
 _SHORT_MESSAGE = 500  # characters of a failure message that did not fit in a frame
 
 

@@ -3,7 +3,7 @@
     host --pipe--> Scheduler (leader thread: os.read)            _scheduler.py
                    -> Worker.decode: Connection.receive_data -> messages
                    -> Worker.dispatch: a call is checked and queued (FIFO),
-                      or runs in the plain lane; control messages act at once
+                      or runs in the lane; control messages act at once
                    -> Calls: the call's body runs (a scheduler thread for
                       a sync handler, a loop task for an async one)  _calls.py
                    -> its outcome, one answer: Result | Items, End | Failure
@@ -34,7 +34,7 @@ from typing import Any
 from .. import protocol as p
 from ..adapters import Adapter, CallContext, CommandSpec, load_adapter_class
 from ._bridge import HostBridge
-from ._calls import Calls, PlainCall, Running, keyword_arguments, mode_problem, type_name
+from ._calls import Calls, LaneCall, Running, keyword_arguments, mode_problem, type_name
 from ._descendants import become_subreaper
 from ._isolation import apply_from_env as apply_isolation
 from ._logging import install_log_forwarding
@@ -104,8 +104,8 @@ class Worker:
         self.finished: asyncio.Future[int] = loop.create_future()
         self.adapter: Adapter | None = None
         self.commands: dict[str, CommandSpec] = {}
-        # The plain lane's commands (sync, not streams, no ctx): bound handler, spec.
-        self._plain: dict[str, tuple[Callable[..., Any], CommandSpec]] = {}
+        # The lane's commands (sync, not streams): bound handler, spec.
+        self._lane_commands: dict[str, tuple[Callable[..., Any], CommandSpec]] = {}
         self.sessions = SessionCache()
         self.calls = Calls(self.send, self._restore)
         self.running = self.calls.running  # (every call in progress, by id)
@@ -143,39 +143,59 @@ class Worker:
         for message in messages:
             self.on_message(message)
 
-    def plain_calls(self, messages: list[p.Message]) -> list[PlainCall] | None:
-        """The calls of ``messages``, if they are all plain calls.
+    def lane_calls(self, messages: list[p.Message]) -> list[LaneCall] | None:
+        """The calls of ``messages``, if they are all calls the lane runs.
 
-        A plain call has no session and no ``ctx``, and calls a sync command
-        that is not a stream with arguments that fit: most calls. The reader
-        runs them itself, in order (``_Threads._run_plain``), with no queue
-        entry or ``running`` record. None sends ``messages`` the general way,
+        The lane runs a sync command that is not a stream, with arguments
+        that fit: most calls, with a session or a ``ctx`` or without. The
+        reader runs them itself, in order (``Scheduler._run_lane``), with no
+        queue entry; a call without a ``ctx`` or a session needs no
+        ``running`` record either. None sends ``messages`` the general way,
         through ``dispatch``.
         """
-        plain = self._plain
+        plain = self._lane_commands
         if not plain or self._closing or not messages:
             return None
-        calls: list[PlainCall] = []
+        calls: list[LaneCall] = []
+        with_ctx: list[tuple[int, p.Call]] = []  # (made once the read is known to be lane calls)
         for call in messages:
             if type(call) is not _CALL_MESSAGE:
                 return None
             entry = plain.get(call.command)
-            if entry is None or call.mode != _CALL or call.session_id is not None or call.trace:
+            if entry is None or call.mode != _CALL or call.trace:
                 return None
             handler, spec = entry
             kwargs = spec.keyword_arguments(call.args)
             if kwargs is None:
                 return None  # (the general path explains the mismatch)
-            calls.append((call.id, call.command, handler, kwargs))
+            if spec.wants_context or call.session_id is not None:
+                with_ctx.append((len(calls), call))
+            calls.append((call.id, call.command, handler, kwargs, None))
+        for index, message in with_ctx:
+            calls[index] = self._with_ctx(message, calls[index])
         return calls
 
-    def queued_plain(self, plain: PlainCall) -> Running:
-        """A plain call the lane had not started, as a queued call (``start_call``'s)."""
-        call_id, command, handler, kwargs = plain
-        call = p.Call(id=call_id, command=command, args=kwargs)
-        running = self.running[call_id] = Running(
-            call, handler, kwargs, None, self.calls.sync_call_body
-        )
+    def _with_ctx(self, call: p.Call, plain: LaneCall) -> LaneCall:
+        """A lane call with a ``ctx`` (or a session): registered, as a queued call is."""
+        call_id, command, handler, kwargs, _ = plain
+        spec = self.commands[command]
+        ctx, restore = self._context(call)
+        if spec.wants_context:
+            kwargs = {**kwargs, "ctx": ctx}  # (a copy: call.args stays as sent)
+        running = Running(call, handler, kwargs, ctx, self.calls.sync_call_body)
+        if restore:
+            running.restore = ctx
+        self.running[call_id] = running
+        return (call_id, command, handler, kwargs, running)
+
+    def queued_from_lane(self, plain: LaneCall) -> Running:
+        """A call the lane had not started, as a queued call (``start_call``'s)."""
+        call_id, command, handler, kwargs, running = plain
+        if running is None:
+            call = p.Call(id=call_id, command=command, args=kwargs)
+            running = self.running[call_id] = Running(
+                call, handler, kwargs, None, self.calls.sync_call_body
+            )
         return running
 
     def on_message(self, message: p.Message) -> None:
@@ -242,10 +262,10 @@ class Worker:
             self._startup_failed(type_name(exc), str(exc), traceback.format_exc())
             return
         self.commands = dict(cls.commands)
-        self._plain = {
+        self._lane_commands = {
             name: (getattr(self.adapter, spec.attribute), spec)
             for name, spec in self.commands.items()
-            if not (spec.is_async or spec.is_stream or spec.wants_context)
+            if not (spec.is_async or spec.is_stream)
         }
         if self.threads is not None:
             self.threads.limit = max(1, init.concurrency)
@@ -443,6 +463,6 @@ class Worker:
             self.finished.set_result(code)
 
 
-#: (the plain lane's test, read per message)
+#: (the lane's test, read per message)
 _CALL = p.CallMode.CALL
 _CALL_MESSAGE = p.Call

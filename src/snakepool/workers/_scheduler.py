@@ -3,10 +3,12 @@
 Reading uses *leader/follower* threads (:class:`Scheduler`): whichever thread
 holds the "leader" role reads the protocol pipe, dispatches what it read, and
 runs the sync calls it read itself, so a quick call costs two wake-ups (host
--> worker, worker -> host), as in a bare read/answer loop. A *plain* call
-(sync, no session, no ``ctx``, arguments that fit: most calls) read while
-the worker is idle skips the queue and the ``Running`` record: the *plain
-lane*, a policy of the same scheduler fed the same ``Call`` messages. An idle
+-> worker, worker -> host), as in a bare read/answer loop. A call of a sync
+command that is not a stream, with arguments that fit (most calls, with a
+session or a ``ctx`` or without), read while the worker is idle skips the
+queue: the *lane*, a policy of the same scheduler fed the same ``Call``
+messages (a call with neither a session nor a ``ctx`` skips the ``Running``
+record too; one with a ``ctx`` is registered, so a cancel reaches it). An idle
 *watchdog* thread takes the reading over when the leader has been inside one
 call for 2 ms (pings and cancellations keep flowing) and wakes helper threads
 for calls that waited that long. There are at most ``concurrency + 1``
@@ -31,7 +33,7 @@ from typing import Protocol
 
 from .. import protocol as p
 from ..errors import ProtocolError
-from ._calls import Calls, PlainCall, Running
+from ._calls import Calls, LaneCall, Running
 from ._stdio import EXIT_INTERNAL_ERROR, FrameWriter, flush_and_exit
 
 __all__ = ["Scheduler", "SchedulerHost"]
@@ -46,8 +48,8 @@ class SchedulerHost(Protocol):
 
     def decode(self, data: bytes | bytearray | memoryview) -> list[p.Message]: ...
     def dispatch(self, messages: list[p.Message]) -> None: ...
-    def plain_calls(self, messages: list[p.Message]) -> list[PlainCall] | None: ...
-    def queued_plain(self, plain: PlainCall) -> Running: ...
+    def lane_calls(self, messages: list[p.Message]) -> list[LaneCall] | None: ...
+    def queued_from_lane(self, plain: LaneCall) -> Running: ...
 
 
 class Action(enum.Enum):
@@ -112,8 +114,8 @@ class Scheduler:
         self._lock = threading.Lock()
         self._sleepers = threading.Condition(self._lock)
         self._jobs: collections.deque[tuple[Running, float]] = collections.deque()
-        # The plain lane's calls not started yet (see _run_plain).
-        self._lane: collections.deque[PlainCall] = collections.deque()
+        # The lane's calls not started yet (see _run_lane).
+        self._lane: collections.deque[LaneCall] = collections.deque()
         self._running = 0
         self._leader_taken = False
         self._leader_busy_since: float | None = None  # the leader is inside a call
@@ -206,13 +208,13 @@ class Scheduler:
 
         Returns true when the watchdog took the reader role (number ``role``)
         over while this thread was inside a call. The hot path of the worker:
-        a read of plain calls goes to ``_run_plain`` (one lock round trip per
+        a read of plain calls goes to ``_run_lane`` (one lock round trip per
         call); anything else costs one lock round trip after the read and one
         after each call.
         """
         buffer, fd, jobs, lock = self._read_buffer, self.fd, self._jobs, self._lock
         worker = self.worker
-        decode, dispatch, plain_calls = worker.decode, worker.dispatch, worker.plain_calls
+        decode, dispatch, lane_calls = worker.decode, worker.dispatch, worker.lane_calls
         large = False  # the last read was full: read into the large buffer
         while True:
             chunk = b""
@@ -234,9 +236,9 @@ class Scheduler:
                 messages = decode(chunk)
                 # Nothing queued or running (only the reader queues calls, and
                 # we are it): plain calls may run right here, without a queue.
-                calls = plain_calls(messages) if not jobs and not self._running else None
+                calls = lane_calls(messages) if not jobs and not self._running else None
                 if calls is not None:
-                    if not self._run_plain(calls, role):
+                    if not self._run_lane(calls, role):
                         return True  # the watchdog took reading over: follow
                     continue
                 dispatch(messages)
@@ -297,7 +299,7 @@ class Scheduler:
                 self._role += 1  # the busy leader finds out when its call ends
                 self._leader_busy_since = None
                 if self._lane:  # calls read with the long one: queued, first in line
-                    queued = map(self.worker.queued_plain, reversed(self._lane))
+                    queued = map(self.worker.queued_from_lane, reversed(self._lane))
                     self._jobs.extendleft((job, now) for job in queued)
                     self._lane.clear()
                 self._wake_helpers_locked()
@@ -320,13 +322,14 @@ class Scheduler:
                 self._lock.acquire()
         return _EXIT, None, None
 
-    def _run_plain(self, calls: list[PlainCall], role: int) -> bool:
-        """Run plain calls the leader read, in order, in one slot; false if it lost the role.
+    def _run_lane(self, calls: list[LaneCall], role: int) -> bool:
+        """Run the lane calls the leader read, in order, in one slot; false if it lost the role.
 
-        The *plain lane* (see ``Worker.plain_calls``): what ``_lead`` and
-        ``Worker._sync_call_body`` do with queued calls, minus the queue and
-        the ``Running``, written out in one function: a Python
-        call costs about as much here as the no-op call itself. If one call
+        The *lane* (see ``Worker.lane_calls``): what ``_lead`` and
+        ``Calls.sync_call_body`` do with queued calls, minus the queue (and,
+        for a call without a ``ctx``, the ``Running``), written out in one
+        function: a Python call costs about as much here as the no-op call
+        itself. A call with a ``ctx`` runs its ``Running`` body. If one call
         takes long, the watchdog takes the reader role over and moves the
         calls not started yet to the front of the queue (``_watch_locked``):
         from there they can run side by side, be cancelled or withdrawn.
@@ -344,7 +347,7 @@ class Scheduler:
             lane.extend(calls)
             self._running += 1
             while lane:
-                call_id, command, handler, kwargs = lane.popleft()
+                call_id, command, handler, kwargs, running = lane.popleft()
                 now = time.monotonic()
                 if leading:
                     leading = role == self._role
@@ -353,6 +356,9 @@ class Scheduler:
                 self._started_locked(now)
                 lock.release()
                 try:
+                    if running is not None:  # (a ctx: restored, run, answered as if queued)
+                        running()
+                        continue
                     value = handler(**kwargs)
                 except BaseException as exc:
                     worker.calls.report_error(call_id, command, exc, traceback.format_exc())
