@@ -82,6 +82,12 @@ class PendingCall(p.Call):
         self.timeout = timeout  # (on the wire; `limit` is the host's)
         self.session_id = session_id
         self.trace = trace
+        # (read on every call: set here, since reading a class-level default
+        # through an instance is an unspecialised lookup on Python 3.11)
+        self.error = None
+        self.probe = False
+        self._done = None
+        self._items_in = None
         if mode == _STREAM:
             self._items_in, self.items = anyio.create_memory_object_stream[Any](math.inf)
 

@@ -51,7 +51,7 @@ class CallCounts:
     """Calls of one pool: per (command, worker slot), a latency histogram; per
     (command, outcome category), the failures. Successes are the rest."""
 
-    __slots__ = ("_commands", "cells", "failed")
+    __slots__ = ("_by_slot", "_commands", "cells", "failed")
 
     def __init__(self) -> None:
         #: (command, slot) -> [count per bucket ..., sum of seconds]
@@ -59,21 +59,26 @@ class CallCounts:
         #: (command, category) -> failed calls
         self.failed: collections.Counter[tuple[str, str]] = collections.Counter()
         self._commands: set[str] = set()
+        #: slot -> command -> its cell (the cells again, looked up per call without a tuple)
+        self._by_slot: dict[int, dict[str, list[Any]]] = {}
 
     def ok(self, command: str, slot: int, started: float) -> None:
         """A call that succeeded (``started``: its ``time.perf_counter()``)."""
         seconds = _perf_counter() - started
-        cell = self.cells.get((command, slot))
-        if cell is None:
+        try:
+            cell = self._by_slot[slot][command]
+        except KeyError:
             cell = self._cell(command, slot)
         cell[bisect_left(BUCKETS, seconds)] += 1
         cell[_SUM] += seconds
 
     def _cell(self, command: str, slot: int) -> list[Any]:
-        command = self._counted_as(command)
-        cell = self.cells.get((command, slot))
+        counted = self._counted_as(command)
+        cell = self.cells.get((counted, slot))
         if cell is None:
-            cell = self.cells[(command, slot)] = [0] * _N + [0.0]
+            cell = self.cells[(counted, slot)] = [0] * _N + [0.0]
+        if counted == command:  # (names counted as OTHER are not kept: they are unbounded)
+            self._by_slot.setdefault(slot, {})[command] = cell
         return cell
 
     def _counted_as(self, command: str) -> str:
