@@ -108,7 +108,8 @@ class Calls:
     ) -> None:
         self.running: dict[int, Running] = {}
         self._send = send
-        self._restore = restore  # restore_session, before a moved session's first call
+        #: restore_session, before a moved session's first call (the lane calls it too)
+        self.restore = restore
 
     # sync handlers run on the scheduler's threads and write their own outcome.
 
@@ -116,7 +117,7 @@ class Calls:
         call = running.call
         try:
             if running.restore is not None:
-                self._restore(running.restore)
+                self.restore(running.restore)
             value = running.handler(**running.args)
         except BaseException as exc:
             self.finish_error(call, exc, traceback.format_exc())
@@ -128,7 +129,7 @@ class Calls:
         assert credit is not None
         try:
             if running.restore is not None:
-                self._restore(running.restore)
+                self.restore(running.restore)
             generator: Generator[Any, None, None] = running.handler(**running.args)
             try:
                 for item in generator:
@@ -155,7 +156,7 @@ class Calls:
         call = running.call
         try:
             if running.restore is not None:
-                self._restore(running.restore)
+                self.restore(running.restore)
             value = await running.handler(**running.args)
         except BaseException as exc:
             self.finish_error(call, exc, traceback.format_exc())
@@ -167,7 +168,7 @@ class Calls:
         assert credit is not None
         try:
             if running.restore is not None:
-                self._restore(running.restore)
+                self.restore(running.restore)
         except BaseException as exc:
             self.finish_error(call, exc, traceback.format_exc())
             return

@@ -329,12 +329,15 @@ class Scheduler:
         ``Calls.sync_call_body`` do with queued calls, minus the queue (and,
         for a call without a ``ctx``, the ``Running``), written out in one
         function: a Python call costs about as much here as the no-op call
-        itself. A call with a ``ctx`` runs its ``Running`` body. If one call
+        itself. A call with a ``ctx`` is registered (a cancel reaches it), so
+        it is answered only if still registered, and fails as a queued one
+        would. If one call
         takes long, the watchdog takes the reader role over and moves the
         calls not started yet to the front of the queue (``_watch_locked``):
         from there they can run side by side, be cancelled or withdrawn.
         """
         worker, lock, lane = self.worker, self._lock, self._lane
+        calls_in_progress, restore = worker.calls.running, worker.calls.restore
         send_parts, writer = worker.conn.send_parts, worker.writer
         assert writer is not None
         # One Result message for the lane's answers, refilled for each: it is
@@ -356,13 +359,17 @@ class Scheduler:
                 self._started_locked(now)
                 lock.release()
                 try:
-                    if running is not None:  # (a ctx: restored, run, answered as if queued)
-                        running()
-                        continue
+                    if running is not None and running.restore is not None:
+                        restore(running.restore)  # (its session moved here: rebuilt first)
                     value = handler(**kwargs)
                 except BaseException as exc:
-                    worker.calls.report_error(call_id, command, exc, traceback.format_exc())
+                    if running is None:
+                        worker.calls.report_error(call_id, command, exc, traceback.format_exc())
+                    else:  # (registered: it may have been cancelled)
+                        worker.calls.finish_error(running.call, exc, traceback.format_exc())
                 else:
+                    if running is not None and calls_in_progress.pop(call_id, None) is None:
+                        continue  # (answered already: cancelled as the worker stopped)
                     result.id, result.value = call_id, value
                     try:
                         parts = send_parts(result)
