@@ -9,7 +9,8 @@ difference between a run of N calls and a run of none (start-up cancels out):
   ``echo`` calls (its workers run natively, not under valgrind);
 - ``worker``: one worker process (``python -m snakepool.workers``) fed batches
   of 32 calls over its pipes: plain calls of a no-op, and session calls whose
-  handler reads ``ctx.variables`` (32 sessions, synced once).
+  handler reads ``ctx.variables`` (32 sessions, synced once; the adapter of
+  ``stress/session_calls.py``).
 
 Each SRC is a source tree (its ``src`` folder); the same one twice gives the
 same numbers to within a few dozen instructions. Needs valgrind (``apt-get
@@ -34,6 +35,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from session_calls import ADAPTER_SOURCE  # (noop, and read of ctx.variables)
+
 REPO = Path(__file__).resolve().parents[1]
 HOST = """
 import asyncio, sys
@@ -50,19 +53,7 @@ asyncio.run(main(int(sys.argv[1])))
 WORKER = """
 import os, sys
 from snakepool import protocol as p
-ADAPTER = '''
-from snakepool.adapters import Adapter, CallContext, command
-class Bench(Adapter):
-    @command
-    def noop(self, value: int = 0) -> int:
-        return value
-    @command
-    def read(self, ctx: CallContext) -> float:
-        return ctx.variables["temperature"]
-'''
 kind, n, folder, src, valgrind = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5:]
-with open(os.path.join(folder, "instr_bench.py"), "w") as f:
-    f.write(ADAPTER)
 proc = __import__("subprocess").Popen(  # (this driver speaks with this checkout's protocol)
     [*valgrind, sys.executable, "-m", "snakepool.workers"], stdin=-1, stdout=-1, stderr=-3,
     env={**os.environ, "PYTHONPATH": src},
@@ -77,7 +68,7 @@ def answers(k):
                 raise SystemExit(m.message)
             k -= isinstance(m, (p.Result, p.Hello))
 send(host.send(p.Init(version=p.PROTOCOL_VERSION, worker_id=0, pool="b",
-                      adapter="instr_bench:Bench", sys_path=[folder])))
+                      adapter="session_bench:SessionBench", sys_path=[folder])))
 answers(1)
 for s in range(32):
     send(host.send(p.SessionSync(session_id=f"s{s}", version=1,
@@ -126,6 +117,7 @@ def per_call(src: Path, what: str, calls: int) -> dict[str, int]:
     found: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
+        (folder / "session_bench.py").write_text(ADAPTER_SOURCE)  # (session_calls.py's)
         if what in ("host", "both"):
             none = _run(src, folder, HOST, ["0"], worker=False)
             found["host, sequential echo"] = (

@@ -91,16 +91,20 @@ async def test_session_outlives_its_worker(store: str) -> None:
             assert recalled["restored_on"] == recalled["pid"]
 
 
+@pytest.mark.parametrize("waits_in", ["the worker", "the host's queue"])
 async def test_a_session_call_its_dead_worker_never_started_runs_on_another(
-    store: str, tmp_path: Path
+    store: str, tmp_path: Path, waits_in: str
 ) -> None:
-    # The session's second call is sent ahead to its busy worker (strict: it
-    # waits for that worker); the worker dies before starting it: it runs on
-    # another worker, restored first.
+    # The session's second call waits for its busy worker (strict: only that
+    # one will do): sent ahead into it, or, with nothing sent ahead
+    # (send_ahead=0), in the pool's queue for it. The worker dies before
+    # starting it: it runs on another worker, restored first.
     release = tmp_path / "release"
     outcomes: dict[str, object] = {}
+    in_queue = waits_in == "the host's queue"
+    options = {"send_ahead": 0} if in_queue else {}
     async with snakepool.Pool(
-        ADAPTER, size=2, session_store=store, affinity="strict_queue"
+        ADAPTER, size=2, session_store=store, affinity="strict_queue", **options
     ) as pool:
         async with pool.session() as session:
             home_pid = await session.call("remember", {"key": "k", "value": 7})
@@ -112,53 +116,20 @@ async def test_a_session_call_its_dead_worker_never_started_runs_on_another(
                 except WorkerCrashed as exc:
                     outcomes[name] = exc
 
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(run, "started", "hold", {"release": str(release)})
-                await wait_until(lambda: len(home.pending) == 1)
-                tg.start_soon(run, "held", "recall", {"key": "k"})
-                await wait_until(lambda: len(home.pending) == 2)  # sent ahead, not started
-                os.kill(home_pid, signal.SIGKILL)
-    assert isinstance(outcomes["started"], WorkerCrashed)
-    held = outcomes["held"]
-    assert isinstance(held, dict)
-    assert held["value"] == 7 and held["pid"] != home_pid and held["restored_on"] == held["pid"]
-
-
-async def test_a_session_call_queued_for_its_worker_that_dies_runs_on_another(
-    store: str, tmp_path: Path
-) -> None:
-    # With nothing sent ahead (send_ahead=0), the session's second call waits
-    # in the pool's queue for its busy worker; that worker dies: the call
-    # leaves the queue and runs on another worker, restored first.
-    release = tmp_path / "release"
-    outcomes: dict[str, object] = {}
-    async with snakepool.Pool(
-        ADAPTER, size=2, session_store=store, affinity="strict_queue", send_ahead=0
-    ) as pool:
-        async with pool.session() as session:
-            home_pid = await session.call("remember", {"key": "k", "value": 7})
-            home = pool._sessions.bindings[session.id]
-
-            async def run(name: str, command: str, args: dict[str, object]) -> None:
-                try:
-                    outcomes[name] = await session.call(command, args)
-                except WorkerCrashed as exc:
-                    outcomes[name] = exc
+            def waiting() -> bool:
+                return pool.statistics().queued == 1 if in_queue else len(home.pending) == 2
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(run, "started", "hold", {"release": str(release)})
                 await wait_until(lambda: len(home.pending) == 1)
-                tg.start_soon(run, "queued", "recall", {"key": "k"})
-                await wait_until(lambda: pool.statistics().queued == 1)  # in the host's queue
+                tg.start_soon(run, "waiting", "recall", {"key": "k"})
+                await wait_until(waiting)  # (not started)
                 os.kill(home_pid, signal.SIGKILL)
     assert isinstance(outcomes["started"], WorkerCrashed)
-    queued = outcomes["queued"]
-    assert isinstance(queued, dict)
-    assert (
-        queued["value"] == 7
-        and queued["pid"] != home_pid
-        and queued["restored_on"] == queued["pid"]
-    )
+    waited = outcomes["waiting"]
+    assert isinstance(waited, dict)
+    assert waited["value"] == 7 and waited["pid"] != home_pid
+    assert waited["restored_on"] == waited["pid"]
 
 
 async def test_sessions_made_under_load_send_their_later_calls_directly(
