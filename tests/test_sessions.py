@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -130,6 +131,40 @@ async def test_a_session_call_its_dead_worker_never_started_runs_on_another(
     assert isinstance(waited, dict)
     assert waited["value"] == 7 and waited["pid"] != home_pid
     assert waited["restored_on"] == waited["pid"]
+
+
+async def test_a_session_call_stays_behind_its_queued_one_when_its_ttl_is_due(
+    store: str, tmp_path: Path
+) -> None:
+    # Both workers busy: the session's second call waits in the pool's queue
+    # for its worker. Its TTL comes due, the other worker frees: the third
+    # call must still wait behind the second (it used to take the slow route
+    # to refresh the TTL and, with hint, run first on the free worker).
+    home_free, other_free = tmp_path / "home", tmp_path / "other"
+    async with snakepool.Pool(ADAPTER, size=2, session_store=store, send_ahead=0) as pool:
+        manager = pool._sessions
+        async with pool.session(ttl=2.0) as session:
+            home_pid = (await session.call("whoami"))["pid"]
+            home = manager.bindings[session.id]
+            outcomes: dict[str, object] = {}
+
+            async def run(name: str, command: str, args: dict[str, object]) -> None:
+                outcomes[name] = await session.call(command, args)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run, "holding", "hold", {"release": str(home_free)})
+                await wait_until(lambda: len(home.pending) == 1)
+                tg.start_soon(pool.call, "hold", {"release": str(other_free)})
+                await wait_until(lambda: sum(len(w.pending) for w in pool._workers) == 2)
+                tg.start_soon(run, "second", "whoami", {})
+                await wait_until(lambda: pool.statistics().queued == 1)
+                await wait_until(lambda: manager._touch_due[session.id] <= time.monotonic())
+                other_free.touch()
+                await wait_until(lambda: sum(len(w.pending) for w in pool._workers) == 1)
+                tg.start_soon(run, "third", "whoami", {})
+                await wait_until(lambda: pool.statistics().queued == 2)  # behind the second
+                home_free.touch()
+    assert outcomes["second"] == outcomes["third"] == {"pid": home_pid, "session": session.id}
 
 
 async def test_sessions_made_under_load_send_their_later_calls_directly(

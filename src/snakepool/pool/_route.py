@@ -484,14 +484,6 @@ class CallRoute:
 
     # --- choosing a worker (synchronous decisions) ---------------------------------
 
-    async def _place_again(self, call: PendingCall) -> None:
-        """A session's call its dead worker never started, on the session's route
-        again (its caller still waits on it, up to its deadline)."""
-        try:
-            await self._sessions.place(call, call.frame)
-        except SnakepoolError as exc:
-            call.fail(exc)
-
     def send_again(self, call: PendingCall) -> None:
         """``call`` left its worker without starting (withdrawn, or the worker
         died): send it to a free worker, or queue it first in line."""
@@ -501,9 +493,12 @@ class CallRoute:
             return  # its caller has left, or leaves at its deadline
         if self.loop.time() >= call.deadline:
             return  # (its timer runs later in this loop turn: never sent again)
-        if call.session_id is not None and self._parts.lifecycle.state is _RUNNING:
-            # (its session's worker died: another one is made current first)
-            self._parts.background.group.start_soon(self._place_again, call)
+        if call.session_id is not None:
+            # (its session's worker died: another one is made current first, on
+            # the session's route, entered now: calls sent again keep their order)
+            running = self._parts.lifecycle.state is _RUNNING
+            if not (running and self._sessions.place_soon(call, call.frame)):
+                call.fail(PoolClosed(f"pool {self.name!r} closed before call {call.command!r} ran"))
             return
         worker = self._dispatcher.try_reserve_first() if call.frame else None
         if worker is not None:

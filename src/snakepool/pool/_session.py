@@ -252,10 +252,11 @@ class SessionManager:
         home = self.bindings.get(session_id)
         if home is None or not home.is_ready:
             return False  # (not bound yet, or its worker died: the slow route binds it)
-        if self._touch_due.get(session_id, 0.0) <= time.monotonic():
-            return False  # its TTL is due for a refresh
+        behind = self._waits_in_queue(session_id)  # (then it queues behind that call)
+        if not behind and self._touch_due.get(session_id, 0.0) <= time.monotonic():
+            return False  # its TTL is due for a refresh (the slow route refreshes it)
         worker = None
-        if not self._waits_in_queue(session_id):  # (else: behind its earlier call, below)
+        if not behind:
             # Hint's fallback to a free worker that is not current would first
             # need a store read, which costs more than waiting in the session's
             # own current worker: then only a current one will do.
@@ -304,6 +305,17 @@ class SessionManager:
             return True
         del self._queued[session_id]  # (sent, or gone)
         return False
+
+    def place_soon(self, call: PendingCall, frame: bytes) -> bool:
+        """``place`` from a background task, its place on the session's route
+        taken now (so calls placed one after another keep their order); false
+        once the pool is closing (nothing is placed)."""
+        session_id = call.session_id
+        assert session_id is not None
+        if self.spawn is None:
+            return False
+        self.spawn(self._place_on_route, call, frame, self._enter_route(session_id), None)
+        return True
 
     async def place(self, call: PendingCall, frame: bytes) -> None:
         """Send a session's call once its worker is chosen (by affinity) and
