@@ -24,6 +24,7 @@ import snakepool
 from conftest import free_port
 from snakepool import CallTimeout, SessionNotFound, SessionStoreUnavailable
 from snakepool.pool._redis_store import RedisSessionStore
+from snakepool.testing import stop_redis_server
 from waiting import wait_for, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -52,12 +53,7 @@ def redis_process(*args: str, ready: Any) -> Iterator[subprocess.Popen[bytes]]:
     finally:
         if process.poll() is None:
             os.kill(process.pid, signal.SIGCONT)  # (a frozen one must hear the TERM)
-            process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_redis_server(process)
 
 
 def _pings(url: str, **options: Any) -> bool:

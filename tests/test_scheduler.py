@@ -57,7 +57,7 @@ class FakeWorker:
     def lane_calls(self, messages: list[p.Message]) -> list[LaneCall] | None:
         return None  # (the general path: every call is queued)
 
-    def queued_from_lane(self, plain: LaneCall) -> Running:
+    def queued_from_lane(self, entry: LaneCall) -> Running:
         raise AssertionError("no lane here")
 
     def _body(self, running: Running) -> None:

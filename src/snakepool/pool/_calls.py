@@ -72,7 +72,8 @@ class PendingCall(p.Call):
         self.expired = False  # its deadline passed
         self.frame = b""  # the Call frame, to send it again if it never started
         self.deadline = 0.0  # (event-loop time) when it expires (inf: never)
-        self.limit: float | None = None  # its time limit in seconds (None: none)
+        # its time limit in seconds (None: none); a stream's is per item (CallStream)
+        self.limit: float | None = timeout
         self.started = 0.0  # (time.perf_counter()) when its caller made it
         self.sent = False  # sent to a worker, or queued (the hand-off sends it)
         self.in_store = False  # its session is being read from the store (a timeout says so)

@@ -454,14 +454,19 @@ class Dispatcher:
         """Waiters that wanted only this worker now take any (their session
         moves); the queued calls that wanted only it leave the queue and are
         returned, in order (their session's route sends them again)."""
-        orphans = [w for w in self._waiters if w.want is worker and w.call is not None]
+        orphans: list[PendingCall] = []
+        kept: list[_Waiter] = []
         for waiter in self._waiters:
             if waiter.want is worker:
+                if waiter.call is not None:
+                    orphans.append(waiter.call)
+                    continue
                 waiter.want = None
-        for waiter in orphans:
-            self._waiters.remove(waiter)
+            kept.append(waiter)
+        self._waiters.clear()
+        self._waiters.extend(kept)
         self.hand_off_any()
-        return [waiter.call for waiter in orphans if waiter.call is not None]
+        return orphans
 
     def fail_all(self, error: SnakepoolError) -> None:
         for waiter in self._waiters:

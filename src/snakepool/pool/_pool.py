@@ -489,7 +489,6 @@ class Pool(LifecycleOwner):
         if not self.closed:
             self._exits.add(worker)
         for call in self._dispatcher.on_worker_exit(worker):
-            call.queued = None
             self._route.send_again(call)  # (a session's call queued for it: another worker)
         if self._drained is not None and not any(w.pending for w in self._workers):
             self._drained.set()

@@ -144,10 +144,6 @@ class CallRoute:
                 raise
             call.span = span
         call.started = started
-        if mode == _STREAM:
-            call.limit = None  # (a stream's timeout bounds each item: see CallStream)
-        else:
-            call.limit = self._call_timeout if timeout is None else float(timeout)
         return call, frame
 
     def send(self, call: PendingCall, frame: bytes) -> None:
@@ -487,7 +483,7 @@ class CallRoute:
     def send_again(self, call: PendingCall) -> None:
         """``call`` left its worker without starting (withdrawn, or the worker
         died): send it to a free worker, or queue it first in line."""
-        call.worker = call.want = None
+        call.worker = call.want = call.queued = None
         call.withdrawing = False
         if call.finished or call.abandoned or call.expired:
             return  # its caller has left, or leaves at its deadline

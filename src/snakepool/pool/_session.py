@@ -225,22 +225,8 @@ class SessionManager:
             call.fail(exc)
             return
         # (not live: the slow route's read says whether it expired or never was)
-        if self.spawn is None:
+        if not self.place_soon(call, frame, versions):
             call.fail(PoolClosed(f"pool {self.name!r} closed before call {call.command!r} ran"))
-            return
-        self.spawn(self._place_on_route, call, frame, self._enter_route(session_id), versions)
-
-    async def _place_on_route(
-        self,
-        call: PendingCall,
-        frame: bytes,
-        route: _Route,
-        versions: tuple[int, int] | None,
-    ) -> None:
-        try:
-            await self._on_route(call, frame, route, versions)
-        except SnakepoolError as exc:
-            call.fail(exc)
 
     def _send_if_current(
         self, session_id: str, call: PendingCall, frame: bytes, versions: tuple[int, int]
@@ -306,15 +292,26 @@ class SessionManager:
         del self._queued[session_id]  # (sent, or gone)
         return False
 
-    def place_soon(self, call: PendingCall, frame: bytes) -> bool:
+    def place_soon(
+        self, call: PendingCall, frame: bytes, versions: tuple[int, int] | None = None
+    ) -> bool:
         """``place`` from a background task, its place on the session's route
-        taken now (so calls placed one after another keep their order); false
-        once the pool is closing (nothing is placed)."""
+        taken now (so calls placed one after another keep their order); a
+        failure fails the call. ``versions``: as read since the call began.
+        False once the pool is closing (nothing is placed)."""
         session_id = call.session_id
         assert session_id is not None
         if self.spawn is None:
             return False
-        self.spawn(self._place_on_route, call, frame, self._enter_route(session_id), None)
+        route = self._enter_route(session_id)
+
+        async def on_route() -> None:
+            try:
+                await self._on_route(call, frame, route, versions)
+            except SnakepoolError as exc:
+                call.fail(exc)
+
+        self.spawn(on_route)
         return True
 
     async def place(self, call: PendingCall, frame: bytes) -> None:

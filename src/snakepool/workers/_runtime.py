@@ -153,15 +153,15 @@ class Worker:
         ``running`` record either. None sends ``messages`` the general way,
         through ``dispatch``.
         """
-        plain = self._lane_commands
-        if not plain or self._closing or not messages:
+        commands = self._lane_commands
+        if not commands or self._closing or not messages:
             return None
         calls: list[LaneCall] = []
         with_ctx: list[tuple[int, p.Call]] = []  # (made once the read is known to be lane calls)
         for call in messages:
             if type(call) is not _CALL_MESSAGE:
                 return None
-            entry = plain.get(call.command)
+            entry = commands.get(call.command)
             if entry is None or call.mode != _CALL or call.trace:
                 return None
             handler, spec = entry
@@ -175,22 +175,17 @@ class Worker:
             calls[index] = self._with_ctx(message, calls[index])
         return calls
 
-    def _with_ctx(self, call: p.Call, plain: LaneCall) -> LaneCall:
+    def _with_ctx(self, call: p.Call, entry: LaneCall) -> LaneCall:
         """A lane call with a ``ctx`` (or a session): registered, as a queued call is."""
-        call_id, command, handler, kwargs, _ = plain
-        spec = self.commands[command]
-        ctx, restore = self._context(call)
-        if spec.wants_context:
-            kwargs = {**kwargs, "ctx": ctx}  # (a copy: call.args stays as sent)
-        running = Running(call, handler, kwargs, ctx, self.calls.sync_call_body)
-        if restore:
-            running.restore = ctx
-        self.running[call_id] = running
-        return (call_id, command, handler, kwargs, running)
+        call_id, command, handler, kwargs, _ = entry
+        running = self._register(
+            call, self.commands[command], handler, kwargs, self.calls.sync_call_body
+        )
+        return (call_id, command, handler, running.args, running)
 
-    def queued_from_lane(self, plain: LaneCall) -> Running:
+    def queued_from_lane(self, entry: LaneCall) -> Running:
         """A call the lane had not started, as a queued call (``start_call``'s)."""
-        call_id, command, handler, kwargs, running = plain
+        call_id, command, handler, kwargs, running = entry
         if running is None:
             call = p.Call(id=call_id, command=command, args=kwargs)
             running = self.running[call_id] = Running(
@@ -321,12 +316,6 @@ class Worker:
                 )
                 return
             kwargs = keyword_arguments(spec, bound)
-        ctx = None
-        restore = False
-        if spec.wants_context or call.session_id is not None:
-            ctx, restore = self._context(call)
-            if spec.wants_context:
-                kwargs["ctx"] = ctx
         handler = getattr(self.adapter, spec.attribute)
         if call.trace is not None:  # (OpenTelemetry: the host's span is the parent)
             handler = in_trace(
@@ -336,19 +325,40 @@ class Worker:
         if spec.is_async:
             # Async calls queue like sync ones (same order, same limit); taking
             # one off the queue starts its task on the loop.
-            running = Running(call, handler, kwargs, ctx, self._launch, is_async=True)
+            running = self._register(call, spec, handler, kwargs, self._launch, is_async=True)
             if spec.is_stream:
                 running.async_credit = asyncio.Semaphore(p.STREAM_WINDOW)
         elif spec.is_stream:
-            running = Running(call, handler, kwargs, ctx, self.calls.sync_stream_body)
+            running = self._register(call, spec, handler, kwargs, self.calls.sync_stream_body)
             running.thread_credit = threading.Semaphore(p.STREAM_WINDOW)
         else:  # the common case: a plain sync call
-            running = Running(call, handler, kwargs, ctx, self.calls.sync_call_body)
+            running = self._register(call, spec, handler, kwargs, self.calls.sync_call_body)
+        assert self.threads is not None
+        self.threads.submit(running)
+
+    def _register(
+        self,
+        call: p.Call,
+        spec: CommandSpec,
+        handler: Callable[..., Any],
+        kwargs: dict[str, Any],
+        body: Callable[[Running], None],
+        *,
+        is_async: bool = False,
+    ) -> Running:
+        """The call's record in ``running``, with its ``ctx`` when it has one (or a
+        session), set to restore its session first if a restore is pending."""
+        ctx = None
+        restore = False
+        if spec.wants_context or call.session_id is not None:
+            ctx, restore = self._context(call)
+            if spec.wants_context:
+                kwargs = {**kwargs, "ctx": ctx}  # (a copy: call.args stays as sent)
+        running = Running(call, handler, kwargs, ctx, body, is_async=is_async)
         if restore:
             running.restore = ctx
         self.running[call.id] = running
-        assert self.threads is not None
-        self.threads.submit(running)
+        return running
 
     def _launch(self, running: Running) -> None:
         """Start an async call's task on the loop (its queue slot is held until it ends)."""
