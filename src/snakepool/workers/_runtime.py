@@ -171,17 +171,12 @@ class Worker:
             if spec.wants_context or call.session_id is not None:
                 with_ctx.append((len(calls), call))
             calls.append((call.id, call.command, handler, kwargs, None))
-        for index, message in with_ctx:
-            calls[index] = self._with_ctx(message, calls[index])
+        body = self.calls.sync_call_body
+        for index, message in with_ctx:  # (registered, as a queued call is)
+            call_id, command, handler, kwargs, _ = calls[index]
+            running = self._register(message, self.commands[command], handler, kwargs, body)
+            calls[index] = (call_id, command, handler, running.args, running)
         return calls
-
-    def _with_ctx(self, call: p.Call, entry: LaneCall) -> LaneCall:
-        """A lane call with a ``ctx`` (or a session): registered, as a queued call is."""
-        call_id, command, handler, kwargs, _ = entry
-        running = self._register(
-            call, self.commands[command], handler, kwargs, self.calls.sync_call_body
-        )
-        return (call_id, command, handler, running.args, running)
 
     def queued_from_lane(self, entry: LaneCall) -> Running:
         """A call the lane had not started, as a queued call (``start_call``'s)."""
