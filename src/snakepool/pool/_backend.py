@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import anyio
 import anyio.abc
 
-__all__ = ["Loop", "NotStarted", "Waiter", "current_loop", "running_on_asyncio"]
+__all__ = ["Loop", "NotStarted", "Waiter", "Wakeup", "current_loop", "running_on_asyncio"]
 
 
 def running_on_asyncio() -> bool:
@@ -32,12 +32,18 @@ def running_on_asyncio() -> bool:
     return True
 
 
-class Waiter(Protocol):
-    """A one-shot wake-up: an ``asyncio.Future`` on asyncio, :class:`_EventWaiter` elsewhere."""
+class Wakeup(Protocol):
+    """What wakes a call's caller, as the route sees it: set once (the answer,
+    the deadline or the pool closing), then done. A caller that is not a
+    coroutine (the socket server) passes one of its own that calls it back."""
 
     def done(self) -> bool: ...
 
     def set_result(self, result: None) -> None: ...
+
+
+class Waiter(Wakeup, Protocol):
+    """A one-shot wake-up to await: an ``asyncio.Future`` on asyncio, :class:`_EventWaiter` elsewhere."""
 
     def __await__(self) -> Generator[Any, None, Any]: ...
 

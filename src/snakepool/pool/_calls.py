@@ -10,7 +10,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .. import protocol as p
 from ..errors import BadArguments, RemoteError, SnakepoolError, UnknownCommand, WrongMode
-from ._backend import Waiter
+from ._backend import Wakeup
 
 __all__ = ["PendingCall", "failure_to_exception"]
 
@@ -24,7 +24,8 @@ class PendingCall(p.Call):
 
     The worker handle's reader resolves it (``resolve``/``fail``/``push``/
     ``end``); the caller waits on ``waiter`` (a bare future on asyncio: see
-    ``_backend``) or reads ``items`` (streams). ``done``, an event made on
+    ``_backend``; or is called back by it: the socket server) or reads
+    ``items`` (streams). ``done``, an event made on
     first use, is for background watchers. ``abandoned`` means the caller
     left (timeout, cancellation, a stream closed early): the answer is then
     dropped when it arrives.
@@ -81,7 +82,7 @@ class PendingCall(p.Call):
         self.want: Any = None  # the only worker it may go to (a session's, current for it)
         self.withdrawing = False  # asked back from its worker (it may have started already)
         self.probe = False  # the circuit breaker's half-open probe: report its outcome
-        self.waiter: Waiter | None = None
+        self.waiter: Wakeup | None = None
         self.span: Any = None  # its OpenTelemetry span, when the pool traces calls
         self.value: Any = None
         self.error: SnakepoolError | None = None

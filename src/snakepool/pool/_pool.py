@@ -374,13 +374,20 @@ class Pool(LifecycleOwner):
         ``PoolOverloaded`` if the queue is full. Failures are logged and
         counted in ``statistics()``, never raised.
         """
+        self._cast_nowait(command, args, session)
+        await anyio.lowlevel.checkpoint()
+
+    def _cast_nowait(
+        self, command: str, args: Mapping[str, Any] | None, session: str | None = None
+    ) -> None:
+        """``cast`` for a caller that does not await (the socket server): the
+        call is sent or queued when this returns (or it raised)."""
         route = self._route
         call, frame = route.new_call(
             command, args, None, session, p.CallMode.CAST, time.perf_counter()
         )
         route.send(call, frame)
         self._background.group.start_soon(route.finish_cast, call, frame)
-        await anyio.lowlevel.checkpoint()
 
     def session(self, session_id: str | None = None, *, ttl: float | None = None) -> Session:
         """A session: a new one, or (given an id) the existing one it reattaches to.

@@ -11,7 +11,8 @@ without a session, on any event loop::
                  goes to its worker when that worker is current (no store read)
     place()      only a session call that send() left: its worker is chosen by
                  affinity and brought up to date from the store, then it is sent
-    await call.waiter   the answer wakes it, or its deadline (one timer per bucket)
+    await call.waiter   the answer wakes it, or its deadline (one timer per bucket);
+                 (the socket server passes a waiter that calls it back instead)
     outcome()    count it, feed the breaker, apply the recovery policy; the value
                  or the mapped exception (RemoteError, WorkerCrashed, CallTimeout...)
 
@@ -46,7 +47,7 @@ from ..errors import (
     WorkerCrashed,
 )
 from ..observability._tracing import CallTracer, tracer_for
-from ._backend import Loop, NotStarted
+from ._backend import Loop, NotStarted, Wakeup
 from ._calls import PendingCall
 from ._counters import NO_WORKER, CallCounts
 from ._deadlines import Deadlines
@@ -146,9 +147,10 @@ class CallRoute:
         call.started = started
         return call, frame
 
-    def send(self, call: PendingCall, frame: bytes) -> None:
+    def send(self, call: PendingCall, frame: bytes, waiter: Wakeup | None = None) -> None:
         """Ask the breaker, then send ``call`` to a worker, or queue it (or leave
-        a session call that needs its store to ``place``); its deadline starts now."""
+        a session call that needs its store to ``place``); its deadline starts now.
+        ``waiter`` wakes the caller (default: a new one of the loop's, to await)."""
         if not self._breaker.closed:
             call.probe = self.admit(call.command)
         deadlines = self.deadlines
@@ -167,7 +169,7 @@ class CallRoute:
             # read before this task yields. One deadline for queueing and
             # running: it marks the call expired (a hand-off in the deadline's
             # own loop turn then does not send it late).
-            call.waiter = self.loop.new_waiter()
+            call.waiter = self.loop.new_waiter() if waiter is None else waiter
             limit = call.limit
             call.deadline = _NO_DEADLINE if limit is None else deadlines.add(call, limit)
             if not call.sent and (call.session_id is None or call.want is not None):

@@ -1,11 +1,12 @@
 """One client connection of the socket server, as an asyncio protocol.
 
 Speed. Bytes are decoded in batches as they arrive (whole frames of a read
-at once). A plain call or cast runs the pool's own ``call``/``cast`` without
-a task (:class:`Eager`): it reaches its worker within the read that brought
-it; other requests are tasks. Answers are encoded into a list that is
-written once per event-loop iteration, so 64 answers ready together cost
-one write.
+at once). A plain call or cast takes its pool's route without a task: it
+reaches its worker within the read that brought it, and the call's waiter is
+its :class:`Request`, which has the connection answer it (every answer of a
+loop turn together: see ``_answer_soon``); other requests are tasks. Answers
+are encoded into a list that is written once per event-loop iteration, so 64
+answers ready together cost one write.
 
 Order. Requests start in the order received (a plain call runs at once
 only while no earlier request's task is still to take its first step), so
@@ -35,15 +36,18 @@ import collections
 import contextlib
 import hmac
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+from .. import protocol as p
 from ..errors import PoolClosed, ProtocolError, SnakepoolError
 from ..observability._remote import OBSERVE_REQUESTS, observe
 from ._inflight import DONE as _DONE
 from ._inflight import HELD as _HELD
 from ._inflight import RUNNING as _RUNNING
-from ._inflight import Eager, Lane, Request
+from ._inflight import WOKEN as _WOKEN
+from ._inflight import Lane, Request
 from ._requests import Refused, bad_request, check_call, draining_message, session_operation, shown
 from ._wire import (
     CLIENT_PROTOCOL_VERSIONS,
@@ -72,6 +76,7 @@ _WRITE_HIGH_WATER = 256 * 1024
 _ERROR_GRACE = 1.0
 _REQUESTS = frozenset({"call", "session", "status", "connections", *OBSERVE_REQUESTS})
 _CAST_TIMEOUT = "a cast takes no timeout 'o' (it gets the pool's call_timeout)"
+_CALL = p.CallMode.CALL
 
 
 class _Drop(Exception):
@@ -125,6 +130,7 @@ class Connection(asyncio.BufferedProtocol):
         self._unattributed = 0  # bytes read not yet shared out among requests
         self._unsized: list[Request] = []  # requests of this read, to share them among
         self._out: list[bytes] = []
+        self._answers: list[Request] = []  # plain calls woken, to answer this loop turn
         self._out_bytes = 0
         self._flush_soon = False
         self._decoding = False  # a large frame is being decoded in a thread
@@ -163,9 +169,11 @@ class Connection(asyncio.BufferedProtocol):
         self.closing = True
         if self._timer is not None:
             self._timer.cancel()
-        for request in self.inflight.values():  # (session casts acknowledged run on)
+        for request in list(self.inflight.values()):  # (session casts acknowledged run on)
             if request.task is not None:
                 request.task.cancel()
+            elif request.call is not None:  # (a plain call: it leaves its pool now)
+                self._leave(request)
         for request in self.held.values():
             request.state = _DONE
         self.held.clear()
@@ -264,7 +272,7 @@ class Connection(asyncio.BufferedProtocol):
             request.size = share
             if request.state == _HELD:
                 self.held_bytes += share
-            elif request.state == _RUNNING:
+            elif request.state != _DONE:  # (running)
                 self.inflight_bytes += share
         unsized.clear()
 
@@ -302,7 +310,7 @@ class Connection(asyncio.BufferedProtocol):
         if request_id in self.inflight or request_id in self.held:
             raise _Drop(f"request id {request_id} is already in flight")
         self.calls += 1
-        request = Request(request_id, kind, frame)
+        request = Request(self, request_id, kind, frame)
         self._unsized.append(request)
         if self.server._draining and kind in ("call", "session"):
             self._fail(request_id, PoolClosed(draining_message(frame)))
@@ -414,8 +422,8 @@ class Connection(asyncio.BufferedProtocol):
         request.waits = waits
 
     def _plain_call(self, request: Request, mode: str) -> None:
-        """A call or cast with no session: ``pool.call`` or ``pool.cast``, run by
-        :class:`Eager` (the fast path; a cast's value is None)."""
+        """A call or cast with no session, on its pool's route (no task: see
+        :class:`Request`); a cast is answered (nil) once sent or queued."""
         frame = request.frame
         try:
             name = frame.get("p")
@@ -427,16 +435,52 @@ class Connection(asyncio.BufferedProtocol):
                 check_call(command, args, timeout, None)
                 if mode == "cast" and timeout is not None:
                     raise bad_request(_CAST_TIMEOUT)
+            if mode == "call":  # (what Pool.call does, up to its await)
+                route = request.route = pool._route
+                started = time.perf_counter()
+                call, wire = route.new_call(command, args, timeout, None, _CALL, started)  # type: ignore[arg-type]
+                request.call = call
+                route.send(call, wire, request)
+                return
+            pool._cast_nowait(command, args)  # type: ignore[arg-type]
         except Exception as exc:
             self._failed(request, exc)
-            self._finished(request)
-            return
-        if mode == "call":
-            running = pool.call(command, args, timeout=timeout)  # type: ignore[arg-type]
         else:
-            running = pool.cast(command, args)  # type: ignore[arg-type]
-        request.task = run = Eager(self, request, running)
-        run.step()
+            self._result(request.id, None)
+        self._finished(request)
+
+    def _answer_soon(self, request: Request) -> None:
+        """A plain call was woken (its pool set its waiter): answer it with the
+        others of this loop turn. (Not at once: the pool wakes it in the middle
+        of reading its worker, and the answer may count, retire a worker, start
+        requests held back.)"""
+        answers = self._answers
+        answers.append(request)
+        if len(answers) == 1:
+            self.loop.call_soon(self._answer_woken)
+
+    def _answer_woken(self) -> None:
+        """Answer the plain calls woken: what ``Pool.call`` does after its await."""
+        answers, self._answers = self._answers, []
+        for request in answers:
+            if request.state != _WOKEN:
+                continue  # (cancelled meanwhile, or the connection closed)
+            call = request.call
+            try:
+                value = request.route.outcome(call, call.started)  # type: ignore[union-attr, arg-type]
+            except Exception as exc:
+                self._failed(request, exc)
+            else:
+                self._send({"t": "result", "i": request.id, "r": value})
+            self._finished(request)
+        if self._out:
+            self.flush()
+
+    def _leave(self, request: Request) -> None:
+        """A plain call's caller leaves before its answer (a cancel, the connection lost)."""
+        request.state = _DONE
+        request.route.left(request.call)  # type: ignore[union-attr, arg-type]
+        self._finished(request)
 
     def _failed(self, request: Request, exc: BaseException) -> None:
         """Answer ``request`` with the failure ``exc`` stands for; re-raises a
@@ -615,11 +659,13 @@ class Connection(asyncio.BufferedProtocol):
         request = self.inflight.get(request_id)
         if request is not None:
             task = request.task
-            if task is not None and not request.by_client:
+            if request.call is not None:  # (a plain call: no task)
+                self._leave(request)
+                self._cancelled(request_id, "cancelled by the client")
+            elif task is not None and not request.by_client:
                 request.by_client = True
                 task.cancel()
-                if not isinstance(task, Eager):  # (an eager call's first step has run)
-                    task.add_done_callback(lambda _: self._after_cancel(request))
+                task.add_done_callback(lambda _: self._after_cancel(request))
             return
         held = self.held.pop(request_id, None)
         if held is not None:
