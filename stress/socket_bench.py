@@ -15,7 +15,11 @@ the ratios are the medians of each round's own ratio.
 A bare round trip over a Unix socket (an echo server on uvloop in a
 subprocess, no snakepool at either end) is timed each round too: the least
 a hop through any local server adds to a sequential call on this machine,
-so ``embedded p50 + bare round trip`` is the floor of the socket's p50.
+so ``embedded p50 + bare round trip`` is a floor of the socket's p50. So is
+a round trip through a relay (a uvloop process that forwards each message to
+the echo server and back: three processes and four hops, as client, server
+and worker make, with no work): ``embedded p50 + relay - bare`` is what
+waking a third process twice more costs a sequential call on this machine.
 
 Run: python stress/socket_bench.py [--workers 2] [--rounds 10] [--sequential 500]
                                    [--calls 5000] [--callers 64] [--uvloop] [--json OUT]
@@ -149,34 +153,87 @@ class _Echoed(asyncio.Protocol):
             self.answered.set_result(None)
 
 
-def start_echo(path: Path) -> subprocess.Popen[bytes]:
-    """The echo server, listening on ``path`` once it prints a line."""
-    return subprocess.Popen([sys.executable, "-c", _ECHO_SERVER, str(path)], stdout=subprocess.PIPE)
+_RELAY_SERVER = """
+import asyncio, sys
+class Relay(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport = transport
+        self.onward = None
+        self.early = []
+        asyncio.ensure_future(self.connect())
+    async def connect(self):
+        loop = asyncio.get_running_loop()
+        back = self.transport
+        class Back(asyncio.Protocol):
+            def data_received(self, data):
+                back.write(data)
+        self.onward, _ = await loop.create_unix_connection(Back, sys.argv[2])
+        for data in self.early:
+            self.onward.write(data)
+    def data_received(self, data):
+        if self.onward is None:
+            self.early.append(data)
+        else:
+            self.onward.write(data)
+async def main(path):
+    await asyncio.get_running_loop().create_unix_server(Relay, path)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+try:
+    import uvloop
+    run = uvloop.run
+except ImportError:
+    run = asyncio.run
+run(main(sys.argv[1]))
+"""
 
 
 @contextlib.asynccontextmanager
-async def bare_echo(workdir: Path) -> AsyncIterator[Call]:
-    """A call that is one bare round trip through a Unix socket echo server."""
-    path = workdir / "echo.sock"
-    echo = start_echo(path)
+async def _serving(script: str, *argv: Path) -> AsyncIterator[None]:
+    """A helper server (``script``), listening once it prints a line."""
+    server = subprocess.Popen(
+        [sys.executable, "-c", script, *map(str, argv)], stdout=subprocess.PIPE
+    )
     try:
-        assert echo.stdout is not None
-        await asyncio.to_thread(echo.stdout.readline)
-        loop = asyncio.get_running_loop()
-        transport, protocol = await loop.create_unix_connection(_Echoed, str(path))
-        request = b"\x00" * 40  # (about an echo call's request)
-
-        async def round_trip(value: Any) -> Any:
-            protocol.answered = loop.create_future()
-            transport.write(request)
-            await protocol.answered
-            return value
-
-        yield round_trip
-        transport.close()
+        assert server.stdout is not None
+        await asyncio.to_thread(server.stdout.readline)
+        yield
     finally:
-        echo.kill()
-        echo.wait()
+        server.kill()
+        server.wait()
+
+
+@contextlib.asynccontextmanager
+async def _round_trips(path: Path) -> AsyncIterator[Call]:
+    """A call that is one round trip of ~40 bytes through the server at ``path``."""
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_unix_connection(_Echoed, str(path))
+    request = b"\x00" * 40  # (about an echo call's request)
+
+    async def round_trip(value: Any) -> Any:
+        protocol.answered = loop.create_future()
+        transport.write(request)
+        await protocol.answered
+        return value
+
+    try:
+        yield round_trip
+    finally:
+        transport.close()
+
+
+@contextlib.asynccontextmanager
+async def bare_echo(workdir: Path) -> AsyncIterator[tuple[Call, Call]]:
+    """Two calls: one bare round trip through a Unix socket echo server, and one
+    through a relay to it (three processes, four hops, no work)."""
+    echo, relay = workdir / "echo.sock", workdir / "relay.sock"
+    async with (
+        _serving(_ECHO_SERVER, echo),
+        _serving(_RELAY_SERVER, relay, echo),
+        _round_trips(echo) as bare,
+        _round_trips(relay) as relayed,
+    ):
+        yield bare, relayed
 
 
 async def sequential(call: Call, n: int) -> list[float]:
@@ -212,13 +269,14 @@ async def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]
         name: {key: [] for key in keys} for name in ("embedded", "socket")
     }
     found["bare"] = {"p50": []}
+    found["relay"] = {"p50": []}
     me = os.getpid()
     with tempfile.TemporaryDirectory(prefix="sp-bench-") as tmp:
         async with (
             snakepool.Pool("generic", size=args.workers, **POOL_OPTIONS) as pool,  # type: ignore[arg-type]
             snakepool_up(Path(tmp), args.workers) as (sock, up_pid),
             snakepool.connect(sock) as client,
-            bare_echo(Path(tmp)) as bare,
+            bare_echo(Path(tmp)) as (bare, relay),
         ):
             remote = client["bench"]
 
@@ -237,6 +295,7 @@ async def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]
                 await sequential(peer.call, 300)
                 await concurrent(peer.call, args.callers, 2000)
             await sequential(bare, 300)
+            await sequential(relay, 300)
             # Short turns, many rounds: each peer sees the same (drifting) machine.
             for _ in range(args.rounds):
                 for name, peer in peers.items():
@@ -249,8 +308,9 @@ async def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]
                     ]
                     row["seq_cpu"].append(used[0])
                     row["seq_total"].append(sum(used))
-                samples = sorted(await sequential(bare, args.sequential))
-                found["bare"]["p50"].append(samples[len(samples) // 2])
+                for name, reference in (("bare", bare), ("relay", relay)):
+                    samples = sorted(await sequential(reference, args.sequential))
+                    found[name]["p50"].append(samples[len(samples) // 2])
                 for name, peer in peers.items():
                     row = found[name]
                     before = peer.cpu()
@@ -266,9 +326,11 @@ async def measure(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]
 def report(found: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> str:
     med = {name: {k: statistics.median(v) for k, v in row.items()} for name, row in found.items()}
     emb, sock = med["embedded"], med["socket"]
-    floors = [
-        (e + b) / e for e, b in zip(found["embedded"]["p50"], found["bare"]["p50"], strict=True)
-    ]
+    rounds = list(
+        zip(found["embedded"]["p50"], found["bare"]["p50"], found["relay"]["p50"], strict=True)
+    )
+    floors = [(e + b) / e for e, b, _ in rounds]
+    relay_floors = [(e + r - b) / e for e, b, r in rounds]
 
     def ratio(key: str) -> str:  # the median of the rounds' own ratios
         pairs = zip(found["socket"][key], found["embedded"][key], strict=True)
@@ -289,6 +351,10 @@ def report(found: dict[str, dict[str, list[float]]], args: argparse.Namespace) -
             f"{'  bare socket round trip p50 (us)':34}{'':12}{med['bare']['p50'] * 1e6:12.1f}",
             f"{'  floor: embedded p50 + bare':34}{'':12}"
             f"{(emb['p50'] + med['bare']['p50']) * 1e6:12.1f}{statistics.median(floors):17.2f}x",
+            f"{'  relay round trip p50 (us)':34}{'':12}{med['relay']['p50'] * 1e6:12.1f}",
+            f"{'  floor: embedded p50 + relay - bare':34}{'':12}"
+            f"{(emb['p50'] + med['relay']['p50'] - med['bare']['p50']) * 1e6:12.1f}"
+            f"{statistics.median(relay_floors):17.2f}x",
             row(f"{n} in flight (calls/s)", "rate", 1, "12,.0f"),
             row("host CPU per call, sequential (us)", "seq_cpu"),
             row(f"host CPU per call, {n} in flight (us)", "cpu"),
@@ -300,6 +366,8 @@ def report(found: dict[str, dict[str, list[float]]], args: argparse.Namespace) -
             "socket; client: this process, through the socket; all: host, workers, client.",
             "Ratios are the medians of each round's own ratio. Bare: a round trip through a",
             "Unix socket echo server (uvloop, no snakepool): what any local server's hop costs.",
+            "Relay: through a uvloop relay to that echo server (3 processes, 4 hops, no work):",
+            "relay - bare is what waking a third process twice more costs, as the socket does.",
         ]
     )
 

@@ -473,8 +473,6 @@ class Connection(asyncio.BufferedProtocol):
             else:
                 self._send({"t": "result", "i": request.id, "r": value})
             self._finished(request)
-        if self._out:
-            self.flush()
 
     def _leave(self, request: Request) -> None:
         """A plain call's caller leaves before its answer (a cancel, the connection lost)."""
@@ -638,6 +636,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _finished(self, request: Request) -> None:
         request.state = _DONE
+        request.call = None  # (it is the call's waiter: no cycle left for the GC to find)
         inflight = self.inflight
         if inflight.get(request.id) is request:
             del inflight[request.id]
