@@ -293,30 +293,41 @@ class Connection(asyncio.BufferedProtocol):
 
     def _on_frame(self, frame: dict[str, Any]) -> None:
         kind = frame.get("t")
-        if not self.greeted:
-            self._greet(frame)
-            return
         request_id = frame.get("i")
-        if type(request_id) is not int:
-            raise _Drop(f"{kind!r} frame without an integer request id 'i'")
-        if kind not in _REQUESTS:
-            if kind == "cancel":
-                self._cancel(request_id)
-            elif kind == "credit":
-                self._credit(request_id, frame.get("n"))
-            else:
-                raise _Drop(f"unknown message type {kind!r}")
+        if kind not in _REQUESTS or type(request_id) is not int or not self.greeted:
+            self._on_control(frame, kind, request_id)
             return
         if request_id in self.inflight or request_id in self.held:
             raise _Drop(f"request id {request_id} is already in flight")
         self.calls += 1
         request = Request(self, request_id, kind, frame)
         self._unsized.append(request)
-        if self.server._draining and kind in ("call", "session"):
-            self._fail(request_id, PoolClosed(draining_message(frame)))
+        if self.held or self.server._draining or not self._room():
+            self._start_later(request)
+        else:
+            self._start(request)
+
+    def _on_control(self, frame: dict[str, Any], kind: Any, request_id: Any) -> None:
+        """A frame that is no request: ``hello``, ``cancel``, ``credit``, or a broken rule."""
+        if not self.greeted:
+            self._greet(frame)
+        elif type(request_id) is not int:
+            raise _Drop(f"{kind!r} frame without an integer request id 'i'")
+        elif kind == "cancel":
+            self._cancel(request_id)
+        elif kind == "credit":
+            self._credit(request_id, frame.get("n"))
+        else:
+            raise _Drop(f"unknown message type {kind!r}")
+
+    def _start_later(self, request: Request) -> None:
+        """A request that cannot start now: refused while the server drains,
+        held back while the connection is at its bounds (or others are held)."""
+        if self.server._draining and request.kind in ("call", "session"):
+            self._fail(request.id, PoolClosed(draining_message(request.frame)))
         elif self.held or not self._room():
             request.state = _HELD
-            self.held[request_id] = request
+            self.held[request.id] = request
             self.held_back += 1
         else:
             self._start(request)

@@ -75,7 +75,7 @@ class Request:
         self.route: CallRoute | None = None  # ... and its pool's route
         self.by_client = False  # cancelled by the client (not: the connection closed)
         self.unstarted = False  # a task that has not taken its first step yet
-        self.lane: tuple[str, str] | None = None
+        self.lane: tuple[str, str] | None = None  # (pool, session) of a session's request
         self.effect: asyncio.Future[None] | None = None  # done once it took effect
         self.waits: Sequence[asyncio.Future[None]] = ()  # the earlier requests of its session
         self.credit: int | None = None  # a stream's items it may still send (None: any)
