@@ -15,7 +15,7 @@ import asyncio
 import collections
 import itertools
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, cast
@@ -222,7 +222,7 @@ class Client:
                 token = default_token_path().read_text().strip()
             if token is not None:
                 hello["k"] = token
-            welcome = await self._exchange(hello, request_id=0)
+            welcome = await self._exchange(hello, request_id=0, whole=True)
         except BaseException:
             await self.aclose()
             raise
@@ -254,13 +254,13 @@ class Client:
 
     async def status(self) -> dict[str, Any]:
         """Every pool's statistics, as maps."""
-        result: dict[str, Any] = (await self._exchange({"t": "status"}))["r"]
+        result: dict[str, Any] = await self._exchange({"t": "status"})
         return result
 
     async def server_statistics(self) -> dict[str, Any]:
         """The server's own statistics, as a map: its counters, and each
         connection open now (this one included) with its own."""
-        result: dict[str, Any] = (await self._exchange({"t": "connections"}))["r"]
+        result: dict[str, Any] = await self._exchange({"t": "connections"})
         return result
 
     def logs(
@@ -332,10 +332,11 @@ class Client:
         return connection
 
     async def _exchange(
-        self, message: dict[str, Any], request_id: int | None = None
-    ) -> dict[str, Any]:
-        """Send one request and wait for its one answer (a failure raises);
-        cancelled meanwhile, it is cancelled on the server too."""
+        self, message: dict[str, Any], request_id: int | None = None, *, whole: bool = False
+    ) -> Any:
+        """Send one request and wait for its one answer: its value ``r`` (or,
+        ``whole``, the answer's frame); a failure raises. Cancelled meanwhile,
+        it is cancelled on the server too."""
         connection = self._open()
         if request_id is None:
             request_id = message["i"] = next(self._ids)
@@ -352,7 +353,8 @@ class Client:
             raise
         finally:
             del connection.waiting[request_id]
-        return connection.answer_of(frame)
+        answer = connection.answer_of(frame)
+        return answer if whole else answer.get("r")
 
 
 class RemotePool:
@@ -362,19 +364,24 @@ class RemotePool:
         self.client = client
         self.name = name
 
-    async def call(
+    def call(
         self,
         command: str,
         args: Mapping[str, Any] | None = None,
         *,
         timeout: float | None = None,
         session: str | None = None,
-    ) -> Any:
+    ) -> Coroutine[Any, Any, Any]:
+        """``await pool.call(...)``: the value ``command(**args)`` returned.
+
+        (The request's own coroutine, not one wrapped in another: one
+        coroutine per call.)
+        """
         if timeout is None and session is None:  # (the usual call, in short)
             message = {"t": "call", "p": self.name, "c": command, "a": _args(args)}
         else:
             message = self._call_message(command, args, "call", timeout, session)
-        return (await self.client._exchange(message))["r"]
+        return self.client._exchange(message)
 
     async def cast(
         self, command: str, args: Mapping[str, Any] | None = None, *, session: str | None = None
@@ -449,15 +456,25 @@ class RemoteSession:
         if self.id is None and op != "open":
             await self.open()
         message = {"t": "session", "p": self.pool.name, "op": op, "s": self.id, "a": args}
-        return (await self.pool.client._exchange(message))["r"]
+        return await self.pool.client._exchange(message)
 
     async def open(self) -> Self:
         self.id = await self._op("open", **({"ttl": self.ttl} if self.ttl else {}))
         return self
 
-    async def call(self, command: str, args: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+    def call(
+        self, command: str, args: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> Coroutine[Any, Any, Any]:
+        """``await session.call(...)``: the pool's call in this session (once it
+        is open, the request's own coroutine: one per call)."""
         if self.id is None:
-            await self.open()
+            return self._call_once_open(command, args, kwargs)
+        return self.pool.call(command, args, session=self.id, **kwargs)
+
+    async def _call_once_open(
+        self, command: str, args: Mapping[str, Any] | None, kwargs: dict[str, Any]
+    ) -> Any:
+        await self.open()
         return await self.pool.call(command, args, session=self.id, **kwargs)
 
     async def stream(
