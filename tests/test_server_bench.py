@@ -32,5 +32,6 @@ async def test_the_socket_bench_measures_both_side_by_side() -> None:
     shown = bench.report(found, args)
     assert found["embedded"]["client"] == [0.0, 0.0]  # (no client: the pool is in-process)
     assert "8 in flight (calls/s)" in shown and "socket/embedded" in shown
-    assert len(found["bare"]["p50"]) == 2 and all(p > 0 for p in found["bare"]["p50"])
-    assert "bare socket round trip p50" in shown
+    for reference in ("bare", "relay"):
+        assert len(found[reference]["p50"]) == 2 and all(p > 0 for p in found[reference]["p50"])
+    assert "bare socket round trip p50" in shown and "relay round trip p50" in shown
