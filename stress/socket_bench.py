@@ -124,15 +124,36 @@ async def snakepool_up(workdir: Path, workers: int) -> AsyncIterator[tuple[Path,
         stop_up(up)
 
 
-_ECHO_SERVER = """
+_HELPER_SERVER = """
 import asyncio, sys
 class Echo(asyncio.Protocol):
     def connection_made(self, transport):
         self.transport = transport
     def data_received(self, data):
         self.transport.write(data)
+class Relay(asyncio.Protocol):  # each message on to the server at argv[2], its answer back
+    def connection_made(self, transport):
+        self.transport = transport
+        self.onward = None
+        self.early = []
+        asyncio.ensure_future(self.connect())
+    async def connect(self):
+        back = self.transport
+        class Back(asyncio.Protocol):
+            def data_received(self, data):
+                back.write(data)
+        loop = asyncio.get_running_loop()
+        self.onward, _ = await loop.create_unix_connection(Back, sys.argv[2])
+        for data in self.early:
+            self.onward.write(data)
+    def data_received(self, data):
+        if self.onward is None:
+            self.early.append(data)
+        else:
+            self.onward.write(data)
 async def main(path):
-    await asyncio.get_running_loop().create_unix_server(Echo, path)
+    server = Relay if len(sys.argv) > 2 else Echo
+    await asyncio.get_running_loop().create_unix_server(server, path)
     print("ready", flush=True)
     await asyncio.Event().wait()
 try:
@@ -153,54 +174,21 @@ class _Echoed(asyncio.Protocol):
             self.answered.set_result(None)
 
 
-_RELAY_SERVER = """
-import asyncio, sys
-class Relay(asyncio.Protocol):
-    def connection_made(self, transport):
-        self.transport = transport
-        self.onward = None
-        self.early = []
-        asyncio.ensure_future(self.connect())
-    async def connect(self):
-        loop = asyncio.get_running_loop()
-        back = self.transport
-        class Back(asyncio.Protocol):
-            def data_received(self, data):
-                back.write(data)
-        self.onward, _ = await loop.create_unix_connection(Back, sys.argv[2])
-        for data in self.early:
-            self.onward.write(data)
-    def data_received(self, data):
-        if self.onward is None:
-            self.early.append(data)
-        else:
-            self.onward.write(data)
-async def main(path):
-    await asyncio.get_running_loop().create_unix_server(Relay, path)
-    print("ready", flush=True)
-    await asyncio.Event().wait()
-try:
-    import uvloop
-    run = uvloop.run
-except ImportError:
-    run = asyncio.run
-run(main(sys.argv[1]))
-"""
-
-
 @contextlib.asynccontextmanager
-async def _serving(script: str, *argv: Path) -> AsyncIterator[None]:
-    """A helper server (``script``), listening once it prints a line."""
-    server = subprocess.Popen(
-        [sys.executable, "-c", script, *map(str, argv)], stdout=subprocess.PIPE
+async def _serving(path: Path, onward: Path | None = None) -> AsyncIterator[None]:
+    """An echo server at ``path`` (or, given ``onward``, a relay to the server
+    there), listening once it prints a line."""
+    argv = [str(path)] if onward is None else [str(path), str(onward)]
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _HELPER_SERVER, *argv, stdout=subprocess.PIPE
     )
     try:
         assert server.stdout is not None
-        await asyncio.to_thread(server.stdout.readline)
+        await server.stdout.readline()
         yield
     finally:
         server.kill()
-        server.wait()
+        await server.wait()
 
 
 @contextlib.asynccontextmanager
@@ -228,8 +216,8 @@ async def bare_echo(workdir: Path) -> AsyncIterator[tuple[Call, Call]]:
     through a relay to it (three processes, four hops, no work)."""
     echo, relay = workdir / "echo.sock", workdir / "relay.sock"
     async with (
-        _serving(_ECHO_SERVER, echo),
-        _serving(_RELAY_SERVER, relay, echo),
+        _serving(echo),
+        _serving(relay, echo),
         _round_trips(echo) as bare,
         _round_trips(relay) as relayed,
     ):
