@@ -29,11 +29,16 @@ Scenarios (each child, after a warm-up):
   Session calls/s, and in the same child the plain calls/s of that pool's
   no-op, so each round also gives the ratio session/plain; then the p50 of
   sequential reads of one session.
+- ``socket``: the plain scenario's no-op through a real ``snakepool up`` of the
+  version's tree (``stress/socket_bench.py``'s), called with that tree's
+  ``snakepool.connect()``: calls/s at 64 callers, sequential p50, and the
+  server's CPU per call (the server's own cost, which calls/s hides when the
+  machine drifts).
 
 Run::
 
     python stress/ab.py OLD_REF [NEW_REF] [--rounds 5] [--calls 20000] [--workers 2]
-                        [--scenario plain|session|both] [--store memory|redis] [--paired]
+                        [--scenario plain|session|both|socket] [--store memory|redis] [--paired]
                         [--json OUT]
 
 ``--store redis`` runs the session scenario against a ``redis-server`` this run
@@ -149,6 +154,14 @@ METRICS = (
         "calls/s",
     ),
     Metric("session_over_plain", "session/plain calls/s, per round", "ratio"),
+    Metric("socket_calls_s", f"calls/s through snakepool up, {CALLERS} callers", "calls/s"),
+    Metric("socket_p50_us", "sequential p50 through snakepool up", "us", higher_is_better=False),
+    Metric(
+        "socket_server_cpu_us",
+        f"CPU per call of the snakepool up process, {CALLERS} callers",
+        "us",
+        higher_is_better=False,
+    ),
 )
 
 
@@ -206,6 +219,36 @@ async def _plain(workers: int, calls: int) -> dict[str, float]:
             "plain_p50_us": await _sequential_p50_us(echo, min(calls, SEQUENTIAL_CALLS)),
             "plain_cpu_us": cpu_per_call * 1e6,
         }
+
+
+async def _socket(workers: int, calls: int) -> dict[str, float]:
+    import psutil
+    from socket_bench import snakepool_up  # (this directory: the same server set-up)
+
+    import snakepool
+
+    with tempfile.TemporaryDirectory(prefix="sp-ab-") as tmp:
+        async with (
+            snakepool_up(Path(tmp), workers) as (sock, up_pid),
+            snakepool.connect(sock) as client,
+        ):
+            remote = client["bench"]
+
+            async def echo(i: int) -> Any:
+                return await remote.call("echo", {"value": i})
+
+            await _burst(echo, min(calls, 2000))  # warm-up
+            await _sequential_p50_us(echo, 200)
+            server = psutil.Process(up_pid)
+            cpu_before = sum(server.cpu_times()[:2])
+            calls_s = await _plain_burst(echo, calls)
+            made = PLAIN_BURSTS * CALLERS * max(1, calls // CALLERS)  # (as _burst rounds them)
+            server_cpu = (sum(server.cpu_times()[:2]) - cpu_before) / made
+            return {
+                "socket_calls_s": calls_s,
+                "socket_p50_us": await _sequential_p50_us(echo, min(calls, SEQUENTIAL_CALLS)),
+                "socket_server_cpu_us": server_cpu * 1e6,
+            }
 
 
 def _cpu_seconds(worker_pids: list[int]) -> float:
@@ -317,6 +360,8 @@ async def _child(
     metrics: dict[str, float] = {}
     if scenario in ("plain", "both"):
         metrics.update(await _plain(workers, calls))
+    if scenario == "socket":
+        metrics.update(await _socket(workers, calls))
     if scenario in ("session", "both"):
         found, worker_file = await _session(workers, calls, adapter_dir, store)
         metrics.update(found)
@@ -635,7 +680,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=5, help="rounds (default 5)")
     parser.add_argument("--calls", type=int, default=20000, help="calls per measurement (20000)")
     parser.add_argument("--workers", type=int, default=2, help="pool size (default 2)")
-    parser.add_argument("--scenario", choices=("plain", "session", "both"), default="both")
+    parser.add_argument(
+        "--scenario", choices=("plain", "session", "both", "socket"), default="both"
+    )
     parser.add_argument(
         "--store",
         choices=("memory", "redis"),

@@ -17,15 +17,23 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 AB = REPO / "stress" / "ab.py"
-TITLES = (
-    "plain calls/s, 64 callers",
-    "sequential p50",
-    "CPU per plain call",
-    "session calls/s, 64 sessions",
-    "sequential p50, one session",
-    "plain calls/s on the session pool",
-    "session/plain calls/s, per round",
-)
+#: Each scenario's metrics, by their key in the JSON and (the start of) their title.
+METRICS = {
+    "both": {
+        "plain_calls_s": "plain calls/s, 64 callers",
+        "plain_p50_us": "sequential p50 (generic echo)",
+        "plain_cpu_us": "CPU per plain call",
+        "session_calls_s": "session calls/s, 64 sessions",
+        "session_p50_us": "sequential p50, one session",
+        "session_pool_plain_calls_s": "plain calls/s on the session pool",
+        "session_over_plain": "session/plain calls/s, per round",
+    },
+    "socket": {
+        "socket_calls_s": "calls/s through snakepool up, 64 callers",
+        "socket_p50_us": "sequential p50 through snakepool up",
+        "socket_server_cpu_us": "CPU per call of the snakepool up process",
+    },
+}
 
 
 def _worktrees() -> str:
@@ -38,12 +46,13 @@ def _worktrees() -> str:
 
 
 @pytest.mark.slow
-def test_ab_runs_both_scenarios_and_removes_its_worktrees(tmp_path: Path) -> None:
+@pytest.mark.parametrize("scenario", sorted(METRICS))
+def test_ab_runs_a_scenario_and_removes_its_worktrees(tmp_path: Path, scenario: str) -> None:
     before = _worktrees()
     out = tmp_path / "ab.json"
     command = [sys.executable, str(AB), "HEAD", "--rounds", "1", "--calls", "200"]
     ab = subprocess.Popen(
-        [*command, "--scenario", "both", "--json", str(out)],
+        [*command, "--scenario", scenario, "--json", str(out)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -56,21 +65,14 @@ def test_ab_runs_both_scenarios_and_removes_its_worktrees(tmp_path: Path) -> Non
         stdout, stderr = ab.communicate(timeout=30)
         pytest.fail(f"stress/ab.py took over 100 s:\n{stdout}{stderr}")
     assert ab.returncode == 0, stdout + stderr
-    for title in TITLES:
+    titles = METRICS[scenario].values()
+    for title in titles:
         assert title in stdout, (title, stdout)
-    assert stdout.count("new vs old (medians):") == len(TITLES), stdout
+    assert stdout.count("new vs old (medians):") == len(titles), stdout
     assert "old: snakepool from " in stdout and "new: snakepool from " in stdout
 
     result: dict[str, Any] = json.loads(out.read_text())
-    assert set(result["metrics"]) == {
-        "plain_calls_s",
-        "plain_p50_us",
-        "plain_cpu_us",
-        "session_calls_s",
-        "session_p50_us",
-        "session_pool_plain_calls_s",
-        "session_over_plain",
-    }
+    assert set(result["metrics"]) == set(METRICS[scenario])
     for name, metric in result["metrics"].items():
         assert len(metric["old"]) == len(metric["new"]) == 1, name
         assert metric["old_median"] > 0 and metric["new_median"] > 0, name
