@@ -222,8 +222,7 @@ async def _plain(workers: int, calls: int) -> dict[str, float]:
 
 
 async def _socket(workers: int, calls: int) -> dict[str, float]:
-    import psutil
-    from socket_bench import snakepool_up  # (this directory: the same server set-up)
+    from socket_bench import cpu_seconds, snakepool_up  # (this directory: the same server)
 
     import snakepool
 
@@ -239,11 +238,10 @@ async def _socket(workers: int, calls: int) -> dict[str, float]:
 
             await _burst(echo, min(calls, 2000))  # warm-up
             await _sequential_p50_us(echo, 200)
-            server = psutil.Process(up_pid)
-            cpu_before = sum(server.cpu_times()[:2])
+            cpu_before = cpu_seconds(up_pid)  # (the scheduler's: finer than psutil's ticks)
             calls_s = await _plain_burst(echo, calls)
             made = PLAIN_BURSTS * CALLERS * max(1, calls // CALLERS)  # (as _burst rounds them)
-            server_cpu = (sum(server.cpu_times()[:2]) - cpu_before) / made
+            server_cpu = (cpu_seconds(up_pid) - cpu_before) / made
             return {
                 "socket_calls_s": calls_s,
                 "socket_p50_us": await _sequential_p50_us(echo, min(calls, SEQUENTIAL_CALLS)),

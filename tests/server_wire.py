@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -75,6 +77,41 @@ class Raw:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+@contextmanager
+def never_reading(path: Path, payload: bytes) -> Iterator[None]:
+    """A client that says hello, sends ``payload`` and never reads again: a
+    thread on a blocking socket (its send blocks once the server stops
+    reading). Leaving shuts the socket, which ends the send.
+
+    (Not an anyio stream whose blocked send is cancelled: on asyncio, a UNIX
+    stream's writability callback can then set its cancelled future and
+    raise InvalidStateError in the loop, anyio issue #1267's kind.)
+    """
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def send() -> None:
+        with contextlib.suppress(OSError):  # (shut while sending)
+            client.connect(str(path))
+            client.sendall(frame({"t": "hello", "v": 2}))
+            welcome = b""  # (read before anything larger than a hello may be sent)
+            while len(welcome) < 4 or len(welcome) < 4 + int.from_bytes(welcome[:4], "big"):
+                got = client.recv(4096)
+                if not got:
+                    return
+                welcome += got
+            client.sendall(payload)
+
+    thread = threading.Thread(target=send, name="never-reading client", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            client.shutdown(socket.SHUT_RDWR)
+        thread.join(timeout=30)
+        client.close()
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import os
@@ -22,6 +23,7 @@ from snakepool import (
     WorkerCrashed,
     WorkerStartError,
 )
+from snakepool.pool._calls import PendingCall
 from waiting import all_ready, fill_worker, restarts, wait_for_count, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -202,6 +204,31 @@ async def test_a_caller_cancelled_while_queued_leaves_the_queue(tmp_path: Path) 
         assert await pool.call("add", {"a": 2, "b": 2}) == 4
         # the cancelled one was never sent
         assert pool.statistics().workers[0].requests == held + 1
+
+
+async def test_calls_that_waited_in_the_queue_leave_nothing_for_the_cyclic_gc(
+    tmp_path: Path,
+) -> None:
+    """A queued call and its place in the queue point at each other until the
+    hand-off sends it; after, neither keeps the other (else every queued call
+    is garbage for the cyclic GC to find)."""
+    release = tmp_path / "release"
+    async with snakepool.Pool(ADAPTER, size=1) as pool:
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            async with anyio.create_task_group() as tg:
+                await fill_worker(pool, tg, release)  # (busy until released)
+                for i in range(10):
+                    tg.start_soon(pool.call, "add", {"a": i, "b": 1})
+                await wait_for_count(lambda: pool.statistics().queued, 10)
+                release.touch()
+            gc.collect()
+            left = [o for o in gc.garbage if isinstance(o, PendingCall)]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+        assert left == []
 
 
 async def test_closing_the_pool_fails_queued_calls_with_pool_closed(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 import snakepool
-from server_wire import Raw, frame, snakepool_up
+from server_wire import Raw, frame, never_reading, snakepool_up
 from snakepool.server import ConnectionStatistics, SocketServer
 from waiting import wait_until
 
@@ -94,23 +94,20 @@ async def test_a_client_that_never_reads_is_held_to_the_byte_bound() -> None:
     bound = 2 * MiB
     value = b"v" * (256 * 1024)
     async with serving(max_bytes_per_client=bound) as (server, sock):
-        raw = await Raw.unix(sock)
-        await raw.hello()
         calls = b"".join(frame(_call(i, "echo", value=value)) for i in range(1, 201))  # 50 MiB
-
-        async def write() -> None:
-            await raw.stream.send(calls)  # (blocks once the server stops reading)
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(write)
-            await wait_until(lambda: _only(server).reading_paused and _only(server).writing_paused)
+        with never_reading(sock, calls):
+            await wait_until(
+                lambda: (
+                    bool(server.statistics().connections)
+                    and _only(server).reading_paused
+                    and _only(server).writing_paused
+                )
+            )
             stats = _only(server)
             assert stats.held > 0
             assert stats.bytes_in < len(calls) // 2
             # what the server holds: requests held and running, answers not taken
             assert stats.buffered_bytes <= 3 * bound + len(frame(_call(1, "echo", value=value)))
-            tg.cancel_scope.cancel()
-        await raw.aclose()
         await wait_until(lambda: not server.statistics().connections)
 
 
@@ -124,20 +121,15 @@ async def test_snakepool_up_memory_stays_bounded_for_a_client_that_never_reads(
         async with snakepool.connect(sock) as watcher:
             server = psutil.Process(up.pid)
             base = server.memory_info().rss
-            hog = await Raw.unix(sock)
-            await hog.hello()
             calls = b"".join(frame(_call(i, "echo", value=b"x" * MiB)) for i in range(1, 257))
 
             async def paused() -> bool:
                 rows = (await watcher.server_statistics())["connections"]
                 return any(row["reading_paused"] for row in rows)
 
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(hog.stream.send, calls)
+            with never_reading(sock, calls):
                 await wait_until(paused, timeout=30)
                 peak = server.memory_info().rss
-                tg.cancel_scope.cancel()
-            await hog.aclose()
             assert peak - base < 200 * MiB, f"{(peak - base) / MiB:.0f} MiB held"
             assert await watcher["general"].call("echo", {"value": 1}) == 1
 

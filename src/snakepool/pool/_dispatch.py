@@ -396,6 +396,7 @@ class Dispatcher:
                     self._sent_ahead = True
                     self._ahead_bound += 1
                 worker.reserved += 1
+                call.queued = None  # (out of the queue: and no cycle left for the GC to find)
                 worker.submit(call, waiter.frame)
         if self._sent_ahead:
             self._withdraw_for(worker)
