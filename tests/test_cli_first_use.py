@@ -232,11 +232,16 @@ async def test_a_draining_server_refuses_new_requests_with_pool_closed(tmp_path:
                     tg.start_soon(hold)
                     await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
                     assert server.requests_in_flight == 1
+                    before = (await client.server_statistics())["connections"][0]
                     server.drain()
                     with pytest.raises(snakepool.PoolClosed, match="pool 'general' is closed"):
                         await general.call("echo", {"value": 1})
                     with pytest.raises(snakepool.PoolClosed):
                         await general.session().open()
+                    with pytest.raises(KeyError, match="no pool named 'nope'"):  # (not "closed")
+                        await client["nope"].call("echo", {"value": 1})
+                    after = (await client.server_statistics())["connections"][0]
+                    assert after["buffered_bytes"] == before["buffered_bytes"]  # (refusals: none)
                     assert (await client.status())["general"]["size"] == 1  # status still works
                     release.touch()
                     with anyio.fail_after(30):

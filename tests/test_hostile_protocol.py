@@ -301,6 +301,18 @@ def test_measure_refuses_nesting_deeper_than_msgpack_does() -> None:
         msgpack.unpackb(too_deep)
 
 
+@pytest.mark.parametrize("factor", [None, 32])
+def test_a_frame_nested_too_deep_is_refused_naming_the_nesting(factor: int | None) -> None:
+    """Small frames are decoded unmeasured: msgpack's own refusal (a StackError
+    with no message) is named like the measured one."""
+    too_deep = b"\x81\xa1a" + b"\x91" * MAX_DEPTH + b"\xc0"
+    decoder = FrameDecoder(decode_factor=factor)
+    for byte in frame_of(too_deep):  # (one byte at a time: the buffered path)
+        decoder.feed(bytes([byte]))
+    with pytest.raises(ProtocolError, match=r"^frame nests deeper than 1024 levels$"):
+        decoder.next_frame()
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [

@@ -429,6 +429,20 @@ async def test_hello_needs_the_integer_version(socket_path: Path, version: Any, 
             assert await client["general"].call("echo", {"value": 1}) == 1
 
 
+async def test_a_second_hello_is_named_as_such(socket_path: Path) -> None:
+    async with (
+        snakepool.Pool(ADAPTER, size=1, name="general") as pool,
+        serving(pool, socket_path=socket_path),
+    ):
+        raw = await Raw.unix(socket_path)
+        await raw.send(frame({"t": "hello", "v": 2}))
+        assert (await raw.next())["t"] == "welcome"
+        await raw.send(frame({"t": "hello", "v": 2}))
+        error = await raw.error_then_closed()
+        await raw.aclose()
+        assert error == "'hello' comes once, first; this connection was welcomed already"
+
+
 @pytest.mark.parametrize(
     ("value", "code"),
     [

@@ -355,6 +355,10 @@ async def test_logs_and_subscribe_over_the_socket(tmp_path: Path) -> None:
                     await anext(client.logs("s", 5))
                 with pytest.raises(KeyError, match="no pool named 'nope'"):
                     await anext(client.subscribe(pools=["nope"]))
+                with pytest.raises(KeyError, match="no pool named 'nope'"):  # (a str: one name)
+                    await anext(client.subscribe("worker.*", pools="nope"))
+                with pytest.raises(TypeError, match="pools must be a list of pool names"):
+                    await anext(client.subscribe(pools=[5]))  # type: ignore[list-item]
                 assert await client["s"].call("echo", {"value": 2}) == 2  # the connection lives
             tg.cancel_scope.cancel()
 

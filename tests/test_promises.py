@@ -4,6 +4,7 @@ handler's ValueError is a ValueError, and messages that say what to do."""
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import signal
@@ -224,6 +225,17 @@ async def test_calls_have_no_time_limit_by_default(tmp_path: Path) -> None:
         release.touch()
         await limited.aclose()
         await unlimited.aclose()
+
+
+async def test_an_infinite_time_limit_is_no_limit() -> None:
+    """``inf``, as ``call_timeout`` or a call's ``timeout``, means what None means
+    (it once failed every call with "cannot convert float NaN to integer")."""
+    async with snakepool.Pool(ADAPTER, size=1, call_timeout=math.inf) as pool:
+        assert await pool.call("deadline") is None  # the worker is given no deadline
+        assert await pool.call("deadline", timeout=math.inf) is None
+        async with pool.session() as session:
+            assert await session.call("deadline", timeout=math.inf) is None
+        assert pool._deadlines is not None and len(pool._deadlines) == 0
 
 
 def test_every_default_is_a_documented_option() -> None:

@@ -723,6 +723,22 @@ def test_encoder_refuses_frame_over_max_frame_bytes() -> None:
         FrameEncoder(max_frame_bytes=body_len - 1).encode({"b": b"x" * 100})
 
 
+def test_a_size_just_over_the_limit_is_told_in_bytes() -> None:
+    limit = 64 * 2**20  # ("64.0 MiB, over 64.0 MiB" would say nothing)
+    decoder = FrameDecoder(limit)
+    decoder.feed((limit + 1).to_bytes(4, "big"))
+    with pytest.raises(ProtocolError) as announced:
+        decoder.next_frame()
+    assert str(announced.value) == (
+        "frame of 67,108,865 bytes announced, over max_frame_bytes=67,108,864 bytes; "
+        "refused before reading it"
+    )
+    with pytest.raises(
+        ProtocolError, match=r"^frame of 2\.0 KiB exceeds max_frame_bytes=1\.0 KiB$"
+    ):
+        FrameEncoder(max_frame_bytes=1024).encode({"b": b"x" * 2040})
+
+
 def test_connection_send_refuses_oversized_frame() -> None:
     host, worker = host_and_worker(max_frame_bytes=1024)
     with pytest.raises(ProtocolError, match="exceeds max_frame_bytes"):
@@ -1010,7 +1026,7 @@ def test_encoder_refuses_exactly_the_nesting_the_decoder_refuses() -> None:
     frame = frame_of(msgpack.packb({"r": nested(MAX_NESTING)}))
     decoder = FrameDecoder()
     decoder.feed(frame)
-    with pytest.raises(ProtocolError, match="undecodable"):
+    with pytest.raises(ProtocolError, match=f"^frame nests deeper than {MAX_NESTING} levels$"):
         decoder.next_frame()
 
 

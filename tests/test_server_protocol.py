@@ -18,10 +18,10 @@ import pytest
 
 import snakepool
 from server_wire import Raw, frame, snakepool_up
-from snakepool.errors import KINDS
+from snakepool.errors import KINDS, RemoteError
 from snakepool.protocol import PROTOCOL_VERSION, Call, Connection, Init, Role
 from snakepool.server import SocketServer
-from snakepool.server._wire import SERVER_KINDS
+from snakepool.server._wire import SERVER_KINDS, error_to_wire
 from waiting import wait_until
 
 pytestmark = pytest.mark.anyio
@@ -132,6 +132,9 @@ async def test_every_failure_carries_a_kind_to_switch_on() -> None:
             14: ({**session, "op": "open", "a": {"ttl": -5}}, "bad_request"),
             15: ({**session, "op": "destroy"}, "bad_request"),
             16: ({**call, "c": "echo", "a": {"value": 1}, "m": "stream", "w": 0}, "bad_request"),
+            17: ({**call, "p": 5, "c": "echo"}, "bad_request"),  # (a name must be a string)
+            18: ({**session, "s": "", "op": "open"}, "invalid_session_id"),  # (not a new id)
+            19: ({**call, "c": "echo", "m": ""}, "bad_request"),
         }
         await raw.send(*({**message, "i": i} for i, (message, _) in requests.items()))
         answers = await raw.answers(len(requests))
@@ -141,7 +144,32 @@ async def test_every_failure_carries_a_kind_to_switch_on() -> None:
         assert "got an unexpected keyword argument 'x'" in answers[1]["e"]
         assert "'c' (the command) must be a non-empty string" in answers[6]["e"]
         assert "it takes: ttl" in answers[13]["e"]
+        assert "'p' (the pool's name) must be a string" in answers[17]["e"]
+        # nil is an absent optional field; an infinite timeout is no limit.
+        fine = {**call, "c": "echo", "a": {"value": 1}}
+        await raw.send({**fine, "i": 20, "m": None, "o": None, "s": None, "w": None},
+                       {**fine, "i": 21, "o": float("inf")})  # fmt: skip
+        answers = await raw.answers(2)
+        assert answers[20] == {"t": "result", "i": 20, "r": 1}, answers[20]
+        assert answers[21] == {"t": "result", "i": 21, "r": 1}, answers[21]
         await raw.aclose()
+
+
+@pytest.mark.parametrize("remote_type", ["KeyError", "ValueError", "LookupError"])
+def test_a_remote_errors_message_has_one_shape_whatever_its_type(remote_type: str) -> None:
+    """``e`` of a ``remote_error``: type, message and traceback, a KeyError's too
+    (its ``str`` is otherwise the repr of its key)."""
+    error = RemoteError(remote_type, "'missing'", "Traceback (most recent call last): ...\n")
+    wire = error_to_wire(3, error)
+    assert wire["e"] == (
+        f"{remote_type}: 'missing'\n--- remote traceback ---\n"
+        "Traceback (most recent call last): ..."
+    )
+    assert (wire["k"], wire["rt"], wire["rm"]) == ("remote_error", remote_type, "'missing'")
+    # A KeyError of the server's own: its text, not the repr of it.
+    assert error_to_wire(4, KeyError("no pool named 'x'"), "unknown_pool")["e"] == (
+        "no pool named 'x'"
+    )
 
 
 async def test_the_python_client_raises_the_classes_of_those_kinds() -> None:
@@ -187,6 +215,9 @@ async def test_session_operations_take_their_documented_arguments() -> None:
         await session.close()  # (again: nil)
         with pytest.raises(snakepool.SessionExpired):
             await variables.get("t")
+        with pytest.raises(snakepool.SessionExpired, match="use a new id"):
+            await general.session("ops-1").open()  # (a spent id stays spent)
+        await general.session("never-opened").close()  # (nil: close never fails)
 
 
 async def test_each_connection_has_its_statistics() -> None:
@@ -207,6 +238,17 @@ async def test_each_connection_has_its_statistics() -> None:
             assert [c.calls for c in server.statistics().connections] == [2, 3]
         await wait_until(lambda: server.statistics().clients == 0)
         assert server.statistics().connections == ()
+
+
+async def test_status_has_the_documented_keys() -> None:
+    statistics = _between("statistics")
+    documented = set(re.findall(r"`([a-z_0-9]+)`", statistics))
+    async with serving() as (_, sock), snakepool.connect(sock) as client:
+        await client["general"].call("echo", {"value": 1})
+        status = (await client.status())["general"]
+        shown = await client.server_statistics()
+    keys = {*status, *status["workers"][0], *shown, *shown["connections"][0]}
+    assert keys <= documented, f"undocumented: {sorted(keys - documented)}"
 
 
 def test_cast_acknowledgement_is_documented() -> None:

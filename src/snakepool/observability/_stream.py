@@ -72,14 +72,18 @@ class Subscription(anyio.abc.AsyncResource):
         pools: Iterable[Pool],
         *,
         names: str | Sequence[str] | None = None,
-        pool_names: Sequence[str] | None = None,
+        pool_names: str | Sequence[str] | None = None,
         buffer: int = DEFAULT_BUFFER,
     ) -> None:
         self.limit = check_buffer(buffer)
         self._match = name_matcher(names)
         sources = list(pools)
         if pool_names is not None:
-            if isinstance(pool_names, str) or not all(isinstance(n, str) for n in pool_names):
+            if isinstance(pool_names, str):  # (one name: as for ``names``)
+                pool_names = [pool_names]
+            if not isinstance(pool_names, Sequence) or not all(
+                isinstance(n, str) for n in pool_names
+            ):
                 raise TypeError(f"pools must be a list of pool names, got {pool_names!r}")
             known = {pool.name for pool in sources}
             unknown = sorted(set(pool_names) - known)

@@ -70,6 +70,12 @@ _STREAM = p.CallMode.STREAM
 _NO_DEADLINE = math.inf
 
 
+def _limit(timeout: float | None) -> float | None:
+    """A time limit in seconds, or None for none (an infinite one is none: its
+    deadline could not be placed on the deadlines' clock)."""
+    return None if timeout is None or timeout == math.inf else float(timeout)
+
+
 def _expire(call: PendingCall) -> None:
     """A call's deadline: wake the caller, who finds its call unfinished."""
     call.expired = True
@@ -96,8 +102,7 @@ class CallRoute:
         # (read on every call: attributes of their own)
         self._dispatcher, self._sessions = parts.dispatcher, parts.sessions
         self._breaker, self._listeners = parts.breaker, parts.listeners
-        timeout = config.call_timeout
-        self._call_timeout: float | None = None if timeout is None else float(timeout)
+        self._call_timeout = _limit(config.call_timeout)
         self.cancel_grace = float(config.cancel_grace)
         # Calls are framed once, before a worker is chosen (so they need no
         # copy of args): by a connection of their own, which only sends.
@@ -369,7 +374,7 @@ class CallRoute:
         if timeout is not None:
             if not isinstance(timeout, _NUMBER) or isinstance(timeout, bool) or not timeout > 0:
                 raise ValueError(f"timeout must be a number > 0 or None, got {timeout!r}")
-            limit = float(timeout)
+            limit = _limit(timeout)
         if mode == _STREAM:
             limit = None
         if session is not None and session not in self._sessions.bindings:

@@ -187,9 +187,8 @@ class FrameEncoder:
         raise exc
 
     def _refuse(self, size: int) -> None:
-        raise ProtocolError(
-            f"frame of {_human(size)} exceeds max_frame_bytes={_human(self.max_frame_bytes)}"
-        )
+        shown, limit = _sizes(size, self.max_frame_bytes)
+        raise ProtocolError(f"frame of {shown} exceeds max_frame_bytes={limit}")
 
 
 class FrameDecoder:
@@ -346,9 +345,10 @@ class FrameDecoder:
             return False
         length = int.from_bytes(self._buffer[:HEADER_BYTES], "big")
         if length > self.max_frame_bytes:
+            shown, limit = _sizes(length, self.max_frame_bytes)
             self._fail(
-                f"frame of {_human(length)} announced, over max_frame_bytes="
-                f"{_human(self.max_frame_bytes)}; refused before reading it"
+                f"frame of {shown} announced, over max_frame_bytes={limit}; "
+                "refused before reading it"
             )
             return False
         if length == 0:
@@ -389,6 +389,9 @@ class FrameDecoder:
             self._fail(str(exc))
             raise self._error from None  # type: ignore[misc]
         except Exception as exc:
+            if isinstance(exc, msgpack.StackError):  # (its message is empty)
+                self._fail(f"frame nests deeper than {MAX_NESTING} levels")
+                raise self._error from None  # type: ignore[misc]
             if _EXT_REFUSED in str(exc):
                 try:
                     measure(bytes(buffer[:length]), 0, length, None)  # names the type code
@@ -458,6 +461,13 @@ def _split(
         keep(payload)
         position = body_end
     return position
+
+
+def _sizes(size: int, limit: int) -> tuple[str, str]:
+    """A size and the limit it is over, for a message: in bytes where the human
+    forms would read the same ("64.0 MiB, over 64.0 MiB")."""
+    shown, cap = _human(size), _human(limit)
+    return (f"{size:,} bytes", f"{limit:,} bytes") if shown == cap else (shown, cap)
 
 
 def _unpack(body: bytes | memoryview, ext: _ExtOptions) -> Any:

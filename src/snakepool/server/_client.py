@@ -275,9 +275,9 @@ class Client:
 
     def subscribe(
         self,
-        names: list[str] | None = None,
+        names: str | list[str] | None = None,
         *,
-        pools: list[str] | None = None,
+        pools: str | list[str] | None = None,
         buffer: int = 1000,
     ) -> AsyncIterator[dict[str, Any]]:
         """Events as they happen (``names``: names or patterns such as ``worker.*``):

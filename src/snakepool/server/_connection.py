@@ -311,6 +311,8 @@ class Connection(asyncio.BufferedProtocol):
         """A frame that is no request: ``hello``, ``cancel``, ``credit``, or a broken rule."""
         if not self.greeted:
             self._greet(frame)
+        elif kind == "hello":
+            raise _Drop("'hello' comes once, first; this connection was welcomed already")
         elif type(request_id) is not int:
             raise _Drop(f"{kind!r} frame without an integer request id 'i'")
         elif kind == "cancel":
@@ -324,7 +326,13 @@ class Connection(asyncio.BufferedProtocol):
         """A request that cannot start now: refused while the server drains,
         held back while the connection is at its bounds (or others are held)."""
         if self.server._draining and request.kind in ("call", "session"):
-            self._fail(request.id, PoolClosed(draining_message(request.frame)))
+            request.state = _DONE  # (answered now: its bytes are not running)
+            try:
+                self._pool(request.frame)  # (a pool not served is named as such, even now)
+            except Refused as exc:
+                self._failed(request, exc)
+            else:
+                self._fail(request.id, PoolClosed(draining_message(request.frame)))
         elif self.held or not self._room():
             request.state = _HELD
             self.held[request.id] = request
@@ -400,9 +408,9 @@ class Connection(asyncio.BufferedProtocol):
         frame = request.frame
         kind = request.kind
         if kind == "call" and frame.get("s") is None and not self._unstarted:
-            mode = frame.get("m", "call")
-            if mode == "call" or mode == "cast":
-                self._plain_call(request, mode)  # (the usual)
+            mode = frame.get("m")
+            if mode is None or mode == "call" or mode == "cast":
+                self._plain_call(request, mode or "call")  # (the usual)
                 return
         if kind == "call" or kind == "session":
             session = frame.get("s")
@@ -540,8 +548,10 @@ class Connection(asyncio.BufferedProtocol):
         frame = request.frame
         pool = self._pool(frame)
         command, args, session = frame.get("c"), frame.get("a"), frame.get("s")
-        timeout, mode = frame.get("o"), frame.get("m", "call")
+        timeout, mode = frame.get("o"), frame.get("m")
         check_call(command, args, timeout, session)
+        if mode is None:  # (nil is absent, as for every optional field)
+            mode = "call"
         if mode == "call":
             value = await pool.call(command, args, timeout=timeout, session=session)  # type: ignore[arg-type]
             self._result(request.id, value)
@@ -632,7 +642,11 @@ class Connection(asyncio.BufferedProtocol):
 
     def _pool(self, frame: dict[str, Any]) -> Pool:
         name = frame.get("p")
-        pool = self.server.pools.get(name) if isinstance(name, str) else None
+        if type(name) is not str:
+            raise bad_request(
+                f"'p' (the pool's name) must be a string, not {shown(name)}", TypeError
+            )
+        pool = self.server.pools.get(name)
         if pool is None:
             served = ", ".join(sorted(self.server.pools))
             raise Refused(

@@ -77,7 +77,7 @@ async def session_operation(pool: Pool, op: Any, session_id: Any, args: Any) -> 
             f"the session id 's' must be a string, not {shown(session_id)}", TypeError
         )
     if op == "open":
-        session = pool.session(session_id or None, ttl=args.get("ttl"))
+        session = pool.session(session_id, ttl=args.get("ttl"))  # ("": refused, not a new id)
         await session.open()
         return session.id
     if session_id is None:

@@ -122,7 +122,7 @@ def error_to_wire(request_id: int, exc: BaseException, kind: str | None = None) 
         "g": exc.category.value
         if isinstance(exc, SnakepoolError)
         else ErrorCategory.APPLICATION.value,
-        "e": str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc),
+        "e": _message(exc),
     }
     if isinstance(exc, SnakepoolError):
         wire["k"] = exc.kind  # (what clients match: never the message)
@@ -131,6 +131,14 @@ def error_to_wire(request_id: int, exc: BaseException, kind: str | None = None) 
     if isinstance(exc, RemoteError):
         wire.update(rt=exc.remote_type, rm=exc.remote_message, rb=exc.remote_traceback)
     return wire
+
+
+def _message(exc: BaseException) -> str:
+    """``e``: the error's text. A KeyError's ``str`` is the repr of its key, quotes
+    and all; a remote one's is a RemoteError's (type, message, traceback) like any."""
+    if isinstance(exc, KeyError) and not isinstance(exc, RemoteError) and exc.args:
+        return str(exc.args[0])
+    return str(exc)
 
 
 def error_from_wire(wire: dict[str, Any]) -> Exception:
