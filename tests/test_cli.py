@@ -68,6 +68,11 @@ def test_up_call_status_and_a_clean_stop(workdir: Path, env: dict[str, str]) -> 
             "call", "--socket", str(sock), "--stream", "fast", "count", '{"n": 3}', env=env
         )
         assert streamed.stdout.split() == ["0", "1", "2"]
+        unstreamed = run("call", "--socket", str(sock), "fast", "count", '{"n": 3}', env=env)
+        assert unstreamed.returncode == 1
+        assert unstreamed.stderr.splitlines()[-1] == (
+            "snakepool call: call a stream command with --stream, a plain one without"
+        )
 
         failed = run("call", "--socket", str(sock), "fast", "echo", '{"nope": 1}', env=env)
         assert failed.returncode != 0

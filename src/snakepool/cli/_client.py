@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ..errors import RemoteError, SnakepoolError
+from ..errors import RemoteError, SnakepoolError, WrongMode
 from ..server._client import connect
 from ._common import _socket
 
@@ -128,6 +128,9 @@ def _run_client(run: Any, what: str) -> int:
         anyio.run(run)
     except RemoteError as exc:
         print(f"{exc.remote_type}: {exc.remote_message}", file=sys.stderr)
+        if isinstance(exc, WrongMode):  # (its message speaks Python: pool.stream())
+            print(f"snakepool {what}: call a stream command with --stream, a plain one without",
+                  file=sys.stderr)  # fmt: skip
         return 1
     except (SnakepoolError, ConnectionError, KeyError, ValueError, TypeError) as exc:
         text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc

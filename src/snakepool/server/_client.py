@@ -35,6 +35,7 @@ __all__ = [
 ]
 
 _CLOSED = "the connection to the server is closed"
+_CLOSED_BY_CLIENT = "this client was closed (aclose); enter it again to reconnect"
 _READ_BUFFER_BYTES = 256 * 1024
 
 
@@ -242,6 +243,8 @@ class Client:
         connection = self._connection
         if connection is None or connection.transport is None:
             return
+        # Closed, not broken: later calls say so (not that the server left).
+        connection._break(ConnectionError(_CLOSED_BY_CLIENT))
         connection._flush()
         connection.transport.close()
         try:
@@ -348,7 +351,10 @@ class Client:
             connection.send(message)
             frame = await reply
         except asyncio.CancelledError:
-            if request_id and not reply.done() and connection.broken is None:
+            # (Task.cancel() cancels the future the task awaits: the reply is then
+            # done, and cancelled; one that holds an answer needs no cancel)
+            unanswered = not reply.done() or reply.cancelled()
+            if request_id and unanswered and connection.broken is None:
                 connection.send({"t": "cancel", "i": request_id})
             raise
         finally:
@@ -425,7 +431,7 @@ class RemotePool:
             "a": _args(args),
             "m": mode,
         }
-        if timeout is not None:
+        if _timeout(timeout) is not None:
             message["o"] = timeout
         if session is not None:
             message["s"] = session
@@ -440,7 +446,22 @@ class RemotePool:
 
 
 def _args(args: Mapping[str, Any] | None) -> dict[str, Any]:
-    return args if type(args) is dict else dict(args or {})
+    if type(args) is dict:
+        return args
+    if args is not None and not isinstance(args, Mapping):
+        raise TypeError(
+            f"args must be a mapping of argument names to values, not {type(args).__name__}"
+        )
+    return dict(args or {})
+
+
+def _timeout(timeout: float | None) -> float | None:
+    """``timeout`` checked here, so that its error names it (not its wire field)."""
+    if timeout is not None and (
+        not isinstance(timeout, int | float) or isinstance(timeout, bool) or not timeout > 0
+    ):
+        raise ValueError(f"timeout must be a number > 0 or None, got {timeout!r}")
+    return timeout
 
 
 class RemoteSession:
@@ -535,6 +556,8 @@ class _RemoteVariables:
         await self._session._op("set", **args)
 
     async def get_many(self, names: list[str]) -> dict[str, Any]:
+        if isinstance(names, str):  # (list("abc") would ask for 'a', 'b' and 'c')
+            raise TypeError(f"names must be a list of variable names, not the string {names!r}")
         result: dict[str, Any] = await self._session._op("get_many", names=list(names))
         return result
 

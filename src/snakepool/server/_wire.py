@@ -168,9 +168,12 @@ def error_from_wire(wire: dict[str, Any]) -> Exception:
         "KeyError": KeyError,
         "LookupError": LookupError,
     }
-    if name == "ConnectionError":
-        return ConnectionError(message)
-    return builtin.get(name, errors.SnakepoolError)(message)
+    made = ConnectionError if name == "ConnectionError" else builtin.get(name)
+    error: Exception = made(message) if made is not None else errors.SnakepoolError(message)
+    kind = wire.get("k")
+    if isinstance(kind, str):  # (what to switch on, as a snakepool error's own kind)
+        error.kind = kind  # type: ignore[attr-defined]
+    return error
 
 
 def jsonable(value: Any) -> Any:
