@@ -1,5 +1,5 @@
-"""The socket server's tests: a raw client (frames in, frames out) and a real
-``snakepool up`` to talk to."""
+"""The socket server's tests: a raw client (frames in, frames out), a pool
+served in the test's own loop, and a real ``snakepool up`` to talk to."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,21 @@ import anyio
 import anyio.abc
 import msgpack
 
+import snakepool
 from snakepool.protocol import NEED_DATA, FrameDecoder, Sentinel
+from snakepool.server import SocketServer
+
+
+@asynccontextmanager
+async def serving(pool: snakepool.Pool, **options: Any) -> AsyncIterator[SocketServer]:
+    """``pool`` served as ``general`` (``SocketServer(..., **options)``) until the block ends."""
+    server = SocketServer({"general": pool}, **options)
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.serve)
+        try:
+            yield server
+        finally:
+            tg.cancel_scope.cancel()
 
 
 def frame(message: dict[str, Any]) -> bytes:

@@ -21,8 +21,6 @@ import sys
 import threading
 import time
 import tracemalloc
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ import pytest
 
 import snakepool
 from conftest import TESTS_DIR
+from server_wire import serving
 from snakepool.protocol import NEED_DATA, FrameDecoder, Sentinel
 from snakepool.server import SocketServer
 from snakepool.server import _connection as connection_module
@@ -109,17 +108,6 @@ class Raw:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
-
-
-@asynccontextmanager
-async def serving(pool: snakepool.Pool, **options: Any) -> AsyncIterator[SocketServer]:
-    server = SocketServer({"general": pool}, **options)
-    async with anyio.create_task_group() as tg:
-        await tg.start(server.serve)
-        try:
-            yield server
-        finally:
-            tg.cancel_scope.cancel()
 
 
 # --- 1. one frame must not end the server --------------------------------------------------

@@ -13,6 +13,7 @@ import anyio
 import pytest
 
 import snakepool
+from server_wire import serving
 from snakepool import RemoteError, UnknownCommand
 from snakepool.server import SocketServer
 from waiting import wait_until
@@ -84,56 +85,52 @@ async def test_cancelling_the_awaiting_task_cancels_the_call_on_the_server(
     """``task.cancel()``, ``asyncio.timeout`` or anyio's ``move_on_after`` around a
     call send a ``cancel``: the worker stops, the connection lets go of it."""
     never = socket_path.parent / "never-released"
-    async with snakepool.Pool(ADAPTER, size=1, name="general") as pool:
-        server = SocketServer({"general": pool}, socket_path=socket_path)
-        async with anyio.create_task_group() as tg:
-            await tg.start(server.serve)
-            async with snakepool.connect(socket_path) as client:
-                general = client["general"]
-                for _ in range(2):
-                    with anyio.move_on_after(30) as scope:
-                        async with anyio.create_task_group() as calls:
-                            calls.start_soon(general.call, "hold", {"release": str(never)})
-                            await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
-                            scope.cancel()
-                    await wait_until(lambda: pool.statistics().workers[0].inflight == 0)
-                    await wait_until(lambda: server.statistics().connections[0].in_flight == 0)
-                assert await general.call("echo", {"value": 1}) == 1
-            tg.cancel_scope.cancel()
+    async with (
+        snakepool.Pool(ADAPTER, size=1, name="general") as pool,
+        serving(pool, socket_path=socket_path) as server,
+        snakepool.connect(socket_path) as client,
+    ):
+        general = client["general"]
+        for _ in range(2):
+            with anyio.move_on_after(30) as scope:
+                async with anyio.create_task_group() as calls:
+                    calls.start_soon(general.call, "hold", {"release": str(never)})
+                    await wait_until(lambda: pool.statistics().workers[0].inflight == 1)
+                    scope.cancel()
+            await wait_until(lambda: pool.statistics().workers[0].inflight == 0)
+            await wait_until(lambda: server.statistics().connections[0].in_flight == 0)
+        assert await general.call("echo", {"value": 1}) == 1
 
 
 async def test_the_python_clients_errors_name_what_was_wrong(socket_path: Path) -> None:
-    async with snakepool.Pool(ADAPTER, size=1, name="general") as pool:
-        server = SocketServer({"general": pool}, socket_path=socket_path)
-        async with anyio.create_task_group() as tg:
-            await tg.start(server.serve)
-            client = snakepool.connect(socket_path)
-            async with client:
-                general = client["general"]
-                # The server's own refusals carry their kind ``k`` too.
-                with pytest.raises(KeyError) as unknown:
-                    await client["other"].call("echo")
-                assert unknown.value.kind == "unknown_pool"  # type: ignore[attr-defined]
-                async with general.session() as session:
-                    with pytest.raises(KeyError) as undefined:
-                        await session.variables.set("nothing", 1)
-                    assert undefined.value.kind == "undefined_variable"  # type: ignore[attr-defined]
-                    with pytest.raises(TypeError, match="names must be a list of variable names"):
-                        await session.variables.get_many("abc")  # type: ignore[arg-type]
-                # Checked here, named as the caller wrote them (not as their wire fields).
-                with pytest.raises(
-                    ValueError, match=r"^timeout must be a number > 0 or None, got 0$"
-                ):
-                    await general.call("echo", timeout=0)
-                with pytest.raises(TypeError, match=r"args must be a mapping .* not list"):
-                    await general.call("echo", [1])  # type: ignore[arg-type]
-                assert await general.call("echo", {"value": 2}) == 2
-            # Closed by its owner, not by the server: it says so.
-            with pytest.raises(ConnectionError, match="this client was closed"):
-                await general.call("echo", {"value": 3})
-            async with client:  # (and entered again, it connects again)
-                assert await client["general"].call("echo", {"value": 4}) == 4
-            tg.cancel_scope.cancel()
+    async with (
+        snakepool.Pool(ADAPTER, size=1, name="general") as pool,
+        serving(pool, socket_path=socket_path),
+    ):
+        client = snakepool.connect(socket_path)
+        async with client:
+            general = client["general"]
+            # The server's own refusals carry their kind ``k`` too.
+            with pytest.raises(KeyError) as unknown:
+                await client["other"].call("echo")
+            assert unknown.value.kind == "unknown_pool"  # type: ignore[attr-defined]
+            async with general.session() as session:
+                with pytest.raises(KeyError) as undefined:
+                    await session.variables.set("nothing", 1)
+                assert undefined.value.kind == "undefined_variable"  # type: ignore[attr-defined]
+                with pytest.raises(TypeError, match="names must be a list of variable names"):
+                    await session.variables.get_many("abc")  # type: ignore[arg-type]
+            # Checked here, named as the caller wrote them (not as their wire fields).
+            with pytest.raises(ValueError, match=r"^timeout must be a number > 0 or None, got 0$"):
+                await general.call("echo", timeout=0)
+            with pytest.raises(TypeError, match=r"args must be a mapping .* not list"):
+                await general.call("echo", [1])  # type: ignore[arg-type]
+            assert await general.call("echo", {"value": 2}) == 2
+        # Closed by its owner, not by the server: it says so.
+        with pytest.raises(ConnectionError, match="this client was closed"):
+            await general.call("echo", {"value": 3})
+        async with client:  # (and entered again, it connects again)
+            assert await client["general"].call("echo", {"value": 4}) == 4
 
 
 async def _raw(socket_path: Path) -> anyio.abc.SocketStream:

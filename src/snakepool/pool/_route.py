@@ -36,6 +36,7 @@ from typing import Any
 import anyio
 
 from .. import protocol as p
+from .._timeouts import check_timeout
 from ..errors import (
     CallTimeout,
     CircuitOpen,
@@ -62,18 +63,11 @@ __all__ = ["CallRoute"]
 _log = logging.getLogger("snakepool.pool")
 #: Seconds between RSS checks after calls (psutil walks the process tree).
 _MEMORY_CHECK_INTERVAL = 0.05
-_NUMBER = (int, float)
 # (module globals: read on every call, cheaper than attribute lookups)
 _RUNNING = State.RUNNING
 _STREAM = p.CallMode.STREAM
 #: The deadline of a call without a time limit (``call_timeout=None``, the default).
 _NO_DEADLINE = math.inf
-
-
-def _limit(timeout: float | None) -> float | None:
-    """A time limit in seconds, or None for none (an infinite one is none: its
-    deadline could not be placed on the deadlines' clock)."""
-    return None if timeout is None or timeout == math.inf else float(timeout)
 
 
 def _expire(call: PendingCall) -> None:
@@ -102,7 +96,7 @@ class CallRoute:
         # (read on every call: attributes of their own)
         self._dispatcher, self._sessions = parts.dispatcher, parts.sessions
         self._breaker, self._listeners = parts.breaker, parts.listeners
-        self._call_timeout = _limit(config.call_timeout)
+        self._call_timeout = check_timeout(config.call_timeout)
         self.cancel_grace = float(config.cancel_grace)
         # Calls are framed once, before a worker is chosen (so they need no
         # copy of args): by a connection of their own, which only sends.
@@ -372,9 +366,7 @@ class CallRoute:
                 )
         limit = self._call_timeout  # (None: no limit)
         if timeout is not None:
-            if not isinstance(timeout, _NUMBER) or isinstance(timeout, bool) or not timeout > 0:
-                raise ValueError(f"timeout must be a number > 0 or None, got {timeout!r}")
-            limit = _limit(timeout)
+            limit = check_timeout(timeout)
         if mode == _STREAM:
             limit = None
         if session is not None and session not in self._sessions.bindings:

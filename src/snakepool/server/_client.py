@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any, Self, cast
 
 from .._paths import default_socket_path, default_token_path
+from .._timeouts import check_timeout
 from ..errors import ProtocolError
 from ._wire import CLIENT_PROTOCOL_VERSION, STREAM_WINDOW, error_from_wire, new_decoder, new_encoder
 
@@ -431,7 +432,8 @@ class RemotePool:
             "a": _args(args),
             "m": mode,
         }
-        if _timeout(timeout) is not None:
+        check_timeout(timeout)  # (here: its error names ``timeout``, not ``o``)
+        if timeout is not None:
             message["o"] = timeout
         if session is not None:
             message["s"] = session
@@ -453,15 +455,6 @@ def _args(args: Mapping[str, Any] | None) -> dict[str, Any]:
             f"args must be a mapping of argument names to values, not {type(args).__name__}"
         )
     return dict(args or {})
-
-
-def _timeout(timeout: float | None) -> float | None:
-    """``timeout`` checked here, so that its error names it (not its wire field)."""
-    if timeout is not None and (
-        not isinstance(timeout, int | float) or isinstance(timeout, bool) or not timeout > 0
-    ):
-        raise ValueError(f"timeout must be a number > 0 or None, got {timeout!r}")
-    return timeout
 
 
 class RemoteSession:

@@ -167,9 +167,9 @@ def error_from_wire(wire: dict[str, Any]) -> Exception:
         "TypeError": TypeError,
         "KeyError": KeyError,
         "LookupError": LookupError,
+        "ConnectionError": ConnectionError,
     }
-    made = ConnectionError if name == "ConnectionError" else builtin.get(name)
-    error: Exception = made(message) if made is not None else errors.SnakepoolError(message)
+    error = builtin.get(name, errors.SnakepoolError)(message)
     kind = wire.get("k")
     if isinstance(kind, str):  # (what to switch on, as a snakepool error's own kind)
         error.kind = kind  # type: ignore[attr-defined]
