@@ -135,9 +135,14 @@ async def test_a_cancelled_call_that_waits_in_the_worker_never_runs(tmp_path: Pa
         async with anyio.create_task_group() as tg:
             tg.start_soon(pool.call, "hold_sync", {"release": str(release)})  # busy till released
             await wait_until(lambda: inflight(pool) == 1)
-            with anyio.move_on_after(0.1) as scope:
-                await pool.call("fail_once", {"marker": str(marker)})
-            assert scope.cancelled_caught
+            async with anyio.create_task_group() as caller:
+                caller.start_soon(pool.call, "fail_once", {"marker": str(marker)})
+                await wait_until(lambda: inflight(pool) == 2)  # sent ahead: waits in the worker
+                caller.cancel_scope.cancel()
+            # The worker answers a cancelled call that has not started at once
+            # (the long call still runs). Releasing only then keeps this test
+            # from racing the cancel frame against the freed worker.
+            await wait_until(lambda: inflight(pool) == 1)
             release.touch()
         assert await pool.call("add", {"a": 1, "b": 1}) == 2
         await wait_until(lambda: inflight(pool) == 0)
