@@ -79,6 +79,12 @@ _CAST_TIMEOUT = "a cast takes no timeout 'o' (it gets the pool's call_timeout)"
 _CALL = p.CallMode.CALL
 
 
+def _call_mode(frame: dict[str, Any]) -> Any:
+    """A call frame's mode ``m``: nil, as every absent optional field, is ``call``."""
+    mode = frame.get("m")
+    return "call" if mode is None else mode
+
+
 class _Drop(Exception):
     """This client must go (with ``message`` in an ``error`` frame)."""
 
@@ -408,9 +414,9 @@ class Connection(asyncio.BufferedProtocol):
         frame = request.frame
         kind = request.kind
         if kind == "call" and frame.get("s") is None and not self._unstarted:
-            mode = frame.get("m")
-            if mode is None or mode == "call" or mode == "cast":
-                self._plain_call(request, mode or "call")  # (the usual)
+            mode = _call_mode(frame)
+            if mode == "call" or mode == "cast":
+                self._plain_call(request, mode)  # (the usual)
                 return
         if kind == "call" or kind == "session":
             session = frame.get("s")
@@ -548,10 +554,8 @@ class Connection(asyncio.BufferedProtocol):
         frame = request.frame
         pool = self._pool(frame)
         command, args, session = frame.get("c"), frame.get("a"), frame.get("s")
-        timeout, mode = frame.get("o"), frame.get("m")
+        timeout, mode = frame.get("o"), _call_mode(frame)
         check_call(command, args, timeout, session)
-        if mode is None:  # (nil is absent, as for every optional field)
-            mode = "call"
         if mode == "call":
             value = await pool.call(command, args, timeout=timeout, session=session)  # type: ignore[arg-type]
             self._result(request.id, value)
